@@ -1494,6 +1494,7 @@ def _run(
         stopped = " (while stopping for a signal)" if isinstance(exc.__context__, Interrupted) else ""
         ended = f"the rollout failed{stopped}: {_message(exc)}"
         raise CommandError(f"{ended}; {cut_short('rolloutctl run: ' + ended)}") from None
+    reported = False
     try:  # (a signal now, once the routes are what the rollout decided: the last line says what serves)
         if result.promoted:
             try:
@@ -1527,10 +1528,15 @@ def _run(
                 args.validation,
                 decided=failed is not None and not result.promoted,
             )
-        send(message)
+        with _signals_held():  # (written whole: a signal meanwhile is raised once it is, no second report)
+            send(message)
+            reported = True
         print(("PROMOTED: " if result.promoted else "ROLLED BACK: ") + result.reason + unguarded)
         return 0 if result.promoted else 1
     except Interrupted as exc:
+        if reported:  # (its report written: what serves said, not reported again)
+            print(f"INTERRUPTED by {exc} once its report was written: {_where_routes_are(router, spec)}", flush=True)
+            return 128 + exc.signum
         where = cut_short(f"rolloutctl run was stopped by {exc} once it had ended", signalled=True)
         print(f"INTERRUPTED by {exc}: {where}", flush=True)
         return 128 + exc.signum

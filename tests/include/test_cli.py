@@ -3063,6 +3063,58 @@ def test_a_signal_once_the_rollout_ended_says_what_serves(tmp_path, monkeypatch,
     )
 
 
+def test_a_signal_while_the_runs_final_report_is_written_writes_no_second_report(tmp_path, monkeypatch, capsys):
+    """A SIGTERM landing while rolloutctl run's final report (its promotion) was written to the
+    outbox raised its Interrupted there, unheld: the report cut short where it was, and the run
+    wrote a second, cut-short report of the same promotion. The signal is held until the report
+    is written, as a cut-short run's report is: one report, whole; the last line says what
+    serves, and that the signal came once the report was written."""
+    import argparse
+
+    from tests.include.test_engine import RecordingRouter
+    from vision_rollout import cli, engine
+    from vision_rollout.engine import StageState
+    from vision_rollout.folders import Folder
+    from vision_rollout.spec import RolloutSpec
+
+    spec = RolloutSpec.from_dict({"stages": [10, 100], "mirror_percent": 0})
+    monkeypatch.setattr(engine, "StageJudge", lambda *a, **k: lambda window: StageState("pass", 1, 1, None, "ok"))
+    write = Folder.write
+    signalled: list[str] = []
+
+    def signalled_as_written(self, name, data):
+        written = write(self, name, data)
+        if name.endswith(".json") and b"Promoted digits v2" in data and not signalled:
+            signalled.append(name)
+            os.kill(os.getpid(), signal.SIGTERM)  # (the signal, as the final report is written)
+            time.sleep(0.5)
+        return written
+
+    monkeypatch.setattr(Folder, "write", signalled_as_written)
+    args = argparse.Namespace(url="http://127.0.0.1:9", validation=tmp_path, prediction_log=str(tmp_path))
+    args.outbox = Folder(str(tmp_path / "outbox"))
+    router = RecordingRouter()
+    # (a run stopped by a signal earlier in this process leaves SIGTERM ignored: not installed then)
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with cli._stopped_by_signals(), cli._Lease(tmp_path, spec.model) as lease:
+            try:
+                code = cli._run(args, spec, router, None, {}, lease, "")
+            except cli.Interrupted as exc:  # (a KeyboardInterrupt: pytest would stop the session)
+                pytest.fail(f"{exc!r} went up")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert signalled
+    assert code == 128 + signal.SIGTERM
+    assert router.history[-1] == spec.promoted_policy().to_dict()
+    reports = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    assert [r["text"][:18] for r in reports] == ["Promoted digits v2"], [r["text"] for r in reports]
+    assert "stopped" not in reports[0]["text"]  # (written once, whole: no report cut short)
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "INTERRUPTED by SIGTERM once its report was written: version 2 takes 100%: its promotion was decided"
+    )
+
+
 def test_an_abort_that_lands_while_promoting_is_not_reported_as_a_promotion(tmp_path, monkeypatch, capsys):
     """The last stage's look is the run's last renewal: an abort marked while it promoted put the
     stable version back, and the run still said PROMOTED and exited 0 with version 1 serving.
