@@ -939,12 +939,14 @@ def _written_at(name: str) -> datetime | None:
 NAMED_AHEAD_S = 60
 
 
-def _name_refused(name: str, times: pa.ChunkedArray) -> str | None:
+def _name_refused(name: str, times: pa.ChunkedArray, start: datetime, end: datetime) -> str | None:
     """Why the written second in a file's name cannot be taken (``read(..., written=True)``
     decides by it whether the file's records came late): no such second in it (a foreign file's
-    ``-20261399T999999Z-``), or one further ahead than ``NAMED_AHEAD_S`` of both this clock and
-    the newest of its records ``times``; None where it can be, or where the name has none (an
-    older writer's: read as always)."""
+    ``-20261399T999999Z-``), one further ahead than ``NAMED_AHEAD_S`` of both this clock and
+    the newest of its records ``times``, or one before its records of the range (``start`` to
+    ``end``) by more than ``CLOCK_STEP_S`` (a writer names a file at or after its newest record:
+    ``_written_before`` would hide them from a range starting later), their count said; None
+    where it can be, or where the name has none (an older writer's: read as always)."""
     m = WRITTEN.search(name)
     if m is None:
         return None
@@ -952,10 +954,19 @@ def _name_refused(name: str, times: pa.ChunkedArray) -> str | None:
     if written is None:
         return f"refused: its name's written second {m.group(1)} is no time"
     # (its integer, not a datetime: a malformed row's time past the year 9999 is dropped later)
-    newest = pc.max(times.cast(pa.int64())).as_py()  # (microseconds: the table is cast to the schema)
+    stamps = times.cast(pa.int64())  # (microseconds: the table is cast to the schema)
+    newest = pc.max(stamps).as_py()
     ahead = written.timestamp() - max(time.time(), newest / 1e6 if newest is not None else 0.0)
     if ahead > NAMED_AHEAD_S:
         return f"refused: its name's written second {m.group(1)} lies {ahead:.0f} s ahead of this clock and its records"
+    since, until = (pa.scalar(t, WRITTEN_TYPE).value for t in (start, end))
+    after = int((written.timestamp() + 1 + CLOCK_STEP_S) * 1_000_000)  # (received by then, named honestly)
+    behind = pc.and_(pc.greater_equal(stamps, max(since, after)), pc.less(stamps, until))
+    if hidden := pc.sum(pc.cast(pc.fill_null(behind, False), pa.int64())).as_py():
+        return (
+            f"refused: its name's written second {m.group(1)} lies before its records (a writer names a file at or "
+            f"after them): its {hidden} records of this range would be taken as written then, or hidden"
+        )
     return None
 
 
@@ -963,6 +974,15 @@ def _written_before(name: str, start: datetime) -> bool:
     """Whether a file of this name was written (so all its records received) before ``start``."""
     written = _written_at(name)
     return written is not None and written + timedelta(seconds=1 + CLOCK_STEP_S) <= start
+
+
+def _folder_hour(folder: str) -> datetime | None:
+    """The hour an hour folder (``.../dt=YYYY-MM-DD/hour=HH``) holds the records of, None for another path."""
+    m = re.search(r"/dt=(\d{4}-\d{2}-\d{2})/hour=(\d{2})$", folder)
+    try:
+        return datetime.strptime(f"{m.group(1)} {m.group(2)}", "%Y-%m-%d %H").replace(tzinfo=UTC) if m else None
+    except ValueError:
+        return None
 
 
 class _Footer:
@@ -1356,7 +1376,7 @@ def _read_file(
     except (OSError, pa.ArrowException, ValueError) as exc:  # (ValueError: a damaged footer, a name in it)
         return FileRead(path, None, f"unreadable: {exc}")
     # (its written second decides whether its records came late: not one anyone may choose)
-    if written and (refused := _name_refused(path.rsplit("/", 1)[-1], table["time"])):
+    if written and (refused := _name_refused(path.rsplit("/", 1)[-1], table["time"], start, end)):
         return FileRead(path, None, refused)
     n = table.num_rows
     valid = pc.is_valid(table["time"])
@@ -1446,8 +1466,11 @@ def read(
     ``device_type``, ``tenant``, ``meta``) are categoricals. With ``written``, a column
     ``written`` holds the second each record's file was written, by its name (NaT for a name
     without it): when the record could first be read; a file whose name holds no such second,
-    or one further ahead of both this clock and its records than ``NAMED_AHEAD_S``, is skipped,
-    its reason saying so (its name, anyone's to choose, would decide whether its records came late). With ``written_after``, only the files
+    one further ahead of both this clock and its records than ``NAMED_AHEAD_S``, or one before
+    its records of the range by more than ``CLOCK_STEP_S`` (a name before the hour its folder
+    holds is not pruned by it, but read), is skipped, its reason saying so (and how many records
+    of the range it holds, for the last) (its name, anyone's to choose, would decide whether its
+    records came late). With ``written_after``, only the files
     written (by their name) after it are opened: those that came late to a range read before.
     With ``max_bytes``, the records read are held to about that many bytes (of Arrow tables;
     what a file may take is reserved while it is read): once a file did not fit, it and the
@@ -1563,18 +1586,21 @@ def read_files(
     until = end if listed_until is None else listed_until
     budget = None if max_bytes is None and deadline is None else _Budget(max_bytes, deadline, clock)
 
-    def keep(name: str) -> bool:
+    def keep(name: str, hour: datetime | None) -> bool:
+        # (with ``written``, a name written before the hour its folder holds lies before every
+        # record in it: not pruned by it, but read, and refused where it holds records of the range)
         return (
             name.startswith("part-")
             and name.endswith(".parquet")
-            and not _written_before(name, start)
+            and (not _written_before(name, start) or (written and hour is not None and _written_before(name, hour)))
             and (written_after is None or (_written_at(name) or written_after) > written_after)
         )
 
     def listed(folder: str) -> tuple[dict[str, int], str | None]:
         if budget is not None and budget.expired():
             return {}, UNLISTED
-        return _log_files(fs, uri, folder, keep, budget)
+        hour = _folder_hour(folder)
+        return _log_files(fs, uri, folder, lambda name: keep(name, hour), budget)
 
     with ThreadPoolExecutor(threads) if threads > 1 else _CallerThread() as pool:
         folders = [f for m in models for f in _hour_folders(fs, f"{root}/model={m}", start, until, pool)]

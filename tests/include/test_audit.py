@@ -615,6 +615,31 @@ def test_a_file_named_with_no_written_second_or_a_future_one_is_refused_not_obey
     assert f"its name's written second {second}" in result.reasons[0]
 
 
+def test_a_file_named_as_written_before_its_records_is_refused_and_counted_not_hidden(tmp_path):
+    """A file's name whose written second lies before its records (before the hour its folder
+    holds: no writer names a file before the records in it) was never listed by a read of a
+    range starting over a minute after that second: its records left out of the audit without a
+    word, the hour skipped as one without records. Such a file is refused, as a name ahead of
+    its records is: named, its records of the range counted in the reason, the hour
+    inconclusive."""
+    import pyarrow.parquet as pq
+
+    log = shadow_log(tmp_path, 400, disagree=0.01)
+    [written] = log.rglob("part-*.parquet")
+    records = pq.read_metadata(written).num_rows
+    second = datetime.strptime(re.search(r"-(\d{8}T\d{6})Z-", written.name).group(1), "%Y%m%dT%H%M%S")
+    named = re.sub(r"-\d{8}T\d{6}Z-", f"-{second - timedelta(hours=2):%Y%m%dT%H%M%S}Z-", written.name)
+    written.rename(written.with_name(named))
+    result = audit(log, *around_now(), "digits")
+    assert (result.verdict, result.skipped_files, result.rows) == ("inconclusive", 1, 0), result.reasons
+    assert result.reasons[0].startswith("1 prediction log files in this range could not be read")
+    assert named in result.reasons[0]
+    assert "lies before its records" in result.reasons[0]
+    assert f"its {records} records of this range" in result.reasons[0]
+    report = report_files(result)[REPORT].decode()
+    assert "could not be read (their records not audited): 1" in report
+
+
 def test_a_record_stamped_past_the_year_9999_in_a_named_file_is_dropped_not_the_audit(tmp_path):
     """The check of a file's written second against its newest record turned that record's time
     into a datetime before malformed rows were dropped: one row stamped 2**62 us (past the year
