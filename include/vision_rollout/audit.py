@@ -154,6 +154,9 @@ class AuditResult:
     # of the ranges before it whose files came after theirs closed, by this one's close.
     late_records: int = 0
     late_earlier: int | None = None
+    # Files of the ranges before it (``earlier_hours``) that could not be read (truncated, a name
+    # refused): their records are not in ``late_earlier``, which then says "at least".
+    earlier_skipped_files: int = 0
     # Pairs of versions of the range beyond ``MAX_VERSION_PAIRS`` (the fewest records), and
     # their records: not audited (``audit_by_versions``).
     pairs_left_out: int = 0
@@ -503,6 +506,7 @@ SUMMED = (
     "crowded_folders",
     "malformed_records",
     "late_records",
+    "earlier_skipped_files",
     "pairs_left_out",
     "records_left_out",
 )
@@ -1073,12 +1077,12 @@ def _lost_before(
     max_bytes: int,
     deadline: float | None,
     clock: Callable[[], float],
-) -> tuple[np.ndarray, tuple[int, int, bool]]:
+) -> tuple[np.ndarray, tuple[int, int, bool], dict[str, str]]:
     """Which of ``copies`` (shadow records of ranges before ``start``: their ``model``, request id,
     item and time, in files written after the range ending at ``start`` closed and by ``until``)
-    their range's audit counted lost (``lost_late``), and what the reads left (files not read,
-    hour folders not listed, whether out of time): a copy whose primary was not read is not
-    counted lost. The log is read again ``copy_due`` either side of each copy (where its
+    their range's audit counted lost (``lost_late``), what the reads left (files not read,
+    hour folders not listed, whether out of time), and the files they skipped (why, by path:
+    ``read``'s ``skipped_file_reasons``): a copy whose primary was not read is not counted lost. The log is read again ``copy_due`` either side of each copy (where its
     primary and its copies on time are), a stretch at a time, each held to ``max_bytes`` less
     what ``copies`` take and reduced to its lost copies before the next is read, none begun
     after ``deadline``: with the read that found ``copies`` (freed by then), the earlier hours'
@@ -1086,8 +1090,9 @@ def _lost_before(
     from model_server.predictionlog import read
 
     lost, left = np.zeros(len(copies), bool), (0, 0, False)
+    skipped: dict[str, str] = {}
     if not len(copies):
-        return lost, left
+        return lost, left, skipped
     key = _stamped(copies)
     budget = max(max_bytes - int(copies.memory_usage(deep=True).sum()), 0)
     for lo, hi in _stretches(copies["time"], copy_due()):
@@ -1111,7 +1116,8 @@ def _lost_before(
         lost |= key.isin(_stamped(around)[found])
         attrs = around.attrs
         left = left[0] + attrs["unread_files"], left[1] + attrs["unlisted_folders"], left[2] or attrs["out_of_time"]
-    return lost, left
+        skipped.update(attrs["skipped_file_reasons"])
+    return lost, left, skipped
 
 
 def earlier_closes(at: pd.Series, start: datetime, span: timedelta) -> pd.Series:
@@ -1258,6 +1264,7 @@ def _audit_model(
         lost[mine] = lost_late(_kept(records, mine), lambda at: pd.Series(pd.Timestamp(closes(end)), index=at.index))
     late_earlier = None
     earlier_left = (0, 0)
+    earlier_skipped: dict[str, str] = {}  # (the files the earlier hours' reads could not read: why, by path)
     if earlier_hours:
         span = end - start
         if (earlier & _late(records, closes(start))).any():  # (the earlier primaries read: the range before's)
@@ -1290,11 +1297,13 @@ def _audit_model(
             ]
         )
         left = before.attrs["unread_files"], before.attrs["unlisted_folders"], before.attrs["out_of_time"]
+        earlier_skipped = dict(before.attrs["skipped_file_reasons"])
         del before  # (its records counted: the stretches of their copies' primaries are read in its place)
-        lost_before, again = _lost_before(
+        lost_before, again, skipped_again = _lost_before(
             prediction_log, model, copies, start, span, closes(end), max_bytes, deadline, clock,
         )  # fmt: skip
         late_earlier -= int(lost_before.sum())
+        earlier_skipped.update(skipped_again)  # (a file each read skipped: counted once)
         earlier_left = left[0] + again[0], left[1] + again[1]
         earlier_why = (
             f"within this audit's {max_seconds:g} s"
@@ -1431,6 +1440,18 @@ def _audit_model(
             result.verdict, result.reasons = "inconclusive", [late_reason]
         else:
             result.reasons.append(late_reason)
+    result.earlier_skipped_files = len(earlier_skipped)
+    if earlier_skipped:
+        # (as this range's files that could not be read: counted, the first named; their records
+        # are not in the count of what came late to the earlier ranges)
+        path, why = next(iter(earlier_skipped.items()))
+        result.reasons.append(
+            f"{len(earlier_skipped)} prediction log files of the {earlier_hours} hours before this range could not "
+            f"be read (first: {printable(str(path))[-120:]}: {printable(str(why))[:200]}): at least {late_earlier} "
+            "of their records came after their audit closed"
+        )
+        if result.verdict == "skip":
+            result.verdict = "warning"
     if any(earlier_left):
         # (what came late to earlier ranges is a count beside this range's audit, not its evidence)
         result.reasons.append(
@@ -1440,7 +1461,7 @@ def _audit_model(
         )
         if result.verdict == "skip":
             result.verdict = "warning"
-    elif late_earlier:
+    elif late_earlier and not earlier_skipped:  # (said "at least" above where files were skipped)
         result.reasons.append(
             f"{late_earlier} records of the {earlier_hours} hours before this range came after their "
             "audit closed, or were stamped beyond its margin (a pod's clock ahead): in none"
@@ -1806,6 +1827,14 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         ),
         *(
             [f"- Records of earlier ranges that came after theirs closed (in no audit): {result.late_earlier}"]
+            if result.late_earlier is not None
+            else []
+        ),
+        *(
+            [
+                "- Prediction log files of earlier ranges that could not be read (their records not counted): "
+                f"{result.earlier_skipped_files}"
+            ]
             if result.late_earlier is not None
             else []
         ),

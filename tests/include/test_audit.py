@@ -2156,6 +2156,39 @@ def test_the_earlier_hours_read_is_held_to_the_audits_memory_bound(tmp_path):
     ), part.reasons
 
 
+@pytest.mark.parametrize("how", ["truncated", "named ahead"])
+def test_files_the_earlier_hours_read_could_not_read_are_counted_and_named(tmp_path, how):
+    """The hourly audit's look through the 24 hours before its range (``late_earlier``) skipped
+    the files it could not read (truncated, a refused name) without a word: their records left
+    out of the count of what came late, which still read as whole. They are counted
+    (``earlier_skipped_files``) and named, as its own range's are, and the count says "at least"."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    for k in range(3):  # (three hours before the range, written within it: late to their audits)
+        shadow_log(
+            tmp_path,
+            200,
+            disagree=0.0,
+            seed=k,
+            versions=("1", str(k + 3)),
+            at=(hour - timedelta(hours=3)).timestamp(),
+            flushed=3 * 3600 + 600,
+        )
+    spoilt = sorted((tmp_path / "log").rglob("part-*.parquet"))[0]
+    if how == "truncated":
+        spoilt.write_bytes(spoilt.read_bytes()[:100])
+    else:
+        spoilt = spoilt.rename(spoilt.with_name(re.sub(r"-\d{8}T\d{6}Z-", "-20991231T235959Z-", spoilt.name)))
+    result = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits", earlier_hours=24)
+    assert (result.verdict, result.late_earlier, result.skipped_files) == ("warning", 800, 0), result.reasons
+    assert result.earlier_skipped_files == 1
+    (said,) = [r for r in result.reasons if "could not be read" in r]
+    assert said.startswith("1 prediction log files of the 24 hours before this range could not be read")
+    assert spoilt.name in said
+    assert said.endswith("at least 800 of their records came after their audit closed")
+    report = report_files(result)[REPORT].decode()
+    assert "Prediction log files of earlier ranges that could not be read (their records not counted): 1" in report
+
+
 def test_records_without_an_outcome_are_malformed_not_disagreements(tmp_path):
     """No writer of the log writes a record without an ``outcome`` (an inference's, a label's
     "ok"); a foreign or damaged file's shadow records without one were read as answers of no
