@@ -245,9 +245,12 @@ _BLOCK = (
     rf"{_ESCAPED_LINE}(?:(?:(?P=x)[ \t]{{0,64}}+(?=(?P=x))){{0,16}}+(?P=x)(?P=i){_ESCAPED_LINE}){{0,255}}+"
     r"|[^\r\n]{1,4096}+(?:(?:\r?\n[ \t]{0,64}+(?=\r?\n)){0,16}+\r?\n(?P=i)[^\r\n]{1,4096}+){0,255}+)"
 )
+# A key's ":" or "=" and the blanks around it: any run of up to 64 spaces or tabs each side
+# (columns aligned: "password:      hunter2"), bounded (a key that fails is given up after them).
+_KEY_SEP = r"[ \t]{0,64}[:=][ \t]{0,64}"
 _SECRET_KEYED = re.compile(
     rf"{_KEY_LINE}{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_NAMED_BY}"
-    rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:{KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}|{_PAIR_SEP}|(?(nb){_VALUE_NAMED}|(?!)))"
+    rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:{KEY_QUOTE}{_KEY_SEP}|{_PAIR_SEP}|(?(nb){_VALUE_NAMED}|(?!)))"
     rf"|(?(nb){_COOKIE_ONE}{_VALUE_NAMED}|(?!)))"
     rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME}){_BLOCK_HEAD}"
     rf"(?P<v>(?(h){_BLOCK}|(?:(?(q){_QUOTED}|(?:{BRACKETED}|{_CRED_RUN}))|{_CRED_RUN}))){_PAIR_END}"
@@ -312,7 +315,7 @@ _QUERY_SECRET = re.compile(
 # far as the next pair (";", ",", a space) or the string that holds the header ends.
 _PARAM_IN_QUOTES = rf"(?<==){_IN_QUOTES}(?=[;,\s]|\\{{0,15}}[\"']|\Z)"
 _WHOLE_HEADER = re.compile(
-    rf"{after_boundary('A-Za-z0-9-')}(?:{_COOKIE_ONE}(?P<p>(?i:s))?|(?i:(?:proxy-)?authorization)){KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}"
+    rf"{after_boundary('A-Za-z0-9-')}(?:{_COOKIE_ONE}(?P<p>(?i:s))?|(?i:(?:proxy-)?authorization)){KEY_QUOTE}{_KEY_SEP}"
     rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?!{_SCHEME})(?(p)(?=[{{\[]|{_COOKIE_PAIR}))"
     rf"(?P<v>(?(q){quoted(4096)}|{BRACKETED})|{_NOT_ESCAPED_QUOTE}[^\s\"'<>](?:{_PARAM_IN_QUOTES}|[^\r\n\"'<>\\]|{_NOT_ESCAPED_QUOTE}\\){{0,4095}})"
 )

@@ -102,7 +102,7 @@ _KEY_SUFFIX = r"(?:[ _.-]?(?:no|number|num|nr|id)\.?)?"
 SENSITIVE_KEY = re.compile(rf"(?i:(?:x-(?:meta-)?)?(?:{_KEY_NAMES}){_KEY_SUFFIX})")  # a whole field name
 
 # Phone before bank card, so that a spaced phone number is masked whole, prefix included.
-# A key that names its value, ":" or "=" (and spaces, or a tab, form feed or backspace written
+# A key that names its value, ":" or "=" (and up to 64 blanks around it, or a tab, form feed or backspace written
 # escaped, "\\t", "\\f", "\\b", no piece of the value; or spaces, "#" or "-", before a value
 # holding a digit, as in "passport number E1234567"; or spaces before a dict or a list closed), then the value, a
 # token already there being none: a dict's or a list's repr, whole, over lines too, as the
@@ -119,7 +119,7 @@ _PIECE = rf"(?!tok_[a-zBCDFGH]{{8}}_){_VALUE_CHAR}{{0,31}}[^\W_]"
 _UNQUOTED = rf"{_PIECE}(?:[ ]{{1,2}}(?!{DATE_OR_TIME})(?={_VALUE_CHAR}{{0,31}}[0-9]|[A-Z]{{1,2}}(?!{_VALUE_CHAR})){_PIECE}){{0,7}}"
 _KEYED = re.compile(
     rf"{_NOT_ALNUM_BEFORE}(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX}){KEY_QUOTE}"
-    rf"(?:[ \t]{{0,3}}[:=](?:[ \t]|\\[tbf]){{0,3}}|(?P<b>[ \t]{{1,3}}(?=[{{\[]))"
+    rf"(?:[ \t]{{0,64}}[:=](?:[ \t]|\\[tbf]){{0,64}}|(?P<b>[ \t]{{1,3}}(?=[{{\[]))"
     rf"|[ \t]{{1,3}}(?:[#-][ \t]{{0,2}})?(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9]))"
     rf"{OPEN_QUOTE}(?P<v>(?(q){NOT_MASKED}{quoted(64)}|(?(b){CLOSED_BRACKETED}|(?:{BRACKETED}|{_UNQUOTED})))|{_UNQUOTED})"
 )

@@ -2428,3 +2428,33 @@ def test_a_pair_with_its_comma_on_a_line_of_its_own_is_masked(keys, text):
     masked = Masker(ring).mask_text(text, ring.key_for(None))
     assert "hunter2" not in masked, masked
     assert "hunter2" not in scrub(text), scrub(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("password:    hunter2", "hunter2"),
+        ("password:\t\t\t\thunter2", "hunter2"),
+        ("db_password      =  hunter2", "hunter2"),
+        ("api_key:" + " " * 40 + "hunter2", "hunter2"),
+        ("passport:     E1234567", "E1234567"),
+        ("passport_no\t\t\t\t:\t\t\t\tE1234567", "E1234567"),
+    ],
+)
+def test_a_value_more_than_three_blanks_after_its_key_is_masked(keys, text, value):
+    """A key and its value more than three spaces or tabs apart (columns aligned, a config
+    file's "password:    hunter2") were logged in clear: the keyed rules read three blanks at
+    most around the ":" or "=". A run of up to 64 now, in the masking, the Slack reports and the
+    log; the blanks stay."""
+    ring = KeyRing(keys)
+    key = ring.key_for(None)
+    masker = Masker(ring)
+    masked = masker.mask_text(text, key)
+    assert TOKEN_RE.sub("", masked) == text.replace(value, ""), masked
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value]
+    if value == "hunter2":
+        assert scrub(text) == text.replace(value, "***")
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "%s", (text,), None)
+    assert LogMasking(masker).filter(record)
+    assert value not in record.getMessage()
+    assert suspected(text)
