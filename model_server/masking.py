@@ -126,14 +126,16 @@ _KEYED = re.compile(
 # An address with "@" spelt "(at)", "[at]", "{at}" or "<at>" and its dots "." or spelt alike;
 # or with both spelt as words ("li.wei at example dot com"), and then only before a common
 # top-level domain: "look at this dot product" is a sentence. Up to three spaces around each
-# spelt word ("jane  at  example  dot  com"; a tab reads as a space: ``as_seen``).
+# spelt word ("jane  at  example  dot  com"; a tab reads as a space: ``as_seen``), or a line end
+# and up to three spaces either side of it (a message wrapped: "jane at\nexample dot com").
+_GAP = r"(?:[ ]{1,3}|[ ]{0,3}\r?\n[ ]{0,3})"
 _AT, _DOT = r"[(\[{<](?i:at)[)\]}>]", r"(?:\.|[ ]{0,3}[(\[{<](?i:dot)[)\]}>][ ]{0,3})"
 _TLDS = "com|net|org|edu|gov|mil|info|biz|io|uk|de|fr|jp|cn|ru|br|au|es|nl|ch|kr|tw|hk|sg|ca"
 _SPELT_EMAIL = re.compile(
     rf"{_ADDRESS_START}{_LOCAL}{{1,64}}"
     rf"(?:[ ]{{0,3}}{_AT}[ ]{{0,3}}[A-Za-z0-9-]{{1,63}}(?:{_DOT}[A-Za-z0-9-]{{1,63}}){{0,7}}{_DOT}[A-Za-z]{{2,63}}"
-    rf"|[ ]{{1,3}}(?i:at)[ ]{{1,3}}[A-Za-z0-9-]{{1,63}}(?:[ ]{{1,3}}(?i:dot)[ ]{{1,3}}[A-Za-z0-9-]{{1,63}}){{0,7}}"
-    rf"[ ]{{1,3}}(?i:dot)[ ]{{1,3}}(?i:{_TLDS}))"
+    rf"|{_GAP}(?i:at){_GAP}[A-Za-z0-9-]{{1,63}}(?:{_GAP}(?i:dot){_GAP}[A-Za-z0-9-]{{1,63}}){{0,7}}"
+    rf"{_GAP}(?i:dot){_GAP}(?i:{_TLDS}))"
     r"(?![A-Za-z0-9-])"
 )
 
@@ -249,11 +251,14 @@ DETECTORS: tuple[Detector, ...] = (
     # Starts only where a run of local-part characters starts, every part bounded (RFC 5321:
     # local part 64, labels 63): linear in the text, where the unanchored [...]+@ scanned each
     # run once per start position (160 KB without an @ held the server 27 s). Addresses and
-    # domains may hold letters of any script (RFC 6531: josé@example.com, иван@пример.рф).
+    # domains may hold letters of any script (RFC 6531: josé@example.com, иван@пример.рф). An
+    # "@" with up to three spaces around it ("jane @ example.com") before a common top-level
+    # domain only ("weights @ model.onnx", "ping @ 10.0.0.1" are no address).
     Detector(
         "email",
         re.compile(
-            rf"{_ADDRESS_START}{NOT_MASKED}{_LOCAL}{{1,64}}@(?:[A-Za-z0-9{_LETTERS}-]{{1,63}}\.){{1,8}}[A-Za-z{_LETTERS}]{{2,63}}"
+            rf"{_ADDRESS_START}{NOT_MASKED}{_LOCAL}{{1,64}}(?:@(?:[A-Za-z0-9{_LETTERS}-]{{1,63}}\.){{1,8}}[A-Za-z{_LETTERS}]{{2,63}}"
+            rf"|(?=[ ]|@[ ])[ ]{{0,3}}@[ ]{{0,3}}(?:[A-Za-z0-9-]{{1,63}}\.){{1,8}}(?i:{_TLDS})(?![A-Za-z0-9-]))"
         ),
     ),
     Detector("national_id", re.compile(_NOT_ALNUM_BEFORE + _PRC_ID.pattern + _NOT_ALNUM_AFTER)),
@@ -319,7 +324,7 @@ DETECTORS: tuple[Detector, ...] = (
 # it is no letter), so never within a hex id (ten digits in a row are in one request id in
 # twelve, and in most of the access-log lines they made suspect); or a key that names its
 # value; "%", "\\" and "&" start an escape that may decode to one of them; "at" spelt for an
-# e-mail (apart by spaces or tabs: the detectors read a tab as a space, ``as_seen``); a run of 64 base64
+# e-mail (apart by spaces, tabs or a line end: the detectors read a tab as a space, ``as_seen``); a run of 64 base64
 # characters (a private key's body line). Text with none of these,
 # all ASCII, comes out of mask_text unchanged. SUSPECT is RE2 too (pyarrow's vectorised prefilter), which scans for its
 # parts one by one: as one pattern, the base64 run's 64 counted steps beside the words made RE2's
@@ -333,7 +338,7 @@ _SHAPES = rf"[@%\\&]|{_NUMBER}"
 SUSPECT_PARTS = (
     _SHAPES,
     credentials.B64_LINE,
-    rf"(?i:{_KEY_NAMES}|[(\[{{<]at[)\]}}>]|[ \t]at[ \t].*[ \t]dot[ \t]"
+    rf"(?i:{_KEY_NAMES}|[(\[{{<]at[)\]}}>]|[ \t\n]at[ \t\r\n](?s:.*)[ \t\n]dot[ \t\r\n]"
     rf"|{'|'.join(re.escape(h) for h in credentials.HINTS)})",
 )
 SUSPECT = "|".join(SUSPECT_PARTS)
@@ -369,7 +374,8 @@ def _hints(text: str) -> _Hints:
 
 
 # The words the hints look for in a text (in lower case): those a key of ``_KEY_NAMES`` holds,
-# the spelt "at"s (``_SPELT_EMAIL``'s; " at " needs " dot " too), the secrets' (``credentials.HINTS``).
+# the spelt "at"s (``_SPELT_EMAIL``'s; " at " needs " dot " too, a line end read as a space:
+# ``_spelt_words``), the secrets' (``credentials.HINTS``).
 _NAME_WORDS = (
     "passport", "ssn", "security", "national", "nino", "card", "identity", "resident", "citizen", "aadhaar", "tax",
     "licen",
@@ -378,7 +384,16 @@ _SPELT_ATS = ("(at)", "[at]", "{at}", "<at>")
 # Whether ASCII text holds any of them: one RE2 scan (a DFA: each character read once), where
 # about 50 ``in`` tests, each a pass of its own, took a third of a log line's masking; text
 # holding one (few log lines) is then looked at word by word.
-_ANY_WORD = re2.compile("|".join(re.escape(w) for w in (*_NAME_WORDS, *_SPELT_ATS, " at ", *credentials.HINTS)))
+_ANY_WORD = re2.compile(
+    "|".join([*(re.escape(w) for w in (*_NAME_WORDS, *_SPELT_ATS, *credentials.HINTS)), r"[ \n]at[ \r\n]"])
+)
+
+
+def _spelt_words(low: str) -> bool:
+    """Whether ``low`` holds " at " and " dot ", a line end read as a space (``_GAP``)."""
+    if "\n" in low:
+        low = low.replace("\r", " ").replace("\n", " ")
+    return " at " in low and " dot " in low
 
 
 def _text_hints(text: str) -> _Hints:
@@ -393,7 +408,7 @@ def _text_hints(text: str) -> _Hints:
     beyond = not text.isascii()
     words = beyond or _ANY_WORD.search(low) is not None
     key = words and any(w in low for w in _NAME_WORDS)
-    spelt = words and (any(w in low for w in _SPELT_ATS) or (" at " in low and " dot " in low))
+    spelt = words and (any(w in low for w in _SPELT_ATS) or _spelt_words(low))
     # (``_SHAPES`` is these characters or ``_NUMBER``: one scan of the text, not one for each)
     at, number = beyond or "@" in text, beyond or _has_number(text)
     shaped = at or number or "%" in text or "\\" in text or "&" in text

@@ -2458,3 +2458,53 @@ def test_a_value_more_than_three_blanks_after_its_key_is_masked(keys, text, valu
     assert LogMasking(masker).filter(record)
     assert value not in record.getMessage()
     assert suspected(text)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "jane at\nexample dot com",
+        "jane\nat example dot com",
+        "jane at example\ndot com",
+        "jane at example dot\r\ncom",
+        "jane @ example.com",
+        "jane  @example.co.uk",
+        "jane@ example.org",
+    ],
+)
+def test_a_spelt_address_across_a_line_end_or_with_spaces_around_its_at_is_masked(keys, address):
+    """A spelt address broken over two lines ("jane at\\nexample dot com", a wrapped message)
+    or an "@" with spaces around it ("jane @ example.com") was logged in clear: the spelt words
+    were read one to three spaces apart only, and an "@" only right between its local part and
+    domain. A line end between the words, and spaces around an "@" before a common top-level
+    domain, are read now; the prefilters let such a text through."""
+    ring = KeyRing(keys)
+    key = ring.key_for(None)
+    masker = Masker(ring)
+    text = f"write to {address}, thanks"
+    masked = masker.mask_text(text, key)
+    assert TOKEN_RE.sub("", masked) == "write to , thanks", masked
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [address]
+    assert suspected(text)
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "%s", (text,), None)
+    assert LogMasking(masker).filter(record)
+    assert TOKEN_RE.search(record.getMessage())
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "meet at noon",
+        "look at this",
+        "meet at\nnoon, then look at the dot product",
+        "look at\nthis dot here",
+        "saved at\nrun dot onnx",
+        "weights @ model.onnx",
+        "loaded resnet50 @ step 300",
+        "ping @ 10.0.0.1",
+        "email @ me",
+    ],
+)
+def test_at_and_dot_over_lines_or_a_spaced_at_in_prose_are_no_address(keys, text):
+    ring = KeyRing(keys)
+    assert Masker(ring).mask_text(text, ring.key_for(None)) == text
