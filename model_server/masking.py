@@ -117,11 +117,18 @@ SENSITIVE_KEY = re.compile(rf"(?i:(?:x-(?:meta-)?)?(?:{_KEY_NAMES}){_KEY_SUFFIX}
 _VALUE_CHAR = rf"(?:[^\s,;&|\"'`<>()\[\]{{}}\\]|{VALUE_ESCAPE})"
 _PIECE = rf"(?!tok_[a-zBCDFGH]{{8}}_){_VALUE_CHAR}{{0,31}}[^\W_]"
 _UNQUOTED = rf"{_PIECE}(?:[ ]{{1,2}}(?!{DATE_OR_TIME})(?={_VALUE_CHAR}{{0,31}}[0-9]|[A-Z]{{1,2}}(?!{_VALUE_CHAR})){_PIECE}){{0,7}}"
+# A name with more words after the key's (``w``: "ssn_code", "passportValue", "national_id_ts",
+# up to three, each possessive) names an identity number too where its value is a bare number
+# of six digits or more (an id's: "ssn_code: 123456789"; "passport_count: 2", "ssn_status:
+# active" stay), as a phone's or a card's word wins over a measure's after it (``_measure``).
+_MORE_WORDS = r"(?P<w>(?:[_.-]?+[A-Za-z]{1,32}+){1,3}+)?"
+_KEY_COLON = r"[ \t]{0,64}[:=](?:[ \t]|\\[tbf]){0,64}"
 _KEYED = re.compile(
-    rf"{_NOT_ALNUM_BEFORE}(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX}){KEY_QUOTE}"
-    rf"(?:[ \t]{{0,64}}[:=](?:[ \t]|\\[tbf]){{0,64}}|(?P<b>[ \t]{{1,3}}(?=[{{\[]))"
-    rf"|[ \t]{{1,3}}(?:[#-][ \t]{{0,2}})?(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9]))"
-    rf"{OPEN_QUOTE}(?P<v>(?(q){NOT_MASKED}{quoted(64)}|(?(b){CLOSED_BRACKETED}|(?:{BRACKETED}|{_UNQUOTED})))|{_UNQUOTED})"
+    rf"{_NOT_ALNUM_BEFORE}(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX}){_MORE_WORDS}{KEY_QUOTE}"
+    rf"(?(w){_KEY_COLON}|(?:{_KEY_COLON}|(?P<b>[ \t]{{1,3}}(?=[{{\[]))"
+    rf"|[ \t]{{1,3}}(?:[#-][ \t]{{0,2}})?(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9])))"
+    rf"{OPEN_QUOTE}(?P<v>(?(w)[0-9]{{6,64}}+(?![0-9A-Za-z_-]|\.[0-9])"
+    rf"|(?:(?(q){NOT_MASKED}{quoted(64)}|(?(b){CLOSED_BRACKETED}|(?:{BRACKETED}|{_UNQUOTED})))|{_UNQUOTED})))"
 )
 # An address with "@" spelt "(at)", "[at]", "{at}" or "<at>" and its dots "." or spelt alike;
 # or with both spelt as words ("li.wei at example dot com"), and then only before a common

@@ -2508,3 +2508,35 @@ def test_a_spelt_address_across_a_line_end_or_with_spaces_around_its_at_is_maske
 def test_at_and_dot_over_lines_or_a_spaced_at_in_prose_are_no_address(keys, text):
     ring = KeyRing(keys)
     assert Masker(ring).mask_text(text, ring.key_for(None)) == text
+
+
+def test_a_bare_number_under_an_identity_name_with_a_word_after_it_is_masked(keys):
+    """A number under a name that holds an identity word and another word after it
+    ("ssn_code: 123456789", '{"ssn_code": 123456789}', "passportValue") was logged in clear: the
+    keyed rule read the identity word with a number's suffix only ("_no", "_id"), and a number
+    of no phone's or card's shape was masked only after a name the keyed rule read. An identity
+    word anywhere in the name wins now, as a phone's or a card's does, where the value is a bare
+    number of six digits or more (an id's; a count under such a name is smaller, and kept)."""
+    ring = KeyRing(keys)
+    key = ring.key_for(None)
+    masker = Masker(ring)
+    masking = LogMasking(masker)
+    for text in [
+        "ssn_code: 123456789",
+        "ssn_code=123456789 ok",
+        "passportValue: 123456789",
+        "national_id_ts: 123456789",
+    ]:
+        masked = masker.mask_text(text, key)
+        assert "123456789" not in masked, masked
+        assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == ["123456789"]
+        assert suspected(text)
+    line = {"ssn_code": 123456789, "user": {"passport_value": "123456789", "nationalIdCode": 12345678.0}}
+    fields = json.loads(masking._masked(json.dumps(line), key))
+    assert reveal(fields["ssn_code"], ring) == "123456789"
+    assert reveal(fields["user"]["passport_value"], ring) == "123456789"
+    assert reveal(fields["user"]["nationalIdCode"], ring) == "12345678"
+    kept = {"passport_count": 2, "ssn_status": "active", "passport_len": 9, "tax_code_count": 12345}
+    assert json.loads(masking._masked(json.dumps(kept), key)) == kept
+    for text in ["passport_count: 2", "ssn_status: active", "passport_photo: 1234.jpg"]:
+        assert masker.mask_text(text, key) == text
