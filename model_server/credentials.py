@@ -472,11 +472,20 @@ def spans(text: str, userinfo: bool = False) -> list[Span]:
     found: list[Span] = []
     view, seen = as_seen(text), shown(text)  # (a tab as a space, a control sequence's final byte ends a word)
     for pattern in patterns_for(text, lower(text)):
-        group: str | int = "u" if userinfo and "u" in pattern.groupindex else "v" if "v" in pattern.groupindex else 0
-        found += [(a, b) for a, b in (m.span(group) for m in pattern.finditer(view)) if a < b]
-        if seen is not None:  # (read too as a terminal shows it, each span mapped back)
-            found += [shown_back(seen[1], a, b) for a, b in (m.span(group) for m in pattern.finditer(seen[0])) if a < b]
+        found += [(a, b) for a, b in (m.span(_group(pattern, userinfo)) for m in pattern.finditer(view)) if a < b]
+    if seen is not None:  # (read too as a terminal shows it, its words there, each span mapped back)
+        for pattern in patterns_for(seen[0], lower(seen[0])):
+            found += [
+                shown_back(seen[1], a, b)
+                for a, b in (m.span(_group(pattern, userinfo)) for m in pattern.finditer(seen[0]))
+                if a < b
+            ]
     return merge(found)
+
+
+def _group(pattern: re.Pattern[str], userinfo: bool) -> str | int:
+    """The group of ``pattern``'s match that is its value (``spans``)."""
+    return "u" if userinfo and "u" in pattern.groupindex else "v" if "v" in pattern.groupindex else 0
 
 
 def merge(found: list[Span]) -> list[Span]:

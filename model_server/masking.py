@@ -330,7 +330,8 @@ DETECTORS: tuple[Detector, ...] = (
 # (``_NOT_ALNUM_BEFORE``: after no letter or digit, or after an escape's letter; a "(" before
 # it is no letter), so never within a hex id (ten digits in a row are in one request id in
 # twelve, and in most of the access-log lines they made suspect); or a key that names its
-# value; "%", "\\" and "&" start an escape that may decode to one of them; "at" spelt for an
+# value; "%", "\\" and "&" start an escape that may decode to one of them, a raw ESC a control
+# sequence that may be between a value's characters (``shown``); "at" spelt for an
 # e-mail (apart by spaces, tabs or a line end: the detectors read a tab as a space, ``as_seen``); a run of 64 base64
 # characters (a private key's body line). Text with none of these,
 # all ASCII, comes out of mask_text unchanged. SUSPECT is RE2 too (pyarrow's vectorised prefilter), which scans for its
@@ -341,7 +342,7 @@ DETECTORS: tuple[Detector, ...] = (
 _NUMBER = (  # (every ID's, phone's, card's, SSN's; RE2 has no lookbehind: the character before is read)
     r"\+|(?:^|[^0-9A-Za-z]|\\[nrtbf]|\\x[0-9A-Fa-f]{2}|(?:\[|\\x9[bB]|\\u009[bB])[0-?]*[ -/]*[@-~]|(?:\x1b|\\x1[bB]|\\033|\\u001[bB])(?:[ -/]+[0-~]|[78=>@-~]))(?:[0-9](?:[ \t./_()\-]{0,3}[0-9]){9}|[0-9]{3}-[0-9]{2}-[0-9]{4})"
 )
-_SHAPES = rf"[@%\\&]|{_NUMBER}"
+_SHAPES = rf"[@%\\&\x1b]|{_NUMBER}"
 SUSPECT_PARTS = (
     _SHAPES,
     credentials.B64_LINE,
@@ -404,7 +405,29 @@ def _spelt_words(low: str) -> bool:
 
 
 def _text_hints(text: str) -> _Hints:
-    """``text``'s ``_Hints``: words as substrings, in lower case. Python's re tries a
+    """``text``'s ``_Hints``, read in it as it came and, where it holds a control sequence, as a
+    terminal shows it too (``shown``), as the detectors read it: a number, a key with a
+    sequence between its characters ("4155\\x1b[0m552671") is one there."""
+    hints = _read_hints(text)
+    seen = shown(text)
+    if seen is None:
+        return hints
+    more = _read_hints(seen[0])
+    if more == hints:
+        return hints
+    found = set(hints[2] + more[2])
+    return (
+        hints[0] or more[0],
+        hints[1] or more[1],
+        tuple(p for p in credentials.PATTERNS if p in found),
+        hints[3] or more[3],
+        hints[4] or more[4],
+        hints[5] or more[5],
+    )
+
+
+def _read_hints(text: str) -> _Hints:
+    """``text``'s ``_Hints`` as it reads: words as substrings, in lower case. Python's re tries a
     case-insensitive alternation at every position (in the prefilter it made a clean line 7
     times as slow), ``in`` runs in C; ``_ANY_WORD`` first, in RE2 (ASCII text: beyond it, a
     character's lower case may be ASCII, and a lone surrogate is no UTF-8 for RE2). A tab

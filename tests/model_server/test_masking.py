@@ -2540,3 +2540,32 @@ def test_a_bare_number_under_an_identity_name_with_a_word_after_it_is_masked(key
     assert json.loads(masking._masked(json.dumps(kept), key)) == kept
     for text in ["passport_count: 2", "ssn_status: active", "passport_photo: 1234.jpg"]:
         assert masker.mask_text(text, key) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("call 4155\x1b[0m552671 now", "4155\x1b[0m552671"),
+        ("card 4111\x1b[1m1111\x1b[0m11111111 ok", "4111\x1b[1m1111\x1b[0m11111111"),
+        ("call 4155\\x1b[0m552671 now", "4155\\x1b[0m552671"),
+        ("pass\x1b[1mport: E1234567", "E1234567"),
+        ("pa\x1b[1mssword: hunter2", "hunter2"),
+    ],
+)
+def test_a_value_split_by_a_control_sequence_is_masked(keys, text, value):
+    """A number with a terminal's control sequence between its digits ("4155\\x1b[0m552671", a
+    colour changed in it) was logged in clear: the detectors read the text as a terminal shows
+    it too, but the prefilter read only the text as it came, where no ten digits are in a row,
+    and took it for plain. The prefilter reads the shown text too now, and SUSPECT takes a raw
+    ESC for a sign."""
+    ring = KeyRing(keys)
+    masker = Masker(ring)
+    masked = masker.mask_text(text, ring.key_for(None))
+    assert TOKEN_RE.sub("", masked) == text.replace(value, ""), masked
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value]
+    assert suspected(text)
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "%s", (text,), None)
+    assert LogMasking(masker).filter(record)
+    assert TOKEN_RE.search(record.getMessage())
+    if value == "hunter2":  # (the Slack reports read the shown text's words too)
+        assert scrub(text) == text.replace(value, "***")
