@@ -60,7 +60,7 @@ from model_server.credentials import (
     quoted,
 )
 from model_server.errors import MaskingUnavailable, json_refusal
-from model_server.reading import as_seen, normalise, shown, shown_back
+from model_server.reading import as_seen, holds_shown, normalise, shown, shown_back
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +168,15 @@ class Detector:
     def spans(self, text: str) -> Iterator[Span]:
         """Where the values are in ``text``, in order, none overlapping (read as it is seen:
         ``as_seen``, its tabs as spaces, its control sequences blanked; where it holds any, read
-        too as a terminal shows it, ``shown``, without them: "\x1b[1mpassword:\x1b[0m hunter2")."""
+        too as a terminal shows it, ``shown``, without them: "\x1b[1mpassword:\x1b[0m hunter2"; a
+        value read as the text came that is only sequences, "\x1b[0m" there, is none)."""
         seen = shown(text)
         if seen is None:
             yield from self._spans(as_seen(text))
         else:
             back = [shown_back(seen[1], a, b) for a, b in self._spans(seen[0])]
-            yield from credentials.merge([*self._spans(as_seen(text)), *back])
+            came = [(a, b) for a, b in self._spans(as_seen(text)) if holds_shown(seen[1], a, b)]
+            yield from credentials.merge([*came, *back])
 
     def _spans(self, view: str) -> Iterator[Span]:
         """Where the values are in ``view`` (the text as it is seen), in order, none overlapping."""

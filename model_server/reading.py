@@ -4,6 +4,7 @@ in another form (``alice%40example.com``, full-width digits, ``pass\u200bword``)
 
 from __future__ import annotations
 
+import bisect
 import html
 import re
 import unicodedata
@@ -99,3 +100,10 @@ def shown_back(where: list[int], a: int, b: int) -> tuple[int, int]:
     """The span of the text that a span ``a``-``b`` (not empty) of its ``shown`` view is, the
     sequences inside it too."""
     return where[a], where[b - 1] + 1
+
+
+def holds_shown(where: list[int], a: int, b: int) -> bool:
+    """Whether the span ``a``-``b`` of a text holds any character of its ``shown`` view (``where``
+    its characters are): a span of control sequences only holds none."""
+    i = bisect.bisect_left(where, a, 0, len(where) - 1)
+    return i < len(where) - 1 and where[i] < b
