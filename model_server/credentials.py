@@ -54,6 +54,11 @@ SECRET_KEY = re.compile(rf"{_SECRET_NAME}|{_COOKIE}")  # a whole field name
 _SCHEME = r"(?i:bearer|basic|token|digest|negotiate|ntlm)[ ]{1,3}"  # an Authorization header's
 _CRED_CHAR = r"[^\s\"'`,;&<>]"
 _NO_MASKED_AFTER = rf"(?!(?:{_SCHEME})?tok_[a-zBCDFGH]{{8}}_)"  # (nor "Bearer <token>")
+# A key's ":" or "=" (``_COLON``: its ":") and the blanks around it: any run of up to 64 spaces or
+# tabs each side (columns aligned: "password:      hunter2"), bounded (a key that fails is given
+# up after them).
+_KEY_SEP = r"[ \t]{0,64}[:=][ \t]{0,64}"
+_COLON = r"[ \t]{0,64}:[ \t]{0,64}"
 
 
 # A quote's escape: a string held in a JSON string has its quotes escaped ('\\"'), one held in
@@ -206,7 +211,7 @@ _NAMED_BY = (
 _FIELD_SEP = (  # between two fields: "," (a line end after it too), or a line end (YAML's)
     rf"[ \t]{{0,3}}(?:,[ \t]{{0,3}}+(?:{_NEXT_LINE})?|(?:[ \t]{{1,3}}#[^\r\n\\]{{0,256}}+)?{_NEXT_LINE})"
 )
-_VALUE_NAMED = rf"{KEY_QUOTE}{_FIELD_SEP}{KEY_QUOTE}(?i:value){KEY_QUOTE}[ \t]{{0,3}}:[ \t]{{0,3}}"
+_VALUE_NAMED = rf"{KEY_QUOTE}{_FIELD_SEP}{KEY_QUOTE}(?i:value){KEY_QUOTE}{_COLON}"
 # A YAML block scalar as the value ("password: |", ">-") of a key that starts its line (after
 # its indentation ``ki``, a list item's "-" and spaces ``kd`` and a quote): its indicator and line
 # end (``h``) stay, its lines are the value, the first one's indentation (``i``), more than the
@@ -245,9 +250,6 @@ _BLOCK = (
     rf"{_ESCAPED_LINE}(?:(?:(?P=x)[ \t]{{0,64}}+(?=(?P=x))){{0,16}}+(?P=x)(?P=i){_ESCAPED_LINE}){{0,255}}+"
     r"|[^\r\n]{1,4096}+(?:(?:\r?\n[ \t]{0,64}+(?=\r?\n)){0,16}+\r?\n(?P=i)[^\r\n]{1,4096}+){0,255}+)"
 )
-# A key's ":" or "=" and the blanks around it: any run of up to 64 spaces or tabs each side
-# (columns aligned: "password:      hunter2"), bounded (a key that fails is given up after them).
-_KEY_SEP = r"[ \t]{0,64}[:=][ \t]{0,64}"
 _SECRET_KEYED = re.compile(
     rf"{_KEY_LINE}{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_NAMED_BY}"
     rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:{KEY_QUOTE}{_KEY_SEP}|{_PAIR_SEP}|(?(nb){_VALUE_NAMED}|(?!)))"
@@ -259,9 +261,9 @@ _SECRET_KEYED = re.compile(
 # dict's keys in any order, as a JSON object may have them, json.dumps(sort_keys=True) too): its
 # value, in quotes or not, then the field "name", "key" or "header" whose value names a secret.
 _NAMED_AFTER = re.compile(
-    rf"{after_boundary('A-Za-z0-9_')}(?i:value){KEY_QUOTE}[ \t]{{0,3}}:[ \t]{{0,3}}{OPEN_QUOTE}{NOT_MASKED}"
+    rf"{after_boundary('A-Za-z0-9_')}(?i:value){KEY_QUOTE}{_COLON}{OPEN_QUOTE}{NOT_MASKED}"
     rf"(?P<v>(?(q){_QUOTED}|{_CRED_RUN}))(?(q)(?(e)(?P=e))(?P=q)){_FIELD_SEP}"
-    rf"{KEY_QUOTE}(?i:name|key|header){KEY_QUOTE}[ \t]{{0,3}}:[ \t]{{0,3}}{KEY_QUOTE}"
+    rf"{KEY_QUOTE}(?i:name|key|header){KEY_QUOTE}{_COLON}{KEY_QUOTE}"
     rf"(?:{_SECRET_NAME}|{_COOKIE_ONE})(?![A-Za-z0-9_.-])"
 )
 # The same key, then spaces (and "is") and no ":" or "=": a value in quotes, a literal there
@@ -359,7 +361,7 @@ _ISSUED = re.compile(
 # request, which a dictionary attack reverses) and its cnonce, wherever its parameters are
 # written: "response" names it only before 32 to 128 hex digits (an MD5 or SHA-256 digest).
 _DIGEST_PARAM = re.compile(
-    rf"{after_boundary('A-Za-z0-9_-')}(?i:(?P<c>cnonce)|response)[ \t]{{0,3}}=[ \t]{{0,3}}\"?{NOT_MASKED}"
+    rf"{after_boundary('A-Za-z0-9_-')}(?i:(?P<c>cnonce)|response)[ \t]{{0,64}}=[ \t]{{0,64}}\"?{NOT_MASKED}"
     r"(?P<v>(?(c)[^\s\"',;<>]{1,256}|[0-9A-Fa-f]{32,128}(?![A-Za-z0-9])))"
 )
 _SLACK_WEBHOOK = re.compile(

@@ -2592,3 +2592,24 @@ def test_a_control_sequence_between_a_key_and_its_value_stays(keys, text):
     assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == ["hunter2"]
     if "passport" not in text:  # (the Slack reports read credentials only)
         assert normalise(scrub(text)) == normalise(text.replace("hunter2", "***"))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "- name: DB_PASSWORD\n  value:      hunter2",
+        '{"name": "api_key", "value":\t\t\t\t"hunter2"}',
+        '{"value":       "hunter2", "name":      "DB_PASSWORD"}',
+        'digest sent: username="bob", cnonce=      "hunter2"',
+    ],
+)
+def test_a_value_named_by_its_sibling_more_than_three_blanks_after_its_colon_is_masked(keys, text):
+    """A field "value" named by its sibling (Kubernetes' env: "- name: DB_PASSWORD\\n  value:
+    hunter2") or a Digest parameter, its value more than three spaces or tabs after its ":" or
+    "=" (columns aligned), was logged in clear: those rules read three blanks at most. A run of
+    up to 64 now, as the keyed rules read."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert "hunter2" not in masked, masked
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == ["hunter2"]
+    assert "hunter2" not in scrub(text)
