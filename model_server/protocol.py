@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import math
-import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -123,71 +123,37 @@ def _flatten(data: Any) -> list[Any]:
     return out
 
 
-class _ReadAsZero(float):
-    """A JSON number that is not 0 but reads as 0.0 (1e-400): 0.0 wherever it is read, refused as
-    a tensor's element; ``text`` as the client wrote it."""
-
-    text: str
-
-
-# A JSON number not 0 that Python's float reads as 0 has an exponent of -100 or less, or more
-# than 200 zeros after its point: a body without either holds none (the parse that marks them,
-# ``_float_or_zero_read``, costs each float a call).
-_SMALL_EXPONENTS = (re.compile(rb"e-0*[1-9][0-9][0-9]"), re.compile(rb"E-0*[1-9][0-9][0-9]"))
-_ZERO_RUN = b"0" * 200
-_NONZERO_MANTISSA = re.compile(r"-?[0.]*[1-9]")
-
-
-def _may_read_as_zero(body: bytes) -> bool:
-    return _ZERO_RUN in body or any(p.search(body) is not None for p in _SMALL_EXPONENTS)
-
-
-def _float_or_zero_read(text: str) -> float:
-    """``json.loads``'s parse_float: the float, or a number not 0 that reads as 0 marked."""
-    value = float(text)
-    if value or not _NONZERO_MANTISSA.match(text):
-        return value
-    marked = _ReadAsZero(text)
-    marked.text = text
-    return marked
-
-
-def _unheld(flat: list[Any], wide: np.ndarray, arr: np.ndarray, datatype: str, where: str, marked: bool) -> None:
-    """Refuse a JSON number ``arr`` (of a float datatype) does not hold: past its range (JSON has
-    no Infinity: an inf is a number past it, 1e400 read by Python's float), or not 0 but read as 0
-    (1e-50 as FP32; 1e-400, marked by the parse, as any). ``wide``: the numbers as float64."""
+def _past_range(flat: list[Any], arr: np.ndarray, datatype: str, where: str, written: Callable[[int], str]) -> None:
+    """Refuse a JSON number past the range of ``arr``'s float datatype (read as inf: JSON has no
+    Infinity, so an inf is a number past it, 1e400 as Python's float reads it). A number too
+    small for it is read as IEEE rounds it (0, or a subnormal), as Triton reads it.
+    ``written(i)``: element ``i`` as the client wrote it (an infinite one, which ``flat`` lost)."""
     finite = np.isfinite(arr)
-    if not finite.all():
-        i = int(np.argmin(finite))
-        value = f" ({_shown_number(flat[i])})" if math.isfinite(flat[i]) else ""
-        raise InvalidInput(
-            f"{where}: element {i}{value} is past the range of {datatype} (its largest magnitude is "
-            f"{np.finfo(arr.dtype).max:g})"
-        )
-    if arr.all():  # (no 0: most tensors)
+    if finite.all():
         return
-    zero = arr == 0
-    lost = zero & (wide != 0)  # (FP32, FP16: 1e-50)
-    if lost.any():
-        i = int(np.argmax(lost))
-    else:  # (1e-400, read as 0.0 already)
-        i = next((i for i in np.flatnonzero(zero).tolist() if type(flat[i]) is _ReadAsZero), -1) if marked else -1
-        if i < 0:
-            return
+    i = int(np.argmin(finite))
+    text = repr(flat[i]) if math.isfinite(flat[i]) else written(i)
     raise InvalidInput(
-        f"{where}: element {i} ({_shown_number(flat[i])}) is too small for {datatype}: it is not 0 but would "
-        f"read as 0 (the smallest magnitude it holds is {np.finfo(arr.dtype).smallest_subnormal:g})"
+        f"{where}: element {i} ({text if len(text) <= 40 else repr(text[:40] + '...')}) is past the range of "
+        f"{datatype} (its largest magnitude is {np.finfo(arr.dtype).max:g})"
     )
 
 
-def _shown_number(value: Any) -> str:
-    """A JSON number as an error message shows it: as the client wrote it where the parse kept it."""
-    text = value.text if isinstance(value, _ReadAsZero) else repr(value)
-    return text if len(text) <= 40 else repr(text[:40] + "...")
+def _infinite_as_written(text: str) -> Any:
+    """``json.loads``'s parse_float for ``_written``: a number past float64's range kept as its text."""
+    value = float(text)
+    return value if math.isfinite(value) else text
+
+
+def _written(key: bytes, index: int, element: int) -> str:
+    """Element ``element`` of input ``index``'s data in the JSON ``key`` (parsed already, so
+    well formed) as written: parsed again to keep what float reads as inf (a refusal's only)."""
+    header = json.loads(key.decode(), parse_float=_infinite_as_written)
+    return str(_flatten(header["inputs"][index]["data"])[element])
 
 
 def _json_tensor(
-    raw: dict[str, Any], datatype: str, shape: tuple[int, ...], where: str, marked: bool = False
+    raw: dict[str, Any], datatype: str, shape: tuple[int, ...], where: str, written: Callable[[int], str]
 ) -> np.ndarray:
     flat = _flatten(raw["data"])
     expected = _num_elements(shape)
@@ -219,15 +185,13 @@ def _json_tensor(
     dtype = np.dtype(DATATYPES[datatype]).newbyteorder("=")
     floating = dtype.kind == "f"
     try:
-        # A float datatype: read as float64 (what a JSON number is), then as the datatype, so
-        # that what it could not hold is seen (``_unheld``).
+        # A float datatype: a number past its range read as inf, refused by ``_past_range``.
         with np.errstate(over="ignore" if floating else "raise", invalid="raise"):
-            wide = np.asarray(flat, dtype=np.float64 if floating else dtype)
-            arr = wide.astype(dtype, copy=False)
+            arr = np.asarray(flat, dtype=dtype)
     except (OverflowError, FloatingPointError, ValueError, TypeError) as exc:
         raise InvalidInput(f"{where}: data does not fit {datatype}: {exc}") from None
     if floating:
-        _unheld(flat, wide, arr, datatype, where, marked)
+        _past_range(flat, arr, datatype, where, written)
     if datatype.startswith(("INT", "UINT")) and not all(isinstance(x, int) for x in flat):
         raise InvalidInput(f"{where}: {datatype} data must be integers")
     return arr.reshape(shape)
@@ -402,9 +366,8 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
     layout = LAYOUTS.get(key) if json_len <= MAX_LAYOUT_KEY else None
     if layout is not None and len(body) - json_len == layout.binary_size:
         return _from_layout(layout, memoryview(body)[json_len:])
-    marked = _may_read_as_zero(key)
     try:
-        header = parse_json(key, _float_or_zero_read if marked else None)
+        header = parse_json(key)
     except InvalidInput:
         if header_length is None and _json_then_more(key):
             raise InvalidInput(
@@ -485,7 +448,7 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
             if cuts is not None:
                 cuts.append((name, datatype, shape, dtype, size))
         elif "data" in raw:
-            data = _json_tensor(raw, datatype, shape, where, marked)
+            data = _json_tensor(raw, datatype, shape, where, functools.partial(_written, key, i))
             cuts = None  # the tensor is in the JSON: nothing to keep
         else:
             raise InvalidInput(f"{where}: needs 'data' or parameters.binary_data_size")
@@ -592,12 +555,11 @@ def _json_then_more(body: bytes) -> bool:
     return bool(text[end:].strip())
 
 
-def parse_json(body: bytes | bytearray | memoryview, parse_float: Callable[[str], Any] | None = None) -> Any:
+def parse_json(body: bytes | bytearray | memoryview) -> Any:
     """A request body's JSON, as Triton (RapidJSON) reads it: UTF-8 without a byte order mark
     (RFC 8259: JSON between systems is UTF-8, and no BOM is added), no NaN or Infinity.
     ``json.loads`` alone takes UTF-16 and UTF-32 bodies and a UTF-8 BOM, which a check on the
-    bytes does not see through; they are refused (400) with what is wrong. ``parse_float``: as
-    ``json.loads`` takes it."""
+    bytes does not see through; they are refused (400) with what is wrong."""
     data = bytes(body)
     if data.startswith((b"\xef\xbb\xbf", b"\xfe\xff", b"\xff\xfe")):
         raise InvalidInput("malformed JSON in request body: it starts with a byte order mark; send UTF-8 without one")
@@ -608,7 +570,7 @@ def parse_json(body: bytes | bytearray | memoryview, parse_float: Callable[[str]
             f"malformed JSON in request body: not UTF-8 (byte {exc.start}); JSON is sent as UTF-8"
         ) from None
     try:
-        return json.loads(text, parse_constant=refuse_constant, parse_float=parse_float)
+        return json.loads(text, parse_constant=refuse_constant)
     except (ValueError, RecursionError) as exc:
         raise InvalidInput(f"malformed JSON in request body: {json_problem(exc, text)}") from None
 

@@ -258,28 +258,38 @@ def test_json_tensor_errors_name_the_problem(raw, needle):
 @pytest.mark.parametrize(
     ("datatype", "number", "needle"),
     [
-        ("FP64", "1e-400", "element 1 (1e-400) is too small for FP64"),
-        ("FP64", "-1e-400", "element 1 (-1e-400) is too small for FP64"),
-        ("FP64", "0." + "0" * 400 + "1", "element 1 ('0.0000000000"),
-        ("FP32", "1e-400", "element 1 (1e-400) is too small for FP32"),
-        ("FP32", "1e-50", "element 1 (1e-50) is too small for FP32"),
-        ("FP16", "1e-10", "element 1 (1e-10) is too small for FP16"),
-        ("FP64", "1e400", "element 1 is past the range of FP64"),
-        ("FP32", "1e400", "element 1 is past the range of FP32"),
+        ("FP64", "1e400", "element 1 (1e400) is past the range of FP64"),
+        ("FP64", "-1E+400", "element 1 (-1E+400) is past the range of FP64"),
+        ("FP32", "1e400", "element 1 (1e400) is past the range of FP32"),
         ("FP32", "1e39", "element 1 (1e+39) is past the range of FP32"),
         ("FP16", "70000", "element 1 (70000) is past the range of FP16"),
     ],
 )
-def test_a_json_number_its_datatype_cannot_hold_is_refused_by_name(datatype, number, needle):
-    """1e-400 in a JSON FP64 (or FP32) input read as 0.0, 1e-50 as FP32 and 1e-10 as FP16
-    too, and 1e400 as inf: the model ran on numbers the client never sent. Each is a 400
-    naming the input and the element, as a number past an integer datatype's range is."""
+def test_a_json_number_past_its_datatype_s_range_is_refused_by_name(datatype, number, needle):
+    """1e400 in a JSON FP64 (or FP32) input read as inf, 1e39 as FP32 and 70000 as FP16 too:
+    the model ran on numbers the client never sent. Each is a 400 naming the input, the element
+    and the number as written, as a number past an integer datatype's range is (an infinite one
+    was named without its number)."""
     raw = f'{{"name": "x", "datatype": "{datatype}", "shape": [3], "data": [1.5, {number}, 0]}}'
     body = f'{{"inputs": [{raw}]}}'
     with pytest.raises(InvalidInput) as refused:
         decode_infer_request(body.encode(), None)
     assert refused.value.message.startswith("input 'x': "), refused.value.message
     assert needle in refused.value.message, refused.value.message
+
+
+def test_an_infinite_number_is_named_in_its_own_input():
+    """The number named is the one of the input refused, not another input's or a parameter's."""
+    body = (
+        '{"parameters": {"p": 1e999}, "inputs": [{"name": "a", "datatype": "FP64", "shape": [1], "data": [2e400]},'
+        ' {"name": "b", "datatype": "FP32", "shape": [2], "data": [[1], [3e500]]}]}'
+    )
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(body.replace("2e400", "2").encode(), None)
+    assert refused.value.message.startswith("input 'b': element 1 (3e500) is past the range of FP32")
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(body.encode(), None)
+    assert refused.value.message.startswith("input 'a': element 0 (2e400) is past the range of FP64")
 
 
 @pytest.mark.parametrize(
@@ -294,14 +304,25 @@ def test_a_json_number_its_datatype_cannot_hold_is_refused_by_name(datatype, num
         ("FP32", "0", 0.0),
         ("FP16", "1e-7", np.float16(1e-7)),
         ("FP16", "65504", 65504.0),
+        # Past the smallest magnitude: read as 0, or as the nearest subnormal, as Triton reads
+        # them (RapidJSON's double, then cast to the datatype, IEEE rounding).
+        ("FP64", "1e-400", 0.0),
+        ("FP64", "-1e-400", 0.0),
+        ("FP64", "0." + "0" * 400 + "1", 0.0),
+        ("FP32", "1e-400", 0.0),
+        ("FP32", "1e-50", 0.0),
+        ("FP32", "1e-45", np.float32(1e-45)),
+        ("FP16", "1e-10", 0.0),
+        ("FP16", "5e-8", np.float16(6e-8)),
     ],
 )
-def test_a_json_number_its_datatype_holds_is_read(datatype, number, value):
-    """A 0 written as such, and a number the datatype holds (its subnormals too), are read."""
-    other = "1e-100" if datatype == "FP64" else "1"  # (1e-100: the body is parsed the way that marks 1e-400)
-    raw = f'{{"name": "x", "datatype": "{datatype}", "shape": [2], "data": [{number}, {other}]}}'
+def test_a_json_number_its_datatype_holds_or_rounds_to_is_read(datatype, number, value):
+    """A 0 written as such, and a number the datatype holds (its subnormals too), are read; a
+    number too small for it is read as IEEE rounds it, as Triton reads it (it was refused)."""
+    raw = f'{{"name": "x", "datatype": "{datatype}", "shape": [2], "data": [{number}, 1]}}'
     body = f'{{"inputs": [{raw}]}}'
     data = decode_infer_request(body.encode(), None).inputs[0].data
+    assert data.dtype == np.dtype(protocol.DATATYPES[datatype])
     assert data[0] == value
 
 
