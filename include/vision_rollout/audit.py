@@ -1304,6 +1304,8 @@ def _audit_model(
         )  # fmt: skip
         late_earlier -= int(lost_before.sum())
         earlier_skipped.update(skipped_again)  # (a file each read skipped: counted once)
+        for path in records.attrs["skipped_file_reasons"]:  # (this range's own: counted as such, not again)
+            earlier_skipped.pop(path, None)
         earlier_left = left[0] + again[0], left[1] + again[1]
         earlier_why = (
             f"within this audit's {max_seconds:g} s"

@@ -2189,6 +2189,25 @@ def test_files_the_earlier_hours_read_could_not_read_are_counted_and_named(tmp_p
     assert "Prediction log files of earlier ranges that could not be read (their records not counted): 1" in report
 
 
+def test_a_file_of_this_range_it_could_not_read_is_not_named_an_earlier_hour_s(tmp_path):
+    """The look back on the earlier hours reads the log again about each late copy (its primary
+    and its copies on time): a truncated file of the range itself, there, was counted twice, as
+    this range's (``skipped_files``) and again as "of the 24 hours before this range"."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    # (the hour before: its copies written late, within this range, stamped a minute before it)
+    before = (hour - timedelta(seconds=60)).timestamp()
+    shadow_log(tmp_path, 50, disagree=0.0, seed=1, versions=("1", "3"), at=before, flushed=600)
+    for seed, minute, count in ((2, 20, 300), (3, 30, 30)):
+        at = (hour + timedelta(minutes=minute)).timestamp()
+        shadow_log(tmp_path, count, disagree=0.0, seed=seed, versions=("1", str(seed + 2)), at=at, flushed=1)
+    (spoilt,) = [f for f in (tmp_path / "log").rglob("hour=10/part-*.parquet") if "T1030" in f.name]
+    spoilt.write_bytes(spoilt.read_bytes()[:100])
+    result = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits", earlier_hours=24)
+    assert result.skipped_files == 1
+    assert result.earlier_skipped_files == 0, result.reasons
+    assert not [r for r in result.reasons if "hours before this range could not be read" in r], result.reasons
+
+
 def test_records_without_an_outcome_are_malformed_not_disagreements(tmp_path):
     """No writer of the log writes a record without an ``outcome`` (an inference's, a label's
     "ok"); a foreign or damaged file's shadow records without one were read as answers of no
