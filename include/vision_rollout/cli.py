@@ -1401,15 +1401,18 @@ def _run(
 
     notifier = SlackNotifier(spec.slack_channel, outbox=args.outbox) if args.outbox else None
 
-    def send(message: Message) -> None:
-        """To the outbox, when there is one. One that cannot be written is a warning: the rollout
-        and its exit code go by the evidence, not by the outbox's store."""
+    def send(message: Message) -> bool:
+        """To the outbox, when there is one; whether it was written (nothing to write without
+        one). One that cannot be written is a warning: the rollout and its exit code go by the
+        evidence, not by the outbox's store."""
         if notifier is None:
-            return
+            return True
         try:
             notifier.send(message)
         except Exception as exc:
             log.warning("a report was not written to the outbox (%s): %s", message.text[:200], _message(exc))
+            return False
+        return True
 
     def report(outcome: StageOutcome) -> None:
         stages_ended.append(outcome)
@@ -1529,8 +1532,7 @@ def _run(
                 decided=failed is not None and not result.promoted,
             )
         with _signals_held():  # (written whole: a signal meanwhile is raised once it is, no second report)
-            send(message)
-            reported = True
+            reported = send(message)  # (not written: a signal now writes the cut-short report)
         print(("PROMOTED: " if result.promoted else "ROLLED BACK: ") + result.reason + unguarded)
         return 0 if result.promoted else 1
     except Interrupted as exc:

@@ -3115,6 +3115,56 @@ def test_a_signal_while_the_runs_final_report_is_written_writes_no_second_report
     )
 
 
+def test_a_signal_while_the_runs_final_report_fails_to_be_written_writes_the_cut_short_one(
+    tmp_path, monkeypatch, capsys
+):
+    """rolloutctl run's final report that the outbox refused (a full disk: a warning) was taken
+    as written: a SIGTERM meanwhile ended the run saying "once its report was written", with
+    nothing in the outbox. The cut-short report is written in its place, as where none was."""
+    import argparse
+
+    from tests.include.test_engine import RecordingRouter
+    from vision_rollout import cli, engine
+    from vision_rollout.engine import StageState
+    from vision_rollout.folders import Folder
+    from vision_rollout.spec import RolloutSpec
+
+    spec = RolloutSpec.from_dict({"stages": [10, 100], "mirror_percent": 0})
+    monkeypatch.setattr(engine, "StageJudge", lambda *a, **k: lambda window: StageState("pass", 1, 1, None, "ok"))
+    write = Folder.write
+    signalled: list[str] = []
+
+    def refused_once(self, name, data):
+        if name.endswith(".json") and b"Promoted digits v2" in data and not signalled:
+            signalled.append(name)
+            os.kill(os.getpid(), signal.SIGTERM)  # (the signal, as the final report is refused)
+            time.sleep(0.5)
+            raise OSError(28, "No space left on device")
+        return write(self, name, data)
+
+    monkeypatch.setattr(Folder, "write", refused_once)
+    args = argparse.Namespace(url="http://127.0.0.1:9", validation=tmp_path, prediction_log=str(tmp_path))
+    args.outbox = Folder(str(tmp_path / "outbox"))
+    router = RecordingRouter()
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (not left ignored by an earlier run)
+    try:
+        with cli._stopped_by_signals(), cli._Lease(tmp_path, spec.model) as lease:
+            try:
+                code = cli._run(args, spec, router, None, {}, lease, "")
+            except cli.Interrupted as exc:  # (a KeyboardInterrupt: pytest would stop the session)
+                pytest.fail(f"{exc!r} went up")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert signalled
+    assert code == 128 + signal.SIGTERM
+    reports = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    assert len(reports) == 1, reports
+    assert "rolloutctl run was stopped by SIGTERM once it had ended" in reports[0], reports
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "INTERRUPTED by SIGTERM: version 2 takes 100%: its promotion was decided"
+    )
+
+
 def test_an_abort_that_lands_while_promoting_is_not_reported_as_a_promotion(tmp_path, monkeypatch, capsys):
     """The last stage's look is the run's last renewal: an abort marked while it promoted put the
     stable version back, and the run still said PROMOTED and exited 0 with version 1 serving.
