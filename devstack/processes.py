@@ -496,8 +496,13 @@ def start_airflow(
     for name, *flags in AIRFLOW_COMPONENTS:
         log = home / "logs" / f"{name}.log"
         with log.open("ab") as f:
-            proc = subprocess.Popen(
-                [airflow, name, *flags], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+            proc = subprocess.Popen(  # (the scheduler with the tasks' modules imported: devstack.airflow_main)
+                [sys.executable, "-m", "devstack.airflow_main", name, *flags],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+                start_new_session=True,
             )
         components[name] = ManagedProcess(proc, port if name == "api-server" else 0, log)
     deadline = time.monotonic() + wait_s
