@@ -2078,12 +2078,11 @@ def finish(
     # ``kubectl scale``, may have scaled it to 0; a run that decided to roll back never promoted)
     if promoted:
         kept = True
-    elif decided not in (None, "promote") or not promotion_record(spec, run_id, folder):
+    elif decided not in (None, "promote"):
         kept = False
-    elif unread:
-        kept = promoted_unseen(spec, hook)
-    else:
-        kept = promotion_in_effect(spec, run_id, hook, routes)
+    else:  # (the record read only where the cluster looks promoted: mid-stage, an unreadable one stops nothing)
+        looks = promoted_unseen(spec, hook) if unread else promotion_in_effect(spec, run_id, hook, routes)
+        kept = looks and promotion_record(spec, run_id, folder)
     if not kept:
         restore_stable(params, run_id, unload_candidate)
     elif spec.mesh == "istio":  # (promote stopped before it put the retired version's HPA back)
@@ -2186,11 +2185,14 @@ def _promotion(spec: RolloutSpec, run_id: str) -> dict[str, str]:
 def promotion_record(spec: RolloutSpec, run_id: str, folder: Folder) -> bool:
     """Whether promote recorded, in the run's ``folder``, that this run (``run_id``) promoted its
     candidate over its baseline (``promotion_recorded``); False for none, for another run's or
-    another baseline's, and, logged, for a damaged one (not JSON). OSError
-    for a record that cannot be read (the folder's store answering 503 or 403, say): whether
+    another baseline's, and, logged, for a damaged one (not JSON). Read only where the cluster
+    looks promoted (``finish``). OSError for a record that cannot be read (the folder's store answering 503 or 403, say): whether
     promote ran is not known, and undoing a finished promotion is no safer than keeping an
     unjudged candidate, so nothing is touched and the teardown fails (the failure callback
-    reports it) for a human, or a clear once the folder reads, to settle."""
+    reports it) for a human, or a clear once the folder reads, to settle; one no read takes (a
+    folder, or over ``MAX_LOCK_BYTES``) says what to put there or remove."""
+    from vision_rollout.folders import NotAFile, TooLarge
+
     try:
         record = json.loads(folder.read_within(PROMOTED, MAX_LOCK_BYTES))
     except FileNotFoundError:
@@ -2198,6 +2200,13 @@ def promotion_record(spec: RolloutSpec, run_id: str, folder: Folder) -> bool:
     except ValueError as exc:
         log.warning("this run's record of its promotion is damaged (%s): %s", folder, str(exc)[:300])
         return False
+    except (TooLarge, NotAFile) as exc:  # (no read takes it, ever: not a record promote wrote)
+        raise OSError(
+            f"this run's record of its promotion cannot be read ({folder}): {str(exc)[:300]}; nothing restored, "
+            f"for whether promote ran is not known: to keep version {spec.candidate_version} promoted, put there the "
+            f"record promote writes, {json.dumps(_promotion(spec, run_id))}, or remove it to put version "
+            f"{spec.baseline_version} back; then clear the run's ensure_stable"
+        ) from exc
     except OSError as exc:
         raise OSError(
             f"this run's record of its promotion cannot be read ({folder}): {str(exc)[:300]}; nothing restored, "

@@ -1506,6 +1506,59 @@ def test_a_promotion_whose_record_cannot_be_read_is_not_undone(kube, monkeypatch
     assert steps.serving().model_lock("digits", "istio").holding() is not None  # (held: a clear tries again)
 
 
+@pytest.mark.parametrize("end", ["teardown", "failure-callback"])
+def test_a_run_mid_stage_whose_promotion_record_cannot_be_read_is_rolled_back(kube, monkeypatch, end):
+    """The run stopped mid-stage (marked failed in the UI: the teardown is given no decision, the
+    failure callback never is one) with the candidate at 10%, and its run folder unreadable (its
+    store answering 503, or the DAG processor without the folder's access). The record of a
+    promotion (``PROMOTED``) was read before the routes were: its OSError stopped the restore, and
+    90% stayed on the baseline and 10% on an unjudged candidate, where no promotion can be in
+    effect. The routes, not promote's, decide it without the record: the stable version takes 100%."""
+    at_stage_1(kube)
+    assert routes(kube) == [("v1", 90), ("v2", 10)]
+    read_within = Folder.read_within
+
+    def unreadable(folder: Folder, name: str, limit: int) -> bytes:
+        if name == PROMOTED:
+            raise OSError("503 Service Unavailable")
+        return read_within(folder, name, limit)
+
+    monkeypatch.setattr(Folder, "read_within", unreadable)
+    if end == "teardown":
+        with pytest.raises(AirflowFailException, match="version 1 takes 100%; version 2 is unloaded"):
+            steps.ensure_stable(PARAMS, "run-1", None, None, None)
+    else:
+        steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+    assert routes(kube) == [("v1", 100)]
+    assert deployment(kube, "1")["spec"]["replicas"] > 0
+
+
+@pytest.mark.parametrize("record", ["folder", "oversized"])
+def test_a_promotion_record_no_read_will_take_says_what_to_do(kube, record):
+    """promote finished (its XCom lost) and at its record's place (``PROMOTED``) sits what no read
+    takes, ever: a folder, or a file over the size of any record promote writes. The teardown
+    said to clear it once the run folder reads, which it never will. Nothing is touched, and the
+    error says to replace it with promote's record to keep the promotion or remove it to put the
+    stable version back."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
+    steps.promote(PARAMS, "run-1", "promote")
+    folder = steps.serving().settings.workdir("digits", "run-1")
+    assert folder.path is not None
+    (folder.path / PROMOTED).unlink()
+    if record == "folder":
+        (folder.path / PROMOTED).mkdir()
+    else:
+        (folder.path / PROMOTED).write_bytes(b" " * 1_000_000)
+    with pytest.raises(OSError, match="to keep version 2 promoted, put there the record promote writes") as raised:
+        steps.ensure_stable(PARAMS, "run-1", None, None, SENT)
+    assert '{"holder": "run-1", "version": "2", "baseline": "1"}' in str(raised.value)
+    assert "or remove it to put version 1 back" in str(raised.value)
+    assert routes(kube) == [("v2", 100)]
+    assert steps.serving().model_lock("digits", "istio").holding() is not None
+
+
 @pytest.mark.parametrize("decided", [None, "rollback"])
 def test_a_last_stage_at_100_with_its_baseline_scaled_to_0_is_no_promotion(kube, decided):
     """The last stage sends the candidate 100% (promote's routes) and the baseline, sent nothing,
