@@ -357,6 +357,9 @@ EXERCISED_ELSEWHERE = {
         ("policy", "poddisruptionbudgets", "delete"): "the same: a deleted version's disruption budget",
         ("", "pods", "list"): "a version's pods that never become ready, listed for why: tests/devstack/"
         "test_rbac.py, test_the_workers_read_why_a_candidates_pods_never_became_ready",
+        ("apps", "deployments/scale", "patch"): "a rollback's baseline whose spec.replicas another manager "
+        "owns: tests/plugins/test_kubernetes_mode.py, "
+        "test_a_rollback_scaling_a_baseline_another_manager_owns_calls_only_what_production_roles_allow",
     },
 }
 

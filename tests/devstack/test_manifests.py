@@ -360,7 +360,8 @@ def request(method: str, path: str, content_type: str = "", **seen: Any) -> dict
 # The calls each Airflow component's part of a rollout makes, in the namespaces it makes them in
 # (the workers' are also checked, both ways, against every call of the cluster end-to-end tests).
 # What a teardown calls, the tasks too: the mesh's objects read and applied (they exist: deploy/
-# installs them), the Lease renewed and released, a version's Deployment read and scaled, and its
+# installs them), the Lease renewed and released, a version's Deployment read and scaled (through its scale
+# subresource where another manager owns its count), and its
 # pods listed where they do not become ready (restore_stable's wait).
 TEARDOWN = [
     request("GET", ML.format("networking.istio.io/v1", "virtualservices/digits")),
@@ -372,6 +373,8 @@ TEARDOWN = [
     request("DELETE", ML.format("coordination.k8s.io/v1", "leases/rollout-digits")),
     request("GET", ML.format("apps/v1", "deployments/digits-v1")),
     request("PATCH", ML.format("apps/v1", "deployments/digits-v1"), APPLY, existed=True),  # scaled
+    # (its spec.replicas another manager's, KEDA's or a kubectl scale's: scaled through its scale subresource)
+    request("PATCH", ML.format("apps/v1", "deployments/digits-v1/scale"), "application/strategic-merge-patch+json"),
     request("GET", ML.format("policy/v1", "poddisruptionbudgets/digits-v1")),  # its labels, kept
     request("PATCH", ML.format("policy/v1", "poddisruptionbudgets/digits-v1"), APPLY, existed=True),
     request("GET", "/api/v1/namespaces/ml/pods"),  # the stable version's pods not ready: why (wait_ready)

@@ -1696,6 +1696,57 @@ def test_the_failure_callback_calls_only_what_the_dag_processors_roles_allow(kub
     assert refused == set()
 
 
+@pytest.mark.parametrize("who", ["workers", "dagProcessor"])
+def test_a_rollback_scaling_a_baseline_another_manager_owns_calls_only_what_production_roles_allow(
+    kube, monkeypatch, tmp_path, who
+):
+    """Without autoscaling, mid-stage, the baseline's ``spec.replicas`` owned at 0 by another
+    manager (KEDA, ``kubectl scale``): the rollback (the workers) and the failure callback (the DAG
+    processor) scale it back through the scale subresource (PATCH deployments/<n>/scale). Only the
+    autoscaling component's Role granted that patch: under production's Roles (deploy/base alone)
+    both were refused (403) and 90% of the traffic stayed on a version without pods. The base Roles
+    allow it."""
+    from devstack import manifests, rbac
+    from model_server.traffic import TrafficPolicy
+    from vision_rollout.mesh import render_destination_rule, render_virtual_service
+
+    def as_user(user: str) -> None:
+        kubeconfig = json.dumps(kube.kubeconfig("ml", user=user))
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_KUBERNETES_DEFAULT",
+            json.dumps({"conn_type": "kubernetes", "extra": {"kube_config": kubeconfig, "namespace": "ml"}}),
+        )
+
+    connect(monkeypatch, tmp_path, extra={"istio": {**ISTIO, "namespace": "ml"}})  # deploy/'s namespace
+    as_user(manifests.airflow_user("workers"))
+    deployments = steps.ModelServerHook().deployments("digits")
+    for version in ("1", "2"):
+        deployments.apply(version, image(version))
+    target = steps.router(RolloutSpec.from_dict(PARAMS), "r", steps.serving()).target
+    mid_stage = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}]})
+    vs = render_virtual_service(target, mid_stage, ["1", "2"])
+    dr = render_destination_rule(target, ["1", "2"])
+    kube.objects[("virtualservices", "ml", "digits")] = {**vs, "metadata": {**vs["metadata"], "resourceVersion": "3"}}
+    kube.objects[("destinationrules", "ml", "digits")] = {**dr, "metadata": {**dr["metadata"], "resourceVersion": "3"}}
+    take("run-1")
+    kube.scale("ml", "digits-v1", 0, "keda")  # another manager owns spec.replicas at 0
+    user = manifests.airflow_user(who)
+    as_user(user)
+    since = len(kube.requests)
+    if who == "workers":
+        steps.rollback(PARAMS, "run-1")
+    else:
+        steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+    assert routes(kube, namespace="ml") == [("v1", 100)]
+    made = [r for r in kube.requests[since:] if r["user"] == user]
+    assert ("PATCH", "/apis/apps/v1/namespaces/ml/deployments/digits-v1/scale") in {
+        (r["method"], r["path"]) for r in made
+    }
+    rules = rbac.bound_rules(manifests.render("production"), user)
+    refused = {str(c) for r in made for c in rbac.checks(r) if not rbac.allowed(rules.get(c.namespace, []), c)}
+    assert refused == set()
+
+
 def read_whole(df):
     """``df`` as ``predictionlog.read`` answers a read that left nothing out (its counts in attrs)."""
     df.attrs.update(unread_files=0, unlisted_folders=0, crowded_folders=0, out_of_time=False)
