@@ -174,3 +174,18 @@ def kube_api() -> Iterator[tuple[Any, Any]]:
         yield fake, client.ApiClient(cfg)
     finally:
         fake.stop()
+
+
+@pytest.fixture
+def short_api_pauses(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Kubernetes API client's pauses between its tries a few milliseconds (mesh's backoff:
+    the client's retries, ``settled``'s tries after a write in doubt, ``routes_read``'s reads),
+    for the tests that count retries against the fake API server: 0.5 s doubling up to 8 s, a
+    burst of 500s took 15 s of sleep a call, most of these modules' time. Each try and what it
+    sends stay as they were. A test about the pauses' real timing is marked ``real_pauses``."""
+    if request.node.get_closest_marker("real_pauses") is not None:
+        return
+    from vision_rollout import mesh
+
+    monkeypatch.setattr(mesh, "BACKOFF_S", 0.001)
+    monkeypatch.setattr(mesh, "BACKOFF_MAX_S", 0.004)

@@ -23,6 +23,8 @@ from vision_rollout.folders import Folder
 from vision_rollout.settings import HELD, PROMOTED
 from vision_rollout.spec import RolloutSpec
 
+pytestmark = pytest.mark.usefixtures("short_api_pauses")  # (the client's retries counted, not timed)
+
 SHA = "c0ffee" * 10 + "beef"
 BUILD = {
     "registry": "registry.example.com/ml/digits-server",
@@ -1051,6 +1053,7 @@ def test_a_takeover_refused_after_it_put_the_routes_back_releases_the_floor_it_f
     assert (hpa(fleet, "1")["spec"]["minReplicas"], hpa(fleet, "1")["metadata"].get("annotations") or {}) == (2, {})
 
 
+@pytest.mark.real_pauses  # (the Retry-After waited)
 def test_a_rollback_goes_through_an_api_server_that_throttles(fleet):
     """API Priority and Fairness refuses what it has no seat for (429, Retry-After): a rollback
     under that load is sent again after the wait, reads and writes alike (it failed at the
