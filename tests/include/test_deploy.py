@@ -21,6 +21,8 @@ from vision_rollout.deploy import (
 )
 from vision_rollout.mesh import IstioTarget
 
+pytestmark = pytest.mark.usefixtures("short_api_pauses")  # (the client's retries counted, not timed)
+
 TARGET = IstioTarget("models", "digits", "digits")
 
 

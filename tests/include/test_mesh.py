@@ -41,6 +41,8 @@ from vision_rollout.mesh import (
     wait_unrouted,
 )
 
+pytestmark = pytest.mark.usefixtures("short_api_pauses")  # (the client's retries counted, not timed)
+
 GO_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
 ISTIO_CRDS = Path(__file__).resolve().parents[2] / "deploy" / "istio" / "crds.yaml"  # Istio's own, verbatim
 TARGET = IstioTarget(namespace="models", service="digits", name="digits")
@@ -600,6 +602,7 @@ def test_a_header_route_without_a_name_reads_back_as_an_unnamed_rule():
     ]
 
 
+@pytest.mark.real_pauses  # (its bound: the timeouts and the backoff between them)
 def test_an_api_server_that_never_answers_fails_the_call_in_bounded_time(monkeypatch):
     """A connection the API server accepted and never answered (a hung server, a half-open
     connection) blocked the call for good: the kubernetes client sends no timeout of its own, so
@@ -1420,6 +1423,7 @@ def test_a_route_the_platform_mirrors_with_mirrors_is_refused_a_mirror_before_an
     ]
 
 
+@pytest.mark.real_pauses  # (the Retry-After waited)
 def test_a_long_retry_after_is_waited_at_most_max_retry_after_s(kube, monkeypatch):
     """A 429 whose Retry-After asks for an hour (a proxy or gateway before the API server; API
     Priority and Fairness itself asks for 1 s) was waited out in full: urllib3 takes up to 6 hours,
@@ -1604,6 +1608,7 @@ def test_the_hosts_istio_takes_are_taken_and_bounded():
     validate_istio(render_virtual_service(IstioTarget("models", "digits", "digits", hosts=fine), CANARY))
 
 
+@pytest.mark.real_pauses  # (the waits spend the budget)
 def test_throttled_answers_use_the_api_budget_up(kube, monkeypatch):
     """A throttling API server answering 429 with Retry-After 10 gave each call its client's
     retries, the Retry-After waited between them, and spent nothing of the ``api_budget`` (only a
@@ -1651,6 +1656,7 @@ def test_throttled_answers_use_the_api_budget_up(kube, monkeypatch):
     assert now[0] <= 30 + 1  # (the last try's answer)
 
 
+@pytest.mark.real_pauses  # (the waits spend the budget)
 def test_each_try_of_a_call_waits_at_most_what_the_api_budget_has_left(kube, monkeypatch):
     """A call's time limit under ``api_budget`` was worked out once, for the call and all of the
     client's retries: a throttled call's later tries each waited the whole per-call limit
