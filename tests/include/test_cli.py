@@ -1593,6 +1593,7 @@ def test_mesh_refuses_names_kubernetes_would_refuse(tmp_path, capsys, flag, valu
         assert "Traceback" not in err
 
 
+@pytest.mark.usefixtures("short_api_pauses")  # (the client's retries counted, not timed)
 def test_mesh_apply_istio_without_a_cluster_says_so(tmp_path, capsys, monkeypatch):
     """No kubeconfig, or an API server that does not answer: a traceback of the kubernetes
     client's (ConfigException, MaxRetryError), not the command's error line."""
@@ -2915,6 +2916,7 @@ def test_mesh_apply_local_is_refused_while_a_rollout_holds_the_model(tmp_path, c
     assert run(capsys, *argv, "--force")[0] == 0
 
 
+@pytest.mark.usefixtures("short_api_pauses")  # (the client's retries counted, not timed)
 def test_mesh_apply_istio_is_refused_while_a_rollout_holds_the_lease(tmp_path, capsys, monkeypatch):
     """``mesh apply --backend istio`` wrote the VirtualService whatever the Lease said: a DAG run
     in kubernetes mode wrote its own routes over the operator's at its next stage, or took the
@@ -2957,6 +2959,7 @@ def test_mesh_apply_istio_is_refused_while_a_rollout_holds_the_lease(tmp_path, c
         api.stop()
 
 
+@pytest.mark.usefixtures("short_api_pauses")  # (the client's retries counted, not timed)
 @pytest.mark.parametrize("answer", [500, 503])
 def test_mesh_apply_istio_whose_lease_read_the_api_server_failed_says_try_again_not_force(
     tmp_path, capsys, monkeypatch, answer
@@ -3286,6 +3289,7 @@ def test_a_run_aborted_during_its_start_checks_begins_no_stage(tmp_path, monkeyp
     )
 
 
+@pytest.mark.usefixtures("short_api_pauses")  # (the client's retries counted, not timed)
 def test_status_and_abort_of_a_dag_run_in_kubernetes_mode(tmp_path, capsys, monkeypatch):
     """In kubernetes mode the DAG's lock is the Lease rollout-<VirtualService> in the model's
     namespace: status reads it, abort marks it (its teardown restores the pods and the routes at
@@ -3329,6 +3333,7 @@ def test_status_and_abort_of_a_dag_run_in_kubernetes_mode(tmp_path, capsys, monk
     assert "Traceback" not in err
 
 
+@pytest.mark.usefixtures("short_api_pauses")  # (the client's retries counted, not timed)
 def test_an_abort_whose_mark_was_lost_with_its_run_gone_says_so(tmp_path, capsys, monkeypatch):
     """Kubernetes mode: the abort's mark served, answered 500; the run saw it, rolled back and
     released, and another run took the model before the read back. The abort marked that other
@@ -3500,6 +3505,7 @@ def test_prune_lists_then_removes_the_audit_hours_and_stage_caches_past_their_re
     assert (store / ".logcache").folders() == [live]
 
 
+@pytest.mark.usefixtures("short_api_pauses")  # (the client's retries counted, not timed)
 def test_prune_in_kubernetes_mode_keeps_the_folder_of_the_run_holding_the_models_lease(tmp_path, capsys, monkeypatch):
     """In kubernetes mode the model's lock is its Lease: rolloutctl prune read only mesh local's
     lock file, so a run stalled past the retention lost its folder while its Lease named it.
@@ -3756,6 +3762,7 @@ def test_outbox_send_that_leaves_reports_unsent_answers_one_json_error_object(tm
     assert len(list(outbox.glob("*.json"))) == 2
 
 
+@pytest.mark.usefixtures("short_api_pauses")  # (the client's retries counted, not timed)
 def test_mesh_apply_istio_records_each_mirror_change_where_the_audit_reads_it(tmp_path, capsys, monkeypatch):
     """In kubernetes mode the hourly audit judges each primary's copies at the mirror share
     recorded in the run folder (mirrors/<model>/): a mirror set by ``mesh apply --backend istio``
