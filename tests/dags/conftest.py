@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,3 +18,12 @@ def airflow_db() -> Path:
         [sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, env={**os.environ}
     )
     return db
+
+
+@pytest.fixture(autouse=True)
+def _quick_dag_test() -> Iterator[None]:
+    """Every dag.test() here pauses briefly when idle instead of Airflow's 1 s (idle_pause.py)."""
+    from tests.dags.idle_pause import quick_idle_pause  # imports Airflow: only where a test runs
+
+    with quick_idle_pause():
+        yield

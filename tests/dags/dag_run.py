@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import sys
 
+from tests.dags.idle_pause import quick_idle_pause
 from tests.dags.test_model_rollout_e2e import rollout_dag
 
 
 def main() -> None:
-    run = rollout_dag().test(run_conf=json.loads(sys.argv[1]))
+    with quick_idle_pause():
+        run = rollout_dag().test(run_conf=json.loads(sys.argv[1]))
     tasks = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
     print(json.dumps({"state": str(run.state), "tasks": tasks}))
 
