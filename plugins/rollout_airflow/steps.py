@@ -19,7 +19,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
@@ -1749,7 +1749,29 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
     pods scaled all the same; the scale itself failed, its ready pod takes the traffic back all
     the same, then that failure is raised, its floor still held), then 100% to it (promote's
     record of a promotion removed: ``promotion_undone``), its HPA's own floor back
-    (``release_floor``), then the candidate drained and scaled to 0 (``retire``)."""
+    (``release_floor``), then the candidate drained and scaled to 0 (``retire``). What fails once
+    the traffic is back (the scale, the wait for the rest of its pods) is raised as it came, after
+    the traffic moved (``stable_back``'s ``Shortfall``)."""
+    short = stable_back(params, run_id, unload_candidate)
+    if short is not None:
+        raise short.error
+    return spec_from(params).baseline_version
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """What failed once the stable version took 100% of the traffic back (``stable_back``):
+    ``error``, what ``restore_stable`` raises (the rollback step fails on it as ever); ``what``,
+    that failure for a report; ``retired``, whether the candidate was retired all the same."""
+
+    error: Exception
+    what: str
+    retired: bool
+
+
+def stable_back(params: dict[str, Any], run_id: str, unload_candidate: bool = True) -> Shortfall | None:
+    """``restore_stable``'s work; a failure once the traffic is back on the stable version returned
+    (``Shortfall``), not raised: ``finish`` reports it as that, not as a restore that failed."""
     from vision_rollout.mesh import RouterError, routes_to
 
     spec = spec_from(params)
@@ -1765,9 +1787,9 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
         admin = hook.settings.admin
         if unload_candidate and (rerouted or admin.ready(spec.model, spec.candidate_version)):
             admin.load(spec.model, [spec.baseline_version])  # (a candidate never loaded: nothing to unload)
-        return spec.baseline_version
+        return None
     deployments = hook.deployments(spec.model)
-    unscaled: RouterError | None = None
+    unscaled: Shortfall | None = None
     restoring = 0  # (the pods a baseline at 0 is scaled back to)
     if rerouted:
         live = deployments.replicas(spec.baseline_version)
@@ -1790,7 +1812,8 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
                     try:
                         deployments.scale(spec.baseline_version, size, spec.baseline_version, rolling_back=True)
                     except RouterError as exc:  # (it serves already: the traffic first, then the scale's failure)
-                        unscaled = exc
+                        what = f"version {spec.baseline_version} was not scaled to {size} pods ({str(exc)[:500]})"
+                        unscaled = Shortfall(exc, f"{what}: it serves with the pods it runs", retired=False)
                         log.warning(
                             "version %s was not scaled to %d pods (%s): it takes the traffic back first, with the "
                             "pods it runs",
@@ -1803,7 +1826,7 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
         router(spec, run_id, hook, only=spec.baseline_version).set_routes(spec.stable_policy())
         promotion_undone(spec, run_id, hook)
         if unscaled is not None:  # (its floor stays held: its HPA scales it there, as the scale would have)
-            raise unscaled
+            return unscaled
     deployments.release_floor(spec.baseline_version)
     if unload_candidate:
         hold(spec, run_id, hook, WAITING_STEP_S, rolling_back=True)  # for the drain
@@ -1812,11 +1835,13 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
             try:
                 deployments.wait_ready(spec.baseline_version, restoring, strict=False)
             except RouterError as exc:
-                raise AirflowFailException(
+                error = AirflowFailException(
                     f"version {spec.baseline_version} takes 100% of the traffic again and version "
                     f"{spec.candidate_version} is unloaded, but not all of its pods came: {exc}"
-                ) from None
-    return spec.baseline_version
+                )
+                what = f"not all of the {restoring} pods of version {spec.baseline_version} came ({str(exc)[:500]})"
+                return Shortfall(error, what, retired=True)
+    return None
 
 
 def routes_read(spec: RolloutSpec, r: Router) -> TrafficPolicy | None:
@@ -2042,6 +2067,16 @@ class Unreleased(AirflowFailException):
         self.kept, self.done = kept, done
 
 
+class Undersized(AirflowFailException):
+    """``finish`` put the stable version back at 100% and released the lease, but the stable
+    version runs fewer pods than it was to (its scale failed, or not all of its pods came:
+    ``done`` says what): said as that, not as a restore that failed."""
+
+    def __init__(self, kept: bool, done: str) -> None:
+        super().__init__(done)
+        self.kept, self.done = kept, done
+
+
 def finish(
     params: dict[str, Any],
     run_id: str,
@@ -2064,7 +2099,9 @@ def finish(
     the post of its ``report``, notify's XCom, whose thread a report sent again replies in), and
     the lease released. LockLost, touching nothing, for a run that does not hold it. Should the
     restore fail, the lease stays: the failure callback tries again; should only the release
-    fail, ``Unreleased`` says what was done and that failure."""
+    fail, ``Unreleased`` says what was done and that failure. Should the restore fail once the
+    traffic is back (``Shortfall``: the stable version's scale, its pods), the rest is done all
+    the same, the lease released, and ``Undersized`` says what was done and that failure."""
     from vision_rollout.mesh import routes_to
 
     spec = spec_from(params)
@@ -2083,9 +2120,8 @@ def finish(
     else:  # (the record read only where the cluster looks promoted: mid-stage, an unreadable one stops nothing)
         looks = promoted_unseen(spec, hook) if unread else promotion_in_effect(spec, run_id, hook, routes)
         kept = looks and promotion_record(spec, run_id, folder)
-    if not kept:
-        restore_stable(params, run_id, unload_candidate)
-    elif spec.mesh == "istio":  # (promote stopped before it put the retired version's HPA back)
+    short = stable_back(params, run_id, unload_candidate) if not kept else None
+    if kept and spec.mesh == "istio":  # (promote stopped before it put the retired version's HPA back)
         hook.deployments(spec.model).release_floor(spec.baseline_version)
     if prune and spec.mesh == "istio":
         prune_history(spec, run_id, hook)
@@ -2101,8 +2137,11 @@ def finish(
         # (changed by someone else meanwhile, an operator say: not this run's to change back)
         done = f"the routes were not this run's and are left as they are: {json.dumps(routes.to_dict())}"
     else:
-        candidate = "is unloaded" if unload_candidate else "is left loaded: unload it (kubernetes: scale it to 0)"
+        retired = unload_candidate and (short is None or short.retired)
+        candidate = "is unloaded" if retired else "is left loaded: unload it (kubernetes: scale it to 0)"
         done = f"version {spec.baseline_version} takes 100%; version {spec.candidate_version} {candidate}"
+    if short is not None:
+        done = f"{done}; but {short.what}"
     if kept == (decided == "promote") and decided in ("promote", "rollback"):  # the decision carried out
         _write_end(folder, {"holder": run_id, "decided": decided, "promoted": kept, "done": done}, report)
     recorded(folder, run_id, None)
@@ -2110,6 +2149,8 @@ def finish(
         lock.release(run_id)
     except Exception as exc:  # (what was done is done: said so, the release's failure besides)
         raise Unreleased(kept, done, exc) from exc
+    if short is not None:  # (the traffic back, the lease released: what is left is a human's)
+        raise Undersized(kept, done)
     return kept, done
 
 
@@ -2720,7 +2761,8 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
     from): every field would take its default, another model's or another version's. A callback
     that fails to put the stable version back (the API server down, a baseline without a
     Deployment) is the last try: it logs the error and reports it (``tell``: Slack, else the
-    outbox), the routes not shown restored, for a human to put them back."""
+    outbox), the routes not shown restored, for a human to put them back. One that put it back
+    but left it short of pods (``Undersized``) reports that, the routes restored."""
     run_id = getattr(context.get("dag_run"), "run_id", None) or str(context.get("run_id", "failed-run"))
     if not context.get("params"):
         log.warning(
@@ -2746,6 +2788,12 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
         log.warning("run %s failed; its teardown is done or it never held the model: %s", run_id, exc)
     except Unreleased as exc:  # (done: not a restore that failed)
         log.warning("run %s failed: %s", run_id, exc)
+    except Undersized as exc:  # (the traffic back, the lease released: what is left is told, for a human)
+        log.warning("run %s failed: %s", run_id, exc)
+        try:
+            tell(spec, rollback_message(spec, f"run {run_id} failed: {exc}"), "the failure callback's report")
+        except Exception:
+            log.exception("the failure callback's report was not sent")
     except Exception as exc:  # (the API server down, say): nothing tries again, so a human is told
         failed = (
             f"run {run_id} failed and its failure callback could not put version {spec.baseline_version} back "

@@ -2406,6 +2406,55 @@ def test_under_autoscaling_a_rollback_moves_the_traffic_back_though_the_stable_v
     assert "it takes the traffic back first" in caplog.text
 
 
+def rollback_scale_refused(kube, monkeypatch, tmp_path) -> dict:
+    """Under autoscaling, run-1 at its last stage with version 1 at 5 pods (its floor held at 10),
+    and every apply of version 1's Deployment refused (a policy webhook): a rollback's scale of
+    it to 10 fails, after which its ready pods take the traffic back. The run's params."""
+    from devstack.cluster.kube import APIError
+
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    params = {**PARAMS, "mirror_percent": 0}
+    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=2)
+    kube.scale("models", "digits-v1", 10, "kube-controller-manager")
+    steps.deploy_candidate(params, image("2"), "run-1")
+    for index in range(2):
+        steps.apply_weights(params, index, "run-1", {"decision": "pass"})
+    kube.scale("models", "digits-v1", 5, "kube-controller-manager")
+
+    def webhook() -> None:
+        kube.before_write = webhook
+        request = kube.requests[-1]
+        if request["method"] == "PATCH" and request["path"].endswith("/deployments/digits-v1"):
+            raise APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request')
+
+    kube.before_write = webhook
+    return params
+
+
+def test_a_failure_callback_whose_scale_fails_once_the_traffic_is_back_reports_it_back(
+    kube, monkeypatch, tmp_path, caplog
+):
+    """The failure callback scaled the stable version back ahead of the traffic, the scale was
+    refused, its ready pods took the traffic back, then the scale's failure was raised: the
+    callback logged and reported that it "could not put version 1 back" (routes not restored),
+    though version 1 took 100% of the traffic, and kept the lease, which nothing released until it
+    ran out. It reports the traffic back and the scale that failed, and releases the lease."""
+    params = rollback_scale_refused(kube, monkeypatch, tmp_path)
+    steps.restore_stable_on_failure({"params": params, "run_id": "run-1"})
+    kube.before_write = None
+    assert routes(kube) == [("v1", 100)]
+    assert "could not put version 1 back" not in caplog.text
+    assert "version 1 takes 100%" in caplog.text
+    assert "version 1 was not scaled to 10 pods" in caplog.text
+    assert lease(kube, "digits") is None
+    (report,) = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    assert report["text"].startswith("Rolled back digits v2: run run-1 failed")
+    assert "version 1 was not scaled to 10 pods" in report["text"]
+    assert "admission webhook" in report["text"]
+
+
 def test_a_rollbacks_scale_answered_500_each_time_sends_each_write_at_most_write_tries_times(
     kube, monkeypatch, tmp_path
 ):
