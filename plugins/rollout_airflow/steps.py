@@ -1957,7 +1957,9 @@ def ensure_stable(
     nor notify ran) reports that to Slack at once, with no chart nor line of one (its failure sets
     off the failure callback's try of the routes; the verdicts are not read), then fails; a report never says the stable version
     takes the traffic where it was not read back so. One whose restore was done but whose release of
-    the lease failed (``Unreleased``) reports the restore as done, that failure besides, and fails. Where notify's XCom is lost (its worker
+    the lease failed (``Unreleased``), or that left the stable version short of pods once the
+    traffic was back (``Undersized``: its scale failed, or not all of its pods came), reports the
+    restore as done, that failure besides, and fails. Where notify's XCom is lost (its worker
     killed once it wrote its report), what notify left stands for it (``notify_left``): its post,
     posted nothing more; its report waiting in the outbox, which the outbox's rounds send (the
     run fails as for a report that did not reach Slack); one gone from the outbox, looked for in
@@ -1974,7 +1976,7 @@ def ensure_stable(
     end = run_ended(spec, run_id)
     if end is not None:  # run again after the run ended (notify cleared with its downstream): nothing to undo
         return f"the run had ended: {end.get('done')}; nothing touched"
-    wrote, unreleased = False, False
+    wrote, besides = False, False
     if report is None:  # (notify's worker killed once it wrote its report: Slack may have taken it)
         try:
             report, wrote = notify_left(spec, run_id)
@@ -1987,8 +1989,8 @@ def ensure_stable(
             )
     except LockLost as exc:
         return f"nothing restored, the routes are not this run's: {exc}"
-    except Unreleased as exc:  # (reported as done, the lease's failure with it; the step fails)
-        kept, done, unreleased = exc.kept, str(exc), True
+    except (Unreleased, Undersized) as exc:  # (reported as done, what failed with it; the step fails)
+        kept, done, besides = exc.kept, str(exc), True
     except Exception as exc:
         if report is None and rolled_back is None and promoted != spec.candidate_version:
             # Nobody was told, and the stable version may not be back.
@@ -2020,19 +2022,19 @@ def ensure_stable(
         report = _found_report(spec, kept, f"{chose}; {done}", done, run_id if wrote else None, verdicts)
         _end_keeps_post(spec, run_id, report)
         if report.get("posted_before"):  # (notify's own, found in Slack: its worker lost once it posted)
-            return _ended(done, unreleased)
+            return _ended(done, besides)
         if report.get("slack_error"):
             raise AirflowFailException(f"{done}; but notify did not send the run's report, and {_undelivered(report)}")
         raise AirflowFailException(f"{done}; but notify did not send the run's report: the teardown sent it")
     if report.get("slack_error"):
         raise AirflowFailException(f"{done}; but {_undelivered(report)}")
-    return _ended(done, unreleased)
+    return _ended(done, besides)
 
 
-def _ended(done: str, unreleased: bool) -> str:
-    """The teardown's result: ``done``; AirflowFailException saying it where the model's lease
-    was not released (``Unreleased``: ``done`` says so)."""
-    if unreleased:
+def _ended(done: str, besides: bool) -> str:
+    """The teardown's result: ``done``; AirflowFailException saying it where ``finish`` did it
+    with a failure ``besides`` (``Unreleased``, ``Undersized``: ``done`` says which)."""
+    if besides:
         raise AirflowFailException(done)
     return done
 

@@ -2455,6 +2455,51 @@ def test_a_failure_callback_whose_scale_fails_once_the_traffic_is_back_reports_i
     assert "admission webhook" in report["text"]
 
 
+@pytest.mark.parametrize("short", ["scale-refused", "pods-short"])
+def test_a_teardown_whose_restore_fails_once_the_traffic_is_back_reports_it_back(
+    kube, monkeypatch, tmp_path, caplog, short
+):
+    """The teardown moved the traffic back to the stable version, then its scale was refused, or
+    not all of the pods it was scaled back to came (no room): its report said it "could not put
+    version 1 back" (routes not restored), as for a restore that failed before the traffic moved.
+    It reports the traffic back, and what is still wrong: the scale, or the pods that did not come."""
+    from devstack.cluster import kube as fake_kube
+    from vision_rollout.deploy import VersionDeployments
+
+    params = PARAMS
+    if short == "scale-refused":
+        params = rollback_scale_refused(kube, monkeypatch, tmp_path)
+        wrong = "version 1 was not scaled to 10 pods"
+    else:
+        at_stage_1(kube)
+        kube.scale("models", "digits-v1", 0, "keda")
+        steps.serving().deployments("digits").scale("2", 2)
+        all_ready, wait_ready = fake_kube._ready_status, VersionDeployments.wait_ready
+
+        def one_fits(obj: dict) -> dict:  # (room for one pod of version 1 only)
+            status = all_ready(obj)
+            if obj["metadata"]["name"] == "digits-v1":
+                status["readyReplicas"] = status["availableReplicas"] = min(status["replicas"], 1)
+            return status
+
+        def short_wait(self, version, replicas=1, **kwargs):  # (each wait's 600 s: 1 s here)
+            return wait_ready(self, version, replicas, **{**kwargs, "timeout_s": 1.0, "every_s": 0.2})
+
+        monkeypatch.setattr(fake_kube, "_ready_status", one_fits)
+        monkeypatch.setattr(VersionDeployments, "wait_ready", short_wait)
+        wrong = "not all of the 2 pods of version 1 came"
+    with pytest.raises(AirflowFailException) as failed:
+        steps.ensure_stable(params, "run-1", None, None, None)
+    kube.before_write = None
+    assert routes(kube) == [("v1", 100)]
+    (report,) = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    for said in (report["text"], str(failed.value)):
+        assert "routes not restored" not in said
+        assert "could not put version 1 back" not in said
+        assert "version 1 takes 100%" in said
+        assert wrong in said
+
+
 def test_a_rollbacks_scale_answered_500_each_time_sends_each_write_at_most_write_tries_times(
     kube, monkeypatch, tmp_path
 ):
