@@ -47,6 +47,7 @@ import fcntl
 import json
 import os
 import re
+import shlex
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -158,6 +159,7 @@ class ModelLock(Protocol):
 
     model: str
     clock: Callable[[], float]  # this worker's clock, the lease's expiry judged on it
+    by_hand: str  # the command that removes it (a release that failed: the model free sooner)
 
     def acquire(self, holder: str, seconds: int = LEASE_S) -> Holding: ...
 
@@ -176,6 +178,7 @@ class CompareAndSwapLock(ABC):
     """The lease rules over a store with four primitives, each a compare-and-swap on a version."""
 
     where: str  # the store, for messages ("Lease models/rollout-digits", a file's path)
+    by_hand: str  # the command that removes it, for an operator ("kubectl -n models delete lease rollout-digits")
 
     def __init__(self, model: str, clock: Callable[[], float] = time.time) -> None:
         if not isinstance(model, str) or len(model) > 128 or not re.fullmatch(MODEL_PATTERN, model):
@@ -417,6 +420,7 @@ class FileLock(CompareAndSwapLock):
         super().__init__(model, clock)
         self.path = folder / f"{model}.lock"
         self.where = str(self.path)
+        self.by_hand = f"rm {shlex.quote(str(self.path))}"
 
     @contextlib.contextmanager
     def _guarded(self) -> Iterator[None]:
@@ -535,6 +539,7 @@ class LeaseLock(CompareAndSwapLock):
         # target share one lease, so their rollouts cannot interleave on it.
         self.namespace, self.name = namespace, lease_name(key or model)
         self.where = f"Lease {namespace}/{self.name}"
+        self.by_hand = f"kubectl -n {shlex.quote(namespace)} delete lease {shlex.quote(self.name)}"
         self.api_client = api_client
 
     def _api(self) -> Any:

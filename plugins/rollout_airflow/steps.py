@@ -2059,12 +2059,16 @@ def _undelivered(report: dict[str, Any]) -> str:
 class Unreleased(AirflowFailException):
     """``finish`` done (``kept``, ``done`` say what: the stable version back, or the promotion
     kept), but the release of the model's lease failed (``exc``): said besides, not as a restore
-    that failed."""
+    that failed, with the command that removes it by hand (``by_hand``). It is not tried again:
+    the release's own tries (``settled``, the client's retries) rode out what may pass, and a
+    refusal (a Role without delete on leases) would refuse again; the lease runs out by itself,
+    as a Kubernetes leader election's does when its release fails."""
 
-    def __init__(self, kept: bool, done: str, exc: Exception) -> None:
+    def __init__(self, kept: bool, done: str, exc: Exception, by_hand: str) -> None:
         super().__init__(
             f"{done}; but the model's lease was not released ({type(exc).__name__}: {str(exc)[:500]}): another run "
-            "of the model takes it once it runs out (rolloutctl status shows it)"
+            "of the model takes it once it runs out (rolloutctl status shows when); to free the model sooner, remove "
+            f"it by hand (this run is done with it): {by_hand}"
         )
         self.kept, self.done = kept, done
 
@@ -2150,7 +2154,7 @@ def finish(
     try:
         lock.release(run_id)
     except Exception as exc:  # (what was done is done: said so, the release's failure besides)
-        raise Unreleased(kept, done, exc) from exc
+        raise Unreleased(kept, done, exc, lock.by_hand) from exc
     if short is not None:  # (the traffic back, the lease released: what is left is a human's)
         raise Undersized(kept, done)
     return kept, done

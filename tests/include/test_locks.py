@@ -941,3 +941,19 @@ def test_a_lease_write_refused_409_and_left_in_doubt_spends_one_budget_of_tries(
     said = str(failed.value)
     assert f"(tried {WRITE_TRIES} times: 2 refused (409), the object written by another between its read" in said
     assert "2 answers left unknown whether the write was served" in said
+
+
+def test_a_lock_names_the_command_that_removes_it_by_hand(tmp_path):
+    """A run whose release of its lease failed (a Role without delete on leases, a read-only
+    folder) left the model held until the lease ran out, its report saying only that: the
+    operator had to work out what to delete. Each lock names the command that removes it
+    (``by_hand``), which the report gives; run, it frees the model for another run."""
+    import shlex
+    import subprocess
+
+    lock = FileLock("digits", tmp_path / "run folder" / "locks")
+    lock.acquire("run-a")
+    subprocess.run(shlex.split(lock.by_hand), check=True)
+    assert FileLock("digits", tmp_path / "run folder" / "locks").acquire("run-b").holder == "run-b"
+    lease = LeaseLock("My_Model.v2", "vision", None)
+    assert lease.by_hand == f"kubectl -n vision delete lease {lease_name('My_Model.v2')}"
