@@ -173,16 +173,17 @@ def hold(
     return held
 
 
-def lease_runs(spec: RolloutSpec, hook: ModelServerHook, held: Holding) -> None:
+def lease_runs(spec: RolloutSpec, held: Holding) -> None:
     """A stage's pass recorded or returned only while ``held`` (the lease as its poke's ``hold``
     left it: read back where its renewals failed) runs on every worker's clock: from
-    ``CLOCK_SKEW_S`` before its expiry on this one, a worker whose clock is that much ahead takes
-    it for dead, and another run may take the model over at any moment. LockError then: the
-    poke holds the stage (a later one renews again). A breach is acted on all the same: putting
-    the stable version back reads the lease again before writing (``restore_stable``)."""
+    ``CLOCK_SKEW_S`` before its expiry on this one (``time.time``, the clock the hook's locks
+    judge a lease on), a worker whose clock is that much ahead takes it for dead, and another run
+    may take the model over at any moment. LockError then: the poke holds the stage (a later one
+    renews again). A breach is acted on all the same: putting the stable version back reads the
+    lease again before writing (``restore_stable``)."""
     from vision_rollout.locks import CLOCK_SKEW_S
 
-    if held.expires - CLOCK_SKEW_S > hook.model_lock(spec.model, spec.mesh).clock():
+    if held.expires - CLOCK_SKEW_S > time.time():
         return
     raise LockError(
         f"the lease of {spec.model!r} cannot be renewed, and it runs out on the clocks of other workers "
@@ -1062,7 +1063,7 @@ def look_at_stage(
                 f"{attempt.outcome['summary']} Version {spec.baseline_version} takes 100% again."
             )
         if attempt.outcome.get("status") == "pass":
-            lease_runs(spec, hook, held)
+            lease_runs(spec, held)
         return with_runs(spec, attempt.outcome, record)
     if spec.mesh == "istio":
         candidate_serving(params, spec, run_id, hook)
@@ -1126,7 +1127,7 @@ def look_at_stage(
     }
     outcome = {**verdict, "status": state.status, "bake": bake}
     if state.status == "pass":
-        lease_runs(spec, hook, held)
+        lease_runs(spec, held)
     try:
         with stage_record_readable(spec, run_id, index, hook):
             attempts.decided(folder, record, attempt, state.look, outcome)

@@ -3148,6 +3148,35 @@ def failing_renewals(kube, monkeypatch, left_s: int) -> None:
     kube.throttled_path = "/leases/rollout-digits"
 
 
+def test_a_stages_pass_judges_the_lease_on_this_workers_clock_without_another_lock(kube, monkeypatch):
+    """A stage's poke that passed built the model's lock a second time (in Kubernetes mode, a
+    client of the API server from the connection) only to read this worker's clock for
+    ``lease_runs``: the lease it holds is judged on that clock without one; the poke builds one
+    lock, its renewal's."""
+    from types import SimpleNamespace
+
+    from vision_rollout.engine import StageState
+    from vision_rollout.gates import Verdict
+
+    at_stage_1(kube)
+    verdict = Verdict("pass", (), 2, 10, 0.05, 1e-3, "obrien-fleming", "PASS at look 2")
+    passed = StageState("pass", 2, 10, verdict, "PASS at look 2", {}, 100.0)
+    monkeypatch.setattr(steps, "stage_judge", lambda *a, **k: lambda window, now=None: passed)
+    monkeypatch.setattr(steps, "PrometheusHook", lambda: SimpleNamespace(source=lambda: None))
+    made, model_lock = [], steps.ModelServerHook.model_lock
+
+    def counted(self, *args, **kwargs):
+        made.append(args)
+        return model_lock(self, *args, **kwargs)
+
+    monkeypatch.setattr(steps.ModelServerHook, "model_lock", counted)
+    assert steps.look_at_stage(PARAMS, 0, {"started": 0.0}, "run-1")["status"] == "pass"
+    assert made == [("digits", "istio")]
+    made.clear()  # (its decision reported again: the same)
+    assert steps.look_at_stage(PARAMS, 0, {"started": 0.0}, "run-1")["status"] == "pass"
+    assert made == [("digits", "istio")]
+
+
 @pytest.mark.parametrize("left_s", [200, 30, -100], ids=["live", "within-the-skew", "run-out"])
 def test_a_stages_poke_whose_renewals_fail_passes_no_stage_on_a_lease_about_to_run_out(kube, monkeypatch, left_s):
     """A stage's poke whose every renewal the API server failed took the lease read back as this
