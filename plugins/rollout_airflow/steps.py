@@ -159,7 +159,7 @@ def hold(
     lock = hook.model_lock(spec.model, spec.mesh)
     try:
         folder = hook.settings.workdir(spec.model, run_id)
-        held = lease_kept(lock, run_id, folder, seconds, rolling_back or judging, rolling_back)
+        held = lease_kept(lock, run_id, folder, seconds, rolling_back or judging)
     except LockLost as exc:
         if (end := run_ended(spec, run_id)) is not None:
             what = "promoted" if end.get("promoted") else "rolled back"
@@ -192,16 +192,14 @@ def lease_runs(spec: RolloutSpec, held: Holding) -> None:
     )
 
 
-def lease_kept(
-    lock: Any, run_id: str, folder: Folder, seconds: int = LEASE_S, lenient: bool = True, rolling_back: bool = True
-) -> Holding:
-    """The lease renewed (``lenient``: as ``renewed``, for ``rolling_back`` or not; else ``renew``), and this run's record of
+def lease_kept(lock: Any, run_id: str, folder: Folder, seconds: int = LEASE_S, lenient: bool = True) -> Holding:
+    """The lease renewed (``lenient``: as ``renewed``; else ``renew``), and this run's record of
     it in its run folder (``HELD``) brought up to date. A lease removed while this run held it
     (nobody holds it now: an operator's cleanup, a wiped folder) is taken again, marked aborted,
     when the record allows it (``retake``): the stable version goes back, as after an abort.
     LockLost otherwise (another run holds it, or this run released it or never held it)."""
     try:
-        held = cast("Holding", renewed(lock, run_id, seconds, rolling_back) if lenient else lock.renew(run_id, seconds))
+        held = cast("Holding", renewed(lock, run_id, seconds) if lenient else lock.renew(run_id, seconds))
     except LockLost:
         try:
             record: bytes | None = folder.read_within(HELD, MAX_LOCK_BYTES)
@@ -229,9 +227,9 @@ def recorded(folder: Folder, run_id: str, holding: Holding | None) -> None:
         log.warning("this run's record of its lease was not written (%s): %s", folder, str(exc)[:300])
 
 
-def renewed(lock: Any, run_id: str, seconds: int = LEASE_S, rolling_back: bool = True) -> Holding:
-    """The lease renewed for what puts the stable version back (``rolling_back``) or acts on a
-    breach (a stage's poke); as it reads, when it reads as this run's but cannot be written (its
+def renewed(lock: Any, run_id: str, seconds: int = LEASE_S) -> Holding:
+    """The lease renewed for what puts the stable version back or acts on a breach (a stage's
+    poke); as it reads, when it reads as this run's but cannot be written (its
     run folder full or read-only: OSError; another writer's write beating each of the renewal's,
     or the API server failing it: a LockError but LockLost; or leaving it unanswered:
     ``TRANSIENT``), which stops no rollback: the lease only keeps other runs off the model, and
@@ -251,13 +249,17 @@ def renewed(lock: Any, run_id: str, seconds: int = LEASE_S, rolling_back: bool =
         if current is None or current.holder != run_id:
             raise LockLost(f"the lease of {lock.model!r} is not this run's ({exc})") from None
         left = current.expires - CLOCK_SKEW_S - lock.clock()
-        if rolling_back:
-            goes_on = "the stable version goes back"
-        elif left > 0:
-            goes_on = f"this run holds it for {left:.0f} s more on every worker's clock, and looks at the stage"
-        else:
-            goes_on = "it runs out on other workers' clocks: the stage is looked at for a breach only, and"
-        log.warning("the lease of %r cannot be renewed (%s); %s all the same", lock.model, exc, goes_on)
+        runs = (
+            f"for {left:.0f} s more on every worker's clock" if left > 0 else "but it runs out on other workers' clocks"
+        )
+        log.warning(
+            "the lease of %r cannot be renewed (%s); this run holds it %s: a rollback goes on (the stable version "
+            "goes back all the same), a stage's poke looks for a breach and passes only on a lease that runs on "
+            "every worker's clock",
+            lock.model,
+            exc,
+            runs,
+        )
         return cast("Holding", current)
 
 
