@@ -266,7 +266,8 @@ _NAMED_AFTER = re.compile(
     rf"{KEY_QUOTE}(?i:name|key|header){KEY_QUOTE}{_COLON}{KEY_QUOTE}"
     rf"(?:{_SECRET_NAME}|{_COOKIE_ONE})(?![A-Za-z0-9_.-])"
 )
-# The same key, then spaces (and "is") and no ":" or "=": a value in quotes, a literal there
+# The same key, then up to 64 spaces or tabs (and "is", as many after it; columns aligned:
+# "password      hunter2x9") and no ":" or "=": a value in quotes, a literal there
 # (detect-secrets' ``private_key "..."``: 'password "hunter2"', "my api key is 'AbC 12'"), or a
 # dict's or a list's repr closed ("password {'db': 'b3cret9'}", over lines too); else
 # ("password hunter2", "the api key is AbC123...") a value of 6 characters or more that is no word
@@ -295,7 +296,7 @@ _OBJECT_NAMED = (
     r"[ \t]{1,3}(?:not found|is invalid|is forbidden|already exists)(?![A-Za-z0-9])))"
 )
 _SECRET_SPACED = re.compile(
-    rf"{after_boundary('A-Za-z0-9')}{_OBJECT_NAMED}{_SECRET_NAME}[ \t]{{1,3}}(?:(?i:is)[ \t]{{1,3}})?(?:(?P<e>{_ESCAPE})?(?P<q>[\"']))?{_NO_MASKED_AFTER}"
+    rf"{after_boundary('A-Za-z0-9')}{_OBJECT_NAMED}{_SECRET_NAME}[ \t]{{1,64}}+(?:(?i:is)[ \t]{{1,64}}+)?(?:(?P<e>{_ESCAPE})?(?P<q>[\"']))?{_NO_MASKED_AFTER}"
     rf"(?P<v>(?(q){_QUOTED}|(?:{CLOSED_BRACKETED}|(?!{_SCHEME})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
     rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_RUN})))"
 )

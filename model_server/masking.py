@@ -104,7 +104,7 @@ SENSITIVE_KEY = re.compile(rf"(?i:(?:x-(?:meta-)?)?(?:{_KEY_NAMES}){_KEY_SUFFIX}
 # Phone before bank card, so that a spaced phone number is masked whole, prefix included.
 # A key that names its value, ":" or "=" (and up to 64 blanks around it, or a tab, form feed or backspace written
 # escaped, "\\t", "\\f", "\\b", no piece of the value; or spaces, "#" or "-", before a value
-# holding a digit, as in "passport number E1234567"; or spaces before a dict or a list closed), then the value, a
+# holding a digit, as in "passport number E1234567", up to 64 blanks each; or spaces before a dict or a list closed), then the value, a
 # token already there being none: a dict's or a list's repr, whole, over lines too, as the
 # secrets' keyed rule takes one ("passport: {'number': 'E1234567', 'country': 'DE'}"); a quoted
 # one to its closing quote, its escapes in it (64 characters at most; the key's and the value's
@@ -125,8 +125,8 @@ _MORE_WORDS = r"(?P<w>(?:[_.-]?+[A-Za-z]{1,32}+){1,3}+)?"
 _KEY_COLON = r"[ \t]{0,64}[:=](?:[ \t]|\\[tbf]){0,64}"
 _KEYED = re.compile(
     rf"{_NOT_ALNUM_BEFORE}(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX}){_MORE_WORDS}{KEY_QUOTE}"
-    rf"(?(w){_KEY_COLON}|(?:{_KEY_COLON}|(?P<b>[ \t]{{1,3}}(?=[{{\[]))"
-    rf"|[ \t]{{1,3}}(?:[#-][ \t]{{0,2}})?(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9])))"
+    rf"(?(w){_KEY_COLON}|(?:{_KEY_COLON}|(?P<b>[ \t]{{1,64}}+(?=[{{\[]))"
+    rf"|[ \t]{{1,64}}+(?:[#-][ \t]{{0,64}}+)?(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9])))"
     rf"{OPEN_QUOTE}(?P<v>(?(w)[0-9]{{6,64}}+(?![0-9A-Za-z_-]|\.[0-9])"
     rf"|(?:(?(q){NOT_MASKED}{quoted(64)}|(?(b){CLOSED_BRACKETED}|(?:{BRACKETED}|{_UNQUOTED})))|{_UNQUOTED})))"
 )

@@ -13,6 +13,7 @@ import random
 import re
 import sys
 import threading
+import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -2613,3 +2614,52 @@ def test_a_value_named_by_its_sibling_more_than_three_blanks_after_its_colon_is_
     assert "hunter2" not in masked, masked
     assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == ["hunter2"]
     assert "hunter2" not in scrub(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("password      hunter2x9", "hunter2x9"),
+        ("db password\t\t\t\tis\t\t\t\thunter2x9", "hunter2x9"),
+        ("api_key" + " " * 40 + "hunter2x9", "hunter2x9"),
+        ("passport      E1234567", "E1234567"),
+        ("passport number\t\t\t\t#\t\t\t\tE1234567", "E1234567"),
+    ],
+)
+def test_a_value_more_than_three_blanks_after_its_key_without_a_colon_is_masked(keys, text, value):
+    """A value more than three spaces or tabs after a key with no ":" or "=" (columns aligned,
+    "password      hunter2x9") was logged in clear: the spaced rules read three blanks at most.
+    A run of up to 64 now, as the keyed rules read; a word after the key stays."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert TOKEN_RE.sub("", masked) == text.replace(value, ""), masked
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value]
+    if value == "hunter2x9":
+        assert scrub(text) == text.replace(value, "***")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "password      reset link sent",
+        "password\t\t\t\tis\t\t\t\texpired",
+        "passport      number",
+        "password" + " " * 65 + "hunter2x9",
+    ],
+)
+def test_words_more_than_three_blanks_after_a_key_stay(keys, text):
+    """Words, no value's shape, after a key and blanks stay (and a value past 64 blanks)."""
+    assert Masker(KeyRing(keys)).mask_text(text, None) == text
+    assert scrub(text) == text
+
+
+def test_the_spaced_keys_read_a_hostile_run_of_blanks_in_linear_time(keys):
+    """A long text of keys and blank runs with no value is read in time growing with its length
+    (printed, not asserted: ``-s`` shows it)."""
+    masker = Masker(KeyRing(keys))
+    for n in (50_000, 100_000, 200_000):
+        text = ("password" + " " * 63 + "passport" + "\t" * 63 + "#") * (n // 143)
+        start = time.perf_counter()
+        masker.mask_text(text, None)
+        scrub(text)
+        print(f"spaced keys, {len(text)} characters: {time.perf_counter() - start:.3f} s")
