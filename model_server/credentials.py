@@ -208,8 +208,8 @@ _NAMED_BY = (
     )
     + "))?"
 )
-_FIELD_SEP = (  # between two fields: "," (a line end after it too), or a line end (YAML's)
-    rf"[ \t]{{0,3}}(?:,[ \t]{{0,3}}+(?:{_NEXT_LINE})?|(?:[ \t]{{1,3}}#[^\r\n\\]{{0,256}}+)?{_NEXT_LINE})"
+_FIELD_SEP = (  # between two fields: "," (a line end after it too), or a line end (YAML's); up to 64 blanks each side
+    rf"[ \t]{{0,64}}+(?:,[ \t]{{0,64}}+(?:{_NEXT_LINE})?|(?:(?<=[ \t])#[^\r\n\\]{{0,256}}+)?{_NEXT_LINE})"
 )
 _VALUE_NAMED = rf"{KEY_QUOTE}{_FIELD_SEP}{KEY_QUOTE}(?i:value){KEY_QUOTE}{_COLON}"
 # A YAML block scalar as the value ("password: |", ">-") of a key that starts its line (after

@@ -2663,3 +2663,36 @@ def test_the_spaced_keys_read_a_hostile_run_of_blanks_in_linear_time(keys):
         masker.mask_text(text, None)
         scrub(text)
         print(f"spaced keys, {len(text)} characters: {time.perf_counter() - start:.3f} s")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"name": "DB_PASSWORD",      "value": "hunter2"}',
+        "- name: DB_PASSWORD" + " " * 20 + "\n  value: hunter2",
+        "name: DB_PASSWORD\t\t\t\t,\t\t\t\tvalue: hunter2",
+        "- name: DB_PASSWORD" + " " * 10 + "# set by ops\n  value: hunter2",
+        '{"value": "hunter2",      "name": "DB_PASSWORD"}',
+    ],
+)
+def test_a_value_named_by_its_sibling_more_than_three_blanks_away_is_masked(keys, text):
+    """A field "value" named by its sibling more than three spaces or tabs from it (columns
+    aligned, blanks left at a line's end) was logged in clear: the rule between the two fields
+    read three blanks at most around the "," or before the line end. A run of up to 64 now."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert TOKEN_RE.sub("", masked) == text.replace("hunter2", ""), masked
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == ["hunter2"]
+    assert scrub(text) == text.replace("hunter2", "***")
+
+
+def test_the_sibling_fields_read_a_hostile_run_of_blanks_in_linear_time(keys):
+    """A long text of names and blank runs with no field "value" is read in time growing with
+    its length (printed, not asserted: ``-s`` shows it)."""
+    masker = Masker(KeyRing(keys))
+    for n in (50_000, 100_000, 200_000):
+        text = ('"name": "DB_PASSWORD"' + " " * 63 + "," + "\t" * 63 + "\n") * (n // 149)
+        start = time.perf_counter()
+        masker.mask_text(text, None)
+        scrub(text)
+        print(f"sibling fields, {len(text)} characters: {time.perf_counter() - start:.3f} s")
