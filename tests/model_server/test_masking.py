@@ -2696,3 +2696,32 @@ def test_the_sibling_fields_read_a_hostile_run_of_blanks_in_linear_time(keys):
         masker.mask_text(text, None)
         scrub(text)
         print(f"sibling fields, {len(text)} characters: {time.perf_counter() - start:.3f} s")
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ('{"password":      12345678}', '"password":      <masked>}'),
+        ('{"password"\t\t\t\t:\t\t\t\t12345678}', '"password"\t\t\t\t:\t\t\t\t<masked>}'),
+        ("{'api_key':" + " " * 64 + "12345678}", "'api_key':" + " " * 64 + "<masked>}"),
+        ('{"name": "DB_PASSWORD", "value":      12345678}', '"value":      <masked>}'),
+    ],
+)
+def test_a_value_more_than_three_blanks_after_a_key_in_quotes_ends_at_its_objects_bracket(keys, text, kept):
+    """A value not in quotes more than three spaces or tabs after a key in quotes and ":" took
+    the "}" that closes its object ({"password":      12345678}): that rule read three blanks
+    at most around the ":". Up to 64 each side now, as the keyed rules read."""
+    assert Masker(KeyRing(keys)).mask_text(text, None).endswith(kept)
+    assert scrub(text).endswith(kept.replace("<masked>", "***"))
+
+
+def test_a_value_after_a_key_in_quotes_is_read_in_linear_time(keys):
+    """A long text of keys in quotes, blank runs and values with no end is read in time growing
+    with its length (printed, not asserted: ``-s`` shows it)."""
+    masker = Masker(KeyRing(keys))
+    for n in (50_000, 100_000, 200_000):
+        text = ('"password"' + " " * 64 + ":" + "\t" * 64 + "1}") * (n // 141)
+        start = time.perf_counter()
+        masker.mask_text(text, None)
+        scrub(text)
+        print(f"keys in quotes, {len(text)} characters: {time.perf_counter() - start:.3f} s")
