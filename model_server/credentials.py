@@ -236,7 +236,8 @@ _KEY_LINE = r"(?:(?:(?<![^\n])|(?<=\\n)|(?<=[\"']))(?P<ki>[ \t]{0,64}+)(?P<kd>-(
 _LINE_REST = r"[ \t]{0,16}+(?:#[^\r\n\\]{0,256}+)?"  # (spaces, a comment)
 _BLOCK_INDICATOR = rf"[|>](?:[-+]?[0-9]?|[0-9][-+]){_LINE_REST}"
 _BLOCK_START = rf"{_BLOCK_INDICATOR}{_LINE_BREAK}"
-_AFTER_COLON = "(?:" + "|".join(rf"(?<=:[ \t]{{{n}}})" for n in range(4)) + ")"  # (the key's, spaces after it)
+# (the key's ":", up to 64 spaces or tabs after it, as ``_KEY_SEP`` reads them)
+_AFTER_COLON = "(?:" + "|".join(rf"(?<=:[ \t]{{{n}}})" for n in range(65)) + ")"
 _NO_KEY_LINE = r"(?!#|(?(x)[^\r\n\\\"]|[^\r\n]){0,4096}?:(?:[ \t]|\r?\n|\\|\"|\Z))"
 # A label in capitals ("Password:", ``c``: its first letter a capital, its second a small one)
 # with a line of words after it (letters only, one to three spaces apart, a "." or "!" at its

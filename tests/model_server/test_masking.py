@@ -2725,3 +2725,37 @@ def test_a_value_after_a_key_in_quotes_is_read_in_linear_time(keys):
         masker.mask_text(text, None)
         scrub(text)
         print(f"keys in quotes, {len(text)} characters: {time.perf_counter() - start:.3f} s")
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("password:      \n  hunter2", "hunter2"),
+        ("password:" + " " * 40 + "\n  hunter2", "hunter2"),
+        ("password:\t\t\t\t\t\t\t\t\t\t\t\t\t\t\t\t\t\t\t\t\n  hunter2", "hunter2"),
+        ("password:      # set by ops\n  hunter2", "hunter2"),
+        ("password:      # set by ops\nuser: bob", None),
+    ],
+)
+def test_a_value_on_the_next_line_after_more_than_three_blanks_is_masked(keys, text, value):
+    """A value on the line after its key, the key's ":" followed by more than three spaces or tabs
+    ("password:" and blanks left at its line end, a comment after them), was logged in clear, or
+    the comment masked: the rule that reads the next line read three blanks at most after the ":"
+    (a few more given back by the key's rule). Up to 64 now, as the keyed rules read."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert TOKEN_RE.sub("", masked) == (text.replace(value, "") if value else text), masked
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == ([value] if value else [])
+    assert scrub(text) == (text.replace(value, "***") if value else text)
+
+
+def test_a_key_with_blanks_at_its_line_end_is_read_in_linear_time(keys):
+    """A long text of keys, blank runs and line ends with no value is read in time growing with
+    its length (printed, not asserted: ``-s`` shows it)."""
+    masker = Masker(KeyRing(keys))
+    for n in (100_000, 200_000):
+        text = ("password:" + " " * 64 + "\n") * (n // 74)
+        start = time.perf_counter()
+        masker.mask_text(text, None)
+        scrub(text)
+        print(f"keys at line ends, {len(text)} characters: {time.perf_counter() - start:.3f} s")
