@@ -134,8 +134,10 @@ _KEYED = re.compile(
 # or with both spelt as words ("li.wei at example dot com"), and then only before a common
 # top-level domain: "look at this dot product" is a sentence. Up to three spaces around each
 # spelt word ("jane  at  example  dot  com"; a tab reads as a space: ``as_seen``), or a line end
-# and up to three spaces either side of it (a message wrapped: "jane at\nexample dot com").
-_GAP = r"(?:[ ]{1,3}|[ ]{0,3}\r?\n[ ]{0,3})"
+# and up to three spaces either side of it (a message wrapped: "jane at\nexample dot com"), one
+# written escaped too (``_BREAK``: "jane at\\nexample dot com" in a JSON string or a repr).
+_BREAK = r"(?:\r?\n|(?:\\{1,8}r)?\\{1,8}n)"
+_GAP = rf"(?:[ ]{{1,3}}|[ ]{{0,3}}{_BREAK}[ ]{{0,3}})"
 _AT, _DOT = r"[(\[{<](?i:at)[)\]}>]", r"(?:\.|[ ]{0,3}[(\[{<](?i:dot)[)\]}>][ ]{0,3})"
 _TLDS = "com|net|org|edu|gov|mil|info|biz|io|uk|de|fr|jp|cn|ru|br|au|es|nl|ch|kr|tw|hk|sg|ca"
 _SPELT_EMAIL = re.compile(
@@ -261,13 +263,13 @@ DETECTORS: tuple[Detector, ...] = (
     # local part 64, labels 63): linear in the text, where the unanchored [...]+@ scanned each
     # run once per start position (160 KB without an @ held the server 27 s). Addresses and
     # domains may hold letters of any script (RFC 6531: josé@example.com, иван@пример.рф). An
-    # "@" with up to three spaces around it ("jane @ example.com") before a common top-level
+    # "@" with up to three spaces around it ("jane @ example.com"), or a line end (``_GAP``), before a common top-level
     # domain only ("weights @ model.onnx", "ping @ 10.0.0.1" are no address).
     Detector(
         "email",
         re.compile(
             rf"{_ADDRESS_START}{NOT_MASKED}{_LOCAL}{{1,64}}(?:@(?:[A-Za-z0-9{_LETTERS}-]{{1,63}}\.){{1,8}}[A-Za-z{_LETTERS}]{{2,63}}"
-            rf"|(?=[ ]|@[ ])[ ]{{0,3}}@[ ]{{0,3}}(?:[A-Za-z0-9-]{{1,63}}\.){{1,8}}(?i:{_TLDS})(?![A-Za-z0-9-]))"
+            rf"|(?=[ ]|@[ ]|{_BREAK}|@{_BREAK})(?:{_GAP})?@(?:{_GAP})?(?:[A-Za-z0-9-]{{1,63}}\.){{1,8}}(?i:{_TLDS})(?![A-Za-z0-9-]))"
         ),
     ),
     Detector("national_id", re.compile(_NOT_ALNUM_BEFORE + _PRC_ID.pattern + _NOT_ALNUM_AFTER)),
@@ -395,12 +397,18 @@ _SPELT_ATS = ("(at)", "[at]", "{at}", "<at>")
 # about 50 ``in`` tests, each a pass of its own, took a third of a log line's masking; text
 # holding one (few log lines) is then looked at word by word.
 _ANY_WORD = re2.compile(
-    "|".join([*(re.escape(w) for w in (*_NAME_WORDS, *_SPELT_ATS, *credentials.HINTS)), r"[ \n]at[ \r\n]"])
+    "|".join([*(re.escape(w) for w in (*_NAME_WORDS, *_SPELT_ATS, *credentials.HINTS)), r"(?:[ \n]|\\[rn])at[ \r\n\\]"])
 )
 
 
+_ESCAPED_BREAK = re.compile(r"\\{1,8}[rn]")
+
+
 def _spelt_words(low: str) -> bool:
-    """Whether ``low`` holds " at " and " dot ", a line end read as a space (``_GAP``)."""
+    """Whether ``low`` holds " at " and " dot ", a line end read as a space, one written escaped
+    too (``_GAP``)."""
+    if "\\" in low:
+        low = _ESCAPED_BREAK.sub(" ", low)
     if "\n" in low:
         low = low.replace("\r", " ").replace("\n", " ")
     return " at " in low and " dot " in low

@@ -2759,3 +2759,46 @@ def test_a_key_with_blanks_at_its_line_end_is_read_in_linear_time(keys):
         masker.mask_text(text, None)
         scrub(text)
         print(f"keys at line ends, {len(text)} characters: {time.perf_counter() - start:.3f} s")
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("contact jane at\\nexample dot com today", "jane at\\nexample dot com"),
+        (json.dumps({"m": "contact jane at\nexample dot com"}), "jane at\\nexample dot com"),
+        (repr("write to jane\r\nat example dot com"), "jane\\r\\nat example dot com"),
+        ("contact jane @\nexample.com today", "jane @\nexample.com"),
+        ("contact jane\n@ example.com today", "jane\n@ example.com"),
+        (json.dumps({"m": "contact jane @\nexample.com"}), "jane @\\nexample.com"),
+    ],
+)
+def test_a_spelt_address_broken_by_a_line_end_written_escaped_or_beside_its_at_is_masked(keys, text, value):
+    """A spelt address broken by a line end written escaped ("jane at\\\\nexample dot com" in a
+    JSON string or a repr: a backslash and "n") or an "@" with a line end beside it ("jane
+    @\\nexample.com") was logged in clear: only a real line end between spelt words was read, and
+    only spaces around an "@". Both are read now; the line end stays with the address."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert TOKEN_RE.sub("", masked) == text.replace(value, ""), masked
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value]
+    assert suspected(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["look at\\nthis dot product", "weights @\nmodel.onnx", "ping @\n10.0.0.1", "C:\\data at\\new dot txt"],
+)
+def test_prose_with_an_at_beside_a_line_end_stays(keys, text):
+    """The word "at" in prose, an "@" before no common top-level domain, stay beside a line end."""
+    assert Masker(KeyRing(keys)).mask_text(text, None) == text
+
+
+def test_a_spelt_address_with_escaped_line_ends_is_read_in_linear_time(keys):
+    """A long text of spelt words and escaped line ends with no address is read in time growing
+    with its length (printed, not asserted: ``-s`` shows it)."""
+    masker = Masker(KeyRing(keys))
+    for n in (100_000, 200_000):
+        text = ("jane at\\n   example dot\\n   @\\n   " * (n // 33))[:n]
+        start = time.perf_counter()
+        masker.mask_text(text, None)
+        print(f"spelt addresses, {len(text)} characters: {time.perf_counter() - start:.3f} s")
