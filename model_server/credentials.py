@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import re
 
-from model_server.reading import as_seen, holds_shown, normalise, shown, shown_back
+from model_server.reading import as_seen, holds_value, normalise, shown, shown_back
 
 Span = tuple[int, int]
 
@@ -482,7 +482,7 @@ def spans(text: str, userinfo: bool = False) -> list[Span]:
     for pattern in patterns_for(text, lower(text)):
         found += [(a, b) for a, b in (m.span(_group(pattern, userinfo)) for m in pattern.finditer(view)) if a < b]
     if seen is not None:  # (read too as a terminal shows it, its words there, each span mapped back)
-        found = [(a, b) for a, b in found if holds_shown(seen[1], a, b)]  # (only sequences, "\x1b[0m": none)
+        found = [(a, b) for a, b in found if holds_value(text, seen[1], a, b)]  # (only sequences: none)
         for pattern in patterns_for(seen[0], lower(seen[0])):
             found += [
                 shown_back(seen[1], a, b)

@@ -60,7 +60,7 @@ from model_server.credentials import (
     quoted,
 )
 from model_server.errors import MaskingUnavailable, json_refusal
-from model_server.reading import as_seen, holds_shown, normalise, shown, shown_back
+from model_server.reading import as_seen, holds_value, normalise, shown, shown_back
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class Detector:
             yield from self._spans(as_seen(text))
         else:
             back = [shown_back(seen[1], a, b) for a, b in self._spans(seen[0])]
-            came = [(a, b) for a, b in self._spans(as_seen(text)) if holds_shown(seen[1], a, b)]
+            came = [(a, b) for a, b in self._spans(as_seen(text)) if holds_value(text, seen[1], a, b)]
             yield from credentials.merge([*came, *back])
 
     def _spans(self, view: str) -> Iterator[Span]:

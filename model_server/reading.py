@@ -102,8 +102,13 @@ def shown_back(where: list[int], a: int, b: int) -> tuple[int, int]:
     return where[a], where[b - 1] + 1
 
 
-def holds_shown(where: list[int], a: int, b: int) -> bool:
-    """Whether the span ``a``-``b`` of a text holds any character of its ``shown`` view (``where``
-    its characters are): a span of control sequences only holds none."""
+_FOUR_DIGITS = re.compile(r"[0-9]{4}")
+
+
+def holds_value(text: str, where: list[int], a: int, b: int) -> bool:
+    """Whether the span ``a``-``b`` of ``text`` holds a value: a character of its ``shown`` view
+    (``where`` its characters are), or four digits in a row that a sequence's parameters hide from
+    a terminal ("call \x1b[4155552671m now": still in the log file). A span of sequences alone,
+    "\x1b[0m", "\x1b[38;5;196m", holds none."""
     i = bisect.bisect_left(where, a, 0, len(where) - 1)
-    return i < len(where) - 1 and where[i] < b
+    return (i < len(where) - 1 and where[i] < b) or _FOUR_DIGITS.search(text, a, b) is not None

@@ -2596,6 +2596,30 @@ def test_a_control_sequence_between_a_key_and_its_value_stays(keys, text):
 
 
 @pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("call \x1b[4155552671 now", "4155552671"),
+        ("call \x1b[4155552671m now", "4155552671"),
+        ("card \x1b[4111111111111111m ok", "4111111111111111"),
+        ("call \\x1b[4155552671m now", "4155552671"),
+        ('{"msg": "call \\u001b[4155552671m"}', "4155552671"),
+        ("password: \x1b[4155552671m", "4155552671"),
+    ],
+)
+def test_a_value_inside_a_control_sequences_parameters_is_masked(keys, text, value):
+    """A number a stray "\x1b[" hides from a terminal ("call \x1b[4155552671 now": the terminal
+    reads "4155552671 n" as one sequence) is still in the log file: a span read as the text came
+    that holds four digits in a row is kept, though a terminal would show none of it (only spans of
+    sequences alone, "\x1b[0m", are dropped)."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert value not in masked, masked
+    assert value not in _read(LogMasking(Masker(ring))._masked(text, ring.key_for(None)))
+    if "password" in text:
+        assert value not in scrub(text)
+
+
+@pytest.mark.parametrize(
     "text",
     [
         "- name: DB_PASSWORD\n  value:      hunter2",
