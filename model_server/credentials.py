@@ -55,10 +55,11 @@ _SCHEME = r"(?i:bearer|basic|token|digest|negotiate|ntlm)[ ]{1,3}"  # an Authori
 _CRED_CHAR = r"[^\s\"'`,;&<>]"
 _NO_MASKED_AFTER = rf"(?!(?:{_SCHEME})?tok_[a-zBCDFGH]{{8}}_)"  # (nor "Bearer <token>")
 # A key's ":" or "=" (``_COLON``: its ":") and the blanks around it: any run of up to 64 spaces or
-# tabs each side (columns aligned: "password:      hunter2"), bounded (a key that fails is given
+# tabs each side (columns aligned: "password:      hunter2"), bounded and possessive (a value never
+# starts with a blank, so none is given back: a key that fails is given
 # up after them).
-_KEY_SEP = r"[ \t]{0,64}[:=][ \t]{0,64}"
-_COLON = r"[ \t]{0,64}:[ \t]{0,64}"
+_KEY_SEP = r"[ \t]{0,64}+[:=][ \t]{0,64}+"
+_COLON = r"[ \t]{0,64}+:[ \t]{0,64}+"
 
 
 # A quote's escape: a string held in a JSON string has its quotes escaped ('\\"'), one held in
