@@ -25,12 +25,12 @@ import math
 import os
 import random
 import re
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -82,13 +82,20 @@ NUMBER_START = {
         r"[ \t\n\v\f\r]*([+-]?(?:inf|nan|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?))", re.IGNORECASE
     ),
 }
-# Past the largest magnitude each conversion reads (stoul and stoull take a sign, as strtoul
-# does): out of its range. A float past double's range reads as inf here.
-NUMBER_RANGE = {"i": 2**31, "l": 2**63, "ll": 2**63, "ul": 2**64, "ull": 2**64, "f": 3.4028235e38}
+# Past the largest magnitude each integer conversion reads (stoul and stoull take a sign, as
+# strtoul does): out of its range.
+NUMBER_RANGE = {"i": 2**31, "l": 2**63, "ll": 2**63, "ul": 2**64, "ull": 2**64}
+# Each floating conversion's type: its significand's bits, its largest and least normal binary
+# exponents. Its range ends halfway between its largest value and the next power of two, where
+# strto* rounds to inf and sets ERANGE (std::stof("3.40282350001e38") is FLT_MAX, not out of range).
+FLOAT_TYPES = {"f": (24, 127, -126), "d": (53, 1023, -1022), "ld": (64, 16383, -16382)}
+FLOAT_RANGE = {c: Decimal(2 ** (top + 1) - 2 ** (top - bits)) for c, (bits, top, _) in FLOAT_TYPES.items()}
 # Below the smallest normal magnitude of each floating conversion's type, a number that is not 0
 # fails too, unless its type holds it exactly (glibc's strtod sets ERANGE on an inexact underflow:
 # std::stod("1e-400") and std::stod("1e-310") throw out_of_range, as std::stod("1e400") does).
-NUMBER_TINY = {"f": Decimal(2) ** -126, "d": Decimal(2) ** -1022, "ld": Decimal(2) ** -16382}
+NUMBER_TINY = {c: Decimal(2) ** low for c, (_, _, low) in FLOAT_TYPES.items()}
+# The type's least subnormal: every subnormal it holds is a multiple of it.
+SUBNORMAL_STEP = {c: Fraction(1, 2 ** (bits - 1 - low)) for c, (bits, _, low) in FLOAT_TYPES.items()}
 
 # ORT logs a failed run's error to stderr as well as raising it: outside Python logging and
 # its masking, and a string the model could not read may be sensitive. Raised, it is answered
@@ -208,14 +215,18 @@ def _number_fault(text: str, conversion: str) -> str | None:
     if floating:
         if "inf" in written or "nan" in written:
             return None
-        if abs(float(written)) > NUMBER_RANGE.get(conversion, sys.float_info.max):
-            return "is out of range"
         try:
-            exact = Decimal(written)  # (exact: 1e-400 is not 0 here)
-        except InvalidOperation:  # an exponent of 19 digits or more: as small as it is, unless 0
+            exact = Decimal(written)  # (exact: 1e-400 is not 0 here, 3.40282350001e38 is not FLT_MAX)
+        except InvalidOperation:  # an exponent of 19 digits or more: past any range, or under it, unless 0
             return "is out of range" if re.search("[1-9]", written.partition("e")[0]) else None
-        if exact and exact.copy_abs() < NUMBER_TINY[conversion] and Decimal(float(written)) != exact:
+        size = exact.copy_abs()
+        if size >= FLOAT_RANGE[conversion]:
             return "is out of range"
+        if size and size < NUMBER_TINY[conversion]:
+            if size < SUBNORMAL_STEP[conversion]:  # (before Fraction: 1e-999999999 is no small fraction)
+                return "is out of range"
+            exact_steps = (Fraction(size) / SUBNORMAL_STEP[conversion]).denominator == 1
+            return None if exact_steps else "is out of range"
         return None
     if len(written.lstrip("+-0")) > 20:  # past any range (and int() reads at most 4300 digits)
         return "is out of range"

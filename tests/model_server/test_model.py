@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 import struct
+from decimal import Decimal
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from onnx import TensorProto, helper
 
 from model_server.config import load_config, parse_config
 from model_server.errors import InferenceFailed, InvalidInput, failure_reason
-from model_server.model import Fault, LoadedVersion
+from model_server.model import Fault, LoadedVersion, unreadable
 from model_server.protocol import InferInput
 
 
@@ -354,3 +355,36 @@ def test_a_string_a_cast_cannot_read_blames_an_input_only_when_it_is_unambiguous
         assert "could not read a string input as a number" in refused.value.message
     finally:
         lv.close()
+
+
+# 2**-1000 written exactly: a double holds it, a float (least subnormal 2**-149) does not.
+TWO_TO_MINUS_1000 = format(Decimal(2.0**-1000), "E")
+
+
+@pytest.mark.parametrize(
+    ("conversion", "number", "fails"),
+    [
+        ("f", "3.4028234663852886e38", False),  # FLT_MAX
+        ("f", "3.40282350001e38", False),  # past FLT_MAX, rounded to it: strtof reads it
+        ("f", "340282356779733661637539395458142568447", False),  # just under the halfway point
+        ("f", "340282356779733661637539395458142568448", True),  # halfway to 2**128: rounds to inf
+        ("f", "1e39", True),
+        ("f", "1e-45", True),  # a float's subnormal, not exactly: ERANGE
+        ("f", TWO_TO_MINUS_1000, True),  # a double holds it exactly, a float does not
+        ("f", format(Decimal(2.0**-149), "E"), False),  # a float's least subnormal, exactly
+        ("d", "1.7976931348623158e308", False),
+        ("d", "1.7976931348623159e308", True),
+        ("d", TWO_TO_MINUS_1000, False),
+        ("ld", "1e400", False),  # a long double's range is past a double's
+        ("ld", "1e5000", True),
+    ],
+)
+def test_a_float_conversion_s_range_is_the_one_of_its_type(conversion, number, fails):
+    """Which string element a failed std::sto<f|d|ld> could not read: a float past FLT_MAX was
+    called out of range from 3.4028235e38 on, though strtof rounds anything under the halfway
+    point to 2**128 to FLT_MAX (the 400 then named an element it read, not the one it failed
+    on), a float's underflow was judged by a double's subnormals, and std::stold's range was a
+    double's (1e400 named)."""
+    feeds = {"NUM": np.array([number, "abc"], dtype=object)}
+    expected = "BYTES element 0 is out of range" if fails else "BYTES element 1 is not a number"
+    assert unreadable(feeds, {"NUM"}, conversion) == f"input 'NUM': {expected}; "
