@@ -263,6 +263,10 @@ def test_json_tensor_errors_name_the_problem(raw, needle):
         ("FP32", "1e400", "element 1 (1e400) is past the range of FP32"),
         ("FP32", "1e39", "element 1 (1e+39) is past the range of FP32"),
         ("FP16", "70000", "element 1 (70000) is past the range of FP16"),
+        # From the halfway point past the largest value on, IEEE rounds to inf.
+        ("FP32", "3.4028235677973366e38", "element 1 (3.4028235677973366e+38) is past the range of FP32"),
+        ("FP16", "65520", "element 1 (65520) is past the range of FP16"),
+        ("FP64", "1.7976931348623159e308", "element 1 (1.7976931348623159e308) is past the range of FP64"),
     ],
 )
 def test_a_json_number_past_its_datatype_s_range_is_refused_by_name(datatype, number, needle):
@@ -314,6 +318,11 @@ def test_an_infinite_number_is_named_in_its_own_input():
         ("FP32", "1e-45", np.float32(1e-45)),
         ("FP16", "1e-10", 0.0),
         ("FP16", "5e-8", np.float16(6e-8)),
+        # Past the largest value, under the halfway point to the next power of two: rounded to it.
+        ("FP32", "3.4028234663852886e38", np.finfo(np.float32).max),
+        ("FP32", "3.4028235677973362e38", np.finfo(np.float32).max),
+        ("FP16", "65519.99", 65504.0),
+        ("FP64", "1.7976931348623158e308", np.finfo(np.float64).max),
     ],
 )
 def test_a_json_number_its_datatype_holds_or_rounds_to_is_read(datatype, number, value):
