@@ -240,6 +240,17 @@ def _is_uint64(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= UINT64_MAX
 
 
+def _finite_parameters(where: str, params: dict[str, Any]) -> None:
+    """Refuse a number no double holds (1e400, read as inf) among ``params``' values, as Triton's
+    JSON parser refuses it; ``where``: "" for the request's own, else "input 'x': " and the like."""
+    for key, value in params.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidInput(
+                f"{where}parameter '{shown(str(key))}' is a number past a double's range "
+                f"(its largest magnitude is {np.finfo(np.float64).max:g})"
+            )
+
+
 def uint64_parameter(parameters: dict[str, Any], name: str) -> int | None:
     """The request's ``parameters[name]`` (``UINT64_PARAMETERS``) when given; InvalidInput
     unless it is an integer in Triton's uint64 (a JSON integer has no bound; null is none)."""
@@ -280,6 +291,7 @@ def _request_parameters(params: dict[str, Any]) -> None:
             raise InvalidInput(
                 f"parameter '{shown(key)}' has invalid type. It should be either 'int', 'bool', or 'string'."
             )
+    _finite_parameters("", params)
 
 
 def _no_shared_memory(where: str, params: dict[str, Any]) -> None:
@@ -452,6 +464,7 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
             cuts = None  # the tensor is in the JSON: nothing to keep
         else:
             raise InvalidInput(f"{where}: needs 'data' or parameters.binary_data_size")
+        _finite_parameters(f"{where}: ", params)
         inputs.append(InferInput(name, datatype, shape, data))
     if offset != len(binary):
         raise InvalidInput(
@@ -490,6 +503,7 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
             binary_data = oparams.get("binary_data", binary_default)
             if not isinstance(binary_data, bool):
                 raise InvalidInput(f"outputs[{i}]: 'binary_data' must be true or false")
+            _finite_parameters(f"output '{shown(out['name'])}': ", oparams)
             if out["name"] in outputs:  # named twice: the first entry's parameters, as Triton keeps them
                 continue
             if count:

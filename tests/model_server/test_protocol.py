@@ -296,6 +296,48 @@ def test_an_infinite_number_is_named_in_its_own_input():
     assert refused.value.message.startswith("input 'a': element 0 (2e400) is past the range of FP64")
 
 
+INPUT = '{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}'
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        # A request's own parameter, which Triton passes to the model as a double: none holds 1e400.
+        (f'{{"parameters": {{"p": 1e400}}, "inputs": [{INPUT}]}}', "parameter 'p' is a number past a double's range"),
+        (f'{{"parameters": {{"p": -1e400}}, "inputs": [{INPUT}]}}', "parameter 'p' is a number past a double's"),
+        (
+            '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1], "parameters": {"q": 1e400}}]}',
+            "input 'x': parameter 'q' is a number past a double's range",
+        ),
+        (
+            f'{{"inputs": [{INPUT}], "outputs": [{{"name": "y", "parameters": {{"r": 1e999}}}}]}}',
+            "output 'y': parameter 'r' is a number past a double's range",
+        ),
+        # The integers Triton reads itself, given as a float, an infinite one or one read as 0.
+        (f'{{"parameters": {{"priority": 1e400}}, "inputs": [{INPUT}]}}', "parameters.priority must be"),
+        (f'{{"parameters": {{"timeout": 1e-400}}, "inputs": [{INPUT}]}}', "parameters.timeout must be"),
+        (f'{{"parameters": {{"priority": 1e2}}, "inputs": [{INPUT}]}}', "parameters.priority must be"),
+        (f'{{"parameters": {{"sequence_id": 1e400}}, "inputs": [{INPUT}]}}', "Unable to parse 'sequence_id'"),
+        (
+            f'{{"inputs": [{INPUT}], "outputs": [{{"name": "y", "parameters": {{"classification": 1e400}}}}]}}',
+            "Unable to set 'classification'",
+        ),
+        (
+            '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": 4e0}}]}',
+            "input 'x': binary_data_size must be a non-negative integer",
+        ),
+    ],
+)
+def test_a_parameter_past_its_range_is_refused_by_name(body, needle):
+    """1e400 in a request's own parameters (or an input's, or an output's) was taken as inf
+    and answered 200: Triton's JSON parser refuses a number no double holds, and passes the
+    request's own parameters to the model as doubles. Each is a 400 naming the parameter, as an
+    integer parameter Triton reads given as a float, infinite or read as 0 (1e-400) is."""
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(body.encode(), None)
+    assert needle in refused.value.message, refused.value.message
+
+
 @pytest.mark.parametrize(
     ("datatype", "number", "value"),
     [
