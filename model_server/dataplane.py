@@ -189,12 +189,15 @@ class DataPlane:
         self.running = True
 
     async def stop(self) -> None:
-        """Not ready; finish the queued shadow copies and the log's last records; release the models."""
+        """Not ready; finish the queued shadow copies and the log's last records; release the models,
+        and the repository's hold on this DataPlane (a process may build another on it)."""
         self.running = False
         await self.mirror.stop()
         if self.prediction_log is not None:
             await asyncio.to_thread(self.prediction_log.close)  # the last records, shadow copies included
         self.repo.close_all()
+        if self._forget_failures in self.repo.on_version_gone:
+            self.repo.on_version_gone.remove(self._forget_failures)
 
     # -- health and metadata ----------------------------------------------------------------
 

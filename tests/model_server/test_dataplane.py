@@ -503,6 +503,19 @@ def test_readiness_names_the_routed_version_that_is_not_loaded(repo, tmp_path):
     assert dp.not_ready_reason() == "starting or stopping"
 
 
+def test_a_data_plane_stopped_leaves_nothing_on_its_repository(repo):
+    """Each DataPlane built on a repository added its failure lines' callback to the
+    repository's on_version_gone and never took it away: a process that builds its DataPlane
+    again (a test run builds hundreds) kept every one, and the DataPlane it holds."""
+    before = list(repo.on_version_gone)
+    for _ in range(20):
+        dp = data_plane(repo)
+        assert len(repo.on_version_gone) == len(before) + 1
+        asyncio.run(dp.stop())
+        asyncio.run(dp.stop())  # (twice: as once)
+    assert repo.on_version_gone == before
+
+
 def test_model_readiness_by_version(dp):
     assert dp.model_not_ready_reason("digits") is None
     assert dp.model_not_ready_reason("digits", "2") is None
