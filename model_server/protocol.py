@@ -132,7 +132,10 @@ def _past_range(flat: list[Any], arr: np.ndarray, datatype: str, where: str, wri
     if finite.all():
         return
     i = int(np.argmin(finite))
-    text = repr(flat[i]) if math.isfinite(flat[i]) else written(i)
+    try:
+        text = repr(flat[i]) if math.isfinite(flat[i]) else written(i)
+    except RecursionError:  # (read again a few frames deeper than the body was: "inf" it is)
+        text = repr(flat[i])
     raise InvalidInput(
         f"{where}: element {i} ({text if len(text) <= 40 else repr(text[:40] + '...')}) is past the range of "
         f"{datatype} (its largest magnitude is {np.finfo(arr.dtype).max:g})"

@@ -296,6 +296,50 @@ def test_an_infinite_number_is_named_in_its_own_input():
     assert refused.value.message.startswith("input 'a': element 0 (2e400) is past the range of FP64")
 
 
+def test_an_infinite_number_after_an_input_nested_as_deep_as_read_is_named():
+    """Naming an infinite number as written reads the JSON part again whole, a few frames
+    deeper than it was first read: an input
+    before it nested as deep as the body could be read at all was a RecursionError there, a
+    500. The number is named as read then ("inf"), still a 400."""
+
+    def decoded(levels: int) -> str:
+        deep = "[" * levels + "1" + "]" * levels
+        body = (
+            f'{{"inputs": [{{"name": "\\u0061", "datatype": "FP32", "shape": [1], "data": {deep}}},'
+            ' {"name": "b", "datatype": "FP32", "shape": [1], "data": [1e400]}]}'
+        )
+        with pytest.raises(InvalidInput) as refused:
+            decode_infer_request(body.encode(), None)
+        return refused.value.message
+
+    low, high = 1, sys.getrecursionlimit()  # the deepest input 'a' read, from here
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (low, middle - 1) if "nested too deep" in decoded(middle) else (middle, high)
+    for levels in (low, low - 1, low - 2, low - 5):
+        message = decoded(levels)
+        assert message.startswith("input 'b': element 0 ("), (levels, message)
+        assert "is past the range of FP32" in message, (levels, message)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 2], "data": [1, 2e400]}]}',
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1], "data": [1, 2e400]}]}',
+        '{"inputs": [], "inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 2e400]}]}',
+        '{"inputs": [{"name": "y"}], "inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 2e400]}]}',
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 3e400]}], "inputs": '
+        '[{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 2e400]}]}',
+    ],
+)
+def test_an_infinite_number_of_a_member_given_twice_is_the_one_read(body):
+    """A member given twice is read as its last (json.loads's way): the number named is that one's."""
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(body.encode(), None)
+    assert refused.value.message.startswith("input 'x': element 1 (2e400) is past the range of FP32")
+
+
 INPUT = '{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}'
 
 
