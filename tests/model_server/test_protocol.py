@@ -450,6 +450,27 @@ def test_a_body_nested_too_deep_is_told_in_the_server_s_words(deep):
     assert "recursion" not in message, message
 
 
+def called_deeper(frames: int, call):
+    """``call()`` with ``frames`` more frames on the stack."""
+    return call() if frames == 0 else called_deeper(frames - 1, call)
+
+
+def test_the_depth_a_too_deep_body_is_told_is_the_same_from_any_caller():
+    """The figure the 400 gives is the recursion limit, an upper bound whatever the caller's
+    stack (how deep a body is read does go by it: about 990 levels from here, about 490 from
+    500 frames deeper), not the depth the parse happened to stop at."""
+    deep = ('{"inputs": ' + "[" * 995 + "]" * 995 + "}").encode()  # past what any caller reads
+    told = set()
+    for frames in (0, 500):
+        with pytest.raises(InvalidInput) as refused:
+            called_deeper(frames, lambda: decode_infer_request(deep, None))
+        told.add(refused.value.message)
+    assert told == {
+        "malformed JSON in request body: JSON nested too deep: arrays and objects within each other are read "
+        f"to about {sys.getrecursionlimit()} levels at most"
+    }
+
+
 def test_non_finite_outputs_are_valid_json():
     """NaN outputs produced invalid JSON (a bare NaN), which strict clients refuse to parse."""
     body, header_len = encode_infer_response(
