@@ -520,6 +520,27 @@ def test_a_connection_idle_from_its_start_or_after_blank_lines_is_closed_by_the_
     asyncio.run(scenario())
 
 
+def test_a_request_whose_body_is_still_arriving_is_not_closed_as_idle() -> None:
+    """The keep-alive timer (ADMISSION_IDLE_S, 5 s, for a connection before its first request)
+    stops at a request's first byte and runs again only once it is answered: a body slower
+    than it, within the request timeout, is read whole and answered, on either way."""
+
+    async def scenario() -> None:
+        for path in ("/m/digits/infer", "/other"):
+            protocol, transport = connect(Handler(), timeout_keep_alive=0.05)
+            whole = post(path, b"x" * 1000)
+            protocol.data_received(whole[:-600])  # its headers and part of its body
+            await asyncio.sleep(0.3)
+            assert not transport.closed, path
+            protocol.data_received(whole[-600:])
+            await settle()
+            assert len(bodies(transport)) == 1, (path, transport.writes)
+            await asyncio.sleep(0.3)  # then idle: closed
+            assert transport.closed, path
+
+    asyncio.run(scenario())
+
+
 def test_an_answer_before_its_body_was_read_closes_the_connection() -> None:
     """uvicorn would read and throw away the rest of the body, however long it was declared."""
 
