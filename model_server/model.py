@@ -94,8 +94,10 @@ FLOAT_RANGE = {c: Decimal(2 ** (top + 1) - 2 ** (top - bits)) for c, (bits, top,
 # fails too, unless its type holds it exactly (glibc's strtod sets ERANGE on an inexact underflow:
 # std::stod("1e-400") and std::stod("1e-310") throw out_of_range, as std::stod("1e400") does).
 NUMBER_TINY = {c: Decimal(2) ** low for c, (_, _, low) in FLOAT_TYPES.items()}
-# The type's least subnormal: every subnormal it holds is a multiple of it.
-SUBNORMAL_STEP = {c: Fraction(1, 2 ** (bits - 1 - low)) for c, (bits, _, low) in FLOAT_TYPES.items()}
+# The type's least subnormal, 2**-k: every subnormal it holds is a multiple of it, so it has k
+# decimals at most (2**-k is 5**k / 10**k).
+SUBNORMAL_DECIMALS = {c: bits - 1 - low for c, (bits, _, low) in FLOAT_TYPES.items()}
+SUBNORMAL_STEP = {c: Fraction(1, 2**k) for c, k in SUBNORMAL_DECIMALS.items()}
 
 # ORT logs a failed run's error to stderr as well as raising it: outside Python logging and
 # its masking, and a string the model could not read may be sensitive. Raised, it is answered
@@ -225,7 +227,13 @@ def _number_fault(text: str, conversion: str) -> str | None:
         if size and size < NUMBER_TINY[conversion]:
             if size < SUBNORMAL_STEP[conversion]:  # (before Fraction: 1e-999999999 is no small fraction)
                 return "is out of range"
-            exact_steps = (Fraction(size) / SUBNORMAL_STEP[conversion]).denominator == 1
+            # (before Fraction too, whose cost grows as the square of the digits: trailing zeros dropped)
+            _, digits, exponent = size.as_tuple()
+            kept = bytes(digits).rstrip(b"\0")
+            exponent = int(exponent) + len(digits) - len(kept)
+            if -exponent > SUBNORMAL_DECIMALS[conversion]:
+                return "is out of range"
+            exact_steps = (Fraction(Decimal((0, tuple(kept), exponent))) / SUBNORMAL_STEP[conversion]).denominator == 1
             return None if exact_steps else "is out of range"
         return None
     if len(written.lstrip("+-0")) > 20:  # past any range (and int() reads at most 4300 digits)

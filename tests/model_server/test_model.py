@@ -6,7 +6,7 @@ import asyncio
 import json
 import math
 import struct
-from decimal import Decimal
+from decimal import Decimal, localcontext
 
 import numpy as np
 import pytest
@@ -388,3 +388,20 @@ def test_a_float_conversion_s_range_is_the_one_of_its_type(conversion, number, f
     feeds = {"NUM": np.array([number, "abc"], dtype=object)}
     expected = "BYTES element 0 is out of range" if fails else "BYTES element 1 is not a number"
     assert unreadable(feeds, {"NUM"}, conversion) == f"input 'NUM': {expected}; "
+
+
+@pytest.mark.parametrize("conversion", ["f", "d", "ld"])
+def test_a_long_number_under_a_float_s_least_normal_is_judged_in_linear_time(conversion):
+    """Whether a number under a type's least normal is one of its subnormals exactly was read
+    as a Fraction, whose cost grows as the square of the digits: 400,000 digits took 15 s (this
+    test's 2,000,000, minutes: its bound is the pytest timeout). A subnormal of a type whose
+    least is 2**-k has k decimals at most: a number with more is none, at once; one with
+    trailing zeros is still read whole."""
+    n = 2_000_000
+    exponent = {"f": 40, "d": 310, "ld": 4940}[conversion] + n
+    feeds = {"NUM": np.array(["1" * n + f"e-{exponent}", "abc"], dtype=object)}
+    assert unreadable(feeds, {"NUM"}, conversion) == "input 'NUM': BYTES element 0 is out of range; "
+    with localcontext(prec=20_000):  # (2**-k exactly: k digits)
+        step = format(Decimal(2) ** -{"f": 149, "d": 1074, "ld": 16445}[conversion], "f") + "0" * n
+    feeds = {"NUM": np.array([step, "abc"], dtype=object)}
+    assert unreadable(feeds, {"NUM"}, conversion) == "input 'NUM': BYTES element 1 is not a number; "
