@@ -51,6 +51,26 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         shutil.rmtree(_MADE_AIRFLOW_HOME, ignore_errors=True)
 
 
+# Airflow's secrets masker, one per process in each of its two copies (a connection read registers
+# its password and extras: a test's extras of '"models"' hid the namespace in the reports of tests
+# run after it in the same worker, "kubectl -n *** ...").
+_AIRFLOW_MASKERS = (
+    "airflow.sdk._shared.secrets_masker.secrets_masker",
+    "airflow._shared.secrets_masker.secrets_masker",
+)
+
+
+@pytest.fixture(autouse=True)
+def _airflow_masker_reset() -> Iterator[None]:
+    """What a test registered with Airflow's secrets masker is forgotten when it ends (Airflow is
+    not imported here: only a masker a test has made is reset)."""
+    yield
+    for name in _AIRFLOW_MASKERS:
+        module = sys.modules.get(name)
+        if module is not None and module._secrets_masker.cache_info().currsize:
+            module._secrets_masker().reset_masker()
+
+
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     """The demo repository `make models` built (built here when a test runs alone)."""
