@@ -620,8 +620,13 @@ def test_a_queued_copy_holds_its_inputs_not_the_primarys_outputs(server_factory,
     uncounted by the queue's bound: a detector's ``[1, 25200, 85]`` answer is 8.5 MB beside a
     small input, and 256 copies waiting for a slow shadow held gigabytes under a bound of
     256 MiB. A copy keeps the primary's row count alone. (A model whose output is 40 MB from
-    64 bytes of input; the shadow takes 20 s a copy: the server's memory does not grow by the
-    outputs of the copies that wait.)"""
+    64 bytes of input: the server's memory does not grow by the outputs of the copies that wait.)
+
+    The shadow's one thread is held by ten of the rollout's masking probes, sent first (run at
+    once, in turn, each for 60 s): the first copy the worker takes waits behind them, the others
+    in the queue, so none comes to its turn past its age bound and is dropped unless the test
+    runs ten minutes (with one copy run every 20 s, a run of 81 s on a loaded machine had one
+    queued 60 s before its turn came, dropped)."""
     import json
     import shutil
 
@@ -653,14 +658,13 @@ def test_a_queued_copy_holds_its_inputs_not_the_primarys_outputs(server_factory,
     }
     (repository / "wide" / "config.json").write_text(json.dumps(config))
     shutil.copytree(repository / "wide" / "1", repository / "wide" / "2")
-    # (its copies wait behind a 20 s shadow by design: the longest age bound keeps them while measured)
     s = server_factory(repository, "--shadow-workers", "1", "--shadow-copy-max-age", "60", token=TOKEN)
     s.load_versions("wide", 1, 2)
     mirror_all = {"route": [{"version": "1", "weight": 100}], "mirror": {"version": "2", "percent": 100}}
     r = requests.put(f"{s.http}/v2/models/wide/traffic", json=mirror_all, headers=s.admin, timeout=30)
     assert r.status_code == 200, r.text
     r = requests.put(
-        f"{s.http}/v2/models/wide/versions/2/fault", json={"delay": {"ms": 20_000}}, headers=s.admin, timeout=10
+        f"{s.http}/v2/models/wide/versions/2/fault", json={"delay": {"ms": 60_000}}, headers=s.admin, timeout=10
     )
     assert r.status_code == 200, r.text
     tensor = np.arange(16, dtype=np.int32).reshape(1, 16).tobytes()
@@ -673,11 +677,14 @@ def test_a_queued_copy_holds_its_inputs_not_the_primarys_outputs(server_factory,
         }
     ).encode()
 
-    def send() -> None:
+    def send(probe: bool = False) -> None:
         r = requests.post(
             f"{s.http}/v2/models/wide/infer",
             data=header + tensor,
-            headers={"Inference-Header-Content-Length": str(len(header))},
+            headers={
+                "Inference-Header-Content-Length": str(len(header)),
+                **({"X-Shadow-Probe": "1", **s.admin} if probe else {}),
+            },
             timeout=60,
         )
         assert r.status_code == 200, r.text[:200]
@@ -687,7 +694,11 @@ def test_a_queued_copy_holds_its_inputs_not_the_primarys_outputs(server_factory,
         status = Path(f"/proc/{s.proc.pid}/status").read_text()
         return int(status.split("VmRSS:")[1].split()[0]) * 1024
 
-    for _ in range(3):  # (the first copy runs, for 20 s; the allocator and the caches settle)
+    # (the probes' copies run one after another for 10 minutes, in the order sent, before any
+    # queued copy; the first runs at once: the allocator and the caches settle)
+    for _ in range(10):
+        send(probe=True)
+    for _ in range(3):
         send()
     before = rss()
     for _ in range(12):
