@@ -53,6 +53,9 @@ WORKER_USER = "system:serviceaccount:airflow:airflow-worker"
 MAX_BODY_BYTES = 3 * 1024 * 1024  # the real API server's request size limit
 MAX_OBJECTS = 5000  # all kinds together: a runaway creator meets a quota, not an out-of-memory
 MAX_SELECTOR_TERMS = 64
+# How often the server's loop looks whether it is stopped: stop() waits for its next look
+# (socketserver's 0.5 s made each stop, each test's fixture's end, half a second).
+POLL_INTERVAL_S = 0.01
 MAX_SECRET_BYTES = 1024 * 1024  # the real server's limit on a Secret's data
 PATH_RE = re.compile(
     r"^/(?:api/(v1)|apis/([a-z0-9.-]{1,253}/v[1-9](?:(?:alpha|beta)[1-9])?))(?:/namespaces/([a-z0-9-]{1,63}))?/([a-z]{1,63})"
@@ -436,7 +439,9 @@ class FakeKubeAPI:
         self.lock = threading.RLock()
         self.stopping = threading.Event()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": POLL_INTERVAL_S}, daemon=True
+        )
 
     @property
     def url(self) -> str:
