@@ -2185,12 +2185,11 @@ def test_a_run_cut_short_reports_with_the_chart_the_dags_teardown_would(tmp_path
         assert "chart" not in final
 
 
-def test_a_signal_while_an_errors_report_is_charted_still_reports_and_names_the_error(tmp_path, monkeypatch):
+def _errors_report_signalled(tmp_path, monkeypatch, chart, send=None) -> tuple:
     """rolloutctl run cut short by an error once every stage passed (the admin API stopped
-    answering before the promotion): its report's chart is drawn, and a SIGTERM came meanwhile
-    (a CI job cancelled). The signal's Interrupted, a KeyboardInterrupt, went past the chart's
-    ``except Exception``: no report was written, and the error naming the failure was never
-    raised. Now the report goes without the chart, saying why, and the error is raised."""
+    answering before the promotion), its report's chart drawn by ``chart`` and, with ``send``,
+    the report sent through it (the signal sent from either): the error is raised, no Interrupted.
+    (the spec, the router, the reports in the outbox)."""
     import argparse
 
     from tests.include.test_engine import RecordingRouter
@@ -2218,78 +2217,9 @@ def test_a_signal_while_an_errors_report_is_charted_still_reports_and_names_the_
         if looked[-1:] == [1]:
             raise AdminError("the model server's admin API does not answer")
 
-    def drawer(samples, title, *args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)  # (the signal, while the chart is drawn)
-        time.sleep(2)
-        return b"png"
-
-    monkeypatch.setattr(notify, "latency_accuracy_chart", drawer)
-    monkeypatch.setattr(engine, "StageJudge", lambda *a, **k: look)
-    monkeypatch.setattr(engine, "poke_interval", lambda spec: 0.0)
-    monkeypatch.setattr(engine, "rollout_audit", lambda *a, **k: None)
-    monkeypatch.setattr(serving, "not_as_verified", unverified)
-    args = argparse.Namespace(url="http://127.0.0.1:9", validation=tmp_path, prediction_log=str(tmp_path / "log"))
-    args.outbox = Folder(str(tmp_path / "outbox"))
-    router = RecordingRouter()
-    router.admin = None
-    with cli._stopped_by_signals():
-        try:
-            with pytest.raises(cli.CommandError, match="admin API does not answer"):
-                cli._run(args, spec, router, None, {}, cli._Lease(None, spec.model), "", verified="ab" * 32)
-        except cli.Interrupted as exc:  # (a KeyboardInterrupt: pytest would stop the session)
-            pytest.fail(f"{exc!r} went up, the error not raised")
-    final = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))][-1]
-    assert final["text"].startswith("Rolled back digits v2")
-    assert "admin API does not answer" in final["text"]
-    lines = [e["text"] for b in final["blocks"] if b["type"] == "context" for e in b["elements"]]
-    (line,) = [t for t in lines if "No chart" in t]
-    assert "not drawn: a signal stopped the run" in line
-    assert "chart" not in final
-    assert router.get_routes() == spec.stable_policy()
-
-
-def test_a_signal_while_an_errors_report_is_written_still_writes_it_and_names_the_error(tmp_path, monkeypatch):
-    """rolloutctl run cut short by an error once every stage passed, its report's chart drawn: a
-    SIGTERM once ``charted`` returned, while the report was written to the outbox, raised its
-    Interrupted there: the report was not written, and the error naming the failure was never
-    raised. The signal is held until the report is written; then the error is raised."""
-    import argparse
-
-    from tests.include.test_engine import RecordingRouter
-    from tests.support import stage_evidence
-    from vision_rollout import cli, engine, notify, serving
-    from vision_rollout.engine import StageState
-    from vision_rollout.folders import Folder
-    from vision_rollout.gates import evaluate_gate
-    from vision_rollout.serving import AdminError
-    from vision_rollout.spec import RolloutSpec
-
-    spec = RolloutSpec.from_dict({"stages": [50, 100], "mirror_percent": 0})
-    passing = replace(evaluate_gate(samples(200)), decision="pass")
-    (tmp_path / "labels.csv").write_text("file,label\n" + "".join(f"{i}.png,{i % 10}\n" for i in range(20)))
-    for i in range(20):
-        (tmp_path / f"{i}.png").write_bytes(b"image-%d" % i)
-    looked = []
-
-    def look(window):
-        stage_evidence(tmp_path, window.started, replay=True)
-        looked.append(window.index)
-        return StageState("pass", 2, 3, passing, "passed", until=window.started + 100)
-
-    def unverified(*args, **kwargs):
-        if looked[-1:] == [1]:
-            raise AdminError("the model server's admin API does not answer")
-
-    real_send = notify.SlackNotifier.send
-
-    def send(self, message, *args, **kwargs):
-        if message.text.startswith("Rolled back"):  # (the signal, as the final report is written)
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.5)
-        return real_send(self, message, *args, **kwargs)
-
-    monkeypatch.setattr(notify, "latency_accuracy_chart", lambda *a, **k: b"png")
-    monkeypatch.setattr(notify.SlackNotifier, "send", send)
+    monkeypatch.setattr(notify, "latency_accuracy_chart", chart)
+    if send is not None:
+        monkeypatch.setattr(notify.SlackNotifier, "send", send)
     monkeypatch.setattr(engine, "StageJudge", lambda *a, **k: look)
     monkeypatch.setattr(engine, "poke_interval", lambda spec: 0.0)
     monkeypatch.setattr(engine, "rollout_audit", lambda *a, **k: None)
@@ -2305,6 +2235,48 @@ def test_a_signal_while_an_errors_report_is_written_still_writes_it_and_names_th
         except cli.Interrupted as exc:  # (a KeyboardInterrupt: pytest would stop the session)
             pytest.fail(f"{exc!r} went up, the error not raised")
     reports = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    return spec, router, reports
+
+
+def test_a_signal_while_an_errors_report_is_charted_still_reports_and_names_the_error(tmp_path, monkeypatch):
+    """rolloutctl run cut short by an error once every stage passed (the admin API stopped
+    answering before the promotion): its report's chart is drawn, and a SIGTERM came meanwhile
+    (a CI job cancelled). The signal's Interrupted, a KeyboardInterrupt, went past the chart's
+    ``except Exception``: no report was written, and the error naming the failure was never
+    raised. Now the report goes without the chart, saying why, and the error is raised."""
+
+    def drawer(samples, title, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # (the signal, while the chart is drawn)
+        time.sleep(2)
+        return b"png"
+
+    spec, router, reports = _errors_report_signalled(tmp_path, monkeypatch, drawer)
+    final = reports[-1]
+    assert final["text"].startswith("Rolled back digits v2")
+    assert "admin API does not answer" in final["text"]
+    lines = [e["text"] for b in final["blocks"] if b["type"] == "context" for e in b["elements"]]
+    (line,) = [t for t in lines if "No chart" in t]
+    assert "not drawn: a signal stopped the run" in line
+    assert "chart" not in final
+    assert router.get_routes() == spec.stable_policy()
+
+
+def test_a_signal_while_an_errors_report_is_written_still_writes_it_and_names_the_error(tmp_path, monkeypatch):
+    """rolloutctl run cut short by an error once every stage passed, its report's chart drawn: a
+    SIGTERM once ``charted`` returned, while the report was written to the outbox, raised its
+    Interrupted there: the report was not written, and the error naming the failure was never
+    raised. The signal is held until the report is written; then the error is raised."""
+    from vision_rollout import notify
+
+    real_send = notify.SlackNotifier.send
+
+    def send(self, message, *args, **kwargs):
+        if message.text.startswith("Rolled back"):  # (the signal, as the final report is written)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)
+        return real_send(self, message, *args, **kwargs)
+
+    spec, router, reports = _errors_report_signalled(tmp_path, monkeypatch, lambda *a, **k: b"png", send)
     finals = [r for r in reports if r["text"].startswith("Rolled back digits v2")]
     assert len(finals) == 1  # (written once, whole)
     assert "admin API does not answer" in finals[0]["text"]
@@ -2916,60 +2888,12 @@ def test_mesh_apply_local_is_refused_while_a_rollout_holds_the_model(tmp_path, c
     assert run(capsys, *argv, "--force")[0] == 0
 
 
-@pytest.mark.usefixtures("short_api_pauses")  # (the client's retries counted, not timed)
-def test_mesh_apply_istio_is_refused_while_a_rollout_holds_the_lease(tmp_path, capsys, monkeypatch):
-    """``mesh apply --backend istio`` wrote the VirtualService whatever the Lease said: a DAG run
-    in kubernetes mode wrote its own routes over the operator's at its next stage, or took the
-    operator's for a mesh changed under it and rolled back. Refused as the local backend is
-    while a run holds the Lease rollout-<VirtualService>, naming the run; --force applies them,
-    saying so; a lease taken for dead does not hold it."""
-
+@pytest.fixture
+def istio_lease_held(tmp_path, monkeypatch):
+    """A fake Kubernetes API server holding the VirtualService ml/digits-vs and its Lease, taken by
+    a DAG run: (the server, the kubeconfig, the ``mesh apply --backend istio`` arguments that apply
+    version 2 at 10% there); the server stopped at the end."""
     from devstack.cluster.kube import FakeKubeAPI
-    from vision_rollout.locks import CLOCK_SKEW_S, LEASE_S, LeaseLock
-    from vision_rollout.mesh import IstioTarget
-
-    target = IstioTarget("ml", "digits", "digits-vs")
-    api = FakeKubeAPI().start()
-    try:
-        istio_objects_of(api, target)
-        kube = kubeconfig_of(api, tmp_path, monkeypatch)
-        LeaseLock("digits", "ml", kube, key="digits-vs").acquire("manual__2026-12-03 (a DAG run)")
-        policy = tmp_path / "policy.json"
-        policy.write_text(json.dumps({"route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}]}))
-        argv = ["mesh", "apply", "--backend", "istio", "--policy", str(policy), "--versions", "1,2"]
-        argv += ["--namespace", "ml", "--service", "digits", "--name", "digits-vs"]
-        before = copy.deepcopy(api.objects[("virtualservices", "ml", "digits-vs")])
-        code, out, err = run(capsys, *argv)
-        assert (code, out) == (4, "")
-        assert err.startswith("rolloutctl mesh: error: run 'manual__2026-12-03 (a DAG run)' (its lease runs to ")
-        assert "holds model 'digits-vs' (Lease ml/rollout-digits-vs): its next stage (or its rollback) writes" in err
-        assert err.endswith("abort it first (rolloutctl abort), or give --force; nothing changed\n")
-        assert api.objects[("virtualservices", "ml", "digits-vs")] == before
-        code, out, err = run(capsys, *argv, "--force")
-        assert (code, out) == (0, "applied\n")
-        assert err.startswith("rolloutctl mesh: warning: --force: run 'manual__2026-12-03 (a DAG run)' ")
-        api.objects[("virtualservices", "ml", "digits-vs")] = before
-        api.objects.pop(("leases", "ml", "rollout-digits-vs"))
-        dead = kube
-        LeaseLock("digits", "ml", dead, clock=lambda: time.time() - LEASE_S - CLOCK_SKEW_S, key="digits-vs").acquire(
-            "a run that died"
-        )
-        assert run(capsys, *argv)[:2] == (0, "applied\n")
-    finally:
-        api.stop()
-
-
-@pytest.mark.usefixtures("short_api_pauses")  # (the client's retries counted, not timed)
-@pytest.mark.parametrize("answer", [500, 503])
-def test_mesh_apply_istio_whose_lease_read_the_api_server_failed_says_try_again_not_force(
-    tmp_path, capsys, monkeypatch, answer
-):
-    """The Lease's GET failed by the API server (500 or 503 each time, the client's retries
-    spent) was refused as an unreadable lock, "..., or give --force": an invitation to write over
-    what may be a live rollout's routes. It is said to be the API server's transient failure, to
-    be tried again; nothing changed."""
-    from devstack.cluster.kube import FakeKubeAPI
-    from vision_rollout import mesh
     from vision_rollout.locks import LeaseLock
     from vision_rollout.mesh import IstioTarget
 
@@ -2983,21 +2907,63 @@ def test_mesh_apply_istio_whose_lease_read_the_api_server_failed_says_try_again_
         policy.write_text(json.dumps({"route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}]}))
         argv = ["mesh", "apply", "--backend", "istio", "--policy", str(policy), "--versions", "1,2"]
         argv += ["--namespace", "ml", "--service", "digits", "--name", "digits-vs"]
-        before = copy.deepcopy(api.objects[("virtualservices", "ml", "digits-vs")])
-        monkeypatch.setattr(mesh, "BACKOFF_S", 0.01)  # (the client's backoff between its retries)
-        api.throttle, api.throttle_status = 1 + mesh.api_retries().total, answer
-        api.throttled_methods, api.throttled_path = frozenset({"GET"}), "/leases/rollout-digits-vs"
-        code, out, err = run(capsys, *argv)
-        assert api.throttle == 0
-        assert (code, out) == (4, "")
-        assert err.startswith(f"rolloutctl mesh: error: GET Lease ml/rollout-digits-vs: {answer} ")
-        assert "--force" not in err
-        assert err.endswith(
-            "the API server failed to read the Lease (a transient failure): try again; nothing changed\n"
-        )
-        assert api.objects[("virtualservices", "ml", "digits-vs")] == before
+        yield api, kube, argv
     finally:
         api.stop()
+
+
+@pytest.mark.usefixtures("short_api_pauses")  # (the client's retries counted, not timed)
+def test_mesh_apply_istio_is_refused_while_a_rollout_holds_the_lease(capsys, istio_lease_held):
+    """``mesh apply --backend istio`` wrote the VirtualService whatever the Lease said: a DAG run
+    in kubernetes mode wrote its own routes over the operator's at its next stage, or took the
+    operator's for a mesh changed under it and rolled back. Refused as the local backend is
+    while a run holds the Lease rollout-<VirtualService>, naming the run; --force applies them,
+    saying so; a lease taken for dead does not hold it."""
+    from vision_rollout.locks import CLOCK_SKEW_S, LEASE_S, LeaseLock
+
+    api, kube, argv = istio_lease_held
+    before = copy.deepcopy(api.objects[("virtualservices", "ml", "digits-vs")])
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (4, "")
+    assert err.startswith("rolloutctl mesh: error: run 'manual__2026-12-03 (a DAG run)' (its lease runs to ")
+    assert "holds model 'digits-vs' (Lease ml/rollout-digits-vs): its next stage (or its rollback) writes" in err
+    assert err.endswith("abort it first (rolloutctl abort), or give --force; nothing changed\n")
+    assert api.objects[("virtualservices", "ml", "digits-vs")] == before
+    code, out, err = run(capsys, *argv, "--force")
+    assert (code, out) == (0, "applied\n")
+    assert err.startswith("rolloutctl mesh: warning: --force: run 'manual__2026-12-03 (a DAG run)' ")
+    api.objects[("virtualservices", "ml", "digits-vs")] = before
+    api.objects.pop(("leases", "ml", "rollout-digits-vs"))
+    dead = kube
+    LeaseLock("digits", "ml", dead, clock=lambda: time.time() - LEASE_S - CLOCK_SKEW_S, key="digits-vs").acquire(
+        "a run that died"
+    )
+    assert run(capsys, *argv)[:2] == (0, "applied\n")
+
+
+@pytest.mark.usefixtures("short_api_pauses")  # (the client's retries counted, not timed)
+@pytest.mark.parametrize("answer", [500, 503])
+def test_mesh_apply_istio_whose_lease_read_the_api_server_failed_says_try_again_not_force(
+    capsys, monkeypatch, istio_lease_held, answer
+):
+    """The Lease's GET failed by the API server (500 or 503 each time, the client's retries
+    spent) was refused as an unreadable lock, "..., or give --force": an invitation to write over
+    what may be a live rollout's routes. It is said to be the API server's transient failure, to
+    be tried again; nothing changed."""
+    from vision_rollout import mesh
+
+    api, _, argv = istio_lease_held
+    before = copy.deepcopy(api.objects[("virtualservices", "ml", "digits-vs")])
+    monkeypatch.setattr(mesh, "BACKOFF_S", 0.01)  # (the client's backoff between its retries)
+    api.throttle, api.throttle_status = 1 + mesh.api_retries().total, answer
+    api.throttled_methods, api.throttled_path = frozenset({"GET"}), "/leases/rollout-digits-vs"
+    code, out, err = run(capsys, *argv)
+    assert api.throttle == 0
+    assert (code, out) == (4, "")
+    assert err.startswith(f"rolloutctl mesh: error: GET Lease ml/rollout-digits-vs: {answer} ")
+    assert "--force" not in err
+    assert err.endswith("the API server failed to read the Lease (a transient failure): try again; nothing changed\n")
+    assert api.objects[("virtualservices", "ml", "digits-vs")] == before
 
 
 def test_a_lock_file_that_is_not_text_is_an_unreadable_lock(tmp_path, capsys):
@@ -3066,12 +3032,10 @@ def test_a_signal_once_the_rollout_ended_says_what_serves(tmp_path, monkeypatch,
     )
 
 
-def test_a_signal_while_the_runs_final_report_is_written_writes_no_second_report(tmp_path, monkeypatch, capsys):
-    """A SIGTERM landing while rolloutctl run's final report (its promotion) was written to the
-    outbox raised its Interrupted there, unheld: the report cut short where it was, and the run
-    wrote a second, cut-short report of the same promotion. The signal is held until the report
-    is written, as a cut-short run's report is: one report, whole; the last line says what
-    serves, and that the signal came once the report was written."""
+def _signalled_at_the_final_report(tmp_path, monkeypatch, refused: bool) -> tuple:
+    """rolloutctl run (two stages, each passed), a SIGTERM arriving as its final report (the
+    promotion) is written to the outbox, that write then done or, ``refused``, failing as on a full
+    disk: (the exit code, the router, the spec), once the signal was seen sent."""
     import argparse
 
     from tests.include.test_engine import RecordingRouter
@@ -3086,12 +3050,15 @@ def test_a_signal_while_the_runs_final_report_is_written_writes_no_second_report
     signalled: list[str] = []
 
     def signalled_as_written(self, name, data):
-        written = write(self, name, data)
         if name.endswith(".json") and b"Promoted digits v2" in data and not signalled:
+            written = None if refused else write(self, name, data)
             signalled.append(name)
-            os.kill(os.getpid(), signal.SIGTERM)  # (the signal, as the final report is written)
+            os.kill(os.getpid(), signal.SIGTERM)  # (the signal, as the final report is written or refused)
             time.sleep(0.5)
-        return written
+            if refused:
+                raise OSError(28, "No space left on device")
+            return written
+        return write(self, name, data)
 
     monkeypatch.setattr(Folder, "write", signalled_as_written)
     args = argparse.Namespace(url="http://127.0.0.1:9", validation=tmp_path, prediction_log=str(tmp_path))
@@ -3108,6 +3075,16 @@ def test_a_signal_while_the_runs_final_report_is_written_writes_no_second_report
     finally:
         signal.signal(signal.SIGTERM, before)
     assert signalled
+    return code, router, spec
+
+
+def test_a_signal_while_the_runs_final_report_is_written_writes_no_second_report(tmp_path, monkeypatch, capsys):
+    """A SIGTERM landing while rolloutctl run's final report (its promotion) was written to the
+    outbox raised its Interrupted there, unheld: the report cut short where it was, and the run
+    wrote a second, cut-short report of the same promotion. The signal is held until the report
+    is written, as a cut-short run's report is: one report, whole; the last line says what
+    serves, and that the signal came once the report was written."""
+    code, router, spec = _signalled_at_the_final_report(tmp_path, monkeypatch, refused=False)
     assert code == 128 + signal.SIGTERM
     assert router.history[-1] == spec.promoted_policy().to_dict()
     reports = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
@@ -3124,41 +3101,7 @@ def test_a_signal_while_the_runs_final_report_fails_to_be_written_writes_the_cut
     """rolloutctl run's final report that the outbox refused (a full disk: a warning) was taken
     as written: a SIGTERM meanwhile ended the run saying "once its report was written", with
     nothing in the outbox. The cut-short report is written in its place, as where none was."""
-    import argparse
-
-    from tests.include.test_engine import RecordingRouter
-    from vision_rollout import cli, engine
-    from vision_rollout.engine import StageState
-    from vision_rollout.folders import Folder
-    from vision_rollout.spec import RolloutSpec
-
-    spec = RolloutSpec.from_dict({"stages": [10, 100], "mirror_percent": 0})
-    monkeypatch.setattr(engine, "StageJudge", lambda *a, **k: lambda window: StageState("pass", 1, 1, None, "ok"))
-    write = Folder.write
-    signalled: list[str] = []
-
-    def refused_once(self, name, data):
-        if name.endswith(".json") and b"Promoted digits v2" in data and not signalled:
-            signalled.append(name)
-            os.kill(os.getpid(), signal.SIGTERM)  # (the signal, as the final report is refused)
-            time.sleep(0.5)
-            raise OSError(28, "No space left on device")
-        return write(self, name, data)
-
-    monkeypatch.setattr(Folder, "write", refused_once)
-    args = argparse.Namespace(url="http://127.0.0.1:9", validation=tmp_path, prediction_log=str(tmp_path))
-    args.outbox = Folder(str(tmp_path / "outbox"))
-    router = RecordingRouter()
-    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (not left ignored by an earlier run)
-    try:
-        with cli._stopped_by_signals(), cli._Lease(tmp_path, spec.model) as lease:
-            try:
-                code = cli._run(args, spec, router, None, {}, lease, "")
-            except cli.Interrupted as exc:  # (a KeyboardInterrupt: pytest would stop the session)
-                pytest.fail(f"{exc!r} went up")
-    finally:
-        signal.signal(signal.SIGTERM, before)
-    assert signalled
+    code, _, _ = _signalled_at_the_final_report(tmp_path, monkeypatch, refused=True)
     assert code == 128 + signal.SIGTERM
     reports = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "outbox").glob("*.json"))]
     assert len(reports) == 1, reports
