@@ -2122,15 +2122,11 @@ def test_the_copies_test_warns_of_a_whole_mirror_at_most_at_its_level_by_simulat
     assert caught >= 90
 
 
-def test_the_earlier_hours_read_is_held_to_the_audits_memory_bound(tmp_path):
-    """The hourly audit counts the records of the 24 hours before its range that came after
-    their audit (``late_earlier``); that read held every file it listed whatever ``max_bytes``
-    said (only its time was bounded): a store holding gigabytes of files whose names say they
-    were written late (a writer flushing a long backlog, or anyone who can write the log) took
-    them all into the worker's memory beside the range's own 4 GiB. It is held to the bound:
-    what does not fit is left unread, and the count says "at least"."""
+def _written_late_to_their_audits(tmp_path) -> datetime:
+    """Shadow logs of 200 requests three hours before the audited hour (returned), three of them
+    (versions 3 to 5 beside 1), written within that hour: late to their audits."""
     hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
-    for k in range(3):  # (three hours before the range, written within it: late to their audits)
+    for k in range(3):
         shadow_log(
             tmp_path,
             200,
@@ -2140,6 +2136,17 @@ def test_the_earlier_hours_read_is_held_to_the_audits_memory_bound(tmp_path):
             at=(hour - timedelta(hours=3)).timestamp(),
             flushed=3 * 3600 + 600,
         )
+    return hour
+
+
+def test_the_earlier_hours_read_is_held_to_the_audits_memory_bound(tmp_path):
+    """The hourly audit counts the records of the 24 hours before its range that came after
+    their audit (``late_earlier``); that read held every file it listed whatever ``max_bytes``
+    said (only its time was bounded): a store holding gigabytes of files whose names say they
+    were written late (a writer flushing a long backlog, or anyone who can write the log) took
+    them all into the worker's memory beside the range's own 4 GiB. It is held to the bound:
+    what does not fit is left unread, and the count says "at least"."""
+    hour = _written_late_to_their_audits(tmp_path)
     whole = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits", earlier_hours=24)
     assert (whole.verdict, whole.late_earlier) == ("warning", 1200)
     part = audit(
@@ -2162,17 +2169,7 @@ def test_files_the_earlier_hours_read_could_not_read_are_counted_and_named(tmp_p
     the files it could not read (truncated, a refused name) without a word: their records left
     out of the count of what came late, which still read as whole. They are counted
     (``earlier_skipped_files``) and named, as its own range's are, and the count says "at least"."""
-    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
-    for k in range(3):  # (three hours before the range, written within it: late to their audits)
-        shadow_log(
-            tmp_path,
-            200,
-            disagree=0.0,
-            seed=k,
-            versions=("1", str(k + 3)),
-            at=(hour - timedelta(hours=3)).timestamp(),
-            flushed=3 * 3600 + 600,
-        )
+    hour = _written_late_to_their_audits(tmp_path)
     spoilt = sorted((tmp_path / "log").rglob("part-*.parquet"))[0]
     if how == "truncated":
         spoilt.write_bytes(spoilt.read_bytes()[:100])
