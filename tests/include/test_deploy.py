@@ -941,6 +941,23 @@ def _in_doubt(api: Any, method: str, path: str, answer: int | None, served: bool
     api.throttled_methods, api.throttled_path = frozenset({method}), path
 
 
+def _version_1_retired(api_client: Any, **build: Any) -> Any:
+    """VersionDeployments (the client retrying, no old ReplicaSets kept, ``build``'s settings
+    besides) that applied versions 1 and 2, two pods each, and scaled version 1 to zero: a
+    prune keeping version 2 retires it."""
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import with_retries
+    from vision_rollout.settings import BuildSettings
+
+    versions = VersionDeployments(
+        TARGET, "digits", with_retries(api_client), BuildSettings(gpus=0, revision_history_limit=0, **build)
+    )
+    for version in ("1", "2"):
+        versions.apply(version, f"img:{version}", 2)
+    versions.scale_to_zero("1")
+    return versions
+
+
 @pytest.mark.parametrize("answer", [500, None], ids=["500", "no-answer"])
 @pytest.mark.parametrize("served", [True, False], ids=["served", "not-served"])
 @pytest.mark.parametrize("plural", ["deployments", "poddisruptionbudgets", "horizontalpodautoscalers"])
@@ -949,16 +966,8 @@ def test_a_prunes_delete_left_in_doubt_is_settled_not_a_failed_prune(kube_api, p
     answered failed the prune; one served was, sent again, a 404 taken for "gone already", the
     version not counted gone, its budget and HPA left behind. Each delete in doubt is sent again
     (on the same preconditions): a 404 then is that delete's, done."""
-    from vision_rollout.deploy import VersionDeployments
-    from vision_rollout.mesh import with_retries
-    from vision_rollout.settings import BuildSettings
-
     api, api_client = kube_api
-    build = BuildSettings(gpus=0, autoscaling=True, revision_history_limit=0)
-    versions = VersionDeployments(TARGET, "digits", with_retries(api_client), build)
-    for version in ("1", "2"):
-        versions.apply(version, f"img:{version}", 2)
-    versions.scale_to_zero("1")
+    versions = _version_1_retired(api_client, autoscaling=True)
     _in_doubt(api, "DELETE", f"/{plural}/digits-v1", answer, served)
     assert versions.prune({"2"}) == ["1"]
     assert api.throttle == 0  # (the delete in doubt was sent)
@@ -976,17 +985,8 @@ def test_a_budget_whose_status_moved_as_its_delete_was_sent_is_deleted_by_the_sa
     delete was refused (409) and the budget left to the next prune (which lists the rollout's
     budgets left without a Deployment). A budget is deleted on its uid alone: its status written
     meanwhile does not keep it."""
-    from vision_rollout.deploy import VersionDeployments
-    from vision_rollout.mesh import with_retries
-    from vision_rollout.settings import BuildSettings
-
     api, api_client = kube_api
-    versions = VersionDeployments(
-        TARGET, "digits", with_retries(api_client), BuildSettings(gpus=0, revision_history_limit=0)
-    )
-    for version in ("1", "2"):
-        versions.apply(version, f"img:{version}", 2)
-    versions.scale_to_zero("1")
+    versions = _version_1_retired(api_client)
     key = ("poddisruptionbudgets", "models", "digits-v1")
 
     def status_moved() -> None:  # the disruption controller's write, as the budget's delete is sent
@@ -1013,17 +1013,8 @@ def test_the_budget_of_a_version_pruned_goes_with_it_whoever_manages_its_labels_
     another manager changed (Helm adopting it) was left when its version's Deployment was
     deleted. The budget of each version whose Deployment the prune deleted is read and deleted
     by its name, as before; the labels find only those left without a Deployment."""
-    from vision_rollout.deploy import VersionDeployments
-    from vision_rollout.mesh import with_retries
-    from vision_rollout.settings import BuildSettings
-
     api, api_client = kube_api
-    versions = VersionDeployments(
-        TARGET, "digits", with_retries(api_client), BuildSettings(gpus=0, revision_history_limit=0)
-    )
-    for version in ("1", "2"):
-        versions.apply(version, f"img:{version}", 2)
-    versions.scale_to_zero("1")
+    versions = _version_1_retired(api_client)
     key = ("poddisruptionbudgets", "models", "digits-v1")
     api.touch(*key, lambda o: o["metadata"]["labels"].update({"app.kubernetes.io/managed-by": "Helm"}))
     assert versions.prune({"2"}) == ["1"]
@@ -1058,16 +1049,8 @@ def test_a_prunes_delete_served_on_an_object_with_finalizers_then_answered_500_i
     resourceVersion), and the delete sent again on the preconditions as listed got 409, taken for
     "changed since it was listed": the version not counted gone, its budget and HPA left behind.
     An object read back marked for deletion, the same uid, is being deleted: done."""
-    from vision_rollout.deploy import VersionDeployments
-    from vision_rollout.mesh import with_retries
-    from vision_rollout.settings import BuildSettings
-
     api, api_client = kube_api
-    build = BuildSettings(gpus=0, autoscaling=True, revision_history_limit=0)
-    versions = VersionDeployments(TARGET, "digits", with_retries(api_client), build)
-    for version in ("1", "2"):
-        versions.apply(version, f"img:{version}", 2)
-    versions.scale_to_zero("1")
+    versions = _version_1_retired(api_client, autoscaling=True)
     api.touch(plural, "models", "digits-v1", lambda o: o["metadata"].update(finalizers=["example.com/keep"]))
     uid = api.objects[(plural, "models", "digits-v1")]["metadata"]["uid"]
     _in_doubt(api, "DELETE", f"/{plural}/digits-v1", 500, served=True)
