@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import pytest
 import requests
@@ -223,29 +224,27 @@ def test_a_model_name_that_is_no_name_is_refused_shortened(server):
     assert "a" * 1000 not in server.log.read_text()
 
 
-def test_cli_refuses_cuda_without_a_gpu_and_a_missing_repository(tmp_path):
-    import subprocess
+def _model_server_command(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m model_server`` with ``args``, in an environment of its own (this checkout on
+    PYTHONPATH, no GPU library's path), for a start refused before it serves."""
     import sys
 
     from tests.conftest import ROOT
 
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run(
-        [sys.executable, "-m", "model_server", "--repository", str(tmp_path), "--device", "cuda"],
+    return subprocess.run(
+        [sys.executable, "-m", "model_server", *args],
         capture_output=True,
         text=True,
-        env=env,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
         timeout=60,
     )
+
+
+def test_cli_refuses_cuda_without_a_gpu_and_a_missing_repository(tmp_path):
+    out = _model_server_command("--repository", str(tmp_path), "--device", "cuda")
     assert out.returncode == 2
     assert "NVML finds no GPU" in out.stderr
-    out = subprocess.run(
-        [sys.executable, "-m", "model_server", "--repository", str(tmp_path / "nope")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    out = _model_server_command("--repository", str(tmp_path / "nope"))
     assert out.returncode == 2
     assert "is not a folder" in out.stderr
     assert not (tmp_path / "nope").exists()  # no state folder made where the repository is not
@@ -263,29 +262,7 @@ def test_cli_refuses_cuda_without_a_gpu_and_a_missing_repository(tmp_path):
 def test_an_open_admin_api_is_refused_where_others_reach_it_and_always_said(tmp_path, host, extra, words):
     """With no token the admin API (load, unload, fault injection) was open even on 0.0.0.0,
     and nothing said so. (--port 70000 ends a start that got past the check, before it listens.)"""
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "model_server",
-            "--repository",
-            str(tmp_path),
-            "--host",
-            host,
-            "--port",
-            "70000",
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        timeout=60,
-    )
+    out = _model_server_command("--repository", str(tmp_path), "--host", host, "--port", "70000", *extra)
     assert out.returncode == 2
     assert words in out.stderr
     if "WARNING" in words:
@@ -309,21 +286,10 @@ def test_an_admin_token_file_that_cannot_be_used_is_exit_2(tmp_path, content, wo
     """A missing or non-UTF-8 file was a traceback, and only after every model had loaded; a
     token with a line break started a server whose admin calls no client could make, and so did
     one not ASCII (a header's value is bytes: sent as UTF-8 it never matched, as Latin-1 only)."""
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     token = tmp_path / "token"
     if content is not None:
         token.write_bytes(content)
-    out = subprocess.run(
-        [sys.executable, "-m", "model_server", "--repository", str(tmp_path), "--admin-token-file", str(token)],
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        timeout=60,
-    )
+    out = _model_server_command("--repository", str(tmp_path), "--admin-token-file", str(token))
     assert out.returncode == 2
     assert words in out.stderr
     assert "Traceback" not in out.stderr
