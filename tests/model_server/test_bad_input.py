@@ -468,26 +468,30 @@ def test_chunked_body_over_limit_gets_413(server_factory, repo_copy):
     assert r.status_code == 413
 
 
+def answered(port: int, request: bytes) -> http.client.HTTPResponse:
+    """``request``'s bytes sent to the server on ``port`` on a connection of their own: its
+    answer, the status and headers read (its body left to read)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+    return response
+
+
 def test_a_declared_length_over_the_limit_is_a_413_without_waiting_for_the_body(server_factory, repo_copy):
     """Without Expect: 100-continue it was drained (so that its client reads the answer, not a
     reset): one declared far past what is drained, or whose body never came, held the connection
     until the body timeout, then got a 408 that said nothing of its length."""
     s = server_factory(repo_copy, "--max-body-mb", "0.01", "--request-timeout", "60")
     for length in (10**10, 4 * 10485 + 1):
-        with socket.create_connection(("127.0.0.1", s.port), timeout=30) as sock:
-            sock.sendall(
-                f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n{{".encode()
-            )
-            response = http.client.HTTPResponse(sock)
-            response.begin()
-            assert response.status == 413
-            assert f"request body of {length} bytes is over the limit of 10485 bytes" in response.read().decode()
-    s = server_factory(repo_copy, "--max-body-mb", "0.01", "--request-timeout", "1")
-    with socket.create_connection(("127.0.0.1", s.port), timeout=30) as sock:  # drained, but it never came
-        sock.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\n{")
-        response = http.client.HTTPResponse(sock)
-        response.begin()
+        head = f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n{{"
+        response = answered(s.port, head.encode())
         assert response.status == 413
+        assert f"request body of {length} bytes is over the limit of 10485 bytes" in response.read().decode()
+    s = server_factory(repo_copy, "--max-body-mb", "0.01", "--request-timeout", "1")
+    # (drained, but it never came)
+    response = answered(s.port, b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\n{")
+    assert response.status == 413
 
 
 def test_slow_body_times_out_with_408_not_a_hang(server_factory, repo_copy):
@@ -924,15 +928,11 @@ def test_a_content_length_with_whitespace_after_it_is_read_as_the_parser_frames_
 def test_a_body_declared_over_the_limit_is_refused_before_100_continue(server, path):
     """A client that waits for 100 Continue is told 413 instead, and the connection closes
     (it was told to send the body, which was then read and thrown away)."""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-        sock.sendall(
-            f"POST {path} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {10**12}\r\n\r\n".encode()
-        )
-        response = http.client.HTTPResponse(sock)
-        response.begin()
-        assert response.status == 413
-        assert "over the limit" in json.loads(response.read())["error"]
-        assert response.getheader("connection") == "close"
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {10**12}\r\n\r\n"
+    response = answered(server.port, head.encode())
+    assert response.status == 413
+    assert "over the limit" in json.loads(response.read())["error"]
+    assert response.getheader("connection") == "close"
 
 
 def test_requests_pipelined_before_a_malformed_one_are_answered_before_its_400(server, digit_images):
