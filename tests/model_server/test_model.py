@@ -7,6 +7,7 @@ import json
 import math
 import struct
 from decimal import Decimal, localcontext
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,22 +138,13 @@ def test_a_signature_that_passed_before_still_has_its_images_and_outputs_checked
     assert len(version._valid) == 2  # what failed is not remembered
 
 
-def test_an_input_the_graph_itself_refuses_is_a_400_and_the_version_s_failure(tmp_path):
-    """The server's checks pass (names, datatypes, shapes) and the graph refuses some data (a
-    Gather index computed from it, out of range): Triton answers 400, and the failure is the
-    version's (BACKEND), which the rollout's error check counts; it was the client's
-    (INVALID_INPUT), so a candidate failing 10% of its requests so passed its stage."""
+def _table_lookup(tmp_path: Path, name: str, nodes: list, initializers: list) -> LoadedVersion:
+    """Version 1 of model ``name`` (in ``tmp_path``), a graph of ``nodes`` and ``initializers``
+    from ``x`` (FP32 [batch, 64]) to ``probabilities`` (FP32 [batch, 10]), loaded on the CPU."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])
     y = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10])
-    table = helper.make_tensor(
-        "table", TensorProto.FLOAT, [40, 10], np.tile(np.eye(10, dtype=np.float32), (4, 1)).ravel()
-    )
-    nodes = [
-        helper.make_node("ArgMax", ["x"], ["index"], axis=1, keepdims=0),
-        helper.make_node("Gather", ["table", "index"], ["probabilities"], axis=0),
-    ]
     model = helper.make_model(
-        helper.make_graph(nodes, "gather", [x], [y], [table]), opset_imports=[helper.make_opsetid("", 17)]
+        helper.make_graph(nodes, name, [x], [y], initializers), opset_imports=[helper.make_opsetid("", 17)]
     )
     model.ir_version = 10
     (tmp_path / "1").mkdir()
@@ -162,7 +154,22 @@ def test_an_input_the_graph_itself_refuses_is_a_400_and_the_version_s_failure(tm
         "input": [{"name": "x", "datatype": "FP32", "dims": [-1, 64]}],
         "output": [{"name": "probabilities", "datatype": "FP32", "dims": [-1, 10]}],
     }
-    lv = LoadedVersion(parse_config("gather", raw), 1, tmp_path / "1" / "model.onnx", ["CPUExecutionProvider"])
+    return LoadedVersion(parse_config(name, raw), 1, tmp_path / "1" / "model.onnx", ["CPUExecutionProvider"])
+
+
+def test_an_input_the_graph_itself_refuses_is_a_400_and_the_version_s_failure(tmp_path):
+    """The server's checks pass (names, datatypes, shapes) and the graph refuses some data (a
+    Gather index computed from it, out of range): Triton answers 400, and the failure is the
+    version's (BACKEND), which the rollout's error check counts; it was the client's
+    (INVALID_INPUT), so a candidate failing 10% of its requests so passed its stage."""
+    table = helper.make_tensor(
+        "table", TensorProto.FLOAT, [40, 10], np.tile(np.eye(10, dtype=np.float32), (4, 1)).ravel()
+    )
+    nodes = [
+        helper.make_node("ArgMax", ["x"], ["index"], axis=1, keepdims=0),
+        helper.make_node("Gather", ["table", "index"], ["probabilities"], axis=0),
+    ]
+    lv = _table_lookup(tmp_path, "gather", nodes, [table])
     try:
         good, bad = np.zeros((2, 1, 64), np.float32)
         good[0, 3] = bad[0, 50] = 1.0
@@ -238,8 +245,6 @@ def test_a_warm_up_that_fails_is_the_load_s_error_and_nothing_on_stderr(tmp_path
     stderr ("[E:onnxruntime:, sequential_executor.cc ...]"), outside Python logging and its
     masking, as requests' runs did before they were quieted: the warm-up's runs are quiet too,
     and the failure is the load's error, raised and logged by the server."""
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])
-    y = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10])
     table = helper.make_tensor("table", TensorProto.FLOAT, [40, 10], np.zeros(400, np.float32))
     past = helper.make_tensor("past", TensorProto.INT64, [], [100])
     nodes = [
@@ -247,18 +252,7 @@ def test_a_warm_up_that_fails_is_the_load_s_error_and_nothing_on_stderr(tmp_path
         helper.make_node("Add", ["first", "past"], ["index"]),  # out of the table's rows, whatever x is
         helper.make_node("Gather", ["table", "index"], ["probabilities"], axis=0),
     ]
-    model = helper.make_model(
-        helper.make_graph(nodes, "broken", [x], [y], [table, past]), opset_imports=[helper.make_opsetid("", 17)]
-    )
-    model.ir_version = 10
-    (tmp_path / "1").mkdir()
-    (tmp_path / "1" / "model.onnx").write_bytes(model.SerializeToString())
-    raw = {
-        "max_batch_size": 8,
-        "input": [{"name": "x", "datatype": "FP32", "dims": [-1, 64]}],
-        "output": [{"name": "probabilities", "datatype": "FP32", "dims": [-1, 10]}],
-    }
-    lv = LoadedVersion(parse_config("broken", raw), 1, tmp_path / "1" / "model.onnx", ["CPUExecutionProvider"])
+    lv = _table_lookup(tmp_path, "broken", nodes, [table, past])
     try:
         capfd.readouterr()
         with pytest.raises(InvalidInput, match=r"model 'broken' version 1 failed its warm-up inference: .*Gather"):
