@@ -2029,7 +2029,16 @@ def _send_claimed(
         sent.update(chart_error=f"its chart's upload waits: {exc}", chart_waits=True)
     if sent.pop("chart_waits", False):  # (posted: the chart waits, with the mark, for a later round)
         if aside:  # (no longer refused: the outbox's rounds upload its chart)
-            _back_to_outbox(outbox, name, found.chart, mark, f"its chart was not uploaded: {sent['chart_error']}")
+            try:
+                _back_to_outbox(outbox, name, found.chart, mark, f"its chart was not uploaded: {sent['chart_error']}")
+            except (OSError, ValueError) as exc:  # (a full disk, a folder it may not write: it stays, marked)
+                try:  # (moved, a leftover in refused/ not removed: it waits in the outbox)
+                    where = f"it waits in {REFUSED}/ with its mark" if outbox.exists(name) else "it waits there"
+                except OSError:
+                    where = "where it waits is not known"
+                why = f"not moved back to the outbox ({where}): {one_line(str(exc))[:300]}"
+                log.warning("report %s, posted, its chart waiting: %s", name, why)
+                sent["chart_error"] = f"{sent['chart_error']}; {why}"
         return {"name": name, "sent": True, **sent}
     if found.chart:
         outbox.delete(found.chart)

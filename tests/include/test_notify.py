@@ -1442,6 +1442,54 @@ def test_a_report_set_aside_then_posted_whose_chart_waits_leaves_refused_for_the
     assert outbox.names() == []
 
 
+def test_a_report_set_aside_then_posted_whose_move_back_to_the_outbox_fails_stays_aside_named(
+    slack, tmp_path, monkeypatch, caplog
+):
+    """A report sent again from refused/ that Slack took, its chart's upload failing, is moved
+    back to the outbox; that move ran outside any handling: a full disk or a folder it may not
+    write raised out of the round (PostedNotKept), the reports after it not sent. The failure is
+    named in its result and logged; the report stays in refused/ with the mark of its post, its
+    chart with it (never lost, never posted twice): a later --retry-refused uploads the chart."""
+    import logging
+
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import POSTED, REFUSED, send_refused, waiting_reports
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    slack.refuse = {"chat.postMessage": "channel_not_found"}
+    SlackNotifier("#typo", token=slack.token, base_url=slack.base_url, outbox=outbox).send(
+        rollback_message(SPEC, "x", chart=b"\x89PNG chart")
+    )
+    real = Folder.write
+
+    def write(folder: Folder, name: str, data: bytes) -> str:
+        if folder == outbox:  # (the outbox itself, not its refused/: full)
+            raise OSError(28, "No space left on device")
+        return real(folder, name, data)
+
+    monkeypatch.setattr(Folder, "write", write)
+    slack.refuse = {"upload": "HTTP Error 500"}
+    with caplog.at_level(logging.WARNING, logger="vision_rollout.notify"):
+        (result,) = send_refused(outbox, client)
+    assert result["sent"] is True
+    assert "not moved back to the outbox" in result["chart_error"]
+    assert "No space left on device" in result["chart_error"]
+    assert any("not moved back to the outbox" in r.getMessage() for r in caplog.records)
+    stem = result["name"].removesuffix(".json")
+    assert (outbox / REFUSED).names() == sorted([f"{stem}.json", f"{stem}.png", stem + POSTED])
+    assert outbox.names() == []  # (nothing half moved: no mark, no copy)
+    monkeypatch.setattr(Folder, "write", real)
+    (waiting,) = waiting_reports(outbox)
+    assert waiting.refused is not None
+    slack.refuse = {}
+    (done,) = send_refused(outbox, client)
+    assert (done["posted_before"], done["chart"]) == (True, True)
+    assert len(slack.messages()) == 1
+    assert (outbox / REFUSED).names() == []
+
+
 @pytest.mark.parametrize("error", ["metadata_must_be_sent_from_app", "invalid_metadata_format", "metadata_too_large"])
 def test_a_post_whose_metadata_slack_refuses_is_posted_without_it(slack, tmp_path, error, caplog):
     """Slack refusing a report's metadata (a token that is no app's, a limit) must not cost the
