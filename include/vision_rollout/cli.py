@@ -1536,8 +1536,11 @@ def _run(
         print(("PROMOTED: " if result.promoted else "ROLLED BACK: ") + result.reason + unguarded)
         return 0 if result.promoted else 1
     except Interrupted as exc:
-        if reported:  # (its report written: what serves said, not reported again)
-            print(f"INTERRUPTED by {exc} once its report was written: {_where_routes_are(router, spec)}", flush=True)
+        if reported:  # (its report written, or none to write: what serves said, not reported again)
+            when = (
+                "once its report was written" if notifier else "once it had ended (no --outbox: no report is written)"
+            )
+            print(f"INTERRUPTED by {exc} {when}: {_where_routes_are(router, spec)}", flush=True)
             return 128 + exc.signum
         where = cut_short(f"rolloutctl run was stopped by {exc} once it had ended", signalled=True)
         print(f"INTERRUPTED by {exc}: {where}", flush=True)

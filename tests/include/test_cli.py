@@ -3095,6 +3095,41 @@ def test_a_signal_while_the_runs_final_report_is_written_writes_no_second_report
     )
 
 
+def test_a_signal_once_the_rollout_ended_without_an_outbox_says_no_report_was_written(tmp_path, monkeypatch, capsys):
+    """rolloutctl run without --outbox writes no report; a signal landing once the rollout had
+    ended still said "INTERRUPTED by SIGTERM once its report was written", a report no one will
+    find. The last line says what serves, and that no report is written without an outbox."""
+    import argparse
+    import builtins
+
+    from tests.include.test_engine import RecordingRouter
+    from vision_rollout import cli, engine
+    from vision_rollout.engine import StageState
+    from vision_rollout.spec import RolloutSpec
+
+    spec = RolloutSpec.from_dict({"stages": [10, 100], "mirror_percent": 0})
+    monkeypatch.setattr(engine, "StageJudge", lambda *a, **k: lambda window: StageState("pass", 1, 1, None, "ok"))
+
+    def signalled_as_said(*words, **kw):
+        if words and str(words[0]).startswith("PROMOTED: "):  # (the signal, as the run's end is said)
+            raise cli.Interrupted(signal.SIGTERM)
+        builtins.print(*words, **kw)
+
+    monkeypatch.setattr(cli, "print", signalled_as_said, raising=False)
+    args = argparse.Namespace(url="http://127.0.0.1:9", validation=tmp_path, prediction_log=str(tmp_path))
+    args.outbox = None
+    router = RecordingRouter()
+    with cli._Lease(tmp_path, spec.model) as lease:
+        assert cli._run(args, spec, router, None, {}, lease, "") == 128 + signal.SIGTERM
+    assert router.history[-1] == spec.promoted_policy().to_dict()
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert "report was written" not in last, last
+    assert last == (
+        "INTERRUPTED by SIGTERM once it had ended (no --outbox: no report is written): "
+        "version 2 takes 100%: its promotion was decided"
+    )
+
+
 def test_a_signal_while_the_runs_final_report_fails_to_be_written_writes_the_cut_short_one(
     tmp_path, monkeypatch, capsys
 ):
