@@ -972,7 +972,10 @@ def attribution(
     such a copy with a primary it read that the next range's read, from ``CLOCK_SKEW_S`` before
     it, may not reach. An earlier range's: the records stamped before it, the shadow records of
     the items of primaries stamped before it, and those of no primary read stamped before
-    ``start``'s close."""
+    ``start``'s close. A shadow record stamped within the range more than ``CLOCK_SKEW_S`` before
+    its end, of a primary stamped after it (the pods' clocks further apart), is the range's too:
+    the next range's read, from ``CLOCK_SKEW_S`` before it, never sees it, and the pair was lost
+    to both unseen; the range counts it a shadow record without its primary."""
     time = records["time"]
     inside = ((time >= pd.Timestamp(start)) & (time < pd.Timestamp(end))).to_numpy()
     before = (time < pd.Timestamp(start)).to_numpy()
@@ -983,7 +986,10 @@ def attribution(
     ours = key.isin(key[primary & inside & ~late])
     theirs = key.isin(key[primary & ~inside])
     unpaired = ~primary & ~key.isin(key[primary])
-    mine = np.where(primary, inside, ours | (inside & ~theirs & ~unpaired) | (unpaired & closing))
+    beyond = (time < pd.Timestamp(end - timedelta(seconds=CLOCK_SKEW_S))).to_numpy() & key.isin(
+        key[primary & (time >= pd.Timestamp(end)).to_numpy()]
+    )  # (of a primary after the range, stamped before the next range's read)
+    mine = np.where(primary, inside, ours | (inside & (~theirs | beyond) & ~unpaired) | (unpaired & closing))
     return mine, ~mine & (before | key.isin(key[primary & before]) | (unpaired & by_close))
 
 

@@ -2417,6 +2417,30 @@ def test_a_copy_is_attributed_alike_whether_its_primary_written_late_has_come_or
     assert counts() == first == (1, 0)
 
 
+def test_a_copy_stamped_over_the_margin_before_its_primary_across_the_hour_is_counted_not_lost(tmp_path):
+    """A copy a pod's clock stamped more than ``CLOCK_SKEW_S`` before its primary, the copy just
+    before the hour and the primary within it: the hour before read the pair and left it to the
+    next hour (its primary's), whose read, from ``CLOCK_SKEW_S`` before the hour, never saw the
+    copy; both hours said "no shadow records", the pairs lost unseen. The hour before counts such
+    a copy a shadow record without its primary (inconclusive, named); copies within the margin
+    still pair in their primary's hour."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    at = (hour + timedelta(seconds=10)).timestamp()
+    (tmp_path / "near").mkdir()
+    near = shadow_log(tmp_path / "near", 50, disagree=0.0, at=at, skew=-50)
+    before = audit(near, hour - timedelta(hours=1), hour, "digits", earlier_hours=24)
+    assert (before.verdict, before.shadow_without_primary) == ("skip", 0)
+    this = audit(near, hour, hour + timedelta(hours=1), "digits", earlier_hours=24)
+    assert (this.verdict, this.rows) == ("pass", 50)
+    (tmp_path / "far").mkdir()
+    far = shadow_log(tmp_path / "far", 50, disagree=0.0, at=at, skew=-80)
+    before = audit(far, hour - timedelta(hours=1), hour, "digits", earlier_hours=24)
+    assert (before.verdict, before.shadow_without_primary) == ("inconclusive", 50), before.reasons
+    assert "50 shadow records without their primary" in before.reasons[0]
+    this = audit(far, hour, hour + timedelta(hours=1), "digits", earlier_hours=24)
+    assert (this.rows, this.shadow_without_primary) == (0, 0)
+
+
 @pytest.mark.parametrize(("off", "skew"), [(-70, 130), (-90, 150)])
 def test_a_pair_whose_copy_is_stamped_past_the_hour_within_its_close_is_counted_once(tmp_path, off, skew):
     """A copy a pod's clock stamped past the hour but before its close (read there, the hour's
