@@ -877,7 +877,8 @@ def copies_pending(
     not in the log yet: a primary of ``version`` (the mirrored one) without a shadow record (a
     copy, answered or dropped), or a shadow record without its primary (the pods flush apart);
     None where none. Without ``version`` (``rolloutctl audit``), the primaries of any version
-    that say the server's own mirror sampled them, alone; without ``model``, every model's. A primary that says whether its process's mirror sampled it (``mirrored``)
+    that say the server's own mirror sampled them, and those of the versions the stretch holds
+    copies of (behind Istio) as of ``version``; without ``model``, every model's. A primary that says whether its process's mirror sampled it (``mirrored``)
     is waited for only when it did; one that cannot say (Istio's mirror samples, an older
     writer) while it may have been: until the shadow's pods have written their copies past it
     (``shadow_watermark``). Only that stretch is read, and only the records' keys, beginning no
@@ -921,10 +922,14 @@ def copies_pending(
     if (watermark := shadow_watermark(records)) is not None:
         may_be = may_be & (stamp >= watermark).to_numpy(bool)
     sampled = np.where(said.isna().to_numpy(bool), may_be, said.eq(True).to_numpy(bool))
-    # (no version: those of any version its server's own mirror said it sampled, alone)
-    mirrored = (records["version"] == version).to_numpy(bool) & sampled if version else said.eq(True).to_numpy(bool)
     key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
     copy = ~primary & ~other_input(records, key, primary)  # (one of another input is no copy)
+    if version:
+        mirrored = (records["version"] == version).to_numpy(bool) & sampled
+    else:  # (no version: those its server's own mirror said it sampled, and as a rollout's of its
+        # version those of the versions whose copies the stretch holds: Istio's mirror says nothing)
+        shown = records["version"][primary & key.isin(key[copy])].unique()
+        mirrored = said.eq(True).to_numpy(bool) | (records["version"].isin(shown).to_numpy(bool) & sampled)
     lonely = recent & np.where(primary, mirrored & ~key.isin(key[copy]), ~key.isin(key[primary]))
     return stamp[lonely].max().to_pydatetime() if lonely.any() else None
 

@@ -1485,6 +1485,29 @@ def test_behind_istio_primaries_before_the_shadows_watermark_are_not_waited_for(
     assert result.primary_without_shadow == 108  # (an upper bound of copies lost: Envoy's sampling)
 
 
+def test_rolloutctl_audits_wait_covers_the_copies_behind_istio_of_the_versions_the_log_shows_mirrored(tmp_path):
+    """``rolloutctl audit`` (no version: ``copies_pending(..., None)``) waited only for the
+    primaries that say the server's own mirror sampled them: behind Istio (``mirrored`` null)
+    the copies of the last primaries, still in the candidate pod's buffer, were not waited for;
+    the audit up to now read those primaries without them, and the pairs were left out unsaid.
+    Without a version, the primaries of the versions whose copies the stretch holds are waited
+    for as the rollout's wait does its version's; a log with no copy at all is not waited for."""
+    now = time.time()
+    end = datetime.fromtimestamp(now, UTC)
+    primaries = [now - 60 + 0.5 * k for k in range(120)]
+    written = {i: t + 0.003 for i, t in enumerate(primaries) if t < now - 20}  # (flushed 20 s ago)
+    log = istio_log(tmp_path, primaries, written)
+    assert copies_pending(log, end, "digits", "1") is not None  # (the rollout's wait)
+    assert copies_pending(log, end, "digits", None) is not None
+    pods_log(tmp_path, {"shadow-pod": ("shadow", {i: t + 0.003 for i, t in enumerate(primaries) if i not in written})})
+    assert copies_pending(log, end, "digits", None) is None
+    assert audit(log, end - timedelta(minutes=5), end, "digits").rows == 120
+
+    (tmp_path / "b").mkdir()
+    alone = istio_log(tmp_path / "b", primaries, {})  # (no mirror: nothing to wait for)
+    assert copies_pending(alone, end, "digits", None) is None
+
+
 def test_behind_istio_a_shadow_that_wrote_nothing_is_waited_for_and_not_agreement(tmp_path):
     """A candidate's pod that is down writes no copy, and leaves no watermark: the primaries are
     waited for until the range's close, as before, and the audit finds no shadow record (no pass
