@@ -1375,8 +1375,11 @@ def _read_file(
         table.validate(full=True)
     except (OSError, pa.ArrowException, ValueError) as exc:  # (ValueError: a damaged footer, a name in it)
         return FileRead(path, None, f"unreadable: {exc}")
-    # (its written second decides whether its records came late: not one anyone may choose)
-    if written and (refused := _name_refused(path.rsplit("/", 1)[-1], table["time"], start, end)):
+    # (its written second decides whether its records came late: not one anyone may choose;
+    # without ``written``, a name written before the range was listed only as one before the hour
+    # its folder holds, ``read_files``: refused where it hides records of the range, as with it)
+    name = path.rsplit("/", 1)[-1]
+    if (written or _written_before(name, start)) and (refused := _name_refused(name, table["time"], start, end)):
         return FileRead(path, None, refused)
     n = table.num_rows
     valid = pc.is_valid(table["time"])
@@ -1470,7 +1473,9 @@ def read(
     its records of the range by more than ``CLOCK_STEP_S`` (a name before the hour its folder
     holds is not pruned by it, but read), is skipped, its reason saying so (and how many records
     of the range it holds, for the last) (its name, anyone's to choose, would decide whether its
-    records came late). With ``written_after``, only the files
+    records came late); without ``written``, a name before the hour its folder holds, written
+    before the range too, is read and skipped so where it holds records of the range (its name
+    would have hidden them). With ``written_after``, only the files
     written (by their name) after it are opened: those that came late to a range read before.
     With ``max_bytes``, the records read are held to about that many bytes (of Arrow tables;
     what a file may take is reserved while it is read): once a file did not fit, it and the
@@ -1587,12 +1592,13 @@ def read_files(
     budget = None if max_bytes is None and deadline is None else _Budget(max_bytes, deadline, clock)
 
     def keep(name: str, hour: datetime | None) -> bool:
-        # (with ``written``, a name written before the hour its folder holds lies before every
-        # record in it: not pruned by it, but read, and refused where it holds records of the range)
+        # (a name written before the hour its folder holds lies before every record in it: not
+        # pruned by it, but read, and refused where it holds records of the range, whether the
+        # read is the audit's, with ``written``, or not: its records are never dropped unsaid)
         return (
             name.startswith("part-")
             and name.endswith(".parquet")
-            and (not _written_before(name, start) or (written and hour is not None and _written_before(name, hour)))
+            and (not _written_before(name, start) or (hour is not None and _written_before(name, hour)))
             and (written_after is None or (_written_at(name) or written_after) > written_after)
         )
 

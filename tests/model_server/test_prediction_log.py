@@ -437,6 +437,27 @@ def test_files_written_before_the_range_are_not_opened(log_uri, tmp_path, monkey
     assert wide.attrs["files_read"] == 3
 
 
+def test_a_file_named_before_the_hour_its_folder_holds_is_refused_and_counted_by_a_read_without_written(tmp_path):
+    """A read without ``written`` (the audit's wait for copies, the masking probe's look) pruned
+    by its name a file whose written second lies before the hour its folder holds, before every
+    record in it (no writer names one so): its records of a range starting later were dropped
+    unsaid, no file skipped. As the audit's read (f3461a7), it is listed, and refused where it
+    holds records of the range: skipped, named, their count in the reason."""
+    w = writer(tmp_path)
+    w.append(primary("now"))
+    w.flush()
+    (path,) = (tmp_path / "log").rglob("part-*.parquet")
+    second = datetime.strptime(predictionlog.WRITTEN.search(path.name).group(1), "%Y%m%dT%H%M%S")
+    named = re.sub(r"-\d{8}T\d{6}Z-", f"-{second - timedelta(hours=2):%Y%m%dT%H%M%S}Z-", path.name)
+    path.rename(path.with_name(named))
+    recent = read(tmp_path / "log", datetime.now(UTC) - timedelta(minutes=5), datetime.now(UTC) + timedelta(minutes=1))
+    assert (len(recent), recent.attrs["skipped_files"], recent.attrs["files_read"]) == (0, 1, 0)
+    ((where, why),) = recent.attrs["skipped_file_reasons"].items()
+    assert where.endswith(named)
+    assert "lies before its records" in why
+    assert "its 2 records of this range" in why
+
+
 def test_row_groups_whose_time_statistics_hold_no_record_of_the_range_are_not_read(tmp_path, monkeypatch):
     """A read opened every file of its hour folders with all its columns, the probability
     vectors too, to keep the records of its range: a range ending a minute into an hour read
