@@ -117,11 +117,16 @@ SENSITIVE_KEY = re.compile(rf"(?i:(?:x-(?:meta-)?)?(?:{_KEY_NAMES}){_KEY_SUFFIX}
 _VALUE_CHAR = rf"(?:[^\s,;&|\"'`<>()\[\]{{}}\\]|{VALUE_ESCAPE})"
 _PIECE = rf"(?!tok_[a-zBCDFGH]{{8}}_){_VALUE_CHAR}{{0,31}}[^\W_]"
 _UNQUOTED = rf"{_PIECE}(?:[ ]{{1,2}}(?!{DATE_OR_TIME})(?={_VALUE_CHAR}{{0,31}}[0-9]|[A-Z]{{1,2}}(?!{_VALUE_CHAR})){_PIECE}){{0,7}}"
-# A name with more words after the key's (``w``: "ssn_code", "passportValue", "national_id_ts",
-# up to three, each possessive) names an identity number too where its value is a bare number
-# of six digits or more (an id's: "ssn_code: 123456789"; "passport_count: 2", "ssn_status:
-# active" stay), as a phone's or a card's word wins over a measure's after it (``_measure``).
-_MORE_WORDS = r"(?P<w>(?:[_.-]?+[A-Za-z]{1,32}+){1,3}+)?"
+# A name with more words after the key's (``w``: "ssn_code", "passportValue", "SSNCode",
+# "national_id_ts", up to three, each possessive) names an identity number too where its value is
+# a bare number of six digits or more (an id's: "ssn_code: 123456789"; "passport_count: 2",
+# "ssn_status: active" stay), as a phone's or a card's word wins over a measure's after it
+# (``_measure``). The key's word ends at a word's end and each word starts at a separator or at a
+# camel-case capital (``_WORD_START``: "idCard_no" has one, "id_cardinality" and "taxidermy" hold
+# only the key's letters); a measure's word among them ("passport_scan_bytes",
+# "ssn_lookup_latency_us") names no identity number (``_KeyedValues``).
+_WORD_START = r"(?:[_.-]|(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z]))"
+_MORE_WORDS = rf"(?P<w>(?:{_WORD_START}[A-Za-z]{{1,32}}+){{1,3}}+)?"
 _KEY_COLON = r"[ \t]{0,64}[:=](?:[ \t]|\\[tbf]){0,64}"
 _KEYED = re.compile(
     rf"{_NOT_ALNUM_BEFORE}(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX}){_MORE_WORDS}{KEY_QUOTE}"
@@ -192,6 +197,40 @@ class Detector:
         return next(self.spans(text), None) is not None
 
 
+# The words of a name that make the number under it a measure (a size, a duration, a count), and
+# no identity number under a name of more words ("passport_scan_bytes", "ssn_lookup_latency_us",
+# "passportOcrLatencyUs"); a unit's abbreviation only after another word of them ("ssn_us" is a
+# country's number, "latency_us" microseconds). A name's state ("code", "status") or time ("ts")
+# names none: "ssn_code: 123456789" is an identity number.
+_MEASURE_WORDS = frozenset(
+    {"secs", "seconds", "bytes", "size", "count", "total", "len", "length", "duration", "latency", "offset"}
+)
+_MEASURE_UNITS = frozenset({"ms", "us", "ns", "s", "sec"})
+_NAME_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+")  # (camel case: "OCRLatencyUs" is OCR, Latency, Us)
+
+
+def _names_measure(words: str) -> bool:
+    """Whether the words after a name's identity word (``_MORE_WORDS``) name a measure."""
+    found = [w.lower() for w in _NAME_WORD.findall(words)]
+    return any(w in _MEASURE_WORDS or (k and w in _MEASURE_UNITS) for k, w in enumerate(found))
+
+
+class _KeyedValues(Detector):
+    """The values after a key that names them (``_KEYED``), none under a name whose words after
+    the identity word name a measure (``_names_measure``). Such a match is no value, and the
+    search goes on from the character after its start, not its end: a key among its words
+    ("ssn_count_passport_no: 123456") is read. Linear: a start is tried once, each try bounded."""
+
+    def _spans(self, view: str) -> Iterator[Span]:
+        at = 0
+        while (m := self.pattern.search(view, at)) is not None:
+            if m.group("w") is not None and _names_measure(m.group("w")):
+                at = m.start() + 1
+                continue
+            at = m.end()
+            yield m.span("v")
+
+
 _NO_SEP = str.maketrans("", "", " ./_-")
 _PRC_ID = re.compile(r"[1-9]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[0-9Xx]")
 
@@ -257,7 +296,7 @@ def _is_card_number(digits: str) -> bool:
 DETECTORS: tuple[Detector, ...] = (
     # Secrets first: a password or token that holds digits is masked whole, no phone cut out of it.
     *(Detector("secret", pattern) for pattern in credentials.PATTERNS),
-    Detector("keyed", _KEYED),
+    _KeyedValues("keyed", _KEYED),
     Detector("email", _SPELT_EMAIL),
     # Starts only where a run of local-part characters starts, every part bounded (RFC 5321:
     # local part 64, labels 63): linear in the text, where the unanchored [...]+@ scanned each

@@ -2826,3 +2826,53 @@ def test_a_spelt_address_with_escaped_line_ends_is_read_in_linear_time(keys):
         start = time.perf_counter()
         masker.mask_text(text, None)
         print(f"spelt addresses, {len(text)} characters: {time.perf_counter() - start:.3f} s")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "id_cardinality: 1234567",
+        "idCardinality: 1234567",
+        "ID_CARDINALITY: 1234567",
+        "taxidermy_count: 123456",
+        "passport_scan_bytes: 1048576",
+        "ssn_lookup_latency_us: 123456",
+        "passport_checks_total: 1234567",
+        "passportOcrLatencyUs: 250000",
+        "PASSPORT_SCAN_BYTES=1048576",
+        "passport_count: 2",
+        "ssn_status: active",
+        "ssn_code: n/a",
+    ],
+)
+def test_a_measure_under_an_identity_name_or_a_word_only_holding_one_stays_in_clear(keys, text):
+    """A measure under a name with an identity word ("passport_scan_bytes: 1048576",
+    "ssn_lookup_latency_us: 123456") or under a word that only holds one's letters
+    ("id_cardinality", "taxidermy_count") was masked as an identity number (06dd413): the words
+    after the identity word matched by prefix, anywhere, and none was read as a measure. The
+    identity word ends at a word's end now, each word after it starts at a separator or a
+    camel-case capital, and a measure's word among them keeps the number."""
+    ring = KeyRing(keys)
+    masking = LogMasking(Masker(ring))
+    assert Masker(ring).mask_text(text, ring.key_for(None)) == text
+    name, _, value = text.partition(": ")
+    if value.isdigit():
+        line = json.dumps({name: int(value), "user": {name: value}})
+        assert masking._masked(line, ring.key_for(None)) == line
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("SSN_CODE: 123456789", "123456789"),
+        ("PASSPORT_NUMBER=123456789", "123456789"),
+        ("SSNCode: 123456789", "123456789"),
+        ("passportValue: 123456789", "123456789"),
+        ("ssn_us: 123456789", "123456789"),  # (a country, not microseconds)
+        ("ssn_count_passport_no: 123456", "123456"),  # (the key inside a measure's name is read)
+    ],
+)
+def test_an_identity_number_under_a_name_of_more_words_in_any_case_is_still_masked(keys, text, value):
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value], masked
