@@ -118,21 +118,36 @@ _VALUE_CHAR = rf"(?:[^\s,;&|\"'`<>()\[\]{{}}\\]|{VALUE_ESCAPE})"
 _PIECE = rf"(?!tok_[a-zBCDFGH]{{8}}_){_VALUE_CHAR}{{0,31}}[^\W_]"
 _UNQUOTED = rf"{_PIECE}(?:[ ]{{1,2}}(?!{DATE_OR_TIME})(?={_VALUE_CHAR}{{0,31}}[0-9]|[A-Z]{{1,2}}(?!{_VALUE_CHAR})){_PIECE}){{0,7}}"
 # A name with more words after the key's (``w``: "ssn_code", "passportValue", "SSNCode",
-# "national_id_ts", up to three, each possessive) names an identity number too where its value is
-# a bare number of six digits or more (an id's: "ssn_code: 123456789"; "passport_count: 2",
-# "ssn_status: active" stay), as a phone's or a card's word wins over a measure's after it
-# (``_measure``). The key's word ends at a word's end and each word starts at a separator or at a
-# camel-case capital (``_WORD_START``: "idCard_no" has one, "id_cardinality" and "taxidermy" hold
-# only the key's letters); a measure's word among them ("passport_scan_bytes",
-# "ssn_lookup_latency_us") names no identity number (``_KeyedValues``).
-_WORD_START = r"(?:[_.-]|(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z]))"
+# "SSN code", "national_id_ts", up to three, each possessive) names an identity number too where
+# its value has an id's shape (``_ID_VALUE``: "ssn_code: 123456789", "passport_value: E1234567",
+# "ssn_code: 123 456 789"; "passport_count: 2", "ssn_status: active", "ssn_code: n/a" stay), after
+# ":", "=", "->" or "=>", or after blanks alone where it is a number (``n``, ``_ID_NUMBER``:
+# "ssn_code      123456789"), as a phone's or a card's word wins over a measure's after it
+# (``_measure``). The key's word ends at a word's end and each word starts at a separator (up to
+# three spaces too) or at a camel-case capital (``_WORD_START``: "idCard_no" has one,
+# "id_cardinality" and "taxidermy" hold only the key's letters); a measure's word among them
+# ("passport_scan_bytes", "ssn_lookup_latency_us") names no identity number (``_KeyedValues``).
+_WORD_START = r"(?:[_.-]|[ ]{1,3}+|(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z]))"
 _MORE_WORDS = rf"(?P<w>(?:{_WORD_START}[A-Za-z]{{1,32}}+){{1,3}}+)?"
 _KEY_COLON = r"[ \t]{0,64}[:=](?:[ \t]|\\[tbf]){0,64}"
+_WORDS_COLON = r"(?:[ \t]{0,64}+(?:->|=>|[:=])(?:[ \t]|\\[tbf]){0,64}+|(?P<n>[ \t]{1,64}+))"
+# An identity number: six digits or more, a run of them or in groups of up to eight apart by a
+# space, a dot or a hyphen ("123 456 789", "912-78-1234", "123.456.789-09"; a date or a time
+# after a space is the line's, not the number's); or six letters and digits or more, five of them
+# digits (a passport's: "E1234567", "C01X00T47"). Whole: no letter, digit, "_", "-" or a
+# fraction's ".5" after it; a fraction alone ("0.98765432", two groups apart by a dot) is none.
+_ID_END = r"(?![0-9A-Za-z_-]|\.[0-9])"
+_FRACTION = r"[0-9]{1,64}+\.[0-9]{1,64}+(?![ .-][0-9])"
+_ID_NUMBER = (
+    rf"(?:(?!{DATE_OR_TIME}|{_FRACTION})(?=[0-9](?:[ .-]?[0-9]){{5}})[0-9]{{1,8}}+(?:(?:[.-]|[ ](?!{DATE_OR_TIME}))[0-9]{{1,8}}+){{1,7}}"
+    rf"|[0-9]{{6,64}}+){_ID_END}"
+)
+_ID_VALUE = rf"(?:{_ID_NUMBER}|(?=(?:[A-Za-z]{{0,63}}+[0-9]){{5}})[A-Za-z0-9]{{6,64}}+{_ID_END})"
 _KEYED = re.compile(
     rf"{_NOT_ALNUM_BEFORE}(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX}){_MORE_WORDS}{KEY_QUOTE}"
-    rf"(?(w){_KEY_COLON}|(?:{_KEY_COLON}|(?P<b>[ \t]{{1,64}}+(?=[{{\[]))"
+    rf"(?(w){_WORDS_COLON}|(?:{_KEY_COLON}|(?P<b>[ \t]{{1,64}}+(?=[{{\[]))"
     rf"|[ \t]{{1,64}}+(?:[#-][ \t]{{0,64}}+)?(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9])))"
-    rf"{OPEN_QUOTE}(?P<v>(?(w)[0-9]{{6,64}}+(?![0-9A-Za-z_-]|\.[0-9])"
+    rf"{OPEN_QUOTE}(?P<v>(?(w)(?(n){_ID_NUMBER}|{_ID_VALUE})"
     rf"|(?:(?(q){NOT_MASKED}{quoted(64)}|(?(b){CLOSED_BRACKETED}|(?:{BRACKETED}|{_UNQUOTED})))|{_UNQUOTED})))"
 )
 # An address with "@" spelt "(at)", "[at]", "{at}" or "<at>" and its dots "." or spelt alike;

@@ -375,6 +375,11 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "escaped form feeds and backspaces after keys": "passport:\\f\\b" * 125_000,
     "escaped form feeds after a value": "ssn: 1" + "\\f" * 500_000,
     "values before escaped backspaces": "passport: X1\\b" * 90_000,
+    "identity names of spaced words": "SSN code serial " * 62_500,
+    "measures under identity names": "ssn_lookup_latency_us: 123456 " * 33_000,
+    "digits under an identity name": "ssn_code: " + "1" * 1_000_000,
+    "digit groups under an identity name": "ssn_code: " + "1 " * 500_000,
+    "letters and digits under an identity name": "passport_value: " + "a1" * 500_000,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
@@ -391,6 +396,7 @@ FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, ea
     "keys after escaped line ends": {"keyed"},  # (an escaped tab after its ":" is no piece of the value)
     "escaped form feeds after a value": {"keyed"},
     "values before escaped backspaces": {"keyed"},
+    "digit groups under an identity name": {"keyed"},  # its first eight groups
 }
 
 
@@ -2876,3 +2882,60 @@ def test_an_identity_number_under_a_name_of_more_words_in_any_case_is_still_mask
     ring = KeyRing(keys)
     masked = Masker(ring).mask_text(text, ring.key_for(None))
     assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value], masked
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("SSN code: 123456789", "123456789"),
+        ("Passport serial: 123456789", "123456789"),
+        ("ssn_code      123456789", "123456789"),
+        ("SSN code 123456789 on file", "123456789"),
+        ("ssn_code->123456789", "123456789"),
+        ("ssn_code => 123456789", "123456789"),
+        ("passport_value: E1234567", "E1234567"),
+        ("passport_value=E12345678", "E12345678"),
+        ("passportValue: 'C01X00T47'", "C01X00T47"),
+        ("ssn_code: 123 456 789", "123 456 789"),
+        ("ssn_code: 123-45-6789", "123-45-6789"),
+        ("ssn_code: 912-78-1234", "912-78-1234"),  # (an ITIN: no SSN's area)
+        ("tax_id_value: 123.456.789-09", "123.456.789-09"),
+        ("ssn_code: 123 456 789 2026-12-03", "123 456 789"),  # (the date is the line's)
+    ],
+)
+def test_an_identity_number_spaced_arrowed_of_letters_or_grouped_under_a_name_of_more_words_is_masked(
+    keys, text, value
+):
+    """An identity number under a name of more words was logged in clear where the name's words
+    were apart by a space ("SSN code: 123456789"), where blanks alone ("ssn_code      123456789")
+    or an arrow ("ssn_code->123456789") were between the name and the number, or where the number
+    held letters ("passport_value: E1234567") or was written in groups ("123 456 789",
+    "912-78-1234"): 06dd413 read a bare run of digits after ":" or "=" only. Each is masked now;
+    after blanks alone only a number of six digits or more, bare or grouped."""
+    ring = KeyRing(keys)
+    key = ring.key_for(None)
+    masked = Masker(ring).mask_text(text, key)
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value], masked
+    name, sep, _ = text.partition(": ")
+    if sep:
+        fields = json.loads(LogMasking(Masker(ring))._masked(json.dumps({name: value}), key))
+        assert reveal(fields[name], ring) == value
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "ssn_code: n/a",
+        "passport_count: 2",
+        "passport_photo: 1234.jpg",
+        "passport_model: resnet50",
+        "ssn_code      E1234567",  # (blanks alone: a number of digits only)
+        "passport_trace: 550e8400-e29b-41d4-a716-446655440000",
+        "passport_checked: 2026-12-03",
+        "ssn_score: 0.98765432",
+        "passport_ocr_confidence: 1234.5678",
+    ],
+)
+def test_words_and_short_numbers_under_an_identity_name_of_more_words_stay_in_clear(keys, text):
+    ring = KeyRing(keys)
+    assert Masker(ring).mask_text(text, ring.key_for(None)) == text
