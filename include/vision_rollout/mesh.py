@@ -1425,9 +1425,12 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
     failed: Exception | None = None  # the last attempt's failure (an Unsettled or a Conflicted)
     for n in range(tries):
         if isinstance(failed, Conflicted):
-            time.sleep(random.uniform(*CONFLICT_PAUSE_S))  # noqa: S311 (a pause, no secret)
-        elif failed is not None:
-            time.sleep(min(BACKOFF_S * 2 ** (n - 1), BACKOFF_MAX_S))
+            wait = random.uniform(*CONFLICT_PAUSE_S)  # noqa: S311 (a pause, no secret)
+        else:
+            wait = min(BACKOFF_S * 2 ** (n - 1), BACKOFF_MAX_S) if failed is not None else 0.0
+        if wait and not pause(wait):  # (the api_budget spent by the pause: the last failure raised)
+            tries = n
+            break
         try:
             return attempt(doubted)
         except Unsettled as exc:
@@ -1463,23 +1466,33 @@ class ApiBudget:
     """What ``api_budget`` allows the calls made within it: ``per_call_s`` each (connect and
     read), and ``total_s`` without an answer in all (``spent``: the time the calls that got none,
     or none that served them, took, the client's retries and their backoff included; ``since``: when the call under way
-    began, its time counted until it is answered; ``clock``: what tells the time)."""
+    began, its time counted until it is answered; ``clock``: what tells the time); and, with
+    ``cap_s``, that long in all from ``started``, whatever the calls took (served ones, their
+    Retry-After waits, the pauses and waits between them)."""
 
     total_s: float
     per_call_s: float
     spent: float = 0.0
     since: float | None = None
     clock: Callable[[], float] = time.monotonic
+    cap_s: float | None = None
+    started: float = 0.0
 
     def left(self) -> float:
-        return self.total_s - self.spent - (self.clock() - self.since if self.since is not None else 0.0)
+        now = self.clock()
+        left = self.total_s - self.spent - (now - self.since if self.since is not None else 0.0)
+        return left if self.cap_s is None else min(left, self.cap_s - (now - self.started))
+
+    def capped(self) -> bool:
+        """Whether ``cap_s`` is what is spent (not ``total_s``)."""
+        return self.cap_s is not None and self.cap_s - (self.clock() - self.started) <= 0
 
 
 _BUDGET: contextvars.ContextVar[ApiBudget | None] = contextvars.ContextVar("api_budget", default=None)
 
 
 @contextlib.contextmanager
-def api_budget(total_s: float, per_call_s: float) -> Iterator[ApiBudget]:
+def api_budget(total_s: float, per_call_s: float, cap_s: float | None = None) -> Iterator[ApiBudget]:
     """Within it, each try of a Kubernetes API call of a ``with_retries`` client waits
     ``per_call_s`` at most to connect and to read (not ``API_TIMEOUT_S``' 60 s), and no more than
     the budget has left when it is sent (``BudgetTimeout``), nor is a try sent after a wait that
@@ -1492,13 +1505,34 @@ def api_budget(total_s: float, per_call_s: float) -> Iterator[ApiBudget]:
     server uses the budget up as a hung one does. Served calls (a refusal too) and the time
     between calls (a wait for pods, a drain) are not counted.
     What puts the stable version back (the teardown, the failure callback) is so bounded: a hung
-    API server took 181 s a call, minutes a teardown."""
-    budget = ApiBudget(total_s, per_call_s)
+    API server took 181 s a call, minutes a teardown. With ``cap_s`` (the failure callback, under
+    a time limit), nothing is sent, nor waited for, ``cap_s`` after it began, whatever the calls
+    took: a slow server's served calls, those served after 429s, spent nothing of ``total_s``
+    (the callback took 100 s of its 30); each try's limit is what is left of it at most too.
+    ``pause`` waits only within it."""
+    budget = ApiBudget(total_s, per_call_s, clock=time.monotonic, cap_s=cap_s)
+    budget.started = budget.clock()
     token = _BUDGET.set(budget)
     try:
         yield budget
     finally:
         _BUDGET.reset(token)
+
+
+def budget_left() -> float:
+    """What the ``api_budget`` in force has left (``ApiBudget.left``); infinity without one."""
+    budget = _BUDGET.get()
+    return math.inf if budget is None else budget.left()
+
+
+def pause(seconds: float) -> bool:
+    """Sleep ``seconds`` (a pause before a call is tried again) unless the ``api_budget`` in force
+    has no more than that left: False then, nothing slept (the caller raises what failed)."""
+    budget = _BUDGET.get()
+    if budget is not None and budget.left() <= seconds:
+        return False
+    time.sleep(seconds)
+    return True
 
 
 def api_retries() -> Any:
@@ -1584,10 +1618,14 @@ def with_retries(api_client: Any) -> Any:
             if budget is not None:
                 left = budget.left()
                 if left <= 0:
+                    why = (
+                        f"the calls here took the {budget.cap_s:g} s they are allowed in all"
+                        if budget.capped()
+                        else f"the Kubernetes API server left calls here {budget.total_s:g} s without an answer, all "
+                        "they are allowed"
+                    )
                     raise ApiUnreachable(
-                        f"{method.upper()} {urlsplit(url).path} was not sent: the Kubernetes API server left "
-                        f"calls here {budget.total_s:g} s without an answer, all they are allowed; the call may be "
-                        "tried again"
+                        f"{method.upper()} {urlsplit(url).path} was not sent: {why}; the call may be tried again"
                     )
                 parts = timeout if isinstance(timeout, tuple) else (timeout, timeout)  # (each retry's: BudgetTimeout)
                 timeout = tuple(min(part, budget.per_call_s, left) for part in parts)

@@ -93,6 +93,17 @@ ROUTES_READ_TRIES = 3  # routes_read: reads of the routes the API server failed,
 # budget has left at most.
 TEARDOWN_API_S, TEARDOWN_CALL_S = 120.0, 30.0
 CALLBACK_API_S, CALLBACK_CALL_S = 30.0, 15.0
+# The failure callback's calls, and the waits between them, end within CALLBACK_CAP_S of its start
+# whatever the API server does (``api_budget``'s cap: no call sent, no wait begun, each try's limit
+# what is left): its served calls spent nothing of CALLBACK_API_S, and a slow server (14 s a call)
+# or one answering 429s (their Retry-After waited) took it 100 s, past the DAG processor's 50 s
+# (dag_file_processor_timeout), killed before it reported. Bound: 40 s of calls, and the report
+# (Slack's own timeout) and the DAG file's parse in the 10 s left. The routes write is its 9th call
+# (``quick``: the lease renewed once, GET and PUT, the routes and the baseline's Deployment read,
+# its readiness, the routes read, the DestinationRule's subsets, the routes read and written): a
+# server answering each in 4 s still gets it (36 s); slower, the callback reports the routes not
+# restored rather than being killed. (A wait for the baseline's pod may end one 1 s poll past it.)
+CALLBACK_CAP_S = 40.0
 
 
 def spec_from(params: dict[str, Any]) -> RolloutSpec:
@@ -1772,16 +1783,28 @@ class Shortfall:
     retired: bool
 
 
-def stable_back(params: dict[str, Any], run_id: str, unload_candidate: bool = True) -> Shortfall | None:
+def stable_back(
+    params: dict[str, Any],
+    run_id: str,
+    unload_candidate: bool = True,
+    read: tuple[TrafficPolicy | None] | None = None,
+    quick: bool = False,
+) -> Shortfall | None:
     """``restore_stable``'s work; a failure once the traffic is back on the stable version returned
-    (``Shortfall``), not raised: ``finish`` reports it as that, not as a restore that failed."""
+    (``Shortfall``), not raised: ``finish`` reports it as that, not as a restore that failed.
+    ``read``: the routes ``finish`` read (``routes_read``) just after it renewed the lease, neither
+    done again. ``quick`` (the failure callback, within ``CALLBACK_CAP_S`` of finish's renewal
+    of the lease for ``LEASE_S``): the lease not renewed again, and the wait for a ready pod of
+    the baseline no longer than its ``api_budget`` has left: the routes write comes sooner."""
+    from vision_rollout import mesh
     from vision_rollout.mesh import RouterError, routes_to
 
     spec = spec_from(params)
     hook = serving()
-    hold(spec, run_id, hook, rolling_back=True)
+    if read is None:
+        hold(spec, run_id, hook, rolling_back=True)
     r = router(spec, run_id, hook)
-    routes = routes_read(spec, r)
+    routes = routes_read(spec, r) if read is None else read[0]
     rerouted = routes is None or routes_to(routes, spec.candidate_version)  # (None: what it sends is unknown)
     if spec.mesh == "local":
         if rerouted:
@@ -1801,7 +1824,8 @@ def stable_back(params: dict[str, Any], run_id: str, unload_candidate: bool = Tr
                 f"version {spec.baseline_version} has no Deployment: the routes stay as they are rather than "
                 "sending traffic to no pods"
             )
-        hold(spec, run_id, hook, WAITING_STEP_S, rolling_back=True)  # for the waits
+        if not quick:
+            hold(spec, run_id, hook, WAITING_STEP_S, rolling_back=True)  # for the waits
         if live == 0:  # retired (a promotion cut short): back at the size that serves the traffic now
             restoring = max(deployments.build.replicas, deployments.replicas(spec.candidate_version) or 0)
             # its own HPA kept (another manager's, a Helm release's: refused, logged, its pods back all the same);
@@ -1824,8 +1848,11 @@ def stable_back(params: dict[str, Any], run_id: str, unload_candidate: bool = Tr
                             size,
                             str(exc)[:500],
                         )
-        deployments.wait_ready(spec.baseline_version, 1, strict=False)
-        hold(spec, run_id, hook, rolling_back=True)  # still this run's, after the wait
+        if quick:  # (its budget's cap bounds the wait: never the teardown's, whose baseline's pods may take minutes)
+            deployments.wait_ready(spec.baseline_version, 1, timeout_s=max(mesh.budget_left(), 0.0), strict=False)
+        else:
+            deployments.wait_ready(spec.baseline_version, 1, strict=False)
+            hold(spec, run_id, hook, rolling_back=True)  # still this run's, after the wait
         router(spec, run_id, hook, only=spec.baseline_version).set_routes(spec.stable_policy())
         promotion_undone(spec, run_id, hook)
         if unscaled is not None:  # (its floor stays held: its HPA scales it there, as the scale would have)
@@ -1862,10 +1889,9 @@ def routes_read(spec: RolloutSpec, r: Router) -> TrafficPolicy | None:
         try:
             return r.get_routes()
         except mesh.TRANSIENT as exc:
-            if tries == ROUTES_READ_TRIES:
+            if tries == ROUTES_READ_TRIES or not mesh.pause(mesh.BACKOFF_MAX_S):  # (nor past the api_budget)
                 raise
             log.warning("the routes were not read (%s); reading them again", str(exc)[:300])
-            time.sleep(mesh.BACKOFF_MAX_S)
             tries += 1
         except mesh.RouterError as exc:
             if spec.mesh != "istio":
@@ -2094,6 +2120,7 @@ def finish(
     prune: bool = False,
     decided: str | None = None,
     report: dict[str, Any] | None = None,
+    quick: bool = False,
 ) -> tuple[bool, str]:
     """What ends a run that holds its model (the teardown, and the failure callback should the
     teardown not finish): the promotion kept when promote ran (``promoted``, or its routes in
@@ -2110,7 +2137,8 @@ def finish(
     restore fail, the lease stays: the failure callback tries again; should only the release
     fail, ``Unreleased`` says what was done and that failure. Should the restore fail once the
     traffic is back (``Shortfall``: the stable version's scale, its pods), the rest is done all
-    the same, the lease released, and ``Undersized`` says what was done and that failure."""
+    the same, the lease released, and ``Undersized`` says what was done and that failure.
+    ``quick``: the failure callback's (``stable_back``)."""
     from vision_rollout.mesh import routes_to
 
     spec = spec_from(params)
@@ -2129,7 +2157,7 @@ def finish(
     else:  # (the record read only where the cluster looks promoted: mid-stage, an unreadable one stops nothing)
         looks = promoted_unseen(spec, hook) if unread else promotion_in_effect(spec, run_id, hook, routes)
         kept = looks and promotion_record(spec, run_id, folder)
-    short = stable_back(params, run_id, unload_candidate) if not kept else None
+    short = stable_back(params, run_id, unload_candidate, (routes,), quick) if not kept else None
     if kept and spec.mesh == "istio":  # (promote stopped before it put the retired version's HPA back)
         hook.deployments(spec.model).release_floor(spec.baseline_version)
     if prune and spec.mesh == "istio":
@@ -2790,8 +2818,8 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
         log.warning("run %s failed; nothing restored: %s", run_id, exc)
         return
     try:
-        with api_budget(CALLBACK_API_S, CALLBACK_CALL_S):
-            done = finish(params, run_id, promoted=False, unload_candidate=False)[1]
+        with api_budget(CALLBACK_API_S, CALLBACK_CALL_S, CALLBACK_CAP_S):
+            done = finish(params, run_id, promoted=False, unload_candidate=False, quick=True)[1]
         log.warning("run %s failed: %s", run_id, done)
     except LockLost as exc:
         log.warning("run %s failed; its teardown is done or it never held the model: %s", run_id, exc)

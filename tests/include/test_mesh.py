@@ -1689,3 +1689,31 @@ def test_each_try_of_a_call_waits_at_most_what_the_api_budget_has_left(kube, mon
         with pytest.raises(RouterError):
             router.get_routes()
     assert limits == [15, 15, 10]  # (left: 30, 20, then 10)
+
+
+@pytest.mark.real_pauses  # (the pauses on the fake clock)
+def test_no_pause_is_slept_once_the_api_budget_is_spent(monkeypatch):
+    """``settled``'s pause before a write in doubt is read back, and ``routes_read``'s before the
+    routes are read again, slept on once the failure callback's budget was spent (it ended at
+    45 s of its 30). A pause the ``api_budget`` in force has no time left for is not begun: the
+    last failure is raised at once."""
+    from types import SimpleNamespace
+
+    from vision_rollout import mesh
+
+    now = [0.0]
+    slept: list[float] = []
+    monkeypatch.setattr(mesh, "time", SimpleNamespace(monotonic=lambda: now[0], sleep=slept.append))
+    attempts: list[int] = []
+
+    def in_doubt(n: int) -> None:
+        attempts.append(n)
+        now[0] += 9.5  # (a write left 9.5 s without an answer)
+        raise mesh.Unsettled(mesh.ApiUnreachable("the Kubernetes API server did not answer PATCH /x"))
+
+    with mesh.api_budget(30, 15, cap_s=20):
+        assert mesh.pause(1.0)
+        with pytest.raises(mesh.ApiUnreachable, match=r"tried 2 times"):
+            mesh.settled(in_doubt)
+    assert attempts == [0, 1]  # (19 s spent: the third try's 1 s pause would leave none)
+    assert slept == [1.0, 0.5]

@@ -2685,6 +2685,129 @@ def test_a_teardown_against_an_api_server_that_never_answers_is_bounded(kube, mo
     assert routes(kube) == [("v1", 90), ("v2", 10)]
 
 
+def fake_api_time(monkeypatch, answer_s: float) -> tuple[list[float], list[tuple[str, str, float, int | None]]]:
+    """The API server takes ``answer_s`` to answer each try of a call, on a fake clock (the
+    client's time limit cut shorter ones short: a read timeout, at its limit), which the waits
+    (the client's Retry-After and backoff, mesh's and steps' pauses, a wait for pods) advance too:
+    the clock and each try as (verb, path, when it ended, its status; None: no answer)."""
+    import time
+    from types import SimpleNamespace
+
+    import urllib3.connectionpool
+    from urllib3.exceptions import ReadTimeoutError
+    from urllib3.util.retry import Retry
+
+    from vision_rollout import deploy, mesh
+
+    now = [0.0]
+    tries: list[tuple[str, str, float, int | None]] = []
+    sent = urllib3.connectionpool.HTTPConnectionPool._make_request
+
+    def answered(self, conn, method, url, *args, **kwargs):
+        limit = kwargs["timeout"].read_timeout
+        if isinstance(limit, int | float) and limit < answer_s:
+            now[0] += limit
+            tries.append((method, url.split("?")[0], now[0], None))
+            raise ReadTimeoutError(self, url, "Read timed out.")
+        now[0] += answer_s
+        response = sent(self, conn, method, url, *args, **kwargs)
+        tries.append((method, url.split("?")[0], now[0], response.status))
+        return response
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    def retry_sleep(self: Retry, response: object = None) -> None:  # (urllib3's wait between tries)
+        sleep((self.get_retry_after(response) if response is not None else None) or self.get_backoff_time())
+
+    clock = SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    clock.monotonic, clock.sleep = (lambda: now[0]), sleep
+    for module in (mesh, deploy, steps):
+        monkeypatch.setattr(module, "time", clock)
+    monkeypatch.setattr(Retry, "sleep", retry_sleep)
+    monkeypatch.setattr(urllib3.connectionpool.HTTPConnectionPool, "_make_request", answered)
+    return now, tries
+
+
+@pytest.mark.real_pauses  # (the pauses on the fake clock)
+def test_a_slow_api_server_still_gets_the_failure_callbacks_routes_write(kube, monkeypatch):
+    """The routes write (100% back on stable) comes after the lease's renewal, the routes' read and
+    the baseline's readiness: an API server answering each call in 2.5 s (served, its time well
+    within each call's limit) gets it all the same, the routes back on version 1."""
+    at_stage_1(kube)
+    _now, tries = fake_api_time(monkeypatch, 2.5)
+    steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+    assert routes(kube) == [("v1", 100)]
+    assert ("PATCH", "/apis/networking.istio.io/v1/namespaces/models/virtualservices/digits") in {
+        (m, p) for m, p, _, s in tries if s == 200
+    }
+
+
+@pytest.mark.real_pauses  # (the pauses, the Retry-After waited, on the fake clock)
+@pytest.mark.parametrize("server", ["slow", "slower", "failing", "throttling"])
+def test_the_failure_callback_ends_within_its_time_against_a_slow_or_throttling_api_server(
+    kube, monkeypatch, tmp_path, server
+):
+    """Only calls that got no answer spent the failure callback's budget: served calls (a slow
+    server's, 14 s each under a 15 s limit; those served after 429s and their Retry-After waits)
+    spent nothing, and the callback took 100 s of its 30, past the DAG processor's 50 s: killed,
+    the routes maybe left 90/10, nothing said. And routes_read's and settled's pauses slept on
+    once the budget was spent. It ends within ``CALLBACK_CAP_S`` now, whatever the server does: a
+    server answering each call in 4 s gets the routes back on version 1 before; one too slow for
+    the calls before the write, or throttling, is reported (routes not restored)."""
+    at_stage_1(kube)
+    answer_s = {"slow": 4.0, "slower": 14.0, "failing": 1.0, "throttling": 1.0}[server]
+    now, tries = fake_api_time(monkeypatch, answer_s)
+    if server == "failing":  # every call answered 500 (etcd timing out), the client sending each again
+        kube.throttle, kube.throttle_status = 10**6, 500
+    if server == "throttling":
+        kube.throttle, kube.retry_after = 10**6, "10"
+    steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+    assert tries
+    assert now[0] <= steps.CALLBACK_CAP_S < 50  # (the DAG processor's limit: dag_file_processor_timeout)
+    if server == "slow":
+        assert routes(kube) == [("v1", 100)]
+    else:
+        assert routes(kube) == [("v1", 90), ("v2", 10)]
+        (report,) = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
+        assert report["text"].startswith("Stopped digits v2, routes not restored")
+
+
+@pytest.mark.real_pauses  # (the waits on the fake clock)
+def test_the_teardown_waits_its_whole_time_for_a_baseline_at_0_whose_pods_are_slow_to_come(kube, monkeypatch):
+    """A baseline scaled to 0 (a promotion cut short) whose pods take 100 s to be ready (the image
+    pulled, the model loaded): the teardown waits for one (``wait_ready``'s 600 s), not for what its
+    API budget has left, and puts the routes back on it."""
+    from devstack.cluster import kube as fake_kube
+
+    at_stage_1(kube)
+    kube.scale("models", "digits-v1", 0, "keda")
+    now, _tries = fake_api_time(monkeypatch, 0.01)
+    all_ready = fake_kube._ready_status
+    scaled_at: list[float] = []
+
+    def slow_pods(obj: dict) -> dict:
+        status = all_ready(obj)
+        if obj["metadata"]["name"] == "digits-v1" and status["replicas"]:
+            scaled_at.append(scaled_at[0] if scaled_at else now[0])
+            if now[0] < scaled_at[0] + 100:
+                status["readyReplicas"] = status["availableReplicas"] = 0
+        return status
+
+    def poll(self, *args, **kwargs):  # (the pods' status brought up to date before each read)
+        kube.touch("deployments", "models", "digits-v1", lambda d: d.update(status=slow_pods(d)))
+        return live(self, *args, **kwargs)
+
+    from vision_rollout.deploy import VersionDeployments
+
+    live = VersionDeployments._live
+    monkeypatch.setattr(fake_kube, "_ready_status", slow_pods)
+    monkeypatch.setattr(VersionDeployments, "_live", poll)
+    assert steps.ensure_stable(PARAMS, "run-1", None, "1", SENT).startswith("version 1 takes 100%")
+    assert routes(kube) == [("v1", 100)]
+    assert now[0] >= 100  # (it waited for them)
+
+
 @pytest.mark.parametrize("end", ["teardown", "failure-callback"])
 def test_a_teardown_whose_lease_release_fails_reports_the_stable_version_back(kube, tmp_path, caplog, end):
     """The teardown put version 1 back, then the release of the model's lease was refused (a Role
