@@ -2105,7 +2105,8 @@ class Unreleased(AirflowFailException):
 class Undersized(AirflowFailException):
     """``finish`` put the stable version back at 100% and released the lease, but the stable
     version runs fewer pods than it was to (its scale failed, or not all of its pods came:
-    ``done`` says what): said as that, not as a restore that failed."""
+    ``done`` says what); or kept a promotion, the lease released, but not its retired version's
+    HPA floor (``kept``): said as that, not as a restore that failed."""
 
     def __init__(self, kept: bool, done: str) -> None:
         super().__init__(done)
@@ -2138,8 +2139,9 @@ def finish(
     fail, ``Unreleased`` says what was done and that failure. Should the restore fail once the
     traffic is back (``Shortfall``: the stable version's scale, its pods), the rest is done all
     the same, the lease released, and ``Undersized`` says what was done and that failure.
-    ``quick``: the failure callback's (``stable_back``)."""
-    from vision_rollout.mesh import routes_to
+    A kept promotion whose retired version's floor is not released (``release_floor``) is
+    ``Undersized`` too, said as kept. ``quick``: the failure callback's (``stable_back``)."""
+    from vision_rollout.mesh import RouterError, routes_to
 
     spec = spec_from(params)
     hook = serving()
@@ -2159,7 +2161,14 @@ def finish(
         kept = looks and promotion_record(spec, run_id, folder)
     short = stable_back(params, run_id, unload_candidate, (routes,), quick) if not kept else None
     if kept and spec.mesh == "istio":  # (promote stopped before it put the retired version's HPA back)
-        hook.deployments(spec.model).release_floor(spec.baseline_version)
+        try:
+            hook.deployments(spec.model).release_floor(spec.baseline_version)
+        except RouterError as exc:  # (the promotion stands: said as kept, this failure besides, not a failed restore)
+            what = (
+                f"the HPA of version {spec.baseline_version} keeps the floor the run held ({str(exc)[:500]}): "
+                f"clear the run's ensure_stable to release it"
+            )
+            short = Shortfall(exc, what, retired=False)
     if prune and spec.mesh == "istio":
         prune_history(spec, run_id, hook)
     if kept and unread:
@@ -2827,6 +2836,8 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
         log.warning("run %s failed: %s", run_id, exc)
     except Undersized as exc:  # (the traffic back, the lease released: what is left is told, for a human)
         log.warning("run %s failed: %s", run_id, exc)
+        if exc.kept:  # (a promotion kept, its retired version's floor held: no rollback to report)
+            return
         try:
             tell(spec, rollback_message(spec, f"run {run_id} failed: {exc}"), "the failure callback's report")
         except Exception:

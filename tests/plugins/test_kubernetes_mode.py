@@ -1029,6 +1029,56 @@ def test_a_floor_left_held_by_a_promotion_cut_short_is_released_by_the_run_that_
     assert lease(fleet, "digits")["spec"]["holderIdentity"] == "run-b"
 
 
+@pytest.mark.parametrize("end", ["teardown", "failure-callback"])
+def test_a_kept_promotion_whose_floor_release_fails_is_reported_as_kept(fleet, monkeypatch, tmp_path, caplog, end):
+    """Under autoscaling, promote's worker was killed after it retired version 1, before it put
+    version 1's HPA floor back; the end keeps the promotion and releases that floor, and the
+    release failed (the API server refused the HPA's apply): the teardown reported that it "could
+    not put version 1 back", the routes not restored, and so did the failure callback, though
+    version 2 was promoted and serves. The promotion is reported as kept, the floor's failure
+    besides, the lease released."""
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import RouterError
+
+    conn = json.loads(os.environ["AIRFLOW_CONN_MODEL_SERVER_DEFAULT"])
+    conn["extra"]["build"].update(autoscaling=True, max_replicas=40)
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    params = {**PARAMS, "mirror_percent": 0}
+    steps.serving().deployments("digits").apply("1", image("1"), replicas=2)
+    built = steps.build_image(params, "run-a")
+    steps.deploy_candidate(params, pushed(built), "run-a")
+    for index in range(3):
+        steps.apply_weights(params, index, "run-a", {"decision": "pass"})
+
+    def killed(self, version):
+        raise SystemExit("the worker is killed")
+
+    def refused(self, version):
+        raise RouterError("apply HorizontalPodAutoscaler digits-v1: 403 Forbidden: cannot patch")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(VersionDeployments, "release_floor", killed)
+        with pytest.raises(SystemExit):
+            steps.promote(params, "run-a", "promote")
+    assert routes(fleet) == [("v2", 100)]
+    monkeypatch.setattr(VersionDeployments, "release_floor", refused)
+    if end == "teardown":
+        with pytest.raises(AirflowFailException) as failed:
+            steps.ensure_stable(params, "run-a", None, None, None, decided="promote")
+        said = str(failed.value)
+    else:
+        steps.restore_stable_on_failure({"params": params, "run_id": "run-a"})
+        said = caplog.text
+    reports = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "run" / "outbox").glob("*.json"))]
+    assert len(reports) == (end == "teardown")  # (the teardown's of what it found; the callback's none)
+    assert not [r for r in reports if "routes not restored" in r or "could not put version 1 back" in r]
+    assert "could not put version 1 back" not in said
+    assert "version 2 was promoted" in said
+    assert "403 Forbidden: cannot patch" in said
+    assert routes(fleet) == [("v2", 100)]
+    assert lease(fleet, "digits") is None  # (released)
+
+
 def test_a_takeover_refused_after_it_put_the_routes_back_releases_the_floor_it_found_held(fleet, monkeypatch):
     """Under autoscaling, run-a held version 1's HPA floor at 10% when its lease lapsed; run-b
     took the model over, put the routes back to version 1 and retired run-a's candidate, then was
