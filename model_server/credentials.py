@@ -54,12 +54,16 @@ SECRET_KEY = re.compile(rf"{_SECRET_NAME}|{_COOKIE}")  # a whole field name
 _SCHEME = r"(?i:bearer|basic|token|digest|negotiate|ntlm)[ ]{1,3}"  # an Authorization header's
 _CRED_CHAR = r"[^\s\"'`,;&<>]"
 _NO_MASKED_AFTER = rf"(?!(?:{_SCHEME})?tok_[a-zBCDFGH]{{8}}_)"  # (nor "Bearer <token>")
+# A blank between a key and its value: a space or a tab, or a tab, backspace or form feed written
+# escaped ("\\t", as repr() and json.dumps write a tab: "password:\\thunter2"), whose letter is no
+# value's first character (``VALUE_ESCAPE``).
+BLANK = r"(?:[ \t]|\\[tbf])"
 # A key's ":" or "=" (``_COLON``: its ":") and the blanks around it: any run of up to 64 spaces or
 # tabs each side (columns aligned: "password:      hunter2"), bounded and possessive (a value never
 # starts with a blank, so none is given back: a key that fails is given
 # up after them).
-_KEY_SEP = r"[ \t]{0,64}+[:=][ \t]{0,64}+"
-_COLON = r"[ \t]{0,64}+:[ \t]{0,64}+"
+_KEY_SEP = rf"{BLANK}{{0,64}}+[:=]{BLANK}{{0,64}}+"
+_COLON = rf"{BLANK}{{0,64}}+:{BLANK}{{0,64}}+"
 
 
 # A quote's escape: a string held in a JSON string has its quotes escaped ('\\"'), one held in
@@ -237,8 +241,10 @@ _KEY_LINE = r"(?:(?:(?<![^\n])|(?<=\\n)|(?<=[\"']))(?P<ki>[ \t]{0,64}+)(?P<kd>-(
 _LINE_REST = r"[ \t]{0,16}+(?:#[^\r\n\\]{0,256}+)?"  # (spaces, a comment)
 _BLOCK_INDICATOR = rf"[|>](?:[-+]?[0-9]?|[0-9][-+]){_LINE_REST}"
 _BLOCK_START = rf"{_BLOCK_INDICATOR}{_LINE_BREAK}"
-# (the key's ":", up to 64 spaces or tabs after it, as ``_KEY_SEP`` reads them)
-_AFTER_COLON = "(?:" + "|".join(rf"(?<=:[ \t]{{{n}}})" for n in range(65)) + ")"
+# (the key's ":", up to 64 blanks after it, as ``_KEY_SEP`` reads them, its possessive run just
+# read: a look behind of each width of them, tabs written escaped two characters each, before which
+# a ":", never the "=" or "," read before them)
+_AFTER_COLON = "(?:" + "|".join(rf"(?<=:[ \t\\tbf]{{{n}}})" for n in range(129)) + ")"
 _NO_KEY_LINE = r"(?!#|(?(x)[^\r\n\\\"]|[^\r\n]){0,4096}?:(?:[ \t]|\r?\n|\\|\"|\Z))"
 # A label in capitals ("Password:", ``c``: its first letter a capital, its second a small one)
 # with a line of words after it (letters only, one to three spaces apart, a "." or "!" at its
@@ -272,8 +278,9 @@ _NAMED_AFTER = re.compile(
     rf"{KEY_QUOTE}(?i:name|key|header){KEY_QUOTE}{_COLON}{KEY_QUOTE}"
     rf"(?:{_SECRET_NAME}|{_COOKIE_ONE})(?![A-Za-z0-9_.-])"
 )
-# The same key, then up to 64 spaces or tabs (and "is", as many after it; columns aligned:
-# "password      hunter2x9") and no ":" or "=": a value in quotes, a literal there
+# The same key, then up to 64 blanks (``BLANK``: tabs written escaped too; and "is", as many after
+# it; columns aligned: "password      hunter2x9") and no ":" or "=" (the keyed rule's, none of a
+# value: "db_password\\t=\\thunter2"): a value in quotes, a literal there
 # (detect-secrets' ``private_key "..."``: 'password "hunter2"', "my api key is 'AbC 12'"), or a
 # dict's or a list's repr closed ("password {'db': 'b3cret9'}", over lines too); else
 # ("password hunter2", "the api key is AbC123...") a value of 6 characters or more that is no word
@@ -297,13 +304,13 @@ _NOT_OWNED = "".join(  # "client secret", "the client's secret"
     rf"(?<!(?i:{w}){s}[ \t]{{{n}}})" for w in _OWNERS for s in ("", "['\u2019]s") for n in (1, 2, 3)
 )
 _OBJECT_NAMED = (
-    rf"(?!(?=(?i:secret)[ \t]){_NOT_OWNED}(?:Secret[ \t]{{1,3}}(?P<k>[\"']?){_NOT_RANDOM}{_SIGNED_NAME}(?P=k)"
-    rf"(?![^\s,;:.)\]])|(?i:secret)[ \t]{{1,3}}(?:(?P<n>[\"']){_NOT_RANDOM}{_K8S_NAME}(?P=n)|{_NOT_RANDOM}{_SIGNED_NAME})"
-    r"[ \t]{1,3}(?:not found|is invalid|is forbidden|already exists)(?![A-Za-z0-9])))"
+    rf"(?!(?=(?i:secret){BLANK}){_NOT_OWNED}(?:Secret{BLANK}{{1,3}}+(?P<k>[\"']?){_NOT_RANDOM}{_SIGNED_NAME}(?P=k)"
+    rf"(?![^\s,;:.)\]])|(?i:secret){BLANK}{{1,3}}+(?:(?P<n>[\"']){_NOT_RANDOM}{_K8S_NAME}(?P=n)|{_NOT_RANDOM}{_SIGNED_NAME})"
+    rf"{BLANK}{{1,3}}+(?:not found|is invalid|is forbidden|already exists)(?![A-Za-z0-9])))"
 )
 _SECRET_SPACED = re.compile(
-    rf"{after_boundary('A-Za-z0-9')}{_OBJECT_NAMED}{_SECRET_NAME}[ \t]{{1,64}}+(?:(?i:is)[ \t]{{1,64}}+)?(?:(?P<e>{_ESCAPE})?(?P<q>[\"']))?{_NO_MASKED_AFTER}"
-    rf"(?P<v>(?(q){_QUOTED}|(?:{CLOSED_BRACKETED}|(?!{_SCHEME})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
+    rf"{after_boundary('A-Za-z0-9')}{_OBJECT_NAMED}{_SECRET_NAME}{BLANK}{{1,64}}+(?:(?i:is){BLANK}{{1,64}}+)?(?:(?P<e>{_ESCAPE})?(?P<q>[\"']))?{_NO_MASKED_AFTER}"
+    rf"(?P<v>(?(q){_QUOTED}|(?:{CLOSED_BRACKETED}|(?![:=]|{_SCHEME})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
     rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_RUN})))"
 )
 # A URL query's parameter (after "?" or "&") named for a secret, and also, there only, for a key, a signature or

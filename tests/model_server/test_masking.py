@@ -2794,6 +2794,67 @@ def test_a_key_with_blanks_at_its_line_end_is_read_in_linear_time(keys):
 @pytest.mark.parametrize(
     ("text", "value"),
     [
+        ("password:\\t\\thunter2", "hunter2"),
+        ("db_password\\t=\\thunter2", "hunter2"),
+        ("api_key=\\thunter2secret", "hunter2secret"),
+        ('{"password":\\t"hunter2"}', "hunter2"),
+        ('{"name": "api_key", "value":\\t\\t"hunter2"}', "hunter2"),
+        ("password\\t\\thunter2x9", "hunter2x9"),
+        ("db password \\t is\\thunter2x9", "hunter2x9"),
+        ("password:\\t\\n  hunter2", "hunter2"),
+        ("password:\\t# set by ops\\n  hunter2", "hunter2"),
+    ],
+)
+def test_a_value_after_a_tab_written_escaped_between_its_key_and_it_is_masked(keys, text, value):
+    """A value a tab written escaped away from its key ("password:\\\\t\\\\thunter2", as repr() and
+    json.dumps write a tab: a backslash and "t"), before or after the ":" or "=", or with no ":"
+    ("password\\\\t\\\\thunter2x9"), or before a value on the next line, was logged and sent to
+    Slack in clear (a comment there masked): the secrets' keyed and spaced rules read spaces and
+    tabs only there. Such a tab is read as a blank now, up to 64 of them, as a tab is; it stays."""
+    ring = KeyRing(keys)
+    masker = Masker(ring)
+    masked = masker.mask_text(text, ring.key_for(None))
+    assert TOKEN_RE.sub("", masked) == text.replace(value, ""), masked
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value]
+    assert scrub(text) == text.replace(value, "***")
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "%s", (text,), None)
+    assert LogMasking(masker).filter(record)
+    assert value not in record.getMessage()
+    assert suspected(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Secret\\tmodel-server-keys",
+        "Secret\\tmy-app-2 created",
+        'secret\\t"db2"\\tnot found',
+        "password\\treset link sent",
+        "api_key\\tINVALID.",
+    ],
+)
+def test_an_object_name_or_words_after_a_tab_written_escaped_stay(keys, text):
+    """A Kubernetes object's name after "Secret" and words after a key stay where a tab written
+    escaped parts them, as where a tab does."""
+    assert Masker(KeyRing(keys)).mask_text(text, None) == text
+    assert scrub(text) == text
+
+
+def test_a_key_and_tabs_written_escaped_are_read_in_linear_time(keys):
+    """A long text of keys and runs of tabs written escaped with no value is read in time growing
+    with its length (printed, not asserted: ``-s`` shows it)."""
+    masker = Masker(KeyRing(keys))
+    for n in (100_000, 200_000):
+        text = ("password" + "\\t" * 64 + ":" + "\\t" * 64 + "\\n" + "secret" + "\\t" * 63 + "#") * (n // 400)
+        start = time.perf_counter()
+        masker.mask_text(text, None)
+        scrub(text)
+        print(f"keys and escaped tabs, {len(text)} characters: {time.perf_counter() - start:.3f} s")
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
         ("contact jane at\\nexample dot com today", "jane at\\nexample dot com"),
         (json.dumps({"m": "contact jane at\nexample dot com"}), "jane at\\nexample dot com"),
         (repr("write to jane\r\nat example dot com"), "jane\\r\\nat example dot com"),
