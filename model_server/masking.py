@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
 from model_server import credentials
 from model_server.credentials import (
+    BLANK,
     BRACKETED,
     CLOSED_BRACKETED,
     DATE_OR_TIME,
@@ -102,9 +103,9 @@ _KEY_SUFFIX = r"(?:[ _.-]?(?:no|number|num|nr|id)\.?)?"
 SENSITIVE_KEY = re.compile(rf"(?i:(?:x-(?:meta-)?)?(?:{_KEY_NAMES}){_KEY_SUFFIX})")  # a whole field name
 
 # Phone before bank card, so that a spaced phone number is masked whole, prefix included.
-# A key that names its value, ":" or "=" (and up to 64 blanks around it, or a tab, form feed or backspace written
-# escaped, "\\t", "\\f", "\\b", no piece of the value; or spaces, "#" or "-", before a value
-# holding a digit, as in "passport number E1234567", up to 64 blanks each; or spaces before a dict or a list closed), then the value, a
+# A key that names its value, ":" or "=" (and up to 64 blanks each side, a tab, form feed or backspace
+# written escaped too, "\\t", "\\f", "\\b", no piece of the value: ``credentials.BLANK``; or blanks,
+# "#" or "-", before a value holding a digit, as in "passport number E1234567", up to 64 blanks each; or spaces before a dict or a list closed), then the value, a
 # token already there being none: a dict's or a list's repr, whole, over lines too, as the
 # secrets' keyed rule takes one ("passport: {'number': 'E1234567', 'country': 'DE'}"); a quoted
 # one to its closing quote, its escapes in it (64 characters at most; the key's and the value's
@@ -129,8 +130,8 @@ _UNQUOTED = rf"{_PIECE}(?:[ ]{{1,2}}(?!{DATE_OR_TIME})(?={_VALUE_CHAR}{{0,31}}[0
 # ("passport_scan_bytes", "ssn_lookup_latency_us") names no identity number (``_KeyedValues``).
 _WORD_START = r"(?:[_.-]|[ ]{1,3}+|(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z]))"
 _MORE_WORDS = rf"(?P<w>(?:{_WORD_START}[A-Za-z]{{1,32}}+){{1,3}}+)?"
-_KEY_COLON = r"[ \t]{0,64}[:=](?:[ \t]|\\[tbf]){0,64}"
-_WORDS_COLON = r"(?:[ \t]{0,64}+(?:->|=>|[:=])(?:[ \t]|\\[tbf]){0,64}+|(?P<n>[ \t]{1,64}+))"
+_KEY_COLON = rf"{BLANK}{{0,64}}+[:=]{BLANK}{{0,64}}+"
+_WORDS_COLON = rf"(?:{BLANK}{{0,64}}+(?:->|=>|[:=]){BLANK}{{0,64}}+|(?P<n>{BLANK}{{1,64}}+))"
 # An identity number: six digits or more, a run of them or in groups of up to eight apart by a
 # space, a dot or a hyphen ("123 456 789", "912-78-1234", "123.456.789-09"; a date or a time
 # after a space is the line's, not the number's); or six letters and digits or more, five of them
@@ -145,8 +146,8 @@ _ID_NUMBER = (
 _ID_VALUE = rf"(?:{_ID_NUMBER}|(?=(?:[A-Za-z]{{0,63}}+[0-9]){{5}})[A-Za-z0-9]{{6,64}}+{_ID_END})"
 _KEYED = re.compile(
     rf"{_NOT_ALNUM_BEFORE}(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX}){_MORE_WORDS}{KEY_QUOTE}"
-    rf"(?(w){_WORDS_COLON}|(?:{_KEY_COLON}|(?P<b>[ \t]{{1,64}}+(?=[{{\[]))"
-    rf"|[ \t]{{1,64}}+(?:[#-][ \t]{{0,64}}+)?(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9])))"
+    rf"(?(w){_WORDS_COLON}|(?:{_KEY_COLON}|(?P<b>{BLANK}{{1,64}}+(?=[{{\[]))"
+    rf"|{BLANK}{{1,64}}+(?:[#-]{BLANK}{{0,64}}+)?(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9])))"
     rf"{OPEN_QUOTE}(?P<v>(?(w)(?(n){_ID_NUMBER}|{_ID_VALUE})"
     rf"|(?:(?(q){NOT_MASKED}{quoted(64)}|(?(b){CLOSED_BRACKETED}|(?:{BRACKETED}|{_UNQUOTED})))|{_UNQUOTED})))"
 )

@@ -2845,11 +2845,40 @@ def test_a_key_and_tabs_written_escaped_are_read_in_linear_time(keys):
     with its length (printed, not asserted: ``-s`` shows it)."""
     masker = Masker(KeyRing(keys))
     for n in (100_000, 200_000):
-        text = ("password" + "\\t" * 64 + ":" + "\\t" * 64 + "\\n" + "secret" + "\\t" * 63 + "#") * (n // 400)
+        text = (
+            "password" + "\\t" * 64 + ":" + "\\t" * 64 + "\\n" + "secret" + "\\t" * 63 + "passport" + "\\t" * 63 + "#"
+        )
+        text *= n // 534
         start = time.perf_counter()
         masker.mask_text(text, None)
         scrub(text)
         print(f"keys and escaped tabs, {len(text)} characters: {time.perf_counter() - start:.3f} s")
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("passport\\t:E1234567", "E1234567"),
+        ("passport_no\\t=\\tE1234567", "E1234567"),
+        ("passport\\t\\tE1234567", "E1234567"),
+        ("passport number\\t#\\tE1234567", "E1234567"),
+        ("ssn_code\\t:\\t123456789", "123456789"),
+        ('passport\\t{"n": "E1234567"}', '{"n": "E1234567"}'),
+    ],
+)
+def test_an_identity_number_after_a_tab_written_escaped_before_its_colon_or_without_one_is_masked(keys, text, value):
+    """A passport or SSN a tab written escaped ("\\\\t", as repr() and json.dumps write one) after its
+    key, before the ":" or "=" or with none ("passport\\\\t\\\\tE1234567"), was logged in clear: the
+    keyed rule read such a tab only after the ":". It reads one wherever it reads a blank now."""
+    ring = KeyRing(keys)
+    masker = Masker(ring)
+    masked = masker.mask_text(text, ring.key_for(None))
+    assert TOKEN_RE.sub("", masked) == text.replace(value, ""), masked
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value]
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "%s", (text,), None)
+    assert LogMasking(masker).filter(record)
+    assert value not in record.getMessage()
+    assert suspected(text)
 
 
 @pytest.mark.parametrize(
