@@ -185,11 +185,13 @@ _NOT_RANDOM = (
 # a field's name, and the name after it its value ("('secret', 'abc-def')").
 _LINE_BREAK = r"(?:\r?\n|(?:\\{1,8}r)?\\{1,8}n)"  # (a line end written escaped too)
 _NEXT_LINE = rf"{_LINE_BREAK}[ \t]{{0,16}}+"
-_PAIR_COMMA = rf"(?:{_ESCAPE})?[\"'][ \t]{{0,3}}+(?:{_NEXT_LINE})?,[ \t]{{0,3}}+(?:{_NEXT_LINE})?"  # (a comma on its own line too)
+_PAIR_COMMA = (  # (a comma on its own line too; up to 64 blanks each side, as ``_KEY_SEP`` reads them)
+    rf"(?:{_ESCAPE})?[\"']{BLANK}{{0,64}}+(?:{_NEXT_LINE})?,{BLANK}{{0,64}}+(?:{_NEXT_LINE})?"
+)
 _PAIR_KEY = (  # (or its bracket, a line end and indentation, then its quote: rich's, pprint's, black's)
     "(?P<t>"
     + "|".join(rf"(?<=[(\[]{b}" + r"\\" * k + r"[\"'])" for b in ("", "b") for k in _DEPTHS)
-    + rf"|(?<=[(\[])[ \t]{{0,3}}{_NEXT_LINE}b?(?:{_ESCAPE})?[\"']"
+    + rf"|(?<=[(\[]){BLANK}{{0,64}}+{_NEXT_LINE}b?(?:{_ESCAPE})?[\"']"
     + ")?"
 )
 _PAIR_SEP = (
@@ -198,7 +200,7 @@ _PAIR_SEP = (
     rf"{_PAIR_COMMA}(?=b?(?:{_ESCAPE})?[\"'])(?!(?:{_ESCAPE})?[\"'](?i:{_CRED_WORDS})(?:{_ESCAPE})?[\"'])|(?!))"
 )
 _PAIR_END = (  # (its ")" on a line of its own too, a trailing "," before it)
-    rf"(?(t)(?=(?(e)(?P=e))(?P=q)[ \t]{{0,3}}(?:,[ \t]{{0,3}})?(?:{_NEXT_LINE})?[)\]]))"
+    rf"(?(t)(?=(?(e)(?P=e))(?P=q){BLANK}{{0,64}}+(?:,{BLANK}{{0,64}}+)?(?:{_NEXT_LINE})?[)\]]))"
 )
 # A key's name as the value of the field before a field "value" (Kubernetes' env, a list of
 # headers: {"name": "DB_PASSWORD", "value": "..."}, "- name: DB_PASSWORD\n  value: ..." in YAML,

@@ -2882,6 +2882,34 @@ def test_an_identity_number_after_a_tab_written_escaped_before_its_colon_or_with
 
 
 @pytest.mark.parametrize(
+    "text",
+    [
+        "('password',      'hunter2')",
+        "('password'      ,'hunter2')",
+        "('password',\\t'hunter2')",
+        "('password', 'hunter2'     )",
+        "('password', 'hunter2'\\t,\\t)",
+        '["api_key",\t\t\t\t"hunter2"]',
+        "(b'x-api-key',      b'hunter2')",
+        "(      \n  'password',      'hunter2'\n)",
+    ],
+)
+def test_a_pairs_value_more_than_three_blanks_from_its_comma_or_bracket_is_masked(keys, text):
+    """A pair's repr with more than three blanks, or a tab written escaped, around its "," or
+    before its ")" ("('password',      'hunter2')", columns aligned) was logged and sent to Slack
+    in clear: the pair's rule read three spaces or tabs at most there. Up to 64 blanks now, as the
+    keyed rules read; a pair of names, a Secret's kind and name stay."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert TOKEN_RE.sub("", masked) == text.replace("hunter2", ""), masked
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == ["hunter2"]
+    assert scrub(text) == text.replace("hunter2", "***")
+    for kept in ["('password',      'token')", "('Secret',      'model-server-keys')"]:
+        assert Masker(ring).mask_text(kept, None) == kept
+        assert scrub(kept) == kept
+
+
+@pytest.mark.parametrize(
     ("text", "value"),
     [
         ("contact jane at\\nexample dot com today", "jane at\\nexample dot com"),
