@@ -310,8 +310,11 @@ _OBJECT_NAMED = (
     rf"(?![^\s,;:.)\]])|(?i:secret){BLANK}{{1,3}}+(?:(?P<n>[\"']){_NOT_RANDOM}{_K8S_NAME}(?P=n)|{_NOT_RANDOM}{_SIGNED_NAME})"
     rf"{BLANK}{{1,3}}+(?:not found|is invalid|is forbidden|already exists)(?![A-Za-z0-9])))"
 )
+# (An owner more than three blanks before "secret", a tab written escaped among them: "client
+# \\tsecret", is read with the match, ``o``, from its first letter: no object's name follows it.)
+_OWNED = rf"(?P<o>(?i:{'|'.join(_OWNERS)})(?:['\u2019]s)?{BLANK}{{1,64}}+(?=(?i:secret){BLANK}))?"
 _SECRET_SPACED = re.compile(
-    rf"{after_boundary('A-Za-z0-9')}{_OBJECT_NAMED}{_SECRET_NAME}{BLANK}{{1,64}}+(?:(?i:is){BLANK}{{1,64}}+)?(?:(?P<e>{_ESCAPE})?(?P<q>[\"']))?{_NO_MASKED_AFTER}"
+    rf"{after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}{BLANK}{{1,64}}+(?:(?i:is){BLANK}{{1,64}}+)?(?:(?P<e>{_ESCAPE})?(?P<q>[\"']))?{_NO_MASKED_AFTER}"
     rf"(?P<v>(?(q){_QUOTED}|(?:{CLOSED_BRACKETED}|(?![:=]|{_SCHEME})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
     rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_RUN})))"
 )

@@ -2910,6 +2910,31 @@ def test_a_pairs_value_more_than_three_blanks_from_its_comma_or_bracket_is_maske
 
 
 @pytest.mark.parametrize(
+    "text",
+    [
+        "client      secret my-app-2 not found",
+        "client\\tsecret my-app-2 not found",
+        "the application\t\t\t\tsecret my-app-2 not found",
+        'the client\'s\\t\\t\\t\\tsecret "db2" not found',
+        "client      Secret my-app-2",
+    ],
+)
+def test_a_secret_more_than_three_blanks_after_its_owner_is_no_object_name(keys, text):
+    """A value after "secret" named an owner's ("client secret") more than three blanks, or a tab
+    written escaped, after the owner ("client      secret my-app-2 not found") was taken for a
+    Kubernetes Secret's name and logged in clear: the owner was read one to three spaces or tabs
+    before "secret" only. Up to 64 blanks now; "secret my-app-2 not found" alone stays."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    for name in ("my-app-2", "db2"):
+        assert name not in masked, masked
+        assert name not in scrub(text), scrub(text)
+    for kept in ["secret my-app-2 not found", "in Secret models/admin-2", 'secret "db2" not found']:
+        assert Masker(ring).mask_text(kept, None) == kept
+        assert scrub(kept) == kept
+
+
+@pytest.mark.parametrize(
     ("text", "value"),
     [
         ("contact jane at\\nexample dot com today", "jane at\\nexample dot com"),
