@@ -129,6 +129,17 @@ def _run(chars: str) -> str:
 
 
 _RUN_CHARS = r"^\s\"'`,;&<>\\"
+# No value not in quotes: a place held where none is set ("(not set)", "-", "null", "None", "n/a",
+# "***", a mask's mark; "<none>" is no value's characters), whole; or, after a key's "=" and more
+# than three spaces or tabs (the most a value was read after before the blank runs went to 64), the
+# next column's pair of a line of pairs ("api_key=" and 37 spaces then "model=resnet50"): a name in
+# small letters and "=". A value so far after a ":" ("X-Api-Key:      key=abc123", a cookie's
+# "value:      session=abc123"), or one of other words ("password:" and 9 spaces then "16 bytes":
+# its "16"), is masked still.
+_NO_VALUE = (
+    r"(?!(?:\(not set\)|-|(?i:null|none|n/a)|\*{3})(?=[\s,;&)\]}\"'<>]|\\[nrtbf]|\Z)"
+    r"|(?=[a-z][a-z0-9_.-]{0,63}+=[^\s=])(?:" + "|".join(rf"(?<==[ \t]{{{n}}})" for n in range(4, 65)) + "))"
+)
 _CRED_RUN = (  # a value not in quotes, to an escaped quote
     rf"(?:(?:{_AFTER_QUOTED_KEY}){_run(_RUN_CHARS + '}')}|(?!{_AFTER_QUOTED_KEY}){_run(_RUN_CHARS)})"
 )
@@ -269,7 +280,7 @@ _SECRET_KEYED = re.compile(
     rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:{KEY_QUOTE}{_KEY_SEP}|{_PAIR_SEP}|(?(nb){_VALUE_NAMED}|(?!)))"
     rf"|(?(nb){_COOKIE_ONE}{_VALUE_NAMED}|(?!)))"
     rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME}){_BLOCK_HEAD}"
-    rf"(?P<v>(?(h){_BLOCK}|(?:(?(q){_QUOTED}|(?:{BRACKETED}|{_CRED_RUN}))|{_CRED_RUN}))){_PAIR_END}"
+    rf"(?P<v>(?(h){_BLOCK}|(?(q)|{_NO_VALUE})(?:(?(q){_QUOTED}|(?:{BRACKETED}|{_CRED_RUN}))|{_CRED_RUN}))){_PAIR_END}"
 )
 # A field "value" before the field that names it ({"value": "...", "name": "DB_PASSWORD"}: a
 # dict's keys in any order, as a JSON object may have them, json.dumps(sort_keys=True) too): its

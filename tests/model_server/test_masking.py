@@ -2935,6 +2935,52 @@ def test_a_secret_more_than_three_blanks_after_its_owner_is_no_object_name(keys,
 
 
 @pytest.mark.parametrize(
+    "text",
+    [
+        "api_key=" + " " * 37 + "model=resnet50",
+        "db_password\t=\t\t\t\tmodel=resnet50 batch=8",
+        "password:            (not set)",
+        "password: (not set)",
+        "Config(password=None, user='bob')",
+        "password:      null, user: bob",
+        "password:   -",
+        "password=n/a",
+        "password: ***",
+    ],
+)
+def test_no_value_or_the_next_columns_pair_after_a_key_stays(keys, text):
+    """A place held where no value is set ("password: (not set)", "password=None", "***") was
+    masked as a value (its "(not" too), and a line of pairs aligned in columns had the next
+    column's pair masked as the key's value ("api_key=" and 37 spaces then "model=resnet50")
+    since the keyed rules read 64 blanks. Neither is a value now; a value many blanks after a
+    ":" is masked still, whatever it looks like."""
+    assert Masker(KeyRing(keys)).mask_text(text, None) == text
+    assert scrub(text) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("password:    hunter2", "hunter2"),
+        ("api_key=   model=resnet50", "model=resnet50"),
+        ("X-Api-Key:      key=abc123", "key=abc123"),
+        ('{"name": "Cookie", "value":      session=abc123}', "session=abc123"),
+        ("password:         16 bytes", "16"),
+        ("password: None1", "None1"),
+        ("password=-x9", "-x9"),
+    ],
+)
+def test_a_value_like_a_pair_or_a_placeholder_is_masked(keys, text, value):
+    """What only looks like no value is one: a pair three blanks or fewer after a key's "=", or
+    after its ":"; a placeholder's word with more after it; a number and a word many blanks after
+    a ":" (its number)."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert TOKEN_RE.sub("", masked) == text.replace(value, ""), masked
+    assert scrub(text) == text.replace(value, "***")
+
+
+@pytest.mark.parametrize(
     ("text", "value"),
     [
         ("contact jane at\\nexample dot com today", "jane at\\nexample dot com"),
