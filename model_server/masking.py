@@ -168,6 +168,22 @@ _SPELT_EMAIL = re.compile(
     rf"{_GAP}(?i:dot){_GAP}(?i:{_TLDS}))"
     r"(?![A-Za-z0-9-])"
 )
+# A local part before an "@" with blanks around it: one that holds a letter and is none of what
+# annotates a host in a log line with "@" ("GET /v1/models 200 @ api.example.com"): a number, with
+# a unit of one or two letters too ("200ms", the "13Z" a time stamp ends in after its ":"), a
+# version ("v1.2.3", "1.2.3-rc1"), a hash (seven hex digits or more, a letter after a digit:
+# "3f9a2c1"), a UUID, a time stamp without separators ("20261205T084013Z"). A name with digits
+# ("ada1985"), a word of hex letters ("deadbeef") and a user before a host in a shell prompt are
+# still addresses ("[deploy @ build-01.example.com ~]$": it is one without the spaces too). Each
+# shape is read at most 64 characters, possessively: linear in the text.
+_NOT_A_NAME = (
+    r"[0-9]++(?:[._][0-9]++)*+[A-Za-z]{1,2}+"
+    r"|[vV][0-9]++(?:\.[0-9]++)*+(?:[-+.][0-9A-Za-z.]++)?+|[0-9]++(?:\.[0-9]++)++(?:[-+.][0-9A-Za-z.]++)?+"
+    r"|(?=[0-9A-Fa-f]{7})[A-Fa-f]*+[0-9]++[A-Fa-f][0-9A-Fa-f]*+"
+    r"|[0-9A-Fa-f]{8}(?:-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}"
+    r"|[0-9]{8}T[0-9]{4,6}(?:\.[0-9]{1,9})?Z?"
+)
+_SPACED_LOCAL = rf"(?=[0-9._%+-]{{0,63}}[A-Za-z{_LETTERS}])(?!(?:{_NOT_A_NAME})(?!{_LOCAL}))"
 
 # Secrets: ``model_server.credentials`` finds them, for the Slack reports too.
 
@@ -323,8 +339,8 @@ DETECTORS: tuple[Detector, ...] = (
     Detector(
         "email",
         re.compile(
-            rf"{_ADDRESS_START}{NOT_MASKED}{_LOCAL}{{1,64}}(?:@(?:[A-Za-z0-9{_LETTERS}-]{{1,63}}\.){{1,8}}[A-Za-z{_LETTERS}]{{2,63}}"
-            rf"|(?=[ ]|@[ ]|{_BREAK}|@{_BREAK})(?:{_GAP})?@(?:{_GAP})?(?:[A-Za-z0-9-]{{1,63}}\.){{1,8}}(?i:{_TLDS})(?![A-Za-z0-9-]))"
+            rf"{_ADDRESS_START}{NOT_MASKED}(?:{_LOCAL}{{1,64}}@(?:[A-Za-z0-9{_LETTERS}-]{{1,63}}\.){{1,8}}[A-Za-z{_LETTERS}]{{2,63}}"
+            rf"|{_SPACED_LOCAL}{_LOCAL}{{1,64}}(?=[ ]|@[ ]|{_BREAK}|@{_BREAK})(?:{_GAP})?@(?:{_GAP})?(?:[A-Za-z0-9-]{{1,63}}\.){{1,8}}(?i:{_TLDS})(?![A-Za-z0-9-]))"
         ),
     ),
     Detector("national_id", re.compile(_NOT_ALNUM_BEFORE + _PRC_ID.pattern + _NOT_ALNUM_AFTER)),

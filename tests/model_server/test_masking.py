@@ -3057,6 +3057,31 @@ def test_a_measure_under_an_identity_name_or_a_word_only_holding_one_stays_in_cl
 
 
 @pytest.mark.parametrize(
+    "text",
+    [
+        "GET /v1/models 200 @ api.example.com",
+        "2026-12-05T08:40:13Z @ ingest.example.com",
+        "2026-12-05T08:40:13.250Z @ ingest.example.com",
+        "20261205T084013Z @ ingest.example.com",
+        "deployed v1.2.3 @ build.example.com",
+        "deployed 1.2.3-rc1 @ build.example.com",
+        "commit 3f9a2c1 @ git.example.com",
+        "request 0d3c5a7e-9b1f-4c2d-8e6a-5f4b3c2d1e0f @ api.example.com",
+        "took 200ms @ api.example.com",
+        "retry 3 @\napi.example.com",
+    ],
+)
+def test_a_number_a_version_a_hash_or_a_time_before_a_spaced_at_and_a_host_stays(keys, text):
+    """A host annotation after a status, a time stamp, a version, a hash or a duration ("GET
+    /v1/models 200 @ api.example.com", "2026-12-05T08:40:13Z @ ingest.example.com") was masked as
+    an address since 599b7d5 read an "@" with spaces around it, the time stamp cut in two: a local
+    part of any shape was read before such an "@". It must hold a letter and be none of these."""
+    ring = KeyRing(keys)
+    assert find_sensitive(text) == []
+    assert Masker(ring).mask_text(text, ring.key_for(None)) == text
+
+
+@pytest.mark.parametrize(
     ("text", "value"),
     [
         ("SSN_CODE: 123456789", "123456789"),
@@ -3128,3 +3153,25 @@ def test_an_identity_number_spaced_arrowed_of_letters_or_grouped_under_a_name_of
 def test_words_and_short_numbers_under_an_identity_name_of_more_words_stay_in_clear(keys, text):
     ring = KeyRing(keys)
     assert Masker(ring).mask_text(text, ring.key_for(None)) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("mail jane.doe @ example.com today", "jane.doe @ example.com"),
+        ("mail ada1985 @ example.com today", "ada1985 @ example.com"),
+        ("mail 007bond @ example.com today", "007bond @ example.com"),
+        ("mail deadbeef @ example.com today", "deadbeef @ example.com"),
+        ("[deploy @ build-01.example.com ~]$ ls", "deploy @ build-01.example.com"),
+        ("mail jane @\nexample.com today", "jane @\nexample.com"),
+    ],
+)
+def test_a_name_before_a_spaced_at_and_a_host_is_still_masked(keys, text, value):
+    """A local part that holds a letter and has no number's, version's, hash's or time's shape
+    is still an address before a spaced "@": a name with a year, a word of hex letters alone, and
+    a user before a host in a shell prompt (the prompt "[deploy@build-01.example.com ~]$" is
+    masked without the spaces too: a login before its host is its user's address as often)."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert TOKEN_RE.sub("", masked) == text.replace(value, ""), masked
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value]
