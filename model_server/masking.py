@@ -155,10 +155,12 @@ _KEYED = re.compile(
 # or with both spelt as words ("li.wei at example dot com"), and then only before a common
 # top-level domain: "look at this dot product" is a sentence. Up to three spaces around each
 # spelt word ("jane  at  example  dot  com"; a tab reads as a space: ``as_seen``), or a line end
-# and up to three spaces either side of it (a message wrapped: "jane at\nexample dot com"), one
-# written escaped too (``_BREAK``: "jane at\\nexample dot com" in a JSON string or a repr).
+# with up to three spaces before it and the indentation of the line it wraps onto after it, up to
+# 64 spaces, tabs or tabs written escaped (a message wrapped: "jane at\n    example dot com"), one
+# written escaped too (``_BREAK``: "jane at\\nexample dot com" in a JSON string or a repr). The
+# indentation is read possessively: no spelt word or label starts with a blank.
 _BREAK = r"(?:\r?\n|(?:\\{1,8}r)?\\{1,8}n)"
-_GAP = rf"(?:[ ]{{1,3}}|[ ]{{0,3}}{_BREAK}[ ]{{0,3}})"
+_GAP = rf"(?:[ ]{{1,3}}|[ ]{{0,3}}{_BREAK}(?:[ ]|\\{{1,8}}t){{0,64}}+)"
 _AT, _DOT = r"[(\[{<](?i:at)[)\]}>]", r"(?:\.|[ ]{0,3}[(\[{<](?i:dot)[)\]}>][ ]{0,3})"
 _TLDS = "com|net|org|edu|gov|mil|info|biz|io|uk|de|fr|jp|cn|ru|br|au|es|nl|ch|kr|tw|hk|sg|ca"
 _SPELT_EMAIL = re.compile(
@@ -334,7 +336,7 @@ DETECTORS: tuple[Detector, ...] = (
     # local part 64, labels 63): linear in the text, where the unanchored [...]+@ scanned each
     # run once per start position (160 KB without an @ held the server 27 s). Addresses and
     # domains may hold letters of any script (RFC 6531: josé@example.com, иван@пример.рф). An
-    # "@" with up to three spaces around it ("jane @ example.com"), or a line end (``_GAP``), before a common top-level
+    # "@" with up to three spaces around it ("jane @ example.com"), or a line end and indentation (``_GAP``), before a common top-level
     # domain only ("weights @ model.onnx", "ping @ 10.0.0.1" are no address).
     Detector(
         "email",

@@ -380,6 +380,8 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "digits under an identity name": "ssn_code: " + "1" * 1_000_000,
     "digit groups under an identity name": "ssn_code: " + "1 " * 500_000,
     "letters and digits under an identity name": "passport_value: " + "a1" * 500_000,
+    "spelt words over indented lines": ("a at\n" + " " * 64) * 14_500,
+    "spelt words over escaped indented lines": ("a at\\n" + " " * 64) * 14_000,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
@@ -3175,3 +3177,35 @@ def test_a_name_before_a_spaced_at_and_a_host_is_still_masked(keys, text, value)
     masked = Masker(ring).mask_text(text, ring.key_for(None))
     assert TOKEN_RE.sub("", masked) == text.replace(value, ""), masked
     assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value]
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("contact jane at\n    example dot com today", "jane at\n    example dot com"),
+        ("contact jane at\n\t\t\t\texample dot com today", "jane at\n\t\t\t\texample dot com"),
+        ("contact jane at example\n" + " " * 64 + "dot com today", "jane at example\n" + " " * 64 + "dot com"),
+        ("contact jane at\\n    example dot com today", "jane at\\n    example dot com"),
+        (json.dumps({"m": "contact jane at\n\t\t\texample dot com"}), "jane at\\n\\t\\t\\texample dot com"),
+        ("contact jane @\n        example.com today", "jane @\n        example.com"),
+    ],
+)
+def test_a_spelt_address_wrapped_onto_an_indented_line_is_masked(keys, text, value):
+    """A spelt address wrapped onto an indented line ("jane at\\n    example dot com", a message
+    wrapped in a YAML block or a stack trace, tabs or a JSON string's "\\\\t" too) was logged in
+    clear: the rule read three blanks at most after a line end between the spelt words or around
+    an "@". The indentation a wrapped line has is read now, up to 64 blanks."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert TOKEN_RE.sub("", masked) == text.replace(value, ""), masked
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value]
+    assert suspected(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["look at\n        this dot product", "meet at\n\t\t\tnoon"],
+)
+def test_prose_at_and_dot_over_an_indented_line_stays(keys, text):
+    """The word "at" in prose stays over an indented line."""
+    assert Masker(KeyRing(keys)).mask_text(text, None) == text
