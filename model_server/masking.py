@@ -162,11 +162,17 @@ _KEYED = re.compile(
 _BREAK = r"(?:\r?\n|(?:\\{1,8}r)?\\{1,8}n)"
 _GAP = rf"(?:[ ]{{1,3}}|[ ]{{0,3}}{_BREAK}(?:[ ]|\\{{1,8}}t){{0,64}}+)"
 _AT, _DOT = r"[(\[{<](?i:at)[)\]}>]", r"(?:\.|[ ]{0,3}[(\[{<](?i:dot)[)\]}>][ ]{0,3})"
-_TLDS = "com|net|org|edu|gov|mil|info|biz|io|uk|de|fr|jp|cn|ru|br|au|es|nl|ch|kr|tw|hk|sg|ca"
+_TLDS = (
+    "com|net|org|edu|gov|mil|info|biz|io|co|us|me|ai|dev|app|cloud|eu|uk|de|fr|it|pl|se|no|jp|cn|in|ru|br|au|es"
+    "|nl|ch|kr|tw|hk|sg|ca"
+)
+# The first label after a spelt "at" is no article or demonstrative: "look at the dot in the
+# middle", "look at this dot com boom" are sentences ("in", "it", "no", "me", "us" are words too).
+_NOT_PROSE_LABEL = r"(?!(?i:the|this|that|these|those|an?|each|every)(?![A-Za-z0-9-]))"
 _SPELT_EMAIL = re.compile(
     rf"{_ADDRESS_START}{_LOCAL}{{1,64}}"
     rf"(?:[ ]{{0,3}}{_AT}[ ]{{0,3}}[A-Za-z0-9-]{{1,63}}(?:{_DOT}[A-Za-z0-9-]{{1,63}}){{0,7}}{_DOT}[A-Za-z]{{2,63}}"
-    rf"|{_GAP}(?i:at){_GAP}[A-Za-z0-9-]{{1,63}}(?:{_GAP}(?i:dot){_GAP}[A-Za-z0-9-]{{1,63}}){{0,7}}"
+    rf"|{_GAP}(?i:at){_GAP}{_NOT_PROSE_LABEL}[A-Za-z0-9-]{{1,63}}(?:{_GAP}(?i:dot){_GAP}[A-Za-z0-9-]{{1,63}}){{0,7}}"
     rf"{_GAP}(?i:dot){_GAP}(?i:{_TLDS}))"
     r"(?![A-Za-z0-9-])"
 )

@@ -3209,3 +3209,56 @@ def test_a_spelt_address_wrapped_onto_an_indented_line_is_masked(keys, text, val
 def test_prose_at_and_dot_over_an_indented_line_stays(keys, text):
     """The word "at" in prose stays over an indented line."""
     assert Masker(KeyRing(keys)).mask_text(text, None) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("write to asha at example dot in today", "asha at example dot in"),
+        ("write to mario at example dot it today", "mario at example dot it"),
+        ("write to asha at example dot co dot in today", "asha at example dot co dot in"),
+        ("write to jane at example dot co today", "jane at example dot co"),
+        ("write to jane at example dot us today", "jane at example dot us"),
+        ("write to jane at example dot me today", "jane at example dot me"),
+        ("write to jane at startup dot ai today", "jane at startup dot ai"),
+        ("write to jane at example dot dev today", "jane at example dot dev"),
+        ("write to jane at example dot app today", "jane at example dot app"),
+        ("write to jane at example dot cloud today", "jane at example dot cloud"),
+        ("write to jane at example dot eu today", "jane at example dot eu"),
+        ("write to jan at example dot pl today", "jan at example dot pl"),
+        ("write to sven at example dot se today", "sven at example dot se"),
+        ("write to ola at example dot no today", "ola at example dot no"),
+        ("write to asha @ example.in today", "asha @ example.in"),
+        ("write to jane @ startup.ai today", "jane @ startup.ai"),
+        ("write to jane @\nexample.dev today", "jane @\nexample.dev"),
+    ],
+)
+def test_a_spelt_or_spaced_address_under_a_common_top_level_domain_is_masked(keys, text, value):
+    """A spelt address, or one with a spaced "@", under a common top-level domain the rule did
+    not list ("asha at example dot in", "jane at startup dot ai", "asha @ example.in") was
+    logged in clear: India's, Italy's, Colombia's (and the ".co." of many a country), the
+    United States', Montenegro's, the startups' (ai, dev, app, cloud, io), the EU's, Poland's,
+    Sweden's and Norway's domains are read now."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert TOKEN_RE.sub("", masked) == text.replace(value, ""), masked
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value]
+    assert suspected(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "look at the dot in the middle",
+        "look at this dot it drew",
+        "stare at that dot no wait",
+        "look at each dot in the grid",
+        "look at the dot com boom",
+    ],
+)
+def test_a_spelt_at_before_an_article_and_a_dot_in_prose_stays(keys, text):
+    """The words "in", "it", "no", "me", "us" are top-level domains too: "at" before an article
+    or a demonstrative and "dot" is a sentence, no address."""
+    ring = KeyRing(keys)
+    assert find_sensitive(text) == []
+    assert Masker(ring).mask_text(text, ring.key_for(None)) == text
