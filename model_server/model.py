@@ -227,13 +227,15 @@ def _number_fault(text: str, conversion: str) -> str | None:
         if size and size < NUMBER_TINY[conversion]:
             if size < SUBNORMAL_STEP[conversion]:  # (before Fraction: 1e-999999999 is no small fraction)
                 return "is out of range"
-            # (before Fraction too, whose cost grows as the square of the digits: trailing zeros dropped)
-            _, digits, exponent = size.as_tuple()
-            kept = bytes(digits).rstrip(b"\0")
-            exponent = int(exponent) + len(digits) - len(kept)
-            if -exponent > SUBNORMAL_DECIMALS[conversion]:
+            # Before Fraction too, whose cost grows as the square of the digits, from the text (no
+            # tuple of its digits): the number is int(kept) * 10**shift, its trailing zeros dropped.
+            mantissa, _, exponent = written.lstrip("+-").partition("e")
+            whole, _, fraction = mantissa.partition(".")
+            kept = (whole + fraction).rstrip("0")
+            shift = int(exponent or 0) - len(fraction) + len(whole) + len(fraction) - len(kept)
+            if -shift > SUBNORMAL_DECIMALS[conversion]:
                 return "is out of range"
-            exact_steps = (Fraction(Decimal((0, tuple(kept), exponent))) / SUBNORMAL_STEP[conversion]).denominator == 1
+            exact_steps = (Fraction(Decimal(f"{kept}e{shift}")) / SUBNORMAL_STEP[conversion]).denominator == 1
             return None if exact_steps else "is out of range"
         return None
     if len(written.lstrip("+-0")) > 20:  # past any range (and int() reads at most 4300 digits)
