@@ -476,11 +476,11 @@ _SPELT_ATS = ("(at)", "[at]", "{at}", "<at>")
 # about 50 ``in`` tests, each a pass of its own, took a third of a log line's masking; text
 # holding one (few log lines) is then looked at word by word.
 _ANY_WORD = re2.compile(
-    "|".join([*(re.escape(w) for w in (*_NAME_WORDS, *_SPELT_ATS, *credentials.HINTS)), r"(?:[ \n]|\\[rn])at[ \r\n\\]"])
+    "|".join([*(re.escape(w) for w in (*_NAME_WORDS, *_SPELT_ATS, *credentials.HINTS)), r"(?:[ \n]|\\[rnt])at[ \r\n\\]"])
 )
 
 
-_ESCAPED_BREAK = re.compile(r"\\{1,8}[rn]")
+_ESCAPED_BREAK = re.compile(r"\\{1,8}[rnt]")
 
 
 def _spelt_words(low: str) -> bool:

@@ -3188,6 +3188,8 @@ def test_a_name_before_a_spaced_at_and_a_host_is_still_masked(keys, text, value)
         ("contact jane at\\n    example dot com today", "jane at\\n    example dot com"),
         (json.dumps({"m": "contact jane at\n\t\t\texample dot com"}), "jane at\\n\\t\\t\\texample dot com"),
         ("contact jane @\n        example.com today", "jane @\n        example.com"),
+        ("contact jane at example\\n\\t\\tdot com today", "jane at example\\n\\t\\tdot com"),
+        ("contact jane\\n\\tat example dot com today", "jane\\n\\tat example dot com"),
     ],
 )
 def test_a_spelt_address_wrapped_onto_an_indented_line_is_masked(keys, text, value):
