@@ -176,22 +176,23 @@ _SPELT_EMAIL = re.compile(
     rf"{_GAP}(?i:dot){_GAP}(?i:{_TLDS}))"
     r"(?![A-Za-z0-9-])"
 )
-# A local part before an "@" with blanks around it: one that holds a letter and is none of what
-# annotates a host in a log line with "@" ("GET /v1/models 200 @ api.example.com"): a number, with
-# a unit of one or two letters too ("200ms", the "13Z" a time stamp ends in after its ":"), a
-# version ("v1.2.3", "1.2.3-rc1"), a hash (seven hex digits or more, a letter after a digit:
+# A local part before an "@" with blanks around it: none of what annotates a host in a log line
+# with "@" ("GET /v1/models 200 @ api.example.com"): a number of up to five digits (a status, a
+# count: a mailbox of digits alone is longer, "2851234567 @ qq.com", a QQ number or a student's),
+# one with a unit of one or two letters ("200ms", the "13Z" a time stamp ends in after its ":"), a
+# version ("v1.2.3", "1.2.3-rc1"; "v1.jane" is a name), a hash (seven hex digits or more, a letter after a digit:
 # "3f9a2c1"), a UUID, a time stamp without separators ("20261205T084013Z"). A name with digits
 # ("ada1985"), a word of hex letters ("deadbeef") and a user before a host in a shell prompt are
 # still addresses ("[deploy @ build-01.example.com ~]$": it is one without the spaces too). Each
 # shape is read at most 64 characters, possessively: linear in the text.
 _NOT_A_NAME = (
-    r"[0-9]++(?:[._][0-9]++)*+[A-Za-z]{1,2}+"
-    r"|[vV][0-9]++(?:\.[0-9]++)*+(?:[-+.][0-9A-Za-z.]++)?+|[0-9]++(?:\.[0-9]++)++(?:[-+.][0-9A-Za-z.]++)?+"
+    r"[0-9]{1,5}+|[0-9]++(?:[._][0-9]++)*+[A-Za-z]{1,2}+"
+    r"|[vV][0-9]++(?:\.[0-9]++)*+(?:[-+][0-9A-Za-z.]++)?+|[0-9]++(?:\.[0-9]++)++(?:[-+][0-9A-Za-z.]++)?+"
     r"|(?=[0-9A-Fa-f]{7})[A-Fa-f]*+[0-9]++[A-Fa-f][0-9A-Fa-f]*+"
     r"|[0-9A-Fa-f]{8}(?:-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}"
     r"|[0-9]{8}T[0-9]{4,6}(?:\.[0-9]{1,9})?Z?"
 )
-_SPACED_LOCAL = rf"(?=[0-9._%+-]{{0,63}}[A-Za-z{_LETTERS}])(?!(?:{_NOT_A_NAME})(?!{_LOCAL}))"
+_SPACED_LOCAL = rf"(?!(?:{_NOT_A_NAME})(?!{_LOCAL}))"
 
 # Secrets: ``model_server.credentials`` finds them, for the Slack reports too.
 
@@ -476,7 +477,9 @@ _SPELT_ATS = ("(at)", "[at]", "{at}", "<at>")
 # about 50 ``in`` tests, each a pass of its own, took a third of a log line's masking; text
 # holding one (few log lines) is then looked at word by word.
 _ANY_WORD = re2.compile(
-    "|".join([*(re.escape(w) for w in (*_NAME_WORDS, *_SPELT_ATS, *credentials.HINTS)), r"(?:[ \n]|\\[rnt])at[ \r\n\\]"])
+    "|".join(
+        [*(re.escape(w) for w in (*_NAME_WORDS, *_SPELT_ATS, *credentials.HINTS)), r"(?:[ \n]|\\[rnt])at[ \r\n\\]"]
+    )
 )
 
 

@@ -3166,11 +3166,17 @@ def test_words_and_short_numbers_under_an_identity_name_of_more_words_stay_in_cl
         ("mail deadbeef @ example.com today", "deadbeef @ example.com"),
         ("[deploy @ build-01.example.com ~]$ ls", "deploy @ build-01.example.com"),
         ("mail jane @\nexample.com today", "jane @\nexample.com"),
+        ("reply-to: 2851234567 @ qq.com today", "2851234567 @ qq.com"),
+        ("contact 123456789@\nqq.com today", "123456789@\nqq.com"),
+        ("contact 123456789\n@qq.com today", "123456789\n@qq.com"),
+        ("mail 20191234 @ mail.university.edu today", "20191234 @ mail.university.edu"),
+        ("mail v1.jane @ example.com today", "v1.jane @ example.com"),
     ],
 )
 def test_a_name_before_a_spaced_at_and_a_host_is_still_masked(keys, text, value):
-    """A local part that holds a letter and has no number's, version's, hash's or time's shape
-    is still an address before a spaced "@": a name with a year, a word of hex letters alone, and
+    """A local part with no short number's, version's, hash's or time's shape is still an
+    address before a spaced "@" (or one beside a line end): digits alone past five (a QQ
+    number, a student's: c2140a4 left them in clear, review), a name with a year, a word of hex letters alone, and
     a user before a host in a shell prompt (the prompt "[deploy@build-01.example.com ~]$" is
     masked without the spaces too: a login before its host is its user's address as often)."""
     ring = KeyRing(keys)
