@@ -125,10 +125,14 @@ _UNQUOTED = rf"{_PIECE}(?:[ ]{{1,2}}(?!{DATE_OR_TIME})(?={_VALUE_CHAR}{{0,31}}[0
 # ":", "=", "->" or "=>", or after blanks alone where it is a number (``n``, ``_ID_NUMBER``:
 # "ssn_code      123456789"), as a phone's or a card's word wins over a measure's after it
 # (``_measure``). The key's word ends at a word's end and each word starts at a separator (up to
-# three spaces too) or at a camel-case capital (``_WORD_START``: "idCard_no" has one,
-# "id_cardinality" and "taxidermy" hold only the key's letters); a measure's word among them
+# three spaces too) or at a camel-case capital (``_WORD_START``: "idCard_no" has one), or joined
+# to a key that starts no common word ("passports", "SSNCODE", "ssnvalue", "nationalidvalue":
+# "id_cardinality" and "taxidermy" hold only the letters of "id_card" and "taxid"); a measure's word among them
 # ("passport_scan_bytes", "ssn_lookup_latency_us") names no identity number (``_KeyedValues``).
-_WORD_START = r"(?:[_.-]|[ ]{1,3}+|(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z]))"
+_WORD_START = (
+    r"(?:[_.-]|[ ]{1,3}+|(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])"
+    r"|(?<=[A-Za-z])(?<![Tt][Aa][Xx][Ii][Dd])(?<![Cc][Aa][Rr][Dd])(?=[A-Za-z]))"
+)
 _MORE_WORDS = rf"(?P<w>(?:{_WORD_START}[A-Za-z]{{1,32}}+){{1,3}}+)?"
 _KEY_COLON = rf"{BLANK}{{0,64}}+[:=]{BLANK}{{0,64}}+"
 _WORDS_COLON = rf"(?:{BLANK}{{0,64}}+(?:->|=>|[:=]){BLANK}{{0,64}}+|(?P<n>{BLANK}{{1,64}}+))"
