@@ -130,16 +130,11 @@ def _run(chars: str) -> str:
 
 _RUN_CHARS = r"^\s\"'`,;&<>\\"
 # No value not in quotes: a place held where none is set ("(not set)", "-", "null", "None", "n/a",
-# "***", a mask's mark; "<none>" is no value's characters), whole; or, after a key's "=" and more
-# than three spaces or tabs (the most a value was read after before the blank runs went to 64), the
-# next column's pair of a line of pairs ("api_key=" and 37 spaces then "model=resnet50"): a name in
-# small letters and "=". A value so far after a ":" ("X-Api-Key:      key=abc123", a cookie's
-# "value:      session=abc123"), or one of other words ("password:" and 9 spaces then "16 bytes":
-# its "16"), is masked still.
-_NO_VALUE = (
-    r"(?!(?:\(not set\)|-|(?i:null|none|n/a)|\*{3})(?=[\s,;&)\]}\"'<>]|\\[nrtbf]|\Z)"
-    r"|(?=[a-z][a-z0-9_.-]{0,63}+=[^\s=])(?:" + "|".join(rf"(?<==[ \t]{{{n}}})" for n in range(4, 65)) + "))"
-)
+# "***", a mask's mark; "<none>" is no value's characters), whole. A pair many blanks after a key
+# ("api_key=" and 37 spaces then "model=resnet50", a line of pairs in columns) is masked still: it
+# is as often the key's own value ("api_key=      key=sk-proj-..."), and so is one of other words
+# ("password:" and 9 spaces then "16 bytes": its "16").
+_NO_VALUE = r"(?!(?:\(not set\)|-|(?i:null|none|n/a)|\*{3})(?=[\s,;&)\]}\"'<>]|\\[nrtbf]|\Z))"
 _CRED_RUN = (  # a value not in quotes, to an escaped quote
     rf"(?:(?:{_AFTER_QUOTED_KEY}){_run(_RUN_CHARS + '}')}|(?!{_AFTER_QUOTED_KEY}){_run(_RUN_CHARS)})"
 )
