@@ -927,9 +927,11 @@ def copies_pending(
     if version:
         mirrored = (records["version"] == version).to_numpy(bool) & sampled
     else:  # (no version: those its server's own mirror said it sampled, and as a rollout's of its
-        # version those of the versions whose copies the stretch holds: Istio's mirror says nothing)
-        shown = records["version"][primary & key.isin(key[copy])].unique()
-        mirrored = said.eq(True).to_numpy(bool) | (records["version"].isin(shown).to_numpy(bool) & sampled)
+        # version those of the versions whose copies the stretch holds, each of its own model:
+        # Istio's mirror says nothing)
+        versions = pd.MultiIndex.from_frame(records[["model", "version"]].astype(object))
+        shown = versions[primary & key.isin(key[copy])]
+        mirrored = said.eq(True).to_numpy(bool) | (versions.isin(shown) & sampled)
     lonely = recent & np.where(primary, mirrored & ~key.isin(key[copy]), ~key.isin(key[primary]))
     return stamp[lonely].max().to_pydatetime() if lonely.any() else None
 

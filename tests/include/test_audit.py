@@ -1508,6 +1508,25 @@ def test_rolloutctl_audits_wait_covers_the_copies_behind_istio_of_the_versions_t
     assert copies_pending(alone, end, "digits", None) is None
 
 
+def test_rolloutctl_audits_wait_for_every_model_takes_a_version_shown_mirrored_for_its_own_model_only(tmp_path):
+    """Without a model (``rolloutctl audit``'s default) the versions whose copies the stretch
+    holds were taken as bare labels, across models: one model behind Istio with its copies all
+    written made every other model's recent primaries of the same label ("1") pending, and the
+    wait ran to their close though no mirror copies them. A version is shown mirrored for its
+    own model only."""
+    now = time.time()
+    end = datetime.fromtimestamp(now, UTC)
+    primaries = {i: now - 60 + 0.5 * i for i in range(40)}
+    copies = {i: t + 0.003 for i, t in primaries.items()}
+    log = pods_log(tmp_path, {"primary-pod": ("primary", primaries), "shadow-pod": ("shadow", copies)})
+    assert copies_pending(log, end, None, None) is None
+    other = {i: now - 15 + 0.5 * i for i in range(20)}  # (no mirror; version "1" too)
+    pods_log(tmp_path, {"other-pod": ("primary", other)}, model="other")
+    assert copies_pending(log, end, "digits", None) is None
+    assert copies_pending(log, end, "other", None) is None
+    assert copies_pending(log, end, None, None) is None
+
+
 def test_behind_istio_a_shadow_that_wrote_nothing_is_waited_for_and_not_agreement(tmp_path):
     """A candidate's pod that is down writes no copy, and leaves no watermark: the primaries are
     waited for until the range's close, as before, and the audit finds no shadow record (no pass
