@@ -244,14 +244,34 @@ def _is_uint64(value: Any) -> bool:
 
 
 def _finite_parameters(where: str, params: dict[str, Any]) -> None:
-    """Refuse a number no double holds (1e400, read as inf) among ``params``' values, as Triton's
-    JSON parser refuses it; ``where``: "" for the request's own, else "input 'x': " and the like."""
+    """Refuse a number no double holds (1e400, read as inf) among ``params``' values, or in a list
+    or an object one holds, as Triton's JSON parser refuses it anywhere; ``where``: "" for the
+    request's own, else "input 'x': " and the like. (The body is parsed already, its depth bounded.)"""
     for key, value in params.items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise InvalidInput(
-                f"{where}parameter '{shown(str(key))}' is a number past a double's range "
-                f"(its largest magnitude is {np.finfo(np.float64).max:g})"
-            )
+            said = "is a number"
+        elif isinstance(value, list | dict) and not _finite(value):
+            said = "holds a number"
+        else:
+            continue
+        raise InvalidInput(
+            f"{where}parameter '{shown(str(key))}' {said} past a double's range "
+            f"(its largest magnitude is {np.finfo(np.float64).max:g})"
+        )
+
+
+def _finite(value: Any) -> bool:
+    """Whether no float in ``value`` (a JSON value: lists and objects looked into) is infinite."""
+    left = [value]
+    while left:
+        item = left.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return False
+        if isinstance(item, list):
+            left.extend(item)
+        elif isinstance(item, dict):
+            left.extend(item.values())
+    return True
 
 
 def uint64_parameter(parameters: dict[str, Any], name: str) -> int | None:

@@ -383,6 +383,32 @@ def test_a_parameter_past_its_range_is_refused_by_name(body, needle):
 
 
 @pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (
+            '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1], "parameters": {"q": [1e400]}}]}',
+            "input 'x': parameter 'q' holds a number past a double's range",
+        ),
+        (
+            '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1], "parameters": {"q": {"r": -1e400}}}]}',
+            "input 'x': parameter 'q' holds a number past a double's range",
+        ),
+        (
+            f'{{"inputs": [{INPUT}], "outputs": [{{"name": "y", "parameters": {{"z": [1, {{"w": [1e400]}}]}}}}]}}',
+            "output 'y': parameter 'z' holds a number past a double's range",
+        ),
+    ],
+)
+def test_a_number_past_a_doubles_range_nested_in_a_parameter_is_refused_by_name(body, needle):
+    """1e400 in a list or an object a parameter holds ({"q": [1e400]}, {"q": {"r": -1e400}}) was
+    taken as inf and answered 200: only a parameter's own value was looked at, and Triton's JSON
+    parser refuses such a number anywhere. Each is a 400 naming the parameter that holds it."""
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(body.encode(), None)
+    assert needle in refused.value.message, refused.value.message
+
+
+@pytest.mark.parametrize(
     ("datatype", "number", "value"),
     [
         ("FP64", "0e-400", 0.0),
