@@ -516,6 +516,26 @@ def test_a_data_plane_stopped_leaves_nothing_on_its_repository(repo):
     assert repo.on_version_gone == before
 
 
+def test_a_callback_taken_off_on_version_gone_while_they_run_makes_none_skipped(repo):
+    """DataPlane.stop() takes its callback off the repository's on_version_gone while a request
+    that releases a retired version may be running them, in another thread: the list taken from
+    under its loop made the loop skip the callback after it (a DataPlane's failure lines of an
+    unloaded version kept). The callbacks are run from a copy of the list."""
+    called = []
+
+    def leaving(name: str, version: str) -> None:
+        called.append(("leaving", version))
+        repo.on_version_gone.remove(leaving)  # (as stop() does, here while they run: no thread's timing)
+
+    def staying(name: str, version: str) -> None:
+        called.append(("staying", version))
+
+    repo.on_version_gone.extend([leaving, staying])
+    repo.unload("digits")
+    assert sorted(version for who, version in called if who == "staying") == ["1", "2"]
+    assert [who for who, _ in called].count("leaving") == 1
+
+
 def test_model_readiness_by_version(dp):
     assert dp.model_not_ready_reason("digits") is None
     assert dp.model_not_ready_reason("digits", "2") is None
