@@ -2032,8 +2032,15 @@ def _send_claimed(
             try:
                 _back_to_outbox(outbox, name, found.chart, mark, f"its chart was not uploaded: {sent['chart_error']}")
             except (OSError, ValueError) as exc:  # (a full disk, a folder it may not write: it stays, marked)
-                try:  # (moved, a leftover in refused/ not removed: it waits in the outbox)
-                    where = f"it waits in {REFUSED}/ with its mark" if outbox.exists(name) else "it waits there"
+                try:  # (written to the outbox first, then removed from refused/: either, or both)
+                    kept, back = outbox.exists(name), Folder(outbox.uri, outbox.parts[:-1]).exists(name)
+                    where = (
+                        f"it waits in the outbox and in {REFUSED}/, each with its mark"
+                        if kept and back
+                        else f"it waits in {REFUSED}/ with its mark"
+                        if kept
+                        else "it waits there"
+                    )
                 except OSError:
                     where = "where it waits is not known"
                 why = f"not moved back to the outbox ({where}): {one_line(str(exc))[:300]}"

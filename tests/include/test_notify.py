@@ -1490,6 +1490,40 @@ def test_a_report_set_aside_then_posted_whose_move_back_to_the_outbox_fails_stay
     assert (outbox / REFUSED).names() == []
 
 
+def test_a_report_set_aside_then_posted_moved_back_but_not_removed_from_refused_says_both_places(
+    slack, tmp_path, monkeypatch
+):
+    """A report sent again from refused/ that Slack took, its chart's upload failing, written back
+    into the outbox but not removed from refused/ (an I/O error), was said to wait "in refused/
+    with its mark": it waits in both, each with its mark, and the message says so."""
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import POSTED, REFUSED, send_refused
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    slack.refuse = {"chat.postMessage": "channel_not_found"}
+    SlackNotifier("#typo", token=slack.token, base_url=slack.base_url, outbox=outbox).send(
+        rollback_message(SPEC, "x", chart=b"\x89PNG chart")
+    )
+    real = Folder.delete
+
+    def delete(folder: Folder, name: str) -> None:
+        if folder == outbox / REFUSED and name.endswith(".json"):
+            raise OSError(5, "Input/output error")
+        real(folder, name)
+
+    monkeypatch.setattr(Folder, "delete", delete)
+    slack.refuse = {"upload": "HTTP Error 500"}
+    (result,) = send_refused(outbox, client)
+    stem = result["name"].removesuffix(".json")
+    assert (outbox / REFUSED).names() == sorted([f"{stem}.json", f"{stem}.png", stem + POSTED])
+    assert f"{stem}.json" in outbox.names()
+    assert stem + POSTED in outbox.names()
+    assert f"it waits in the outbox and in {REFUSED}/, each with its mark" in result["chart_error"]
+    assert "Input/output error" in result["chart_error"]
+
+
 @pytest.mark.parametrize("error", ["metadata_must_be_sent_from_app", "invalid_metadata_format", "metadata_too_large"])
 def test_a_post_whose_metadata_slack_refuses_is_posted_without_it(slack, tmp_path, error, caplog):
     """Slack refusing a report's metadata (a token that is no app's, a limit) must not cost the
