@@ -1789,13 +1789,15 @@ def stable_back(
     unload_candidate: bool = True,
     read: tuple[TrafficPolicy | None] | None = None,
     quick: bool = False,
+    renewal: Holding | None = None,
 ) -> Shortfall | None:
     """``restore_stable``'s work; a failure once the traffic is back on the stable version returned
     (``Shortfall``), not raised: ``finish`` reports it as that, not as a restore that failed.
     ``read``: the routes ``finish`` read (``routes_read``) just after it renewed the lease, neither
     done again. ``quick`` (the failure callback, within ``CALLBACK_CAP_S`` of finish's renewal
     of the lease for ``LEASE_S``): the lease not renewed again, and the wait for a ready pod of
-    the baseline no longer than its ``api_budget`` has left: the routes write comes sooner."""
+    the baseline no longer than its ``api_budget`` has left: the routes write comes sooner, after
+    ``still_held`` (``renewal``: the lease as finish renewed it; None where it was read back)."""
     from vision_rollout import mesh
     from vision_rollout.mesh import RouterError, routes_to
 
@@ -1850,6 +1852,7 @@ def stable_back(
                         )
         if quick:  # (its budget's cap bounds the wait: never the teardown's, whose baseline's pods may take minutes)
             deployments.wait_ready(spec.baseline_version, 1, timeout_s=max(mesh.budget_left(), 0.0), strict=False)
+            still_held(hook.model_lock(spec.model, spec.mesh), run_id, renewal)
         else:
             deployments.wait_ready(spec.baseline_version, 1, strict=False)
             hold(spec, run_id, hook, rolling_back=True)  # still this run's, after the wait
@@ -1872,6 +1875,22 @@ def stable_back(
                 what = f"not all of the {restoring} pods of version {spec.baseline_version} came ({str(exc)[:500]})"
                 return Shortfall(error, what, retired=True)
     return None
+
+
+def still_held(lock: Any, run_id: str, renewal: Holding | None) -> None:
+    """The failure callback's check before its routes write (``stable_back``'s ``quick``: the lease
+    not renewed around the wait): none where ``renewal`` (its renewal at finish's start) runs on
+    every worker's clock beyond what its ``api_budget`` has left (no other run may take the model
+    before it ends); else the lease read (no renewal: a renewal refused may have left it to run
+    out, read back as this run's): LockLost where another run holds it."""
+    from vision_rollout import mesh
+    from vision_rollout.locks import CLOCK_SKEW_S
+
+    if renewal is not None and renewal.expires - CLOCK_SKEW_S - lock.clock() > mesh.budget_left():
+        return
+    current = lock.holding()
+    if current is not None and current.holder != run_id:
+        raise LockLost(f"run {run_id!r} does not hold model {lock.model!r}: {current.describe()} holds it")
 
 
 def routes_read(spec: RolloutSpec, r: Router) -> TrafficPolicy | None:
@@ -2147,7 +2166,9 @@ def finish(
     hook = serving()
     lock = hook.model_lock(spec.model, spec.mesh)
     folder = hook.settings.workdir(spec.model, run_id)
-    lease_kept(lock, run_id, folder)
+    start = lock.clock()
+    held = lease_kept(lock, run_id, folder)
+    renewal = held if held.holder == run_id and held.renewed >= start else None  # (None: read back, not renewed)
     routes = None if promoted else routes_read(spec, router(spec, run_id, hook))  # (None: edited by hand)
     unread = not promoted and routes is None
     # (a baseline without pods is no promotion unless promote recorded one: another manager, KEDA or
@@ -2159,7 +2180,7 @@ def finish(
     else:  # (the record read only where the cluster looks promoted: mid-stage, an unreadable one stops nothing)
         looks = promoted_unseen(spec, hook) if unread else promotion_in_effect(spec, run_id, hook, routes)
         kept = looks and promotion_record(spec, run_id, folder)
-    short = stable_back(params, run_id, unload_candidate, (routes,), quick) if not kept else None
+    short = stable_back(params, run_id, unload_candidate, (routes,), quick, renewal) if not kept else None
     if kept and spec.mesh == "istio":  # (promote stopped before it put the retired version's HPA back)
         try:
             hook.deployments(spec.model).release_floor(spec.baseline_version)

@@ -3403,3 +3403,46 @@ def test_a_stages_poke_whose_renewals_fail_acts_on_a_breach_all_the_same(kube, m
     assert routes(kube) == [("v1", 100)]
     assert lease(kube, "digits")["spec"]["holderIdentity"] == "run-1"
     assert "the stable version goes back all the same" in caplog.text
+
+
+@pytest.mark.parametrize("step", ["callback", "teardown"])
+def test_a_run_whose_lease_is_taken_during_the_wait_for_the_baseline_does_not_write_the_routes(kube, monkeypatch, step):
+    """The lease's renewals refused (500 on its PUT, every try: read back, still run-1's), and
+    while the run waits for the baseline's ready pod another run takes the model over. The
+    teardown renews the lease after the wait and stops (LockLost); the failure callback (``quick``:
+    no renewal around the wait) PATCHed the VirtualService over run-2's routes. A lease it did
+    not renew is read again before the routes write now: run-2's, nothing written."""
+    from vision_rollout.deploy import VersionDeployments
+
+    at_stage_1(kube)
+    kube.throttle, kube.throttle_status, kube.throttled_methods = 10**6, 500, frozenset({"PUT"})
+    kube.throttled_path = "/leases/rollout-digits"
+    waited = VersionDeployments.wait_ready
+
+    def taken_over(self, *args, **kwargs):
+        kube.touch("leases", "models", "rollout-digits", lambda lease: lease["spec"].update(holderIdentity="run-2"))
+        return waited(self, *args, **kwargs)
+
+    monkeypatch.setattr(VersionDeployments, "wait_ready", taken_over)
+    before = len(kube.requests)
+    if step == "callback":
+        steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+    else:
+        with pytest.raises(AirflowFailException, match="run 'run-2'"):
+            steps.ensure_stable(PARAMS, "run-1", None, None, SENT)
+    assert [r for r in kube.requests[before:] if r["method"] == "PATCH"] == []
+    assert routes(kube) == [("v1", 90), ("v2", 10)]
+    assert lease(kube, "digits")["spec"]["holderIdentity"] == "run-2"
+
+
+def test_the_failure_callback_reads_no_lease_again_it_renewed_beyond_its_cap(kube):
+    """The lease renewed at the failure callback's start (for ``LEASE_S``, beyond its cap on every
+    worker's clock): no other run may take it before the callback ends, so it is not read again
+    before the routes write (one GET of it before: the renewal's)."""
+    at_stage_1(kube)
+    before = len(kube.requests)
+    steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+    assert routes(kube) == [("v1", 100)]
+    calls = [(r["method"], r["path"].rsplit("/", 1)[-1]) for r in kube.requests[before:]]
+    written = calls.index(("PATCH", "digits"))  # (the routes write)
+    assert calls[:written].count(("GET", "rollout-digits")) == 1
