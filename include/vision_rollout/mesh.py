@@ -1479,9 +1479,15 @@ class ApiBudget:
     started: float = 0.0
 
     def left(self) -> float:
-        now = self.clock()
-        left = self.total_s - self.spent - (now - self.since if self.since is not None else 0.0)
-        return left if self.cap_s is None else min(left, self.cap_s - (now - self.started))
+        return min(self.unanswered_left(), self.cap_left())
+
+    def unanswered_left(self) -> float:
+        """What is left of ``total_s`` (what a pause between calls does not spend)."""
+        return self.total_s - self.spent - (self.clock() - self.since if self.since is not None else 0.0)
+
+    def cap_left(self) -> float:
+        """What is left of ``cap_s`` (infinity without one)."""
+        return math.inf if self.cap_s is None else self.cap_s - (self.clock() - self.started)
 
     def capped(self) -> bool:
         """Whether ``cap_s`` is what is spent (not ``total_s``)."""
@@ -1527,9 +1533,11 @@ def budget_left() -> float:
 
 def pause(seconds: float) -> bool:
     """Sleep ``seconds`` (a pause before a call is tried again) unless the ``api_budget`` in force
-    has no more than that left: False then, nothing slept (the caller raises what failed)."""
+    has no more than that left of its cap, or nothing left of its ``total_s`` (a pause between
+    calls spends none of that: it counts only calls left without an answer): False then,
+    nothing slept (the caller raises what failed)."""
     budget = _BUDGET.get()
-    if budget is not None and budget.left() <= seconds:
+    if budget is not None and (budget.cap_left() <= seconds or budget.unanswered_left() <= 0):
         return False
     time.sleep(seconds)
     return True

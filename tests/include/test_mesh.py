@@ -1717,3 +1717,39 @@ def test_no_pause_is_slept_once_the_api_budget_is_spent(monkeypatch):
             mesh.settled(in_doubt)
     assert attempts == [0, 1]  # (19 s spent: the third try's 1 s pause would leave none)
     assert slept == [1.0, 0.5]
+
+
+@pytest.mark.real_pauses  # (the pauses on the fake clock)
+def test_a_pause_is_slept_where_only_the_unanswered_time_left_is_short(monkeypatch):
+    """``pause`` refused whenever the budget's ``left`` was no more than the pause, but that counts
+    the time calls were left without an answer, which a pause does not spend: in the teardown
+    (no cap) a budget with 1.5 s of its 120 left gave up ``settled``'s retries of a write in doubt
+    (and ``routes_read``'s) that landed before. Only a cap with no more than the pause left, or
+    no unanswered time left at all, refuses it now."""
+    from types import SimpleNamespace
+
+    from vision_rollout import mesh
+
+    now = [0.0]
+    slept: list[float] = []
+    monkeypatch.setattr(mesh, "time", SimpleNamespace(monotonic=lambda: now[0], sleep=slept.append))
+    attempts: list[bool] = []
+
+    def in_doubt_then_written(doubted: bool) -> str:
+        attempts.append(doubted)
+        if len(attempts) < 4:
+            raise mesh.Unsettled(mesh.ApiFailed("apply virtualservices/digits: 504 Gateway Timeout", 504))
+        return "written"
+
+    with mesh.api_budget(120, 30) as budget:
+        budget.spent = 118.5
+        assert mesh.settled(in_doubt_then_written) == "written"
+        assert len(attempts) == 4
+        budget.spent = 120
+        assert not mesh.pause(1.0)  # (no unanswered time left: nothing is sent after it)
+    with mesh.api_budget(30, 15, cap_s=20) as budget:
+        budget.spent = 29
+        assert mesh.pause(8.0)
+        now[0] = 12
+        assert not mesh.pause(8.0)  # (the cap's 8 s left: none after the pause)
+    assert slept == [0.5, 1.0, 2.0, 8.0]
