@@ -1423,13 +1423,14 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
     fields); each read back is logged where one follows."""
     doubted = conflicts = 0
     failed: Exception | None = None  # the last attempt's failure (an Unsettled or a Conflicted)
+    cut = False  # (the api_budget spent before the next attempt: the last write in doubt never read back)
     for n in range(tries):
         if isinstance(failed, Conflicted):
             wait = random.uniform(*CONFLICT_PAUSE_S)  # noqa: S311 (a pause, no secret)
         else:
             wait = min(BACKOFF_S * 2 ** (n - 1), BACKOFF_MAX_S) if failed is not None else 0.0
         if wait and not pause(wait):  # (the api_budget spent by the pause: the last failure raised)
-            tries = n
+            tries, cut = n, isinstance(failed, Unsettled)
             break
         try:
             return attempt(doubted)
@@ -1450,6 +1451,8 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
     else:
         found = ", each read back finding it not in place" if checks else ""
         why = f"{conflicts} {refused}; {doubted} answers left unknown whether the write was served{found}"
+    if cut:  # (no read back after the last write: it may have been served)
+        why = f"{why.replace(found, '')}; the last may have been served: not read back, the time allowed spent"
     last.args = (f"{last} (tried {tries} times: {why})",)
     raise last  # (its own kind: an ApiFailed, an ApiUnreachable, a Contended, a LockError)
 

@@ -1713,10 +1713,13 @@ def test_no_pause_is_slept_once_the_api_budget_is_spent(monkeypatch):
 
     with mesh.api_budget(30, 15, cap_s=20):
         assert mesh.pause(1.0)
-        with pytest.raises(mesh.ApiUnreachable, match=r"tried 2 times"):
+        with pytest.raises(mesh.ApiUnreachable, match=r"tried 2 times") as raised:
             mesh.settled(in_doubt)
     assert attempts == [0, 1]  # (19 s spent: the third try's 1 s pause would leave none)
     assert slept == [1.0, 0.5]
+    # The second write was never read back: it may have landed (it said each read back found it not in place, review)
+    assert "not in place" not in str(raised.value)
+    assert "the last may have been served: not read back" in str(raised.value)
 
 
 @pytest.mark.real_pauses  # (the pauses on the fake clock)
