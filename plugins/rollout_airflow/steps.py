@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
-from vision_rollout.deploy import MAX_REPLICAS, candidate_replicas
+from vision_rollout.deploy import FLOOR_ANNOTATION, MAX_REPLICAS, candidate_replicas
 from vision_rollout.folders import WriteConflict
 from vision_rollout.locks import (
     LEASE_S,
@@ -2187,7 +2187,8 @@ def finish(
         except RouterError as exc:  # (the promotion stands: said as kept, this failure besides, not a failed restore)
             what = (
                 f"the HPA of version {spec.baseline_version} keeps the floor the run held ({str(exc)[:500]}): "
-                f"clear the run's ensure_stable to release it"
+                f"the model's next run releases it as it starts, or by hand set its minReplicas to the count its "
+                f"annotation {FLOOR_ANNOTATION} records and remove the annotation"
             )
             short = Shortfall(exc, what, retired=False)
     if prune and spec.mesh == "istio":

@@ -1075,6 +1075,9 @@ def test_a_kept_promotion_whose_floor_release_fails_is_reported_as_kept(fleet, m
     assert "could not put version 1 back" not in said
     assert "version 2 was promoted" in said
     assert "403 Forbidden: cannot patch" in said
+    # what releases the floor (clearing ensure_stable did nothing: the run had ended, review)
+    assert "clear the run's ensure_stable" not in said
+    assert "the model's next run releases it as it starts" in said
     assert routes(fleet) == [("v2", 100)]
     assert lease(fleet, "digits") is None  # (released)
 
