@@ -2867,13 +2867,8 @@ def test_a_teardown_whose_lease_release_fails_reports_the_stable_version_back(ku
     without delete on leases, say): its report said it "could not put version 1 back", the routes
     not restored, though version 1 took 100% of the traffic (the failure callback logged the same).
     The restore is reported as done, and the lease's failure besides."""
-    from airflow.sdk._shared.secrets_masker import reset_secrets_masker
-
     from devstack.cluster.kube import APIError
 
-    # (the report is redacted with Airflow's masker, one per process: what tests run before in it
-    # registered, "models" among them in a whole `make test`, would hide the namespace it names)
-    reset_secrets_masker()
     at_stage_1(kube)
 
     def forbidden() -> None:
