@@ -384,9 +384,11 @@ _ISSUED = re.compile(
 )
 # An HTTP Digest authorization's response (RFC 7616: the hash of the password, the nonce and the
 # request, which a dictionary attack reverses) and its cnonce, wherever its parameters are
-# written: "response" names it only before 32 to 128 hex digits (an MD5 or SHA-256 digest).
+# written: "response" names it only before 32 to 128 hex digits (an MD5 or SHA-256 digest). Up to
+# 64 blanks each side of its "=", a tab written escaped too ("cnonce=\\t\"...\""), possessively
+# (``_KEY_SEP``'s runs: no value starts with a blank).
 _DIGEST_PARAM = re.compile(
-    rf"{after_boundary('A-Za-z0-9_-')}(?i:(?P<c>cnonce)|response)[ \t]{{0,64}}=[ \t]{{0,64}}\"?{NOT_MASKED}"
+    rf"{after_boundary('A-Za-z0-9_-')}(?i:(?P<c>cnonce)|response){BLANK}{{0,64}}+={BLANK}{{0,64}}+\"?{NOT_MASKED}"
     r"(?P<v>(?(c)[^\s\"',;<>]{1,256}|[0-9A-Fa-f]{32,128}(?![A-Za-z0-9])))"
 )
 _SLACK_WEBHOOK = re.compile(

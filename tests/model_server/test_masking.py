@@ -1245,6 +1245,7 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "a spaced value of prose without end": "password Ab" + "c" * 1_000_000,
     "a spaced quote never closed": 'password "' + "a" * 1_000_000,
     "spaced quoted names": 'secret "a" ' * 90_000,
+    "escaped tabs after digest parameters": ("cnonce" + "\\t" * 100 + "=") * 4_900,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -2641,6 +2642,26 @@ def test_a_value_named_by_its_sibling_more_than_three_blanks_after_its_colon_is_
     hunter2") or a Digest parameter, its value more than three spaces or tabs after its ":" or
     "=" (columns aligned), was logged in clear: those rules read three blanks at most. A run of
     up to 64 now, as the keyed rules read."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert "hunter2" not in masked, masked
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == ["hunter2"]
+    assert "hunter2" not in scrub(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'digest sent: username="bob", cnonce=\\t"hunter2"',
+        "digest sent: username=bob, cnonce\\t=\\thunter2",
+        'digest sent: cnonce=\\b\\f\t "hunter2"',
+    ],
+)
+def test_a_digest_cnonce_after_an_escaped_tab_is_masked_whole(keys, text):
+    """A Digest cnonce after a tab written escaped around its "=" ('cnonce=\\t"hunter2"', as
+    repr() and json.dumps write a tab) had only the escape masked and "hunter2" logged in clear:
+    the runs around the "=" read spaces and tabs only, and not possessively. They read
+    ``credentials.BLANK`` now, as the keyed rules do, possessively."""
     ring = KeyRing(keys)
     masked = Masker(ring).mask_text(text, ring.key_for(None))
     assert "hunter2" not in masked, masked
