@@ -347,9 +347,10 @@ _WHOLE_HEADER = re.compile(
     rf"(?P<v>(?(q){quoted(4096)}|{BRACKETED})|{_NOT_ESCAPED_QUOTE}[^\s\"'<>](?:{_PARAM_IN_QUOTES}|[^\r\n\"'<>\\]|{_NOT_ESCAPED_QUOTE}\\){{0,4095}})"
 )
 # "cookie" or "cookies" then spaces and a pair ("cookie session=abc123", as free text writes it,
-# no ":"): its pairs apart by ";", to the first space after them (the prose after it stays).
+# no ":"): its pairs apart by ";", to the first space after them (the prose after it stays). Up
+# to 64 blanks after the word, a tab written escaped too ("cookie\\tsession=abc123"), possessively.
 _COOKIE_SPACED = re.compile(
-    rf"{after_boundary('A-Za-z0-9-')}{_COOKIE}[ \t]{{1,3}}{NOT_MASKED}(?={_COOKIE_PAIR})"
+    rf"{after_boundary('A-Za-z0-9-')}{_COOKIE}{BLANK}{{1,64}}+{NOT_MASKED}(?={_COOKIE_PAIR})"
     r"(?P<v>[^\s\"'<>;]{1,4096}(?:;[ \t]{0,2}[^\s\"'<>;]{1,4096}){0,63})"
 )
 # "Bearer <credential>" or "Basic <credential>" anywhere: a credential of 8 characters or more

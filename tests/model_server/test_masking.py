@@ -1246,6 +1246,7 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "a spaced quote never closed": 'password "' + "a" * 1_000_000,
     "spaced quoted names": 'secret "a" ' * 90_000,
     "escaped tabs after digest parameters": ("cnonce" + "\\t" * 100 + "=") * 4_900,
+    "escaped tabs after cookie words": ("cookie" + "\\t" * 100 + "a") * 4_900,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -2667,6 +2668,27 @@ def test_a_digest_cnonce_after_an_escaped_tab_is_masked_whole(keys, text):
     assert "hunter2" not in masked, masked
     assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == ["hunter2"]
     assert "hunter2" not in scrub(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "request cookie\\tsession=abc123x9",
+        "request cookie      session=abc123x9",
+        "request cookies\t\t\t\tsession=abc123x9",
+        "request cookie \\t \\f session=abc123x9",
+    ],
+)
+def test_a_spaced_cookie_pair_after_more_blanks_or_an_escaped_tab_is_masked(keys, text):
+    """A cookie's pair after "cookie" and a tab written escaped ("cookie\\tsession=abc123", as
+    repr() and json.dumps write a tab) or more than three blanks ("cookie      session=abc123")
+    was logged in clear: the spaced cookie rule read one to three spaces or tabs. It reads up to
+    64 of ``credentials.BLANK`` now, possessively, as the keyed rules do."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert "abc123x9" not in masked, masked
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == ["session=abc123x9"]
+    assert "abc123x9" not in scrub(text)
 
 
 @pytest.mark.parametrize(
