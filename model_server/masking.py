@@ -128,13 +128,17 @@ _UNQUOTED = rf"{_PIECE}(?:[ ]{{1,2}}(?!{DATE_OR_TIME})(?={_VALUE_CHAR}{{0,31}}[0
 # three spaces too) or at a camel-case capital (``_WORD_START``: "idCard_no" has one), or joined
 # to a key that starts no common word ("passports", "SSNCODE", "ssnvalue", "nationalidvalue":
 # "id_cardinality" and "taxidermy" hold only the letters of "id_card" and "taxid"); a measure's word among them
-# ("passport_scan_bytes", "ssn_lookup_latency_us") names no identity number (``_KeyedValues``).
+# ("passport_scan_bytes", "ssn_lookup_latency_us") names no identity number (``_KeyedValues``). One
+# or two capitals spaced before a number are the value's first piece, no word of the name
+# ("passport AB 1234567": masked whole).
 _WORD_START = (
-    r"(?:[_.-]|[ ]{1,3}+|(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])"
+    r"(?:[_.-]|[ ]{1,3}+(?![A-Z]{1,2}[ ]{1,2}[0-9])|(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])"
     r"|(?<=[A-Za-z])(?<![Tt][Aa][Xx][Ii][Dd])(?<![Cc][Aa][Rr][Dd])(?=[A-Za-z]))"
 )
-_MORE_WORDS = rf"(?P<w>(?:{_WORD_START}[A-Za-z]{{1,32}}+){{1,3}}+)?"
-_KEY_COLON = rf"{BLANK}{{0,64}}+[:=]{BLANK}{{0,64}}+"
+_MORE_WORDS = (  # (a plural's "s" too, more words after it or not: "SSNs", "taxids", "passports_list")
+    rf"(?P<w>(?i:s)(?![a-z])(?:{_WORD_START}[A-Za-z]{{1,32}}+){{0,3}}+|(?:{_WORD_START}[A-Za-z]{{1,32}}+){{1,3}}+)?"
+)
+_KEY_COLON = rf"{BLANK}{{0,64}}+(?:->|=>|[:=]){BLANK}{{0,64}}+"  # (an arrow too: "passport->E1234567")
 _WORDS_COLON = rf"(?:{BLANK}{{0,64}}+(?:->|=>|[:=]){BLANK}{{0,64}}+|(?P<n>{BLANK}{{1,64}}+))"
 # An identity number: six digits or more, a run of them or in groups of up to eight apart by a
 # space, a dot or a hyphen ("123 456 789", "912-78-1234", "123.456.789-09"; a date or a time
@@ -147,12 +151,23 @@ _ID_NUMBER = (
     rf"(?:(?!{DATE_OR_TIME}|{_FRACTION})(?=[0-9](?:[ .-]?[0-9]){{5}})[0-9]{{1,8}}+(?:(?:[.-]|[ ](?!{DATE_OR_TIME}))[0-9]{{1,8}}+){{1,7}}"
     rf"|[0-9]{{6,64}}+){_ID_END}"
 )
-_ID_VALUE = rf"(?:{_ID_NUMBER}|(?=(?:[A-Za-z]{{0,63}}+[0-9]){{5}})[A-Za-z0-9]{{6,64}}+{_ID_END})"
+# A key's name from a camel-case capital too, after its prefix's small letter ("userSsnCode",
+# "userPassport": a field's name, as a JSON log line or a repr writes it).
+_CAMEL_START = r"(?<=[a-z])(?=[A-Z])"
+_UUID = r"[0-9A-Fa-f]{8}(?:-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}(?![0-9A-Za-z_-])"  # (an id, no identity number)
+_ID_VALUE = (  # (its letters and digits in up to eight runs joined by hyphens too: "AB-123456")
+    rf"(?:{_ID_NUMBER}|(?!{DATE_OR_TIME}|{_UUID})(?=(?:[A-Za-z-]{{0,63}}+[0-9]){{5}})(?=(?:-?[A-Za-z0-9]){{6}})"
+    rf"[A-Za-z0-9]{{1,64}}+(?:-[A-Za-z0-9]{{1,64}}+){{0,7}}+{_ID_END})"
+)
+# One or two capitals spaced before an identity number under a name of more words, its piece
+# ("ssn code AB 1234567", "ssn_code: AB 1234567": masked whole).
+_CAPITALS = rf"(?:[A-Z]{{1,2}}[ ]{{1,2}}(?!{DATE_OR_TIME})(?=[0-9]))?"
 _KEYED = re.compile(
-    rf"{_NOT_ALNUM_BEFORE}(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX}){_MORE_WORDS}{KEY_QUOTE}"
+    rf"(?:{_NOT_ALNUM_BEFORE}|{_CAMEL_START})(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX}){_MORE_WORDS}{KEY_QUOTE}"
     rf"(?(w){_WORDS_COLON}|(?:{_KEY_COLON}|(?P<b>{BLANK}{{1,64}}+(?=[{{\[]))"
-    rf"|{BLANK}{{1,64}}+(?:[#-]{BLANK}{{0,64}}+)?(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9])))"
-    rf"{OPEN_QUOTE}(?P<v>(?(w)(?(n){_ID_NUMBER}|{_ID_VALUE})"
+    rf"|{BLANK}{{1,64}}+(?:[#-]{BLANK}{{0,64}}+)?(?:(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9])"
+    rf"|(?=[A-Z]{{1,2}}[ ]{{1,2}}(?!{DATE_OR_TIME}){_VALUE_CHAR}{{0,31}}[0-9]))))"
+    rf"{OPEN_QUOTE}(?P<v>(?(w){_CAPITALS}(?(n){_ID_NUMBER}|{_ID_VALUE})"
     rf"|(?:(?(q){NOT_MASKED}{quoted(64)}|(?(b){CLOSED_BRACKETED}|(?:{BRACKETED}|{_UNQUOTED})))|{_UNQUOTED})))"
 )
 # An address with "@" spelt "(at)", "[at]", "{at}" or "<at>" and its dots "." or spelt alike;

@@ -382,6 +382,11 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "letters and digits under an identity name": "passport_value: " + "a1" * 500_000,
     "spelt words over indented lines": ("a at\n" + " " * 64) * 14_500,
     "spelt words over escaped indented lines": ("a at\\n" + " " * 64) * 14_000,
+    "spaced capitals after keys": "passport AB " * 84_000,
+    "hyphenated letters and digits under an identity name": "ssn_code: " + "a-1" * 333_333,
+    "keys before arrows": "passport->" * 100_000,
+    "plural identity names": "SSNs " * 200_000,
+    "identity words after camel-case prefixes": "userSsnCode " * 84_000,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
@@ -399,6 +404,7 @@ FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, ea
     "escaped form feeds after a value": {"keyed"},
     "values before escaped backspaces": {"keyed"},
     "digit groups under an identity name": {"keyed"},  # its first eight groups
+    "keys before arrows": {"keyed"},  # each key's value is the next key's name
 }
 
 
@@ -775,6 +781,24 @@ KEYED = {
     # a key written with a Turkish dotted or dotless I: (?i) reads it as "i", ``lower`` does not
     "NAT\u0130ONAL_\u0130D: E1234567": "E1234567",
     "nat\u0131onal_id=E1234567": "E1234567",
+    # the identity word after a camel-case prefix: a name's word from its capital
+    "userSsnCode: 123456789": "123456789",
+    '{"userSsnCode": 123456789}': "123456789",
+    "userPassport: E1234567": "E1234567",
+    # a plural name: its value of an id's shape (a count after it stays: "passports: 3 valid")
+    "SSNs: 123456789": "123456789",
+    "passports: E1234567": "E1234567",
+    # an arrow after a plain key, as after a name of more words
+    "passport->E1234567": "E1234567",
+    "passport => E1234567": "E1234567",
+    # letters joined to digits by a hyphen under a name of more words
+    "ssn_code: AB-123456": "AB-123456",
+    "passport_value: X-12-34567": "X-12-34567",
+    # one or two capitals, then a piece with a digit, after a key and blanks alone
+    "passport AB 1234567": "AB 1234567",
+    "ssn E 123456789": "E 123456789",
+    "ssn code AB 1234567": "AB 1234567",
+    "ssn_code: AB 1234567": "AB 1234567",
 }
 
 
@@ -798,6 +822,7 @@ def test_words_near_a_key_name_are_not_values(keys):
         "passports: 3 valid",
         "passport 2 expired",  # (a value without ":" or "=" holds a digit, and 3 characters)
         '{"msg": "{\\"passport_count\\": \\"none\\", \\"passports\\": \\"E1\\"}"}',  # (escaped quotes)
+        "ssn_ts: 2026-12-03 ok",  # (a date under a name of more words is the line's)
     ]:
         assert Masker(ring).mask_text(text, ring.key_for(None)) == text
 
