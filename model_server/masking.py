@@ -174,13 +174,18 @@ _KEYED = re.compile(
 # or with both spelt as words ("li.wei at example dot com"), and then only before a common
 # top-level domain: "look at this dot product" is a sentence. Up to three spaces around each
 # spelt word ("jane  at  example  dot  com"; a tab reads as a space: ``as_seen``), or a line end
-# with up to three spaces before it and the indentation of the line it wraps onto after it, up to
+# with up to 64 spaces before it and the indentation of the line it wraps onto after it, up to
 # 64 spaces, tabs or tabs written escaped (a message wrapped: "jane at\n    example dot com"), one
 # written escaped too (``_BREAK``: "jane at\\nexample dot com" in a JSON string or a repr). The
 # indentation is read possessively: no spelt word or label starts with a blank.
 _BREAK = r"(?:\r?\n|(?:\\{1,8}r)?\\{1,8}n)"
-_GAP = rf"(?:[ ]{{1,3}}|[ ]{{0,3}}{_BREAK}(?:[ ]|\\{{1,8}}t){{0,64}}+)"
-_AT, _DOT = r"[(\[{<](?i:at)[)\]}>]", r"(?:\.|[ ]{0,3}[(\[{<](?i:dot)[)\]}>][ ]{0,3})"
+_GAP = rf"(?:[ ]{{1,3}}|[ ]{{0,64}}+{_BREAK}(?:[ ]|\\{{1,8}}t){{0,64}}+)"
+# Around a bracketed "(at)" or "(dot)": up to three spaces, or a line end as ``_GAP`` reads one.
+_NEAR = rf"(?:[ ]{{0,3}}+(?![ ]|{_BREAK})|{_GAP})"
+_AT, _DOT = r"[(\[{<](?i:at)[)\]}>]", rf"(?:\.|{_NEAR}[(\[{{<](?i:dot)[)\]}}>]{_NEAR})"
+# Around a spaced "@": up to 64 spaces (columns aligned: "jane    @ example.com"), a line end and
+# its indentation too (``_GAP``), each run possessive.
+_AT_GAP = rf"(?:[ ]{{0,64}}+(?:{_BREAK}(?:[ ]|\\{{1,8}}t){{0,64}}+)?)"
 _TLDS = (
     "com|net|org|edu|gov|mil|info|biz|io|co|us|me|ai|dev|app|cloud|eu|uk|de|fr|it|pl|se|no|jp|cn|in|ru|br|au|es"
     "|nl|ch|kr|tw|hk|sg|ca"
@@ -190,9 +195,9 @@ _TLDS = (
 _NOT_PROSE_LABEL = r"(?!(?i:the|this|that|these|those|an?|each|every)(?![A-Za-z0-9-]))"
 _SPELT_EMAIL = re.compile(
     rf"{_ADDRESS_START}{_LOCAL}{{1,64}}"
-    rf"(?:[ ]{{0,3}}{_AT}[ ]{{0,3}}[A-Za-z0-9-]{{1,63}}(?:{_DOT}[A-Za-z0-9-]{{1,63}}){{0,7}}{_DOT}[A-Za-z]{{2,63}}"
+    rf"(?:{_NEAR}{_AT}{_NEAR}[A-Za-z0-9-]{{1,63}}(?:{_DOT}[A-Za-z0-9-]{{1,63}}){{0,7}}{_DOT}[A-Za-z]{{2,63}}"
     rf"|{_GAP}(?i:at){_GAP}{_NOT_PROSE_LABEL}[A-Za-z0-9-]{{1,63}}(?:{_GAP}(?i:dot){_GAP}[A-Za-z0-9-]{{1,63}}){{0,7}}"
-    rf"{_GAP}(?i:dot){_GAP}(?i:{_TLDS}))"
+    rf"{_GAP}(?i:dot){_GAP}(?i:{_TLDS})(?:\.[A-Za-z0-9-]{{1,63}}){{0,7}}+)"  # (its last labels dotted too: "co.uk")
     r"(?![A-Za-z0-9-])"
 )
 # A local part before an "@" with blanks around it: none of what annotates a host in a log line
@@ -368,7 +373,7 @@ DETECTORS: tuple[Detector, ...] = (
         "email",
         re.compile(
             rf"{_ADDRESS_START}{NOT_MASKED}(?:{_LOCAL}{{1,64}}@(?:[A-Za-z0-9{_LETTERS}-]{{1,63}}\.){{1,8}}[A-Za-z{_LETTERS}]{{2,63}}"
-            rf"|{_SPACED_LOCAL}{_LOCAL}{{1,64}}(?=[ ]|@[ ]|{_BREAK}|@{_BREAK})(?:{_GAP})?@(?:{_GAP})?(?:[A-Za-z0-9-]{{1,63}}\.){{1,8}}(?i:{_TLDS})(?![A-Za-z0-9-]))"
+            rf"|{_SPACED_LOCAL}{_LOCAL}{{1,64}}(?=[ ]|@[ ]|{_BREAK}|@{_BREAK}){_AT_GAP}@{_AT_GAP}(?:[A-Za-z0-9-]{{1,63}}\.){{1,8}}(?i:{_TLDS})(?![A-Za-z0-9-]))"
         ),
     ),
     Detector("national_id", re.compile(_NOT_ALNUM_BEFORE + _PRC_ID.pattern + _NOT_ALNUM_AFTER)),

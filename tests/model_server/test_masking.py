@@ -382,6 +382,10 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "letters and digits under an identity name": "passport_value: " + "a1" * 500_000,
     "spelt words over indented lines": ("a at\n" + " " * 64) * 14_500,
     "spelt words over escaped indented lines": ("a at\\n" + " " * 64) * 14_000,
+    "spelt words before blank runs and line ends": ("a at" + " " * 64 + "\n") * 15_000,
+    "local parts before blank runs and spaced at signs": ("a" + " " * 64 + "@ ") * 15_000,
+    "bracketed at signs over line ends": "a (at)\n" * 143_000,
+    "dotted labels after a spelt domain": "a at b dot co" + ".a" * 500_000,
     "spaced capitals after keys": "passport AB " * 84_000,
     "hyphenated letters and digits under an identity name": "ssn_code: " + "a-1" * 333_333,
     "keys before arrows": "passport->" * 100_000,
@@ -404,6 +408,7 @@ FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, ea
     "escaped form feeds after a value": {"keyed"},
     "values before escaped backspaces": {"keyed"},
     "digit groups under an identity name": {"keyed"},  # its first eight groups
+    "dotted labels after a spelt domain": {"email"},  # its first seven labels
     "keys before arrows": {"keyed"},  # each key's value is the next key's name
 }
 
@@ -858,6 +863,15 @@ SPELT_EMAILS = [
     "bob AT mail DOT example DOT org",
     "li.wei\tat\texample\tdot\tcom",  # a tab reads as a space (its tabs kept)
     "li.wei\tat example dot com",
+    # more than three blanks before a line end or a spaced "@", the bracket form over a line end,
+    # a last label of two after a spelt "dot" (each was logged in clear, whole or in part)
+    "jane at" + " " * 6 + "\nexample dot com",
+    "jane    @ example.com",
+    "jane @      example.com",
+    "jane (at)\nexample (dot) com",
+    "jane [at]\n  example [dot] com",
+    "jane at example dot co.uk",
+    "jane (at) example (dot) co.uk",
 ]
 
 
