@@ -3181,6 +3181,10 @@ def test_a_number_a_version_a_hash_or_a_time_before_a_spaced_at_and_a_host_stays
         ("ssnvalue=123456789", "123456789"),
         ("PASSPORTSERIAL: 123456789", "123456789"),
         ("nationalidvalue: 123456789", "123456789"),
+        # a word of a name or a sentence is no measure's (review: "max", "errors" read as measures)
+        ("ssn_max: 123456789", "123456789"),
+        ("passport for Max: C01X00T47", "C01X00T47"),
+        ("passport validation errors: C01X00T47", "C01X00T47"),
     ],
 )
 def test_an_identity_number_under_a_name_of_more_words_in_any_case_is_still_masked(keys, text, value):
