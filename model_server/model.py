@@ -90,10 +90,18 @@ NUMBER_RANGE = {"i": 2**31, "l": 2**63, "ll": 2**63, "ul": 2**64, "ull": 2**64}
 # strto* rounds to inf and sets ERANGE (std::stof("3.40282350001e38") is FLT_MAX, not out of range).
 FLOAT_TYPES = {"f": (24, 127, -126), "d": (53, 1023, -1022), "ld": (64, 16383, -16382)}
 FLOAT_RANGE = {c: Decimal(2 ** (top + 1) - 2 ** (top - bits)) for c, (bits, top, _) in FLOAT_TYPES.items()}
-# Below the smallest normal magnitude of each floating conversion's type, a number that is not 0
-# fails too, unless its type holds it exactly (glibc's strtod sets ERANGE on an inexact underflow:
+# Below this, a number that is not 0 is tiny for each floating conversion's type and fails too,
+# unless its type holds it exactly (glibc's strtod sets ERANGE on an inexact underflow:
 # std::stod("1e-400") and std::stod("1e-310") throw out_of_range, as std::stod("1e400") does).
-NUMBER_TINY = {c: Decimal(2) ** low for c, (_, _, low) in FLOAT_TYPES.items()}
+# Tininess is judged after rounding (IEEE 754 lets it be; glibc on x86 does): from halfway between
+# the least normal 2**low and the number of the type's precision under it, 2**low - 2**(low-bits),
+# a number rounds to the least normal and is read (std::stof("1.17549435e-38") is FLT_MIN). The
+# bound is (2**(bits+1) - 1) * 2**-k with k = bits + 1 - low, that is * 5**k / 10**k: written
+# exactly (a Decimal of an int and a digits tuple, no context's rounding).
+NUMBER_TINY = {
+    c: Decimal((0, Decimal((2 ** (bits + 1) - 1) * 5 ** (bits + 1 - low)).as_tuple().digits, low - bits - 1))
+    for c, (bits, _, low) in FLOAT_TYPES.items()
+}
 # The type's least subnormal, 2**-k: every subnormal it holds is a multiple of it, so it has k
 # decimals at most (2**-k is 5**k / 10**k).
 SUBNORMAL_DECIMALS = {c: bits - 1 - low for c, (bits, _, low) in FLOAT_TYPES.items()}

@@ -384,6 +384,39 @@ def test_a_float_conversion_s_range_is_the_one_of_its_type(conversion, number, f
     assert unreadable(feeds, {"NUM"}, conversion) == f"input 'NUM': {expected}; "
 
 
+def _rounds_up_to_least_normal_from(conversion: str) -> Decimal:
+    """Halfway between a type's least normal and the number of its precision under it, exactly:
+    from there (round to nearest, ties to even) a number rounds to its least normal."""
+    bits, low = {"f": (24, -126), "d": (53, -1022), "ld": (64, -16382)}[conversion]
+    with localcontext(prec=20_000):
+        return Decimal(2) ** low - Decimal(2) ** (low - bits - 1)
+
+
+@pytest.mark.parametrize(
+    ("conversion", "number", "fails"),
+    [
+        ("f", "1.17549435e-38", False),  # strtof rounds it to FLT_MIN: np.float32("1.17549435e-38") too
+        ("f", "-1.17549435e-38", False),
+        ("f", "1.1754943e-38", True),  # rounds to a subnormal, inexactly: ERANGE
+        ("d", "2.22507385850720138e-308", False),  # rounds to DBL_MIN
+        ("d", "2.2250738585072011e-308", True),
+    ]
+    + [(c, "halfway", False) for c in ("f", "d", "ld")]
+    + [(c, "under halfway", True) for c in ("f", "d", "ld")],
+)
+def test_a_number_that_rounds_to_a_float_s_least_normal_is_in_range(conversion, number, fails):
+    """Tininess was judged before rounding: a number under a type's least normal that rounds to
+    it (a normal number: strtof reads "1.17549435e-38" as FLT_MIN, without ERANGE) was called out
+    of range, and the 400 named it rather than the element the conversion failed on."""
+    if number.endswith("halfway"):
+        with localcontext(prec=20_000):
+            edge = _rounds_up_to_least_normal_from(conversion)
+            number = format(edge - Decimal("1e-20000") if number == "under halfway" else edge, "f")
+    feeds = {"NUM": np.array([number, "abc"], dtype=object)}
+    expected = "BYTES element 0 is out of range" if fails else "BYTES element 1 is not a number"
+    assert unreadable(feeds, {"NUM"}, conversion) == f"input 'NUM': {expected}; "
+
+
 @pytest.mark.parametrize("conversion", ["f", "d", "ld"])
 def test_a_long_number_under_a_float_s_least_normal_is_judged_in_linear_time(conversion):
     """Whether a number under a type's least normal is one of its subnormals exactly was read
