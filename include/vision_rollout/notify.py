@@ -1543,12 +1543,24 @@ def _move(source: Folder, target: Folder, name: str, chart: str | None, record: 
 
 def _back_to_outbox(refused: Folder, name: str, chart: str | None, mark: str, error: str) -> None:
     """A report of the outbox's ``refused/`` that Slack took, its chart waiting, moved back to
-    the outbox with its ``.posted`` mark (written there first, as a sender's) and ``error``."""
+    the outbox with its ``.posted`` mark (written there first, as a sender's: a report there
+    without it would be posted again) and ``error``. A move that fails before the report is in
+    the outbox takes back what it wrote there, the mark and the chart's copy (or the OSError
+    says it did not): the report stays in ``refused/`` with its own."""
     outbox = Folder(refused.uri, refused.parts[:-1])
     record = json.loads(refused.read_within(name, MAX_REPORT_BYTES))
     record["slack_error"] = error
     outbox.write(mark, refused.read_within(mark, MAX_MARK_BYTES))
-    _move(refused, outbox, name, chart, json.dumps(record, indent=2).encode())
+    try:
+        _move(refused, outbox, name, chart, json.dumps(record, indent=2).encode())
+    except OSError as exc:
+        if not outbox.exists(name):  # (not moved: its mark and chart in the outbox are strays)
+            try:
+                for file in (mark, chart) if chart else (mark,):
+                    outbox.delete(file)
+            except OSError as back:
+                raise OSError(f"{exc}; its mark's copy in the outbox was not taken back: {back}") from exc
+        raise
     refused.delete(mark)
 
 

@@ -1442,6 +1442,40 @@ def test_a_report_set_aside_then_posted_whose_chart_waits_leaves_refused_for_the
     assert outbox.names() == []
 
 
+def test_a_report_whose_move_back_to_the_outbox_fails_after_its_mark_leaves_no_mark_there(slack, tmp_path, monkeypatch):
+    """A report sent again from refused/ that Slack took, its chart's upload failing, is moved
+    back to the outbox, its mark written there first (a report there without its mark would be
+    posted again); a failed write of the report itself (a full disk) left that mark, and its
+    chart's copy, in the outbox with no report. What was written there is taken back: the report
+    stays in refused/ with its mark and chart, the outbox holds nothing of it."""
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import POSTED, REFUSED, send_refused
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    slack.refuse = {"chat.postMessage": "channel_not_found"}
+    SlackNotifier("#typo", token=slack.token, base_url=slack.base_url, outbox=outbox).send(
+        rollback_message(SPEC, "x", chart=b"\x89PNG chart")
+    )
+    real = Folder.write
+
+    def write(folder: Folder, name: str, data: bytes) -> str:
+        if folder == outbox and name.endswith(".json"):  # (the mark and the chart written: the report not)
+            raise OSError(28, "No space left on device")
+        return real(folder, name, data)
+
+    monkeypatch.setattr(Folder, "write", write)
+    slack.refuse = {"upload": "HTTP Error 500"}
+    (result,) = send_refused(outbox, client)
+    assert result["sent"] is True
+    assert "not moved back to the outbox" in result["chart_error"]
+    assert "No space left on device" in result["chart_error"]
+    stem = result["name"].removesuffix(".json")
+    assert (outbox / REFUSED).names() == sorted([f"{stem}.json", f"{stem}.png", stem + POSTED])
+    assert outbox.names() == []  # (no stray mark, no chart's copy)
+
+
 def test_a_report_set_aside_then_posted_whose_move_back_to_the_outbox_fails_stays_aside_named(
     slack, tmp_path, monkeypatch, caplog
 ):
