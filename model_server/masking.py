@@ -266,18 +266,33 @@ class Detector:
 # no identity number under a name of more words ("passport_scan_bytes", "ssn_lookup_latency_us",
 # "passportOcrLatencyUs"); a unit's abbreviation only after another word of them ("ssn_us" is a
 # country's number, "latency_us" microseconds). A name's state ("code", "status") or time ("ts")
-# names none: "ssn_code: 123456789" is an identity number.
+# names none: "ssn_code: 123456789" is an identity number. ``_NAME_MEASURE_WORDS`` (a depth, a
+# shape, a count of checks or requests, a model's name) are read only in the name itself, joined to
+# its identity word by "_", ".", "-" or a camel-case capital ("passport_queue_depth",
+# "passports_processed"), never after a space, where a word is prose's as often ("passport shape:
+# C01X00T47"); words a sentence or a bound may hold ("max", "errors": "passport for Max: C01X00T47",
+# "ssn_max: 123456789") are none of them.
 _MEASURE_WORDS = frozenset(
     {"secs", "seconds", "bytes", "size", "count", "total", "len", "length", "duration", "latency", "offset"}
 )
+_NAME_MEASURE_WORDS = frozenset(
+    {
+        "depth", "shape", "dims", "width", "height", "checks", "processed", "requests", "retries", "attempts",
+        "hits", "misses", "calls", "items", "batches", "elapsed", "timeout", "model",
+    }
+)  # fmt: skip
 _MEASURE_UNITS = frozenset({"ms", "us", "ns", "s", "sec"})
 _NAME_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+")  # (camel case: "OCRLatencyUs" is OCR, Latency, Us)
 
 
 def _names_measure(words: str) -> bool:
-    """Whether the words after a name's identity word (``_MORE_WORDS``) name a measure."""
+    """Whether the words after a name's identity word (``_MORE_WORDS``) name a measure: one of
+    ``_MEASURE_WORDS`` anywhere in them, one of ``_NAME_MEASURE_WORDS`` before their first space."""
     found = [w.lower() for w in _NAME_WORD.findall(words)]
-    return any(w in _MEASURE_WORDS or (k and w in _MEASURE_UNITS) for k, w in enumerate(found))
+    joined = _NAME_WORD.findall(words.partition(" ")[0])
+    return any(w in _MEASURE_WORDS or (k and w in _MEASURE_UNITS) for k, w in enumerate(found)) or any(
+        w.lower() in _NAME_MEASURE_WORDS for w in joined
+    )
 
 
 class _KeyedValues(Detector):

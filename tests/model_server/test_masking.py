@@ -3107,6 +3107,14 @@ def test_a_spelt_address_with_escaped_line_ends_is_read_in_linear_time(keys):
         "passport_count: 2",
         "ssn_status: active",
         "ssn_code: n/a",
+        # a count, a shape or a model's name, its word joined to the identity word's by a separator
+        "passport_queue_depth 123456",
+        "ssn_checks 1234567",
+        "passport_shape: 1 3 224 224",
+        "passports_processed 1234567",
+        "passport_model: resnet50-v2-1234567",
+        "passportOcrRequests: 1234567",
+        "ssn.retries: 1234567",
     ],
 )
 def test_a_measure_under_an_identity_name_or_a_word_only_holding_one_stays_in_clear(keys, text):
@@ -3170,6 +3178,15 @@ def test_a_number_a_version_a_hash_or_a_time_before_a_spaced_at_and_a_host_stays
         ("ssn_max: 123456789", "123456789"),
         ("passport for Max: C01X00T47", "C01X00T47"),
         ("passport validation errors: C01X00T47", "C01X00T47"),
+        # a measure's word after a space is none of the name's (only one joined by "_", ".", "-"
+        # or a camel-case capital is read)
+        ("ssn checks: 123456789", "123456789"),
+        ("passport shape: C01X00T47", "C01X00T47"),
+        ("passport model: E1234567", "E1234567"),
+        ("ssn: 123-45-6789", "123-45-6789"),
+        ("passport: E1234567", "E1234567"),
+        ("passport_no: E1234567", "E1234567"),
+        ("passport number 123456789", "123456789"),
     ],
 )
 def test_an_identity_number_under_a_name_of_more_words_in_any_case_is_still_masked(keys, text, value):
