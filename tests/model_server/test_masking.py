@@ -391,6 +391,7 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "keys before arrows": "passport->" * 100_000,
     "plural identity names": "SSNs " * 200_000,
     "identity words after camel-case prefixes": "userSsnCode " * 84_000,
+    "identity words joined to two letters": "passportal_x: " * 72_000,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
@@ -3115,6 +3116,9 @@ def test_a_spelt_address_with_escaped_line_ends_is_read_in_linear_time(keys):
         "passport_model: resnet50-v2-1234567",
         "passportOcrRequests: 1234567",
         "ssn.retries: 1234567",
+        # a word that only starts with an identity word's letters
+        "passportal_build: 1234567",
+        "PASSPORTAL_BUILD=1234567",
     ],
 )
 def test_a_measure_under_an_identity_name_or_a_word_only_holding_one_stays_in_clear(keys, text):
