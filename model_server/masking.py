@@ -161,14 +161,16 @@ _ID_VALUE = (  # (its letters and digits in up to eight runs joined by hyphens t
     rf"[A-Za-z0-9]{{1,64}}+(?:-[A-Za-z0-9]{{1,64}}+){{0,7}}+{_ID_END})"
 )
 # One or two capitals spaced before an identity number under a name of more words, its piece
-# ("ssn code AB 1234567", "ssn_code: AB 1234567": masked whole).
-_CAPITALS = rf"(?:[A-Z]{{1,2}}[ ]{{1,2}}(?!{DATE_OR_TIME})(?=[0-9]))?"
+# ("ssn code AB 1234567", "ssn_code: AB 1234567": masked whole); "OK" is a status before it
+# (``_STATUS``), no piece ("ssn_lookup: OK 1234567": its number masked, "OK" kept).
+_CAPITALS = rf"(?:(?!OK[ ])[A-Z]{{1,2}}[ ]{{1,2}}(?!{DATE_OR_TIME})(?=[0-9]))?"
+_STATUS = rf"(?:OK[ ]{{1,2}}(?!{DATE_OR_TIME})(?=[0-9]))?"
 _KEYED = re.compile(
     rf"(?:{_NOT_ALNUM_BEFORE}|{_CAMEL_START})(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX}){_MORE_WORDS}{KEY_QUOTE}"
     rf"(?(w){_WORDS_COLON}|(?:{_KEY_COLON}|(?P<b>{BLANK}{{1,64}}+(?=[{{\[]))"
     rf"|{BLANK}{{1,64}}+(?:[#-]{BLANK}{{0,64}}+)?(?:(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9])"
     rf"|(?=[A-Z]{{1,2}}[ ]{{1,2}}(?!{DATE_OR_TIME}){_VALUE_CHAR}{{0,31}}[0-9]))))"
-    rf"{OPEN_QUOTE}(?P<v>(?(w){_CAPITALS}(?(n){_ID_NUMBER}|{_ID_VALUE})"
+    rf"{OPEN_QUOTE}(?(w){_STATUS})(?P<v>(?(w){_CAPITALS}(?(n){_ID_NUMBER}|{_ID_VALUE})"
     rf"|(?:(?(q){NOT_MASKED}{quoted(64)}|(?(b){CLOSED_BRACKETED}|(?:{BRACKETED}|{_UNQUOTED})))|{_UNQUOTED})))"
 )
 # An address with "@" spelt "(at)", "[at]", "{at}" or "<at>" and its dots "." or spelt alike;

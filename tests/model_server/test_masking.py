@@ -392,6 +392,7 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "plural identity names": "SSNs " * 200_000,
     "identity words after camel-case prefixes": "userSsnCode " * 84_000,
     "identity words joined to two letters": "passportal_x: " * 72_000,
+    "statuses before numbers under identity names": "ssn_lookup: OK 1 " * 60_000,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
@@ -3216,6 +3217,8 @@ def test_an_identity_number_under_a_name_of_more_words_in_any_case_is_still_mask
         ("ssn_code: 912-78-1234", "912-78-1234"),  # (an ITIN: no SSN's area)
         ("tax_id_value: 123.456.789-09", "123.456.789-09"),
         ("ssn_code: 123 456 789 2026-12-03", "123 456 789"),  # (the date is the line's)
+        ("ssn_lookup: OK 1234567", "1234567"),  # ("OK" a status before it, no piece of it)
+        ("ssn_lookup OK 1234567", "1234567"),
     ],
 )
 def test_an_identity_number_spaced_arrowed_of_letters_or_grouped_under_a_name_of_more_words_is_masked(
