@@ -393,6 +393,8 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "identity words after camel-case prefixes": "userSsnCode " * 84_000,
     "identity words joined to two letters": "passportal_x: " * 72_000,
     "statuses before numbers under identity names": "ssn_lookup: OK 1 " * 60_000,
+    "names of letters after keys and arrows": "ssn -> " + "a" * 1_000_000,
+    "keys and arrows before names": "ssn->ssn_a " * 90_000,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
@@ -412,6 +414,7 @@ FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, ea
     "digit groups under an identity name": {"keyed"},  # its first eight groups
     "dotted labels after a spelt domain": {"email"},  # its first seven labels
     "keys before arrows": {"keyed"},  # each key's value is the next key's name
+    "names of letters after keys and arrows": {"keyed"},  # its first 32 letters (a name is 64 at most)
 }
 
 
@@ -798,6 +801,8 @@ KEYED = {
     # an arrow after a plain key, as after a name of more words
     "passport->E1234567": "E1234567",
     "passport => E1234567": "E1234567",
+    "passport -> 'EXAMPLE'": "EXAMPLE",  # (a quoted value of letters alone is one)
+    "passport -> {'number': 'E1234567'}": "{'number': 'E1234567'}",
     # letters joined to digits by a hyphen under a name of more words
     "ssn_code: AB-123456": "AB-123456",
     "passport_value: X-12-34567": "X-12-34567",
@@ -830,6 +835,8 @@ def test_words_near_a_key_name_are_not_values(keys):
         "passport 2 expired",  # (a value without ":" or "=" holds a digit, and 3 characters)
         '{"msg": "{\\"passport_count\\": \\"none\\", \\"passports\\": \\"E1\\"}"}',  # (escaped quotes)
         "ssn_ts: 2026-12-03 ok",  # (a date under a name of more words is the line's)
+        "column ssn -> ssn_hash",  # (a name of letters alone after an arrow: no identity number is one)
+        "passport => passport_id, ok",
     ]:
         assert Masker(ring).mask_text(text, ring.key_for(None)) == text
 
