@@ -395,6 +395,10 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "statuses before numbers under identity names": "ssn_lookup: OK 1 " * 60_000,
     "names of letters after keys and arrows": "ssn -> " + "a" * 1_000_000,
     "keys and arrows before names": "ssn->ssn_a " * 90_000,
+    "time zones after times before spaced at signs": "00:00 UTC @ " * 83_000,
+    "dates before spaced at signs": "2026-12-05 @ " * 77_000,
+    "run numbers before spaced at signs": "job 123456 @ " * 77_000,
+    "words of places before spaced at signs": "pinned @ " * 111_000,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
@@ -3158,6 +3162,14 @@ def test_a_measure_under_an_identity_name_or_a_word_only_holding_one_stays_in_cl
         "request 0d3c5a7e-9b1f-4c2d-8e6a-5f4b3c2d1e0f @ api.example.com",
         "took 200ms @ api.example.com",
         "retry 3 @\napi.example.com",
+        # a time zone after a time, a date, a run's number after its word, a word of a place
+        "08:40:13 UTC @ ingest.example.com",
+        "08:40:13.250 CEST @ ingest.example.com",
+        "2026-12-05 @ api.example.com",
+        "job 123456 @ worker.example.com",
+        "build #1234567 @ ci.example.com",
+        "pinned @ requirements.in",
+        "deployed @ api.example.com",
     ],
 )
 def test_a_number_a_version_a_hash_or_a_time_before_a_spaced_at_and_a_host_stays(keys, text):
@@ -3280,6 +3292,13 @@ def test_words_and_short_numbers_under_an_identity_name_of_more_words_stay_in_cl
         ("contact 123456789\n@qq.com today", "123456789\n@qq.com"),
         ("mail 20191234 @ mail.university.edu today", "20191234 @ mail.university.edu"),
         ("mail v1.jane @ example.com today", "v1.jane @ example.com"),
+        # digits past five without a run's word before them, capitals after no time, no blanks
+        ("mail 123456 @ qq.com today", "123456 @ qq.com"),
+        ("mail UTC @ example.com today", "UTC @ example.com"),
+        ("at 12:30 SCOTT @ example.com today", "SCOTT @ example.com"),
+        ("job 123456@qq.com today", "123456@qq.com"),
+        ("bluejob 123456 @ qq.com today", "123456 @ qq.com"),
+        ("contact jane @ example.com today", "jane @ example.com"),
     ],
 )
 def test_a_name_before_a_spaced_at_and_a_host_is_still_masked(keys, text, value):
