@@ -198,9 +198,15 @@ _TLDS = (
     "com|net|org|edu|gov|mil|info|biz|io|co|us|me|ai|dev|app|cloud|eu|uk|de|fr|it|pl|se|no|jp|cn|in|ru|br|au|es"
     "|nl|ch|kr|tw|hk|sg|ca"
 )
-# The first label after a spelt "at" is no article or demonstrative: "look at the dot in the
-# middle", "look at this dot com boom" are sentences ("in", "it", "no", "me", "us" are words too).
-_NOT_PROSE_LABEL = r"(?!(?i:the|this|that|these|those|an?|each|every)(?![A-Za-z0-9-]))"
+# The first label after a spelt "at" is no article: "look at the dot com boom" is a sentence; nor
+# an article or a demonstrative before a top-level domain that is an English word too ("in", "it",
+# "no", "me", "us"): "look at each dot in the grid", "look at this dot it drew" are sentences.
+# Before another domain such a word is a label ("info at each dot com" is an address).
+_WORD_TLDS = "in|it|no|me|us"
+_NOT_PROSE_LABEL = (
+    r"(?!(?i:the)(?![A-Za-z0-9-]))"
+    rf"(?!(?i:this|that|these|those|an?|each|every){_GAP}(?i:dot){_GAP}(?i:{_WORD_TLDS})(?![A-Za-z0-9-]))"
+)
 _SPELT_EMAIL = re.compile(
     rf"{_ADDRESS_START}{_LOCAL}{{1,64}}"
     rf"(?:{_NEAR}{_AT}{_NEAR}[A-Za-z0-9-]{{1,63}}(?:{_DOT}[A-Za-z0-9-]{{1,63}}){{0,7}}{_DOT}[A-Za-z]{{2,63}}"

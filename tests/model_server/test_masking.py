@@ -399,6 +399,7 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "dates before spaced at signs": "2026-12-05 @ " * 77_000,
     "run numbers before spaced at signs": "job 123456 @ " * 77_000,
     "words of places before spaced at signs": "pinned @ " * 111_000,
+    "spelt at before articles and word domains": "a at each dot in " * 58_000,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
@@ -3367,6 +3368,11 @@ def test_prose_at_and_dot_over_an_indented_line_stays(keys, text):
         ("write to asha @ example.in today", "asha @ example.in"),
         ("write to jane @ startup.ai today", "jane @ startup.ai"),
         ("write to jane @\nexample.dev today", "jane @\nexample.dev"),
+        # an article or a demonstrative as the label before a domain that is no English word
+        ("write to info at each dot com today", "info at each dot com"),
+        ("write to sales at every dot net today", "sales at every dot net"),
+        ("write to jane at this dot io today", "jane at this dot io"),
+        ("write to jane at a dot org today", "jane at a dot org"),
     ],
 )
 def test_a_spelt_or_spaced_address_under_a_common_top_level_domain_is_masked(keys, text, value):
