@@ -400,6 +400,7 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "run numbers before spaced at signs": "job 123456 @ " * 77_000,
     "words of places before spaced at signs": "pinned @ " * 111_000,
     "spelt at before articles and word domains": "a at each dot in " * 58_000,
+    "list item marks after keys": "passport: -\t" * 84_000,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
@@ -420,6 +421,7 @@ FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, ea
     "dotted labels after a spelt domain": {"email"},  # its first seven labels
     "keys before arrows": {"keyed"},  # each key's value is the next key's name
     "names of letters after keys and arrows": {"keyed"},  # its first 32 letters (a name is 64 at most)
+    "list item marks after keys": {"keyed"},  # each key's value is the next key's name
 }
 
 
@@ -816,6 +818,11 @@ KEYED = {
     "ssn E 123456789": "E 123456789",
     "ssn code AB 1234567": "AB 1234567",
     "ssn_code: AB 1234567": "AB 1234567",
+    # a YAML list item under the key: its "- " is no piece of the value
+    "passport: - E1234567": "E1234567",
+    "ssn:  -  123456789": "123456789",
+    "passports: - E1234567": "E1234567",
+    "ssn_code: - 123456789": "123456789",
 }
 
 
