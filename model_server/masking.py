@@ -136,8 +136,8 @@ _WORD_START = (
     r"(?:[_.-]|[ ]{1,3}+(?![A-Z]{1,2}[ ]{1,2}[0-9])|(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])"
     r"|(?<=[A-Za-z])(?<![Tt][Aa][Xx][Ii][Dd])(?<![Cc][Aa][Rr][Dd])(?=[A-Za-z]{3}))"
 )
-_MORE_WORDS = (  # (a plural's "s" too, more words after it or not: "SSNs", "taxids", "passports_list")
-    rf"(?P<w>(?i:s)(?![a-z])(?:{_WORD_START}[A-Za-z]{{1,32}}+){{0,3}}+|(?:{_WORD_START}[A-Za-z]{{1,32}}+){{1,3}}+)?"
+_MORE_WORDS = (  # (a plural's "s" too, ``p``, more words after it or not: "SSNs", "taxids", "passports_list")
+    rf"(?P<w>(?P<p>(?i:s))(?![a-z])(?:{_WORD_START}[A-Za-z]{{1,32}}+){{0,3}}+|(?:{_WORD_START}[A-Za-z]{{1,32}}+){{1,3}}+)?"
 )
 # After ":" or "=", a YAML list item's mark ("passport: - E1234567"): its "-" and blanks are no
 # piece of the value.
@@ -178,8 +178,14 @@ _KEYED = re.compile(
     rf"(?(w){_WORDS_COLON}|(?:{_KEY_COLON}|(?P<b>{BLANK}{{1,64}}+(?=[{{\[]))"
     rf"|{BLANK}{{1,64}}+(?:[#-]{BLANK}{{0,64}}+)?(?:(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9])"
     rf"|(?=[A-Z]{{1,2}}[ ]{{1,2}}(?!{DATE_OR_TIME}){_VALUE_CHAR}{{0,31}}[0-9]))))"
-    rf"{OPEN_QUOTE}(?(w){_STATUS})(?P<v>(?(w){_CAPITALS}(?(n){_ID_NUMBER}|{_ID_VALUE})"
+    rf"(?(p)(?:\[{BLANK}{{0,64}}+)?+){OPEN_QUOTE}(?(w){_STATUS})(?P<v>(?(w){_CAPITALS}(?(n){_ID_NUMBER}|{_ID_VALUE})"
     rf"|(?:(?(q){NOT_MASKED}{quoted(64)}|(?(b){CLOSED_BRACKETED}|(?:{BRACKETED}|{_UNQUOTED})))|{_UNQUOTED})))"
+)
+# A plural's list (``p``: "ssns: [123456789, 987654321]", "PASSPORTS=E1234567,X7654321"): after
+# its first item, each next one after "," or ";" and blanks, in quotes or not; an item of an id's
+# shape is its value, another ("n/a", "null") is passed over. Up to 64 items, each bounded.
+_LIST_ITEM = re.compile(
+    rf"[\"']?{BLANK}{{0,64}}+[,;]{BLANK}{{0,64}}+[\"']?(?:(?P<v>{_CAPITALS}{_ID_VALUE})|{_VALUE_CHAR}{{1,64}}+)"
 )
 # An address with "@" spelt "(at)", "[at]", "{at}" or "<at>" and its dots "." or spelt alike;
 # or with both spelt as words ("li.wei at example dot com"), and then only before a common
@@ -332,7 +338,8 @@ class _KeyedValues(Detector):
     """The values after a key that names them (``_KEYED``), none under a name whose words after
     the identity word name a measure (``_names_measure``). Such a match is no value, and the
     search goes on from the character after its start, not its end: a key among its words
-    ("ssn_count_passport_no: 123456") is read. Linear: a start is tried once, each try bounded."""
+    ("ssn_count_passport_no: 123456") is read. After a plural name, the next items of its list
+    (``_LIST_ITEM``) are values too. Linear: a start is tried once, each try bounded."""
 
     def _spans(self, view: str) -> Iterator[Span]:
         at = 0
@@ -342,6 +349,15 @@ class _KeyedValues(Detector):
                 continue
             at = m.end()
             yield m.span("v")
+            if m.group("p") is not None:  # (a plural's list: its other items; the search goes on after its last id)
+                pos = at
+                for _ in range(63):
+                    if (item := _LIST_ITEM.match(view, pos)) is None:
+                        break
+                    pos = item.end()
+                    if item.group("v") is not None:
+                        at = pos
+                        yield item.span("v")
 
 
 _NO_SEP = str.maketrans("", "", " ./_-")

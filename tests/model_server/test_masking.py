@@ -401,6 +401,8 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "words of places before spaced at signs": "pinned @ " * 111_000,
     "spelt at before articles and word domains": "a at each dot in " * 58_000,
     "list item marks after keys": "passport: -\t" * 84_000,
+    "lists under plural identity names": "ssns=123456," * 83_000,
+    "list items of no id under a plural identity name": "ssns: [123456" + ", a" * 333_000,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
@@ -422,6 +424,8 @@ FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, ea
     "keys before arrows": {"keyed"},  # each key's value is the next key's name
     "names of letters after keys and arrows": {"keyed"},  # its first 32 letters (a name is 64 at most)
     "list item marks after keys": {"keyed"},  # each key's value is the next key's name
+    "lists under plural identity names": {"keyed"},  # each list's first 64 items
+    "list items of no id under a plural identity name": {"keyed"},  # its first item
 }
 
 
@@ -3284,6 +3288,32 @@ def test_an_identity_number_spaced_arrowed_of_letters_or_grouped_under_a_name_of
 def test_words_and_short_numbers_under_an_identity_name_of_more_words_stay_in_clear(keys, text):
     ring = KeyRing(keys)
     assert Masker(ring).mask_text(text, ring.key_for(None)) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [
+        ("ssns: [123456789, 987654321]", ["123456789", "987654321"]),
+        ("PASSPORTS=E1234567,X7654321", ["E1234567", "X7654321"]),
+        ("ssns=123456789;987654321", ["123456789", "987654321"]),
+        ("passports: ['E1234567', 'X7654321'] ok", ["E1234567", "X7654321"]),
+        ("tax_ids: 123456789, n/a, 987654321", ["123456789", "987654321"]),
+    ],
+)
+def test_every_identity_number_in_a_list_under_a_plural_name_is_masked(keys, text, values):
+    """A plural identity name names a list, which the keyed rule read as one id: a bracketed list
+    passed whole ("ssns: [123456789, 987654321]"), and of a list apart by "," or ";" only the
+    first item was masked ("PASSPORTS=E1234567,X7654321"). Each item of an id's shape is masked
+    now, up to 64 items; the others, and the list's marks, stay."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == values, masked
+    kept = text
+    for value in values:
+        kept = kept.replace(value, "", 1)
+    assert TOKEN_RE.sub("", masked) == kept
+    for count in ["ssns: [1, 2]", "passports: 3, 4 valid"]:
+        assert Masker(ring).mask_text(count, ring.key_for(None)) == count
 
 
 @pytest.mark.parametrize(
