@@ -401,6 +401,7 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "words of places before spaced at signs": "pinned @ " * 111_000,
     "spelt at before articles and word domains": "a at each dot in " * 58_000,
     "list item marks after keys": "passport: -\t" * 84_000,
+    "words joined to taxid and id_card": "taxidvalueidcardno" * 55_000,
     "lists under plural identity names": "ssns=123456," * 83_000,
     "list items of no id under a plural identity name": "ssns: [123456" + ", a" * 333_000,
 }
@@ -3124,6 +3125,9 @@ def test_a_spelt_address_with_escaped_line_ends_is_read_in_linear_time(keys):
         "idCardinality: 1234567",
         "ID_CARDINALITY: 1234567",
         "taxidermy_count: 123456",
+        "taxidermy_count: 12345678",
+        "taxidermy: 12345678",
+        "id_cardinality: 12345678",
         "passport_scan_bytes: 1048576",
         "ssn_lookup_latency_us: 123456",
         "passport_checks_total: 1234567",
@@ -3223,6 +3227,12 @@ def test_a_number_a_version_a_hash_or_a_time_before_a_spaced_at_and_a_host_stays
         ("passport: E1234567", "E1234567"),
         ("passport_no: E1234567", "E1234567"),
         ("passport number 123456789", "123456789"),
+        # a word joined to "taxid" or "id_card" that names the id ("taxidermy" holds no such word)
+        ("idcardvalue: 123456789", "123456789"),
+        ("taxIdvalue: 123456789", "123456789"),
+        ("taxidvalue: 123456789", "123456789"),
+        ("TAXIDVALUE=123456789", "123456789"),
+        ("id_cardvalueno: 123456789", "123456789"),
     ],
 )
 def test_an_identity_number_under_a_name_of_more_words_in_any_case_is_still_masked(keys, text, value):
