@@ -134,7 +134,7 @@ _RUN_CHARS = r"^\s\"'`,;&<>\\"
 # ("api_key=" and 37 spaces then "model=resnet50", a line of pairs in columns) is masked still: it
 # is as often the key's own value ("api_key=      key=sk-proj-..."), and so is one of other words
 # ("password:" and 9 spaces then "16 bytes": its "16").
-_NO_VALUE = r"(?!(?:\(not set\)|-|(?i:null|none|n/a)|\*{3})(?=[\s,;&)\]}\"'<>]|\\[nrtbf]|\Z))"
+NO_VALUE = r"(?!(?:\(not set\)|-|(?i:null|none|n/a)|\*{3})(?=[\s,;&)\]}\"'<>]|\\[nrtbf]|\Z))"
 _CRED_RUN = (  # a value not in quotes, to an escaped quote
     rf"(?:(?:{_AFTER_QUOTED_KEY}){_run(_RUN_CHARS + '}')}|(?!{_AFTER_QUOTED_KEY}){_run(_RUN_CHARS)})"
 )
@@ -275,7 +275,7 @@ _SECRET_KEYED = re.compile(
     rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:{KEY_QUOTE}{_KEY_SEP}|{_PAIR_SEP}|(?(nb){_VALUE_NAMED}|(?!)))"
     rf"|(?(nb){_COOKIE_ONE}{_VALUE_NAMED}|(?!)))"
     rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME}){_BLOCK_HEAD}"
-    rf"(?P<v>(?(h){_BLOCK}|(?(q)|{_NO_VALUE})(?:(?(q){_QUOTED}|(?:{BRACKETED}|{_CRED_RUN}))|{_CRED_RUN}))){_PAIR_END}"
+    rf"(?P<v>(?(h){_BLOCK}|(?(q)|{NO_VALUE})(?:(?(q){_QUOTED}|(?:{BRACKETED}|{_CRED_RUN}))|{_CRED_RUN}))){_PAIR_END}"
 )
 # A field "value" before the field that names it ({"value": "...", "name": "DB_PASSWORD"}: a
 # dict's keys in any order, as a JSON object may have them, json.dumps(sort_keys=True) too): its

@@ -52,6 +52,7 @@ from model_server.credentials import (
     CLOSED_BRACKETED,
     DATE_OR_TIME,
     KEY_QUOTE,
+    NO_VALUE,
     NOT_ESCAPE_LETTER,
     NOT_MASKED,
     OPEN_QUOTE,
@@ -106,7 +107,8 @@ SENSITIVE_KEY = re.compile(rf"(?i:(?:x-(?:meta-)?)?(?:{_KEY_NAMES}){_KEY_SUFFIX}
 # A key that names its value, ":" or "=" (and up to 64 blanks each side, a tab, form feed or backspace
 # written escaped too, "\\t", "\\f", "\\b", no piece of the value: ``credentials.BLANK``; or blanks,
 # "#" or "-", before a value holding a digit, as in "passport number E1234567", up to 64 blanks each; or spaces before a dict or a list closed), then the value, a
-# token already there being none: a dict's or a list's repr, whole, over lines too, as the
+# token already there being none, nor a placeholder not in quotes ("passport: none", "n/a", "-":
+# ``credentials.NO_VALUE``, as after a secret's key): a dict's or a list's repr, whole, over lines too, as the
 # secrets' keyed rule takes one ("passport: {'number': 'E1234567', 'country': 'DE'}"); a quoted
 # one to its closing quote, its escapes in it (64 characters at most; the key's and the value's
 # quotes may be written escaped, '{"body": "{\\"passport\\": \\"X1234567\\"}"}', its value then
@@ -180,7 +182,7 @@ _KEYED = re.compile(
     rf"(?(w){_WORDS_COLON}|(?:{_KEY_COLON}|(?P<b>{BLANK}{{1,64}}+(?=[{{\[]))"
     rf"|{BLANK}{{1,64}}+(?:[#-]{BLANK}{{0,64}}+)?(?:(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9])"
     rf"|(?=[A-Z]{{1,2}}[ ]{{1,2}}(?!{DATE_OR_TIME}){_VALUE_CHAR}{{0,31}}[0-9]))))"
-    rf"(?(p)(?:\[{BLANK}{{0,64}}+)?+){OPEN_QUOTE}(?(w){_STATUS})(?P<v>(?(w){_CAPITALS}(?(n){_ID_NUMBER}|{_ID_VALUE})"
+    rf"(?(p)(?:\[{BLANK}{{0,64}}+)?+){OPEN_QUOTE}(?(w){_STATUS})(?(q)|{NO_VALUE})(?P<v>(?(w){_CAPITALS}(?(n){_ID_NUMBER}|{_ID_VALUE})"
     rf"|(?:(?(q){NOT_MASKED}{quoted(64)}|(?(b){CLOSED_BRACKETED}|(?:{BRACKETED}|{_UNQUOTED})))|{_UNQUOTED})))"
 )
 # A plural's list (``p``: "ssns: [123456789, 987654321]", "PASSPORTS=E1234567,X7654321"): after

@@ -3301,6 +3301,29 @@ def test_words_and_short_numbers_under_an_identity_name_of_more_words_stay_in_cl
 
 
 @pytest.mark.parametrize(
+    "text",
+    [
+        "passport: none",
+        "passport: null",
+        "passport: n/a",
+        "ssn=None, user: bob",
+        "national_id:   (not set)",
+        "passport: - null",
+        "tax_id: ***",
+    ],
+)
+def test_no_identity_number_after_an_identity_key_stays(keys, text):
+    """A place held where no identity number is set ("passport: none", "passport: null",
+    "passport: n/a") was masked as one: the placeholders a secret's key keeps in clear
+    (``credentials.NO_VALUE``) are kept after an identity key too; a real id is masked still."""
+    ring = KeyRing(keys)
+    assert Masker(ring).mask_text(text, ring.key_for(None)) == text
+    for value in ["E1234567", "None1", "nullE1234567"]:
+        masked = Masker(ring).mask_text(f"passport: {value}", ring.key_for(None))
+        assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value], masked
+
+
+@pytest.mark.parametrize(
     ("text", "values"),
     [
         ("ssns: [123456789, 987654321]", ["123456789", "987654321"]),
