@@ -28,6 +28,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from tests.support import POLL_INTERVAL_S
+
 BLOCK_TYPES = {"header", "section", "context", "divider", "image", "actions"}
 
 
@@ -132,7 +134,9 @@ class FakeSlack:
         self._history_at = -1e9
         self._last_ts = 0.0
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": POLL_INTERVAL_S}, daemon=True
+        )
 
     @property
     def base_url(self) -> str:

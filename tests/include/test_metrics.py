@@ -11,7 +11,7 @@ import requests
 
 from devstack.loadgen import LoadConfig, run
 from devstack.processes import start_prometheus
-from tests.support import TOKEN, mirroring, put_policy
+from tests.support import POLL_INTERVAL_S, TOKEN, mirroring, put_policy
 from vision_rollout.metrics import (
     MetricsError,
     MultipleValues,
@@ -478,7 +478,7 @@ def exporter(pages: dict[str, str], name: str):
             pass
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": POLL_INTERVAL_S}, daemon=True).start()
     return httpd
 
 

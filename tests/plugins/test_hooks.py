@@ -10,7 +10,7 @@ import pytest
 
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
 from tests.fakes.slack_api import FakeSlack
-from tests.support import samples
+from tests.support import POLL_INTERVAL_S, samples
 from vision_rollout.folders import Folder
 from vision_rollout.notify import scrub
 
@@ -157,7 +157,7 @@ def test_a_prometheus_behind_auth_gets_the_connections_login_and_password(monkey
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Prometheus)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": POLL_INTERVAL_S}, daemon=True).start()
     try:
         conn(monkeypatch, "prometheus_default", conn_type="http", host="127.0.0.1", port=server.server_port, **fields)
         source = PrometheusHook().source()

@@ -23,6 +23,9 @@ from model_server.masking import KeyRing, Masker
 from model_server.predictionlog import Inference, PredictionLog
 
 TOKEN = "routing-token"  # the admin token of the servers these tests start
+# How often a loopback server a test starts looks whether it is stopped: shutdown() waits for its
+# next look (socketserver's 0.5 s made each stop half a second).
+POLL_INTERVAL_S = 0.01
 
 
 # -- the model server ---------------------------------------------------------------------------

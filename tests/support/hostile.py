@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from tests.support import POLL_INTERVAL_S
+
 
 @contextmanager
 def hostile_server(body: bytes = b"", trickle_s: float = 0.0, trickle_for_s: float = 10.0) -> Iterator[str]:
@@ -42,7 +44,7 @@ def hostile_server(body: bytes = b"", trickle_s: float = 0.0, trickle_for_s: flo
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": POLL_INTERVAL_S}, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -71,7 +73,7 @@ def answering_server(answer: Callable[[str], tuple[int, bytes]]) -> Iterator[str
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": POLL_INTERVAL_S}, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:

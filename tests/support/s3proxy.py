@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from tests.support import POLL_INTERVAL_S
+
 
 @dataclass
 class Seen:
@@ -98,7 +100,7 @@ def s3_proxy(upstream_port: int) -> Iterator[S3Proxy]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     proxy.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": POLL_INTERVAL_S}, daemon=True)
     thread.start()
     try:
         yield proxy
