@@ -938,34 +938,18 @@ def test_records_written_after_their_hour_closed_are_counted_not_audited_nor_dro
     shadow_log(tmp_path, 100, disagree=0.0, at=(hour + timedelta(minutes=30)).timestamp())
     on_time = audit_of(0)
     assert (on_time.verdict, on_time.rows, on_time.late_records) == ("pass", 100, 0)
+
+    def written_late(n: int, seed: int, shadow: str, into_hour: timedelta, **late: float) -> None:
+        """``n`` agreeing pairs of version 1 and ``shadow``, ``into_hour`` after the hour began,
+        flushed or stamped late as ``late`` says."""
+        at = (hour + into_hour).timestamp()
+        shadow_log(tmp_path, n, disagree=0.0, seed=seed, versions=("1", shadow), at=at, **late)
+
     # 20 pairs of the hour's last minute flushed 3 minutes later, 5 of its tenth minute 55 minutes later.
-    shadow_log(
-        tmp_path,
-        20,
-        disagree=0.0,
-        seed=1,
-        versions=("1", "3"),
-        at=(hour + timedelta(minutes=59, seconds=30)).timestamp(),
-        flushed=180,
-    )
-    shadow_log(
-        tmp_path,
-        5,
-        disagree=0.0,
-        seed=2,
-        versions=("1", "4"),
-        at=(hour + timedelta(minutes=10)).timestamp(),
-        flushed=55 * 60,
-    )
-    shadow_log(
-        tmp_path,
-        10,
-        disagree=0.0,
-        seed=3,
-        versions=("1", "5"),
-        at=(hour + timedelta(minutes=59, seconds=50)).timestamp(),
-        skew=90,  # (written by the close: the hour's pairs, 10 of them too few to show agreement)
-    )
+    written_late(20, 1, "3", timedelta(minutes=59, seconds=30), flushed=180)
+    written_late(5, 2, "4", timedelta(minutes=10), flushed=55 * 60)
+    # (written by the close: the hour's pairs, 10 of them too few to show agreement)
+    written_late(10, 3, "5", timedelta(minutes=59, seconds=50), skew=90)
     again = audit_of(0)
     assert (again.verdict, again.rows, again.late_records) == ("inconclusive", 110, 50)
     assert again.primary_without_shadow == 0

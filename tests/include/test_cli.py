@@ -1884,6 +1884,16 @@ def run_argv(s, tmp_path, models_dir, spec: dict, *more: str) -> list[str]:
     ]
 
 
+def wait_for_stable_weight(s, proc, weight: int) -> None:
+    """Until the run ``proc`` has put version 1 (the first route) at ``weight``%: 60 s at most,
+    and fails where the run ended first."""
+    deadline = time.monotonic() + 60
+    while s.api.traffic("digits").to_dict()["route"][0]["weight"] != weight:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
 @pytest.mark.integration
 def test_run_checks_where_it_starts_and_changes_nothing_when_it_cannot(
     server_factory, repo_copy, models_dir, tmp_path, capsys
@@ -1993,11 +2003,7 @@ def test_run_stopped_by_a_signal_puts_the_stable_version_back(server_factory, re
         env=env,
     )
     try:
-        deadline = time.monotonic() + 60
-        while s.api.traffic("digits").to_dict()["route"][0]["weight"] != 50:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_for_stable_weight(s, proc, 50)
         time.sleep(0.5)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
@@ -2628,11 +2634,7 @@ def test_run_rolls_back_a_candidate_served_from_other_bytes_than_it_started_with
     argv = run_argv(s, tmp_path, models_dir, spec, "--no-hard-guards", "--outbox", str(tmp_path / "outbox"))
     proc = rolloutctl(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while s.api.traffic("digits").to_dict()["route"][0]["weight"] != 50:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_for_stable_weight(s, proc, 50)
         v2.write_bytes(v3.read_bytes())
         s.api.load("digits", [1, 2])  # read again
         out, err = proc.communicate(timeout=90)
@@ -2681,11 +2683,7 @@ def test_status_and_abort_of_a_running_rollout(server_factory, repo_copy, models
     abort = ["abort", "--spec", str(tmp_path / "spec.json"), "--url", s.http, "--lock-dir", str(locks)]
     abort += ["--token-file", token]
     try:
-        deadline = time.monotonic() + 60
-        while s.api.traffic("digits").to_dict()["route"][0]["weight"] != 75:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_for_stable_weight(s, proc, 75)
         code, out, _ = run(capsys, *status)
         assert code == 3
         assert out.startswith("model 'digits': held by run 'rolloutctl on ")

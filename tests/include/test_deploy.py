@@ -11,6 +11,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from vision_rollout.deploy import (
+    VersionDeployments,
     beyond_history,
     candidate_replicas,
     refused,
@@ -857,6 +858,23 @@ def test_a_helm_releases_hpa_and_budget_are_refused_not_taken_over(kube_api, cap
     assert api.objects[("poddisruptionbudgets", "models", "digits-v4")]["spec"]["maxUnavailable"] == 1
 
 
+def rollout_applies_after_another_manager(
+    kube_api, theirs: dict, key: tuple[str, str, str]
+) -> tuple[VersionDeployments, dict]:
+    """Another manager (Argo CD's controller) applies ``theirs`` of version 1's Deployment; then
+    the rollout scales version 1 and makes version 2 like it. The rollout's versions, and its
+    managed fields entry of the Deployment at ``key``."""
+    from devstack.cluster.install import apply_object
+    from vision_rollout.settings import BuildSettings
+
+    api, api_client = kube_api
+    apply_object(api_client, theirs, manager="argocd-controller")
+    versions = VersionDeployments(TARGET, "digits", api_client, BuildSettings(gpus=0))
+    versions.scale("1", 2)
+    versions.apply("2", "img:2", 1, like="1")
+    return versions, next(e for e in api.objects[key]["metadata"]["managedFields"] if e["manager"] == "model-rollout")
+
+
 def test_a_label_another_manager_owns_on_a_deployment_stays_its_own_after_the_rollouts_applies(kube_api):
     """A label and an annotation another manager set on a version's Deployment (a GitOps tool's
     apply: a team label, its tracking of the Deployment) were copied into the rollout's every
@@ -865,7 +883,6 @@ def test_a_label_another_manager_owns_on_a_deployment_stays_its_own_after_the_ro
     409. What another manager owns stays out of the rollout's apply of that Deployment (its own
     is carried, as the overlay's labels); the candidate made like it still takes them."""
     from devstack.cluster.install import apply_object
-    from vision_rollout.deploy import VersionDeployments
     from vision_rollout.settings import BuildSettings
 
     api, api_client = kube_api
@@ -875,12 +892,8 @@ def test_a_label_another_manager_owns_on_a_deployment_stays_its_own_after_the_ro
     theirs = copy.deepcopy(v1)
     theirs["metadata"]["labels"].update({"team": "vision", "app.kubernetes.io/instance": "digits"})
     theirs["metadata"]["annotations"] = {"argocd.argoproj.io/tracking-id": "digits:apps/Deployment:models/digits-v1"}
-    apply_object(api_client, theirs, manager="argocd-controller")
-    versions = VersionDeployments(TARGET, "digits", api_client, BuildSettings(gpus=0))
-    versions.scale("1", 2)
-    versions.apply("2", "img:2", 1, like="1")
     key = ("deployments", "models", "digits-v1")
-    mine = next(e for e in api.objects[key]["metadata"]["managedFields"] if e["manager"] == "model-rollout")
+    _, mine = rollout_applies_after_another_manager(kube_api, theirs, key)
     assert "f:team" not in mine["fieldsV1"]["f:metadata"]["f:labels"]
     assert (
         "f:annotations" not in mine["fieldsV1"]["f:metadata"]
@@ -904,7 +917,6 @@ def test_a_pod_label_another_manager_owns_stays_its_own_after_the_rollouts_appli
     manager could no longer remove them. Another manager's pod labels and annotations stay out of
     the rollout's re-apply of that Deployment; the candidate made like it still takes them."""
     from devstack.cluster.install import apply_object
-    from vision_rollout.deploy import VersionDeployments
     from vision_rollout.settings import BuildSettings
 
     api, api_client = kube_api
@@ -913,12 +925,8 @@ def test_a_pod_label_another_manager_owns_stays_its_own_after_the_rollouts_appli
     theirs = copy.deepcopy(v1)
     theirs["spec"]["template"]["metadata"]["labels"]["team"] = "vision"
     theirs["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] = "true"
-    apply_object(api_client, theirs, manager="argocd-controller")
-    versions = VersionDeployments(TARGET, "digits", api_client, BuildSettings(gpus=0))
-    versions.scale("1", 2)
-    versions.apply("2", "img:2", 1, like="1")
     key = ("deployments", "models", "digits-v1")
-    mine = next(e for e in api.objects[key]["metadata"]["managedFields"] if e["manager"] == "model-rollout")
+    versions, mine = rollout_applies_after_another_manager(kube_api, theirs, key)
     pods = mine["fieldsV1"]["f:spec"]["f:template"]["f:metadata"]
     assert "f:team" not in pods.get("f:labels", {})
     assert "f:prometheus.io/scrape" not in pods.get("f:annotations", {})

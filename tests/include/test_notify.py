@@ -1408,14 +1408,10 @@ def test_a_waiting_report_whose_blocks_cannot_be_sent_is_not_a_report(slack, tmp
     assert outbox.names() == [name]
 
 
-def test_a_report_set_aside_then_posted_whose_chart_waits_leaves_refused_for_the_outbox(slack, tmp_path):
-    """A report sent again from refused/ (the channel fixed) that Slack took, its chart's upload
-    failing for a while, stayed in refused/: listed as refused (channel_not_found) though posted,
-    its chart uploaded by no round but another --retry-refused. It now waits in the outbox with
-    the mark of its post, as a new report's chart does: the next round uploads it into the thread."""
+def _refused_with_its_chart(slack, tmp_path):
+    """A report with a chart that Slack refused (channel_not_found), set aside in the outbox's
+    refused/ with its chart: the outbox, and a client of the fake Slack to send it again."""
     from slack_sdk import WebClient
-
-    from vision_rollout.notify import POSTED, REFUSED, send_refused, send_waiting, waiting_reports
 
     outbox = Folder(str(tmp_path / "outbox"))
     client = WebClient(token=slack.token, base_url=slack.base_url)
@@ -1423,6 +1419,17 @@ def test_a_report_set_aside_then_posted_whose_chart_waits_leaves_refused_for_the
     SlackNotifier("#typo", token=slack.token, base_url=slack.base_url, outbox=outbox).send(
         rollback_message(SPEC, "x", chart=b"\x89PNG chart")
     )
+    return outbox, client
+
+
+def test_a_report_set_aside_then_posted_whose_chart_waits_leaves_refused_for_the_outbox(slack, tmp_path):
+    """A report sent again from refused/ (the channel fixed) that Slack took, its chart's upload
+    failing for a while, stayed in refused/: listed as refused (channel_not_found) though posted,
+    its chart uploaded by no round but another --retry-refused. It now waits in the outbox with
+    the mark of its post, as a new report's chart does: the next round uploads it into the thread."""
+    from vision_rollout.notify import POSTED, REFUSED, send_refused, send_waiting, waiting_reports
+
+    outbox, client = _refused_with_its_chart(slack, tmp_path)
     slack.refuse = {"upload": "HTTP Error 500"}
     (result,) = send_refused(outbox, client)
     assert result["sent"] is True
@@ -1486,16 +1493,9 @@ def test_a_report_set_aside_then_posted_whose_move_back_to_the_outbox_fails_stay
     chart with it (never lost, never posted twice): a later --retry-refused uploads the chart."""
     import logging
 
-    from slack_sdk import WebClient
-
     from vision_rollout.notify import POSTED, REFUSED, send_refused, waiting_reports
 
-    outbox = Folder(str(tmp_path / "outbox"))
-    client = WebClient(token=slack.token, base_url=slack.base_url)
-    slack.refuse = {"chat.postMessage": "channel_not_found"}
-    SlackNotifier("#typo", token=slack.token, base_url=slack.base_url, outbox=outbox).send(
-        rollback_message(SPEC, "x", chart=b"\x89PNG chart")
-    )
+    outbox, client = _refused_with_its_chart(slack, tmp_path)
     real = Folder.write
 
     def write(folder: Folder, name: str, data: bytes) -> str:
@@ -1530,16 +1530,9 @@ def test_a_report_set_aside_then_posted_moved_back_but_not_removed_from_refused_
     """A report sent again from refused/ that Slack took, its chart's upload failing, written back
     into the outbox but not removed from refused/ (an I/O error), was said to wait "in refused/
     with its mark": it waits in both, each with its mark, and the message says so."""
-    from slack_sdk import WebClient
-
     from vision_rollout.notify import POSTED, REFUSED, send_refused
 
-    outbox = Folder(str(tmp_path / "outbox"))
-    client = WebClient(token=slack.token, base_url=slack.base_url)
-    slack.refuse = {"chat.postMessage": "channel_not_found"}
-    SlackNotifier("#typo", token=slack.token, base_url=slack.base_url, outbox=outbox).send(
-        rollback_message(SPEC, "x", chart=b"\x89PNG chart")
-    )
+    outbox, client = _refused_with_its_chart(slack, tmp_path)
     real = Folder.delete
 
     def delete(folder: Folder, name: str) -> None:
