@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
-from vision_rollout.deploy import FLOOR_ANNOTATION, MAX_REPLICAS, candidate_replicas
+from vision_rollout.deploy import FLOOR_ANNOTATION, MAX_REPLICAS, candidate_replicas, deployment_name
 from vision_rollout.folders import WriteConflict
 from vision_rollout.locks import (
     LEASE_S,
@@ -2182,13 +2182,15 @@ def finish(
         kept = looks and promotion_record(spec, run_id, folder)
     short = stable_back(params, run_id, unload_candidate, (routes,), quick, renewal) if not kept else None
     if kept and spec.mesh == "istio":  # (promote stopped before it put the retired version's HPA back)
+        deployments = hook.deployments(spec.model)
         try:
-            hook.deployments(spec.model).release_floor(spec.baseline_version)
+            deployments.release_floor(spec.baseline_version)
         except RouterError as exc:  # (the promotion stands: said as kept, this failure besides, not a failed restore)
+            name = f"{deployments.target.namespace}/{deployment_name(deployments.target, spec.baseline_version)}"
             what = (
-                f"the HPA of version {spec.baseline_version} keeps the floor the run held ({str(exc)[:500]}): "
-                f"the model's next run releases it as it starts, or by hand set its minReplicas to the count its "
-                f"annotation {FLOOR_ANNOTATION} records and remove the annotation"
+                f"the HPA of version {spec.baseline_version} (HorizontalPodAutoscaler {name}) keeps the floor the "
+                f"run held ({str(exc)[:500]}): the model's next run releases it as it starts, or by hand set its "
+                f"minReplicas to the count its annotation {FLOOR_ANNOTATION} records and remove the annotation"
             )
             short = Shortfall(exc, what, retired=False)
     if prune and spec.mesh == "istio":
@@ -2830,7 +2832,9 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
     that fails to put the stable version back (the API server down, a baseline without a
     Deployment) is the last try: it logs the error and reports it (``tell``: Slack, else the
     outbox), the routes not shown restored, for a human to put them back. One that put it back
-    but left it short of pods (``Undersized``) reports that, the routes restored."""
+    but left it short of pods (``Undersized``) reports that, the routes restored; one that kept a
+    promotion but not the release of its retired version's HPA floor (``Undersized``, kept)
+    reports the promotion kept, that floor besides, with what releases it."""
     run_id = getattr(context.get("dag_run"), "run_id", None) or str(context.get("run_id", "failed-run"))
     if not context.get("params"):
         log.warning(
@@ -2840,7 +2844,7 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
         )
         return
     from vision_rollout.mesh import api_budget
-    from vision_rollout.notify import rollback_message
+    from vision_rollout.notify import plain_report, rollback_message
 
     params = dict(context["params"])
     try:
@@ -2856,12 +2860,15 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
         log.warning("run %s failed; its teardown is done or it never held the model: %s", run_id, exc)
     except Unreleased as exc:  # (done: not a restore that failed)
         log.warning("run %s failed: %s", run_id, exc)
-    except Undersized as exc:  # (the traffic back, the lease released: what is left is told, for a human)
+    except Undersized as exc:  # (the traffic back, or a promotion kept, the lease released: what is left is told)
         log.warning("run %s failed: %s", run_id, exc)
-        if exc.kept:  # (a promotion kept, its retired version's floor held: no rollback to report)
-            return
         try:
-            tell(spec, rollback_message(spec, f"run {run_id} failed: {exc}"), "the failure callback's report")
+            message = (  # (kept: its retired version's HPA floor still held, said with what releases it)
+                plain_report(spec, "promote", f"run {run_id} failed; its promotion is kept: {exc}")
+                if exc.kept
+                else rollback_message(spec, f"run {run_id} failed: {exc}")
+            )
+            tell(spec, message, "the failure callback's report")
         except Exception:
             log.exception("the failure callback's report was not sent")
     except Exception as exc:  # (the API server down, say): nothing tries again, so a human is told
