@@ -2110,15 +2110,17 @@ class Unreleased(AirflowFailException):
     that failed, with the command that removes it by hand (``by_hand``). It is not tried again:
     the release's own tries (``settled``, the client's retries) rode out what may pass, and a
     refusal (a Role without delete on leases) would refuse again; the lease runs out by itself,
-    as a Kubernetes leader election's does when its release fails."""
+    as a Kubernetes leader election's does when its release fails. ``undersized``: ``done`` says
+    besides what ``Undersized`` would have (a stable version short of pods, a floor still held),
+    which a human is told of as for ``Undersized``."""
 
-    def __init__(self, kept: bool, done: str, exc: Exception, by_hand: str) -> None:
+    def __init__(self, kept: bool, done: str, exc: Exception, by_hand: str, undersized: bool = False) -> None:
         super().__init__(
             f"{done}; but the model's lease was not released ({type(exc).__name__}: {str(exc)[:500]}): another run "
             "of the model takes it once it runs out (rolloutctl status shows when); to free the model sooner, remove "
             f"it by hand (this run is done with it): {by_hand}"
         )
-        self.kept, self.done = kept, done
+        self.kept, self.done, self.undersized = kept, done, undersized
 
 
 class Undersized(AirflowFailException):
@@ -2218,7 +2220,7 @@ def finish(
     try:
         lock.release(run_id)
     except Exception as exc:  # (what was done is done: said so, the release's failure besides)
-        raise Unreleased(kept, done, exc, lock.by_hand) from exc
+        raise Unreleased(kept, done, exc, lock.by_hand, undersized=short is not None) from exc
     if short is not None:  # (the traffic back, the lease released: what is left is a human's)
         raise Undersized(kept, done)
     return kept, done
@@ -2834,7 +2836,8 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
     outbox), the routes not shown restored, for a human to put them back. One that put it back
     but left it short of pods (``Undersized``) reports that, the routes restored; one that kept a
     promotion but not the release of its retired version's HPA floor (``Undersized``, kept)
-    reports the promotion kept, that floor besides, with what releases it."""
+    reports the promotion kept, that floor besides, with what releases it; either with the
+    lease's release failed too (``Unreleased``, undersized) reports both."""
     run_id = getattr(context.get("dag_run"), "run_id", None) or str(context.get("run_id", "failed-run"))
     if not context.get("params"):
         log.warning(
@@ -2858,10 +2861,10 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
         log.warning("run %s failed: %s", run_id, done)
     except LockLost as exc:
         log.warning("run %s failed; its teardown is done or it never held the model: %s", run_id, exc)
-    except Unreleased as exc:  # (done: not a restore that failed)
+    except (Unreleased, Undersized) as exc:  # (done: not a restore that failed; what is left is told)
         log.warning("run %s failed: %s", run_id, exc)
-    except Undersized as exc:  # (the traffic back, or a promotion kept, the lease released: what is left is told)
-        log.warning("run %s failed: %s", run_id, exc)
+        if isinstance(exc, Unreleased) and not exc.undersized:  # (the lease runs out by itself)
+            return
         try:
             message = (  # (kept: its retired version's HPA floor still held, said with what releases it)
                 plain_report(spec, "promote", f"run {run_id} failed; its promotion is kept: {exc}")

@@ -2515,6 +2515,46 @@ def test_a_failure_callback_whose_scale_fails_once_the_traffic_is_back_reports_i
     assert "admission webhook" in report["text"]
 
 
+@pytest.mark.parametrize("end", ["teardown", "failure-callback"])
+def test_a_restore_left_short_of_pods_whose_lease_release_fails_reports_both(kube, monkeypatch, tmp_path, caplog, end):
+    """The stable version took the traffic back, its scale refused (short of pods), then the
+    release of the model's lease was refused too: the failure callback took it for a lease not
+    released only, which it logs, and sent no report, so nobody was told that version 1 serves
+    short of pods. Either end reports both: the pods, and the lease with its command."""
+    from devstack.cluster.kube import APIError
+
+    params = rollback_scale_refused(kube, monkeypatch, tmp_path)
+
+    def refused() -> None:
+        kube.before_write = refused
+        request = kube.requests[-1]
+        if request["method"] == "PATCH" and request["path"].endswith("/deployments/digits-v1"):
+            raise APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request')
+        if request["method"] == "DELETE" and request["path"].endswith("/leases/rollout-digits"):
+            raise APIError(403, "Forbidden", 'leases.coordination.k8s.io "rollout-digits" is forbidden')
+
+    kube.before_write = refused
+    if end == "teardown":
+        with pytest.raises(AirflowFailException) as failed:
+            steps.ensure_stable(params, "run-1", None, None, None)
+        said = str(failed.value)
+    else:
+        steps.restore_stable_on_failure({"params": params, "run_id": "run-1"})
+        said = caplog.text
+    kube.before_write = None
+    assert routes(kube) == [("v1", 100)]
+    (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    assert report.startswith("Rolled back digits v2")
+    for text in (report, said):
+        assert "routes not restored" not in text
+        assert "could not put version 1 back" not in text
+        assert "version 1 takes 100%" in text
+        assert "version 1 was not scaled to 10 pods" in text
+        assert "the model's lease was not released" in text
+        assert "kubectl -n models delete lease rollout-digits" in text
+    assert lease(kube, "digits")["spec"]["holderIdentity"] == "run-1"
+
+
 @pytest.mark.parametrize("short", ["scale-refused", "pods-short"])
 def test_a_teardown_whose_restore_fails_once_the_traffic_is_back_reports_it_back(
     kube, monkeypatch, tmp_path, caplog, short
