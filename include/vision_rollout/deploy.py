@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import re
+import shlex
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -1224,6 +1225,13 @@ class VersionDeployments:
             return call()
         except ApiException as exc:
             raise refused(what, exc) from None
+
+    def scale_by_hand(self, version: str, replicas: int) -> str:
+        """The command that scales the version's Deployment to ``replicas`` pods, for an operator
+        (``kubectl -n models scale deployment digits-v2 --replicas=0``): through its scale
+        subresource, as ``scale_to_zero`` under autoscaling (an HPA does nothing at 0)."""
+        namespace, name = shlex.quote(self.target.namespace), shlex.quote(self._name(version))
+        return f"kubectl -n {namespace} scale deployment {name} --replicas={replicas}"
 
     def scale_to_zero(self, version: str) -> bool:
         """False when the version has no Deployment (nothing to scale)."""

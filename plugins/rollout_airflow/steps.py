@@ -1761,7 +1761,8 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
     that floor than serve now, both versions', it is scaled back for them to start while it takes
     the traffic back, ahead of its HPA: its HPA's apply refused, another manager's, is logged, its
     pods scaled all the same; the scale itself failed, its ready pod takes the traffic back all
-    the same, then that failure is raised, its floor still held), then 100% to it (promote's
+    the same, then that failure is raised, its floor still held, once the candidate is retired
+    all the same: ``retired_besides``), then 100% to it (promote's
     record of a promotion removed: ``promotion_undone``), its HPA's own floor back
     (``release_floor``), then the candidate drained and scaled to 0 (``retire``). What fails once
     the traffic is back (the scale, the wait for the rest of its pods) is raised as it came, after
@@ -1859,7 +1860,7 @@ def stable_back(
         router(spec, run_id, hook, only=spec.baseline_version).set_routes(spec.stable_policy())
         promotion_undone(spec, run_id, hook)
         if unscaled is not None:  # (its floor stays held: its HPA scales it there, as the scale would have)
-            return unscaled
+            return retired_besides(spec, run_id, hook, r, unscaled) if unload_candidate else unscaled
     deployments.release_floor(spec.baseline_version)
     if unload_candidate:
         hold(spec, run_id, hook, WAITING_STEP_S, rolling_back=True)  # for the drain
@@ -1875,6 +1876,21 @@ def stable_back(
                 what = f"not all of the {restoring} pods of version {spec.baseline_version} came ({str(exc)[:500]})"
                 return Shortfall(error, what, retired=True)
     return None
+
+
+def retired_besides(spec: RolloutSpec, run_id: str, hook: ModelServerHook, r: Router, short: Shortfall) -> Shortfall:
+    """The candidate retired (``retire``) once the stable version took the traffic back though its
+    scale failed (``short``): it takes no traffic and keeps its pods (GPUs) that the stable version
+    may need, so it is scaled to 0 all the same, as Flagger and Argo Rollouts do on an abort.
+    ``short``, said retired; where the retirement fails too, that failure besides, not retired
+    (``finish`` then says the command that scales it to 0)."""
+    try:
+        hold(spec, run_id, hook, WAITING_STEP_S, rolling_back=True)  # for the drain
+        retire(r, hook.deployments(spec.model), spec.candidate_version)
+    except Exception as exc:  # (the traffic is back: the scale's failure stays what the step fails on)
+        log.warning("version %s was not retired: %s", spec.candidate_version, str(exc)[:500])
+        return replace(short, what=f"{short.what}; version {spec.candidate_version} was not retired ({str(exc)[:500]})")
+    return replace(short, retired=True)
 
 
 def still_held(lock: Any, run_id: str, renewal: Holding | None) -> None:
@@ -2210,7 +2226,13 @@ def finish(
         done = f"the routes were not this run's and are left as they are: {json.dumps(routes.to_dict())}"
     else:
         retired = unload_candidate and (short is None or short.retired)
-        candidate = "is unloaded" if retired else "is left loaded: unload it (kubernetes: scale it to 0)"
+        left = (
+            f"is left loaded, its pods running: scale it to 0 "
+            f"({hook.deployments(spec.model).scale_by_hand(spec.candidate_version, 0)})"
+            if spec.mesh == "istio"
+            else "is left loaded: unload it"
+        )
+        candidate = "is unloaded" if retired else left
         done = f"version {spec.baseline_version} takes 100%; version {spec.candidate_version} {candidate}"
     if short is not None:
         done = f"{done}; but {short.what}"

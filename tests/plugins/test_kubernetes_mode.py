@@ -2515,6 +2515,58 @@ def test_a_failure_callback_whose_scale_fails_once_the_traffic_is_back_reports_i
     assert "admission webhook" in report["text"]
 
 
+@pytest.mark.parametrize("end", ["rollback", "teardown", "candidate-refused", "failure-callback"])
+def test_a_restore_whose_scale_is_refused_retires_the_candidate_all_the_same(kube, monkeypatch, tmp_path, end):
+    """The stable version took the traffic back, its scale refused: the rollback and the teardown
+    stopped there, and version 2 kept its 5 pods (its GPUs) though it took no traffic. As
+    Flagger and Argo Rollouts do on an abort, the candidate is scaled to 0 all the same, the
+    traffic back on the stable version. Where that is refused too, or not done (the failure
+    callback has no time for the drain), the report says so with the command that does it."""
+    from devstack.cluster.kube import APIError
+    from vision_rollout.mesh import RouterError
+
+    params = rollback_scale_refused(kube, monkeypatch, tmp_path)
+    assert deployment(kube, "2")["spec"]["replicas"] == 5
+
+    def refused() -> None:
+        kube.before_write = refused
+        request = kube.requests[-1]
+        if request["method"] == "PATCH" and request["path"].endswith("/deployments/digits-v1"):
+            raise APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request')
+        if request["method"] == "PATCH" and "/deployments/digits-v2" in request["path"]:
+            raise APIError(403, "Forbidden", 'deployments.apps "digits-v2" is forbidden')
+
+    if end == "candidate-refused":
+        kube.before_write = refused
+    command = "kubectl -n models scale deployment digits-v2 --replicas=0"
+    if end == "rollback":
+        with pytest.raises(RouterError, match="apply Deployment digits-v1: 400"):
+            steps.restore_stable(params, "run-1")
+    elif end in ("teardown", "candidate-refused"):
+        with pytest.raises(AirflowFailException) as failed:
+            steps.ensure_stable(params, "run-1", None, None, None)
+        (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "outbox").glob("*.json"))]
+        for said in (report, str(failed.value)):
+            assert "could not put version 1 back" not in said
+            assert "version 1 takes 100%" in said
+            assert "version 1 was not scaled to 10 pods" in said
+            if end == "teardown":
+                assert "version 2 is unloaded" in said
+            else:
+                assert "version 2 is left loaded" in said
+                assert "apply Deployment digits-v2: 403" in said
+                assert command in said
+    else:
+        steps.restore_stable_on_failure({"params": params, "run_id": "run-1"})
+        (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "outbox").glob("*.json"))]
+        assert "version 2 is left loaded" in report
+        assert command in report
+    kube.before_write = None
+    assert routes(kube) == [("v1", 100)]
+    left = end in ("candidate-refused", "failure-callback")  # (refused; the callback's: no time to drain)
+    assert deployment(kube, "2")["spec"]["replicas"] == (5 if left else 0)
+
+
 @pytest.mark.parametrize("end", ["teardown", "failure-callback"])
 def test_a_restore_left_short_of_pods_whose_lease_release_fails_reports_both(kube, monkeypatch, tmp_path, caplog, end):
     """The stable version took the traffic back, its scale refused (short of pods), then the
