@@ -998,8 +998,12 @@ class VersionDeployments:
     def replicas(self, version: str) -> int | None:
         """The live Deployment's ``spec.replicas`` (an HPA's choice under autoscaling); None
         when the version has no Deployment."""
-        live = self._live(version)
-        return None if live is None else int(live.spec.replicas or 0)
+        return replicas_of(self._live(version))
+
+    def deployment(self, version: str) -> Any:
+        """The version's live Deployment (a V1Deployment), None when there is none: its size
+        (``replicas_of``), and ``wait_ready``'s first look at its pods (``live``), one GET for both."""
+        return self._live(version)
 
     def scale(
         self,
@@ -1238,7 +1242,13 @@ class VersionDeployments:
         return self.scale(version, 0)
 
     def wait_ready(
-        self, version: str, replicas: int = 1, timeout_s: float = 600.0, every_s: float = 1.0, strict: bool = True
+        self,
+        version: str,
+        replicas: int = 1,
+        timeout_s: float = 600.0,
+        every_s: float = 1.0,
+        strict: bool = True,
+        live: Any = None,
     ) -> None:
         """Until at least ``replicas`` of the version's pods run its current template and are ready
         (the controller has seen the last spec, ``observedGeneration``, counts them in
@@ -1246,10 +1256,11 @@ class VersionDeployments:
         the old pods' readiness does not count); RouterError after ``timeout_s``, or at once when
         the controller says the current spec is past its progress deadline. Not ``strict``:
         ready pods of any template count (the mesh routes to them all: what a rollback needs of a
-        version that serves already, whose own update may be stuck)."""
+        version that serves already, whose own update may be stuck). ``live``: the Deployment as
+        read just before (``deployment``), its first look, not read again."""
         deadline = time.monotonic() + timeout_s
         while True:
-            live = self._live(version)
+            live = live if live is not None else self._live(version)
             if live is None:
                 raise RouterError(f"Deployment {self._name(version)} does not exist")
             status = live.status
@@ -1274,6 +1285,7 @@ class VersionDeployments:
                     + "".join(f"; {c}" for c in self._not_ready(version, status))
                 )
             time.sleep(every_s)
+            live = None
 
     def _not_ready(self, version: str, status: Any) -> list[str]:
         """Why the version's pods are not ready: what the Deployment's conditions say stops them
@@ -1292,6 +1304,11 @@ class VersionDeployments:
             return [*_stuck(status, every=True), f"its pods not read ({why})"]
         problems = [p for pod in pods.items for p in _pod_problems(pod)]
         return [*_stuck(status), *problems[:3]] if problems else _stuck(status, every=True)
+
+
+def replicas_of(live: Any) -> int | None:
+    """A live Deployment's ``spec.replicas`` (``VersionDeployments.deployment``); None for none."""
+    return None if live is None else int(live.spec.replicas or 0)
 
 
 def _own_min(hpa: dict[str, Any]) -> int | None:

@@ -1024,11 +1024,17 @@ class IstioRouter:
                 return None
             raise api_error(f"GET {plural}/{name}", exc) from None
 
-    def _apply(self, plural: str, render: Callable[[dict[str, Any]], dict[str, Any] | None]) -> bool:
+    def _apply(
+        self,
+        plural: str,
+        render: Callable[[dict[str, Any]], dict[str, Any] | None],
+        read: dict[str, Any] | None = None,
+    ) -> bool:
         """Server-side apply of ``render(live)`` (None: nothing to apply) when its spec differs
         from ``live``'s, sent with ``live``'s resourceVersion. ``live`` is the object as read at
-        each try: one the object changed under (409: ``Conflicted``, within ``settled``'s tries)
-        reads it again and renders again, so that
+        each try (the first: ``read``, the object as the caller read it, where given; its
+        resourceVersion refuses the write should it have changed since): one the object changed
+        under (409: ``Conflicted``, within ``settled``'s tries) reads it again and renders again, so that
         what another writer changed meanwhile (a route's timeout, a host) is kept, not
         overwritten by a body rendered from the object before it. Never creates: the mesh's
         objects are the platform's (deploy/'s overlay), and an apply that would create one is
@@ -1039,8 +1045,10 @@ class IstioRouter:
 
         what = f"apply {plural}/{self.target.name}"
 
+        first = [read] if read is not None else []
+
         def attempt(doubted: int) -> bool:  # (after a write in doubt, the object as wanted is that write's)
-            live = self._get(plural)
+            live = first.pop() if first else self._get(plural)
             if live is None:
                 raise RouterError(self._missing(ISTIO_KINDS[plural]))
             view = rollouts_view(live)  # what another manager owns stays out of the apply, its own
@@ -1141,7 +1149,7 @@ class IstioRouter:
         validate_istio(render(live))  # refused before anything is written, the DestinationRule too
         self._add_subsets(policy.versions() | set(self.versions))
         recorded = self._record_mirror(policy, applied=False)
-        changed = self._apply("virtualservices", render)
+        changed = self._apply("virtualservices", render, live)  # (not read again: its resourceVersion guards it)
         if not recorded:
             self._record_mirror(policy, applied=True)
         return changed

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
-from vision_rollout.deploy import FLOOR_ANNOTATION, MAX_REPLICAS, candidate_replicas, deployment_name
+from vision_rollout.deploy import FLOOR_ANNOTATION, MAX_REPLICAS, candidate_replicas, deployment_name, replicas_of
 from vision_rollout.folders import WriteConflict
 from vision_rollout.locks import (
     LEASE_S,
@@ -98,11 +98,12 @@ CALLBACK_API_S, CALLBACK_CALL_S = 30.0, 15.0
 # what is left): its served calls spent nothing of CALLBACK_API_S, and a slow server (14 s a call)
 # or one answering 429s (their Retry-After waited) took it 100 s, past the DAG processor's 50 s
 # (dag_file_processor_timeout), killed before it reported. Bound: 40 s of calls, and the report
-# (Slack's own timeout) and the DAG file's parse in the 10 s left. The routes write is its 9th call
-# (``quick``: the lease renewed once, GET and PUT, the routes and the baseline's Deployment read,
-# its readiness, the routes read, the DestinationRule's subsets, the routes read and written): a
-# server answering each in 4 s still gets it (36 s); slower, the callback reports the routes not
-# restored rather than being killed. (A wait for the baseline's pod may end one 1 s poll past it.)
+# (Slack's own timeout) and the DAG file's parse in the 10 s left. The routes write is its 7th call
+# (``quick``: the lease renewed once, GET and PUT, the routes read, the baseline's Deployment read
+# once for its size and its readiness, the routes read, the DestinationRule's subsets, the routes
+# written from that read): a server answering each in 5 s still gets it (35 s); slower, the
+# callback reports the routes not restored rather than being killed. (A wait for the baseline's
+# pod may end one 1 s poll past it.)
 CALLBACK_CAP_S = 40.0
 
 
@@ -1821,7 +1822,8 @@ def stable_back(
     unscaled: Shortfall | None = None
     restoring = 0  # (the pods a baseline at 0 is scaled back to)
     if rerouted:
-        live = deployments.replicas(spec.baseline_version)
+        baseline = deployments.deployment(spec.baseline_version)  # (its size, and the wait's first look at its pods)
+        live = replicas_of(baseline)
         if live is None:
             raise AirflowFailException(
                 f"version {spec.baseline_version} has no Deployment: the routes stay as they are rather than "
@@ -1851,11 +1853,13 @@ def stable_back(
                             size,
                             str(exc)[:500],
                         )
+        seen = None if restoring else baseline  # (scaled from 0: its pods looked at again)
         if quick:  # (its budget's cap bounds the wait: never the teardown's, whose baseline's pods may take minutes)
-            deployments.wait_ready(spec.baseline_version, 1, timeout_s=max(mesh.budget_left(), 0.0), strict=False)
+            wait = max(mesh.budget_left(), 0.0)
+            deployments.wait_ready(spec.baseline_version, 1, timeout_s=wait, strict=False, live=seen)
             still_held(hook.model_lock(spec.model, spec.mesh), run_id, renewal)
         else:
-            deployments.wait_ready(spec.baseline_version, 1, strict=False)
+            deployments.wait_ready(spec.baseline_version, 1, strict=False, live=seen)
             hold(spec, run_id, hook, rolling_back=True)  # still this run's, after the wait
         router(spec, run_id, hook, only=spec.baseline_version).set_routes(spec.stable_policy())
         promotion_undone(spec, run_id, hook)

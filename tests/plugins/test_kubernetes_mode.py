@@ -2895,6 +2895,24 @@ def test_a_slow_api_server_still_gets_the_failure_callbacks_routes_write(kube, m
     }
 
 
+@pytest.mark.real_pauses  # (the pauses on the fake clock)
+def test_an_api_server_answering_in_5_s_still_gets_the_failure_callbacks_routes_write(kube, monkeypatch):
+    """The routes write was the failure callback's 9th call: the baseline's Deployment read twice
+    (its size, then its readiness) and the VirtualService read twice (by ``set_routes``, then by its
+    apply), so an API server answering each call in 5 s reached the cap (40 s) before the write was
+    sent, the routes left 90/10 and reported not restored. The Deployment is read once for both, and
+    the apply writes from the VirtualService ``set_routes`` read: the write is its 7th call (35 s)."""
+    at_stage_1(kube)
+    now, tries = fake_api_time(monkeypatch, 5.0)
+    steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+    assert now[0] <= steps.CALLBACK_CAP_S
+    assert routes(kube) == [("v1", 100)]
+    written = [(m, p) for m, p, _, s in tries].index(
+        ("PATCH", "/apis/networking.istio.io/v1/namespaces/models/virtualservices/digits")
+    )
+    assert written + 1 <= 7
+
+
 @pytest.mark.real_pauses  # (the pauses, the Retry-After waited, on the fake clock)
 @pytest.mark.parametrize("server", ["slow", "slower", "failing", "throttling"])
 def test_the_failure_callback_ends_within_its_time_against_a_slow_or_throttling_api_server(
