@@ -1479,7 +1479,8 @@ class ApiBudget:
     or none that served them, took, the client's retries and their backoff included; ``since``: when the call under way
     began, its time counted until it is answered; ``clock``: what tells the time); and, with
     ``cap_s``, that long in all from ``started``, whatever the calls took (served ones, their
-    Retry-After waits, the pauses and waits between them)."""
+    Retry-After waits, the pauses and waits between them). ``slowest``: the longest a call took
+    yet, answered or not (what the calls to come are reckoned at: ``budget_left``)."""
 
     total_s: float
     per_call_s: float
@@ -1488,6 +1489,7 @@ class ApiBudget:
     clock: Callable[[], float] = time.monotonic
     cap_s: float | None = None
     started: float = 0.0
+    slowest: float = 0.0
 
     def left(self) -> float:
         return min(self.unanswered_left(), self.cap_left())
@@ -1536,10 +1538,12 @@ def api_budget(total_s: float, per_call_s: float, cap_s: float | None = None) ->
         _BUDGET.reset(token)
 
 
-def budget_left() -> float:
-    """What the ``api_budget`` in force has left (``ApiBudget.left``); infinity without one."""
+def budget_left(calls: int = 0) -> float:
+    """What the ``api_budget`` in force has left (``ApiBudget.left``), less the time of ``calls``
+    calls to come, each as long as the slowest yet (a wait's headroom for the calls after it);
+    infinity without one."""
     budget = _BUDGET.get()
-    return math.inf if budget is None else budget.left()
+    return math.inf if budget is None else budget.left() - calls * budget.slowest
 
 
 def pause(seconds: float) -> bool:
@@ -1661,8 +1665,10 @@ def with_retries(api_client: Any) -> Any:
                 raise
             finally:
                 if budget is not None and budget.since is not None:
+                    took = budget.clock() - budget.since
+                    budget.slowest = max(budget.slowest, took)
                     if not served:
-                        budget.spent += budget.clock() - budget.since
+                        budget.spent += took
                     budget.since = None
 
     api_client.configuration.retries = api_retries()

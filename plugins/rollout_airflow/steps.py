@@ -105,6 +105,12 @@ CALLBACK_API_S, CALLBACK_CALL_S = 30.0, 15.0
 # callback reports the routes not restored rather than being killed. (A wait for the baseline's
 # pod may end one 1 s poll past it.)
 CALLBACK_CAP_S = 40.0
+# The failure callback's wait for the baseline's pod keeps the calls after it their time (each as
+# long as the slowest call yet, ``mesh.budget_left``): the wait's last look at the pods (begun up
+# to a 1 s poll past its time), the lease's check (``still_held``), the routes and the
+# DestinationRule read, the routes written. It took all the time left: a pod never ready, its
+# polls ran to the cap and the callback reported the API server (a poll not sent), not the pods.
+AFTER_WAIT_CALLS, WAIT_POLL_S = 5, 1.0
 
 
 def spec_from(params: dict[str, Any]) -> RolloutSpec:
@@ -1798,7 +1804,8 @@ def stable_back(
     ``read``: the routes ``finish`` read (``routes_read``) just after it renewed the lease, neither
     done again. ``quick`` (the failure callback, within ``CALLBACK_CAP_S`` of finish's renewal
     of the lease for ``LEASE_S``): the lease not renewed again, and the wait for a ready pod of
-    the baseline no longer than its ``api_budget`` has left: the routes write comes sooner, after
+    the baseline no longer than its ``api_budget`` has left less the calls after it
+    (``AFTER_WAIT_CALLS``), ``CALLBACK_CAP_S`` at most: the routes write comes sooner, after
     ``still_held`` (``renewal``: the lease as finish renewed it; None where it was read back)."""
     from vision_rollout import mesh
     from vision_rollout.mesh import RouterError, routes_to
@@ -1855,8 +1862,11 @@ def stable_back(
                         )
         seen = None if restoring else baseline  # (scaled from 0: its pods looked at again)
         if quick:  # (its budget's cap bounds the wait: never the teardown's, whose baseline's pods may take minutes)
-            wait = max(mesh.budget_left(), 0.0)
-            deployments.wait_ready(spec.baseline_version, 1, timeout_s=wait, strict=False, live=seen)
+            # (the calls after it kept their time; CALLBACK_CAP_S at most, finite without a budget too)
+            wait = max(min(mesh.budget_left(AFTER_WAIT_CALLS) - WAIT_POLL_S, CALLBACK_CAP_S), 0.0)
+            deployments.wait_ready(
+                spec.baseline_version, 1, timeout_s=wait, every_s=WAIT_POLL_S, strict=False, live=seen
+            )
             still_held(hook.model_lock(spec.model, spec.mesh), run_id, renewal)
         else:
             deployments.wait_ready(spec.baseline_version, 1, strict=False, live=seen)

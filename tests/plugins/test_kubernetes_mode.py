@@ -2913,6 +2913,56 @@ def test_an_api_server_answering_in_5_s_still_gets_the_failure_callbacks_routes_
     assert written + 1 <= 7
 
 
+@pytest.mark.timeout(60)  # (before: the wait without a budget had no end)
+@pytest.mark.real_pauses  # (the waits on the fake clock)
+@pytest.mark.parametrize("budget", ["callback", "none"])
+def test_the_failure_callbacks_wait_for_a_pod_that_never_gets_ready_leaves_its_routes_write_its_time(
+    kube, monkeypatch, tmp_path, budget
+):
+    """The baseline's pod never gets ready, the API server answers each call in 3 s: the callback's
+    wait for it took all the time its budget had left, its polls up to the cap, so it reported the
+    API server (its last poll not sent, "the calls here took the 40 s"), not the pods, and ended
+    past the cap (41 s); without a budget (finish's quick alone) the wait had no end. The wait keeps
+    the calls after it their time (its last poll, the lease's check, the routes' write: as long as
+    the slowest call yet), CALLBACK_CAP_S at most: it ends within the cap, naming the pods not
+    ready, and the routes stay as they are rather than sending the traffic to no ready pod."""
+    from devstack.cluster import kube as fake_kube
+    from vision_rollout.mesh import RouterError
+
+    at_stage_1(kube)
+    all_ready = fake_kube._ready_status
+
+    def never_ready(obj: dict) -> dict:
+        status = all_ready(obj)
+        if obj["metadata"]["name"] == "digits-v1":
+            status["readyReplicas"] = status["availableReplicas"] = 0
+        return status
+
+    monkeypatch.setattr(fake_kube, "_ready_status", never_ready)
+    kube.touch("deployments", "models", "digits-v1", lambda d: d.update(status=never_ready(d)))
+    if budget == "none":  # (the waits on a fake clock, the calls as they come)
+        import time
+        from types import SimpleNamespace
+
+        from vision_rollout import deploy
+
+        now = [0.0]
+        clock = SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+        clock.monotonic, clock.sleep = (lambda: now[0]), (lambda s: now.__setitem__(0, now[0] + s))
+        monkeypatch.setattr(deploy, "time", clock)
+        with pytest.raises(RouterError, match="0 of 1 pods ready after"):
+            steps.finish(PARAMS, "run-1", promoted=False, unload_candidate=False, quick=True)
+    else:
+        now, _tries = fake_api_time(monkeypatch, 3.0)
+        steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+        assert now[0] <= steps.CALLBACK_CAP_S
+        (report,) = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
+        assert report["text"].startswith("Stopped digits v2, routes not restored")
+        assert "Deployment digits-v1: 0 of 1 pods ready after" in report["text"]
+        assert "ApiUnreachable" not in report["text"]
+    assert routes(kube) == [("v1", 90), ("v2", 10)]
+
+
 @pytest.mark.real_pauses  # (the pauses, the Retry-After waited, on the fake clock)
 @pytest.mark.parametrize("server", ["slow", "slower", "failing", "throttling"])
 def test_the_failure_callback_ends_within_its_time_against_a_slow_or_throttling_api_server(
