@@ -1504,7 +1504,7 @@ class ApiBudget:
 
     def capped(self) -> bool:
         """Whether ``cap_s`` is what is spent (not ``total_s``)."""
-        return self.cap_s is not None and self.cap_s - (self.clock() - self.started) <= 0
+        return self.cap_left() <= 0  # (never without a cap: infinity left)
 
 
 _BUDGET: contextvars.ContextVar[ApiBudget | None] = contextvars.ContextVar("api_budget", default=None)

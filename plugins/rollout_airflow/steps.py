@@ -1791,31 +1791,39 @@ class Shortfall:
     retired: bool
 
 
+@dataclass(frozen=True)
+class Finishing:
+    """What ``finish`` read before ``stable_back``, neither done again there: ``routes``, the routes
+    in effect (``routes_read``; None: not one the rollout reads), just after it renewed the lease;
+    ``renewal``, that renewal (None: read back, not renewed); ``quick``, whether it is the failure
+    callback's (``stable_back``)."""
+
+    routes: TrafficPolicy | None
+    renewal: Holding | None = None
+    quick: bool = False
+
+
 def stable_back(
-    params: dict[str, Any],
-    run_id: str,
-    unload_candidate: bool = True,
-    read: tuple[TrafficPolicy | None] | None = None,
-    quick: bool = False,
-    renewal: Holding | None = None,
+    params: dict[str, Any], run_id: str, unload_candidate: bool = True, finishing: Finishing | None = None
 ) -> Shortfall | None:
     """``restore_stable``'s work; a failure once the traffic is back on the stable version returned
     (``Shortfall``), not raised: ``finish`` reports it as that, not as a restore that failed.
-    ``read``: the routes ``finish`` read (``routes_read``) just after it renewed the lease, neither
-    done again. ``quick`` (the failure callback, within ``CALLBACK_CAP_S`` of finish's renewal
+    ``finishing``: what ``finish`` read (None: the lease renewed and the routes read here).
+    Its ``quick`` (the failure callback, within ``CALLBACK_CAP_S`` of finish's renewal
     of the lease for ``LEASE_S``): the lease not renewed again, and the wait for a ready pod of
     the baseline no longer than its ``api_budget`` has left less the calls after it
     (``AFTER_WAIT_CALLS``), ``CALLBACK_CAP_S`` at most: the routes write comes sooner, after
-    ``still_held`` (``renewal``: the lease as finish renewed it; None where it was read back)."""
+    ``still_held`` (its ``renewal``)."""
     from vision_rollout import mesh
     from vision_rollout.mesh import RouterError, routes_to
 
     spec = spec_from(params)
     hook = serving()
-    if read is None:
+    if finishing is None:
         hold(spec, run_id, hook, rolling_back=True)
+    quick = finishing is not None and finishing.quick
     r = router(spec, run_id, hook)
-    routes = routes_read(spec, r) if read is None else read[0]
+    routes = routes_read(spec, r) if finishing is None else finishing.routes
     rerouted = routes is None or routes_to(routes, spec.candidate_version)  # (None: what it sends is unknown)
     if spec.mesh == "local":
         if rerouted:
@@ -1867,7 +1875,7 @@ def stable_back(
             deployments.wait_ready(
                 spec.baseline_version, 1, timeout_s=wait, every_s=WAIT_POLL_S, strict=False, live=seen
             )
-            still_held(hook.model_lock(spec.model, spec.mesh), run_id, renewal)
+            still_held(hook.model_lock(spec.model, spec.mesh), run_id, finishing.renewal if finishing else None)
         else:
             deployments.wait_ready(spec.baseline_version, 1, strict=False, live=seen)
             hold(spec, run_id, hook, rolling_back=True)  # still this run's, after the wait
@@ -2212,7 +2220,8 @@ def finish(
     else:  # (the record read only where the cluster looks promoted: mid-stage, an unreadable one stops nothing)
         looks = promoted_unseen(spec, hook) if unread else promotion_in_effect(spec, run_id, hook, routes)
         kept = looks and promotion_record(spec, run_id, folder)
-    short = stable_back(params, run_id, unload_candidate, (routes,), quick, renewal) if not kept else None
+    finishing = Finishing(routes, renewal, quick)
+    short = stable_back(params, run_id, unload_candidate, finishing) if not kept else None
     if kept and spec.mesh == "istio":  # (promote stopped before it put the retired version's HPA back)
         deployments = hook.deployments(spec.model)
         try:
