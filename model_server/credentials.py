@@ -387,10 +387,13 @@ _ISSUED = re.compile(
 # request, which a dictionary attack reverses) and its cnonce, wherever its parameters are
 # written: "response" names it only before 32 to 128 hex digits (an MD5 or SHA-256 digest). Up to
 # 64 blanks each side of its "=", a tab written escaped too ("cnonce=\\t\"...\""), possessively
-# (``_KEY_SEP``'s runs: no value starts with a blank).
+# (``_KEY_SEP``'s runs: no value starts with a blank). Its quote escaped too (a header held in a
+# JSON string, 'cnonce=\\"...\\"', or deeper: ``_ESCAPE``), not given back; the value ends before
+# an escaped quote (``_NOT_ESCAPED_QUOTE``: the escape of the quote that closes it stays whole).
 _DIGEST_PARAM = re.compile(
-    rf"{after_boundary('A-Za-z0-9_-')}(?i:(?P<c>cnonce)|response){BLANK}{{0,64}}+={BLANK}{{0,64}}+\"?{NOT_MASKED}"
-    r"(?P<v>(?(c)[^\s\"',;<>]{1,256}|[0-9A-Fa-f]{32,128}(?![A-Za-z0-9])))"
+    rf"{after_boundary('A-Za-z0-9_-')}(?i:(?P<c>cnonce)|response){BLANK}{{0,64}}+={BLANK}{{0,64}}+"
+    rf"(?>(?:{_ESCAPE})?\")?{NOT_MASKED}"
+    rf"(?P<v>(?(c)(?:{_NOT_ESCAPED_QUOTE}[^\s\"',;<>]){{1,256}}|[0-9A-Fa-f]{{32,128}}(?![A-Za-z0-9])))"
 )
 _SLACK_WEBHOOK = re.compile(
     rf"hooks\.slack\.com/(?:services|workflows|triggers)/{NOT_MASKED}(?P<v>[A-Za-z0-9/_+-]{{8,256}})"

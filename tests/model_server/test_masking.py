@@ -1312,6 +1312,8 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "spaced quoted names": 'secret "a" ' * 90_000,
     "escaped tabs after digest parameters": ("cnonce" + "\\t" * 100 + "=") * 4_900,
     "escaped tabs after cookie words": ("cookie" + "\\t" * 100 + "a") * 4_900,
+    "escaped quotes after digest parameters": ("cnonce=" + "\\" * 15 + '" response=' + "\\" * 15 + '"' + "a" * 31 + " ")
+    * 12_400,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -1588,6 +1590,29 @@ def test_a_digest_authorizations_response_and_cnonce_are_masked(keys, text):
         assert value not in scrub(text)
     assert {reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)} >= {DIGEST_RESPONSE, DIGEST_CNONCE}
     assert "username=bob" in masked or "nc=00000001" in masked  # the other parameters stay
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+def test_a_digest_parameter_whose_quote_is_escaped_is_masked(keys, depth):
+    """A Digest authorization held in a JSON string (its quotes escaped: 'cnonce=\\"...\\"'), or
+    in one held in a string again, had its cnonce's backslash masked and the cnonce in clear, and
+    its response not masked at all: the rule read a quote not escaped only. Each value is masked
+    at every escape depth (1, 3, 7, 15 backslashes), its quotes' escapes kept."""
+    header = f'Digest username="bob", cnonce="{DIGEST_CNONCE}", response="{DIGEST_RESPONSE}"'
+    text = json.dumps({"auth": header, "model": "resnet50"})
+    for _ in range(depth - 1):
+        text = json.dumps({"m": text})
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    for value in (DIGEST_RESPONSE, DIGEST_CNONCE):
+        assert value not in masked, masked
+        assert value not in scrub(text)
+    assert sorted(reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)) == [DIGEST_CNONCE, DIGEST_RESPONSE]
+    for _ in range(depth - 1):
+        masked = json.loads(masked)["m"]
+    value = json.loads(masked)
+    assert value["model"] == "resnet50"
+    assert TOKEN_RE.sub("", value["auth"]) == header.replace(DIGEST_CNONCE, "").replace(DIGEST_RESPONSE, "")
 
 
 def test_a_private_key_logged_one_line_per_record_has_no_body_line_in_the_log(keys):
