@@ -108,10 +108,11 @@ _NOT_ESCAPED_QUOTE = rf"(?!{_ESCAPE}[\"'])"  # (nor its escape's first backslash
 VALUE_ESCAPE = r"\\\\|\\(?![\s\"'\\nrtbf])"
 # After a key in quotes and ":" (JSON, a dict's repr: {"password": 12345678}) a "}" closes the
 # object, no character of the value; a "]" is one of its characters (a key and ":" are in no list).
-# Up to 64 spaces or tabs each side of the ":", as ``_KEY_SEP`` reads them: a look behind of each
-# width of the blanks and ":" (a quote before them, one ":" among them, no blank or ":" after them).
+# Up to 64 blanks each side of the ":", as ``_KEY_SEP`` reads them (``BLANK``: a tab written escaped
+# too, two characters, '{"password":\\t12345678}'): a look behind of each width of the blanks and
+# ":" (a quote before them, one ":" among them, no blank or ":" after them).
 _AFTER_QUOTED_KEY = "|".join(
-    rf"(?<=[\"'](?=[ \t]{{0,64}}+:[ \t]{{0,64}}+(?![ \t:]))[ \t:]{{{w}}})" for w in range(1, 130)
+    rf"(?<=[\"'](?={BLANK}{{0,64}}+:{BLANK}{{0,64}}+(?![ \t:]|\\[tbf]))[ \t:\\tbf]{{{w}}})" for w in range(1, 258)
 )
 # A Windows path's backslashes ("C:\\new\\x" as it came, not written escaped: its drive's
 # backslash before no other) are its own, an escape's letter after them too ("\\n" of "\\new"),

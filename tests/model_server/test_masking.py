@@ -1314,6 +1314,7 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "escaped tabs after cookie words": ("cookie" + "\\t" * 100 + "a") * 4_900,
     "escaped quotes after digest parameters": ("cnonce=" + "\\" * 15 + '" response=' + "\\" * 15 + '"' + "a" * 31 + " ")
     * 12_400,
+    "escaped tabs after keys in quotes": ('"password":' + "\\t" * 64 + "1}") * 7_100,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -1324,6 +1325,7 @@ FOUND_IN_SECRET_HOSTILE = {
     "cookie values": {"secret"},
     "slack prefixes": {"secret"},
     "spaced quoted names": {"secret"},  # each a value in quotes
+    "escaped tabs after keys in quotes": {"secret"},  # each "1"
 }
 
 
@@ -2861,6 +2863,25 @@ def test_a_value_more_than_three_blanks_after_a_key_in_quotes_ends_at_its_object
     """A value not in quotes more than three spaces or tabs after a key in quotes and ":" took
     the "}" that closes its object ({"password":      12345678}): that rule read three blanks
     at most around the ":". Up to 64 each side now, as the keyed rules read."""
+    assert Masker(KeyRing(keys)).mask_text(text, None).endswith(kept)
+    assert scrub(text).endswith(kept.replace("<masked>", "***"))
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ('{"password":\\t12345678}', '"password":\\t<masked>}'),
+        ('{"password"\\t:\\t12345678}', '"password"\\t:\\t<masked>}'),
+        ("{'api_key': \\t \\f 12345678}", "'api_key': \\t \\f <masked>}"),
+        ('{"password":' + "\\t" * 64 + "12345678}", '"password":' + "\\t" * 64 + "<masked>}"),
+        ('{"name": "DB_PASSWORD", "value":\\t12345678}', '"value":\\t<masked>}'),
+    ],
+)
+def test_a_value_after_an_escaped_tab_after_a_key_in_quotes_ends_at_its_objects_bracket(keys, text, kept):
+    """A value not in quotes after a key in quotes, ":" and a tab written escaped
+    ({"password":\\t12345678}, as repr() and json.dumps write a tab) took the "}" that closes its
+    object: the look behind that finds a key in quotes read spaces and tabs only, not the
+    escapes the keyed rules read as blanks (``credentials.BLANK``)."""
     assert Masker(KeyRing(keys)).mask_text(text, None).endswith(kept)
     assert scrub(text).endswith(kept.replace("<masked>", "***"))
 
