@@ -350,8 +350,14 @@ _WHOLE_HEADER = re.compile(
 # "cookie" or "cookies" then spaces and a pair ("cookie session=abc123", as free text writes it,
 # no ":"): its pairs apart by ";", to the first space after them (the prose after it stays). Up
 # to 64 blanks after the word, a tab written escaped too ("cookie\\tsession=abc123"), possessively.
+# A setting is no cookie, after any of those blanks ("cookie      policy=strict", "cookie
+# SameSite=Lax.": prose or a config line): one pair whose value is a word of up to 15 letters, a
+# capital first or none, then nothing but a sentence's marks before a space, a quote, a backslash
+# or the text's end (a cookie's value holds a digit, a symbol or a capital after its first letter,
+# as a session's does, or more pairs follow it: "policy=strict; session=abc123" is one).
+_COOKIE_SETTING = rf"{_COOKIE_PAIR}[A-Z]?[a-z]{{1,15}}+[.,!?)]{{0,2}}+(?:[\s\"'<>\\]|\Z)"
 _COOKIE_SPACED = re.compile(
-    rf"{after_boundary('A-Za-z0-9-')}{_COOKIE}{BLANK}{{1,64}}+{NOT_MASKED}(?={_COOKIE_PAIR})"
+    rf"{after_boundary('A-Za-z0-9-')}{_COOKIE}{BLANK}{{1,64}}+{NOT_MASKED}(?={_COOKIE_PAIR})(?!{_COOKIE_SETTING})"
     r"(?P<v>[^\s\"'<>;]{1,4096}(?:;[ \t]{0,2}[^\s\"'<>;]{1,4096}){0,63})"
 )
 # "Bearer <credential>" or "Basic <credential>" anywhere: a credential of 8 characters or more

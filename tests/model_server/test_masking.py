@@ -1315,6 +1315,7 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "escaped quotes after digest parameters": ("cnonce=" + "\\" * 15 + '" response=' + "\\" * 15 + '"' + "a" * 31 + " ")
     * 12_400,
     "escaped tabs after keys in quotes": ('"password":' + "\\t" * 64 + "1}") * 7_100,
+    "cookie settings": ("cookie\\t" + "a" * 63 + "=B" + "b" * 14 + ".) ") * 11_200,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -2766,6 +2767,45 @@ def test_a_spaced_cookie_pair_after_more_blanks_or_an_escaped_tab_is_masked(keys
     assert "abc123x9" not in masked, masked
     assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == ["session=abc123x9"]
     assert "abc123x9" not in scrub(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "cookie      policy=strict",
+        "cookie policy=strict",
+        "cookies\t\t\t\tSameSite=Lax",
+        "cookie \\t policy=strict.",
+        "set-cookie      policy=strict, then retry",
+    ],
+)
+def test_a_setting_after_the_word_cookie_is_no_cookie(keys, text):
+    """The word cookie, blanks, then a setting ("cookie      policy=strict": prose or a config line,
+    a pair whose value is one word of letters, nothing after it but a space, a quote or a
+    sentence's mark) was masked as a cookie's pair. A setting is no cookie, after any run of the
+    blanks the rule reads (one space as 64, a tab written escaped too); a pair whose value holds a
+    digit, a symbol or a capital after its first letter, or more pairs after it, is one still."""
+    assert Masker(KeyRing(keys)).mask_text(text, None) == text
+    assert scrub(text) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("Cookie: session=abc123", "session=abc123"),
+        ("cookie\tsession=abc123", "session=abc123"),
+        ("Cookie: policy=strict", "policy=strict"),
+        ("cookie      policy=strict; session=abc123x9", "policy=strict; session=abc123x9"),
+        ("cookie      session=Zq9Xw2Lk7Vb", "session=Zq9Xw2Lk7Vb"),
+        ("cookie session=abcdefghijklmnopq", "session=abcdefghijklmnopq"),
+    ],
+)
+def test_a_cookie_header_or_a_cookies_pair_after_the_word_cookie_stays_masked(keys, text, value):
+    """A header ("Cookie: ...", any value) and a pair no setting is (``test_a_setting_after_the_word_cookie_is_no_cookie``)."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value], masked
+    assert scrub(text) == text.replace(value, "***")
 
 
 @pytest.mark.parametrize(
