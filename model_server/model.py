@@ -240,17 +240,24 @@ def _number_fault(text: str, conversion: str) -> str | None:
             mantissa, _, exponent = written.lstrip("+-").partition("e")
             whole, _, fraction = mantissa.partition(".")
             kept = (whole + fraction).rstrip("0")
-            shift = int(exponent or 0) - len(fraction) + len(whole) + len(fraction) - len(kept)
+            shift = _integer(exponent) - len(fraction) + len(whole) + len(fraction) - len(kept)
             if -shift > SUBNORMAL_DECIMALS[conversion]:
                 return "is out of range"
             exact_steps = (Fraction(Decimal(f"{kept}e{shift}")) / SUBNORMAL_STEP[conversion]).denominator == 1
             return None if exact_steps else "is out of range"
         return None
-    if len(written.lstrip("+-0")) > 20:  # past any range (and int() reads at most 4300 digits)
+    if len(written.lstrip("+-0")) > 20:  # past any range
         return "is out of range"
-    value, limit = int(written), NUMBER_RANGE[conversion]
+    value, limit = _integer(written), NUMBER_RANGE[conversion]
     inside = abs(value) < limit if conversion in ("ul", "ull") else -limit <= value < limit
     return None if inside else "is out of range"
+
+
+def _integer(text: str) -> int:
+    """An integer's text as int() reads it (0 where empty), its leading zeros dropped first: int()
+    reads at most 4300 digits, and "1e-000...0310" or "000...05" may hold more."""
+    sign = "-" if text.startswith("-") else ""
+    return int(sign + (text.lstrip("+-").lstrip("0") or "0"))
 
 
 def _is_utf8(value: bytes) -> bool:

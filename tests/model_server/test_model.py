@@ -384,6 +384,26 @@ def test_a_float_conversion_s_range_is_the_one_of_its_type(conversion, number, f
     assert unreadable(feeds, {"NUM"}, conversion) == f"input 'NUM': {expected}; "
 
 
+@pytest.mark.parametrize(
+    ("conversion", "number", "fails"),
+    [
+        ("d", "1e-" + "0" * 5000 + "310", True),  # 1e-310: a double's subnormal, inexactly
+        ("d", "1e+" + "0" * 5000 + "300", False),
+        ("d", "1e" + "0" * 5000 + "400", True),
+        ("i", "0" * 5000 + "5", False),
+        ("i", "-" + "0" * 5000 + "5", False),
+        ("ll", "0" * 5000 + "9" * 20, True),
+    ],
+)
+def test_a_number_written_with_thousands_of_leading_zeros_is_judged(conversion, number, fails):
+    """int() reads at most 4300 digits: an exponent ("1e-000...0310") or an integer
+    ("000...05") written with more leading zeros raised ValueError, a 500 naming nothing. Its
+    leading zeros are no digits of its value."""
+    feeds = {"NUM": np.array([number, "abc"], dtype=object)}
+    expected = "BYTES element 0 is out of range" if fails else "BYTES element 1 is not a number"
+    assert unreadable(feeds, {"NUM"}, conversion) == f"input 'NUM': {expected}; "
+
+
 def _rounds_up_to_least_normal_from(conversion: str) -> Decimal:
     """Halfway between a type's least normal and the number of its precision under it, exactly:
     from there (round to nearest, ties to even) a number rounds to its least normal."""
@@ -397,7 +417,7 @@ def _rounds_up_to_least_normal_from(conversion: str) -> Decimal:
     [
         ("f", "1.17549435e-38", False),  # strtof rounds it to FLT_MIN: np.float32("1.17549435e-38") too
         ("f", "-1.17549435e-38", False),
-        ("f", "1.1754943e-38", True),  # rounds to a subnormal, inexactly: ERANGE
+        ("f", "1.1754943e-38", True),  # under the halfway point, inexactly: ERANGE
         ("d", "2.22507385850720138e-308", False),  # rounds to DBL_MIN
         ("d", "2.2250738585072011e-308", True),
     ]
