@@ -93,11 +93,13 @@ FLOAT_RANGE = {c: Decimal(2 ** (top + 1) - 2 ** (top - bits)) for c, (bits, top,
 # Below this, a number that is not 0 is tiny for each floating conversion's type and fails too,
 # unless its type holds it exactly (glibc's strtod sets ERANGE on an inexact underflow:
 # std::stod("1e-400") and std::stod("1e-310") throw out_of_range, as std::stod("1e400") does).
-# Tininess is judged after rounding (IEEE 754 lets it be; glibc on x86 does): from halfway between
-# the least normal 2**low and the number of the type's precision under it, 2**low - 2**(low-bits),
-# a number rounds to the least normal and is read (std::stof("1.17549435e-38") is FLT_MIN). The
-# bound is (2**(bits+1) - 1) * 2**-k with k = bits + 1 - low, that is * 5**k / 10**k: written
-# exactly (a Decimal of an int and a digits tuple, no context's rounding).
+# Tininess is judged after rounding (IEEE 754 lets it be; glibc on x86 does): a number is tiny
+# where, rounded to the type's precision with no bound on its exponent, it is under the least
+# normal 2**low: under halfway between 2**low and the number of that precision under it
+# (2**low - 2**(low-bits)), 2**low - 2**(low-bits-1). From there on it is read as the least normal
+# (std::stof("1.17549435e-38") is FLT_MIN); just under, from 2**low - 2**(low-bits), it is the least
+# normal too, but with ERANGE. The bound is (2**(bits+1) - 1) * 2**-k with k = bits + 1 - low,
+# that is * 5**k / 10**k: written exactly (a Decimal of an int and a digits tuple, no rounding).
 NUMBER_TINY = {
     c: Decimal((0, Decimal((2 ** (bits + 1) - 1) * 5 ** (bits + 1 - low)).as_tuple().digits, low - bits - 1))
     for c, (bits, _, low) in FLOAT_TYPES.items()
