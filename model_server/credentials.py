@@ -63,6 +63,9 @@ BLANK = r"(?:[ \t]|\\[tbf])"
 # starts with a blank, so none is given back: a key that fails is given
 # up after them).
 _KEY_SEP = rf"{BLANK}{{0,64}}+[:=]{BLANK}{{0,64}}+"
+# After a key's ":" or "=", a YAML list item's mark ("password: - hunter2"): its "-" and the
+# blanks after it are no piece of the value (a "-" alone is no value: ``NO_VALUE``).
+LIST_MARK = rf"(?:-{BLANK}{{1,64}}+)?+"
 _COLON = rf"{BLANK}{{0,64}}+:{BLANK}{{0,64}}+"
 
 
@@ -273,7 +276,7 @@ _BLOCK = (
 )
 _SECRET_KEYED = re.compile(
     rf"{_KEY_LINE}{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_NAMED_BY}"
-    rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:{KEY_QUOTE}{_KEY_SEP}|{_PAIR_SEP}|(?(nb){_VALUE_NAMED}|(?!)))"
+    rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:{KEY_QUOTE}{_KEY_SEP}{LIST_MARK}|{_PAIR_SEP}|(?(nb){_VALUE_NAMED}|(?!)))"
     rf"|(?(nb){_COOKIE_ONE}{_VALUE_NAMED}|(?!)))"
     rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME}){_BLOCK_HEAD}"
     rf"(?P<v>(?(h){_BLOCK}|(?(q)|{NO_VALUE})(?:(?(q){_QUOTED}|(?:{BRACKETED}|{_CRED_RUN}))|{_CRED_RUN}))){_PAIR_END}"

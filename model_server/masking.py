@@ -52,6 +52,7 @@ from model_server.credentials import (
     CLOSED_BRACKETED,
     DATE_OR_TIME,
     KEY_QUOTE,
+    LIST_MARK,
     NO_VALUE,
     NOT_ESCAPE_LETTER,
     NOT_MASKED,
@@ -143,16 +144,13 @@ _WORD_START = (
 _MORE_WORDS = (  # (a plural's "s" too, ``p``, more words after it or not: "SSNs", "taxids", "passports_list")
     rf"(?P<w>(?P<p>(?i:s))(?![a-z])(?:{_WORD_START}[A-Za-z]{{1,32}}+){{0,3}}+|(?:{_WORD_START}[A-Za-z]{{1,32}}+){{1,3}}+)?"
 )
-# After ":" or "=", a YAML list item's mark ("passport: - E1234567"): its "-" and blanks are no
-# piece of the value.
-_LIST_MARK = rf"(?:-{BLANK}{{1,64}}+)?+"
 # (an arrow too: "passport->E1234567", before no name of letters, "_" and "." alone: "column ssn ->
 # ssn_hash" is a column's, and no identity number is letters alone)
 _KEY_COLON = (
     rf"{BLANK}{{0,64}}+(?:[:=]|(?:->|=>){BLANK}{{0,64}}+(?![A-Za-z_.]{{1,64}}+(?!{_VALUE_CHAR})))"
-    rf"{BLANK}{{0,64}}+{_LIST_MARK}"
+    rf"{BLANK}{{0,64}}+{LIST_MARK}"
 )
-_WORDS_COLON = rf"(?:{BLANK}{{0,64}}+(?:->|=>|[:=]){BLANK}{{0,64}}+{_LIST_MARK}|(?P<n>{BLANK}{{1,64}}+))"
+_WORDS_COLON = rf"(?:{BLANK}{{0,64}}+(?:->|=>|[:=]){BLANK}{{0,64}}+{LIST_MARK}|(?P<n>{BLANK}{{1,64}}+))"
 # An identity number: six digits or more, a run of them or in groups of up to eight apart by a
 # space, a dot or a hyphen ("123 456 789", "912-78-1234", "123.456.789-09"; a date or a time
 # after a space is the line's, not the number's); or six letters and digits or more, five of them

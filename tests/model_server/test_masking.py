@@ -404,6 +404,7 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "words joined to taxid and id_card": "taxidvalueidcardno" * 55_000,
     "lists under plural identity names": "ssns=123456," * 83_000,
     "list items of no id under a plural identity name": "ssns: [123456" + ", a" * 333_000,
+    "list item marks after secret keys": "password: -\t" * 83_000,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
@@ -427,6 +428,7 @@ FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, ea
     "list item marks after keys": {"keyed"},  # each key's value is the next key's name
     "lists under plural identity names": {"keyed"},  # each list's first 64 items
     "list items of no id under a plural identity name": {"keyed"},  # its first item
+    "list item marks after secret keys": {"secret"},  # each key's value is the next key's name
 }
 
 
@@ -3159,6 +3161,29 @@ def test_a_value_like_a_pair_or_a_placeholder_is_masked(keys, text, value):
     masked = Masker(ring).mask_text(text, ring.key_for(None))
     assert TOKEN_RE.sub("", masked) == text.replace(value, ""), masked
     assert scrub(text) == text.replace(value, "***")
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("password: - hunter2", "hunter2"),
+        ("api_key: - sk-proj-abcdefghijklmnop1234", "sk-proj-abcdefghijklmnop1234"),
+        ("token: -\thunter2", "hunter2"),
+        ("db_password:   -   hunter2, user: bob", "hunter2"),
+    ],
+)
+def test_a_secret_as_a_yaml_list_item_under_its_key_is_masked(keys, text, value):
+    """A secret written as a YAML list's item under its key ("password: - hunter2") was left in
+    clear: its "-" was read as a placeholder and nothing after it as a value. The item's "-" and
+    blanks are no value and stay; the secret after them is masked (a "-" alone stays, as
+    ``test_no_value_after_a_key_stays`` asks)."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value], masked
+    assert TOKEN_RE.sub("", masked) == text.replace(value, "")
+    assert scrub(text) == text.replace(value, "***")
+    for placeholder in ["password: - ", "password: - null", "password: -\t"]:
+        assert scrub(placeholder) == placeholder
 
 
 @pytest.mark.parametrize(
