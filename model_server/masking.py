@@ -144,13 +144,6 @@ _WORD_START = (
 _MORE_WORDS = (  # (a plural's "s" too, ``p``, more words after it or not: "SSNs", "taxids", "passports_list")
     rf"(?P<w>(?P<p>(?i:s))(?![a-z])(?:{_WORD_START}[A-Za-z]{{1,32}}+){{0,3}}+|(?:{_WORD_START}[A-Za-z]{{1,32}}+){{1,3}}+)?"
 )
-# (an arrow too: "passport->E1234567", before no name of letters, "_" and "." alone: "column ssn ->
-# ssn_hash" is a column's, and no identity number is letters alone)
-_KEY_COLON = (
-    rf"{BLANK}{{0,64}}+(?:[:=]|(?:->|=>){BLANK}{{0,64}}+(?![A-Za-z_.]{{1,64}}+(?!{_VALUE_CHAR})))"
-    rf"{BLANK}{{0,64}}+{LIST_MARK}"
-)
-_WORDS_COLON = rf"(?:{BLANK}{{0,64}}+(?:->|=>|[:=]){BLANK}{{0,64}}+{LIST_MARK}|(?P<n>{BLANK}{{1,64}}+))"
 # An identity number: six digits or more, a run of them or in groups of up to eight apart by a
 # space, a dot or a hyphen ("123 456 789", "912-78-1234", "123.456.789-09"; a date or a time
 # after a space is the line's, not the number's); or six letters and digits or more, five of them
@@ -175,6 +168,19 @@ _ID_VALUE = (  # (its letters and digits in up to eight runs joined by hyphens t
 # (``_STATUS``), no piece ("ssn_lookup: OK 1234567": its number masked, "OK" kept).
 _CAPITALS = rf"(?:(?!OK[ ])[A-Z]{{1,2}}[ ]{{1,2}}(?!{DATE_OR_TIME})(?=[0-9]))?"
 _STATUS = rf"(?:OK[ ]{{1,2}}(?!{DATE_OR_TIME})(?=[0-9]))?"
+# After a key's ":" with nothing else on its line, a YAML value on the next line ("passport:\n
+# E1234567", "passport:\n  - E1234567"): one line end, written escaped too (``_BREAK``), and the
+# next line's indentation (up to 64 spaces or tabs) or a list item's "-" at its start, where an
+# identity number follows them ("passport:\n  country: DE" is a mapping's key, no value).
+_BREAK = r"(?:\r?\n|(?:\\{1,8}r)?\\{1,8}n)"
+_NEXT_LINE_ID = rf"(?:{_BREAK}(?:[ \t]{{1,64}}+|(?=-{BLANK}))(?={LIST_MARK}{_CAPITALS}{_ID_VALUE}))?+"
+# (an arrow too: "passport->E1234567", before no name of letters, "_" and "." alone: "column ssn ->
+# ssn_hash" is a column's, and no identity number is letters alone)
+_KEY_COLON = (
+    rf"{BLANK}{{0,64}}+(?::{BLANK}{{0,64}}+{_NEXT_LINE_ID}|=|(?:->|=>){BLANK}{{0,64}}+(?![A-Za-z_.]{{1,64}}+(?!{_VALUE_CHAR})))"
+    rf"{BLANK}{{0,64}}+{LIST_MARK}"
+)
+_WORDS_COLON = rf"(?:{BLANK}{{0,64}}+(?:->|=>|=|:{BLANK}{{0,64}}+{_NEXT_LINE_ID}){BLANK}{{0,64}}+{LIST_MARK}|(?P<n>{BLANK}{{1,64}}+))"
 _KEYED = re.compile(
     rf"(?:{_NOT_ALNUM_BEFORE}|{_CAMEL_START})(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX}){_MORE_WORDS}{KEY_QUOTE}"
     rf"(?(w){_WORDS_COLON}|(?:{_KEY_COLON}|(?P<b>{BLANK}{{1,64}}+(?=[{{\[]))"
@@ -197,7 +203,6 @@ _LIST_ITEM = re.compile(
 # 64 spaces, tabs or tabs written escaped (a message wrapped: "jane at\n    example dot com"), one
 # written escaped too (``_BREAK``: "jane at\\nexample dot com" in a JSON string or a repr). The
 # indentation is read possessively: no spelt word or label starts with a blank.
-_BREAK = r"(?:\r?\n|(?:\\{1,8}r)?\\{1,8}n)"
 _GAP = rf"(?:[ ]{{1,3}}|[ ]{{0,64}}+{_BREAK}(?:[ ]|\\{{1,8}}t){{0,64}}+)"
 # Around a bracketed "(at)" or "(dot)": up to three spaces, or a line end as ``_GAP`` reads one.
 _NEAR = rf"(?:[ ]{{0,3}}+(?![ ]|{_BREAK})|{_GAP})"

@@ -405,6 +405,8 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "lists under plural identity names": "ssns=123456," * 83_000,
     "list items of no id under a plural identity name": "ssns: [123456" + ", a" * 333_000,
     "list item marks after secret keys": "password: -\t" * 83_000,
+    "identity keys before indented line ends": ("passport:" + " " * 64 + "\n" + " " * 64) * 7_300,
+    "identity keys before list items on the next line": "ssns:\n- " * 125_000,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
@@ -3432,6 +3434,35 @@ def test_no_identity_number_after_an_identity_key_stays(keys, text):
     for value in ["E1234567", "None1", "nullE1234567"]:
         masked = Masker(ring).mask_text(f"passport: {value}", ring.key_for(None))
         assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value], masked
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("passport:\n  - E1234567", "E1234567"),
+        ("passport:\n  E1234567", "E1234567"),
+        ("passport:\n- E1234567\nname: bob", "E1234567"),
+        ("passport_no:      \n    X7654321", "X7654321"),
+        ("ssn:\r\n\t123456789", "123456789"),
+        ('{"note": "ssn:\\n  123456789"}', "123456789"),
+        ("ssns:\n  - 123456789", "123456789"),
+        ("passport:\nname: bob", None),
+        ("Passport:\n  required field missing", None),
+        ("passport:\n  country: DE", None),
+    ],
+)
+def test_an_identity_number_on_the_line_after_its_key_is_masked(keys, text, value):
+    """A YAML value on the line after its key ("passport:\\n  - E1234567", "passport:\\n  E1234567")
+    was logged in clear: the keyed rule read its value on the key's line only. After a key's ":"
+    with nothing else on its line, one line end and the next line's indentation (64 blanks at most)
+    or a list item's "-" are read too, where an identity number follows; a key or words there stay.
+    (A secret's key reads its next line already: "password:\\n  - hunter2".)"""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == ([value] if value else []), masked
+    assert TOKEN_RE.sub("", masked) == (text.replace(value, "") if value else text)
+    assert "hunter2" not in scrub("password:\n  - hunter2")
+    assert "hunter2" not in Masker(ring).mask_text("password:\n  - hunter2", ring.key_for(None))
 
 
 @pytest.mark.parametrize(
