@@ -181,19 +181,25 @@ _KEY_COLON = (
     rf"{BLANK}{{0,64}}+{LIST_MARK}"
 )
 _WORDS_COLON = rf"(?:{BLANK}{{0,64}}+(?:->|=>|=|:{BLANK}{{0,64}}+{_NEXT_LINE_ID}){BLANK}{{0,64}}+{LIST_MARK}|(?P<n>{BLANK}{{1,64}}+))"
+# A list's item of no id's shape: up to 64 of a value's characters, whole, none a ":" or "=" (a
+# pair after a list, "ssn: 123456789, status: ok", ends it; so no key in the list's items is
+# passed over: a key's ":" or blanks after it end the item that holds it, the list's last).
+_NO_ID_ITEM = rf"(?:(?![:=]){_VALUE_CHAR}){{1,64}}+(?![:=])"
 _KEYED = re.compile(
     rf"(?:{_NOT_ALNUM_BEFORE}|{_CAMEL_START})(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX}){_MORE_WORDS}{KEY_QUOTE}"
     rf"(?(w){_WORDS_COLON}|(?:{_KEY_COLON}|(?P<b>{BLANK}{{1,64}}+(?=[{{\[]))"
     rf"|{BLANK}{{1,64}}+(?:[#-]{BLANK}{{0,64}}+)?(?:(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9])"
     rf"|(?=[A-Z]{{1,2}}[ ]{{1,2}}(?!{DATE_OR_TIME}){_VALUE_CHAR}{{0,31}}[0-9]))))"
-    rf"(?(p)(?:\[{BLANK}{{0,64}}+)?+){OPEN_QUOTE}(?(w){_STATUS})(?(q)|{NO_VALUE})(?P<v>(?(w){_CAPITALS}(?(n){_ID_NUMBER}|{_ID_VALUE})"
+    rf"(?(p)(?:\[{BLANK}{{0,64}}+)?+){OPEN_QUOTE}(?(w){_STATUS})(?:(?(q)|{NO_VALUE})(?P<v>(?(w){_CAPITALS}(?(n){_ID_NUMBER}|{_ID_VALUE})"
     rf"|(?:(?(q){NOT_MASKED}{quoted(64)}|(?(b){CLOSED_BRACKETED}|(?:{BRACKETED}|{_UNQUOTED})))|{_UNQUOTED})))"
+    rf"|(?(p){_NO_ID_ITEM}(?=[\"']?{BLANK}{{0,64}}+[,;])|(?!)))"
 )
 # A plural's list (``p``: "ssns: [123456789, 987654321]", "PASSPORTS=E1234567,X7654321"): after
 # its first item, each next one after "," or ";" and blanks, in quotes or not; an item of an id's
-# shape is its value, another ("n/a", "null") is passed over. Up to 64 items, each bounded.
+# shape is its value, another ("n/a", "null", ``_NO_ID_ITEM``, its first item too: "ssns: [none,
+# 123456789]") is passed over, as many as there are, each bounded (one scan of the list).
 _LIST_ITEM = re.compile(
-    rf"[\"']?{BLANK}{{0,64}}+[,;]{BLANK}{{0,64}}+[\"']?(?:(?P<v>{_CAPITALS}{_ID_VALUE})|{_VALUE_CHAR}{{1,64}}+)"
+    rf"[\"']?{BLANK}{{0,64}}+[,;]{BLANK}{{0,64}}+[\"']?(?:(?P<v>{_CAPITALS}{_ID_VALUE})|{_NO_ID_ITEM})"
 )
 # An address with "@" spelt "(at)", "[at]", "{at}" or "<at>" and its dots "." or spelt alike;
 # or with both spelt as words ("li.wei at example dot com"), and then only before a common
@@ -355,16 +361,16 @@ class _KeyedValues(Detector):
                 at = m.start() + 1
                 continue
             at = m.end()
-            yield m.span("v")
-            if m.group("p") is not None:  # (a plural's list: its other items; the search goes on after its last id)
-                pos = at
-                for _ in range(63):
-                    if (item := _LIST_ITEM.match(view, pos)) is None:
-                        break
-                    pos = item.end()
+            if m.start("v") >= 0:  # (a plural's list's first item may be no id: "ssns: [none, 123456789]")
+                yield m.span("v")
+            if m.group("p") is not None:  # (a plural's list: its other items, read once)
+                pos, last = at, None
+                while (item := _LIST_ITEM.match(view, pos)) is not None:
+                    last, pos = item, item.end()
                     if item.group("v") is not None:
-                        at = pos
                         yield item.span("v")
+                if last is not None:  # (on after its last id, or from its last item, which may hold a key)
+                    at = pos if last.group("v") is not None else last.start()
 
 
 _NO_SEP = str.maketrans("", "", " ./_-")

@@ -407,6 +407,9 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "list item marks after secret keys": "password: -\t" * 83_000,
     "identity keys before indented line ends": ("passport:" + " " * 64 + "\n" + " " * 64) * 7_300,
     "identity keys before list items on the next line": "ssns:\n- " * 125_000,
+    "list items of no id first under a plural identity name": "ssns: [" + "n/a, " * 200_000,
+    "a long list under a plural identity name": "ssns: " + "123456, " * 125_000,
+    "plural identity names and pairs as list items": "ssns: a, ssn " * 77_000,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
@@ -428,7 +431,8 @@ FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, ea
     "keys before arrows": {"keyed"},  # each key's value is the next key's name
     "names of letters after keys and arrows": {"keyed"},  # its first 32 letters (a name is 64 at most)
     "list item marks after keys": {"keyed"},  # each key's value is the next key's name
-    "lists under plural identity names": {"keyed"},  # each list's first 64 items
+    "lists under plural identity names": {"keyed"},  # each list's first item (a pair ends it)
+    "a long list under a plural identity name": {"keyed"},  # every item
     "list items of no id under a plural identity name": {"keyed"},  # its first item
     "list item marks after secret keys": {"secret"},  # each key's value is the next key's name
 }
@@ -3473,13 +3477,20 @@ def test_an_identity_number_on_the_line_after_its_key_is_masked(keys, text, valu
         ("ssns=123456789;987654321", ["123456789", "987654321"]),
         ("passports: ['E1234567', 'X7654321'] ok", ["E1234567", "X7654321"]),
         ("tax_ids: 123456789, n/a, 987654321", ["123456789", "987654321"]),
+        # a list whose first item is no id, and one of more than 64 items, were left in clear (review)
+        ("ssns: [none, 123456789]", ["123456789"]),
+        ("passports: ['n/a', 'E1234567'], ok", ["E1234567"]),
+        ("tax_ids: 123456789, x, ssn 987654321", ["123456789", "987654321"]),
+        ("ssns: " + ", ".join(str(100_000_000 + i) for i in range(70)), [str(100_000_000 + i) for i in range(70)]),
+        ("ssns: [" + "n/a, " * 70 + "123456789]", ["123456789"]),
     ],
 )
 def test_every_identity_number_in_a_list_under_a_plural_name_is_masked(keys, text, values):
     """A plural identity name names a list, which the keyed rule read as one id: a bracketed list
     passed whole ("ssns: [123456789, 987654321]"), and of a list apart by "," or ";" only the
     first item was masked ("PASSPORTS=E1234567,X7654321"). Each item of an id's shape is masked
-    now, up to 64 items; the others, and the list's marks, stay."""
+    now, every one (a list of more than 64, one whose first item is no id, too); the others, and
+    the list's marks, stay."""
     ring = KeyRing(keys)
     masked = Masker(ring).mask_text(text, ring.key_for(None))
     assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == values, masked
