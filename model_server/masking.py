@@ -194,12 +194,17 @@ _KEYED = re.compile(
     rf"|(?:(?(q){NOT_MASKED}{quoted(64)}|(?(b){CLOSED_BRACKETED}|(?:{BRACKETED}|{_UNQUOTED})))|{_UNQUOTED})))"
     rf"|(?(p){_NO_ID_ITEM}(?=[\"']?{BLANK}{{0,64}}+[,;])|(?!)))"
 )
-# A plural's list (``p``: "ssns: [123456789, 987654321]", "PASSPORTS=E1234567,X7654321"): after
-# its first item, each next one after "," or ";" and blanks, in quotes or not; an item of an id's
-# shape is its value, another ("n/a", "null", ``_NO_ID_ITEM``, its first item too: "ssns: [none,
-# 123456789]") is passed over, as many as there are, each bounded (one scan of the list).
+# A list after a key (a plural's, ``p``: "ssns: [123456789, 987654321]", "PASSPORTS=E1234567,X7654321";
+# a singular's too: "ssn: 123456789, 987654321"): after its first item, each next one after ","
+# or ";" and blanks, in quotes or not; an item of an id's shape is its value, another ("n/a",
+# "null", ``_NO_ID_ITEM``, a plural's first item too: "ssns: [none, 123456789]") is passed over,
+# as many as there are, each bounded (one scan of the list). An item of an id's shape is one
+# after blanks alone too ("ssns: 123456789 987654321"), or on the next line as a YAML list's
+# ("ssns:\n  - 123456789\n  - 987654321"); a word there ends the list (prose after a value).
 _LIST_ITEM = re.compile(
-    rf"[\"']?{BLANK}{{0,64}}+[,;]{BLANK}{{0,64}}+[\"']?(?:(?P<v>{_CAPITALS}{_ID_VALUE})|{_NO_ID_ITEM})"
+    rf"[\"']?(?:{BLANK}{{0,64}}+[,;]{BLANK}{{0,64}}+[\"']?"
+    rf"|(?:{BLANK}{{1,64}}+|{BLANK}{{0,64}}+{_BREAK}[ \t]{{0,64}}+-{BLANK}{{1,64}}+)[\"']?(?={_CAPITALS}{_ID_VALUE}))"
+    rf"(?:(?P<v>{_CAPITALS}{_ID_VALUE})|{_NO_ID_ITEM})"
 )
 # An address with "@" spelt "(at)", "[at]", "{at}" or "<at>" and its dots "." or spelt alike;
 # or with both spelt as words ("li.wei at example dot com"), and then only before a common
@@ -351,7 +356,7 @@ class _KeyedValues(Detector):
     """The values after a key that names them (``_KEYED``), none under a name whose words after
     the identity word name a measure (``_names_measure``). Such a match is no value, and the
     search goes on from the character after its start, not its end: a key among its words
-    ("ssn_count_passport_no: 123456") is read. After a plural name, the next items of its list
+    ("ssn_count_passport_no: 123456") is read. The next items of a list after the value
     (``_LIST_ITEM``) are values too. Linear: a start is tried once, each try bounded."""
 
     def _spans(self, view: str) -> Iterator[Span]:
@@ -363,14 +368,13 @@ class _KeyedValues(Detector):
             at = m.end()
             if m.start("v") >= 0:  # (a plural's list's first item may be no id: "ssns: [none, 123456789]")
                 yield m.span("v")
-            if m.group("p") is not None:  # (a plural's list: its other items, read once)
-                pos, last = at, None
-                while (item := _LIST_ITEM.match(view, pos)) is not None:
-                    last, pos = item, item.end()
-                    if item.group("v") is not None:
-                        yield item.span("v")
-                if last is not None:  # (on after its last id, or from its last item, which may hold a key)
-                    at = pos if last.group("v") is not None else last.start()
+            pos, last = at, None  # (a list's other items, read once)
+            while (item := _LIST_ITEM.match(view, pos)) is not None:
+                last, pos = item, item.end()
+                if item.group("v") is not None:
+                    yield item.span("v")
+            if last is not None:  # (on after its last id, or from its last item, which may hold a key)
+                at = pos if last.group("v") is not None else last.start()
 
 
 _NO_SEP = str.maketrans("", "", " ./_-")

@@ -410,6 +410,10 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "list items of no id first under a plural identity name": "ssns: [" + "n/a, " * 200_000,
     "a long list under a plural identity name": "ssns: " + "123456, " * 125_000,
     "plural identity names and pairs as list items": "ssns: a, ssn " * 77_000,
+    "ids apart by blanks after an identity key": "ssn: " + "123456 " * 142_000,
+    "list items on next lines under a plural identity name": "ssns:" + "\n  - 123456" * 100_000,
+    "blank runs and line ends before list marks of no id": "ssns: 123456"
+    + (" " * 64 + "\n" + " " * 64 + "- a") * 7_500,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
@@ -433,6 +437,9 @@ FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, ea
     "list item marks after keys": {"keyed"},  # each key's value is the next key's name
     "lists under plural identity names": {"keyed"},  # each list's first item (a pair ends it)
     "a long list under a plural identity name": {"keyed"},  # every item
+    "ids apart by blanks after an identity key": {"keyed"},  # every id
+    "list items on next lines under a plural identity name": {"keyed"},  # every item
+    "blank runs and line ends before list marks of no id": {"keyed"},  # its first item
     "list items of no id under a plural identity name": {"keyed"},  # its first item
     "list item marks after secret keys": {"secret"},  # each key's value is the next key's name
 }
@@ -3500,6 +3507,34 @@ def test_every_identity_number_in_a_list_under_a_plural_name_is_masked(keys, tex
     assert TOKEN_RE.sub("", masked) == kept
     for count in ["ssns: [1, 2]", "passports: 3, 4 valid"]:
         assert Masker(ring).mask_text(count, ring.key_for(None)) == count
+
+
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [
+        ("ssn: 123456789, 987654321", ["123456789", "987654321"]),
+        ("passport=E1234567; X7654321 ok", ["E1234567", "X7654321"]),
+        ("ssns: 123456789 987654321", ["123456789", "987654321"]),
+        ("passports: 'E1234567' 'X7654321' done", ["E1234567", "X7654321"]),
+        ("ssns:\n  - 123456789\n  - 987654321\nname: bob", ["123456789", "987654321"]),
+        ("ssn: 123456789, status: ok", ["123456789"]),
+        ("ssn: 123456789, please call back at noon", ["123456789"]),
+        ("ssns: 123456789 were checked, 2 failed", ["123456789"]),
+        ("passport=E1234567, name=bob", ["E1234567"]),
+    ],
+)
+def test_each_identity_number_of_a_list_after_a_singular_key_or_apart_by_blanks_is_masked(keys, text, values):
+    """Of a list after a singular identity key ("ssn: 123456789, 987654321"), of one apart by blanks
+    under a plural ("ssns: 123456789 987654321"), and of a YAML list's items on their own lines,
+    only the first was masked. Each item of an id's shape is masked now; the next pair ("status:
+    ok", "name=bob") and the prose after a value stay."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == values, masked
+    kept = text
+    for value in values:
+        kept = kept.replace(value, "", 1)
+    assert TOKEN_RE.sub("", masked) == kept
 
 
 @pytest.mark.parametrize(
