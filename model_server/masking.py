@@ -174,10 +174,14 @@ _STATUS = rf"(?:OK[ ]{{1,2}}(?!{DATE_OR_TIME})(?=[0-9]))?"
 # identity number follows them ("passport:\n  country: DE" is a mapping's key, no value).
 _BREAK = r"(?:\r?\n|(?:\\{1,8}r)?\\{1,8}n)"
 _NEXT_LINE_ID = rf"(?:{_BREAK}(?:[ \t]{{1,64}}+|(?=-{BLANK}))(?={LIST_MARK}{_CAPITALS}{_ID_VALUE}))?+"
-# (an arrow too: "passport->E1234567", before no name of letters, "_" and "." alone: "column ssn ->
-# ssn_hash" is a column's, and no identity number is letters alone)
+# (an arrow too: "passport->E1234567", before no name of letters, "_" and "." alone that ends the
+# value: "column ssn -> ssn_hash" is a column's, and no identity number is letters alone; a piece
+# after such a word, as ``_UNQUOTED`` reads one, makes it the value's: "passport -> DE E1234567",
+# "nino -> QQ 12 34 56 C")
+_NEXT_PIECE = rf"[ ]{{1,2}}(?!{DATE_OR_TIME})(?:{_VALUE_CHAR}{{0,31}}[0-9]|[A-Z]{{1,2}}(?!{_VALUE_CHAR}))"
 _KEY_COLON = (
-    rf"{BLANK}{{0,64}}+(?::{BLANK}{{0,64}}+{_NEXT_LINE_ID}|=|(?:->|=>){BLANK}{{0,64}}+(?![A-Za-z_.]{{1,64}}+(?!{_VALUE_CHAR})))"
+    rf"{BLANK}{{0,64}}+(?::{BLANK}{{0,64}}+{_NEXT_LINE_ID}|=|(?:->|=>){BLANK}{{0,64}}+"
+    rf"(?![A-Za-z_.]{{1,64}}+(?!{_VALUE_CHAR})(?!{_NEXT_PIECE})))"
     rf"{BLANK}{{0,64}}+{LIST_MARK}"
 )
 _WORDS_COLON = rf"(?:{BLANK}{{0,64}}+(?:->|=>|=|:{BLANK}{{0,64}}+{_NEXT_LINE_ID}){BLANK}{{0,64}}+{LIST_MARK}|(?P<n>{BLANK}{{1,64}}+))"

@@ -395,6 +395,7 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "statuses before numbers under identity names": "ssn_lookup: OK 1 " * 60_000,
     "names of letters after keys and arrows": "ssn -> " + "a" * 1_000_000,
     "keys and arrows before names": "ssn->ssn_a " * 90_000,
+    "keys and arrows before names before pieces": ("ssn -> " + "a" * 60 + " a" + "1" * 30 + "  ") * 10_000,
     "time zones after times before spaced at signs": "00:00 UTC @ " * 83_000,
     "dates before spaced at signs": "2026-12-05 @ " * 77_000,
     "run numbers before spaced at signs": "job 123456 @ " * 77_000,
@@ -434,6 +435,7 @@ FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, ea
     "dotted labels after a spelt domain": {"email"},  # its first seven labels
     "keys before arrows": {"keyed"},  # each key's value is the next key's name
     "names of letters after keys and arrows": {"keyed"},  # its first 32 letters (a name is 64 at most)
+    "keys and arrows before names before pieces": {"keyed"},  # each name and the piece after it
     "list item marks after keys": {"keyed"},  # each key's value is the next key's name
     "lists under plural identity names": {"keyed"},  # each list's first item (a pair ends it)
     "a long list under a plural identity name": {"keyed"},  # every item
@@ -830,6 +832,14 @@ KEYED = {
     "passport => E1234567": "E1234567",
     "passport -> 'EXAMPLE'": "EXAMPLE",  # (a quoted value of letters alone is one)
     "passport -> {'number': 'E1234567'}": "{'number': 'E1234567'}",
+    # a name of letters after the arrow, then a piece of the value: all of it is the value
+    "nino -> QQ 12 34 56 C": "QQ 12 34 56 C",
+    "passport -> AB 1234567": "AB 1234567",
+    "passport => E 1234567": "E 1234567",
+    "passport -> DE E1234567": "DE E1234567",
+    "passport -> number E1234567": "number E1234567",
+    "ssn -> value 123456789": "value 123456789",
+    "passport -> doc E1234567": "doc E1234567",
     # letters joined to digits by a hyphen under a name of more words
     "ssn_code: AB-123456": "AB-123456",
     "passport_value: X-12-34567": "X-12-34567",
