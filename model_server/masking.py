@@ -132,13 +132,14 @@ _UNQUOTED = rf"{_PIECE}(?:[ ]{{1,2}}(?!{DATE_OR_TIME})(?={_VALUE_CHAR}{{0,31}}[0
 # to a key that starts no common word ("passports", "SSNCODE", "ssnvalue", "nationalidvalue":
 # "id_cardinality" and "taxidermy" hold only the letters of "id_card" and "taxid", whose joined
 # word starts a name only where it names the id: "taxidvalue", "idcardnumber"; elsewhere a word of
-# three letters or more: "passportal" is none); a measure's word among them
+# three letters or more, or of one or two that end the name, a suffix's or a country's: "ssnum",
+# "passportuk"; "passportal_build" and "passportal build" are none); a measure's word among them
 # ("passport_scan_bytes", "ssn_lookup_latency_us") names no identity number (``_KeyedValues``). One
 # or two capitals spaced before a number are the value's first piece, no word of the name
 # ("passport AB 1234567": masked whole).
 _WORD_START = (
     r"(?:[_.-]|[ ]{1,3}+(?![A-Z]{1,2}[ ]{1,2}[0-9])|(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])"
-    r"|(?<=[A-Za-z])(?<![Tt][Aa][Xx][Ii][Dd])(?<![Cc][Aa][Rr][Dd])(?=[A-Za-z]{3})"
+    r"|(?<=[A-Za-z])(?<![Tt][Aa][Xx][Ii][Dd])(?<![Cc][Aa][Rr][Dd])(?=[A-Za-z]{3}|[A-Za-z]{1,2}+(?![A-Za-z_.-]|[ ]{1,3}+[A-Za-z]))"
     r"|(?:(?<=[Tt][Aa][Xx][Ii][Dd])|(?<=[Cc][Aa][Rr][Dd]))(?=(?i:value|number|num|no|nr)))"
 )
 _MORE_WORDS = (  # (a plural's "s" too, ``p``, more words after it or not: "SSNs", "taxids", "passports_list")
