@@ -328,11 +328,11 @@ class Detector:
 # no identity number under a name of more words ("passport_scan_bytes", "ssn_lookup_latency_us",
 # "passportOcrLatencyUs"); a unit's abbreviation only after another word of them ("ssn_us" is a
 # country's number, "latency_us" microseconds). A name's state ("code", "status") or time ("ts")
-# names none: "ssn_code: 123456789" is an identity number. ``_NAME_MEASURE_WORDS`` (a depth, a
-# shape, a count of checks or requests, a model's name) are read only in the name itself, joined to
+# names none: "ssn_code: 123456789" is an identity number. Both sets, and ``_NAME_MEASURE_WORDS`` (a depth, a
+# shape, a count of checks or requests, a model's name), are read only in the name itself, joined to
 # its identity word by "_", ".", "-" or a camel-case capital ("passport_queue_depth",
 # "passports_processed"), never after a space, where a word is prose's as often ("passport shape:
-# C01X00T47"); words a sentence or a bound may hold ("max", "errors": "passport for Max: C01X00T47",
+# C01X00T47", "ssn count: 123456789"); words a sentence or a bound may hold ("max", "errors": "passport for Max: C01X00T47",
 # "ssn_max: 123456789") are none of them.
 _MEASURE_WORDS = frozenset(
     {"secs", "seconds", "bytes", "size", "count", "total", "len", "length", "duration", "latency", "offset"}
@@ -345,15 +345,33 @@ _NAME_MEASURE_WORDS = frozenset(
 )  # fmt: skip
 _MEASURE_UNITS = frozenset({"ms", "us", "ns", "s", "sec"})
 _NAME_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+")  # (camel case: "OCRLatencyUs" is OCR, Latency, Us)
+# The words after a measure's that name an identity number again ("ssn_processed_value",
+# "passport_model_number"), and a measure's values: a number or a shape ("1 3 224 224", "3x224x224",
+# "0.5"), or under "model" a model's name, a word, a version and more ("resnet50-v2-1234567").
+_ID_WORDS = frozenset({"value", "id", "no", "number", "num", "nr", "code"})
+_MEASURE_VALUE = re.compile(r"[0-9][0-9 .xX]{0,512}")
+_MODEL_NAME = re.compile(r"[A-Za-z]{3,32}[0-9]{0,8}-[vV][0-9]{1,8}(?:[.-][A-Za-z0-9]{1,32}){0,8}")
 
 
-def _names_measure(words: str) -> bool:
-    """Whether the words after a name's identity word (``_MORE_WORDS``) name a measure: one of
-    ``_MEASURE_WORDS`` anywhere in them, one of ``_NAME_MEASURE_WORDS`` before their first space."""
-    found = [w.lower() for w in _NAME_WORD.findall(words)]
-    joined = _NAME_WORD.findall(words.partition(" ")[0])
-    return any(w in _MEASURE_WORDS or (k and w in _MEASURE_UNITS) for k, w in enumerate(found)) or any(
-        w.lower() in _NAME_MEASURE_WORDS for w in joined
+def _names_measure(words: str, value: str) -> bool:
+    """Whether the words after a name's identity word (``_MORE_WORDS``) name a measure of
+    ``value``: their last word of ``_MEASURE_WORDS`` or ``_NAME_MEASURE_WORDS`` (a unit's only after
+    another word), read only in the name itself (before any space: "ssn count" is prose's as often),
+    no id's word after it (``_ID_WORDS``), over a number or a shape (``_MEASURE_VALUE``), a model's
+    name under "model" (``_MODEL_NAME``); an id of letters and digits ("C01X00T47") is none."""
+    found = [w.lower() for w in _NAME_WORD.findall(words.partition(" ")[0])]
+    last = max(
+        (
+            k
+            for k, w in enumerate(found)
+            if w in _MEASURE_WORDS or w in _NAME_MEASURE_WORDS or (k and w in _MEASURE_UNITS)
+        ),
+        default=None,
+    )
+    if last is None or any(w in _ID_WORDS for w in found[last + 1 :]):
+        return False
+    return _MEASURE_VALUE.fullmatch(value) is not None or (
+        found[last] == "model" and _MODEL_NAME.fullmatch(value) is not None
     )
 
 
@@ -367,7 +385,7 @@ class _KeyedValues(Detector):
     def _spans(self, view: str) -> Iterator[Span]:
         at = 0
         while (m := self.pattern.search(view, at)) is not None:
-            if m.group("w") is not None and _names_measure(m.group("w")):
+            if m.group("w") is not None and _names_measure(m.group("w"), m.group("v")):
                 at = m.start() + 1
                 continue
             at = m.end()
