@@ -138,7 +138,8 @@ _RUN_CHARS = r"^\s\"'`,;&<>\\"
 # ("api_key=" and 37 spaces then "model=resnet50", a line of pairs in columns) is masked still: it
 # is as often the key's own value ("api_key=      key=sk-proj-..."), and so is one of other words
 # ("password:" and 9 spaces then "16 bytes": its "16").
-NO_VALUE = r"(?!(?:\(not set\)|-|(?i:null|none|n/a)|\*{3})(?=[\s,;&)\]}\"'<>]|\\[nrtbf]|\Z))"
+PLACEHOLDER = r"(?:\(not set\)|-|(?i:null|none|n/a)|\*{3})"
+NO_VALUE = rf"(?!{PLACEHOLDER}(?=[\s,;&)\]}}\"'<>]|\\[nrtbf]|\Z))"
 _CRED_RUN = (  # a value not in quotes, to an escaped quote
     rf"(?:(?:{_AFTER_QUOTED_KEY}){_run(_RUN_CHARS + '}')}|(?!{_AFTER_QUOTED_KEY}){_run(_RUN_CHARS)})"
 )

@@ -57,6 +57,7 @@ from model_server.credentials import (
     NOT_ESCAPE_LETTER,
     NOT_MASKED,
     OPEN_QUOTE,
+    PLACEHOLDER,
     SECRET_KEY,
     VALUE_ESCAPE,
     after_boundary,
@@ -190,12 +191,18 @@ _WORDS_COLON = rf"(?:{BLANK}{{0,64}}+(?:->|=>|=|:{BLANK}{{0,64}}+{_NEXT_LINE_ID}
 # pair after a list, "ssn: 123456789, status: ok", ends it; so no key in the list's items is
 # passed over: a key's ":" or blanks after it end the item that holds it, the list's last).
 _NO_ID_ITEM = rf"(?:(?![:=]){_VALUE_CHAR}){{1,64}}+(?![:=])"
+# A placeholder then a piece with a digit ("passport: none E1234567", "ssn: null 12345678"): the
+# placeholder is kept, the piece read as the value; a placeholder alone, or before a date, is no
+# value (``credentials.NO_VALUE``: "passport: none", "passport: none 2026-12-05").
+_PLACEHOLDER_BEFORE = (
+    rf"(?:{PLACEHOLDER}[ ]{{1,2}}+(?!{DATE_OR_TIME})(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9]))?+"
+)
 _KEYED = re.compile(
     rf"(?:{_NOT_ALNUM_BEFORE}|{_CAMEL_START})(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX}){_MORE_WORDS}{KEY_QUOTE}"
     rf"(?(w){_WORDS_COLON}|(?:{_KEY_COLON}|(?P<b>{BLANK}{{1,64}}+(?=[{{\[]))"
     rf"|{BLANK}{{1,64}}+(?:[#-]{BLANK}{{0,64}}+)?(?:(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9])"
     rf"|(?=[A-Z]{{1,2}}[ ]{{1,2}}(?!{DATE_OR_TIME}){_VALUE_CHAR}{{0,31}}[0-9]))))"
-    rf"(?(p)(?:\[{BLANK}{{0,64}}+)?+){OPEN_QUOTE}(?(w){_STATUS})(?:(?(q)|{NO_VALUE})(?P<v>(?(w){_CAPITALS}(?(n){_ID_NUMBER}|{_ID_VALUE})"
+    rf"(?(p)(?:\[{BLANK}{{0,64}}+)?+){OPEN_QUOTE}(?(w){_STATUS})(?:(?(q)|{_PLACEHOLDER_BEFORE}{NO_VALUE})(?P<v>(?(w){_CAPITALS}(?(n){_ID_NUMBER}|{_ID_VALUE})"
     rf"|(?:(?(q){NOT_MASKED}{quoted(64)}|(?(b){CLOSED_BRACKETED}|(?:{BRACKETED}|{_UNQUOTED})))|{_UNQUOTED})))"
     rf"|(?(p){_NO_ID_ITEM}(?=[\"']?{BLANK}{{0,64}}+[,;])|(?!)))"
 )

@@ -396,6 +396,7 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "statuses before numbers under identity names": "ssn_lookup: OK 1 " * 60_000,
     "names of letters after keys and arrows": "ssn -> " + "a" * 1_000_000,
     "keys and arrows before names": "ssn->ssn_a " * 90_000,
+    "placeholders before pieces after identity keys": "ssn: none a12 " * 75_000,
     "keys and arrows before names before pieces": ("ssn -> " + "a" * 60 + " a" + "1" * 30 + "  ") * 10_000,
     "time zones after times before spaced at signs": "00:00 UTC @ " * 83_000,
     "dates before spaced at signs": "2026-12-05 @ " * 77_000,
@@ -437,6 +438,7 @@ FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, ea
     "keys before arrows": {"keyed"},  # each key's value is the next key's name
     "names of letters after keys and arrows": {"keyed"},  # its first 32 letters (a name is 64 at most)
     "keys and arrows before names before pieces": {"keyed"},  # each name and the piece after it
+    "placeholders before pieces after identity keys": {"keyed"},  # each piece after its placeholder
     "list item marks after keys": {"keyed"},  # each key's value is the next key's name
     "lists under plural identity names": {"keyed"},  # each list's first item (a pair ends it)
     "a long list under a plural identity name": {"keyed"},  # every item
@@ -3474,6 +3476,8 @@ def test_words_and_short_numbers_under_an_identity_name_of_more_words_stay_in_cl
         "national_id:   (not set)",
         "passport: - null",
         "tax_id: ***",
+        "passport: n/a, ok",
+        "passport: none 2026-12-05",
     ],
 )
 def test_no_identity_number_after_an_identity_key_stays(keys, text):
@@ -3485,6 +3489,25 @@ def test_no_identity_number_after_an_identity_key_stays(keys, text):
     for value in ["E1234567", "None1", "nullE1234567"]:
         masked = Masker(ring).mask_text(f"passport: {value}", ring.key_for(None))
         assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value], masked
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("passport: none E1234567", "E1234567"),
+        ("passport: N/A E1234567", "E1234567"),
+        ("ssn: null 12345678", "12345678"),
+        ("ssn_code: none 123456789", "123456789"),
+    ],
+)
+def test_an_identity_number_after_a_placeholder_is_masked(keys, text, value):
+    """A placeholder then a real id after an identity key ("passport: none E1234567") was logged
+    in clear: the placeholder kept the whole value (review). The placeholder stays, the id is
+    masked; a placeholder alone stays in clear (``test_no_identity_number_after_...``)."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value], masked
+    assert masked.startswith(text[: text.index(value)])
 
 
 @pytest.mark.parametrize(
