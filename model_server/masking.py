@@ -262,22 +262,19 @@ _SPELT_EMAIL = re.compile(
 # ("ada1985"), a word of hex letters ("deadbeef") and a user before a host in a shell prompt are
 # still addresses ("[deploy @ build-01.example.com ~]$": it is one without the spaces too). Nor a
 # date ("2026-12-05 @ api.example.com"), a time zone's abbreviation after a time ("08:40:13 UTC @";
-# "12:30 SCOTT @" is an address), a number of any length after a word that names a run or a
-# process ("job 123456 @", "build #1234567 @": without such a word "mail 123456 @ qq.com" is a
-# mailbox, and "123456@qq.com" is one whatever the word), and a word that says where something is
+# "12:30 SCOTT @" is an address), a number of up to seven digits after a word in small letters that
+# names a run or a process ("job 123456 @", "build #1234567 @": without such a word "mail 123456 @
+# qq.com" is a mailbox, so is "JOB 123456 @ qq.com", "job 2851234567 @ qq.com" (eight digits or
+# more, a QQ number's), and "123456@qq.com" whatever the word), and a word that says where something is
 # (``_WHERE``: "pinned @ requirements.in", "deployed @ api.example.com"). Each shape is read at
 # most 64 characters, possessively, each word before it a fixed look behind: linear in the text.
 _RUN_WORDS = ("job", "run", "pid", "task", "build", "batch", "step", "attempt", "request", "worker")
-_AFTER_RUN_WORD = "|".join(
-    rf"(?<=(?<![A-Za-z0-9_]){''.join(f'[{c.upper()}{c}]' for c in w)}{sep})"
-    for w in _RUN_WORDS
-    for sep in (" ", " #", "#")
-)
+_AFTER_RUN_WORD = "|".join(rf"(?<=(?<![A-Za-z0-9_]){w}{sep})" for w in _RUN_WORDS for sep in (" ", " #", "#"))
 _AFTER_TIME = "|".join(rf"(?<=[0-9]:[0-9]{{2}}{frac} )" for frac in ("", r"\.[0-9]{3}", r"\.[0-9]{6}"))
 _TIME_ZONES = r"UTC|GMT|UT|Z|[ECMP][SD]T|CES?T|EES?T|WES?T|BST|IST|JST|KST|HKT|SGT|AE[SD]T|NZ[SD]T|MSK"
 _WHERE = r"(?i:pinned|deployed|built|tagged|pushed|pulled|hosted|served|running|listening)"
 _NOT_A_NAME = (
-    rf"(?:{_AFTER_RUN_WORD})[0-9]{{1,64}}+|(?:{_AFTER_TIME})(?:{_TIME_ZONES})|[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}"
+    rf"(?:{_AFTER_RUN_WORD})[0-9]{{1,7}}+|(?:{_AFTER_TIME})(?:{_TIME_ZONES})|[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}"
     rf"|{_WHERE}|"
     r"[0-9]{1,5}+|[0-9]++(?:[._][0-9]++)*+[A-Za-z]{1,2}+"
     r"|[vV][0-9]++(?:\.[0-9]++)*+(?:[-+][0-9A-Za-z.]++)?+|[0-9]++(?:\.[0-9]++)++(?:[-+][0-9A-Za-z.]++)?+"

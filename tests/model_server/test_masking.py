@@ -3620,6 +3620,12 @@ def test_each_identity_number_of_a_list_after_a_singular_key_or_apart_by_blanks_
         ("at 12:30 SCOTT @ example.com today", "SCOTT @ example.com"),
         ("job 123456@qq.com today", "123456@qq.com"),
         ("bluejob 123456 @ qq.com today", "123456 @ qq.com"),
+        # a mailbox of eight digits or more after a run's word, or after one in capitals (review)
+        ("job 2851234567 @ qq.com today", "2851234567 @ qq.com"),
+        ("worker 2851234567 @ qq.com today", "2851234567 @ qq.com"),
+        ("request 2851234567 @ qq.com today", "2851234567 @ qq.com"),
+        ("build #12345678 @ qq.com today", "12345678 @ qq.com"),
+        ("JOB 123456 @ qq.com today", "123456 @ qq.com"),
         ("contact jane @ example.com today", "jane @ example.com"),
     ],
 )
