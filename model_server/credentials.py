@@ -360,9 +360,12 @@ _WHOLE_HEADER = re.compile(
 # or the text's end (a cookie's value holds a digit, a symbol or a capital after its first letter,
 # as a session's does, or more pairs follow it: "policy=strict; session=abc123" is one).
 _COOKIE_SETTING = rf"{_COOKIE_PAIR}[A-Z]?[a-z]{{1,15}}+[.,!?)]{{0,2}}+(?:[\s\"'<>\\]|\Z)"
+# A pair's value in quotes, as RFC 6265 allows one ('session="abc123"'), those quotes escaped too
+# (a JSON string's: 'session=\\"abc123\\"'); a cookie's octets are no blank, quote, ";" or "\\".
+_COOKIE_PIECE = r"(?:[^\s\"'<>;\\]{1,4096}+(?:\"[^\s\";\\]{0,4096}+\"|\\\"[^\s\";\\]{0,4096}+\\\")|[^\s\"'<>;]{1,4096})"
 _COOKIE_SPACED = re.compile(
     rf"{after_boundary('A-Za-z0-9-')}{_COOKIE}{BLANK}{{1,64}}+{NOT_MASKED}(?={_COOKIE_PAIR})(?!{_COOKIE_SETTING})"
-    r"(?P<v>[^\s\"'<>;]{1,4096}(?:;[ \t]{0,2}[^\s\"'<>;]{1,4096}){0,63})"
+    rf"(?P<v>{_COOKIE_PIECE}(?:;[ \t]{{0,2}}{_COOKIE_PIECE}){{0,63}})"
 )
 # "Bearer <credential>" or "Basic <credential>" anywhere: a credential of 8 characters or more
 # that holds a capital, a digit or one of + / = (a lower-case word after "bearer" is prose).

@@ -1344,6 +1344,7 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     * 12_400,
     "escaped tabs after keys in quotes": ('"password":' + "\\t" * 64 + "1}") * 7_100,
     "cookie settings": ("cookie\\t" + "a" * 63 + "=B" + "b" * 14 + ".) ") * 11_200,
+    "quoted values never closed after cookie words": ('cookie a="' + "b" * 4_100 + " ") * 240,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -1352,6 +1353,7 @@ FOUND_IN_SECRET_HOSTILE = {
     "a quoted secret never closed": {"secret"},
     "private key headers": {"secret"},
     "cookie values": {"secret"},
+    "quoted values never closed after cookie words": {"secret"},  # each "a="
     "slack prefixes": {"secret"},
     "spaced quoted names": {"secret"},  # each a value in quotes
     "escaped tabs after keys in quotes": {"secret"},  # each "1"
@@ -2826,6 +2828,10 @@ def test_a_setting_after_the_word_cookie_is_no_cookie(keys, text):
         ("cookie      policy=strict; session=abc123x9", "policy=strict; session=abc123x9"),
         ("cookie      session=Zq9Xw2Lk7Vb", "session=Zq9Xw2Lk7Vb"),
         ("cookie session=abcdefghijklmnopq", "session=abcdefghijklmnopq"),
+        # a value in quotes, as RFC 6265 allows one, and those quotes escaped in a JSON string
+        ('cookie session="abc123x9"', 'session="abc123x9"'),
+        ('cookie session="abc123x9"; theme=dark', 'session="abc123x9"; theme=dark'),
+        ('{"msg": "cookie session=\\"abc123x9\\""}', 'session=\\"abc123x9\\"'),
     ],
 )
 def test_a_cookie_header_or_a_cookies_pair_after_the_word_cookie_stays_masked(keys, text, value):
