@@ -1479,8 +1479,11 @@ class ApiBudget:
     or none that served them, took, the client's retries and their backoff included; ``since``: when the call under way
     began, its time counted until it is answered; ``clock``: what tells the time); and, with
     ``cap_s``, that long in all from ``started``, whatever the calls took (served ones, their
-    Retry-After waits, the pauses and waits between them). ``slowest``: the longest a call took
-    yet, answered or not (what the calls to come are reckoned at: ``budget_left``)."""
+    Retry-After waits, the pauses and waits between them). ``answer_s``: what the last served call
+    took to be answered, its tries' own time without the client's Retry-After and backoff waits
+    between them (``slept``, of the call under way): what the calls to come are reckoned at
+    (``budget_left``). Not the longest call yet: one slow answer, or one Retry-After waited, early
+    on left a wait for pods no time at all, though every call since was answered at once."""
 
     total_s: float
     per_call_s: float
@@ -1489,7 +1492,8 @@ class ApiBudget:
     clock: Callable[[], float] = time.monotonic
     cap_s: float | None = None
     started: float = 0.0
-    slowest: float = 0.0
+    answer_s: float = 0.0
+    slept: float = 0.0
 
     def left(self) -> float:
         return min(self.unanswered_left(), self.cap_left())
@@ -1540,10 +1544,10 @@ def api_budget(total_s: float, per_call_s: float, cap_s: float | None = None) ->
 
 def budget_left(calls: int = 0) -> float:
     """What the ``api_budget`` in force has left (``ApiBudget.left``), less the time of ``calls``
-    calls to come, each as long as the slowest yet (a wait's headroom for the calls after it);
-    infinity without one."""
+    calls to come, each as long as the last served call took to answer (``ApiBudget.answer_s``: a
+    wait's headroom for the calls after it); infinity without one."""
     budget = _BUDGET.get()
-    return math.inf if budget is None else budget.left() - calls * budget.slowest
+    return math.inf if budget is None else budget.left() - calls * budget.answer_s
 
 
 def pause(seconds: float) -> bool:
@@ -1580,6 +1584,15 @@ def api_retries() -> Any:
             if budget is not None and budget.left() <= wait:  # (spent by the wait: none sent after it)
                 return Retry.increment(self.new(total=0), *args, **kwargs)
             return retry
+
+        def sleep(self, response: Any = None) -> None:  # (its time is no answer's: ApiBudget.slept)
+            budget = _BUDGET.get()
+            began = budget.clock() if budget is not None else 0.0
+            try:
+                super().sleep(response)
+            finally:
+                if budget is not None:
+                    budget.slept += budget.clock() - began
 
         def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
             return status_code in UNSERVED or (status_code in MAYBE_SERVED and method.upper() in READS)
@@ -1652,7 +1665,7 @@ def with_retries(api_client: Any) -> Any:
                     )
                 parts = timeout if isinstance(timeout, tuple) else (timeout, timeout)  # (each retry's: BudgetTimeout)
                 timeout = tuple(min(part, budget.per_call_s, left) for part in parts)
-                budget.since = budget.clock()
+                budget.since, budget.slept = budget.clock(), 0.0
             served = False  # (a served call spends nothing; one unanswered, or answered unserved, its time)
             try:
                 response = super().request(method, url, *args, _request_timeout=timeout, **kwargs)
@@ -1666,8 +1679,9 @@ def with_retries(api_client: Any) -> Any:
             finally:
                 if budget is not None and budget.since is not None:
                     took = budget.clock() - budget.since
-                    budget.slowest = max(budget.slowest, took)
-                    if not served:
+                    if served:  # (its tries' answers alone: what the next call may take)
+                        budget.answer_s = max(took - budget.slept, 0.0)
+                    else:
                         budget.spent += took
                     budget.since = None
 

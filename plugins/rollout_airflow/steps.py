@@ -106,10 +106,12 @@ CALLBACK_API_S, CALLBACK_CALL_S = 30.0, 15.0
 # pod may end one 1 s poll past it.)
 CALLBACK_CAP_S = 40.0
 # The failure callback's wait for the baseline's pod keeps the calls after it their time (each as
-# long as the slowest call yet, ``mesh.budget_left``): the wait's last look at the pods (begun up
-# to a 1 s poll past its time), the lease's check (``still_held``), the routes and the
-# DestinationRule read, the routes written. It took all the time left: a pod never ready, its
-# polls ran to the cap and the callback reported the API server (a poll not sent), not the pods.
+# long as the last served call took to answer, no Retry-After or backoff wait counted:
+# ``mesh.budget_left``; the longest call yet left no wait after one slow early answer): the
+# wait's last look at the pods (begun up to a 1 s poll past its time), the lease's check
+# (``still_held``), the routes and the DestinationRule read, the routes written. It took all the
+# time left: a pod never ready, its polls ran to the cap and the callback reported the API server
+# (a poll not sent), not the pods.
 AFTER_WAIT_CALLS, WAIT_POLL_S = 5, 1.0
 
 

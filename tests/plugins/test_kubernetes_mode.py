@@ -13,6 +13,7 @@ import re
 import shutil
 import uuid
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
@@ -2837,8 +2838,11 @@ def test_a_teardown_against_an_api_server_that_never_answers_is_bounded(kube, mo
     assert routes(kube) == [("v1", 90), ("v2", 10)]
 
 
-def fake_api_time(monkeypatch, answer_s: float) -> tuple[list[float], list[tuple[str, str, float, int | None]]]:
-    """The API server takes ``answer_s`` to answer each try of a call, on a fake clock (the
+def fake_api_time(
+    monkeypatch, answer_s: float | Callable[[float], float]
+) -> tuple[list[float], list[tuple[str, str, float, int | None]]]:
+    """The API server takes ``answer_s`` to answer each try of a call (or ``answer_s(now)``, the
+    fake clock's time as the try is sent), on a fake clock (the
     client's time limit cut shorter ones short: a read timeout, at its limit), which the waits
     (the client's Retry-After and backoff, mesh's and steps' pauses, a wait for pods) advance too:
     the clock and each try as (verb, path, when it ended, its status; None: no answer)."""
@@ -2856,12 +2860,13 @@ def fake_api_time(monkeypatch, answer_s: float) -> tuple[list[float], list[tuple
     sent = urllib3.connectionpool.HTTPConnectionPool._make_request
 
     def answered(self, conn, method, url, *args, **kwargs):
+        took = answer_s(now[0]) if callable(answer_s) else answer_s
         limit = kwargs["timeout"].read_timeout
-        if isinstance(limit, int | float) and limit < answer_s:
+        if isinstance(limit, int | float) and limit < took:
             now[0] += limit
             tries.append((method, url.split("?")[0], now[0], None))
             raise ReadTimeoutError(self, url, "Read timed out.")
-        now[0] += answer_s
+        now[0] += took
         response = sent(self, conn, method, url, *args, **kwargs)
         tries.append((method, url.split("?")[0], now[0], response.status))
         return response
@@ -2924,7 +2929,7 @@ def test_the_failure_callbacks_wait_for_a_pod_that_never_gets_ready_leaves_its_r
     API server (its last poll not sent, "the calls here took the 40 s"), not the pods, and ended
     past the cap (41 s); without a budget (finish's quick alone) the wait had no end. The wait keeps
     the calls after it their time (its last poll, the lease's check, the routes' write: as long as
-    the slowest call yet), CALLBACK_CAP_S at most: it ends within the cap, naming the pods not
+    the last served call took), CALLBACK_CAP_S at most: it ends within the cap, naming the pods not
     ready, and the routes stay as they are rather than sending the traffic to no ready pod."""
     from devstack.cluster import kube as fake_kube
     from vision_rollout.mesh import RouterError
@@ -2961,6 +2966,49 @@ def test_the_failure_callbacks_wait_for_a_pod_that_never_gets_ready_leaves_its_r
         assert "Deployment digits-v1: 0 of 1 pods ready after" in report["text"]
         assert "ApiUnreachable" not in report["text"]
     assert routes(kube) == [("v1", 90), ("v2", 10)]
+
+
+@pytest.mark.real_pauses  # (the waits, the Retry-After waited, on the fake clock)
+@pytest.mark.parametrize(("first", "ready_at"), [("slow", 10.0), ("throttled", 12.0)])
+def test_the_failure_callbacks_wait_for_a_pod_reckons_the_calls_after_it_at_their_answer_time_now(
+    kube, monkeypatch, tmp_path, first, ready_at
+):
+    """The callback's first call answered in 6 s (slow), or 429 with Retry-After: 5 once (API
+    Priority and Fairness: throttled), every other call in 0.2 s, and the baseline's pod ready at
+    ``ready_at``: the wait for it kept the calls after it 5 times the longest call yet (its retry's
+    wait included), 30 s or more of the 40 s, so it waited not at all and the routes stayed 90/10
+    ("routes not restored"). The calls after it are reckoned at what the last served one took to
+    answer (no Retry-After or backoff wait): the wait sees the pod ready and the routes go back."""
+    from devstack.cluster import kube as fake_kube
+
+    at_stage_1(kube)
+    all_ready = fake_kube._ready_status
+    clock: list[list[float]] = []
+
+    def ready_late(obj: dict) -> dict:
+        status = all_ready(obj)
+        if obj["metadata"]["name"] == "digits-v1" and clock and clock[0][0] < ready_at:
+            status["readyReplicas"] = status["availableReplicas"] = 0
+        return status
+
+    monkeypatch.setattr(fake_kube, "_ready_status", ready_late)
+    sent = []
+
+    def answer(at: float) -> float:
+        sent.append(at)
+        if at >= ready_at:  # (its status as the fake server keeps it: ready once the clock is past)
+            kube.touch("deployments", "models", "digits-v1", lambda d: d.update(status=ready_late(d)))
+        return 6.0 if first == "slow" and len(sent) == 1 else 0.2
+
+    now, _tries = fake_api_time(monkeypatch, answer)
+    clock.append(now)
+    kube.touch("deployments", "models", "digits-v1", lambda d: d.update(status=ready_late(d)))
+    if first == "throttled":
+        kube.throttle, kube.retry_after = 1, "5"
+    steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+    assert now[0] <= steps.CALLBACK_CAP_S
+    assert routes(kube) == [("v1", 100)]
+    assert not list((tmp_path / "outbox").glob("*.json"))
 
 
 @pytest.mark.real_pauses  # (the pauses, the Retry-After waited, on the fake clock)
