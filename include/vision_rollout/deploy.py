@@ -531,6 +531,12 @@ class FloorOwned(FieldsOwned):
     """``hold_floor``'s apply refused for an HPA's ``minReplicas`` another field manager owns."""
 
 
+class BudgetNotApplied(RouterError):
+    """``release_floor``: the version's HPA applied, its floor released, but its
+    PodDisruptionBudget not updated to match (``_apply_pdb``'s failure: no answer); the message
+    says so, names the budget and what to set it to."""
+
+
 def refused(what: str, exc: Any) -> RouterError:
     """The API server's refusal (an ApiException) as a RouterError saying what to do; a 409 on
     apply is a field another manager owns, said in one sentence, each manager with the fields it
@@ -909,14 +915,28 @@ class VersionDeployments:
     def release_floor(self, version: str) -> bool:
         """The version's HPA back at its own ``minReplicas`` when a rollout holds its floor
         (``hold_floor``), the record removed; a ``minReplicas`` set by hand since the floor was held
-        stays as set. False when none is held (nothing written)."""
+        stays as set. False when none is held (nothing written). The floor released but the
+        version's PodDisruptionBudget not updated: ``BudgetNotApplied`` (not a floor still held)."""
         hpa = self._hpa(version)
         own = None if hpa is None else _own_min(hpa)
         if hpa is None or own is None:
             return False
         spec = hpa["spec"]
         kept = int(spec.get("minReplicas") or 1) if _set_by_hand(hpa) else min(own, int(spec["maxReplicas"]))
-        self._apply_hpa(version, {**spec, "minReplicas": kept})
+        self._apply_hpa(version, {**spec, "minReplicas": kept}, budget=False)
+        try:
+            self._apply_pdb(version, kept)
+        except RouterError as exc:
+            namespace, name = shlex.quote(self.target.namespace), shlex.quote(self._name(version))
+            budget = render_pdb(self.target, version, kept, bool(self.build.autoscaling))["spec"]
+            fields = {k: budget[k] for k in ("minAvailable", "maxUnavailable") if k in budget}
+            raise BudgetNotApplied(
+                f"the floor the run held on version {version} is released (HorizontalPodAutoscaler "
+                f"{self.target.namespace}/{name} at minReplicas {kept}); PodDisruptionBudget "
+                f"{self.target.namespace}/{name} was not updated to match ({str(exc)[:500]}): set its spec to "
+                f"{json.dumps(fields)}, no other of the two (kubectl -n {namespace} edit poddisruptionbudget "
+                f"{name}); until then a node drain follows the budget of the floor held"
+            ) from exc
         return True
 
     def release_floors(self, keep: str | None) -> list[str]:
@@ -947,7 +967,12 @@ class VersionDeployments:
         return [v for v in sorted(held, key=int) if self.release_floor(v)]
 
     def _apply_hpa(
-        self, version: str, spec: dict[str, Any], annotations: dict[str, str] | None = None, dry_run: bool = False
+        self,
+        version: str,
+        spec: dict[str, Any],
+        annotations: dict[str, str] | None = None,
+        dry_run: bool = False,
+        budget: bool = True,
     ) -> None:
         """The version's HPA applied with ``spec`` (``HPA_CARRIED`` of it) and ``annotations``
         (no ``force``: a field another manager owns, a Helm release's HPA of that name, is refused,
@@ -955,7 +980,8 @@ class VersionDeployments:
         a stage at the same size, a step run again; an apply whose answer left unknown whether it
         was served, read back: ``settled``), then the version's budget at the HPA's floor
         (the least it may scale the version to: ``render_pdb``). ``dry_run``: the HPA's apply sent
-        as a dry run (``dryRun=All``), nothing else."""
+        as a dry run (``dryRun=All``), nothing else; ``budget`` False: the HPA alone (the caller
+        applies the budget: ``release_floor``)."""
         from kubernetes import client
 
         name = self._name(version)
@@ -972,7 +998,7 @@ class VersionDeployments:
             self._server_side_apply(patch, what, hpa, **({"dry_run": "All"} if dry_run else {}))
 
         settled(attempt)
-        if dry_run:
+        if dry_run or not budget:
             return
         self._apply_pdb(version, int(hpa["spec"].get("minReplicas") or 1))  # (also where a try stopped before it)
 

@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING, Any, cast
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
-from vision_rollout.deploy import FLOOR_ANNOTATION, MAX_REPLICAS, candidate_replicas, deployment_name, replicas_of
+from vision_rollout.deploy import (
+    FLOOR_ANNOTATION,
+    MAX_REPLICAS,
+    BudgetNotApplied,
+    candidate_replicas,
+    deployment_name,
+    replicas_of,
+)
 from vision_rollout.folders import WriteConflict
 from vision_rollout.locks import (
     LEASE_S,
@@ -2228,6 +2235,8 @@ def finish(
         deployments = hook.deployments(spec.model)
         try:
             deployments.release_floor(spec.baseline_version)
+        except BudgetNotApplied as exc:  # (the floor released: its budget is what is left, not the floor)
+            short = Shortfall(exc, str(exc), retired=False)
         except RouterError as exc:  # (the promotion stands: said as kept, this failure besides, not a failed restore)
             name = f"{deployments.target.namespace}/{deployment_name(deployments.target, spec.baseline_version)}"
             what = (

@@ -1090,6 +1090,60 @@ def test_a_kept_promotion_whose_floor_release_fails_is_reported_as_kept(fleet, m
     assert lease(fleet, "digits") is None  # (released)
 
 
+@pytest.mark.parametrize("end", ["teardown", "failure-callback"])
+def test_a_kept_promotion_whose_floor_is_released_but_its_budget_not_updated_is_reported_so(
+    fleet, monkeypatch, tmp_path, caplog, end
+):
+    """As above, the end keeps the promotion and releases version 1's floor: the HPA's apply is
+    served (the floor released, its annotation gone), then its PodDisruptionBudget's read and apply
+    get no answer. That failure was reported as the HPA that "keeps the floor the run held", with
+    the advice to remove an annotation already removed. It is reported as it is: the floor
+    released, the budget not updated, named, with what it should be set to."""
+    from vision_rollout.deploy import VersionDeployments
+
+    conn = json.loads(os.environ["AIRFLOW_CONN_MODEL_SERVER_DEFAULT"])
+    conn["extra"]["build"].update(autoscaling=True, max_replicas=40)
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    params = {**PARAMS, "mirror_percent": 0}
+    steps.serving().deployments("digits").apply("1", image("1"), replicas=2)
+    fleet.touch("deployments", "models", "digits-v1", lambda d: d["spec"].update(replicas=4))
+    built = steps.build_image(params, "run-a")
+    steps.deploy_candidate(params, pushed(built), "run-a")
+    for index in range(3):
+        steps.apply_weights(params, index, "run-a", {"decision": "pass"})
+
+    def killed(self, version):
+        raise SystemExit("the worker is killed")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(VersionDeployments, "release_floor", killed)
+        with pytest.raises(SystemExit):
+            steps.promote(params, "run-a", "promote")
+    assert hpa(fleet, "1")["metadata"].get("annotations")  # (the floor held)
+    fleet.throttle, fleet.throttle_status = 10**6, None  # the budget's calls get no answer
+    fleet.throttled_path = "/poddisruptionbudgets/digits-v1"
+    if end == "teardown":
+        with pytest.raises(AirflowFailException) as failed:
+            steps.ensure_stable(params, "run-a", None, None, None, decided="promote")
+        said = str(failed.value)
+    else:
+        steps.restore_stable_on_failure({"params": params, "run_id": "run-a"})
+        said = caplog.text
+    fleet.throttle = 0
+    assert not hpa(fleet, "1")["metadata"].get("annotations")  # (the floor released)
+    (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "run" / "outbox").glob("*.json"))]
+    assert report.startswith("digits v2 against v1 promoted: version 2 takes 100%")
+    for text in (report, said):
+        assert "version 2 was promoted" in text
+        assert "keeps the floor the run held" not in text
+        assert "remove the annotation" not in text
+        assert "the floor the run held on version 1 is released" in text
+        assert "PodDisruptionBudget models/digits-v1 was not updated" in text
+        assert "kubectl -n models edit poddisruptionbudget digits-v1" in text
+    assert routes(fleet) == [("v2", 100)]
+    assert lease(fleet, "digits") is None  # (released)
+
+
 def test_a_takeover_refused_after_it_put_the_routes_back_releases_the_floor_it_found_held(fleet, monkeypatch):
     """Under autoscaling, run-a held version 1's HPA floor at 10% when its lease lapsed; run-b
     took the model over, put the routes back to version 1 and retired run-a's candidate, then was
