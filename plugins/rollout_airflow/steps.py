@@ -1793,11 +1793,14 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
 class Shortfall:
     """What failed once the stable version took 100% of the traffic back (``stable_back``):
     ``error``, what ``restore_stable`` raises (the rollback step fails on it as ever); ``what``,
-    that failure for a report; ``retired``, whether the candidate was retired all the same."""
+    that failure for a report; ``retired``, whether the candidate was retired all the same;
+    ``taken``, the run that took the model over before the candidate's retirement (its to retire
+    or keep: no command that scales it given), else None."""
 
     error: Exception
     what: str
     retired: bool
+    taken: str | None = None
 
 
 @dataclass(frozen=True)
@@ -1914,14 +1917,29 @@ def retired_besides(spec: RolloutSpec, run_id: str, hook: ModelServerHook, r: Ro
     scale failed (``short``): it takes no traffic and keeps its pods (GPUs) that the stable version
     may need, so it is scaled to 0 all the same, as Flagger and Argo Rollouts do on an abort.
     ``short``, said retired; where the retirement fails too, that failure besides, not retired
-    (``finish`` then says the command that scales it to 0)."""
+    (``finish`` then says the command that scales it to 0); where another run took the model over
+    meanwhile (LockLost), the retirement stops, said so: ``taken``, that run's."""
     try:
         hold(spec, run_id, hook, WAITING_STEP_S, rolling_back=True)  # for the drain
         retire(r, hook.deployments(spec.model), spec.candidate_version)
     except Exception as exc:  # (the traffic is back: the scale's failure stays what the step fails on)
+        taken = lease_taken(spec, run_id, hook) if isinstance(exc, LockLost | AirflowFailException) else None
+        if taken is not None:  # (hold's, for a lease lost: no command to scale another run's model)
+            log.warning("version %s was not retired: %s", spec.candidate_version, str(exc)[:500])
+            return replace(short, taken=taken)
         log.warning("version %s was not retired: %s", spec.candidate_version, str(exc)[:500])
         return replace(short, what=f"{short.what}; version {spec.candidate_version} was not retired ({str(exc)[:500]})")
     return replace(short, retired=True)
+
+
+def lease_taken(spec: RolloutSpec, run_id: str, hook: ModelServerHook) -> str | None:
+    """The run that holds the model's lease now where it is not ``run_id``; None where none does,
+    ``run_id`` does, or the lease cannot be read."""
+    try:
+        current = hook.model_lock(spec.model, spec.mesh).holding()
+    except Exception:  # (unknown: not said taken)
+        return None
+    return current.holder if current is not None and current.holder != run_id else None
 
 
 def still_held(lock: Any, run_id: str, renewal: Holding | None) -> None:
@@ -2261,7 +2279,9 @@ def finish(
     else:
         retired = unload_candidate and (short is None or short.retired)
         left = (
-            f"is left loaded, its pods running: scale it to 0 "
+            f"is left to run {short.taken!r}, which holds model {spec.model!r} now"
+            if short is not None and short.taken
+            else f"is left loaded, its pods running: scale it to 0 "
             f"({hook.deployments(spec.model).scale_by_hand(spec.candidate_version, 0)})"
             if spec.mesh == "istio"
             else "is left loaded: unload it"

@@ -2548,6 +2548,43 @@ def rollback_scale_refused(kube, monkeypatch, tmp_path) -> dict:
     return params
 
 
+@pytest.mark.parametrize("end", ["teardown", "rollback"])
+def test_a_lease_taken_over_before_the_candidates_retirement_stops_it_and_says_who_holds_the_model(
+    kube, monkeypatch, tmp_path, end
+):
+    """The stable version's scale refused once the traffic is back on it; then, before the
+    candidate's retirement (``retired_besides``), another run takes the model over. That LockLost
+    was caught as any failure of the retirement: the report gave the command that scales to 0 the
+    Deployment of a model another run holds now. The retirement stops, the report says another run
+    holds the model and gives no scale command."""
+    from vision_rollout.mesh import RouterError
+
+    params = rollback_scale_refused(kube, monkeypatch, tmp_path)
+    undone = steps.promotion_undone
+
+    def taken(*args, **kwargs):
+        undone(*args, **kwargs)
+        kube.touch("leases", "models", "rollout-digits", lambda lease: lease["spec"].update(holderIdentity="run-2"))
+
+    monkeypatch.setattr(steps, "promotion_undone", taken)
+    if end == "teardown":
+        with pytest.raises(AirflowFailException, match="version 1 was not scaled to 10 pods") as failed:
+            steps.ensure_stable(params, "run-1", None, None, None)
+    else:
+        with pytest.raises(RouterError, match="apply Deployment digits-v1: 400") as failed:
+            steps.restore_stable(params, "run-1")
+    kube.before_write = None
+    reports = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    for text in [str(failed.value), *reports]:
+        assert "scale deployment digits-v2" not in text
+    if end == "teardown":
+        (report,) = reports
+        assert "version 2 is left to run 'run-2', which holds model 'digits' now" in report
+    assert routes(kube) == [("v1", 100)]
+    assert lease(kube, "digits")["spec"]["holderIdentity"] == "run-2"
+    assert deployment(kube, "2")["spec"]["replicas"] == 5  # (not retired: run-2's to decide)
+
+
 def test_a_failure_callback_whose_scale_fails_once_the_traffic_is_back_reports_it_back(
     kube, monkeypatch, tmp_path, caplog
 ):
