@@ -2278,14 +2278,17 @@ def finish(
         done = f"the routes were not this run's and are left as they are: {json.dumps(routes.to_dict())}"
     else:
         retired = unload_candidate and (short is None or short.retired)
-        left = (
-            f"is left to run {short.taken!r}, which holds model {spec.model!r} now"
-            if short is not None and short.taken
-            else f"is left loaded, its pods running: scale it to 0 "
-            f"({hook.deployments(spec.model).scale_by_hand(spec.candidate_version, 0)})"
-            if spec.mesh == "istio"
-            else "is left loaded: unload it"
-        )
+        if short is not None and short.taken:
+            left = f"is left to run {short.taken!r}, which holds model {spec.model!r} now"
+        elif spec.mesh != "istio":
+            left = "is left loaded: unload it"
+        elif not candidate_deployed(spec, hook):  # (the run failed before deploy_candidate)
+            left = "has no Deployment: nothing to unload"
+        else:
+            left = (
+                "is left loaded, its pods running: scale it to 0 "
+                f"({hook.deployments(spec.model).scale_by_hand(spec.candidate_version, 0)})"
+            )
         candidate = "is unloaded" if retired else left
         done = f"version {spec.baseline_version} takes 100%; version {spec.candidate_version} {candidate}"
     if short is not None:
@@ -2300,6 +2303,16 @@ def finish(
     if short is not None:  # (the traffic back, the lease released: what is left is a human's)
         raise Undersized(kept, done)
     return kept, done
+
+
+def candidate_deployed(spec: RolloutSpec, hook: ModelServerHook) -> bool:
+    """Whether the candidate has a Deployment (a command to scale it is worth giving); True where
+    it cannot be read (the failure callback's time spent, say): the command given all the same."""
+    try:
+        return hook.deployments(spec.model).replicas(spec.candidate_version) is not None
+    except Exception as exc:
+        log.info("version %s's Deployment was not read: %s", spec.candidate_version, str(exc)[:300])
+        return True
 
 
 def _write_end(folder: Folder, end: dict[str, Any], report: dict[str, Any] | None) -> None:

@@ -2585,6 +2585,21 @@ def test_a_lease_taken_over_before_the_candidates_retirement_stops_it_and_says_w
     assert deployment(kube, "2")["spec"]["replicas"] == 5  # (not retired: run-2's to decide)
 
 
+def test_a_failure_callback_before_the_candidate_was_deployed_gives_no_command_to_scale_it(kube, caplog):
+    """The run took the model (build_image) and failed before deploy_candidate: no Deployment
+    digits-v2. The failure callback said version 2 "is left loaded, its pods running: scale it to 0
+    (kubectl -n models scale deployment digits-v2 --replicas=0)", a command for a Deployment that
+    does not exist. It says the candidate has none: nothing to unload."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+    assert ("deployments", "models", "digits-v2") not in kube.objects
+    assert "scale deployment digits-v2" not in caplog.text
+    assert "left loaded" not in caplog.text
+    assert "version 2 has no Deployment: nothing to unload" in caplog.text
+    assert routes(kube) == [("v1", 100)]
+
+
 def test_a_failure_callback_whose_scale_fails_once_the_traffic_is_back_reports_it_back(
     kube, monkeypatch, tmp_path, caplog
 ):
