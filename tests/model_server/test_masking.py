@@ -2503,7 +2503,7 @@ def test_prose_after_a_label_on_its_own_line_and_a_word_after_a_base64_line_are_
         (f"{b64}\nabc\n-----END PRIVATE KEY-----", "abc"),
     ]:
         masked = masker.mask_text(text, key)
-        assert value not in masked, masked
+        assert value not in TOKEN_RE.sub(" ", masked), masked  # (a token's own letters may spell "abc")
         assert value not in scrub(text)
 
 
