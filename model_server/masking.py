@@ -475,8 +475,9 @@ DETECTORS: tuple[Detector, ...] = (
     # local part 64, labels 63): linear in the text, where the unanchored [...]+@ scanned each
     # run once per start position (160 KB without an @ held the server 27 s). Addresses and
     # domains may hold letters of any script (RFC 6531: josé@example.com, иван@пример.рф). An
-    # "@" with up to three spaces around it ("jane @ example.com"), or a line end and indentation (``_GAP``), before a common top-level
-    # domain only ("weights @ model.onnx", "ping @ 10.0.0.1" are no address).
+    # "@" with up to 64 spaces around it ("jane @ example.com"), a line end and indentation too
+    # (``_AT_GAP``), before a common top-level domain only ("weights @ model.onnx", "ping @ 10.0.0.1"
+    # are no address).
     Detector(
         "email",
         re.compile(
