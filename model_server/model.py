@@ -74,12 +74,15 @@ MAX_VALID_SIGNATURES = 64  # input signatures (names, datatypes, shapes) that pa
 # ORT's message when a Cast from a string tensor meets text that is not a number: the C++
 # conversion that failed (std::stoll, std::stod, ...). The input's fault, not the model's.
 STRING_PARSE_FAILED = re.compile(r"Status Message: (?:std::)?sto(i|l|ll|ul|ull|f|d|ld)\b")
-# The number at the start of the text each of those conversions reads (strtol's and strtod's,
-# decimal): a string without one, or with one out of the conversion's range, is what it failed on.
+# The number at the start of the text each of those conversions reads (strtol's, base 10, and
+# strtod's, decimal or hex: "0x1p2000" is 2**2000, "0x" alone its "0"): a string without one, or
+# with one out of the conversion's range, is what it failed on.
 NUMBER_START = {
     "int": re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)"),
     "float": re.compile(
-        r"[ \t\n\v\f\r]*([+-]?(?:inf|nan|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?))", re.IGNORECASE
+        r"[ \t\n\v\f\r]*([+-]?(?:inf|nan|0x(?:[0-9a-f]+\.?[0-9a-f]*|\.[0-9a-f]+)(?:p[+-]?[0-9]+)?"
+        r"|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?))",
+        re.IGNORECASE,
     ),
 }
 # Past the largest magnitude each integer conversion reads (stoul and stoull take a sign, as
@@ -227,6 +230,8 @@ def _number_fault(text: str, conversion: str) -> str | None:
     if floating:
         if "inf" in written or "nan" in written:
             return None
+        if "x" in written:
+            return _hex_fault(written.lstrip("+-")[2:], conversion)
         try:
             exact = Decimal(written)  # (exact: 1e-400 is not 0 here, 3.40282350001e38 is not FLT_MAX)
         except InvalidOperation:  # an exponent of 19 digits or more: past any range, or under it, unless 0
@@ -253,6 +258,41 @@ def _number_fault(text: str, conversion: str) -> str | None:
     value, limit = _integer(written), NUMBER_RANGE[conversion]
     inside = abs(value) < limit if conversion in ("ul", "ull") else -limit <= value < limit
     return None if inside else "is out of range"
+
+
+def _hex_fault(written: str, conversion: str) -> str | None:
+    """Why std::sto<conversion> fails on a hex float (its text after "0x", lowercase), or None:
+    judged as a decimal one is, exactly and in linear time: its value is an odd integer times a
+    power of two, compared with the type's bounds (multiples of powers of two too) by shifts."""
+    mantissa, _, exponent = written.partition("p")
+    whole, _, fraction = mantissa.partition(".")
+    digits = (whole + fraction).lstrip("0")
+    kept = digits.rstrip("0")
+    if not kept:
+        return None  # 0, whatever its exponent
+    if len(exponent.lstrip("+-0")) > 20:  # past any range, or under it
+        return "is out of range"
+    significand = int(kept, 16)  # (a power-of-two base: int() reads any number of digits)
+    power = _integer(exponent) - 4 * len(fraction) + 4 * (len(digits) - len(kept))
+    zero_bits = (significand & -significand).bit_length() - 1
+    significand, power = significand >> zero_bits, power + zero_bits
+    bits, top, low = FLOAT_TYPES[conversion]
+    high = significand.bit_length() - 1 + power  # 2**high <= value < 2**(high + 1)
+    # Both bounds are (2**(bits+1) - 1) * 2**unit: the range's end (unit top - bits) and the
+    # tininess bound (unit low - bits - 1), FLOAT_RANGE's and NUMBER_TINY's.
+    bound = 2 ** (bits + 1) - 1
+    if high > top or (high == top and _at_least(significand, power, bound, top - bits)):
+        return "is out of range"
+    if high < low - 1 or (high == low - 1 and not _at_least(significand, power, bound, low - bits - 1)):
+        # Tiny: read only where a subnormal holds it exactly, a multiple of 2**-k.
+        return None if power >= -SUBNORMAL_DECIMALS[conversion] else "is out of range"
+    return None
+
+
+def _at_least(significand: int, power: int, bound: int, unit: int) -> bool:
+    """Whether significand * 2**power >= bound * 2**unit, exactly (by a shift of one of them)."""
+    shift = power - unit
+    return significand << shift >= bound if shift >= 0 else significand >= bound << -shift
 
 
 def _integer(text: str) -> int:

@@ -269,6 +269,8 @@ def test_a_warm_up_that_fails_is_the_load_s_error_and_nothing_on_stderr(tmp_path
         ("-1e-310", "input 'NUM': BYTES element 0 is out of range; "),
         ("1e400", "input 'NUM': BYTES element 0 is out of range; "),
         ("abc", "input 'NUM': BYTES element 0 is not a number; "),
+        ("0x1p2000", "input 'NUM': BYTES element 0 is out of range; "),  # hex: strtod reads it
+        ("-0x1p-1080", "input 'NUM': BYTES element 0 is out of range; "),
     ],
 )
 def test_a_string_a_float_cast_cannot_read_is_named_underflow_too(tmp_path, num, named):
@@ -379,6 +381,39 @@ def test_a_float_conversion_s_range_is_the_one_of_its_type(conversion, number, f
     point to 2**128 to FLT_MAX (the 400 then named an element it read, not the one it failed
     on), a float's underflow was judged by a double's subnormals, and std::stold's range was a
     double's (1e400 named)."""
+    feeds = {"NUM": np.array([number, "abc"], dtype=object)}
+    expected = "BYTES element 0 is out of range" if fails else "BYTES element 1 is not a number"
+    assert unreadable(feeds, {"NUM"}, conversion) == f"input 'NUM': {expected}; "
+
+
+@pytest.mark.parametrize(
+    ("conversion", "number", "fails"),
+    [
+        ("d", "0x1p2000", True),  # strtod reads hex: 2**2000, past a double's range
+        ("f", "0x1p200", True),
+        ("d", "0x1p200", False),
+        ("ld", "0x1p2000", False),
+        ("ld", "0x1p16384", True),
+        ("d", "  -0X1.FFFFFFFFFFFFF8P1023", True),  # halfway to 2**1024: rounds to inf
+        ("d", "0x1.fffffffffffff7p1023", False),
+        ("d", "0x1p-1074", False),  # a double's least subnormal, exactly
+        ("d", "0x3p-1075", True),  # a subnormal it cannot hold exactly
+        ("f", "0x1p-150", True),
+        ("d", "0x1.ffffffffffffffp-1023", False),  # rounds to DBL_MIN
+        ("d", "0x1p+99999999999999999999999", True),
+        ("d", "0x0p99999999999999999999", False),
+        ("d", "0x" + "0" * 5000 + "1p2000", True),
+        ("d", "0x1p-" + "0" * 5000 + "1080", True),
+        ("d", "0x10", False),
+        ("d", "0x", False),  # strtod reads its "0"
+        ("d", "0x1p", False),  # and "0x1" here
+        ("ll", "0x1p2000", False),  # strtoll (base 10) reads its "0"
+    ],
+)
+def test_a_hex_float_is_judged_as_strtod_reads_it(conversion, number, fails):
+    """strtod reads a hex float ("0x1p2000" is 2**2000): the judge read only decimal numbers,
+    so "0x1p2000" was its "0", in range, and the 400 named the element after it (or no input),
+    not the one std::stod failed on."""
     feeds = {"NUM": np.array([number, "abc"], dtype=object)}
     expected = "BYTES element 0 is out of range" if fails else "BYTES element 1 is not a number"
     assert unreadable(feeds, {"NUM"}, conversion) == f"input 'NUM': {expected}; "
