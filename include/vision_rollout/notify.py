@@ -1541,12 +1541,13 @@ def _move(source: Folder, target: Folder, name: str, chart: str | None, record: 
         source.delete(chart)
 
 
-def _back_to_outbox(refused: Folder, name: str, chart: str | None, mark: str, error: str) -> None:
+def _back_to_outbox(refused: Folder, name: str, chart: str | None, mark: str, error: str) -> str | None:
     """A report of the outbox's ``refused/`` that Slack took, its chart waiting, moved back to
     the outbox with its ``.posted`` mark (written there first, as a sender's: a report there
     without it would be posted again) and ``error``. A move that fails before the report is in
     the outbox takes back what it wrote there, the mark and the chart's copy (or the OSError
-    says it did not): the report stays in ``refused/`` with its own."""
+    says it did not): the report stays in ``refused/`` with its own. Moved back, its chart's copy
+    or its mark in ``refused/`` not removed (left to ``prune_outbox``): what that removal raised."""
     outbox = Folder(refused.uri, refused.parts[:-1])
     record = json.loads(refused.read_within(name, MAX_REPORT_BYTES))
     record["slack_error"] = error
@@ -1560,8 +1561,22 @@ def _back_to_outbox(refused: Folder, name: str, chart: str | None, mark: str, er
                     outbox.delete(file)
             except OSError as back:
                 raise OSError(f"{exc}; its mark's copy in the outbox was not taken back: {back}") from exc
+        elif not refused.exists(name):  # (moved: its chart's copy not removed, its mark not tried)
+            return _left_in_refused("its chart's copy and its mark", exc)
         raise
-    refused.delete(mark)
+    try:
+        refused.delete(mark)
+    except OSError as exc:
+        return _left_in_refused("its mark", exc)
+    return None
+
+
+def _left_in_refused(what: str, exc: OSError) -> str:
+    """A report moved back to the outbox whose ``what`` in ``refused/`` was not removed, in words."""
+    return (
+        f"moved back to the outbox; {what} in {REFUSED}/ not removed (a stray: pruned later, as a "
+        f"report's leftovers are): {one_line(str(exc))[:300]}"
+    )
 
 
 def _note(outbox: Folder, name: str, **fields: Any) -> None:
@@ -2042,7 +2057,12 @@ def _send_claimed(
     if sent.pop("chart_waits", False):  # (posted: the chart waits, with the mark, for a later round)
         if aside:  # (no longer refused: the outbox's rounds upload its chart)
             try:
-                _back_to_outbox(outbox, name, found.chart, mark, f"its chart was not uploaded: {sent['chart_error']}")
+                left = _back_to_outbox(
+                    outbox, name, found.chart, mark, f"its chart was not uploaded: {sent['chart_error']}"
+                )
+                if left:  # (it waits in the outbox: only a stray is left in refused/)
+                    log.warning("report %s, posted, its chart waiting: %s", name, left)
+                    sent["chart_error"] = f"{sent['chart_error']}; {left}"
             except (OSError, ValueError) as exc:  # (a full disk, a folder it may not write: it stays, marked)
                 try:  # (written to the outbox first, then removed from refused/: either, or both)
                     kept, back = outbox.exists(name), Folder(outbox.uri, outbox.parts[:-1]).exists(name)

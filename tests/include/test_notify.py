@@ -1551,6 +1551,48 @@ def test_a_report_set_aside_then_posted_moved_back_but_not_removed_from_refused_
     assert "Input/output error" in result["chart_error"]
 
 
+@pytest.mark.parametrize(("failing", "left"), [("posted", "its mark"), ("png", "its chart's copy and its mark")])
+def test_a_report_moved_back_to_the_outbox_whose_leftover_in_refused_is_not_removed_is_said_moved_back(
+    slack, tmp_path, monkeypatch, caplog, failing, left
+):
+    """A report sent again from refused/ that Slack took, its chart's upload failing, moved back
+    to the outbox (the report and its mark there, the report gone from refused/), whose mark or
+    chart in refused/ could not be removed (an I/O error), was said "not moved back to the
+    outbox (it waits there)": it waits in the outbox, where the next round uploads its chart; what
+    is left in refused/ (its mark; its chart's copy too), strays, is pruned later (prune_outbox).
+    The message says so."""
+    import logging
+
+    from vision_rollout.notify import POSTED, REFUSED, prune_outbox, send_refused, waiting_reports
+
+    outbox, client = _refused_with_its_chart(slack, tmp_path)
+    real = Folder.delete
+
+    def delete(folder: Folder, name: str) -> None:
+        if folder == outbox / REFUSED and name.endswith(f".{failing}"):
+            raise OSError(5, "Input/output error")
+        real(folder, name)
+
+    monkeypatch.setattr(Folder, "delete", delete)
+    slack.refuse = {"upload": "HTTP Error 500"}
+    with caplog.at_level(logging.WARNING, logger="vision_rollout.notify"):
+        (result,) = send_refused(outbox, client)
+    assert result["sent"] is True
+    stem = result["name"].removesuffix(".json")
+    assert outbox.names() == sorted([f"{stem}.json", f"{stem}.png", stem + POSTED])
+    assert f"{stem}.json" not in (outbox / REFUSED).names()
+    assert "not moved back" not in result["chart_error"]
+    assert f"moved back to the outbox; {left} in {REFUSED}/ not removed" in result["chart_error"]
+    assert "pruned" in result["chart_error"]
+    assert "Input/output error" in result["chart_error"]
+    assert any(f"{left} in {REFUSED}/ not removed" in r.getMessage() for r in caplog.records)
+    (waiting,) = waiting_reports(outbox)
+    assert waiting.refused is None
+    monkeypatch.setattr(Folder, "delete", real)
+    assert prune_outbox(outbox, time.time() + 2 * 3600)
+    assert (outbox / REFUSED).names() == []
+
+
 @pytest.mark.parametrize("error", ["metadata_must_be_sent_from_app", "invalid_metadata_format", "metadata_too_large"])
 def test_a_post_whose_metadata_slack_refuses_is_posted_without_it(slack, tmp_path, error, caplog):
     """Slack refusing a report's metadata (a token that is no app's, a limit) must not cost the
