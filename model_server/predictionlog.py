@@ -847,21 +847,32 @@ LOGGED_SKIPS = 10  # the files a read skipped that it names in its log (the othe
 
 
 def _log_files(
-    fs: pafs.FileSystem, uri: str | Path, path: str, keep: Callable[[str], bool], budget: _Budget | None
+    fs: pafs.FileSystem,
+    uri: str | Path,
+    path: str,
+    keep: Callable[[str, Callable[[], float | None]], bool],
+    budget: _Budget | None,
 ) -> tuple[dict[str, int], str | None]:
-    """The files of the folder ``path`` (not below it) whose names ``keep`` takes, and their
-    sizes, at most ``MAX_LISTED_FILES``; and why not all (``CROWDED``, or ``UNLISTED``: the
-    read's time spent between two pages), None when all."""
+    """The files of the folder ``path`` (not below it) that ``keep`` takes, by their name and
+    (asked only where the name does not decide) the time the store says each was written (unix
+    seconds, None where it gives none), and their sizes, at most ``MAX_LISTED_FILES``; and why
+    not all (``CROWDED``, or ``UNLISTED``: the read's time spent between two pages), None when all."""
     found: dict[str, int] = {}
 
     def full() -> bool:
         return len(found) >= MAX_LISTED_FILES
 
+    def stored(entry: os.DirEntry[str]) -> float | None:
+        try:
+            return entry.stat().st_mtime
+        except OSError:  # (removed meanwhile)
+            return None
+
     if isinstance(fs, pafs.LocalFileSystem):
         try:
             with os.scandir(path) as entries:
                 for entry in entries:
-                    if keep(entry.name) and entry.is_file():
+                    if keep(entry.name, partial(stored, entry)) and entry.is_file():
                         if full():
                             return found, CROWDED
                         with contextlib.suppress(FileNotFoundError):  # (removed meanwhile)
@@ -873,7 +884,7 @@ def _log_files(
         fs,
         str(uri),
         path,
-        lambda e: not e.folder and keep(e.name),
+        lambda e: not e.folder and keep(e.name, lambda: e.mtime),
         MAX_LISTED_FILES,
         LIST_PAGE,
         None if budget is None else budget.expired,
@@ -974,6 +985,12 @@ def _written_before(name: str, start: datetime) -> bool:
     """Whether a file of this name was written (so all its records received) before ``start``."""
     written = _written_at(name)
     return written is not None and written + timedelta(seconds=1 + CLOCK_STEP_S) <= start
+
+
+def _stored_before(stored: float | None, start: datetime) -> bool:
+    """Whether a file the store says was written at ``stored`` (unix seconds, its clock) was written
+    before ``start``, as ``_written_before`` judges a name (a store that gives no time: taken so)."""
+    return stored is None or stored + 1 + CLOCK_STEP_S <= start.timestamp()
 
 
 def _folder_hour(folder: str) -> datetime | None:
@@ -1458,7 +1475,9 @@ def read(
     Only the ``model=``/``dt=``/``hour=`` folders of the range are listed (of a range over
     ``BLIND_HOURS``, those that exist), only files that may
     hold records of the range are opened (a file written, by its name, more than ``CLOCK_STEP_S``
-    before ``start`` holds none: its records were received before it was written), of those only
+    before ``start`` holds none: its records were received before it was written; unless the
+    store's listing dates it within the range or after, when it is read, and refused as below
+    where its name lies before its records of the range), of those only
     the row groups whose ``time`` statistics may hold one are read (the malformed records counted
     are theirs), and only ``columns`` (plus ``time``). Unreadable, truncated, wrongly typed files and files
     whose columns would take over ``MAX_READ_BYTES`` once read are skipped with a warning, as
@@ -1591,14 +1610,20 @@ def read_files(
     until = end if listed_until is None else listed_until
     budget = None if max_bytes is None and deadline is None else _Budget(max_bytes, deadline, clock)
 
-    def keep(name: str, hour: datetime | None) -> bool:
+    def keep(name: str, hour: datetime | None, stored: Callable[[], float | None]) -> bool:
         # (a name written before the hour its folder holds lies before every record in it: not
         # pruned by it, but read, and refused where it holds records of the range, whether the
-        # read is the audit's, with ``written``, or not: its records are never dropped unsaid)
+        # read is the audit's, with ``written``, or not: its records are never dropped unsaid;
+        # so is one inside that hour, before the range, that the store says was written within
+        # it or after: the name and the store's clock disagree, the name may hide records)
         return (
             name.startswith("part-")
             and name.endswith(".parquet")
-            and (not _written_before(name, start) or (hour is not None and _written_before(name, hour)))
+            and (
+                not _written_before(name, start)
+                or (hour is not None and _written_before(name, hour))
+                or not _stored_before(stored(), start)
+            )
             and (written_after is None or (_written_at(name) or written_after) > written_after)
         )
 
@@ -1606,7 +1631,7 @@ def read_files(
         if budget is not None and budget.expired():
             return {}, UNLISTED
         hour = _folder_hour(folder)
-        return _log_files(fs, uri, folder, lambda name: keep(name, hour), budget)
+        return _log_files(fs, uri, folder, lambda name, stored: keep(name, hour, stored), budget)
 
     with ThreadPoolExecutor(threads) if threads > 1 else _CallerThread() as pool:
         folders = [f for m in models for f in _hour_folders(fs, f"{root}/model={m}", start, until, pool)]

@@ -425,14 +425,17 @@ def test_files_written_before_the_range_are_not_opened(log_uri, tmp_path, monkey
     fs, root = filesystem(log_uri)
     with fs.open_input_stream(f"{root}/{files(log_uri)[0]}") as f:
         data = f.read()
-    # The same records under names no writer would give them: written 10 minutes ago (so never
-    # opened by a read from 5 minutes ago on), and a name without a UTC time (always opened).
+    # The same records under names no writer would give them: written 10 minutes ago (so, were the
+    # store's clock to say so too, never opened by a read from 5 minutes ago on; stored now, it says
+    # otherwise: read and refused, its name before its records), and a name without a UTC time
+    # (always opened).
     old = f"{written - timedelta(minutes=10):%Y%m%dT%H%M%S}Z"
     put_file(log_uri, f"{folder}/part-x-{old}-0123456789ab.parquet", data)
     put_file(log_uri, f"{folder}/part-x-1-unnamed.parquet", data)
     recent = read(log_uri, datetime.now(UTC) - timedelta(minutes=5), datetime.now(UTC) + timedelta(minutes=1))
     assert recent.attrs["files_read"] == 2
     assert len(recent) == 2 * 2  # two items each: the writer's file and the unnamed one
+    assert recent.attrs["skipped_files"] == 1
     wide = read(log_uri, datetime.now(UTC) - timedelta(minutes=15), datetime.now(UTC) + timedelta(minutes=1))
     assert wide.attrs["files_read"] == 3
 
@@ -453,6 +456,36 @@ def test_a_file_named_before_the_hour_its_folder_holds_is_refused_and_counted_by
     recent = read(tmp_path / "log", datetime.now(UTC) - timedelta(minutes=5), datetime.now(UTC) + timedelta(minutes=1))
     assert (len(recent), recent.attrs["skipped_files"], recent.attrs["files_read"]) == (0, 1, 0)
     ((where, why),) = recent.attrs["skipped_file_reasons"].items()
+    assert where.endswith(named)
+    assert "lies before its records" in why
+    assert "its 2 records of this range" in why
+
+
+@pytest.mark.parametrize("written", [False, True])
+def test_a_file_named_in_its_folder_s_hour_before_the_range_but_stored_in_it_is_read_and_refused(tmp_path, written):
+    """A file whose name places it inside the hour its folder holds, but before a read's range
+    (the audit's, from a minute before its hour, lists the hour before's folder), was pruned by
+    that name alone: its records of the range were dropped without a word, no file skipped, the
+    audit none the wiser (its name, anyone's to choose, hid them). Where the store says the file
+    was written within the range (its listing's time, not before the range as its name says), the
+    two disagree: it is read, and refused where its name lies before its records of the range,
+    skipped and named, as one named before its folder's hour is. One the store dates before the
+    range too is still never opened (a garbage file: opened, it would be skipped as unreadable)."""
+    hour = datetime(2026, 1, 1, 5, tzinfo=UTC)
+    w = writer(tmp_path)
+    w.append(primary("late", when=(hour + timedelta(minutes=40)).timestamp()))
+    w.flush()
+    (path,) = (tmp_path / "log").rglob("part-*.parquet")
+    assert path.parent.name == "hour=05"
+    named = re.sub(r"-\d{8}T\d{6}Z-", f"-{hour + timedelta(minutes=10):%Y%m%dT%H%M%S}Z-", path.name)
+    path.rename(path.with_name(named))  # (stored now: after the range, by the store's clock)
+    old = hour + timedelta(minutes=5)
+    garbage = path.with_name(f"part-x-{old:%Y%m%dT%H%M%S}Z-0123456789ab.parquet")
+    garbage.write_bytes(b"PAR1 not parquet, and never opened")
+    os.utime(garbage, (old.timestamp(), old.timestamp()))
+    df = read(tmp_path / "log", hour + timedelta(minutes=30), hour + timedelta(hours=1), written=written)
+    assert len(df) == 0
+    ((where, why),) = df.attrs["skipped_file_reasons"].items()
     assert where.endswith(named)
     assert "lies before its records" in why
     assert "its 2 records of this range" in why
