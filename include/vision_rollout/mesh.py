@@ -1045,10 +1045,12 @@ class IstioRouter:
 
         what = f"apply {plural}/{self.target.name}"
 
-        first = [read] if read is not None else []
+        given = read  # the first try's object; later tries read it again
 
         def attempt(doubted: int) -> bool:  # (after a write in doubt, the object as wanted is that write's)
-            live = first.pop() if first else self._get(plural)
+            nonlocal given
+            live = given if given is not None else self._get(plural)
+            given = None
             if live is None:
                 raise RouterError(self._missing(ISTIO_KINDS[plural]))
             view = rollouts_view(live)  # what another manager owns stays out of the apply, its own
