@@ -1772,6 +1772,24 @@ def test_a_look_up_slack_rate_limits_waits_its_retry_after_and_posts_once(slack,
     assert outbox.names() == []
 
 
+def _look_ups_throttled(slack, client):
+    """Slack answering one ``conversations.history`` call in 30 s, and that one taken: a look-up's
+    next call is answered 429, Retry-After 30."""
+    slack.history_every_s = 30.0
+    client.conversations_history(channel="C0ROLLOUT")
+
+
+def _found_posted_before(slack, outbox, client, **kwargs):
+    """A round that finds the outbox's one report posted already: marked sent, not posted again."""
+    from vision_rollout.notify import send_waiting
+
+    (result,) = send_waiting(outbox, client, **kwargs)
+    assert result["sent"] is True
+    assert result["posted_before"] is True
+    assert len(slack.messages()) == 1
+    assert outbox.names() == []
+
+
 @pytest.mark.parametrize("slow", ["rate limit", "stalled answer"])
 def test_a_look_up_ends_within_the_rounds_budget_leaving_the_report_waiting(slack, tmp_path, monkeypatch, slow):
     """A round's budget (``send_waiting``'s ``budget_s``: the shadow audit's 120 s) only kept it
@@ -1789,8 +1807,7 @@ def test_a_look_up_ends_within_the_rounds_budget_leaving_the_report_waiting(slac
     _lost_answer(slack, outbox)
     client = WebClient(token=slack.token, base_url=slack.base_url)
     if slow == "rate limit":
-        slack.history_every_s = 30.0  # (one call in 30 s: the next one answered 429, Retry-After 30)
-        client.conversations_history(channel="C0ROLLOUT")
+        _look_ups_throttled(slack, client)
     else:
         slack.stall = {"conversations.list": 30.0}
     (result,) = send_waiting(outbox, client, budget_s=3)
@@ -1799,11 +1816,7 @@ def test_a_look_up_ends_within_the_rounds_budget_leaving_the_report_waiting(slac
     assert len(slack.messages()) == 1
     assert len(outbox.names()) == 1  # (it waits)
     slack.history_every_s, slack._history_at, slack.stall = 0.0, -1e9, {}
-    (result,) = send_waiting(outbox, client, budget_s=3)
-    assert result["sent"] is True
-    assert result["posted_before"] is True
-    assert len(slack.messages()) == 1
-    assert outbox.names() == []
+    _found_posted_before(slack, outbox, client, budget_s=3)
 
 
 def test_a_dead_senders_claim_removed_by_a_look_up_the_budget_cut_leaves_the_report_maybe_posted(
@@ -1826,17 +1839,12 @@ def test_a_dead_senders_claim_removed_by_a_look_up_the_budget_cut_leaves_the_rep
         send_waiting(outbox, dying)
     later = lambda: time.time() + notify.CLAIM_S + 1  # noqa: E731
     client = WebClient(token=slack.token, base_url=slack.base_url)
-    slack.history_every_s = 30.0  # (one call in 30 s: the look-up's next one answered 429)
-    client.conversations_history(channel="C0ROLLOUT")
+    _look_ups_throttled(slack, client)
     (result,) = send_waiting(outbox, client, budget_s=3, clock=later)
     assert "budget" in result["error"]
     assert len(slack.messages()) == 1
     slack.history_every_s, slack._history_at = 0.0, -1e9
-    (result,) = send_waiting(outbox, client, clock=later)  # (later still: the claim lapsed for it too)
-    assert result["sent"] is True
-    assert result["posted_before"] is True
-    assert len(slack.messages()) == 1
-    assert outbox.names() == []
+    _found_posted_before(slack, outbox, client, clock=later)  # (later still: the claim lapsed for it too)
 
 
 def test_a_dead_senders_post_found_whose_mark_cannot_be_written_is_looked_for_again_not_posted_twice(
@@ -1873,11 +1881,7 @@ def test_a_dead_senders_post_found_whose_mark_cannot_be_written_is_looked_for_ag
         with pytest.raises(PostedNotKept):
             send_waiting(outbox, client, clock=later)
     monkeypatch.setattr(Folder, "write", real_write)
-    (result,) = send_waiting(outbox, client, clock=later)
-    assert result["sent"] is True
-    assert result["posted_before"] is True
-    assert len(slack.messages()) == 1
-    assert outbox.names() == []
+    _found_posted_before(slack, outbox, client, clock=later)
 
 
 @pytest.mark.parametrize("answer", [b"[1, 2]", b'"ok"', b'{"ok": true}', b'{"ok": true, "channel": 5}'])
