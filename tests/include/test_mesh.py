@@ -1691,12 +1691,10 @@ def test_each_try_of_a_call_waits_at_most_what_the_api_budget_has_left(kube, mon
     assert limits == [15, 15, 10]  # (left: 30, 20, then 10)
 
 
-@pytest.mark.real_pauses  # (the pauses on the fake clock)
-def test_no_pause_is_slept_once_the_api_budget_is_spent(monkeypatch):
-    """``settled``'s pause before a write in doubt is read back, and ``routes_read``'s before the
-    routes are read again, slept on once the failure callback's budget was spent (it ended at
-    45 s of its 30). A pause the ``api_budget`` in force has no time left for is not begun: the
-    last failure is raised at once."""
+def _writes_in_doubt(monkeypatch, error, unanswered_s=0.0, served_on=None):
+    """mesh's clock and sleep faked, and a write for ``settled`` each try of which is left in
+    doubt (``Unsettled(error)``) after ``unanswered_s`` on that clock, until the ``served_on``-th
+    (served: "written"). The clock (``now[0]``), the pauses slept, the write, its tries' arguments."""
     from types import SimpleNamespace
 
     from vision_rollout import mesh
@@ -1706,11 +1704,27 @@ def test_no_pause_is_slept_once_the_api_budget_is_spent(monkeypatch):
     monkeypatch.setattr(mesh, "time", SimpleNamespace(monotonic=lambda: now[0], sleep=slept.append))
     attempts: list[int] = []
 
-    def in_doubt(n: int) -> None:
-        attempts.append(n)
-        now[0] += 9.5  # (a write left 9.5 s without an answer)
-        raise mesh.Unsettled(mesh.ApiUnreachable("the Kubernetes API server did not answer PATCH /x"))
+    def write(doubted: int) -> str:
+        attempts.append(doubted)
+        now[0] += unanswered_s
+        if served_on is not None and len(attempts) >= served_on:
+            return "written"
+        raise mesh.Unsettled(error)
 
+    return now, slept, write, attempts
+
+
+@pytest.mark.real_pauses  # (the pauses on the fake clock)
+def test_no_pause_is_slept_once_the_api_budget_is_spent(monkeypatch):
+    """``settled``'s pause before a write in doubt is read back, and ``routes_read``'s before the
+    routes are read again, slept on once the failure callback's budget was spent (it ended at
+    45 s of its 30). A pause the ``api_budget`` in force has no time left for is not begun: the
+    last failure is raised at once."""
+    from vision_rollout import mesh
+
+    unanswered = mesh.ApiUnreachable("the Kubernetes API server did not answer PATCH /x")
+    # (each try left 9.5 s without an answer)
+    _, slept, in_doubt, attempts = _writes_in_doubt(monkeypatch, unanswered, unanswered_s=9.5)
     with mesh.api_budget(30, 15, cap_s=20):
         assert mesh.pause(1.0)
         with pytest.raises(mesh.ApiUnreachable, match=r"tried 2 times") as raised:
@@ -1729,21 +1743,10 @@ def test_a_pause_is_slept_where_only_the_unanswered_time_left_is_short(monkeypat
     (no cap) a budget with 1.5 s of its 120 left gave up ``settled``'s retries of a write in doubt
     (and ``routes_read``'s) that landed before. Only a cap with no more than the pause left, or
     no unanswered time left at all, refuses it now."""
-    from types import SimpleNamespace
-
     from vision_rollout import mesh
 
-    now = [0.0]
-    slept: list[float] = []
-    monkeypatch.setattr(mesh, "time", SimpleNamespace(monotonic=lambda: now[0], sleep=slept.append))
-    attempts: list[bool] = []
-
-    def in_doubt_then_written(doubted: bool) -> str:
-        attempts.append(doubted)
-        if len(attempts) < 4:
-            raise mesh.Unsettled(mesh.ApiFailed("apply virtualservices/digits: 504 Gateway Timeout", 504))
-        return "written"
-
+    timed_out = mesh.ApiFailed("apply virtualservices/digits: 504 Gateway Timeout", 504)
+    now, slept, in_doubt_then_written, attempts = _writes_in_doubt(monkeypatch, timed_out, served_on=4)
     with mesh.api_budget(120, 30) as budget:
         budget.spent = 118.5
         assert mesh.settled(in_doubt_then_written) == "written"
