@@ -34,6 +34,7 @@ from devstack.cluster.dataplane import (
 from devstack.processes import free_port
 from model_server.app import is_shadow_host
 from model_server.traffic import BUCKETS, PolicyError, TrafficPolicy
+from tests.support import POLL_INTERVAL_S
 from vision_rollout.mesh import (
     BUCKET_SPAN,
     IstioTarget,
@@ -102,7 +103,9 @@ class Pod:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": POLL_INTERVAL_S}, daemon=True
+        ).start()
 
     @property
     def address(self) -> str:
