@@ -118,11 +118,12 @@ def test_a_deployment_runs_ready_pods_that_restart_and_scale_to_zero(cluster, tm
     pid = victim.proc.pid
     os.kill(pid, signal.SIGKILL)
     wait_for("the killed pod restarted", lambda: victim.restarts == 1 and victim.running)
-    wait_for(
-        "the restarted pod ready again",
-        lambda: next(p for p in pods(api_client) if p.metadata.name == victim.name).status.container_statuses[0].ready,
-    )
-    status = next(p for p in pods(api_client) if p.metadata.name == victim.name).status.container_statuses[0]
+
+    def restarted_and_ready() -> Any:  # (the status the round before wrote still says ready, restarted 0 times)
+        status = next(p for p in pods(api_client) if p.metadata.name == victim.name).status.container_statuses[0]
+        return status if status.restart_count and status.ready else None
+
+    status = wait_for("the restarted pod ready again", restarted_and_ready)
     assert status.restart_count == 1
     assert status.last_state.terminated.exit_code == 128 + signal.SIGKILL  # as kubelet reports it
     assert len(runner.endpoints("models", {"version": "2"})) == 2
