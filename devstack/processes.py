@@ -6,6 +6,7 @@ free port, and are stopped by whoever started them, by process id.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -17,15 +18,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from vision_rollout.metrics import parse_exposition
 from vision_rollout.serving import ModelServerAdmin
 
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 
 def source_path(source: Path) -> str:
@@ -74,6 +76,91 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class PortTaken(RuntimeError):
+    """Another process listens on the port a server this code started was to bind."""
+
+
+# The local addresses a connection to 127.0.0.1 reaches, as /proc/net/tcp and tcp6 write them
+# (32-bit words in the host's order, little-endian here): 127.0.0.1, either family's wildcard, and
+# ::ffff:127.0.0.1.
+_LOOPBACK = frozenset({"0100007F", "00000000", "0" * 32, "0000000000000000FFFF00000100007F"})
+
+
+def listening_sockets(ports: Iterable[int]) -> set[str]:
+    """The ``socket:[inode]`` links (as /proc/PID/fd has them) of the sockets listening where a
+    connection to 127.0.0.1 on one of ``ports`` lands."""
+    wanted, out = set(ports), set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if len(fields) > 9 and fields[3] == "0A":  # state 0A: LISTEN
+                    address, _, port = fields[1].rpartition(":")
+                    if address in _LOOPBACK and int(port, 16) in wanted:
+                        out.add(f"socket:[{fields[9]}]")
+    return out
+
+
+def holds_any(pid: int, sockets: set[str]) -> bool:
+    """Whether process ``pid`` has one of ``sockets`` open (False once it exited)."""
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) in sockets:
+                    return True
+    return False
+
+
+def children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid``."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rpartition(")")[2].split()[1]) == pid:
+                out.add(int(stat.parent.name))
+    return out
+
+
+def port_holder(pid: int, port: int) -> bool | None:
+    """Who listens on 127.0.0.1:``port``: True for process ``pid`` or a process it started (or they
+    did: a server's workers), False for another process, None for none (yet)."""
+    sockets = listening_sockets([port])
+    if not sockets:
+        return None
+    seen: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        if p not in seen:
+            seen.add(p)
+            if holds_any(p, sockets):
+                return True
+            todo += children(p)
+    return False
+
+
+def listening(pid: int, port: int, what: str) -> bool:
+    """Whether process ``pid`` (or one it started) listens on 127.0.0.1:``port`` now, so that what
+    answers there is its own; PortTaken when another process holds the port (``pid`` cannot bind
+    it, and what answers there is not its own). Called before asking whether ``pid`` exited: one
+    that could not bind the port says so."""
+    holder = port_holder(pid, port)
+    if holder is False:
+        raise PortTaken(f"{what}: port {port} is held by another process")
+    return holder is True
+
+
+def on_a_free_port(start: Callable[[int], T], port: int | None) -> T:
+    """``start(port)``; without ``port``, ``start`` on a free port, picked again (three tries in
+    all) when another process binds it first (``start`` raising PortTaken, its process stopped)."""
+    if port:
+        return start(port)
+    for _ in range(2):
+        with contextlib.suppress(PortTaken):
+            return start(free_port())
+    return start(free_port())
+
+
 def start_mark(pid: int) -> str | None:
     """What tells this process from a later one given the same id (after a reboot, or once ids
     wrap): the boot's id and the process's start time in clock ticks since boot; None where no
@@ -112,6 +199,14 @@ class ManagedProcess:
     proc: subprocess.Popen[bytes]
     port: int
     log: Path
+
+    def owns_port(self, what: str) -> bool:
+        """``listening`` for this process on its port; stopped when another process holds the port."""
+        try:
+            return listening(self.proc.pid, self.port, what)
+        except PortTaken:
+            self.stop()
+            raise
 
     def stop(self, timeout_s: float = 20.0) -> None:
         if self.proc.poll() is None:
@@ -153,14 +248,16 @@ class ModelServerProcess(ManagedProcess):
         self.api.load(model, versions)
 
     def wait_until(self, health: str = "ready", timeout_s: float = 60.0) -> None:
-        """Wait until /v2/health/<health> ("live" or "ready") answers 200; RuntimeError (with the
-        log) when the process exits first or ``timeout_s`` passes."""
+        """Wait until /v2/health/<health> ("live" or "ready") answers 200 from this process (on a
+        port it listens on, not another's: PortTaken); RuntimeError (with the log) when the
+        process exits first or ``timeout_s`` passes."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            ours = self.owns_port("model server")
             if self.proc.poll() is not None:
                 raise RuntimeError(f"model server exited with {self.proc.returncode}:\n{self.log.read_text()}")
             try:
-                if _get(f"{self.http}/v2/health/{health}", timeout=1)[0] == 200:
+                if ours and _get(f"{self.http}/v2/health/{health}", timeout=1)[0] == 200:
                     return
             except OSError:
                 pass
@@ -194,47 +291,53 @@ def start_model_server(
 
     The admin token travels in a 0600 file, never on the command line (visible in ``ps``),
     removed once the server has started (it reads the file once, at its start).
+
+    Without ``port``, on a free port, picked again where another process binds it first.
     """
-    port = port or free_port()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    if "--state-dir" not in args:  # never leave policies behind in a shared repository
-        args = (*args, "--state-dir", str(log_dir / f"state-{port}"))
-    log = log_dir / f"model-server-{port}.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "model_server",
-        "--repository",
-        str(repository),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        *args,
-    ]
-    token_file = log_dir / f"admin-token-{port}"
-    if token:
-        token_file.unlink(missing_ok=True)  # (one left by a crash: its mode is not ours to trust)
-        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token)
-        cmd += ["--admin-token-file", str(token_file)]
-    # Another copy runs its own code alone (this environment's PYTHONPATH points at this one).
-    inherited = os.environ.get("PYTHONPATH", "") if source == ROOT else ""
-    pythonpath = os.pathsep.join(p for p in (source_path(source), inherited) if p)
-    env = {**os.environ, "PYTHONPATH": pythonpath, "ORT_DISABLE_TELEMETRY": "1"}
-    with log.open("wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=source)
-    server = ModelServerProcess(proc, port, log, token)
-    try:
-        server.wait_until(until, wait_s)
-    except RuntimeError:
-        server.stop()
-        raise
-    finally:  # read once at the server's start: no copy of the token left behind
+
+    def start(port: int) -> ModelServerProcess:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        opts = args
+        if "--state-dir" not in args:  # never leave policies behind in a shared repository
+            opts = (*args, "--state-dir", str(log_dir / f"state-{port}"))
+        log = log_dir / f"model-server-{port}.log"
+        cmd = [
+            sys.executable,
+            "-m",
+            "model_server",
+            "--repository",
+            str(repository),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *opts,
+        ]
+        token_file = log_dir / f"admin-token-{port}"
         if token:
-            token_file.unlink(missing_ok=True)
-    return server
+            token_file.unlink(missing_ok=True)  # (one left by a crash: its mode is not ours to trust)
+            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token)
+            cmd += ["--admin-token-file", str(token_file)]
+        # Another copy runs its own code alone (this environment's PYTHONPATH points at this one).
+        inherited = os.environ.get("PYTHONPATH", "") if source == ROOT else ""
+        pythonpath = os.pathsep.join(p for p in (source_path(source), inherited) if p)
+        env = {**os.environ, "PYTHONPATH": pythonpath, "ORT_DISABLE_TELEMETRY": "1"}
+        with log.open("wb") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=source)
+        server = ModelServerProcess(proc, port, log, token)
+        try:
+            server.wait_until(until, wait_s)
+        except RuntimeError:
+            server.stop()
+            raise
+        finally:  # read once at the server's start: no copy of the token left behind
+            if token:
+                token_file.unlink(missing_ok=True)
+        return server
+
+    return on_a_free_port(start, port)
 
 
 @dataclass
@@ -246,14 +349,16 @@ class PrometheusProcess(ManagedProcess):
         return f"http://127.0.0.1:{self.port}"
 
     def wait_scraped(self, wait_s: float = 30.0) -> PrometheusProcess:
-        """Once every static target has been scraped successfully; stopped if not within ``wait_s``."""
+        """Once every static target has been scraped successfully (as this process answers: PortTaken
+        where another holds its port); stopped if not within ``wait_s``."""
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
+            ours = self.owns_port("prometheus")
             if self.proc.poll() is not None:
                 raise RuntimeError(f"prometheus exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
             try:
                 # Ready is not enough: target discovery starts scraping up to 5 s later.
-                status, body = _get(f"{self.url}/api/v1/targets?state=active", timeout=1)
+                status, body = _get(f"{self.url}/api/v1/targets?state=active", timeout=1) if ours else (0, b"")
                 if status == 200:
                     active = json.loads(body)["data"]["activeTargets"]
                     static = [t for t in active if t["discoveredLabels"].get("__meta_filepath") is None]
@@ -281,14 +386,14 @@ def start_prometheus(
     ``wait``, for a caller that starts the targets meanwhile (the 5 s before Prometheus' first
     scrape run beside their start) and then waits. ``jobs``: more scrape jobs, as Prometheus'
     configuration has them (the one-machine cluster's: its pods found through a file,
-    ``manifests.scrape_job``); their targets are not waited for.
+    ``manifests.scrape_job``); their targets are not waited for. Without ``port``, on a free
+    port, picked again where another process binds it first (when waiting).
     """
     import shutil
 
     binary = shutil.which("prometheus")
     if binary is None:
         raise RuntimeError("prometheus is not installed: apt-get install --no-install-recommends prometheus")
-    port = port or free_port()
     work_dir.mkdir(parents=True, exist_ok=True)
     config = work_dir / "prometheus.yml"
     config.write_text(
@@ -304,20 +409,24 @@ def start_prometheus(
         + "".join(f"  - {json.dumps(job)}\n" for job in jobs)  # JSON is YAML
     )
     log = work_dir / "prometheus.log"
-    with log.open("wb") as f:
-        proc = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={work_dir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--web.enable-lifecycle",
-            ],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-        )
-    prom = PrometheusProcess(proc, port, log, len(targets))
-    return prom.wait_scraped(wait_s) if wait else prom
+
+    def start(port: int) -> PrometheusProcess:
+        with log.open("wb") as f:
+            proc = subprocess.Popen(
+                [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={work_dir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                    "--web.enable-lifecycle",
+                ],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            )
+        prom = PrometheusProcess(proc, port, log, len(targets))
+        return prom.wait_scraped(wait_s) if wait else prom
+
+    return on_a_free_port(start, port)
 
 
 S3_BUCKET = "predictions"
@@ -357,30 +466,37 @@ class S3Process(ManagedProcess):
 
 
 def start_s3(work_dir: Path, port: int | None = None, wait_s: float = 60.0) -> S3Process:
-    """``python -m moto.server`` on 127.0.0.1 with the bucket made; stopped by its pid."""
-    port = port or free_port()
+    """``python -m moto.server`` on 127.0.0.1 with the bucket made; stopped by its pid. Without
+    ``port``, on a free port, picked again where another process binds it first."""
     work_dir.mkdir(parents=True, exist_ok=True)
     log = work_dir / "moto.log"
-    with log.open("wb") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **S3_CREDENTIALS},
-        )
-    server = S3Process(proc, port, log)
-    deadline = time.monotonic() + wait_s
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            server.filesystem().create_dir(server.bucket)
-            return server
-        except OSError:
-            if time.monotonic() > deadline:
-                server.stop()
-                raise
-            time.sleep(0.2)
+
+    def start(port: int) -> S3Process:
+        with log.open("wb") as f:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **S3_CREDENTIALS},
+            )
+        server = S3Process(proc, port, log)
+        deadline = time.monotonic() + wait_s
+        while True:
+            ours = server.owns_port("moto server")
+            if proc.poll() is not None:
+                raise RuntimeError(f"moto server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if not ours:
+                    raise ConnectionRefusedError(f"moto server does not listen on 127.0.0.1:{port} yet")
+                server.filesystem().create_dir(server.bucket)
+                return server
+            except OSError:
+                if time.monotonic() > deadline:
+                    server.stop()
+                    raise
+                time.sleep(0.2)
+
+    return on_a_free_port(start, port)
 
 
 AIRFLOW_COMPONENTS = (
@@ -483,49 +599,59 @@ def start_airflow(
     wait_s: float = 180.0,
     extra_env: dict[str, str] | None = None,
 ) -> AirflowProcesses:
-    """Migrate the database, start Airflow's components on 127.0.0.1, wait until all are healthy."""
-    port = port or free_port()
-    env = airflow_env(home, port, connections, extra_env)
-    airflow = str(Path(sys.executable).parent / "airflow")
-    migrate = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True, cwd=ROOT)
-    if migrate.returncode:
-        raise RuntimeError(f"airflow db migrate failed:\n{migrate.stdout[-2000:]}{migrate.stderr[-3000:]}")
-    (home / "logs").mkdir(exist_ok=True)
-    components: dict[str, ManagedProcess] = {}
-    stack = AirflowProcesses(home, port, components, "admin", (home / "admin-password").read_text().strip())
-    for name, *flags in AIRFLOW_COMPONENTS:
-        log = home / "logs" / f"{name}.log"
-        with log.open("ab") as f:
-            proc = subprocess.Popen(  # (the scheduler with the tasks' modules imported: devstack.airflow_main)
-                [sys.executable, "-m", "devstack.airflow_main", name, *flags],
-                stdout=f,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=ROOT,
-                start_new_session=True,
-            )
-        components[name] = ManagedProcess(proc, port if name == "api-server" else 0, log)
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        dead = [n for n, p in components.items() if p.proc.poll() is not None]
-        if dead:
-            stack.stop()
-            logs = "\n".join(f"--- {n}:\n{components[n].log.read_text()[-2000:]}" for n in dead)
-            raise RuntimeError(f"airflow {', '.join(dead)} exited:\n{logs}")
-        try:
-            status, body = _get(f"{stack.url}/api/v2/monitor/health", timeout=2)
-            if status == 200:
-                health = json.loads(body)
-                if all(
-                    health.get(c, {}).get("status") == "healthy"
-                    for c in ("metadatabase", "scheduler", "triggerer", "dag_processor")
-                ):
-                    return stack
-        except (OSError, ValueError):
-            pass
-        time.sleep(1)
-    stack.stop()
-    raise RuntimeError(f"airflow not healthy within {wait_s:g} s; logs in {home / 'logs'}")
+    """Migrate the database, start Airflow's components on 127.0.0.1, wait until all are healthy
+    (the API server answering from its port: PortTaken where another process holds it). Without
+    ``port``, on a free port, picked again where another process binds it first."""
+
+    def start(port: int) -> AirflowProcesses:
+        env = airflow_env(home, port, connections, extra_env)
+        airflow = str(Path(sys.executable).parent / "airflow")
+        migrate = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True, cwd=ROOT)
+        if migrate.returncode:
+            raise RuntimeError(f"airflow db migrate failed:\n{migrate.stdout[-2000:]}{migrate.stderr[-3000:]}")
+        (home / "logs").mkdir(exist_ok=True)
+        components: dict[str, ManagedProcess] = {}
+        stack = AirflowProcesses(home, port, components, "admin", (home / "admin-password").read_text().strip())
+        for name, *flags in AIRFLOW_COMPONENTS:
+            log = home / "logs" / f"{name}.log"
+            with log.open("ab") as f:
+                proc = subprocess.Popen(  # (the scheduler with the tasks' modules imported: devstack.airflow_main)
+                    [sys.executable, "-m", "devstack.airflow_main", name, *flags],
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=ROOT,
+                    start_new_session=True,
+                )
+            components[name] = ManagedProcess(proc, port if name == "api-server" else 0, log)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                ours = listening(components["api-server"].proc.pid, port, "airflow api-server")
+            except PortTaken:
+                stack.stop()
+                raise
+            dead = [n for n, p in components.items() if p.proc.poll() is not None]
+            if dead:
+                stack.stop()
+                logs = "\n".join(f"--- {n}:\n{components[n].log.read_text()[-2000:]}" for n in dead)
+                raise RuntimeError(f"airflow {', '.join(dead)} exited:\n{logs}")
+            try:
+                status, body = _get(f"{stack.url}/api/v2/monitor/health", timeout=2) if ours else (0, b"")
+                if status == 200:
+                    health = json.loads(body)
+                    if all(
+                        health.get(c, {}).get("status") == "healthy"
+                        for c in ("metadatabase", "scheduler", "triggerer", "dag_processor")
+                    ):
+                        return stack
+            except (OSError, ValueError):
+                pass
+            time.sleep(1)
+        stack.stop()
+        raise RuntimeError(f"airflow not healthy within {wait_s:g} s; logs in {home / 'logs'}")
+
+    return on_a_free_port(start, port)
 
 
 def local_connections(

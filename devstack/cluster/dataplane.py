@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devstack.processes import children, holds_any, listening_sockets
 from model_server.errors import PolicyError
 from model_server.traffic import (
     BUCKET_HEADER,
@@ -691,38 +692,6 @@ def _listen_ports(conf: str) -> list[int]:
     return [int(p) for p in re.findall(r"^\s*listen\s+127\.0\.0\.1:([0-9]{1,5})\b", conf, re.MULTILINE)]
 
 
-def _children(pid: int) -> set[int]:
-    """The processes whose parent is ``pid`` (nginx's workers, when ``pid`` is its master)."""
-    out = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            if int(stat.read_text().rpartition(")")[2].split()[1]) == pid:
-                out.add(int(stat.parent.name))
-    return out
-
-
-def _listening_sockets(ports: Sequence[int]) -> set[str]:
-    """The ``socket:[inode]`` links of the loopback sockets listening on ``ports``."""
-    wanted, out = set(ports), set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) in wanted:
-                    out.add(f"socket:[{fields[9]}]")  # state 0A: LISTEN
-    return out
-
-
-def _holds_any(pid: int, sockets: set[str]) -> bool:
-    """Whether process ``pid`` has one of ``sockets`` open (False once it exited)."""
-    with contextlib.suppress(OSError):
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            with contextlib.suppress(OSError):
-                if os.readlink(fd) in sockets:
-                    return True
-    return False
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -853,11 +822,11 @@ class NginxDataPlane:
         if conf == self._conf:
             return False
         previous, candidate = self._conf or "", self._test(conf)
-        old_workers, log_size = _children(pid), self._log_size()
+        old_workers, log_size = children(pid), self._log_size()
         candidate.replace(self.conf_path)
         os.kill(pid, signal.SIGHUP)
         deadline = time.monotonic() + self.wait_s
-        while not _children(pid) - old_workers:  # new workers: the new configuration serves
+        while not children(pid) - old_workers:  # new workers: the new configuration serves
             # e.g. a port taken; not a request's alert (a header that is not UTF-8, for a regex)
             failed = re.search(r"\[(emerg|alert)\](?![^\n]*, client: )[^\n]*", self._log_tail(log_size))
             why = failed.group(0) if failed else "nginx exited" if self.pid is None else None
@@ -869,8 +838,8 @@ class NginxDataPlane:
             time.sleep(0.05)
         self._conf = conf
         self._wait_listening(conf)
-        listening = _listening_sockets(_listen_ports(previous) + _listen_ports(conf))
-        while any(_holds_any(w, listening) for w in old_workers):  # each closes them as it takes the reload
+        listening = listening_sockets(_listen_ports(previous) + _listen_ports(conf))
+        while any(holds_any(w, listening) for w in old_workers):  # each closes them as it takes the reload
             if time.monotonic() > deadline:
                 raise DataPlaneError(f"old workers still accept connections {self.wait_s:g} s after the reload")
             time.sleep(0.02)

@@ -81,7 +81,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from devstack.cluster.kube import FakeKubeAPI, now_rfc3339
-from devstack.processes import PYTHONPATH, ROOT, free_port
+from devstack.processes import PYTHONPATH, ROOT, free_port, port_holder
 
 log = logging.getLogger(__name__)
 
@@ -708,6 +708,9 @@ class PodRunner:
             return True
         path = (probe.get("httpGet") or {}).get("path", "/")
         timeout = min(float(probe.get("timeoutSeconds", 1)), 1.0)
+        proc = pod.proc
+        if proc is None or port_holder(proc.pid, pod.port) is not True:
+            return False  # (what answers on its port is another process's until it listens there)
         try:
             with urllib.request.urlopen(f"http://{pod.address}{path}", timeout=timeout) as r:
                 return 200 <= r.status < 400

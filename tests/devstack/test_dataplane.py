@@ -603,13 +603,13 @@ def test_a_reload_returns_once_no_old_worker_accepts_connections(nginx, pods):
     connection from then on is the new configuration's."""
     import signal
 
-    from devstack.cluster.dataplane import _children
+    from devstack.processes import children
 
     pods.add("v1", "1"), pods.add("v2", "2")
     port, _ = serve(nginx, pods, *istio({"route": [{"version": "1"}]}, ["1", "2"]))
     assert call(port).pod == "v1"
     assert nginx.pid is not None
-    [old] = _children(nginx.pid)
+    [old] = children(nginx.pid)
     flipped = render_nginx(
         *([x] for x in istio({"route": [{"version": "2"}]}, ["1", "2"])),
         pods.endpoints,
@@ -620,7 +620,7 @@ def test_a_reload_returns_once_no_old_worker_accepts_connections(nginx, pods):
     applied = threading.Thread(target=nginx.apply, args=(flipped,))
     try:
         applied.start()
-        wait_for(lambda: _children(nginx.pid) - {old}, "the new workers")
+        wait_for(lambda: children(nginx.pid) - {old}, "the new workers")
         applied.join(1.0)
         assert applied.is_alive()  # the stopped worker still listens: not returned
     finally:

@@ -3,11 +3,19 @@ one, and none is one the kernel hands out for connections meanwhile."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from devstack import processes
 from devstack.processes import free_port, port_slice
+from tests.support.hostile import answering_server
 
 
 def test_each_test_worker_has_its_own_ports_below_the_ephemeral_range() -> None:
@@ -42,3 +50,74 @@ def test_a_model_server_started_with_a_token_leaves_no_copy_of_it_behind(models_
     finally:
         server.stop()
     assert list(tmp_path.glob("admin-token*")) == []
+
+
+def _answering_ready(path: str) -> tuple[int, bytes]:
+    return 200, b"{}"  # (another suite's model server: ready, with its own token and repository)
+
+
+def test_a_server_another_process_holds_on_the_port_is_not_taken_for_ours(tmp_path: Path) -> None:
+    """wait_until took any server answering 200 on its port for its own: another suite's model
+    server that took the port in the second before ours bound it answered the tests (their 401s
+    and 404s). The listening socket must be its process's: another's is "held by another process"."""
+    log = tmp_path / "model-server.log"
+    log.write_text("")
+    with answering_server(_answering_ready) as stranger:
+        port = int(stranger.rsplit(":", 1)[1])
+        never_binds = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        server = processes.ModelServerProcess(never_binds, port, log)
+        try:
+            with pytest.raises(processes.PortTaken, match=f"port {port} is held by another process"):
+                server.wait_until("ready", timeout_s=10)
+        finally:
+            server.stop()
+
+
+def test_the_port_holder_is_the_process_or_one_it_started(tmp_path: Path) -> None:
+    """Whose listening socket 127.0.0.1:port is: this process's, or a process it started (a server
+    whose workers hold the socket), True; another process's, False; none yet, None."""
+    with socket.create_server(("127.0.0.1", 0)) as ours:
+        port = ours.getsockname()[1]
+        assert processes.port_holder(os.getpid(), port) is True
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            assert processes.port_holder(other.pid, port) is False
+        finally:
+            other.kill()
+            other.wait()
+    assert processes.port_holder(os.getpid(), port) is None
+    free = free_port()
+    forks = (
+        "import socket, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', "
+        f"'import socket, time; s = socket.create_server((\"127.0.0.1\", {free})); time.sleep(60)'])\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", forks], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while processes.port_holder(parent.pid, free) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert processes.port_holder(parent.pid, free) is True
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
+
+
+def test_a_model_server_whose_port_another_process_took_first_is_started_on_another(
+    models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A port picked free that another process binds before our server does: the server cannot
+    bind it; one started on a port of its own choosing is started again on another."""
+    with answering_server(_answering_ready) as stranger:
+        taken = int(stranger.rsplit(":", 1)[1])
+        picks = iter([taken])
+        real = processes.free_port
+        monkeypatch.setattr(processes, "free_port", lambda: next(picks, None) or real())
+        server = processes.start_model_server(models_dir, tmp_path, token="a-secret-token")
+        try:
+            assert server.port != taken
+            assert processes.port_holder(server.proc.pid, server.port) is True
+            server.load_versions("digits", 1)  # (the token ours)
+        finally:
+            server.stop()
