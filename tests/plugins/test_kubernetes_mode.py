@@ -1030,6 +1030,44 @@ def test_a_floor_left_held_by_a_promotion_cut_short_is_released_by_the_run_that_
     assert lease(fleet, "digits")["spec"]["holderIdentity"] == "run-b"
 
 
+def test_a_floor_left_held_released_but_its_budget_not_updated_is_logged_as_released(fleet, monkeypatch, caplog):
+    """As above, run-b releases the floor run-a's promotion left held on version 1: the HPA's apply
+    is served (the floor released, its annotation gone), then its PodDisruptionBudget's calls get
+    no answer. build_image logged "the HPA floors left held by runs that did not end were not
+    released", though the floor was. It logs what happened: the floor released, the budget not
+    updated, and what to set it to."""
+    from vision_rollout.deploy import VersionDeployments
+
+    conn = json.loads(os.environ["AIRFLOW_CONN_MODEL_SERVER_DEFAULT"])
+    conn["extra"]["build"].update(autoscaling=True, max_replicas=40)
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    params = {**PARAMS, "mirror_percent": 0}
+    steps.serving().deployments("digits").apply("1", image("1"), replicas=2)
+    fleet.scale("models", "digits-v1", 10, "kube-controller-manager")  # its HPA, under load
+    built = steps.build_image(params, "run-a")
+    steps.deploy_candidate(params, pushed(built), "run-a")
+    for index in range(3):
+        steps.apply_weights(params, index, "run-a", {"decision": "pass"})
+
+    def killed(self, version):
+        raise SystemExit("the worker is killed")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(VersionDeployments, "release_floor", killed)
+        with pytest.raises(SystemExit):
+            steps.promote(params, "run-a", "promote")
+    expire(fleet)
+    fleet.throttle, fleet.throttle_status = 10**6, None  # the budget's calls get no answer
+    fleet.throttled_path = "/poddisruptionbudgets/digits-v1"
+    steps.build_image({**params, "baseline_version": "2", "candidate_version": "3"}, "run-b")
+    fleet.throttle = 0
+    assert (hpa(fleet, "1")["spec"]["minReplicas"], hpa(fleet, "1")["metadata"].get("annotations") or {}) == (2, {})
+    assert "were not released" not in caplog.text
+    assert "the floor the run held on version 1 is released" in caplog.text
+    assert "PodDisruptionBudget models/digits-v1 was not updated" in caplog.text
+    assert "kubectl -n models edit poddisruptionbudget digits-v1" in caplog.text
+
+
 @pytest.mark.parametrize("end", ["teardown", "failure-callback"])
 def test_a_kept_promotion_whose_floor_release_fails_is_reported_as_kept(fleet, monkeypatch, tmp_path, caplog, end):
     """Under autoscaling, promote's worker was killed after it retired version 1, before it put
