@@ -1719,8 +1719,19 @@ def promote(params: dict[str, Any], run_id: str, decided: str | None, verified: 
     router(spec, run_id, hook, only=spec.candidate_version).set_routes(spec.promoted_policy())
     promotion_recorded(spec, run_id, hook)  # (before the baseline is retired: the teardown keeps only what it says)
     retire(r, deployments, spec.baseline_version)
-    deployments.release_floor(spec.baseline_version)  # its own HPA, should it serve again
+    floor_released(deployments, spec.baseline_version)  # its own HPA, should it serve again
     return spec.candidate_version
+
+
+def floor_released(deployments: VersionDeployments, version: str) -> None:
+    """The version's floor released (``release_floor``) once the traffic moved (promote, the
+    rollback); its PodDisruptionBudget not updated (``BudgetNotApplied``: the floor released all
+    the same) logged, with what to set it to, not raised: a budget, a guard against node drains,
+    never holds back a promotion or a rollback."""
+    try:
+        deployments.release_floor(version)
+    except BudgetNotApplied as exc:
+        log.warning("version %s's HPA floor is released, not its budget: %s", version, exc)
 
 
 def rollback(params: dict[str, Any], run_id: str) -> str:
@@ -1899,7 +1910,7 @@ def stable_back(
         promotion_undone(spec, run_id, hook)
         if unscaled is not None:  # (its floor stays held: its HPA scales it there, as the scale would have)
             return retired_besides(spec, run_id, hook, r, unscaled) if unload_candidate else unscaled
-    deployments.release_floor(spec.baseline_version)
+    floor_released(deployments, spec.baseline_version)
     if unload_candidate:
         hold(spec, run_id, hook, WAITING_STEP_S, rolling_back=True)  # for the drain
         retire(r, deployments, spec.candidate_version)
