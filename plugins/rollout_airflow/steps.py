@@ -1797,7 +1797,8 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
     record of a promotion removed: ``promotion_undone``), its HPA's own floor back
     (``release_floor``), then the candidate drained and scaled to 0 (``retire``). What fails once
     the traffic is back (the scale, the wait for the rest of its pods) is raised as it came, after
-    the traffic moved (``stable_back``'s ``Shortfall``)."""
+    the traffic moved (``stable_back``'s ``Shortfall``); the candidate's retirement, raised as its
+    own kind, saying the traffic restored (``unretired``)."""
     short = stable_back(params, run_id, unload_candidate)
     if short is not None:
         raise short.error
@@ -1912,8 +1913,16 @@ def stable_back(
             return retired_besides(spec, run_id, hook, r, unscaled) if unload_candidate else unscaled
     floor_released(deployments, spec.baseline_version)
     if unload_candidate:
-        hold(spec, run_id, hook, WAITING_STEP_S, rolling_back=True)  # for the drain
-        retire(r, deployments, spec.candidate_version)
+        failed = unretired(spec, run_id, hook, r)
+        if failed is not None:  # (the traffic back: not a restore that failed)
+            cause, taken = failed
+            what = f"the retirement of version {spec.candidate_version} failed ({str(cause)[:500]})"
+            held_by = f": run {taken!r} holds model {spec.model!r} now" if taken else ""
+            # (its own kind, the step's retries as for it: a transient failure retried, a refusal not)
+            cause.args = (
+                f"the traffic is restored (version {spec.baseline_version} takes 100% of it); but {what}{held_by}",
+            )
+            return Shortfall(cause, what, retired=False, taken=taken)
         if restoring:  # (the candidate's room free now; not the failure callback's: it has no time to wait)
             try:
                 deployments.wait_ready(spec.baseline_version, restoring, strict=False)
@@ -1934,17 +1943,27 @@ def retired_besides(spec: RolloutSpec, run_id: str, hook: ModelServerHook, r: Ro
     ``short``, said retired; where the retirement fails too, that failure besides, not retired
     (``finish`` then says the command that scales it to 0); where another run took the model over
     meanwhile (LockLost), the retirement stops, said so: ``taken``, that run's."""
+    failed = unretired(spec, run_id, hook, r)  # (the traffic is back: the scale's failure stays what the step fails on)
+    if failed is None:
+        return replace(short, retired=True)
+    exc, taken = failed
+    if taken is not None:  # (hold's, for a lease lost: no command to scale another run's model)
+        return replace(short, taken=taken)
+    return replace(short, what=f"{short.what}; version {spec.candidate_version} was not retired ({str(exc)[:500]})")
+
+
+def unretired(spec: RolloutSpec, run_id: str, hook: ModelServerHook, r: Router) -> tuple[Exception, str | None] | None:
+    """The candidate retired (``retire``, the lease held for its drain) once the stable version
+    took the traffic back: None; else that failure, logged, and the run that took the model over
+    meanwhile where one did (LockLost: the retirement is that run's to do or not), else None."""
     try:
         hold(spec, run_id, hook, WAITING_STEP_S, rolling_back=True)  # for the drain
         retire(r, hook.deployments(spec.model), spec.candidate_version)
-    except Exception as exc:  # (the traffic is back: the scale's failure stays what the step fails on)
-        taken = lease_taken(spec, run_id, hook) if isinstance(exc, LockLost | AirflowFailException) else None
-        if taken is not None:  # (hold's, for a lease lost: no command to scale another run's model)
-            log.warning("version %s was not retired: %s", spec.candidate_version, str(exc)[:500])
-            return replace(short, taken=taken)
+    except Exception as exc:
         log.warning("version %s was not retired: %s", spec.candidate_version, str(exc)[:500])
-        return replace(short, what=f"{short.what}; version {spec.candidate_version} was not retired ({str(exc)[:500]})")
-    return replace(short, retired=True)
+        taken = lease_taken(spec, run_id, hook) if isinstance(exc, LockLost | AirflowFailException) else None
+        return exc, taken
+    return None
 
 
 def lease_taken(spec: RolloutSpec, run_id: str, hook: ModelServerHook) -> str | None:

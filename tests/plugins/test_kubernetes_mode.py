@@ -2706,6 +2706,53 @@ def test_a_failure_callback_whose_scale_fails_once_the_traffic_is_back_reports_i
     assert "admission webhook" in report["text"]
 
 
+@pytest.mark.parametrize("end", ["rollback", "teardown"])
+def test_a_candidate_retirement_refused_once_the_traffic_is_back_is_not_a_failed_restore(kube, tmp_path, end):
+    """Mid-stage, the rollback (and the teardown) put version 1 back at 100%, then the scale of
+    version 2 to 0 was refused: the rollback failed with the refusal alone, and the teardown
+    reported that it "could not put version 1 back", though the traffic was back on it. Both
+    say the traffic restored, and the candidate's retirement that failed."""
+    from devstack.cluster.kube import APIError
+    from vision_rollout.mesh import RouterError
+
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    params = {**PARAMS, "mirror_percent": 0}
+    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=2)
+    steps.deploy_candidate(params, image("2"), "run-1")
+    steps.apply_weights(params, 0, "run-1", {"decision": "pass"})
+    assert routes(kube) == [("v1", 90), ("v2", 10)]
+
+    def refused() -> None:
+        kube.before_write = refused
+        request = kube.requests[-1]
+        if request["method"] == "PATCH" and "/deployments/digits-v2" in request["path"]:
+            raise APIError(403, "Forbidden", 'deployments.apps "digits-v2" is forbidden')
+
+    kube.before_write = refused
+    if end == "rollback":
+        with pytest.raises(RouterError) as failed:  # (its own kind: the step's retries as for the refusal)
+            steps.restore_stable(params, "run-1")
+        said = [str(failed.value)]
+    else:
+        with pytest.raises(AirflowFailException) as failed:
+            steps.ensure_stable(params, "run-1", None, None, None)
+        said = [str(failed.value), *[json.loads(p.read_text())["text"] for p in (tmp_path / "outbox").glob("*.json")]]
+        assert len(said) == 2
+        assert lease(kube, "digits") is None  # (released: the traffic is back)
+    kube.before_write = None
+    for text in said:
+        assert "could not put version 1 back" not in text
+        assert "the retirement of version 2 failed" in text
+        assert 'deployments.apps "digits-v2" is forbidden' in text
+    if end == "rollback":
+        assert said[0].startswith("the traffic is restored (version 1 takes 100% of it)")
+    else:
+        assert all("version 1 takes 100%" in text for text in said)
+    assert routes(kube) == [("v1", 100)]
+    assert deployment(kube, "2")["spec"]["replicas"] == 1  # (not retired)
+
+
 @pytest.mark.parametrize("end", ["rollback", "teardown", "candidate-refused", "failure-callback"])
 def test_a_restore_whose_scale_is_refused_retires_the_candidate_all_the_same(kube, monkeypatch, tmp_path, end):
     """The stable version took the traffic back, its scale refused: the rollback and the teardown
