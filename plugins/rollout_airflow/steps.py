@@ -2312,11 +2312,13 @@ def finish(
         done = f"the routes were not this run's and are left as they are: {json.dumps(routes.to_dict())}"
     else:
         retired = unload_candidate and (short is None or short.retired)
+        # (routes that sent the candidate traffic: deploy_candidate ran, its Deployment not read again)
+        sent = routes is not None and routes_to(routes, spec.candidate_version)
         if short is not None and short.taken:
             left = f"is left to run {short.taken!r}, which holds model {spec.model!r} now"
         elif spec.mesh != "istio":
             left = "is left loaded: unload it"
-        elif not candidate_deployed(spec, hook):  # (the run failed before deploy_candidate)
+        elif not sent and not candidate_deployed(spec, hook):  # (the run failed before deploy_candidate)
             left = "has no Deployment: nothing to unload"
         else:
             left = (

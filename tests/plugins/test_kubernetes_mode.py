@@ -2684,6 +2684,29 @@ def test_a_failure_callback_before_the_candidate_was_deployed_gives_no_command_t
     assert routes(kube) == [("v1", 100)]
 
 
+def test_a_failure_callback_mid_stage_reads_the_candidates_deployment_no_more_after_its_routes_write(kube, caplog):
+    """Mid-stage (the routes sent version 2 a share: deploy_candidate had run), the failure
+    callback put version 1 back, then read version 2's Deployment once more (``candidate_deployed``)
+    only to give the command that scales it to 0: one more call against its time budget, before
+    the lease's release. The routes it read say the candidate was deployed: no call after the
+    routes write reads it, and the command is given."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    params = {**PARAMS, "mirror_percent": 0}
+    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=2)
+    steps.deploy_candidate(params, image("2"), "run-1")
+    steps.apply_weights(params, 0, "run-1", {"decision": "pass"})
+    since = len(kube.requests)
+    steps.restore_stable_on_failure({"params": params, "run_id": "run-1"})
+    done = calls(kube, since)
+    routed = done.index(("PATCH", "virtualservices/digits"))
+    assert ("GET", "deployments/digits-v2") not in done[routed:]
+    assert "version 2 is left loaded, its pods running: scale it to 0" in caplog.text
+    assert "kubectl -n models scale deployment digits-v2 --replicas=0" in caplog.text
+    assert routes(kube) == [("v1", 100)]
+    assert lease(kube, "digits") is None
+
+
 def test_a_failure_callback_whose_scale_fails_once_the_traffic_is_back_reports_it_back(
     kube, monkeypatch, tmp_path, caplog
 ):
