@@ -1674,6 +1674,8 @@ def with_retries(api_client: Any) -> Any:
                 served = True
                 return response
             except HTTPError as exc:
+                if budget is not None and budget.capped():  # (cut short by our own cap: not the server's doing)
+                    raise capped(method, url, budget) from None
                 raise unanswered(method, url, exc) from None
             except Exception as exc:  # (the client's ApiException for its last answer, a refusal say)
                 served = getattr(exc, "status", None) not in UNSERVED | MAYBE_SERVED
@@ -1711,6 +1713,18 @@ def unanswered(method: str, url: str, exc: Exception) -> ApiUnreachable:
         f"{type(reason).__name__}: {str(reason)[:300]}. Check that {parts.scheme}://{parts.netloc} is up and "
         "reachable from here (the kubeconfig's server or the in-cluster address, a proxy or network policy "
         "between); the call may be tried again"
+    )
+
+
+def capped(method: str, url: str, budget: ApiBudget) -> ApiUnreachable:
+    """A call the ``api_budget``'s cap cut short (its time limit what the cap had left, spent
+    before an answer came) as an ``ApiUnreachable`` naming the call and the step's time budget
+    that ran out, not the API server (``unanswered``'s advice to check it is up)."""
+    served = "" if method.upper() in READS else " (a write: the server may have served it)"
+    return ApiUnreachable(
+        f"{method.upper()} {urlsplit(url).path} was cut short before its answer{served}: the step's Kubernetes API "
+        f"time budget ran out (its calls are allowed {budget.cap_s:g} s in all, whatever they take); the call may "
+        "be tried again"
     )
 
 

@@ -696,6 +696,35 @@ def test_a_call_the_api_server_never_answers_is_named_with_what_to_check(kube):
         client.AppsV1Api(api).read_namespaced_deployment("digits-v9", "models")
 
 
+def test_a_call_cut_short_by_the_api_budgets_cap_names_the_budget_not_the_server():
+    """A call the failure callback's ``api_budget`` cut short (its time limit what the cap had left,
+    spent before the answer) was reported as "the Kubernetes API server did not answer ... Check
+    that ... is up and reachable": the server blamed for the step's own time budget. It says the
+    step's API time budget ran out, naming the call."""
+    import socket
+
+    from kubernetes import client
+
+    from vision_rollout import mesh
+
+    silent = socket.create_server(("127.0.0.1", 0))  # (connections queued, never answered)
+    try:
+        cfg = client.Configuration()
+        cfg.host = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        api = mesh.with_retries(client.ApiClient(cfg))
+        with mesh.api_budget(30, 10, cap_s=0.3) as budget:
+            with pytest.raises(mesh.ApiUnreachable) as failed:
+                client.AppsV1Api(api).read_namespaced_deployment("digits-v1", "models")
+            assert budget.capped()
+    finally:
+        silent.close()
+    message = str(failed.value)
+    assert "did not answer" not in message
+    assert "is up and reachable" not in message
+    assert "GET /apis/apps/v1/namespaces/models/deployments/digits-v1" in message
+    assert "the step's Kubernetes API time budget ran out" in message
+
+
 @pytest.mark.parametrize("served", [True, False], ids=["served", "not-served"])
 def test_a_virtualservice_write_left_unanswered_is_read_back_then_done_or_written_again(kube, served):
     """The VirtualService's apply left without an answer (a connection dropped: served or not,
