@@ -282,7 +282,20 @@ class CompareAndSwapLock(ABC):
         (``settled``): read back no longer ``holder``'s, released."""
         return settled(lambda doubted: self._release(holder, to, doubted))
 
+    def _known(self, holder: str) -> str | None:
+        """The version of the lock as this object last read or wrote it ``holder``'s; None where
+        not known (``_release`` reads it first)."""
+        return None
+
     def _release(self, holder: str, to: Holding | None, doubted: int) -> bool:
+        """Deleted at the version this object last read or wrote it ``holder``'s (``_known``), one
+        call: the failure callback's release came after its read of the lease, and an API server
+        answering in 4.5 s cut it at the callback's cap. A compare-and-swap: refused where it moved
+        on since (an abort's mark, another run's), it is read as ever."""
+        handed_on = to is not None and to.holder and to.holder != holder  # (put back as it was: read first)
+        known = None if doubted or handed_on else self._known(holder)
+        if known is not None and self._delete(known):
+            return True
         current, version = self._read()
         if current is None or version is None or current.holder != holder:
             return doubted > 0  # (after a write in doubt: that write's, served)
@@ -541,6 +554,10 @@ class LeaseLock(CompareAndSwapLock):
         self.where = f"Lease {namespace}/{self.name}"
         self.by_hand = f"kubectl -n {shlex.quote(namespace)} delete lease {shlex.quote(self.name)}"
         self.api_client = api_client
+        self._seen: tuple[str, str] | None = None  # (the holder and resourceVersion last read or written: ``_known``)
+
+    def _known(self, holder: str) -> str | None:
+        return self._seen[1] if self._seen is not None and self._seen[0] == holder else None
 
     def _api(self) -> Any:
         from kubernetes import client
@@ -569,6 +586,7 @@ class LeaseLock(CompareAndSwapLock):
             return self._call(what, call, refused) is not None
 
     def _read(self) -> tuple[Holding | None, str | None]:
+        self._seen = None
         lease = self._call("GET", partial(self._api().read_namespaced_lease, self.name, self.namespace), (404,))
         if lease is None:
             return None, None
@@ -589,7 +607,8 @@ class LeaseLock(CompareAndSwapLock):
             raise LockError(
                 f"{self.where} is not a lease this lock reads ({exc}); delete it if no rollout runs"
             ) from None
-        return holding, str(lease.metadata.resource_version)
+        self._seen = (holding.holder, str(lease.metadata.resource_version))
+        return holding, self._seen[1]
 
     def _body(self, holding: Holding, version: str | None = None) -> dict[str, Any]:
         meta: dict[str, Any] = {"name": self.name, "namespace": self.namespace, "labels": {"model-rollout/lock": "1"}}
@@ -617,13 +636,21 @@ class LeaseLock(CompareAndSwapLock):
 
     def _replace(self, holding: Holding, version: str) -> bool:
         body = self._body(holding, version)
-        return self._written("replace", partial(self._api().replace_namespaced_lease, self.name, self.namespace, body))
+        self._seen = None
+        with unsettled():
+            lease = self._call(
+                "replace", partial(self._api().replace_namespaced_lease, self.name, self.namespace, body), (409, 404)
+            )
+        if lease is not None:
+            self._seen = (holding.holder, str(lease.metadata.resource_version))
+        return lease is not None
 
     def _delete(self, version: str) -> bool:
         from kubernetes import client
 
         options = client.V1DeleteOptions(preconditions=client.V1Preconditions(resource_version=version))
         delete = partial(self._api().delete_namespaced_lease, self.name, self.namespace, body=options)
+        self._seen = None
         return self._written("delete", delete)
 
 

@@ -116,10 +116,15 @@ CALLBACK_CAP_S = 40.0
 # long as the last served call took to answer, no Retry-After or backoff wait counted:
 # ``mesh.budget_left``; the longest call yet left no wait after one slow early answer): the
 # wait's last look at the pods (begun up to a 1 s poll past its time), the lease's check
-# (``still_held``), the routes and the DestinationRule read, the routes written. It took all the
-# time left: a pod never ready, its polls ran to the cap and the callback reported the API server
-# (a poll not sent), not the pods.
-AFTER_WAIT_CALLS, WAIT_POLL_S = 5, 1.0
+# (``still_held``), the routes and the DestinationRule read, the routes written, the lease's release
+# (RELEASE_CALLS). It took all the time left: a pod never ready, its polls ran to the cap and the
+# callback reported the API server (a poll not sent), not the pods.
+# The lease's release is one call (its delete at the version the callback's renewal left:
+# ``CompareAndSwapLock._release``), and the callback's optional read before it (the candidate's
+# Deployment, for its report's wording) is made only where it leaves the release its time: an API
+# server answering in 4.5 s cut the release (read, then delete) at the cap, the lease left to run out.
+RELEASE_CALLS = 1
+AFTER_WAIT_CALLS, WAIT_POLL_S = 5 + RELEASE_CALLS, 1.0
 
 
 def spec_from(params: dict[str, Any]) -> RolloutSpec:
@@ -2318,7 +2323,7 @@ def finish(
             left = f"is left to run {short.taken!r}, which holds model {spec.model!r} now"
         elif spec.mesh != "istio":
             left = "is left loaded: unload it"
-        elif not sent and not candidate_deployed(spec, hook):  # (the run failed before deploy_candidate)
+        elif not sent and not candidate_deployed(spec, hook, quick):  # (the run failed before deploy_candidate)
             left = "has no Deployment: nothing to unload"
         else:
             left = (
@@ -2341,9 +2346,15 @@ def finish(
     return kept, done
 
 
-def candidate_deployed(spec: RolloutSpec, hook: ModelServerHook) -> bool:
+def candidate_deployed(spec: RolloutSpec, hook: ModelServerHook, quick: bool = False) -> bool:
     """Whether the candidate has a Deployment (a command to scale it is worth giving); True where
-    it cannot be read (the failure callback's time spent, say): the command given all the same."""
+    it cannot be read (the failure callback's time spent, say): the command given all the same.
+    ``quick`` (the failure callback): not read, True, where the read would leave the lease's
+    release (``RELEASE_CALLS``) no time in its ``api_budget``."""
+    from vision_rollout import mesh
+
+    if quick and mesh.budget_left(1 + RELEASE_CALLS) < 0:
+        return True
     try:
         return hook.deployments(spec.model).replicas(spec.candidate_version) is not None
     except Exception as exc:

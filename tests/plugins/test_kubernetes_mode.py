@@ -3178,6 +3178,27 @@ def test_an_api_server_answering_in_5_s_still_gets_the_failure_callbacks_routes_
     assert written + 1 <= 7
 
 
+@pytest.mark.real_pauses  # (the pauses on the fake clock)
+@pytest.mark.parametrize("answer_s", [4.5, 5.0])
+def test_an_api_server_answering_in_4_to_5_s_still_gets_the_failure_callbacks_lease_release(
+    kube, monkeypatch, tmp_path, caplog, answer_s
+):
+    """After the routes write (its 7th call) the callback read the candidate's Deployment (for its
+    report's wording) and then the lease, and only then deleted it: at 4.5 s or 5 s a call the
+    lease's read or its delete was cut by the cap (40 s), the lease left to run out for 300 s,
+    another run of the model refused meanwhile. The release is reckoned with the calls after the
+    routes write: one delete of the lease as the callback's renewal left it (read again only
+    should it have moved on), and no optional read that would leave it no time."""
+    at_stage_1(kube)
+    now, tries = fake_api_time(monkeypatch, answer_s)
+    steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+    assert now[0] <= steps.CALLBACK_CAP_S
+    assert routes(kube) == [("v1", 100)]
+    assert lease(kube, "digits") is None
+    assert tries[-1][:2] == ("DELETE", "/apis/coordination.k8s.io/v1/namespaces/models/leases/rollout-digits")
+    assert "was not released" not in caplog.text
+
+
 @pytest.mark.timeout(60)  # (before: the wait without a budget had no end)
 @pytest.mark.real_pauses  # (the waits on the fake clock)
 @pytest.mark.parametrize("budget", ["callback", "none"])
