@@ -124,6 +124,9 @@ CALLBACK_CAP_S = 40.0
 # Deployment, for its report's wording) is made only where it leaves the release its time: an API
 # server answering in 4.5 s cut the release (read, then delete) at the cap, the lease left to run out.
 RELEASE_CALLS = 1
+# What ``finish`` says of a candidate it did not retire whose pods run (the failure callback's: no
+# time to drain it), with the command that scales it to 0; the callback reports it, not only logs it.
+LEFT_RUNNING = "is left loaded, its pods running"
 AFTER_WAIT_CALLS, WAIT_POLL_S = 5 + RELEASE_CALLS, 1.0
 
 
@@ -2327,7 +2330,7 @@ def finish(
             left = "has no Deployment: nothing to unload"
         else:
             left = (
-                "is left loaded, its pods running: scale it to 0 "
+                f"{LEFT_RUNNING}: scale it to 0 "
                 f"({hook.deployments(spec.model).scale_by_hand(spec.candidate_version, 0)})"
             )
         candidate = "is unloaded" if retired else left
@@ -2962,8 +2965,10 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
     """DAG failure callback: a failed or killed run that still holds its model's lease (its
     teardown did not finish) leaves the stable version at 100% and releases the lease (``finish``),
     unless promote ran: a later failure keeps the promotion. It runs where Airflow runs DAG
-    callbacks, under a time limit: the routes only, no drain wait, so the candidate is left
-    loaded (its pods running), which the warning it logs says. A run that does not hold the
+    callbacks, under a time limit: the routes only, no drain wait (``drain_seconds``, up to
+    600 s), so the candidate is left loaded (its pods running, GPUs that serve nothing), which it
+    reports (``tell``: Slack, else the outbox; not only its log) with the command that scales it
+    to 0. A run that does not hold the
     lease touches nothing, nor does a context without the run's Params (Airflow gives a DAG
     callback only the DAG and the run id when it has no task instance of the run to build one
     from): every field would take its default, another model's or another version's. A callback
@@ -2993,8 +2998,13 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
         return
     try:
         with api_budget(CALLBACK_API_S, CALLBACK_CALL_S, CALLBACK_CAP_S):
-            done = finish(params, run_id, promoted=False, unload_candidate=False, quick=True)[1]
+            kept, done = finish(params, run_id, promoted=False, unload_candidate=False, quick=True)
         log.warning("run %s failed: %s", run_id, done)
+        if not kept and LEFT_RUNNING in done:  # (its pods serve nothing: a human scales them to 0)
+            try:
+                tell(spec, rollback_message(spec, f"run {run_id} failed: {done}"), "the failure callback's report")
+            except Exception:
+                log.exception("the failure callback's report was not sent")
     except LockLost as exc:
         log.warning("run %s failed; its teardown is done or it never held the model: %s", run_id, exc)
     except (Unreleased, Undersized) as exc:  # (done: not a restore that failed; what is left is told)

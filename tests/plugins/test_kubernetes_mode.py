@@ -2707,6 +2707,23 @@ def test_a_failure_callback_mid_stage_reads_the_candidates_deployment_no_more_af
     assert lease(kube, "digits") is None
 
 
+def test_a_failure_callback_that_leaves_the_candidate_running_reports_it_in_slack(kube, tmp_path, caplog):
+    """The failure callback put version 1 back at 100% and released the lease, but left version 2's
+    pods running (no time to drain it under the DAG processor's limit: ``drain_seconds`` up to 600 s),
+    and said so only in its log: nobody was told of pods (GPUs) that serve nothing, nor given the
+    command that scales them to 0. It reports the rollback with that command (Slack, else the outbox)."""
+    at_stage_1(kube)
+    steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+    assert routes(kube) == [("v1", 100)]
+    assert lease(kube, "digits") is None
+    assert kube.objects[("deployments", "models", "digits-v2")]["spec"]["replicas"] > 0
+    (report,) = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    assert report["text"].startswith("Rolled back digits v2")
+    said = report["text"]
+    assert "version 2 is left loaded, its pods running: scale it to 0" in said
+    assert steps.serving().deployments("digits").scale_by_hand("2", 0) in said
+
+
 def test_a_failure_callback_whose_scale_fails_once_the_traffic_is_back_reports_it_back(
     kube, monkeypatch, tmp_path, caplog
 ):
@@ -3289,7 +3306,10 @@ def test_the_failure_callbacks_wait_for_a_pod_reckons_the_calls_after_it_at_thei
     steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
     assert now[0] <= steps.CALLBACK_CAP_S
     assert routes(kube) == [("v1", 100)]
-    assert not list((tmp_path / "outbox").glob("*.json"))
+    (report,) = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    assert report["text"].startswith(
+        "Rolled back digits v2"
+    )  # (the candidate left running, said: not "routes not restored")
 
 
 @pytest.mark.real_pauses  # (the pauses, the Retry-After waited, on the fake clock)
