@@ -675,21 +675,34 @@ class VersionDeployments:
         """``body`` applied by ``patch`` (a client's ``patch_namespaced_<kind>``) server-side, with the
         rollout's field manager and no ``force`` (a field another manager owns is refused); its
         answer. A refusal as ``refused`` says it, naming ``what``; an answer that left unknown
-        whether it was served, ``Unsettled`` (``unsettled``: for the caller's ``settled``)."""
+        whether it was served, ``Unsettled`` (``unsettled``: for the caller's ``settled``). Fields
+        refused only for the rollout's own field manager's other writes (its scale subresource's,
+        ``_scale_subresource``, or an operator's under its name, ``scale_by_hand``) are its own:
+        the apply is sent again with ``force``, which takes them from those writes."""
         from kubernetes.client.exceptions import ApiException
 
-        with unsettled():
-            try:
-                return patch(
-                    body["metadata"]["name"],
-                    self.target.namespace,
-                    body,
-                    field_manager=FIELD_MANAGER,
-                    _content_type="application/apply-patch+yaml",
-                    **options,
-                )
-            except ApiException as exc:
-                raise refused(what, exc) from None
+        def sent(**force: bool) -> Any:
+            with unsettled():
+                try:
+                    return patch(
+                        body["metadata"]["name"],
+                        self.target.namespace,
+                        body,
+                        field_manager=FIELD_MANAGER,
+                        _content_type="application/apply-patch+yaml",
+                        **options,
+                        **force,
+                    )
+                except ApiException as exc:
+                    raise refused(what, exc) from None
+
+        try:
+            return sent()
+        except FieldsOwned as exc:
+            if not all(manager.startswith(f'"{FIELD_MANAGER}"') for manager in exc.owned):
+                raise
+            log.info("%s: the rollout's own (its field manager's other writes), taken back", str(exc)[:300])
+            return sent(force=True)
 
     def _sized(
         self,
@@ -1080,7 +1093,7 @@ class VersionDeployments:
         return True
 
     def replicas_owners(self, version: str) -> list[str]:
-        """The field managers besides the rollout's apply that own the version's ``spec.replicas``
+        """The field managers besides the rollout's own that own the version's ``spec.replicas``
         (its live managedFields): an HPA (``kube-controller-manager``, through the scale
         subresource), a ``kubectl scale``, a client-side ``kubectl apply``. Without autoscaling
         the rollout's apply of another count is refused (409) while they do. [] without a
@@ -1088,7 +1101,7 @@ class VersionDeployments:
         live = self._live(version)
         owners = []
         for entry in (live.metadata.managed_fields or []) if live is not None else []:
-            if (entry.manager, entry.operation) == (FIELD_MANAGER, "Apply"):
+            if entry.manager == FIELD_MANAGER:  # (its scale subresource's too: its apply takes them back)
                 continue
             if "f:replicas" in ((entry.fields_v1 or {}).get("f:spec") or {}):
                 owners.append(f"{entry.manager}" + (f" ({entry.subresource})" if entry.subresource else ""))
@@ -1257,11 +1270,18 @@ class VersionDeployments:
             raise refused(what, exc) from None
 
     def scale_by_hand(self, version: str, replicas: int) -> str:
-        """The command that scales the version's Deployment to ``replicas`` pods, for an operator
-        (``kubectl -n models scale deployment digits-v2 --replicas=0``): through its scale
-        subresource, as ``scale_to_zero`` under autoscaling (an HPA does nothing at 0)."""
+        """The command that scales the version's Deployment to ``replicas`` pods, for an operator:
+        through its scale subresource under the rollout's field manager, as ``_scale_subresource``
+        writes it (``kubectl -n models patch deployment digits-v2 --subresource=scale --type=merge
+        -p '{"spec":{"replicas":0}}' --field-manager=model-rollout``). Not ``kubectl scale``: its
+        own field manager then owned ``spec.replicas`` and the version's next deploy was refused
+        (409); the rollout's apply takes the count back from its own manager (``_server_side_apply``)."""
         namespace, name = shlex.quote(self.target.namespace), shlex.quote(self._name(version))
-        return f"kubectl -n {namespace} scale deployment {name} --replicas={replicas}"
+        patch = shlex.quote(json.dumps({"spec": {"replicas": replicas}}, separators=(",", ":")))
+        return (
+            f"kubectl -n {namespace} patch deployment {name} --subresource=scale --type=merge -p {patch} "
+            f"--field-manager={FIELD_MANAGER}"
+        )
 
     def scale_to_zero(self, version: str) -> bool:
         """False when the version has no Deployment (nothing to scale)."""

@@ -2375,6 +2375,31 @@ def test_a_baseline_whose_replicas_another_manager_owns_is_refused_before_it_is_
     assert routes(kube) == [("v1", 90), ("v2", 10)]
 
 
+def test_the_command_that_scales_a_version_by_hand_leaves_its_next_deploy_free(kube):
+    """The command a report gives to scale the candidate to 0 (``scale_by_hand``) was ``kubectl
+    scale``: kubectl's field manager then owned ``spec.replicas``, and the next deploy of that
+    version (the rollout's apply, its count) was refused, 409, "also managed by kubectl (scale)".
+    It is a patch of the scale subresource under the rollout's own field manager, as the rollout
+    scales it itself; the rollout's apply takes the count back from its own manager's entries."""
+    import shlex
+
+    from kubernetes import client
+
+    at_stage_1(kube)
+    deployments = steps.serving().deployments("digits")
+    words = shlex.split(deployments.scale_by_hand("2", 0))
+    assert words[:6] == ["kubectl", "-n", "models", "patch", "deployment", "digits-v2"]
+    options = dict(w.split("=", 1) for w in words[6:] if w.startswith("--"))
+    assert options == {"--subresource": "scale", "--type": "merge", "--field-manager": "model-rollout"}
+    patch = json.loads(words[words.index("-p") + 1])
+    apps = client.AppsV1Api(deployments._apps().api_client)  # (what kubectl sends)
+    apps.patch_namespaced_deployment_scale("digits-v2", "models", patch, field_manager=options["--field-manager"])
+    assert deployment(kube, "2")["spec"]["replicas"] == 0
+    assert deployments.replicas_owners("2") == []
+    deployments.apply("2", image("2"), replicas=3)  # the version deployed again
+    assert deployment(kube, "2")["spec"]["replicas"] == 3
+
+
 def test_a_helm_releases_baseline_is_refused_before_anything_moves_not_at_its_retirement(kube, monkeypatch, tmp_path):
     """Under autoscaling (spec.replicas the HPA's), a baseline Helm installed (its label
     app.kubernetes.io/managed-by: Helm, Helm's field): the rollout went through every stage, routed
@@ -2660,7 +2685,7 @@ def test_a_lease_taken_over_before_the_candidates_retirement_stops_it_and_says_w
     kube.before_write = None
     reports = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "outbox").glob("*.json"))]
     for text in [str(failed.value), *reports]:
-        assert "scale deployment digits-v2" not in text
+        assert "deployment digits-v2 --subresource=scale" not in text
     if end == "teardown":
         (report,) = reports
         assert "version 2 is left to run 'run-2', which holds model 'digits' now" in report
@@ -2678,7 +2703,7 @@ def test_a_failure_callback_before_the_candidate_was_deployed_gives_no_command_t
     take("run-1")
     steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
     assert ("deployments", "models", "digits-v2") not in kube.objects
-    assert "scale deployment digits-v2" not in caplog.text
+    assert "deployment digits-v2 --subresource=scale" not in caplog.text
     assert "left loaded" not in caplog.text
     assert "version 2 has no Deployment: nothing to unload" in caplog.text
     assert routes(kube) == [("v1", 100)]
@@ -2816,7 +2841,10 @@ def test_a_restore_whose_scale_is_refused_retires_the_candidate_all_the_same(kub
 
     if end == "candidate-refused":
         kube.before_write = refused
-    command = "kubectl -n models scale deployment digits-v2 --replicas=0"
+    command = (
+        "kubectl -n models patch deployment digits-v2 --subresource=scale --type=merge "
+        """-p '{"spec":{"replicas":0}}' --field-manager=model-rollout"""
+    )
     if end == "rollback":
         with pytest.raises(RouterError, match="apply Deployment digits-v1: 400"):
             steps.restore_stable(params, "run-1")
