@@ -2978,7 +2978,8 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
     but left it short of pods (``Undersized``) reports that, the routes restored; one that kept a
     promotion but not the release of its retired version's HPA floor (``Undersized``, kept)
     reports the promotion kept, that floor besides, with what releases it; either with the
-    lease's release failed too (``Unreleased``, undersized) reports both."""
+    lease's release failed too (``Unreleased``, undersized) reports both, as does a release failed
+    with the candidate left running."""
     run_id = getattr(context.get("dag_run"), "run_id", None) or str(context.get("run_id", "failed-run"))
     if not context.get("params"):
         log.warning(
@@ -3009,8 +3010,8 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
         log.warning("run %s failed; its teardown is done or it never held the model: %s", run_id, exc)
     except (Unreleased, Undersized) as exc:  # (done: not a restore that failed; what is left is told)
         log.warning("run %s failed: %s", run_id, exc)
-        if isinstance(exc, Unreleased) and not exc.undersized:  # (the lease runs out by itself)
-            return
+        if isinstance(exc, Unreleased) and not exc.undersized and LEFT_RUNNING not in exc.done:
+            return  # (the lease runs out by itself; a candidate left running is told, with its command)
         try:
             message = (  # (kept: its retired version's HPA floor still held, said with what releases it)
                 plain_report(spec, "promote", f"run {run_id} failed; its promotion is kept: {exc}")

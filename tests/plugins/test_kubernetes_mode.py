@@ -3410,7 +3410,8 @@ def test_a_teardown_whose_lease_release_fails_reports_the_stable_version_back(ku
     """The teardown put version 1 back, then the release of the model's lease was refused (a Role
     without delete on leases, say): its report said it "could not put version 1 back", the routes
     not restored, though version 1 took 100% of the traffic (the failure callback logged the same).
-    The restore is reported as done, and the lease's failure besides."""
+    The restore is reported as done, and the lease's failure besides. The failure callback, which
+    leaves the candidate running, logged it only: it reports it, the candidate's command with it."""
     from devstack.cluster.kube import APIError
 
     at_stage_1(kube)
@@ -3435,6 +3436,11 @@ def test_a_teardown_whose_lease_release_fails_reports_the_stable_version_back(ku
     else:
         steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
         said = caplog.text
+        # (its candidate left running, told: the release's failure with it)
+        (report,) = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
+        assert report["text"].startswith("Rolled back digits v2")
+        assert "version 2 is left loaded, its pods running: scale it to 0" in json.dumps(report)
+        assert "the model's lease was not released" in json.dumps(report)
     kube.before_write = None
     assert routes(kube) == [("v1", 100)]
     assert "could not put version 1 back" not in said
