@@ -2614,20 +2614,46 @@ def test_under_autoscaling_a_rollback_moves_the_traffic_back_though_the_stable_v
     for index in range(2):
         steps.apply_weights(params, index, "run-1", {"decision": "pass"})
     kube.scale("models", "digits-v1", 5, "kube-controller-manager")
-
-    def webhook() -> None:
-        kube.before_write = webhook
-        request = kube.requests[-1]
-        if request["method"] == "PATCH" and request["path"].endswith("/deployments/digits-v1"):
-            raise APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request')
-
-    kube.before_write = webhook
+    refuse(
+        kube,
+        (
+            "PATCH",
+            "/deployments/digits-v1",
+            APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request'),
+        ),
+    )
     with pytest.raises(RouterError, match=r'apply Deployment digits-v1: 400 .*admission webhook "policy.example.com"'):
         steps.restore_stable(params, "run-1")
     kube.before_write = None
     assert routes(kube) == [("v1", 100)]
     assert "version 1 was not scaled to 10 pods (apply Deployment digits-v1: 400" in caplog.text
     assert "it takes the traffic back first" in caplog.text
+
+
+def refuse(kube: FakeKubeAPI, *rules: tuple[str, str, Exception]) -> None:
+    """Every write (``kube.before_write``) whose method is a rule's and whose path ends with its
+    path end refused with that rule's error (an ``APIError``), first rule first, until the test
+    sets ``kube.before_write = None``."""
+
+    def refused() -> None:
+        kube.before_write = refused
+        request = kube.requests[-1]
+        for method, path_end, error in rules:
+            if request["method"] == method and request["path"].endswith(path_end):
+                raise error
+
+    kube.before_write = refused
+
+
+def ended(end: str, params: dict, caplog: pytest.LogCaptureFixture) -> str:
+    """Run-1 ended by its teardown (``end`` "teardown": ensure_stable, which fails) or its failure
+    callback (any other ``end``): what it said (the teardown's AirflowFailException, the callback's log)."""
+    if end == "teardown":
+        with pytest.raises(AirflowFailException) as failed:
+            steps.ensure_stable(params, "run-1", None, None, None)
+        return str(failed.value)
+    steps.restore_stable_on_failure({"params": params, "run_id": "run-1"})
+    return caplog.text
 
 
 def rollback_scale_refused(kube, monkeypatch, tmp_path) -> dict:
@@ -2646,14 +2672,14 @@ def rollback_scale_refused(kube, monkeypatch, tmp_path) -> dict:
     for index in range(2):
         steps.apply_weights(params, index, "run-1", {"decision": "pass"})
     kube.scale("models", "digits-v1", 5, "kube-controller-manager")
-
-    def webhook() -> None:
-        kube.before_write = webhook
-        request = kube.requests[-1]
-        if request["method"] == "PATCH" and request["path"].endswith("/deployments/digits-v1"):
-            raise APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request')
-
-    kube.before_write = webhook
+    refuse(
+        kube,
+        (
+            "PATCH",
+            "/deployments/digits-v1",
+            APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request'),
+        ),
+    )
     return params
 
 
@@ -2831,16 +2857,18 @@ def test_a_restore_whose_scale_is_refused_retires_the_candidate_all_the_same(kub
     params = rollback_scale_refused(kube, monkeypatch, tmp_path)
     assert deployment(kube, "2")["spec"]["replicas"] == 5
 
-    def refused() -> None:
-        kube.before_write = refused
-        request = kube.requests[-1]
-        if request["method"] == "PATCH" and request["path"].endswith("/deployments/digits-v1"):
-            raise APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request')
-        if request["method"] == "PATCH" and "/deployments/digits-v2" in request["path"]:
-            raise APIError(403, "Forbidden", 'deployments.apps "digits-v2" is forbidden')
-
-    if end == "candidate-refused":
-        kube.before_write = refused
+    if end == "candidate-refused":  # (its apply and its scale subresource's patch)
+        forbidden = APIError(403, "Forbidden", 'deployments.apps "digits-v2" is forbidden')
+        refuse(
+            kube,
+            (
+                "PATCH",
+                "/deployments/digits-v1",
+                APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request'),
+            ),
+            ("PATCH", "/deployments/digits-v2", forbidden),
+            ("PATCH", "/deployments/digits-v2/scale", forbidden),
+        )
     command = (
         "kubectl -n models patch deployment digits-v2 --subresource=scale --type=merge "
         """-p '{"spec":{"replicas":0}}' --field-manager=model-rollout"""
@@ -2883,22 +2911,20 @@ def test_a_restore_left_short_of_pods_whose_lease_release_fails_reports_both(kub
 
     params = rollback_scale_refused(kube, monkeypatch, tmp_path)
 
-    def refused() -> None:
-        kube.before_write = refused
-        request = kube.requests[-1]
-        if request["method"] == "PATCH" and request["path"].endswith("/deployments/digits-v1"):
-            raise APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request')
-        if request["method"] == "DELETE" and request["path"].endswith("/leases/rollout-digits"):
-            raise APIError(403, "Forbidden", 'leases.coordination.k8s.io "rollout-digits" is forbidden')
-
-    kube.before_write = refused
-    if end == "teardown":
-        with pytest.raises(AirflowFailException) as failed:
-            steps.ensure_stable(params, "run-1", None, None, None)
-        said = str(failed.value)
-    else:
-        steps.restore_stable_on_failure({"params": params, "run_id": "run-1"})
-        said = caplog.text
+    refuse(
+        kube,
+        (
+            "PATCH",
+            "/deployments/digits-v1",
+            APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request'),
+        ),
+        (
+            "DELETE",
+            "/leases/rollout-digits",
+            APIError(403, "Forbidden", 'leases.coordination.k8s.io "rollout-digits" is forbidden'),
+        ),
+    )
+    said = ended(end, params, caplog)
     kube.before_write = None
     assert routes(kube) == [("v1", 100)]
     (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "outbox").glob("*.json"))]
@@ -3416,17 +3442,16 @@ def test_a_teardown_whose_lease_release_fails_reports_the_stable_version_back(ku
 
     at_stage_1(kube)
 
-    def forbidden() -> None:
-        kube.before_write = forbidden
-        request = kube.requests[-1]
-        if request["method"] == "DELETE" and request["path"].endswith("/leases/rollout-digits"):
-            raise APIError(403, "Forbidden", 'leases.coordination.k8s.io "rollout-digits" is forbidden')
-
-    kube.before_write = forbidden
+    refuse(
+        kube,
+        (
+            "DELETE",
+            "/leases/rollout-digits",
+            APIError(403, "Forbidden", 'leases.coordination.k8s.io "rollout-digits" is forbidden'),
+        ),
+    )
+    said = ended(end, PARAMS, caplog)
     if end == "teardown":
-        with pytest.raises(AirflowFailException) as failed:
-            steps.ensure_stable(PARAMS, "run-1", None, None, None)
-        said = str(failed.value)
         (report,) = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
         assert "routes not restored" not in report["text"]
         assert "could not put version 1 back" not in report["text"]
@@ -3434,8 +3459,6 @@ def test_a_teardown_whose_lease_release_fails_reports_the_stable_version_back(ku
         assert "the model's lease was not released" in report["text"]
         assert "kubectl -n models delete lease rollout-digits" in report["text"]
     else:
-        steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
-        said = caplog.text
         # (its candidate left running, told: the release's failure with it)
         (report,) = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
         assert report["text"].startswith("Rolled back digits v2")
