@@ -2753,7 +2753,7 @@ def test_a_failure_callback_mid_stage_reads_the_candidates_deployment_no_more_af
     routed = done.index(("PATCH", "virtualservices/digits"))
     assert ("GET", "deployments/digits-v2") not in done[routed:]
     assert "version 2 is left loaded, its pods running: scale it to 0" in caplog.text
-    assert "kubectl -n models scale deployment digits-v2 --replicas=0" in caplog.text
+    assert steps.serving().deployments("digits").scale_by_hand("2", 0) in caplog.text
     assert routes(kube) == [("v1", 100)]
     assert lease(kube, "digits") is None
 
