@@ -191,12 +191,13 @@ _WORDS_COLON = rf"(?:{BLANK}{{0,64}}+(?:->|=>|=|:{BLANK}{{0,64}}+{_NEXT_LINE_ID}
 # pair after a list, "ssn: 123456789, status: ok", ends it; so no key in the list's items is
 # passed over: a key's ":" or blanks after it end the item that holds it, the list's last).
 _NO_ID_ITEM = rf"(?:(?![:=]){_VALUE_CHAR}){{1,64}}+(?![:=])"
-# A placeholder then a piece with a digit ("passport: none E1234567", "ssn: null 12345678"): the
-# placeholder is kept, the piece read as the value; a placeholder alone, or before a date, is no
-# value (``credentials.NO_VALUE``: "passport: none", "passport: none 2026-12-05").
-_PLACEHOLDER_BEFORE = (
-    rf"(?:{PLACEHOLDER}[ ]{{1,2}}+(?!{DATE_OR_TIME})(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9]))?+"
-)
+# A placeholder then an identity number, as a name of more words reads one (``_CAPITALS``,
+# ``_ID_VALUE``: "passport: none E1234567", "ssn: null 12345678", "nino: none QQ 12 34 56 C"): the
+# placeholder is kept, the value read after it; a placeholder alone, or before a date or a word no
+# identity number is (a shape, "224x224" too, a count, a version: "passport: none 3x4", "ssn: null
+# 123 rows"), is no value (``credentials.NO_VALUE``: "passport: none", "passport: none 2026-12-05").
+_SHAPE = r"[0-9]{1,5}(?:[xX][0-9]{1,5}){1,3}(?![0-9A-Za-z_-])"
+_PLACEHOLDER_BEFORE = rf"(?:{PLACEHOLDER}[ ]{{1,2}}+(?!{DATE_OR_TIME}|{_SHAPE})(?={_CAPITALS}{_ID_VALUE}))?+"
 _KEYED = re.compile(
     rf"(?:{_NOT_ALNUM_BEFORE}|{_CAMEL_START})(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX}){_MORE_WORDS}{KEY_QUOTE}"
     rf"(?(w){_WORDS_COLON}|(?:{_KEY_COLON}|(?P<b>{BLANK}{{1,64}}+(?=[{{\[]))"
