@@ -247,8 +247,16 @@ _NOT_PROSE_LABEL = (
     r"(?!(?i:the)(?![A-Za-z0-9-]))"
     rf"(?!(?i:this|that|these|those|an?|each|every){_GAP}(?i:dot){_GAP}(?i:{_WORD_TLDS})(?![A-Za-z0-9-]))"
 )
+# Nor is a spelt "at" after a verb of looking or aiming, before an article or a demonstrative, an
+# address's under any domain: "look at this dot com boom", "aim at that dot org" are sentences;
+# after a name such a word is a label ("jane at this dot io", "info at each dot com").
+_LOOK_VERB = (
+    r"(?i:(?:look|aim|point|peek|peer|click|laugh|glare)(?:s|ed|ing)?"
+    r"|(?:stare|glance|gaze|smile|wave)[sd]?|(?:star|glanc|gaz|smil|wav)ing|nod(?:s|ded|ding)?)"
+)
+_NOT_PROSE_AT = rf"(?!{_LOOK_VERB}{_GAP}(?i:at){_GAP}(?i:the|this|that|these|those|an?|each|every){_GAP}(?i:dot){_GAP})"
 _SPELT_EMAIL = re.compile(
-    rf"{_ADDRESS_START}{_LOCAL}{{1,64}}"
+    rf"{_ADDRESS_START}{_NOT_PROSE_AT}{_LOCAL}{{1,64}}"
     rf"(?:{_NEAR}{_AT}{_NEAR}[A-Za-z0-9-]{{1,63}}(?:{_DOT}[A-Za-z0-9-]{{1,63}}){{0,7}}{_DOT}[A-Za-z]{{2,63}}"
     rf"|{_GAP}(?i:at){_GAP}{_NOT_PROSE_LABEL}[A-Za-z0-9-]{{1,63}}(?:{_GAP}(?i:dot){_GAP}[A-Za-z0-9-]{{1,63}}){{0,7}}"
     rf"{_GAP}(?i:dot){_GAP}(?i:{_TLDS})(?:\.[A-Za-z0-9-]{{1,63}}){{0,7}}+)"  # (its last labels dotted too: "co.uk")

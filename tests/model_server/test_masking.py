@@ -403,6 +403,7 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "run numbers before spaced at signs": "job 123456 @ " * 77_000,
     "words of places before spaced at signs": "pinned @ " * 111_000,
     "spelt at before articles and word domains": "a at each dot in " * 58_000,
+    "spelt at after verbs before articles": "look at this dot " * 58_000,
     "list item marks after keys": "passport: -\t" * 84_000,
     "words joined to taxid and id_card": "taxidvalueidcardno" * 55_000,
     "lists under plural identity names": "ssns=123456," * 83_000,
@@ -3750,11 +3751,20 @@ def test_a_spelt_or_spaced_address_under_a_common_top_level_domain_is_masked(key
         "stare at that dot no wait",
         "look at each dot in the grid",
         "look at the dot com boom",
+        # a verb of looking or aiming before "at" and an article or a demonstrative, any domain
+        "look at this dot com boom",
+        "aim at that dot org",
+        "Looking at these dot net charts",
+        "stare at a dot com",
+        "he pointed at that dot io logo",
     ],
 )
 def test_a_spelt_at_before_an_article_and_a_dot_in_prose_stays(keys, text):
     """The words "in", "it", "no", "me", "us" are top-level domains too: "at" before an article
-    or a demonstrative and "dot" is a sentence, no address."""
+    or a demonstrative and "dot" is a sentence, no address. So is "at" after a verb of looking or
+    aiming and before such a word under any domain ("look at this dot com boom", "aim at that dot
+    org": masked since 97967fd); after a name such a word is a label ("jane at this dot io",
+    ``test_a_spelt_or_spaced_address_under_a_common_top_level_domain_is_masked``)."""
     ring = KeyRing(keys)
     assert find_sensitive(text) == []
     assert Masker(ring).mask_text(text, ring.key_for(None)) == text
