@@ -397,6 +397,7 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "names of letters after keys and arrows": "ssn -> " + "a" * 1_000_000,
     "keys and arrows before names": "ssn->ssn_a " * 90_000,
     "placeholders before pieces after identity keys": "ssn: none a12345 " * 62_500,
+    "keys and arrows before names before counts": "ssn -> a_b 1 rows " * 55_000,
     "keys and arrows before names before pieces": ("ssn -> " + "a" * 60 + " a" + "1" * 30 + "  ") * 10_000,
     "time zones after times before spaced at signs": "00:00 UTC @ " * 83_000,
     "dates before spaced at signs": "2026-12-05 @ " * 77_000,
@@ -883,6 +884,10 @@ def test_words_near_a_key_name_are_not_values(keys):
         "ssn_ts: 2026-12-03 ok",  # (a date under a name of more words is the line's)
         "column ssn -> ssn_hash",  # (a name of letters alone after an arrow: no identity number is one)
         "passport => passport_id, ok",
+        # a name after the arrow, then a count and what it counts: no piece of a value
+        "column ssn -> ssn_hash 3 rows",
+        "passport => passport_id 12 rows, ok",
+        "ssn -> ssn_hash  4096 nulls",
     ]:
         assert Masker(ring).mask_text(text, ring.key_for(None)) == text
 
