@@ -82,7 +82,7 @@ NUMBER_START = {
     "float": re.compile(
         r"[ \t\n\v\f\r]*([+-]?(?:inf|nan|0x(?:[0-9a-f]+\.?[0-9a-f]*|\.[0-9a-f]+)(?:p[+-]?[0-9]+)?"
         r"|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?))",
-        re.IGNORECASE,
+        re.IGNORECASE | re.ASCII,  # (ASCII: else "i" matches "\u0131" and "\u0130", which strtod does not read)
     ),
 }
 # Past the largest magnitude each integer conversion reads (stoul and stoull take a sign, as

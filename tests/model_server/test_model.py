@@ -426,6 +426,15 @@ def test_a_hex_float_is_judged_as_strtod_reads_it(conversion, number, fails):
     assert unreadable(feeds, {"NUM"}, conversion) == f"input 'NUM': {expected}; "
 
 
+@pytest.mark.parametrize("number", ["\u0131nf", "\u0130NF", "-\u0131nfinity", "+\u0130nf"])
+def test_a_dotless_or_dotted_i_is_not_read_as_inf_or_nan(number):
+    """Under re.IGNORECASE a str pattern's "i" matched "\u0131" and "\u0130" (Turkish dotless and
+    dotted I), so the judge read "\u0131nf" as inf, in range, where strtod reads no number: the
+    400 named the element after it, not the one std::stod failed on."""
+    feeds = {"NUM": np.array([number, "abc"], dtype=object)}
+    assert unreadable(feeds, {"NUM"}, "d") == "input 'NUM': BYTES element 0 is not a number; "
+
+
 @pytest.mark.parametrize(
     ("conversion", "number", "fails"),
     [
