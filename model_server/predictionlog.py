@@ -855,7 +855,7 @@ def _log_files(
 ) -> tuple[dict[str, int], str | None]:
     """The files of the folder ``path`` (not below it) that ``keep`` takes, by their name and
     (asked only where the name does not decide) the time the store says each was written (unix
-    seconds, None where it gives none), and their sizes, at most ``MAX_LISTED_FILES``; and why
+    seconds, None where it gives none; on a disk the later of its mtime and ctime), and their sizes, at most ``MAX_LISTED_FILES``; and why
     not all (``CROWDED``, or ``UNLISTED``: the read's time spent between two pages), None when all."""
     found: dict[str, int] = {}
 
@@ -863,10 +863,14 @@ def _log_files(
         return len(found) >= MAX_LISTED_FILES
 
     def stored(entry: os.DirEntry[str]) -> float | None:
+        # The later of its mtime and ctime: cp -p, rsync -a and mv from a spool keep a file's old
+        # mtime (and anyone may set it back with utime), but the kernel sets ctime to now on each
+        # write, rename or utime, and user space cannot set it back.
         try:
-            return entry.stat().st_mtime
+            status = entry.stat()
         except OSError:  # (removed meanwhile)
             return None
+        return max(status.st_mtime, status.st_ctime)
 
     if isinstance(fs, pafs.LocalFileSystem):
         try:

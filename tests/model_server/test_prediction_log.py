@@ -470,7 +470,9 @@ def test_a_file_named_in_its_folder_s_hour_before_the_range_but_stored_in_it_is_
     was written within the range (its listing's time, not before the range as its name says), the
     two disagree: it is read, and refused where its name lies before its records of the range,
     skipped and named, as one named before its folder's hour is. One the store dates before the
-    range too is still never opened (a garbage file: opened, it would be skipped as unreadable)."""
+    range too is still never opened (a garbage file: opened, it would be skipped as unreadable;
+    on a disk the store's time is the later of its mtime and ctime, and no one sets ctime back:
+    it is stored now, in the folder of an hour to come)."""
     hour = datetime(2026, 1, 1, 5, tzinfo=UTC)
     w = writer(tmp_path)
     w.append(primary("late", when=(hour + timedelta(minutes=40)).timestamp()))
@@ -479,14 +481,43 @@ def test_a_file_named_in_its_folder_s_hour_before_the_range_but_stored_in_it_is_
     assert path.parent.name == "hour=05"
     named = re.sub(r"-\d{8}T\d{6}Z-", f"-{hour + timedelta(minutes=10):%Y%m%dT%H%M%S}Z-", path.name)
     path.rename(path.with_name(named))  # (stored now: after the range, by the store's clock)
-    old = hour + timedelta(minutes=5)
-    garbage = path.with_name(f"part-x-{old:%Y%m%dT%H%M%S}Z-0123456789ab.parquet")
-    garbage.write_bytes(b"PAR1 not parquet, and never opened")
-    os.utime(garbage, (old.timestamp(), old.timestamp()))
     df = read(tmp_path / "log", hour + timedelta(minutes=30), hour + timedelta(hours=1), written=written)
     assert len(df) == 0
     ((where, why),) = df.attrs["skipped_file_reasons"].items()
     assert where.endswith(named)
+    assert "lies before its records" in why
+    assert "its 2 records of this range" in why
+    coming = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(hours=2)
+    folder = path.parent.parent.parent / f"dt={coming:%Y-%m-%d}" / f"hour={coming:%H}"
+    folder.mkdir(parents=True)
+    old = coming + timedelta(minutes=5)
+    garbage = folder / f"part-x-{old:%Y%m%dT%H%M%S}Z-0123456789ab.parquet"
+    garbage.write_bytes(b"PAR1 not parquet, and never opened")  # (stored now: before the range)
+    later = read(tmp_path / "log", coming + timedelta(minutes=30), coming + timedelta(hours=1), written=written)
+    assert len(later) == 0
+    assert later.attrs["files_read"] == 0
+    assert later.attrs["skipped_files"] == 0
+
+
+@pytest.mark.parametrize("written", [False, True])
+def test_a_file_whose_kept_mtime_dates_it_before_the_range_is_read_and_refused_all_the_same(tmp_path, written):
+    """A file named in its folder's hour before a read's range, its mtime before the range too, was
+    never opened, its records of the range dropped without a word: cp -p, rsync -a and mv from a
+    spool keep a file's old mtime, and anyone may set it back. Its ctime, which no one in user
+    space sets back, dates it now: read, and refused where its name lies before its records."""
+    hour = datetime(2026, 1, 1, 5, tzinfo=UTC)
+    w = writer(tmp_path)
+    w.append(primary("late", when=(hour + timedelta(minutes=40)).timestamp()))
+    w.flush()
+    (path,) = (tmp_path / "log").rglob("part-*.parquet")
+    named = path.with_name(re.sub(r"-\d{8}T\d{6}Z-", f"-{hour + timedelta(minutes=10):%Y%m%dT%H%M%S}Z-", path.name))
+    path.rename(named)
+    kept = (hour + timedelta(minutes=10)).timestamp()
+    os.utime(named, (kept, kept))  # (as cp -p would keep it from a spool)
+    df = read(tmp_path / "log", hour + timedelta(minutes=30), hour + timedelta(hours=1), written=written)
+    assert len(df) == 0
+    ((where, why),) = df.attrs["skipped_file_reasons"].items()
+    assert where.endswith(named.name)
     assert "lies before its records" in why
     assert "its 2 records of this range" in why
 
