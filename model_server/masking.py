@@ -205,22 +205,32 @@ _KEYED = re.compile(
     rf"(?(w){_WORDS_COLON}|(?:{_KEY_COLON}|(?P<b>{BLANK}{{1,64}}+(?=[{{\[]))"
     rf"|{BLANK}{{1,64}}+(?:[#-]{BLANK}{{0,64}}+)?(?:(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9])"
     rf"|(?=[A-Z]{{1,2}}[ ]{{1,2}}(?!{DATE_OR_TIME}){_VALUE_CHAR}{{0,31}}[0-9]))))"
-    rf"(?(p)(?:\[{BLANK}{{0,64}}+)?+){OPEN_QUOTE}(?(w){_STATUS})(?:(?(q)|{_PLACEHOLDER_BEFORE}{NO_VALUE})(?P<v>(?(w){_CAPITALS}(?(n){_ID_NUMBER}|{_ID_VALUE})"
+    rf"(?(p)(?P<l>\[{BLANK}{{0,64}}+)?+){OPEN_QUOTE}(?(w){_STATUS})(?:(?(q)|{_PLACEHOLDER_BEFORE}{NO_VALUE})(?P<v>(?(w){_CAPITALS}(?(n){_ID_NUMBER}|{_ID_VALUE})"
     rf"|(?:(?(q){NOT_MASKED}{quoted(64)}|(?(b){CLOSED_BRACKETED}|(?:{BRACKETED}|{_UNQUOTED})))|{_UNQUOTED})))"
     rf"|(?(p){_NO_ID_ITEM}(?=[\"']?{BLANK}{{0,64}}+[,;])|(?!)))"
 )
+
+
 # A list after a key (a plural's, ``p``: "ssns: [123456789, 987654321]", "PASSPORTS=E1234567,X7654321";
 # a singular's too: "ssn: 123456789, 987654321"): after its first item, each next one after ","
 # or ";" and blanks, in quotes or not; an item of an id's shape is its value, another ("n/a",
 # "null", ``_NO_ID_ITEM``, a plural's first item too: "ssns: [none, 123456789]") is passed over,
 # as many as there are, each bounded (one scan of the list). An item of an id's shape is one
 # after blanks alone too ("ssns: 123456789 987654321"), or on the next line as a YAML list's
-# ("ssns:\n  - 123456789\n  - 987654321"); a word there ends the list (prose after a value).
-_LIST_ITEM = re.compile(
-    rf"[\"']?(?:{BLANK}{{0,64}}+[,;]{BLANK}{{0,64}}+[\"']?"
-    rf"|(?:{BLANK}{{1,64}}+|{BLANK}{{0,64}}+{_BREAK}[ \t]{{0,64}}+-{BLANK}{{1,64}}+)[\"']?(?={_CAPITALS}{_ID_VALUE}))"
-    rf"(?:(?P<v>{_CAPITALS}{_ID_VALUE})|{_NO_ID_ITEM})"
-)
+# ("ssns:\n  - 123456789\n  - 987654321"); a word there ends the list (prose after a value). In a
+# list opened by "[" (``l``), an item after its separator is one on the next line too, one line end
+# and its indentation, each bounded as the blanks are ("passports: [E1234567,\n  X7654321]"): every
+# item up to the closing bracket; a list not in brackets ends at its line's end.
+def _list_item(bracketed: bool) -> re.Pattern[str]:
+    over_line = rf"(?:{_BREAK}{BLANK}{{0,64}}+)?+" if bracketed else ""
+    return re.compile(
+        rf"[\"']?(?:{BLANK}{{0,64}}+[,;]{BLANK}{{0,64}}+{over_line}[\"']?"
+        rf"|(?:{BLANK}{{1,64}}+|{BLANK}{{0,64}}+{_BREAK}[ \t]{{0,64}}+-{BLANK}{{1,64}}+)[\"']?(?={_CAPITALS}{_ID_VALUE}))"
+        rf"(?:(?P<v>{_CAPITALS}{_ID_VALUE})|{_NO_ID_ITEM})"
+    )
+
+
+_LIST_ITEM, _BRACKETED_ITEM = _list_item(bracketed=False), _list_item(bracketed=True)
 # An address with "@" spelt "(at)", "[at]", "{at}" or "<at>" and its dots "." or spelt alike;
 # or with both spelt as words ("li.wei at example dot com"), and then only before a common
 # top-level domain: "look at this dot product" is a sentence. Up to three spaces around each
@@ -406,8 +416,9 @@ class _KeyedValues(Detector):
             at = m.end()
             if m.start("v") >= 0:  # (a plural's list's first item may be no id: "ssns: [none, 123456789]")
                 yield m.span("v")
-            pos, last = at, None  # (a list's other items, read once)
-            while (item := _LIST_ITEM.match(view, pos)) is not None:
+            pos, last = at, None  # (a list's other items, read once; over lines in brackets)
+            items = _LIST_ITEM if m.start("l") < 0 else _BRACKETED_ITEM
+            while (item := items.match(view, pos)) is not None:
                 last, pos = item, item.end()
                 if item.group("v") is not None:
                     yield item.span("v")

@@ -417,6 +417,9 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "plural identity names and pairs as list items": "ssns: a, ssn " * 77_000,
     "ids apart by blanks after an identity key": "ssn: " + "123456 " * 142_000,
     "list items on next lines under a plural identity name": "ssns:" + "\n  - 123456" * 100_000,
+    "a bracketed list over line ends never closed": "passports: [E1234567" + ",\n  X7654321" * 83_000,
+    "bracketed lists of no id over line ends": "ssns: [" + "n/a,\n " * 166_000,
+    "plural identity names before bracketed line ends": "ssns: [1,\n" * 100_000,
     "blank runs and line ends before list marks of no id": "ssns: 123456"
     + (" " * 64 + "\n" + " " * 64 + "- a") * 7_500,
 }
@@ -446,6 +449,7 @@ FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, ea
     "a long list under a plural identity name": {"keyed"},  # every item
     "ids apart by blanks after an identity key": {"keyed"},  # every id
     "list items on next lines under a plural identity name": {"keyed"},  # every item
+    "a bracketed list over line ends never closed": {"keyed"},  # every item
     "blank runs and line ends before list marks of no id": {"keyed"},  # its first item
     "list items of no id under a plural identity name": {"keyed"},  # its first item
     "list item marks after secret keys": {"secret"},  # each key's value is the next key's name
@@ -3603,6 +3607,37 @@ def test_every_identity_number_in_a_list_under_a_plural_name_is_masked(keys, tex
     assert TOKEN_RE.sub("", masked) == kept
     for count in ["ssns: [1, 2]", "passports: 3, 4 valid"]:
         assert Masker(ring).mask_text(count, ring.key_for(None)) == count
+
+
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [
+        ("passports: [E1234567,\n  X7654321]", ["E1234567", "X7654321"]),
+        ("ssns: [123456789,\r\n\t987654321, 192837465]", ["123456789", "987654321", "192837465"]),
+        ("ssns: [123456789,\n  n/a,\n  987654321]\nrows: 1234567", ["123456789", "987654321"]),
+        ("passports: ['n/a',\n  'E1234567']", ["E1234567"]),
+        ('{"msg": "ssns: [123456789,\\n  987654321]"}', ["123456789", "987654321"]),
+        (
+            "ssns: " + ",\n  ".join(str(100_000_000 + i) for i in range(70)).join("[]"),
+            [str(100_000_000 + i) for i in range(70)],
+        ),
+        # a list not in brackets ends at its line's end, and one closed at its bracket
+        ("ssns: 123456789,\n123456 rows read", ["123456789"]),
+        ("ssns: [123456789],\n123456 rows read", ["123456789"]),
+    ],
+)
+def test_every_item_of_a_bracketed_list_over_line_ends_under_a_plural_name_is_masked(keys, text, values):
+    """Of a plural's bracketed list over line ends ("passports: [E1234567,\\n  X7654321]") only the
+    first item was masked: a list's next item was read on its line only. In brackets an item after
+    its separator is read on the next line too (one line end and its indentation, bounded), every
+    one up to the closing bracket; a list not in brackets still ends at its line's end."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == values, masked
+    kept = text
+    for value in values:
+        kept = kept.replace(value, "", 1)
+    assert TOKEN_RE.sub("", masked) == kept
 
 
 @pytest.mark.parametrize(
