@@ -420,6 +420,7 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "a bracketed list over line ends never closed": "passports: [E1234567" + ",\n  X7654321" * 83_000,
     "bracketed lists of no id over line ends": "ssns: [" + "n/a,\n " * 166_000,
     "plural identity names before bracketed line ends": "ssns: [1,\n" * 100_000,
+    "plural identity names before brackets and line ends": 'ssns: [ \n "' * 83_000,
     "blank runs and line ends before list marks of no id": "ssns: 123456"
     + (" " * 64 + "\n" + " " * 64 + "- a") * 7_500,
 }
@@ -3607,6 +3608,34 @@ def test_every_identity_number_in_a_list_under_a_plural_name_is_masked(keys, tex
     assert TOKEN_RE.sub("", masked) == kept
     for count in ["ssns: [1, 2]", "passports: 3, 4 valid"]:
         assert Masker(ring).mask_text(count, ring.key_for(None)) == count
+
+
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [
+        ('{\n  "ssns": [\n    "123456789",\n    "987654321"\n  ]\n}', ["123456789", "987654321"]),
+        ('{\n  "passports": [\n "E1234567",\n "X7654321"\n ]\n}', ["E1234567", "X7654321"]),
+        (json.dumps({"ssns": ["123456789", "987654321"]}, indent=4), ["123456789", "987654321"]),
+        (json.dumps({"passports": ["n/a", "E1234567"]}, indent="\t"), ["E1234567"]),
+        ("ssns: [  \r\n  123456789, 987654321\n]", ["123456789", "987654321"]),
+        # the one-line form, and counts or a dict in a list over lines stay
+        ('{"ssns": ["123456789", "987654321"]}', ["123456789", "987654321"]),
+        ('{"passports": ["E1234567", "X7654321"]}', ["E1234567", "X7654321"]),
+        ("ssns: [\n  1,\n  2\n]", []),
+        ('passports: [\n  {"country": "DE"}\n]', []),
+    ],
+)
+def test_every_item_of_a_json_list_pretty_printed_under_a_plural_name_is_masked(keys, text, values):
+    """A JSON list pretty-printed under a plural identity name ('"ssns": [\\n    "123456789", ...')
+    was logged in clear, every item: after the list's "[" the rule read blanks only, not the line
+    end before the first item. One line end and its indentation (bounded) are read there now."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == values, masked
+    kept = text
+    for value in values:
+        kept = kept.replace(value, "", 1)
+    assert TOKEN_RE.sub("", masked) == kept
 
 
 @pytest.mark.parametrize(
