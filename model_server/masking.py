@@ -205,17 +205,19 @@ _KEYED = re.compile(
     rf"(?(w){_WORDS_COLON}|(?:{_KEY_COLON}|(?P<b>{BLANK}{{1,64}}+(?=[{{\[]))"
     rf"|{BLANK}{{1,64}}+(?:[#-]{BLANK}{{0,64}}+)?(?:(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9])"
     rf"|(?=[A-Z]{{1,2}}[ ]{{1,2}}(?!{DATE_OR_TIME}){_VALUE_CHAR}{{0,31}}[0-9]))))"
-    rf"(?(p)(?P<l>\[{BLANK}{{0,64}}+(?:{_BREAK}{BLANK}{{0,64}}+)?+)?+){OPEN_QUOTE}(?(w){_STATUS})(?:(?(q)|{_PLACEHOLDER_BEFORE}{NO_VALUE})(?P<v>(?(w){_CAPITALS}(?(n){_ID_NUMBER}|{_ID_VALUE})"
+    rf"(?(w)(?:(?(n)(?(p)|(?!)))(?P<l>\[{BLANK}{{0,64}}+(?:{_BREAK}{BLANK}{{0,64}}+)?+))?+){OPEN_QUOTE}(?(w){_STATUS})(?:(?(q)|{_PLACEHOLDER_BEFORE}{NO_VALUE})(?P<v>(?(w){_CAPITALS}(?(n){_ID_NUMBER}|{_ID_VALUE})"
     rf"|(?:(?(q){NOT_MASKED}{quoted(64)}|(?(b){CLOSED_BRACKETED}|(?:{BRACKETED}|{_UNQUOTED})))|{_UNQUOTED})))"
-    rf"|(?(p){_NO_ID_ITEM}(?=[\"']?{BLANK}{{0,64}}+[,;])|(?!)))"
+    rf"|(?(p)|(?(l)|(?!))){_NO_ID_ITEM}(?=[\"']?{BLANK}{{0,64}}+[,;]))"
 )
 
 
 # A list after a key (a plural's, ``p``: "ssns: [123456789, 987654321]", "PASSPORTS=E1234567,X7654321";
+# in brackets under any name of more words, ``w``, after its ":", "=" or arrow: "ssn_list: [123456789]";
+# a line end and its indentation after the "[" too, as JSON pretty-printed writes one: '"ssns": [\n  "1..."';
 # a singular's too: "ssn: 123456789, 987654321"): after its first item, each next one after ","
 # or ";" and blanks, in quotes or not; an item of an id's shape is its value, another ("n/a",
-# "null", ``_NO_ID_ITEM``, a plural's first item too: "ssns: [none, 123456789]") is passed over,
-# as many as there are, each bounded (one scan of the list). An item of an id's shape is one
+# "null", ``_NO_ID_ITEM``, a plural's first item too, or one in brackets: "ssns: [none, 123456789]",
+# "ssn_list: [n/a, 123456789]") is passed over, as many as there are, each bounded (one scan of the list). An item of an id's shape is one
 # after blanks alone too ("ssns: 123456789 987654321"), or on the next line as a YAML list's
 # ("ssns:\n  - 123456789\n  - 987654321"); a word there ends the list (prose after a value). In a
 # list opened by "[" (``l``), an item after its separator is one on the next line too, one line end
@@ -378,12 +380,13 @@ _MEASURE_VALUE = re.compile(r"[0-9][0-9 .xX]{0,512}")
 _MODEL_NAME = re.compile(r"[A-Za-z]{3,32}[0-9]{0,8}-[vV][0-9]{1,8}(?:[.-][A-Za-z0-9]{1,32}){0,8}")
 
 
-def _names_measure(words: str, value: str) -> bool:
+def _names_measure(words: str, value: str | None) -> bool:
     """Whether the words after a name's identity word (``_MORE_WORDS``) name a measure of
     ``value``: their last word of ``_MEASURE_WORDS`` or ``_NAME_MEASURE_WORDS`` (a unit's only after
     another word), read only in the name itself (before any space: "ssn count" is prose's as often),
     no id's word after it (``_ID_WORDS``), over a number or a shape (``_MEASURE_VALUE``), a model's
-    name under "model" (``_MODEL_NAME``); an id of letters and digits ("C01X00T47") is none."""
+    name under "model" (``_MODEL_NAME``); an id of letters and digits ("C01X00T47") is none. Without
+    a value (a list's first item of no id: "ssn_count: [n/a, 123456789]") the name alone says."""
     found = [w.lower() for w in _NAME_WORD.findall(words.partition(" ")[0])]
     last = max(
         (
@@ -395,6 +398,8 @@ def _names_measure(words: str, value: str) -> bool:
     )
     if last is None or any(w in _ID_WORDS for w in found[last + 1 :]):
         return False
+    if value is None:  # (a list's first item of no id: the name alone says)
+        return True
     return _MEASURE_VALUE.fullmatch(value) is not None or (
         found[last] == "model" and _MODEL_NAME.fullmatch(value) is not None
     )

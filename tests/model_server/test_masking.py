@@ -421,6 +421,8 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "bracketed lists of no id over line ends": "ssns: [" + "n/a,\n " * 166_000,
     "plural identity names before bracketed line ends": "ssns: [1,\n" * 100_000,
     "plural identity names before brackets and line ends": 'ssns: [ \n "' * 83_000,
+    "identity names of more words before brackets": "ssn_list: [" * 90_000,
+    "list items of no id under a name of more words": "ssn_list: [n/a" + ", a" * 333_000,
     "blank runs and line ends before list marks of no id": "ssns: 123456"
     + (" " * 64 + "\n" + " " * 64 + "- a") * 7_500,
 }
@@ -3608,6 +3610,41 @@ def test_every_identity_number_in_a_list_under_a_plural_name_is_masked(keys, tex
     assert TOKEN_RE.sub("", masked) == kept
     for count in ["ssns: [1, 2]", "passports: 3, 4 valid"]:
         assert Masker(ring).mask_text(count, ring.key_for(None)) == count
+
+
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [
+        ("ssn_list: [123456789, 987654321]", ["123456789", "987654321"]),
+        ("ssn_code: [123456789]", ["123456789"]),
+        ("passport_list: [E1234567, X7654321]", ["E1234567", "X7654321"]),
+        ('"ssn_list": ["123456789"]', ["123456789"]),
+        ('{"passportNumbers": ["E1234567", "X7654321"]}', ["E1234567", "X7654321"]),
+        ("ssn_list: [n/a, 123456789]", ["123456789"]),
+        (json.dumps({"ssn_list": ["123456789", "987654321"]}, indent=2), ["123456789", "987654321"]),
+        # counts, shapes and a model's name under a measure's name stay, a first item of no id too
+        ("ssn_count: [123456789, 987654321]", []),
+        ("passport_scan_bytes: [1234567, 7654321]", []),
+        ("passport_model: [resnet50-v2-1234567]", []),
+        ("ssn_count: [n/a, 123456789]", []),
+        ("ssns_count: n/a, 123456789", []),
+        ("ssn_status: [active, ok]", []),
+    ],
+)
+def test_every_identity_number_in_a_list_under_a_name_of_more_words_is_masked(keys, text, values):
+    """A list under an identity name of more words ("ssn_list: [123456789, 987654321]", "ssn_code:
+    [123456789]") was logged in clear: the name's "[" was read under a plural's name only ("ssns:
+    [...]"). It is read under any name of more words now (after ":", "=" or an arrow; after blanks
+    alone under a plural's only), and a first item of no id is passed over in brackets as under a
+    plural; a measure's name still keeps its list. (A measure's name over a first item of no id,
+    "ssns_count: n/a, 123456789", raised a TypeError: the name alone says now.)"""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == values, masked
+    kept = text
+    for value in values:
+        kept = kept.replace(value, "", 1)
+    assert TOKEN_RE.sub("", masked) == kept
 
 
 @pytest.mark.parametrize(
