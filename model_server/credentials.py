@@ -246,7 +246,8 @@ _VALUE_NAMED = rf"{KEY_QUOTE}{_FIELD_SEP}{KEY_QUOTE}(?i:value){KEY_QUOTE}{_COLON
 # the string's quote; its lines then end at an escaped quote too); its indicator's digit before
 # or after its "-" or "+", a comment after it; a blank line in it, before a line indented so.
 # A plain value on the next lines, after a key and ":" with nothing after them but a comment
-# (``p``: "password:\n  hunter2"), is read so: its lines, more indented than the key's; its
+# (``p``: "password:\n  hunter2"), or a YAML list's mark ("password: - \n  hunter2",
+# ``_MARK_AT_LINE_END``), is read so: its lines, more indented than the key's; its
 # first line none that is a mapping's key (a ":" before a space or its line's end:
 # "credentials:\n  username: bob") or a comment; a comment after the key ("# set by ops") is no
 # value where a line end follows it.
@@ -265,10 +266,14 @@ _NO_KEY_LINE = r"(?!#|(?(x)[^\r\n\\\"]|[^\r\n]){0,4096}?:(?:[ \t]|\r?\n|\\|\"|\Z
 # in lower case: "password:\n  correct horse battery staple" is a value).
 _PROSE_LINE = r"[A-Za-z][a-z]{0,63}+(?:[ ]{1,3}[A-Za-z][a-z]{0,63}+){1,31}+[.!]?[ \t]{0,16}+(?:\r?\n|[\\\"']|\Z)"
 _BLOCK_HEAD = (
-    rf"(?:(?(ki)(?P<h>(?:{_BLOCK_INDICATOR}|{_AFTER_COLON}(?P<p>){_LINE_REST})(?:\r?\n|(?P<x>(?:\\{{1,8}}r)?\\{{1,8}}n))"
+    rf"(?:(?(ki)(?P<h>(?:{_BLOCK_INDICATOR}|(?(m)|{_AFTER_COLON})(?P<p>){_LINE_REST})(?:\r?\n|(?P<x>(?:\\{{1,8}}r)?\\{{1,8}}n))"
     rf"(?P<i>(?P=ki)(?(kd)[ ](?P=ks))[ \t]{{1,64}}+)(?=\S)(?(p){_NO_KEY_LINE}(?(c)(?!{_PROSE_LINE})))){NOT_MASKED}|(?!))"
     rf"|(?!{_BLOCK_START}|{_AFTER_COLON}#[ \t][^\r\n\\]{{0,256}}+{_LINE_BREAK}))"  # (a comment is no value)
 )
+# A YAML list's mark after the key's ":" with nothing after it on its line but blanks or a comment
+# after a blank (``m``: "password: - \n  hunter2"): its item is on the next line, read as a plain
+# value after the ":" alone is (``p``), the mark no piece of it.
+_MARK_AT_LINE_END = rf"(?:{_AFTER_COLON}(?P<m>-)(?=[ \t]{{0,16}}+(?:(?<=[ \t])#[^\r\n\\]{{0,256}}+)?{_LINE_BREAK}))?+"
 _ESCAPED_LINE = rf"(?:(?!(?P=x))(?:[^\r\n\\\"]|{VALUE_ESCAPE})){{1,4096}}+"
 _BLOCK = (
     r"(?(x)"
@@ -277,7 +282,7 @@ _BLOCK = (
 )
 _SECRET_KEYED = re.compile(
     rf"{_KEY_LINE}{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_NAMED_BY}"
-    rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:{KEY_QUOTE}{_KEY_SEP}{LIST_MARK}|{_PAIR_SEP}|(?(nb){_VALUE_NAMED}|(?!)))"
+    rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:{KEY_QUOTE}{_KEY_SEP}{_MARK_AT_LINE_END}{LIST_MARK}|{_PAIR_SEP}|(?(nb){_VALUE_NAMED}|(?!)))"
     rf"|(?(nb){_COOKIE_ONE}{_VALUE_NAMED}|(?!)))"
     rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME}){_BLOCK_HEAD}"
     rf"(?P<v>(?(h){_BLOCK}|(?(q)|{NO_VALUE})(?:(?(q){_QUOTED}|(?:{BRACKETED}|{_CRED_RUN}))|{_CRED_RUN}))){_PAIR_END}"

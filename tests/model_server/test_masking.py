@@ -1358,6 +1358,7 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "escaped tabs after keys in quotes": ('"password":' + "\\t" * 64 + "1}") * 7_100,
     "cookie settings": ("cookie\\t" + "a" * 63 + "=B" + "b" * 14 + ".) ") * 11_200,
     "quoted values never closed after cookie words": ('cookie a="' + "b" * 4_100 + " ") * 240,
+    "list marks at line ends after keys": ("password: -" + " " * 16 + "\n" + " " * 64) * 10_800,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -3229,6 +3230,32 @@ def test_a_secret_as_a_yaml_list_item_under_its_key_is_masked(keys, text, value)
     assert scrub(text) == text.replace(value, "***")
     for placeholder in ["password: - ", "password: - null", "password: -\t"]:
         assert scrub(placeholder) == placeholder
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("password: - \n  hunter2", "hunter2"),
+        ("password: -\n  hunter2", "hunter2"),
+        ("db:\n  api_key: -\t\n    sk-proj-abcdefghijklmnop1234\n  user: bob", "sk-proj-abcdefghijklmnop1234"),
+        ("token: - # set by ops\n  hunter2", "hunter2"),
+        (json.dumps({"m": "password: - \n  hunter2"}), "hunter2"),
+    ],
+)
+def test_a_secret_as_a_yaml_list_item_on_the_line_after_its_mark_is_masked(keys, text, value):
+    """A YAML list's mark after a key, its item on the next line ("password: - \\n  hunter2") left
+    the item in clear: the list mark was read on the key's line only, and the next-line value rule
+    only right after the key's ":". The mark, then nothing but blanks or a comment on its line, is
+    read as the ":" alone is: the next line's value, more indented than the key, is masked, and
+    the mark stays. A mark whose next line is a mapping's key or less indented, is none."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value], masked
+    assert TOKEN_RE.sub("", masked) == text.replace(value, "")
+    assert scrub(text) == text.replace(value, "***")
+    for kept in ["password: -\n  user: bob", "password: - \nuser: bob", "db:\n  password: -\n  user: bob"]:
+        assert scrub(kept) == kept
+        assert Masker(ring).mask_text(kept, ring.key_for(None)) == kept
 
 
 @pytest.mark.parametrize(
