@@ -336,9 +336,12 @@ _SECRET_SPACED = re.compile(
 )
 # A URL query's parameter (after "?" or "&") named for a secret, and also, there only, for a key, a signature or
 # auth (``?key=``, ``&sig=`` of a SAS URL, ``X-Goog-Signature=``).
+# Its quote, escaped too (a URL held in a JSON string: '?token=\\"abc\\"', or deeper: ``_ESCAPE``),
+# is no piece of the value, nor the escape of the quote that ends it (``_NOT_ESCAPED_QUOTE``: kept
+# whole); a backslash written escaped ("\\\\") is read as a pair, its parity kept.
 _QUERY_SECRET = re.compile(
-    rf"(?<=[?&]){_PREFIXES}(?i:{_CRED_WORDS}|key|sig|signature|auth)={NOT_MASKED}"
-    r"(?P<v>[^\s&;#\"'`<>]{1,256})"
+    rf"(?<=[?&]){_PREFIXES}(?i:{_CRED_WORDS}|key|sig|signature|auth)=(?>(?:{_ESCAPE})?[\"'])?{NOT_MASKED}"
+    rf"(?P<v>(?:{_NOT_ESCAPED_QUOTE}(?:[^\s&;#\"'`<>\\]|\\\\|\\)){{1,256}}+)"
 )
 # A cookie header's value, all its pairs (their values in quotes too), to the end of the line (or
 # of its quotes: the string's, read as ``quoted`` reads it, its escapes whole); and so an

@@ -1359,6 +1359,7 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "cookie settings": ("cookie\\t" + "a" * 63 + "=B" + "b" * 14 + ".) ") * 11_200,
     "quoted values never closed after cookie words": ('cookie a="' + "b" * 4_100 + " ") * 240,
     "list marks at line ends after keys": ("password: -" + " " * 16 + "\n" + " " * 64) * 10_800,
+    "backslashes after query parameters": ("&sig=" + "\\" * 300 + " ") * 3_300,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -1371,6 +1372,7 @@ FOUND_IN_SECRET_HOSTILE = {
     "slack prefixes": {"secret"},
     "spaced quoted names": {"secret"},  # each a value in quotes
     "escaped tabs after keys in quotes": {"secret"},  # each "1"
+    "backslashes after query parameters": {"secret"},  # each parameter's first 256
 }
 
 
@@ -1660,6 +1662,28 @@ def test_a_digest_parameter_whose_quote_is_escaped_is_masked(keys, depth):
     value = json.loads(masked)
     assert value["model"] == "resnet50"
     assert TOKEN_RE.sub("", value["auth"]) == header.replace(DIGEST_CNONCE, "").replace(DIGEST_RESPONSE, "")
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+def test_a_query_parameter_whose_quote_is_escaped_is_masked_and_its_escape_kept(keys, depth):
+    """A URL's query parameter in quotes held in a JSON string ('?token=\\"abc\\"'), or in one held
+    in a string again, had the escaped quote's backslash masked (the JSON broken) and, under a name
+    only the query rule reads ("sig"), its value left in clear: the rule read a value after a quote
+    not escaped only, and a backslash as one of its characters. The escaped opening quote is read
+    as the digest parameters' is, the value ends before an escaped quote, and both are kept whole."""
+    url = 'https://acct.example.com/c/b?token="Zq9Xw2Lk7"&sig="AbC123def"&sv=1'
+    text = json.dumps({"url": url, "model": "resnet50"})
+    for _ in range(depth - 1):
+        text = json.dumps({"m": text})
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert sorted(reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)) == ["AbC123def", "Zq9Xw2Lk7"], masked
+    assert scrub(text) == text.replace("Zq9Xw2Lk7", "***").replace("AbC123def", "***")
+    for _ in range(depth - 1):
+        masked = json.loads(masked)["m"]
+    value = json.loads(masked)
+    assert value["model"] == "resnet50"
+    assert TOKEN_RE.sub("", value["url"]) == url.replace("Zq9Xw2Lk7", "").replace("AbC123def", "")
 
 
 def test_a_private_key_logged_one_line_per_record_has_no_body_line_in_the_log(keys):
