@@ -109,14 +109,22 @@ _NOT_ESCAPED_QUOTE = rf"(?!{_ESCAPE}[\"'])"  # (nor its escape's first backslash
 # or form feed ("\\n", as repr() and json.dumps write them) ends the value, as does a backslash
 # before a quote (its escape's, or a string's last backslash: the quote after it stays closing).
 VALUE_ESCAPE = r"\\\\|\\(?![\s\"'\\nrtbf])"
+
+
 # After a key in quotes and ":" (JSON, a dict's repr: {"password": 12345678}) a "}" closes the
 # object, no character of the value; a "]" is one of its characters (a key and ":" are in no list).
-# Up to 64 blanks each side of the ":", as ``_KEY_SEP`` reads them (``BLANK``: a tab written escaped
-# too, two characters, '{"password":\\t12345678}'): a look behind of each width of the blanks and
-# ":" (a quote before them, one ":" among them, no blank or ":" after them).
-_AFTER_QUOTED_KEY = "|".join(
-    rf"(?<=[\"'](?={BLANK}{{0,64}}+:{BLANK}{{0,64}}+(?![ \t:]|\\[tbf]))[ \t:\\tbf]{{{w}}})" for w in range(1, 258)
-)
+# The key's closing quote (escaped too), its ":" and up to 64 blanks each side of it, as ``_KEY_SEP``
+# reads them (``BLANK``: a tab written escaped too, '{"password":\\t12345678}'), read once where
+# the key is read: ``group`` is set where the value starts right after them (no other ":" or
+# blank, nor a quote or what the rule reads before a value, ``read_first``: a list's mark, a scheme).
+def _after_quoted_key(group: str, read_first: str = "(?!)") -> str:
+    """A key's closing quote, ":" and blanks; ``group`` (empty) set where its value follows them."""
+    return (
+        rf"(?:{_ESCAPE})?[\"']{BLANK}{{0,64}}+:{BLANK}{{0,64}}+"
+        rf"(?![ \t:]|\\[tbf]|b?(?:{_ESCAPE})?[\"']|{read_first})(?P<{group}>)"
+    )
+
+
 # A Windows path's backslashes ("C:\\new\\x" as it came, not written escaped: its drive's
 # backslash before no other) are its own, an escape's letter after them too ("\\n" of "\\new"),
 # never a backslash before a space or a quote.
@@ -140,9 +148,13 @@ _RUN_CHARS = r"^\s\"'`,;&<>\\"
 # ("password:" and 9 spaces then "16 bytes": its "16").
 PLACEHOLDER = r"(?:\(not set\)|-|(?i:null|none|n/a)|\*{3})"
 NO_VALUE = rf"(?!{PLACEHOLDER}(?=[\s,;&)\]}}\"'<>]|\\[nrtbf]|\Z))"
-_CRED_RUN = (  # a value not in quotes, to an escaped quote
-    rf"(?:(?:{_AFTER_QUOTED_KEY}){_run(_RUN_CHARS + '}')}|(?!{_AFTER_QUOTED_KEY}){_run(_RUN_CHARS)})"
-)
+_CRED_RUN = _run(_RUN_CHARS)  # a value not in quotes, to an escaped quote
+
+
+def _cred_run(*after_key: str) -> str:
+    """``_CRED_RUN``, to a "}" where any of the groups ``after_key`` (``_after_quoted_key``) is set."""
+    closed = _run(_RUN_CHARS + "}")
+    return "".join(f"(?({g}){closed}|" for g in after_key) + _CRED_RUN + ")" * len(after_key)
 
 
 # A string in quotes in a dict's or a list's repr, whole (a bracket in it is none of the
@@ -233,7 +245,13 @@ _NAMED_BY = (
 _FIELD_SEP = (  # between two fields: "," (a line end after it too), or a line end (YAML's); up to 64 blanks each side
     rf"[ \t]{{0,64}}+(?:,[ \t]{{0,64}}+(?:{_NEXT_LINE})?|(?:(?<=[ \t])#[^\r\n\\]{{0,256}}+)?{_NEXT_LINE})"
 )
-_VALUE_NAMED = rf"{KEY_QUOTE}{_FIELD_SEP}{KEY_QUOTE}(?i:value){KEY_QUOTE}{_COLON}"
+
+
+def _value_named(group: str) -> str:
+    """A field "value" after the field that names its key (``group``: ``_after_quoted_key``'s)."""
+    return rf"{KEY_QUOTE}{_FIELD_SEP}{KEY_QUOTE}(?i:value)(?>{_after_quoted_key(group, _SCHEME)}|{KEY_QUOTE}{_COLON})"
+
+
 # A YAML block scalar as the value ("password: |", ">-") of a key that starts its line (after
 # its indentation ``ki``, a list item's "-" and spaces ``kd`` and a quote): its indicator and line
 # end (``h``) stay, its lines are the value, the first one's indentation (``i``), more than the
@@ -280,19 +298,23 @@ _BLOCK = (
     rf"{_ESCAPED_LINE}(?:(?:(?P=x)[ \t]{{0,64}}+(?=(?P=x))){{0,16}}+(?P=x)(?P=i){_ESCAPED_LINE}){{0,255}}+"
     r"|[^\r\n]{1,4096}+(?:(?:\r?\n[ \t]{0,64}+(?=\r?\n)){0,16}+\r?\n(?P=i)[^\r\n]{1,4096}+){0,255}+)"
 )
+_QUOTED_KEY_SEP = _after_quoted_key("k", rf"-{BLANK}|{_SCHEME}")  # (a list's mark, a scheme: read before its value)
+_VALUE_NAMED, _COOKIE_NAMED = _value_named("kn"), _value_named("kc")
+_KEYED_RUN = _cred_run("k", "kn", "kc")
 _SECRET_KEYED = re.compile(
     rf"{_KEY_LINE}{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_NAMED_BY}"
-    rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:{KEY_QUOTE}{_KEY_SEP}{_MARK_AT_LINE_END}{LIST_MARK}|{_PAIR_SEP}|(?(nb){_VALUE_NAMED}|(?!)))"
-    rf"|(?(nb){_COOKIE_ONE}{_VALUE_NAMED}|(?!)))"
+    rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:(?>{_QUOTED_KEY_SEP}|{KEY_QUOTE}{_KEY_SEP}){_MARK_AT_LINE_END}{LIST_MARK}|{_PAIR_SEP}"
+    rf"|(?(nb){_VALUE_NAMED}|(?!)))|(?(nb){_COOKIE_ONE}{_COOKIE_NAMED}|(?!)))"
     rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME}){_BLOCK_HEAD}"
-    rf"(?P<v>(?(h){_BLOCK}|(?(q)|{NO_VALUE})(?:(?(q){_QUOTED}|(?:{BRACKETED}|{_CRED_RUN}))|{_CRED_RUN}))){_PAIR_END}"
+    rf"(?P<v>(?(h){_BLOCK}|(?(q)|{NO_VALUE})(?:(?(q){_QUOTED}|(?:{BRACKETED}|{_KEYED_RUN}))|{_KEYED_RUN}))){_PAIR_END}"
 )
 # A field "value" before the field that names it ({"value": "...", "name": "DB_PASSWORD"}: a
 # dict's keys in any order, as a JSON object may have them, json.dumps(sort_keys=True) too): its
 # value, in quotes or not, then the field "name", "key" or "header" whose value names a secret.
+_QUOTED_VALUE_KEY, _VALUE_RUN = _after_quoted_key("k"), _cred_run("k")
 _NAMED_AFTER = re.compile(
-    rf"{after_boundary('A-Za-z0-9_')}(?i:value){KEY_QUOTE}{_COLON}{OPEN_QUOTE}{NOT_MASKED}"
-    rf"(?P<v>(?(q){_QUOTED}|{_CRED_RUN}))(?(q)(?(e)(?P=e))(?P=q)){_FIELD_SEP}"
+    rf"{after_boundary('A-Za-z0-9_')}(?i:value)(?>{_QUOTED_VALUE_KEY}|{KEY_QUOTE}{_COLON}){OPEN_QUOTE}{NOT_MASKED}"
+    rf"(?P<v>(?(q){_QUOTED}|{_VALUE_RUN}))(?(q)(?(e)(?P=e))(?P=q)){_FIELD_SEP}"
     rf"{KEY_QUOTE}(?i:name|key|header){KEY_QUOTE}{_COLON}{KEY_QUOTE}"
     rf"(?:{_SECRET_NAME}|{_COOKIE_ONE})(?![A-Za-z0-9_.-])"
 )

@@ -1360,6 +1360,7 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "quoted values never closed after cookie words": ('cookie a="' + "b" * 4_100 + " ") * 240,
     "list marks at line ends after keys": ("password: -" + " " * 16 + "\n" + " " * 64) * 10_800,
     "backslashes after query parameters": ("&sig=" + "\\" * 300 + " ") * 3_300,
+    "escaped tabs after value keys in quotes": ('{"name": "DB_PASSWORD", "value":' + "\\t" * 64 + "1}") * 6_100,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -1373,6 +1374,7 @@ FOUND_IN_SECRET_HOSTILE = {
     "spaced quoted names": {"secret"},  # each a value in quotes
     "escaped tabs after keys in quotes": {"secret"},  # each "1"
     "backslashes after query parameters": {"secret"},  # each parameter's first 256
+    "escaped tabs after value keys in quotes": {"secret"},  # each "1"
 }
 
 
