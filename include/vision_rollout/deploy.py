@@ -958,7 +958,10 @@ class VersionDeployments:
         not end (a worker killed between a promotion's retirement of its baseline and the release,
         its lease then taken over by another run, whose teardown is not that run's). A run starts
         holding the model alone, so a floor held on any version but its baseline is nobody's.
-        Under autoscaling only: the versions released."""
+        Under autoscaling only: the versions released. A floor released whose PodDisruptionBudget
+        was not updated (``BudgetNotApplied``) does not stop the others' release: once every floor
+        is released, one BudgetNotApplied names each budget not updated (and the versions whose
+        release was whole)."""
         from kubernetes import client
 
         if not self.build.autoscaling:
@@ -977,7 +980,17 @@ class VersionDeployments:
             if VERSION.fullmatch(version) and hpa.metadata.name == self._name(version) and version != keep:
                 if FLOOR_ANNOTATION in (hpa.metadata.annotations or {}):
                     held.append(version)
-        return [v for v in sorted(held, key=int) if self.release_floor(v)]
+        released, unapplied = [], []
+        for version in sorted(held, key=int):
+            try:
+                if self.release_floor(version):
+                    released.append(version)
+            except BudgetNotApplied as exc:
+                unapplied.append(str(exc))
+        if unapplied:
+            whole = f" (released whole: the floor on version(s) {', '.join(released)})" if released else ""
+            raise BudgetNotApplied("; ".join(unapplied) + whole)
+        return released
 
     def _apply_hpa(
         self,

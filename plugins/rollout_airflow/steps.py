@@ -615,7 +615,7 @@ def release_leftover_floors(spec: RolloutSpec, hook: ModelServerHook, keep: str 
     try:
         released = hook.deployments(spec.model).release_floors(keep=keep)
     except BudgetNotApplied as exc:  # (its message names the budget and its spec: kept whole)
-        log.warning("an HPA floor left held by a run that did not end was released, but not its budget: %s", exc)
+        log.warning("the HPA floors left held by runs that did not end were released, not every budget: %s", exc)
         return
     except RouterError as exc:
         log.warning("the HPA floors left held by runs that did not end were not released: %s", str(exc)[:500])

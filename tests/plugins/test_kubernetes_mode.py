@@ -1114,6 +1114,44 @@ def test_a_floor_left_held_released_but_its_budget_not_updated_is_logged_as_rele
     assert "kubectl -n models edit poddisruptionbudget digits-v1" in caplog.text
 
 
+@pytest.mark.parametrize("unanswered", [("1",), ("1", "2")])
+def test_floors_left_held_are_all_released_though_a_budget_is_not_updated(kube, monkeypatch, tmp_path, unanswered):
+    """Floors left held on versions 1 and 2 (runs that did not end), released by the next run
+    (release_floors): version 1's PodDisruptionBudget's calls got no answer, and the
+    BudgetNotApplied that release_floor raised stopped the loop, version 2's floor held (its
+    HPA at 10 pods, not its own 2) until another run. Every floor is released, then one error
+    names each budget not updated."""
+    from vision_rollout.deploy import BudgetNotApplied, VersionDeployments
+    from vision_rollout.mesh import RouterError
+
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    deployments = steps.ModelServerHook().deployments("digits")
+    for version in ("1", "2"):
+        deployments.apply(version, image(version), replicas=2)
+        kube.scale("models", f"digits-v{version}", 10, "kube-controller-manager")  # its HPA, under load
+        assert deployments.hold_floor(version) == 10
+    apply_pdb = VersionDeployments._apply_pdb
+
+    def unanswered_budget(self, version, replicas):
+        if version in unanswered:
+            raise RouterError(f"apply PodDisruptionBudget digits-v{version}: the Kubernetes API server did not answer")
+        apply_pdb(self, version, replicas)
+
+    monkeypatch.setattr(VersionDeployments, "_apply_pdb", unanswered_budget)
+    with pytest.raises(BudgetNotApplied) as failed:
+        deployments.release_floors(keep=None)
+    for version in ("1", "2"):
+        assert (hpa(kube, version)["spec"]["minReplicas"], hpa(kube, version)["metadata"].get("annotations") or {}) == (
+            2,
+            {},
+        )
+    said = str(failed.value)
+    for version in ("1", "2"):
+        named = f"PodDisruptionBudget models/digits-v{version} was not updated" in said
+        assert named == (version in unanswered)
+        assert (f"the floor the run held on version {version} is released" in said) == (version in unanswered)
+
+
 @pytest.mark.parametrize("end", ["teardown", "failure-callback"])
 def test_a_kept_promotion_whose_floor_release_fails_is_reported_as_kept(fleet, monkeypatch, tmp_path, caplog, end):
     """Under autoscaling, promote's worker was killed after it retired version 1, before it put
