@@ -708,6 +708,18 @@ def without_chart(message: Message, why: str) -> Message:
     return replace(message, blocks=_limit([*blocks[:first], line, *blocks[first:]]), chart=None)
 
 
+def with_besides(message: Message, besides: Sequence[str]) -> Message:
+    """``message``, a run's final report, with what its promotion or rollback left undone once
+    the traffic moved (``besides``: a floor released whose PodDisruptionBudget was not updated,
+    with what to set it to), one line each under its headline; as it is where there is nothing."""
+    if not besides:
+        return message
+    blocks = list(message.blocks)
+    first = next((i + 1 for i, b in enumerate(blocks) if b["type"] == "section"), len(blocks))
+    lines = [context(f"{ICONS['warning']} *Besides:* {one_line(note)}") for note in besides]
+    return replace(message, blocks=_limit([*blocks[:first], *lines, *blocks[first:]]))
+
+
 def _retry_rate_limited(client: Any) -> None:
     """Give a WebClient (its default handlers retry a refused connection only) a handler for
     Slack's 429: a rate-limited report went to the outbox and failed the run."""

@@ -495,6 +495,7 @@ def workdir(run_folder: Folder, model: str, run_id: str) -> Folder:
 
 HELD = "lease.json"  # (a run's own record of the model's lease, in its run folder: locks.held_record)
 ENDED = "ended.json"  # (what a run's teardown found it decided and carried out, in its run folder)
+BESIDES = "besides.json"  # (in a run's folder: what promote or the rollback left undone once the traffic moved)
 PROMOTED = "promoted.json"  # (in a run's folder: promote's record that it moved the routes, ahead of retiring)
 RUN_REPORT = "report.json"  # (in a run's folder: its report's outbox name, when first written; its post)
 RUN_MARK = "run.json"  # (in a run's folder: the DAG run whose folder it is, its id and when it was triggered)

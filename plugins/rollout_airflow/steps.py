@@ -47,6 +47,7 @@ from vision_rollout.locks import (
 )
 from vision_rollout.objects import ConditionsIgnored
 from vision_rollout.settings import (
+    BESIDES,
     ENDED,
     HELD,
     MAX_PRUNED,
@@ -1727,19 +1728,46 @@ def promote(params: dict[str, Any], run_id: str, decided: str | None, verified: 
     router(spec, run_id, hook, only=spec.candidate_version).set_routes(spec.promoted_policy())
     promotion_recorded(spec, run_id, hook)  # (before the baseline is retired: the teardown keeps only what it says)
     retire(r, deployments, spec.baseline_version)
-    floor_released(deployments, spec.baseline_version)  # its own HPA, should it serve again
+    floor_released(spec, run_id, hook, deployments)  # its own HPA, should it serve again
     return spec.candidate_version
 
 
-def floor_released(deployments: VersionDeployments, version: str) -> None:
-    """The version's floor released (``release_floor``) once the traffic moved (promote, the
+def floor_released(spec: RolloutSpec, run_id: str, hook: ModelServerHook, deployments: VersionDeployments) -> None:
+    """The baseline's floor released (``release_floor``) once the traffic moved (promote, the
     rollback); its PodDisruptionBudget not updated (``BudgetNotApplied``: the floor released all
-    the same) logged, with what to set it to, not raised: a budget, a guard against node drains,
-    never holds back a promotion or a rollback."""
+    the same) not raised: a budget, a guard against node drains, never holds back a promotion or
+    a rollback. It is logged and recorded in the run folder (``besides_recorded``), with what to
+    set the budget to, for the run's report to say (``notify``), as the teardown's of a kept
+    promotion does."""
     try:
-        deployments.release_floor(version)
+        deployments.release_floor(spec.baseline_version)
     except BudgetNotApplied as exc:
-        log.warning("version %s's HPA floor is released, not its budget: %s", version, exc)
+        log.warning("version %s's HPA floor is released, not its budget: %s", spec.baseline_version, exc)
+        besides_recorded(spec, run_id, hook, str(exc))
+
+
+def besides_recorded(spec: RolloutSpec, run_id: str, hook: ModelServerHook, what: str) -> None:
+    """``what`` promote or the rollback left undone once the traffic moved, recorded in the run
+    folder (``BESIDES``) for the run's report (``besides_of``). A record that cannot be written is
+    logged: the step is done all the same, its log says ``what``."""
+    try:
+        hook.settings.workdir(spec.model, run_id).write(BESIDES, json.dumps({"besides": [what]}).encode())
+    except OSError as exc:
+        log.warning("what this run left undone is not recorded for its report: %s", str(exc)[:300])
+
+
+def besides_of(spec: RolloutSpec, run_id: str) -> list[str]:
+    """What promote or the rollback left undone once the traffic moved (``besides_recorded``);
+    [] where nothing is recorded, or the record cannot be read (logged: the report goes out)."""
+    try:
+        read = json.loads(serving().settings.workdir(spec.model, run_id).read_within(BESIDES, MAX_LOCK_BYTES))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        log.warning("what this run left undone cannot be read for its report: %s", str(exc)[:300])
+        return []
+    besides = read.get("besides") if isinstance(read, dict) else None
+    return [str(what) for what in besides] if isinstance(besides, list) else []
 
 
 def rollback(params: dict[str, Any], run_id: str) -> str:
@@ -1919,7 +1947,7 @@ def stable_back(
         promotion_undone(spec, run_id, hook)
         if unscaled is not None:  # (its floor stays held: its HPA scales it there, as the scale would have)
             return retired_besides(spec, run_id, hook, r, unscaled) if unload_candidate else unscaled
-    floor_released(deployments, spec.baseline_version)
+    floor_released(spec, run_id, hook, deployments)
     if unload_candidate:
         failed = unretired(spec, run_id, hook, r)
         if failed is not None:  # (the traffic back: not a restore that failed)
@@ -2490,7 +2518,7 @@ def notify(
     without a chart (the first report's thread, where it goes, has it)."""
     from vision_rollout.engine import deciding_stage
     from vision_rollout.gates import Verdict
-    from vision_rollout.notify import plain_report, promotion_message, rollback_message, sent_again
+    from vision_rollout.notify import plain_report, promotion_message, rollback_message, sent_again, with_besides
 
     spec = spec_from(params)
     notes = [str(note) for note in preflight or []]
@@ -2510,6 +2538,8 @@ def notify(
     except Exception:  # the report goes out all the same, in plain words: the decision is made
         log.exception("the %s report could not be built from the verdicts; it is sent as plain text", outcome)
         message = plain_report(spec, outcome, reason)
+    if run_id is not None:  # (what promote or the rollback left undone once the traffic moved: a budget)
+        message = with_besides(message, besides_of(spec, run_id))
     if end is None:  # (sent again: the first report's thread has its chart)
         message = with_chart(spec, message, lambda: verdicts, decided=decided)
     if run_id is None:

@@ -526,7 +526,8 @@ def test_a_floor_released_whose_budget_is_not_updated_does_not_fail_the_promotio
     answer. The step failed on it (BudgetNotApplied), the promotion (or the rollback) done, its
     floor released: a budget, a guard against node drains, never holds back a promotion or a
     rollback. The step succeeds and logs the floor released, the budget not updated, and what to
-    set it to."""
+    set it to. It was only logged: the run's report (notify's) says it too, as the teardown's
+    report of a kept promotion does."""
     from vision_rollout.deploy import VersionDeployments
 
     connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
@@ -561,6 +562,10 @@ def test_a_floor_released_whose_budget_is_not_updated_does_not_fail_the_promotio
     assert "the floor the run held on version 1 is released" in caplog.text
     assert "PodDisruptionBudget models/digits-v1 was not updated" in caplog.text
     assert "kubectl -n models edit poddisruptionbudget digits-v1" in caplog.text
+    steps.notify(params, end, "every stage passed" if end == "promote" else "rejected", [], None, "run-1")
+    (report,) = [p.read_text() for p in sorted((tmp_path / "outbox").glob("*.json"))]  # (its text and blocks)
+    assert "the floor the run held on version 1 is released" in report
+    assert "PodDisruptionBudget models/digits-v1 was not updated" in report
 
 
 def test_promotion_scales_the_candidate_up_routes_then_drains_then_retires_the_baseline(kube):
