@@ -1657,7 +1657,7 @@ def with_retries(api_client: Any) -> Any:
                 left = budget.left()
                 if left <= 0:
                     why = (
-                        f"the calls here took the {budget.cap_s:g} s they are allowed in all"
+                        cap_spent(budget)
                         if budget.capped()
                         else f"the Kubernetes API server left calls here {budget.total_s:g} s without an answer, all "
                         "they are allowed"
@@ -1716,15 +1716,23 @@ def unanswered(method: str, url: str, exc: Exception) -> ApiUnreachable:
     )
 
 
+def cap_spent(budget: ApiBudget) -> str:
+    """What a call the ``api_budget``'s cap stopped says of why (``capped``; one not sent once
+    it was spent): the step's time budget, in the same words."""
+    return (
+        f"the step's Kubernetes API time budget ran out (its calls are allowed {budget.cap_s:g} s in all, whatever "
+        "they take)"
+    )
+
+
 def capped(method: str, url: str, budget: ApiBudget) -> ApiUnreachable:
     """A call the ``api_budget``'s cap cut short (its time limit what the cap had left, spent
     before an answer came) as an ``ApiUnreachable`` naming the call and the step's time budget
     that ran out, not the API server (``unanswered``'s advice to check it is up)."""
     served = "" if method.upper() in READS else " (a write: the server may have served it)"
     return ApiUnreachable(
-        f"{method.upper()} {urlsplit(url).path} was cut short before its answer{served}: the step's Kubernetes API "
-        f"time budget ran out (its calls are allowed {budget.cap_s:g} s in all, whatever they take); the call may "
-        "be tried again"
+        f"{method.upper()} {urlsplit(url).path} was cut short before its answer{served}: {cap_spent(budget)}; the "
+        "call may be tried again"
     )
 
 

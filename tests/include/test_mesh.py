@@ -725,6 +725,39 @@ def test_a_call_cut_short_by_the_api_budgets_cap_names_the_budget_not_the_server
     assert "the step's Kubernetes API time budget ran out" in message
 
 
+def test_a_call_not_sent_for_a_spent_cap_says_what_a_call_cut_short_by_it_says():
+    """A call not sent once the ``api_budget``'s cap was spent said "the calls here took the 0.3 s
+    they are allowed in all", one cut short by the same cap "the step's Kubernetes API time budget
+    ran out (its calls are allowed 0.3 s in all, whatever they take)": two wordings of one cause.
+    Both say it in the same words."""
+    import socket
+
+    from kubernetes import client
+
+    from vision_rollout import mesh
+
+    silent = socket.create_server(("127.0.0.1", 0))  # (connections queued, never answered)
+    said = []
+    try:
+        cfg = client.Configuration()
+        cfg.host = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        api = mesh.with_retries(client.ApiClient(cfg))
+        with mesh.api_budget(30, 10, cap_s=0.3) as budget:
+            for name in ("digits-v1", "digits-v2"):  # (cut short, then not sent)
+                with pytest.raises(mesh.ApiUnreachable) as failed:
+                    client.AppsV1Api(api).read_namespaced_deployment(name, "models")
+                said.append(str(failed.value))
+            assert budget.capped()
+    finally:
+        silent.close()
+    cut, unsent = said
+    assert "digits-v1 was cut short" in cut
+    assert "digits-v2 was not sent" in unsent
+    cause = "the step's Kubernetes API time budget ran out (its calls are allowed 0.3 s in all, whatever they take)"
+    assert cause in cut
+    assert cause in unsent
+
+
 @pytest.mark.parametrize("served", [True, False], ids=["served", "not-served"])
 def test_a_virtualservice_write_left_unanswered_is_read_back_then_done_or_written_again(kube, served):
     """The VirtualService's apply left without an answer (a connection dropped: served or not,
