@@ -936,19 +936,30 @@ class VersionDeployments:
             return False
         spec = hpa["spec"]
         kept = int(spec.get("minReplicas") or 1) if _set_by_hand(hpa) else min(own, int(spec["maxReplicas"]))
-        self._apply_hpa(version, {**spec, "minReplicas": kept}, budget=False)
+        try:
+            self._apply_hpa(version, {**spec, "minReplicas": kept}, budget=False)
+        except RouterError as exc:  # (its kind kept: the command that releases it by hand said besides)
+            annotations = {FLOOR_ANNOTATION: None, HELD_ANNOTATION: None}
+            command = self._by_hand(
+                "horizontalpodautoscaler",
+                version,
+                {"spec": {"minReplicas": kept}, "metadata": {"annotations": annotations}},
+            )
+            exc.args = (f"{str(exc)[:500]}; to release the floor by hand: {command}",)
+            raise
         try:
             self._apply_pdb(version, kept)
         except RouterError as exc:
-            namespace, name = shlex.quote(self.target.namespace), shlex.quote(self._name(version))
+            name = self._name(version)
             budget = render_pdb(self.target, version, kept, bool(self.build.autoscaling))["spec"]
-            fields = {k: budget[k] for k in ("minAvailable", "maxUnavailable") if k in budget}
+            fields = {k: budget.get(k) for k in ("minAvailable", "maxUnavailable")}  # (None: removed)
             raise BudgetNotApplied(
                 f"the floor the run held on version {version} is released (HorizontalPodAutoscaler "
                 f"{self.target.namespace}/{name} at minReplicas {kept}); PodDisruptionBudget "
                 f"{self.target.namespace}/{name} was not updated to match ({str(exc)[:500]}): set its spec to "
-                f"{json.dumps(fields)}, no other of the two (kubectl -n {namespace} edit poddisruptionbudget "
-                f"{name}); until then a node drain follows the budget of the floor held"
+                f"{json.dumps({k: v for k, v in fields.items() if v is not None})}, no other of the two "
+                f"({self._by_hand('poddisruptionbudget', version, {'spec': fields})}); until then a node drain "
+                "follows the budget of the floor held"
             ) from exc
         return True
 
@@ -1289,12 +1300,18 @@ class VersionDeployments:
         -p '{"spec":{"replicas":0}}' --field-manager=model-rollout``). Not ``kubectl scale``: its
         own field manager then owned ``spec.replicas`` and the version's next deploy was refused
         (409); the rollout's apply takes the count back from its own manager (``_server_side_apply``)."""
+        return self._by_hand("deployment", version, {"spec": {"replicas": replicas}}, "--subresource=scale")
+
+    def _by_hand(self, kind: str, version: str, patch: dict[str, Any], *options: str) -> str:
+        """The command that merge-patches the version's ``kind`` (kubectl's name for it) with
+        ``patch`` (a None removes a field) under the rollout's field manager, for an operator:
+        not ``kubectl edit`` nor ``kubectl scale``, whose own field managers would then own the
+        fields, the rollout's next apply of them refused (409); its own manager's are its own
+        (``_server_side_apply``)."""
         namespace, name = shlex.quote(self.target.namespace), shlex.quote(self._name(version))
-        patch = shlex.quote(json.dumps({"spec": {"replicas": replicas}}, separators=(",", ":")))
-        return (
-            f"kubectl -n {namespace} patch deployment {name} --subresource=scale --type=merge -p {patch} "
-            f"--field-manager={FIELD_MANAGER}"
-        )
+        body = shlex.quote(json.dumps(patch, separators=(",", ":")))
+        words = ["kubectl", "-n", namespace, "patch", kind, name, *options, "--type=merge", "-p", body]
+        return " ".join([*words, f"--field-manager={FIELD_MANAGER}"])
 
     def scale_to_zero(self, version: str) -> bool:
         """False when the version has no Deployment (nothing to scale)."""

@@ -27,7 +27,9 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, Airfl
 
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
 from vision_rollout.deploy import (
+    FIELD_MANAGER,
     FLOOR_ANNOTATION,
+    HELD_ANNOTATION,
     MAX_REPLICAS,
     BudgetNotApplied,
     candidate_replicas,
@@ -619,7 +621,7 @@ def release_leftover_floors(spec: RolloutSpec, hook: ModelServerHook, keep: str 
         log.warning("the HPA floors left held by runs that did not end were released, not every budget: %s", exc)
         return
     except RouterError as exc:
-        log.warning("the HPA floors left held by runs that did not end were not released: %s", str(exc)[:500])
+        log.warning("the HPA floors left held by runs that did not end were not released: %s", str(exc)[:1000])
         return
     if released:
         log.warning("released the HPA floor left held on version(s) %s by a run that did not end", ", ".join(released))
@@ -2329,8 +2331,11 @@ def finish(
             name = f"{deployments.target.namespace}/{deployment_name(deployments.target, spec.baseline_version)}"
             what = (
                 f"the HPA of version {spec.baseline_version} (HorizontalPodAutoscaler {name}) keeps the floor the "
-                f"run held ({str(exc)[:500]}): the model's next run releases it as it starts, or by hand set its "
-                f"minReplicas to the count its annotation {FLOOR_ANNOTATION} records and remove the annotation"
+                f"run held ({str(exc)[:1000]}): the model's next run releases it as it starts, or by hand its "
+                f"minReplicas set to the count its annotation {FLOOR_ANNOTATION} records, that annotation and "
+                f"{HELD_ANNOTATION} removed, under the rollout's field manager (kubectl patch --type=merge "
+                f"--field-manager={FIELD_MANAGER}: the command its error gives, where it gives one; not kubectl "
+                "edit, whose field manager would then own minReplicas, the next run's hold of the floor refused)"
             )
             short = Shortfall(exc, what, retired=False)
     if prune and spec.mesh == "istio":

@@ -561,7 +561,7 @@ def test_a_floor_released_whose_budget_is_not_updated_does_not_fail_the_promotio
     assert (hpa(kube, "1")["spec"]["minReplicas"], hpa(kube, "1")["metadata"].get("annotations") or {}) == (2, {})
     assert "the floor the run held on version 1 is released" in caplog.text
     assert "PodDisruptionBudget models/digits-v1 was not updated" in caplog.text
-    assert "kubectl -n models edit poddisruptionbudget digits-v1" in caplog.text
+    assert "kubectl -n models patch poddisruptionbudget digits-v1 --type=merge" in caplog.text
     steps.notify(params, end, "every stage passed" if end == "promote" else "rejected", [], None, "run-1")
     (report,) = [p.read_text() for p in sorted((tmp_path / "outbox").glob("*.json"))]  # (its text and blocks)
     assert "the floor the run held on version 1 is released" in report
@@ -1116,7 +1116,7 @@ def test_a_floor_left_held_released_but_its_budget_not_updated_is_logged_as_rele
     assert "were not released" not in caplog.text
     assert "the floor the run held on version 1 is released" in caplog.text
     assert "PodDisruptionBudget models/digits-v1 was not updated" in caplog.text
-    assert "kubectl -n models edit poddisruptionbudget digits-v1" in caplog.text
+    assert "kubectl -n models patch poddisruptionbudget digits-v1 --type=merge" in caplog.text
 
 
 @pytest.mark.parametrize("unanswered", [("1",), ("1", "2")])
@@ -1213,6 +1213,9 @@ def test_a_kept_promotion_whose_floor_release_fails_is_reported_as_kept(fleet, m
         assert "the model's next run releases it as it starts" in text
         assert "HorizontalPodAutoscaler models/digits-v1" in text
         assert "model-rollout/own-min-replicas" in text
+        # (under the rollout's field manager: kubectl edit's would own minReplicas, the next hold refused)
+        assert "remove the annotation" not in text
+        assert "--field-manager=model-rollout" in text
     assert routes(fleet) == [("v2", 100)]
     assert lease(fleet, "digits") is None  # (released)
 
@@ -1266,7 +1269,7 @@ def test_a_kept_promotion_whose_floor_is_released_but_its_budget_not_updated_is_
         assert "remove the annotation" not in text
         assert "the floor the run held on version 1 is released" in text
         assert "PodDisruptionBudget models/digits-v1 was not updated" in text
-        assert "kubectl -n models edit poddisruptionbudget digits-v1" in text
+        assert "kubectl -n models patch poddisruptionbudget digits-v1 --type=merge" in text
     assert routes(fleet) == [("v2", 100)]
     assert lease(fleet, "digits") is None  # (released)
 
@@ -2441,6 +2444,61 @@ def test_the_command_that_scales_a_version_by_hand_leaves_its_next_deploy_free(k
     assert deployments.replicas_owners("2") == []
     deployments.apply("2", image("2"), replicas=3)  # the version deployed again
     assert deployment(kube, "2")["spec"]["replicas"] == 3
+
+
+def by_hand(command: str, kind: str, name: str) -> dict:
+    """A command a report gives to change an object by hand (``shlex.split``): a merge patch of
+    ``kind`` ``name`` in models under the rollout's field manager. Its patch."""
+    import shlex
+
+    words = shlex.split(command)
+    assert words[:6] == ["kubectl", "-n", "models", "patch", kind, name]
+    options = dict(w.split("=", 1) for w in words[6:] if w.startswith("--"))
+    assert options == {"--type": "merge", "--field-manager": "model-rollout"}
+    return json.loads(words[words.index("-p") + 1])
+
+
+def test_the_commands_that_release_a_floor_or_set_a_budget_by_hand_keep_the_rollouts_field_manager(
+    kube, monkeypatch, tmp_path
+):
+    """The advice for a floor not released (set minReplicas by hand and remove the annotation)
+    and for a budget not updated (``kubectl edit poddisruptionbudget``) had kubectl's field
+    manager take the fields from the rollout's: the next hold of that floor, or apply of that
+    budget, refused (409, "also managed by kubectl-edit"). Each is a merge patch under the
+    rollout's field manager, with the values to set. (The fake API server takes no merge patch
+    of an HPA or a budget: the commands' shape and values are checked.)"""
+    import re
+
+    from devstack.cluster.kube import APIError
+    from vision_rollout.mesh import RouterError
+
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    deployments = steps.ModelServerHook().deployments("digits")
+    deployments.apply("1", image("1"), replicas=2)
+    kube.scale("models", "digits-v1", 10, "kube-controller-manager")  # its HPA, under load
+    assert deployments.hold_floor("1") == 10
+    refuse(kube, ("PATCH", "/horizontalpodautoscalers/digits-v1", APIError(403, "Forbidden", "cannot patch")))
+    with pytest.raises(RouterError) as failed:
+        deployments.release_floor("1")
+    kube.before_write = None
+    said = str(failed.value)
+    assert "403" in said
+    (command,) = re.findall(
+        r"kubectl -n models patch horizontalpodautoscaler \S+ .*--field-manager=model-rollout", said
+    )
+    patch = by_hand(command, "horizontalpodautoscaler", "digits-v1")
+    annotations = {"model-rollout/own-min-replicas": None, "model-rollout/held-min-replicas": None}
+    assert patch == {"spec": {"minReplicas": 2}, "metadata": {"annotations": annotations}}
+    kube.throttle, kube.throttle_status = 10**6, None  # the budget's calls get no answer
+    kube.throttled_path = "/poddisruptionbudgets/digits-v1"
+    with pytest.raises(RouterError) as failed:
+        deployments.release_floor("1")
+    kube.throttle = 0
+    said = str(failed.value)
+    assert "edit poddisruptionbudget" not in said
+    (command,) = re.findall(r"kubectl -n models patch poddisruptionbudget \S+ .*--field-manager=model-rollout", said)
+    # (a floor of 2, autoscaled: one pod may go, minAvailable removed)
+    assert by_hand(command, "poddisruptionbudget", "digits-v1") == {"spec": {"minAvailable": None, "maxUnavailable": 1}}
 
 
 def test_a_helm_releases_baseline_is_refused_before_anything_moves_not_at_its_retirement(kube, monkeypatch, tmp_path):
