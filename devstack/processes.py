@@ -139,14 +139,19 @@ def port_holder(pid: int, port: int) -> bool | None:
     return False
 
 
-def listening(pid: int, port: int, what: str) -> bool:
-    """Whether process ``pid`` (or one it started) listens on 127.0.0.1:``port`` now, so that what
-    answers there is its own; PortTaken when another process holds the port (``pid`` cannot bind
-    it, and what answers there is not its own). Called before asking whether ``pid`` exited: one
-    that could not bind the port says so."""
-    holder = port_holder(pid, port)
+def listening(proc: subprocess.Popen[bytes], port: int, what: str) -> bool:
+    """Whether process ``proc`` (or one it started) listens on 127.0.0.1:``port`` now, so that
+    what answers there is its own; PortTaken when another process holds the port (``proc``
+    cannot bind it, and what answers there is not its own). False when ``proc`` exited: the
+    caller's check of its exit reports its code and log (a server that crashed once it bound its
+    port, between the read of the listening sockets and the walk of its file descriptors, is not
+    "held by another process")."""
+    holder = port_holder(proc.pid, port)
     if holder is False:
-        raise PortTaken(f"{what}: port {port} is held by another process")
+        # Another's only if it still listens there once more, with ours still running after.
+        holder = port_holder(proc.pid, port)
+        if holder is False and proc.poll() is None:
+            raise PortTaken(f"{what}: port {port} is held by another process")
     return holder is True
 
 
@@ -203,7 +208,7 @@ class ManagedProcess:
     def owns_port(self, what: str) -> bool:
         """``listening`` for this process on its port; stopped when another process holds the port."""
         try:
-            return listening(self.proc.pid, self.port, what)
+            return listening(self.proc, self.port, what)
         except PortTaken:
             self.stop()
             raise
@@ -627,7 +632,7 @@ def start_airflow(
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             try:
-                ours = listening(components["api-server"].proc.pid, port, "airflow api-server")
+                ours = listening(components["api-server"].proc, port, "airflow api-server")
             except PortTaken:
                 stack.stop()
                 raise

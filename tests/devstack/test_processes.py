@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,3 +122,38 @@ def test_a_model_server_whose_port_another_process_took_first_is_started_on_anot
             server.load_versions("digits", 1)  # (the token ours)
         finally:
             server.stop()
+
+
+def test_a_server_that_exits_after_binding_is_reported_with_its_exit_not_as_a_port_taken(tmp_path: Path) -> None:
+    """A server that crashed right after it bound its port (a model that failed to load) was
+    reported as "port N is held by another process" when it exited between the read of the
+    listening sockets and the walk of its file descriptors: its exit code and log are the report."""
+    port = free_port()
+    crashy = subprocess.Popen(
+        [sys.executable, "-c", f"import socket, time; s = socket.create_server(('127.0.0.1', {port})); time.sleep(60)"]
+    )
+    log = tmp_path / "model-server.log"
+    log.write_text("the model failed to load (the real reason)\n")
+    server = processes.ModelServerProcess(crashy, port, log)
+    try:
+        deadline = time.monotonic() + 30
+        while processes.port_holder(crashy.pid, port) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        real = processes.listening_sockets
+
+        def then_crashes(ports: Any) -> set[str]:
+            out = real(ports)
+            if crashy.poll() is None:  # the table read, then the server exits before its fds are read
+                crashy.kill()
+                crashy.wait()
+            return out
+
+        processes.listening_sockets = then_crashes  # type: ignore[assignment]
+        try:
+            with pytest.raises(RuntimeError, match="model server exited with -9:\nthe model failed to load") as raised:
+                server.wait_until("ready", timeout_s=10)
+        finally:
+            processes.listening_sockets = real  # type: ignore[assignment]
+        assert not isinstance(raised.value, processes.PortTaken)
+    finally:
+        server.stop()
