@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import os
 import secrets
 import signal
@@ -21,13 +22,14 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from vision_rollout.metrics import parse_exposition
 from vision_rollout.serving import ModelServerAdmin
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 def source_path(source: Path) -> str:
@@ -86,19 +88,24 @@ class PortTaken(RuntimeError):
 _LOOPBACK = frozenset({"0100007F", "00000000", "0" * 32, "0000000000000000FFFF00000100007F"})
 
 
-def listening_sockets(ports: Iterable[int]) -> set[str]:
+TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
+
+
+def listening_sockets(ports: Iterable[int]) -> set[str] | None:
     """The ``socket:[inode]`` links (as /proc/PID/fd has them) of the sockets listening where a
-    connection to 127.0.0.1 on one of ``ports`` lands."""
-    wanted, out = set(ports), set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    connection to 127.0.0.1 on one of ``ports`` lands; None where the tables cannot tell: neither
+    can be read (no /proc: macOS) or neither lists any listening socket (WSL1, some sandboxes)."""
+    wanted, out, known = set(ports), set(), False
+    for table in TCP_TABLES:
         with contextlib.suppress(OSError), open(table) as f:
             for line in f.readlines()[1:]:
                 fields = line.split()
                 if len(fields) > 9 and fields[3] == "0A":  # state 0A: LISTEN
+                    known = True
                     address, _, port = fields[1].rpartition(":")
                     if address in _LOOPBACK and int(port, 16) in wanted:
                         out.add(f"socket:[{fields[9]}]")
-    return out
+    return out if known else None
 
 
 def holds_any(pid: int, sockets: set[str]) -> bool:
@@ -121,10 +128,25 @@ def children(pid: int) -> set[int]:
     return out
 
 
-def port_holder(pid: int, port: int) -> bool | None:
+Holder = bool | None | Literal["unknown"]
+_unknown_logged = False
+
+
+def port_holder(pid: int, port: int) -> Holder:
     """Who listens on 127.0.0.1:``port``: True for process ``pid`` or a process it started (or they
-    did: a server's workers), False for another process, None for none (yet)."""
+    did: a server's workers), False for another process, None for none (yet), "unknown" where the
+    TCP tables cannot tell (listening_sockets: None; said once in the log)."""
+    global _unknown_logged
     sockets = listening_sockets([port])
+    if sockets is None:
+        if not _unknown_logged:
+            _unknown_logged = True
+            logger.warning(
+                "cannot tell which process listens on a port (%s unreadable or listing no listening "
+                "socket): servers started here are taken for their port's without that check",
+                " and ".join(TCP_TABLES),
+            )
+        return "unknown"
     if not sockets:
         return None
     seen: set[int] = set()
@@ -139,20 +161,20 @@ def port_holder(pid: int, port: int) -> bool | None:
     return False
 
 
-def listening(proc: subprocess.Popen[bytes], port: int, what: str) -> bool:
-    """Whether process ``proc`` (or one it started) listens on 127.0.0.1:``port`` now, so that
-    what answers there is its own; PortTaken when another process holds the port (``proc``
-    cannot bind it, and what answers there is not its own). False when ``proc`` exited: the
-    caller's check of its exit reports its code and log (a server that crashed once it bound its
-    port, between the read of the listening sockets and the walk of its file descriptors, is not
-    "held by another process")."""
+def listening(proc: subprocess.Popen[bytes], port: int, what: str) -> Holder:
+    """port_holder for ``proc``: True when it (or one it started) listens on 127.0.0.1:``port``
+    now, so that what answers there is its own; "unknown" where the tables cannot tell (asked as
+    before). PortTaken when another process holds the port (``proc`` cannot bind it, and what
+    answers there is not its own). False when ``proc`` exited: the caller's check of its exit
+    reports its code and log (a server that crashed once it bound its port, between the read of
+    the listening sockets and the walk of its file descriptors, is not "held by another process")."""
     holder = port_holder(proc.pid, port)
     if holder is False:
         # Another's only if it still listens there once more, with ours still running after.
         holder = port_holder(proc.pid, port)
         if holder is False and proc.poll() is None:
             raise PortTaken(f"{what}: port {port} is held by another process")
-    return holder is True
+    return holder
 
 
 def on_a_free_port(start: Callable[[int], T], port: int | None) -> T:
@@ -205,7 +227,7 @@ class ManagedProcess:
     port: int
     log: Path
 
-    def owns_port(self, what: str) -> bool:
+    def owns_port(self, what: str) -> Holder:
         """``listening`` for this process on its port; stopped when another process holds the port."""
         try:
             return listening(self.proc, self.port, what)

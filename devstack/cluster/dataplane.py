@@ -838,7 +838,7 @@ class NginxDataPlane:
             time.sleep(0.05)
         self._conf = conf
         self._wait_listening(conf)
-        listening = listening_sockets(_listen_ports(previous) + _listen_ports(conf))
+        listening = listening_sockets(_listen_ports(previous) + _listen_ports(conf)) or set()
         while any(holds_any(w, listening) for w in old_workers):  # each closes them as it takes the reload
             if time.monotonic() > deadline:
                 raise DataPlaneError(f"old workers still accept connections {self.wait_s:g} s after the reload")

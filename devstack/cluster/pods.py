@@ -709,7 +709,7 @@ class PodRunner:
         path = (probe.get("httpGet") or {}).get("path", "/")
         timeout = min(float(probe.get("timeoutSeconds", 1)), 1.0)
         proc = pod.proc
-        if proc is None or port_holder(proc.pid, pod.port) is not True:
+        if proc is None or not port_holder(proc.pid, pod.port):  # ("unknown": asked, as before)
             return False  # (what answers on its port is another process's until it listens there)
         try:
             with urllib.request.urlopen(f"http://{pod.address}{path}", timeout=timeout) as r:

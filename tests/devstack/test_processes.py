@@ -157,3 +157,39 @@ def test_a_server_that_exits_after_binding_is_reported_with_its_exit_not_as_a_po
         assert not isinstance(raised.value, processes.PortTaken)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("table", ["missing", "header only"])
+def test_where_the_tcp_tables_cannot_tell_the_port_holder_the_server_is_asked(
+    tmp_path: Path, table: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where /proc/net/tcp and tcp6 are missing or list no listening socket at all (no /proc:
+    macOS; WSL1; a sandbox) every start waited until its time ran out, "not ready within": whose
+    the port is is "unknown" there, said once in the log, and the server is asked as before."""
+    tables = [tmp_path / "tcp", tmp_path / "tcp6"]
+    if table == "header only":
+        for path in tables:
+            path.write_text(
+                "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+            )
+    monkeypatch.setattr(processes, "TCP_TABLES", tuple(str(p) for p in tables))
+    monkeypatch.setattr(processes, "_unknown_logged", False)
+    port = free_port()
+    serves = (
+        "import http.server\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(200); self.end_headers(); self.wfile.write(b'{}')\n"
+        f"http.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n"
+    )
+    log = tmp_path / "model-server.log"
+    log.write_text("")
+    server = processes.ModelServerProcess(subprocess.Popen([sys.executable, "-c", serves]), port, log)
+    try:
+        with caplog.at_level("WARNING", logger="devstack.processes"):
+            server.wait_until("ready", timeout_s=30)
+            assert processes.port_holder(server.proc.pid, port) == "unknown"
+        said = [r.getMessage() for r in caplog.records if "cannot tell" in r.getMessage()]
+        assert len(said) == 1, said
+    finally:
+        server.stop()
