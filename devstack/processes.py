@@ -118,14 +118,33 @@ def holds_any(pid: int, sockets: set[str]) -> bool:
     return False
 
 
-def children(pid: int) -> set[int]:
-    """The processes whose parent is ``pid``."""
-    out = set()
+def parents() -> dict[int, int]:
+    """Each process's parent, by process id: one scan of /proc (empty without one)."""
+    out = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            if int(stat.read_text().rpartition(")")[2].split()[1]) == pid:
-                out.add(int(stat.parent.name))
+            out[int(stat.parent.name)] = int(stat.read_text().rpartition(")")[2].split()[1])
     return out
+
+
+def descendants(pid: int, parent_of: Mapping[int, int]) -> set[int]:
+    """The processes ``pid`` started, the ones they started, and so on (``parent_of``: parents())."""
+    below: dict[int, list[int]] = {}
+    for child, parent in parent_of.items():
+        below.setdefault(parent, []).append(child)
+    out: set[int] = set()
+    todo = list(below.get(pid, ()))
+    while todo:
+        p = todo.pop()
+        if p not in out:
+            out.add(p)
+            todo += below.get(p, ())
+    return out
+
+
+def children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid``."""
+    return {child for child, parent in parents().items() if parent == pid}
 
 
 Holder = bool | None | Literal["unknown"]
@@ -149,16 +168,9 @@ def port_holder(pid: int, port: int) -> Holder:
         return "unknown"
     if not sockets:
         return None
-    seen: set[int] = set()
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        if p not in seen:
-            seen.add(p)
-            if holds_any(p, sockets):
-                return True
-            todo += children(p)
-    return False
+    if holds_any(pid, sockets):
+        return True
+    return any(holds_any(p, sockets) for p in descendants(pid, parents()))
 
 
 def listening(proc: subprocess.Popen[bytes], port: int, what: str) -> Holder:
@@ -226,14 +238,20 @@ class ManagedProcess:
     proc: subprocess.Popen[bytes]
     port: int
     log: Path
+    _owned: bool = field(default=False, init=False, repr=False)  # its port's listening socket is its own
 
     def owns_port(self, what: str) -> Holder:
-        """``listening`` for this process on its port; stopped when another process holds the port."""
+        """``listening`` for this process on its port, asked until it is its own (another cannot
+        take a port it listens on); stopped when another process holds the port."""
+        if self._owned:
+            return True
         try:
-            return listening(self.proc, self.port, what)
+            holder = listening(self.proc, self.port, what)
         except PortTaken:
             self.stop()
             raise
+        self._owned = holder is True
+        return holder
 
     def stop(self, timeout_s: float = 20.0) -> None:
         if self.proc.poll() is None:
@@ -652,9 +670,10 @@ def start_airflow(
                 )
             components[name] = ManagedProcess(proc, port if name == "api-server" else 0, log)
         deadline = time.monotonic() + wait_s
+        ours: Holder = None
         while time.monotonic() < deadline:
-            try:
-                ours = listening(components["api-server"].proc, port, "airflow api-server")
+            try:  # (asked until the socket is its own)
+                ours = ours if ours is True else listening(components["api-server"].proc, port, "airflow api-server")
             except PortTaken:
                 stack.stop()
                 raise

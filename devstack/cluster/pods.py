@@ -171,6 +171,7 @@ class Pod:
     restarts: int = 0
     started_at: str = ""
     ready: bool = False
+    owns_port: bool = False  # its process listens on its port: not asked again until it is started again
     probe_failures: int = 0
     next_probe: float = 0.0
     restart_at: float = 0.0
@@ -527,7 +528,7 @@ class PodRunner:
                 "startedAt": pod.started_at,
             }
         }
-        pod.proc, pod.ready, pod.probe_failures = None, False, 0
+        pod.proc, pod.ready, pod.owns_port, pod.probe_failures = None, False, False, 0
         delay = min(BACKOFF_S * 2 ** (pod.restarts - 1), MAX_BACKOFF_S) if pod.restarts else 0.0
         pod.restart_at = time.monotonic() + delay
         if delay:
@@ -544,6 +545,7 @@ class PodRunner:
             pod.restarts += 1
         pod.log = ContainerLog(pod.log_path())
         (pod.dir / "tmp").mkdir(parents=True, exist_ok=True)
+        pod.owns_port = False
         pod.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=pod.dir, start_new_session=True
         )
@@ -709,8 +711,13 @@ class PodRunner:
         path = (probe.get("httpGet") or {}).get("path", "/")
         timeout = min(float(probe.get("timeoutSeconds", 1)), 1.0)
         proc = pod.proc
-        if proc is None or not port_holder(proc.pid, pod.port):  # ("unknown": asked, as before)
-            return False  # (what answers on its port is another process's until it listens there)
+        if proc is None:
+            return False
+        if not pod.owns_port:  # (what answers on its port is another process's until it listens there)
+            holder = port_holder(proc.pid, pod.port)
+            if not holder:  # ("unknown": asked, as before)
+                return False
+            pod.owns_port = holder is True
         try:
             with urllib.request.urlopen(f"http://{pod.address}{path}", timeout=timeout) as r:
                 return 200 <= r.status < 400

@@ -628,3 +628,35 @@ def test_a_stopped_pod_leaves_the_endpoints_then_sleeps_its_pre_stop_then_ends_o
     wait_for("the process ended", lambda: proc.poll() is not None, timeout_s=120)
     assert time.monotonic() - left >= drain - 1  # a lower bound: a slow machine only adds to it
     assert proc.returncode != -signal.SIGKILL  # ended by SIGTERM, within the grace period
+
+
+def test_the_readiness_probe_asks_whose_the_port_is_until_it_is_the_pod_process_own(tmp_path, monkeypatch):
+    """The probe read the whole TCP tables and walked /proc for every pod every second for the
+    pod's whole life: once its process holds its port, no more, until the process is started
+    again."""
+    import subprocess
+    import sys
+
+    from devstack.cluster import pods as pods_module
+    from devstack.cluster.pods import Pod
+    from devstack.processes import free_port, port_holder
+
+    port = free_port()
+    listens = f"import socket, time; s = socket.create_server(('127.0.0.1', {port})); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", listens])  # (it never answers: not ready)
+    try:
+        wait_for("the pod's process to listen", lambda: port_holder(proc.pid, port) is True, 30)
+        asked = []
+        monkeypatch.setattr(pods_module, "port_holder", lambda pid, p: asked.append(pid) or port_holder(pid, p))
+        runner = PodRunner(FakeKubeAPI(kubelet=True), tmp_path / "cluster", {}, gpu=False)
+        spec = {"containers": [{"name": "server", "readinessProbe": {"httpGet": {"path": "/"}, "timeoutSeconds": 0.2}}]}
+        pod = Pod("models", "digits-1", "digits", "h", {}, spec, tmp_path, port=port, proc=proc)
+        for _ in range(3):
+            assert not runner._probe(pod)
+        assert len(asked) == 1
+        assert pod.owns_port
+    finally:
+        proc.kill()
+        proc.wait()
+    runner._exited(pod)
+    assert not pod.owns_port

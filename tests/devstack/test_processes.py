@@ -193,3 +193,37 @@ def test_where_the_tcp_tables_cannot_tell_the_port_holder_the_server_is_asked(
         assert len(said) == 1, said
     finally:
         server.stop()
+
+
+def test_whose_port_it_is_is_asked_until_it_is_the_process_own_then_no_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each poll of a wait read the whole TCP tables and walked /proc: once a process holds its
+    port, it is not asked again (another cannot take a port its process listens on)."""
+    port = free_port()
+    listens = f"import socket, time; s = socket.create_server(('127.0.0.1', {port})); time.sleep(60)"
+    server = processes.ManagedProcess(subprocess.Popen([sys.executable, "-c", listens]), port, tmp_path / "log")
+    try:
+        deadline = time.monotonic() + 30
+        while processes.port_holder(server.proc.pid, port) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        asked = []
+        real = processes.port_holder
+        monkeypatch.setattr(processes, "port_holder", lambda pid, p: asked.append(pid) or real(pid, p))
+        assert server.owns_port("a server") is True
+        assert server.owns_port("a server") is True
+        assert len(asked) == 1
+    finally:
+        server.stop()
+
+
+def test_the_descendants_of_a_process_come_from_one_scan_of_proc() -> None:
+    parents = processes.parents()
+    assert parents[os.getpid()] == os.getppid()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert child.pid in processes.descendants(os.getpid(), processes.parents())
+        assert processes.children(os.getpid()) >= {child.pid}
+    finally:
+        child.kill()
+        child.wait()
