@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -231,6 +232,15 @@ def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+def _in_use(log: str, port: int) -> bool:
+    """Whether ``log`` says its process could not bind ``port``: a line "address already in use"
+    naming the port (the model server's, Prometheus', uvicorn's), or werkzeug's "Port N is in use"."""
+    lines = re.findall(r"(?im)^.*address already in use.*$", log)
+    return any(re.search(rf"(?<![0-9]){port}(?![0-9])", line) for line in lines) or (
+        bool(lines) and re.search(rf"(?i)\bport {port} is in use\b", log) is not None
+    )
+
+
 @dataclass
 class ManagedProcess:
     """A service this code started: stopped by its process id, SIGTERM then SIGKILL."""
@@ -252,6 +262,14 @@ class ManagedProcess:
             raise
         self._owned = holder is True
         return holder
+
+    def exited(self, what: str, tail: int = 3000) -> RuntimeError:
+        """What to raise once the process exited: its code and its log's last ``tail`` characters;
+        PortTaken where it could not bind its port ("Address already in use", where no listening
+        socket showed another's: one bound but not listening, or one gone since)."""
+        text = self.log.read_text(errors="replace")[-tail:] if tail else self.log.read_text(errors="replace")
+        message = f"{what} exited with {self.proc.returncode}:\n{text}"
+        return PortTaken(message) if self.port and _in_use(text, self.port) else RuntimeError(message)
 
     def stop(self, timeout_s: float = 20.0) -> None:
         if self.proc.poll() is None:
@@ -300,7 +318,7 @@ class ModelServerProcess(ManagedProcess):
         while time.monotonic() < deadline:
             ours = self.owns_port("model server")
             if self.proc.poll() is not None:
-                raise RuntimeError(f"model server exited with {self.proc.returncode}:\n{self.log.read_text()}")
+                raise self.exited("model server", tail=0)
             try:
                 if ours and _get(f"{self.http}/v2/health/{health}", timeout=1)[0] == 200:
                     return
@@ -400,7 +418,7 @@ class PrometheusProcess(ManagedProcess):
         while time.monotonic() < deadline:
             ours = self.owns_port("prometheus")
             if self.proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                raise self.exited("prometheus")
             try:
                 # Ready is not enough: target discovery starts scraping up to 5 s later.
                 status, body = _get(f"{self.url}/api/v1/targets?state=active", timeout=1) if ours else (0, b"")
@@ -529,7 +547,7 @@ def start_s3(work_dir: Path, port: int | None = None, wait_s: float = 60.0) -> S
         while True:
             ours = server.owns_port("moto server")
             if proc.poll() is not None:
-                raise RuntimeError(f"moto server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+                raise server.exited("moto server")
             try:
                 if not ours:
                     raise ConnectionRefusedError(f"moto server does not listen on 127.0.0.1:{port} yet")
@@ -681,7 +699,9 @@ def start_airflow(
             if dead:
                 stack.stop()
                 logs = "\n".join(f"--- {n}:\n{components[n].log.read_text()[-2000:]}" for n in dead)
-                raise RuntimeError(f"airflow {', '.join(dead)} exited:\n{logs}")
+                api = components["api-server"]
+                taken = "api-server" in dead and isinstance(api.exited("airflow api-server"), PortTaken)
+                raise (PortTaken if taken else RuntimeError)(f"airflow {', '.join(dead)} exited:\n{logs}")
             try:
                 status, body = _get(f"{stack.url}/api/v2/monitor/health", timeout=2) if ours else (0, b"")
                 if status == 200:

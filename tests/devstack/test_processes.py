@@ -227,3 +227,45 @@ def test_the_descendants_of_a_process_come_from_one_scan_of_proc() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_model_server_whose_port_another_process_bound_without_listening_is_started_on_another(
+    models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A port picked free that another process bound but does not listen on (between its bind and
+    its listen, or another's free-port check): no listening socket to see, our server exits,
+    "Address already in use", and the start failed; on a port it picked itself it picks another."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        taken = holder.getsockname()[1]
+        picks = iter([taken])
+        real = processes.free_port
+        monkeypatch.setattr(processes, "free_port", lambda: next(picks, None) or real())
+        server = processes.start_model_server(models_dir, tmp_path)
+        try:
+            assert server.port != taken
+            assert processes.port_holder(server.proc.pid, server.port) is True
+        finally:
+            server.stop()
+        with pytest.raises(processes.PortTaken, match=f"cannot listen on 127.0.0.1:{taken}: Address already in use"):
+            processes.start_model_server(models_dir, tmp_path, port=taken)
+
+
+@pytest.mark.parametrize(
+    ("log", "taken"),
+    [
+        ("model-server: cannot listen on 127.0.0.1:20123: Address already in use\n", True),
+        ('level=error msg="listen tcp 127.0.0.1:20123: bind: address already in use"\n', True),
+        ("[Errno 98] error while attempting to bind on address ('127.0.0.1', 20123): address already in use\n", True),
+        ("Address already in use\nPort 20123 is in use by another program.\n", True),
+        ("model-server: cannot listen on 127.0.0.1:20124: Address already in use\n", False),  # (its admin port)
+        ("the model failed to load on port 20123\n", False),
+    ],
+)
+def test_a_server_that_could_not_bind_its_port_says_so_in_its_log(tmp_path: Path, log: str, taken: bool) -> None:
+    (tmp_path / "log").write_text(log)
+    done = subprocess.Popen([sys.executable, "-c", "raise SystemExit(2)"])
+    done.wait()
+    error = processes.ManagedProcess(done, 20123, tmp_path / "log").exited("a server")
+    assert isinstance(error, processes.PortTaken) is taken
+    assert str(error) == f"a server exited with 2:\n{log}"
