@@ -83,10 +83,24 @@ class PortTaken(RuntimeError):
     """Another process listens on the port a server this code started was to bind."""
 
 
-# The local addresses a connection to 127.0.0.1 reaches, as /proc/net/tcp and tcp6 write them
-# (32-bit words in the host's order, little-endian here): 127.0.0.1, either family's wildcard, and
+def proc_hex(packed: bytes, byteorder: Literal["little", "big"] = sys.byteorder) -> str:
+    """An address (``packed``, as inet_pton gives it) as /proc/net/tcp and tcp6 write it: 32-bit
+    words, each in the host's byte order."""
+    return "".join(f"{int.from_bytes(packed[i : i + 4], byteorder):08X}" for i in range(0, len(packed), 4))
+
+
+# The local addresses a connection to 127.0.0.1 reaches: 127.0.0.1, either family's wildcard (a
+# [::] socket with IPV6_V6ONLY does not take it, but the tables do not say which: counted), and
 # ::ffff:127.0.0.1.
-_LOOPBACK = frozenset({"0100007F", "00000000", "0" * 32, "0000000000000000FFFF00000100007F"})
+LOOPBACK = frozenset(
+    proc_hex(socket.inet_pton(family, address))
+    for family, address in (
+        (socket.AF_INET, "127.0.0.1"),
+        (socket.AF_INET, "0.0.0.0"),  # noqa: S104 (an address to look for, not to bind)
+        (socket.AF_INET6, "::"),
+        (socket.AF_INET6, "::ffff:127.0.0.1"),
+    )
+)
 
 
 TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
@@ -104,7 +118,7 @@ def listening_sockets(ports: Iterable[int]) -> set[str] | None:
                 if len(fields) > 9 and fields[3] == "0A":  # state 0A: LISTEN
                     known = True
                     address, _, port = fields[1].rpartition(":")
-                    if address in _LOOPBACK and int(port, 16) in wanted:
+                    if address in LOOPBACK and int(port, 16) in wanted:
                         out.add(f"socket:[{fields[9]}]")
     return out if known else None
 

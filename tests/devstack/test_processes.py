@@ -269,3 +269,14 @@ def test_a_server_that_could_not_bind_its_port_says_so_in_its_log(tmp_path: Path
     error = processes.ManagedProcess(done, 20123, tmp_path / "log").exited("a server")
     assert isinstance(error, processes.PortTaken) is taken
     assert str(error) == f"a server exited with 2:\n{log}"
+
+
+def test_the_loopback_addresses_are_written_as_the_tcp_tables_write_them_in_either_byte_order() -> None:
+    """/proc/net/tcp writes an address as 32-bit words in the host's order: "0100007F" was
+    written out for little-endian hosts alone."""
+    v4, mapped = socket.inet_aton("127.0.0.1"), socket.inet_pton(socket.AF_INET6, "::ffff:127.0.0.1")
+    assert processes.proc_hex(v4, "little") == "0100007F"
+    assert processes.proc_hex(v4, "big") == "7F000001"
+    assert processes.proc_hex(mapped, "little") == "0000000000000000FFFF00000100007F"
+    assert processes.proc_hex(mapped, "big") == "00000000000000000000FFFF7F000001"
+    assert processes.proc_hex(v4) in processes.LOOPBACK
