@@ -200,8 +200,21 @@ def listening(proc: subprocess.Popen[bytes], port: int, what: str) -> Holder:
         # Another's only if it still listens there once more, with ours still running after.
         holder = port_holder(proc.pid, port)
         if holder is False and proc.poll() is None:
-            raise PortTaken(f"{what}: port {port} is held by another process")
+            raise PortTaken(f"{what}: port {port} is held by another process{_holders(port)}")
     return holder
+
+
+def _holders(port: int) -> str:
+    """The text " (pid N, name)" for each process holding a socket that listens on 127.0.0.1:``port``
+    (its name, not its command line: another's arguments may hold a secret); "" where none is
+    seen. A scan of every process's descriptors: for an error's message only."""
+    sockets = listening_sockets([port]) or set()
+    found = []
+    for pid in sorted(parents()):
+        if holds_any(pid, sockets):
+            with contextlib.suppress(OSError):
+                found.append(f"pid {pid}, {Path(f'/proc/{pid}/comm').read_text().strip()}")
+    return f" ({'; '.join(found)})" if found else ""
 
 
 def on_a_free_port(start: Callable[[int], T], port: int | None) -> T:
@@ -209,10 +222,14 @@ def on_a_free_port(start: Callable[[int], T], port: int | None) -> T:
     all) when another process binds it first (``start`` raising PortTaken, its process stopped)."""
     if port:
         return start(port)
-    for _ in range(2):
-        with contextlib.suppress(PortTaken):
-            return start(free_port())
-    return start(free_port())
+    tried = []
+    while True:
+        tried.append(free_port())
+        try:
+            return start(tried[-1])
+        except PortTaken as exc:
+            if len(tried) == 3:
+                raise PortTaken(f"ports {', '.join(map(str, tried))} tried: {exc}") from exc
 
 
 def start_mark(pid: int) -> str | None:

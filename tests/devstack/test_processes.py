@@ -4,6 +4,7 @@ one, and none is one the kernel hands out for connections meanwhile."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -280,3 +281,32 @@ def test_the_loopback_addresses_are_written_as_the_tcp_tables_write_them_in_eith
     assert processes.proc_hex(mapped, "little") == "0000000000000000FFFF00000100007F"
     assert processes.proc_hex(mapped, "big") == "00000000000000000000FFFF7F000001"
     assert processes.proc_hex(v4) in processes.LOOPBACK
+
+
+def test_a_port_taken_names_the_process_that_holds_it(tmp_path: Path) -> None:
+    log = tmp_path / "model-server.log"
+    log.write_text("")
+    with answering_server(_answering_ready) as stranger:
+        port = int(stranger.rsplit(":", 1)[1])
+        never_binds = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        server = processes.ModelServerProcess(never_binds, port, log)
+        name = Path(f"/proc/{os.getpid()}/comm").read_text().strip()
+        try:
+            with pytest.raises(
+                processes.PortTaken,
+                match=rf"port {port} is held by another process \(pid {os.getpid()}, {re.escape(name)}\)",
+            ):
+                server.wait_until("ready", timeout_s=10)
+        finally:
+            server.stop()
+
+
+def test_a_start_whose_every_port_was_taken_names_the_ports_tried(monkeypatch: pytest.MonkeyPatch) -> None:
+    picks = iter([20001, 20002, 20003])
+    monkeypatch.setattr(processes, "free_port", lambda: next(picks))
+
+    def start(port: int) -> None:
+        raise processes.PortTaken(f"a server: port {port} is held by another process")
+
+    with pytest.raises(processes.PortTaken, match=r"ports 20001, 20002, 20003 tried: a server: port 20003 is held"):
+        processes.on_a_free_port(start, None)
