@@ -1833,7 +1833,9 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
     the same, then that failure is raised, its floor still held, once the candidate is retired
     all the same: ``retired_besides``), then 100% to it (promote's
     record of a promotion removed: ``promotion_undone``), its HPA's own floor back
-    (``release_floor``), then the candidate drained and scaled to 0 (``retire``). What fails once
+    (``release_floor``; its failure never holds back the rollback: the candidate retired all the
+    same, that failure raised after, the floor left to the model's next run: ``floor_kept``),
+    then the candidate drained and scaled to 0 (``retire``). What fails once
     the traffic is back (the scale, the wait for the rest of its pods) is raised as it came, after
     the traffic moved (``stable_back``'s ``Shortfall``); the candidate's retirement, raised as its
     own kind, saying the traffic restored (``unretired``)."""
@@ -1949,12 +1951,20 @@ def stable_back(
         promotion_undone(spec, run_id, hook)
         if unscaled is not None:  # (its floor stays held: its HPA scales it there, as the scale would have)
             return retired_besides(spec, run_id, hook, r, unscaled) if unload_candidate else unscaled
-    floor_released(spec, run_id, hook, deployments)
+    floor: Shortfall | None = None
+    try:
+        floor_released(spec, run_id, hook, deployments)
+    except RouterError as exc:  # (the routes back: a floor never holds back a rollback)
+        what = floor_kept(deployments, spec.baseline_version, exc)
+        log.warning("%s", what)
+        exc.args = (f"the traffic is restored (version {spec.baseline_version} takes 100% of it); but {what}",)
+        floor = Shortfall(exc, what, retired=unload_candidate)
     if unload_candidate:
         failed = unretired(spec, run_id, hook, r)
         if failed is not None:  # (the traffic back: not a restore that failed)
             cause, taken = failed
             what = f"the retirement of version {spec.candidate_version} failed ({str(cause)[:500]})"
+            what = what if floor is None else f"{what}; {floor.what}"
             held_by = f": run {taken!r} holds model {spec.model!r} now" if taken else ""
             # (its own kind, the step's retries as for it: a transient failure retried, a refusal not)
             cause.args = (
@@ -1970,8 +1980,23 @@ def stable_back(
                     f"{spec.candidate_version} is unloaded, but not all of its pods came: {exc}"
                 )
                 what = f"not all of the {restoring} pods of version {spec.baseline_version} came ({str(exc)[:500]})"
-                return Shortfall(error, what, retired=True)
-    return None
+                return Shortfall(error, what if floor is None else f"{what}; {floor.what}", retired=True)
+    return floor
+
+
+def floor_kept(deployments: VersionDeployments, version: str, exc: Exception) -> str:
+    """What a floor held on ``version`` whose release failed (``release_floor``: its HPA's read or
+    apply) leaves, for a report: the floor still held, which the model's next run releases as it
+    starts (``release_leftover_floors``), or how to release it by hand."""
+    name = f"{deployments.target.namespace}/{deployment_name(deployments.target, version)}"
+    return (
+        f"the HPA of version {version} (HorizontalPodAutoscaler {name}) keeps the floor the run held "
+        f"({str(exc)[:1000]}): the model's next run releases it as it starts, or by hand its minReplicas set to "
+        f"the count its annotation {FLOOR_ANNOTATION} records, that annotation and {HELD_ANNOTATION} removed, "
+        f"under the rollout's field manager (kubectl patch --type=merge --field-manager={FIELD_MANAGER}: the "
+        "command its error gives, where it gives one; not kubectl edit, whose field manager would then own "
+        "minReplicas, the next run's hold of the floor refused)"
+    )
 
 
 def retired_besides(spec: RolloutSpec, run_id: str, hook: ModelServerHook, r: Router, short: Shortfall) -> Shortfall:
@@ -2328,16 +2353,7 @@ def finish(
         except BudgetNotApplied as exc:  # (the floor released: its budget is what is left, not the floor)
             short = Shortfall(exc, str(exc), retired=False)
         except RouterError as exc:  # (the promotion stands: said as kept, this failure besides, not a failed restore)
-            name = f"{deployments.target.namespace}/{deployment_name(deployments.target, spec.baseline_version)}"
-            what = (
-                f"the HPA of version {spec.baseline_version} (HorizontalPodAutoscaler {name}) keeps the floor the "
-                f"run held ({str(exc)[:1000]}): the model's next run releases it as it starts, or by hand its "
-                f"minReplicas set to the count its annotation {FLOOR_ANNOTATION} records, that annotation and "
-                f"{HELD_ANNOTATION} removed, under the rollout's field manager (kubectl patch --type=merge "
-                f"--field-manager={FIELD_MANAGER}: the command its error gives, where it gives one; not kubectl "
-                "edit, whose field manager would then own minReplicas, the next run's hold of the floor refused)"
-            )
-            short = Shortfall(exc, what, retired=False)
+            short = Shortfall(exc, floor_kept(deployments, spec.baseline_version, exc), retired=False)
     if prune and spec.mesh == "istio":
         prune_history(spec, run_id, hook)
     if kept and unread:

@@ -568,6 +568,46 @@ def test_a_floor_released_whose_budget_is_not_updated_does_not_fail_the_promotio
     assert "PodDisruptionBudget models/digits-v1 was not updated" in report
 
 
+def test_a_floor_not_released_once_the_routes_are_back_does_not_hold_back_the_rollback(kube, monkeypatch, tmp_path):
+    """Under autoscaling, the rollback puts version 1's own floor back once the routes moved back:
+    its HPA's PATCH refused (403), the failure went up before the candidate's retirement: the
+    rollback failed, the candidate kept running, and the failure callback reported the routes
+    not restored though they were. A floor never holds back a rollback: the candidate is retired
+    all the same, the step fails saying the traffic is restored and the floor still held, which
+    the model's next run releases (``release_leftover_floors``); the failure callback releases
+    the lease and reports the routes restored, the floor besides."""
+    from devstack.cluster.kube import APIError
+    from vision_rollout.mesh import RouterError
+
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    params = {**PARAMS, "mirror_percent": 0}
+    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=2)
+    kube.scale("models", "digits-v1", 6, "kube-controller-manager")  # the HPA at a peak
+    steps.deploy_candidate(params, image("2"), "run-1")
+    steps.apply_weights(params, 0, "run-1", {"decision": "pass"})
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 6  # held for the run
+    forbidden = APIError(403, "Forbidden", "cannot patch resource horizontalpodautoscalers")
+    refuse(kube, ("PATCH", "/horizontalpodautoscalers/digits-v1", forbidden))
+    with pytest.raises(RouterError) as raised:
+        steps.rollback(params, "run-1")
+    assert "the traffic is restored" in str(raised.value)
+    assert "the model's next run releases it" in str(raised.value)
+    assert routes(kube) == [("v1", 100)]
+    assert deployment(kube, "2")["spec"]["replicas"] == 0  # retired all the same
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 6  # still held
+    steps.restore_stable_on_failure({"params": params, "run_id": "run-1"})
+    assert lease(kube, "digits") is None  # released
+    (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    assert "routes not restored" not in report
+    assert "version 1 takes 100%" in report
+    assert "keeps the floor the run held" in report
+    kube.before_write = None
+    steps.release_leftover_floors(steps.spec_from(params), steps.ModelServerHook(), keep=None)
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 2  # the next run's start releases it
+
+
 def test_promotion_scales_the_candidate_up_routes_then_drains_then_retires_the_baseline(kube):
     stable_virtual_service(kube, PARAMS)
     take("run-1")
