@@ -111,7 +111,8 @@ CALLBACK_API_S, CALLBACK_CALL_S = 30.0, 15.0
 # (Slack's own timeout) and the DAG file's parse in the 10 s left. The routes write is its 7th call
 # (``quick``: the lease renewed once, GET and PUT, the routes read, the baseline's Deployment read
 # once for its size and its readiness, the routes read, the DestinationRule's subsets, the routes
-# written from that read): a server answering each in 5 s still gets it (35 s); slower, the
+# written from that read; under autoscaling the baseline's HPA read before it too, its 8th call:
+# FLOOR_CALLS): a server answering each in 5 s still gets it (35 s; 40 s); slower, the
 # callback reports the routes not restored rather than being killed. (A wait for the baseline's
 # pod may end one 1 s poll past it.)
 CALLBACK_CAP_S = 40.0
@@ -127,6 +128,13 @@ CALLBACK_CAP_S = 40.0
 # Deployment, for its report's wording) is made only where it leaves the release its time: an API
 # server answering in 4.5 s cut the release (read, then delete) at the cap, the lease left to run out.
 RELEASE_CALLS = 1
+# Under autoscaling the callback reads the baseline's HPA before its routes write (its held floor:
+# the routes write is its 8th call, 40 s at 5 s a call), and releases that floor after it (the
+# HPA read twice and patched, its PodDisruptionBudget read and patched: FLOOR_CALLS) before the
+# lease's release: at 3 s a call those cut the release at the cap. The floor's release is left
+# where it would leave the lease's release no time (``stable_back``): held, said so; the model's
+# next run releases it as it starts (``release_leftover_floors``).
+FLOOR_CALLS = 5
 # What ``finish`` says of a candidate it did not retire whose pods run (the failure callback's: no
 # time to drain it), with the command that scales it to 0; the callback reports it, not only logs it.
 LEFT_RUNNING = "is left loaded, its pods running"
@@ -1953,6 +1961,8 @@ def stable_back(
             return retired_besides(spec, run_id, hook, r, unscaled) if unload_candidate else unscaled
     floor: Shortfall | None = None
     try:
+        if quick and deployments.build.autoscaling and mesh.budget_left(FLOOR_CALLS + RELEASE_CALLS) < 0:
+            raise RouterError("not released by the failure callback: it would leave the lease's release no time")
         floor_released(spec, run_id, hook, deployments)
     except RouterError as exc:  # (the routes back: a floor never holds back a rollback)
         what = floor_kept(deployments, spec.baseline_version, exc)

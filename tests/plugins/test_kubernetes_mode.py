@@ -3391,24 +3391,45 @@ def test_an_api_server_answering_in_5_s_still_gets_the_failure_callbacks_routes_
 
 
 @pytest.mark.real_pauses  # (the pauses on the fake clock)
-@pytest.mark.parametrize("answer_s", [4.5, 5.0])
+@pytest.mark.parametrize(("answer_s", "autoscaling"), [(4.5, False), (5.0, False), (4.0, True)])
 def test_an_api_server_answering_in_4_to_5_s_still_gets_the_failure_callbacks_lease_release(
-    kube, monkeypatch, tmp_path, caplog, answer_s
+    kube, monkeypatch, tmp_path, caplog, answer_s, autoscaling
 ):
     """After the routes write (its 7th call) the callback read the candidate's Deployment (for its
     report's wording) and then the lease, and only then deleted it: at 4.5 s or 5 s a call the
     lease's read or its delete was cut by the cap (40 s), the lease left to run out for 300 s,
     another run of the model refused meanwhile. The release is reckoned with the calls after the
     routes write: one delete of the lease as the callback's renewal left it (read again only
-    should it have moved on), and no optional read that would leave it no time."""
-    at_stage_1(kube)
+    should it have moved on), and no optional read that would leave it no time.
+    Under autoscaling, with a floor held on version 1 (its HPA read before the routes write, its
+    8th call), the floor's release (its HPA and budget read and patched: 5 calls) came between the
+    routes write and the lease's delete, cut at the cap from 3 s a call: it is left where it would
+    leave the release no time, said held (the model's next run releases it)."""
+    params = PARAMS
+    if autoscaling:
+        connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+        stable_virtual_service(kube, PARAMS)
+        take("run-1")
+        params = {**PARAMS, "mirror_percent": 0}
+        steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=2)
+        kube.scale("models", "digits-v1", 10, "kube-controller-manager")  # the HPA at a peak
+        steps.deploy_candidate(params, image("2"), "run-1")
+        steps.apply_weights(params, 0, "run-1", {"decision": "pass"})
+    else:
+        at_stage_1(kube)
     now, tries = fake_api_time(monkeypatch, answer_s)
-    steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+    steps.restore_stable_on_failure({"params": params, "run_id": "run-1"})
     assert now[0] <= steps.CALLBACK_CAP_S
     assert routes(kube) == [("v1", 100)]
     assert lease(kube, "digits") is None
     assert tries[-1][:2] == ("DELETE", "/apis/coordination.k8s.io/v1/namespaces/models/leases/rollout-digits")
     assert "was not released" not in caplog.text
+    if autoscaling:
+        assert hpa(kube, "1")["spec"]["minReplicas"] == 10  # still held
+        (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "outbox").glob("*.json"))]
+        assert "version 1 takes 100%" in report
+        assert "keeps the floor the run held" in report
+        assert "the model's next run releases it" in report
 
 
 @pytest.mark.timeout(60)  # (before: the wait without a budget had no end)
