@@ -518,6 +518,32 @@ def apply_conflicts(message: str) -> dict[str, list[str]]:
     return {k: v for k, v in owned.items() if v}
 
 
+CAUSE_MANAGER = re.compile(r'conflict with "(?P<manager>[^"]*)"(?P<sub> with subresource "[^"]*")?')
+
+
+def conflicts_of(exc: Any) -> dict[str, list[str]]:
+    """The fields each other field manager owns that a refused apply (a 409, ``exc``: an
+    ApiException) would have changed: from its Status's ``details.causes`` (``FieldManagerConflict``,
+    one a field) where the API server gives them, else from its whole ``message``
+    (``apply_conflicts``), never ``api_message``'s cut: a long list of one manager's fields hid
+    another's after it."""
+    try:
+        status = json.loads(exc.body)
+    except (TypeError, ValueError, AttributeError):
+        return apply_conflicts(str(exc.body))
+    if not isinstance(status, dict):
+        return apply_conflicts(str(exc.body))
+    owned: dict[str, list[str]] = {}
+    details = status.get("details")
+    for cause in (details.get("causes") if isinstance(details, dict) else None) or []:
+        if not isinstance(cause, dict) or cause.get("reason") != "FieldManagerConflict" or not cause.get("field"):
+            continue
+        m = CAUSE_MANAGER.match(str(cause.get("message") or ""))
+        if m:
+            owned.setdefault(f'"{m["manager"]}"{m["sub"] or ""}', []).append(str(cause["field"]))
+    return owned or apply_conflicts(str(status.get("message") or ""))
+
+
 class FieldsOwned(RouterError):
     """An apply refused (409) for fields other field managers own (``refused``): ``owned``, the
     fields each of them owns (``apply_conflicts``)."""
@@ -542,9 +568,10 @@ def refused(what: str, exc: Any) -> RouterError:
     apply is a field another manager owns, said in one sentence, each manager with the fields it
     owns (``apply_conflicts``), and a Helm release's object named as such."""
     message = api_message(exc)
-    owned = apply_conflicts(message) if exc.status == 409 else {}
+    owned = conflicts_of(exc) if exc.status == 409 else {}
     if owned:
-        said = "; ".join(f"{manager} owns {', '.join(paths)}" for manager, paths in owned.items())
+        others_first = sorted(owned.items(), key=lambda item: item[0].startswith(f'"{FIELD_MANAGER}"'))
+        said = "; ".join(f"{manager} owns {', '.join(paths)}" for manager, paths in others_first)
         helm = any(manager.startswith(f'"{HELM_MANAGER}"') for manager in owned)
         return FieldsOwned(
             f"{what}: fields another field manager owns, which the rollout does not take over: {said[:1000]}. "

@@ -11,6 +11,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from vision_rollout.deploy import (
+    FieldsOwned,
     VersionDeployments,
     beyond_history,
     candidate_replicas,
@@ -1137,3 +1138,55 @@ def test_a_budget_deleted_in_doubt_and_made_again_meanwhile_is_not_deleted_by_th
     assert versions.prune({"2"}) == ["1"]
     assert api.throttle == 0
     assert key in api.objects  # (the budget made again stays)
+
+
+@pytest.mark.parametrize("causes", [False, True], ids=["message", "causes"])
+def test_an_apply_conflict_past_the_messages_first_1000_characters_is_not_forced_over(causes):
+    """The apply's force (fields refused only for the rollout's own field manager's other writes)
+    was decided from the 409's message cut at 1000 characters (``api_message``): a long list of
+    the rollout's own fields hid another manager's after it (terraform's ``.spec.replicas``), which
+    the forced apply took over silently. The decision reads the Status's ``details.causes`` where
+    the API server gives them, else its whole message: refused, terraform named, nothing forced."""
+    from types import SimpleNamespace
+
+    paths = [f'.spec.template.spec.containers[name="server"].env[name="VAR_{i:02d}"].value' for i in range(16)]
+    message = (
+        'Apply failed with 17 conflicts: conflicts with "model-rollout" using apps/v1:\n'
+        + "\n".join(f"- {p}" for p in paths)
+        + '\nconflicts with "terraform" using apps/v1:\n- .spec.replicas'
+    )
+    assert message.index("terraform") > 1000
+    status: dict[str, Any] = {"kind": "Status", "message": message, "reason": "Conflict", "code": 409}
+    if causes:  # (as the API server gives them: one per field)
+        status["details"] = {
+            "causes": [
+                *(
+                    {
+                        "reason": "FieldManagerConflict",
+                        "message": 'conflict with "model-rollout" using apps/v1',
+                        "field": p,
+                    }
+                    for p in paths
+                ),
+                {
+                    "reason": "FieldManagerConflict",
+                    "message": 'conflict with "terraform" using apps/v1',
+                    "field": ".spec.replicas",
+                },
+            ]
+        }
+    forced = []
+
+    def patch(name, namespace, body, **kwargs):
+        forced.append(kwargs.get("force", False))
+        error = ApiException(status=409, reason="Conflict")
+        error.body = json.dumps(status)
+        raise error
+
+    stub = SimpleNamespace(target=SimpleNamespace(namespace="models"))
+    with pytest.raises(FieldsOwned) as raised:
+        VersionDeployments._server_side_apply(
+            stub, patch, "apply Deployment digits-v2", {"metadata": {"name": "digits-v2"}}
+        )
+    assert raised.value.owned['"terraform"'] == [".spec.replicas"]
+    assert forced == [False]
