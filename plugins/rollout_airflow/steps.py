@@ -138,6 +138,9 @@ FLOOR_CALLS = 5
 # What ``finish`` says of a candidate it did not retire whose pods run (the failure callback's: no
 # time to drain it), with the command that scales it to 0; the callback reports it, not only logs it.
 LEFT_RUNNING = "is left loaded, its pods running"
+# What it says of one whose Deployment it did not read (``candidate_deployed``: no time left, or
+# the read failed): it may never have been deployed; the command given all the same.
+UNCHECKED_RUNNING = "may be left running (not checked)"
 AFTER_WAIT_CALLS, WAIT_POLL_S = 5 + RELEASE_CALLS, 1.0
 
 
@@ -2385,11 +2388,11 @@ def finish(
             left = f"is left to run {short.taken!r}, which holds model {spec.model!r} now"
         elif spec.mesh != "istio":
             left = "is left loaded: unload it"
-        elif not sent and not candidate_deployed(spec, hook, quick):  # (the run failed before deploy_candidate)
+        elif not sent and (deployed := candidate_deployed(spec, hook, quick)) is False:  # (failed before deploying it)
             left = "has no Deployment: nothing to unload"
         else:
             left = (
-                f"{LEFT_RUNNING}: scale it to 0 "
+                f"{LEFT_RUNNING if sent or deployed else UNCHECKED_RUNNING}: scale it to 0 "
                 f"({hook.deployments(spec.model).scale_by_hand(spec.candidate_version, 0)})"
             )
         candidate = "is unloaded" if retired else left
@@ -2408,20 +2411,26 @@ def finish(
     return kept, done
 
 
-def candidate_deployed(spec: RolloutSpec, hook: ModelServerHook, quick: bool = False) -> bool:
-    """Whether the candidate has a Deployment (a command to scale it is worth giving); True where
-    it cannot be read (the failure callback's time spent, say): the command given all the same.
-    ``quick`` (the failure callback): not read, True, where the read would leave the lease's
-    release (``RELEASE_CALLS``) no time in its ``api_budget``."""
+def left_running(done: str) -> bool:
+    """Whether ``finish``'s ``done`` says the candidate is (or may be) left running."""
+    return LEFT_RUNNING in done or UNCHECKED_RUNNING in done
+
+
+def candidate_deployed(spec: RolloutSpec, hook: ModelServerHook, quick: bool = False) -> bool | None:
+    """Whether the candidate has a Deployment (a command to scale it is worth giving); None where
+    it is not read (the failure callback's time spent, say): the command given all the same, the
+    candidate said maybe running (``UNCHECKED_RUNNING``). ``quick`` (the failure callback): not
+    read, None, where the read would leave the lease's release (``RELEASE_CALLS``) no time in its
+    ``api_budget``."""
     from vision_rollout import mesh
 
     if quick and mesh.budget_left(1 + RELEASE_CALLS) < 0:
-        return True
+        return None
     try:
         return hook.deployments(spec.model).replicas(spec.candidate_version) is not None
     except Exception as exc:
         log.info("version %s's Deployment was not read: %s", spec.candidate_version, str(exc)[:300])
-        return True
+        return None
 
 
 def _write_end(folder: Folder, end: dict[str, Any], report: dict[str, Any] | None) -> None:
@@ -3062,7 +3071,7 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
         with api_budget(CALLBACK_API_S, CALLBACK_CALL_S, CALLBACK_CAP_S):
             kept, done = finish(params, run_id, promoted=False, unload_candidate=False, quick=True)
         log.warning("run %s failed: %s", run_id, done)
-        if not kept and LEFT_RUNNING in done:  # (its pods serve nothing: a human scales them to 0)
+        if not kept and left_running(done):  # (its pods serve nothing: a human scales them to 0)
             try:
                 tell(spec, rollback_message(spec, f"run {run_id} failed: {done}"), "the failure callback's report")
             except Exception:
@@ -3071,7 +3080,7 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
         log.warning("run %s failed; its teardown is done or it never held the model: %s", run_id, exc)
     except (Unreleased, Undersized) as exc:  # (done: not a restore that failed; what is left is told)
         log.warning("run %s failed: %s", run_id, exc)
-        if isinstance(exc, Unreleased) and not exc.undersized and LEFT_RUNNING not in exc.done:
+        if isinstance(exc, Unreleased) and not exc.undersized and not left_running(exc.done):
             return  # (the lease runs out by itself; a candidate left running is told, with its command)
         try:
             message = (  # (kept: its retired version's HPA floor still held, said with what releases it)

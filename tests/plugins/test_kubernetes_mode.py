@@ -2876,6 +2876,26 @@ def test_a_failure_callback_before_the_candidate_was_deployed_gives_no_command_t
     assert routes(kube) == [("v1", 100)]
 
 
+@pytest.mark.real_pauses  # (the pauses on the fake clock)
+def test_a_failure_callback_with_no_time_to_read_the_candidate_says_it_may_be_left_running(
+    kube, monkeypatch, tmp_path, caplog
+):
+    """The run failed before deploy_candidate, the API server answering in 9 s: the callback had no
+    time to read version 2's Deployment (``candidate_deployed``) and reported "version 2 is left
+    loaded, its pods running: scale it to 0" for a version it may never have deployed. Not read,
+    it says the candidate may be left running (not checked), with the command all the same."""
+    stable_virtual_service(kube, PARAMS)
+    steps.ModelServerHook().deployments("digits").apply("1", image("1"))
+    take("run-1")
+    fake_api_time(monkeypatch, 9.0)
+    steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+    assert ("deployments", "models", "digits-v2") not in kube.objects
+    (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    assert "its pods running" not in report
+    assert "version 2 may be left running (not checked): scale it to 0" in report
+    assert "deployment digits-v2 --subresource=scale" in report
+
+
 def test_a_failure_callback_mid_stage_reads_the_candidates_deployment_no_more_after_its_routes_write(kube, caplog):
     """Mid-stage (the routes sent version 2 a share: deploy_candidate had run), the failure
     callback put version 1 back, then read version 2's Deployment once more (``candidate_deployed``)
