@@ -61,15 +61,20 @@ def _answering_ready(path: str) -> tuple[int, bytes]:
 def test_a_server_another_process_holds_on_the_port_is_not_taken_for_ours(tmp_path: Path) -> None:
     """wait_until took any server answering 200 on its port for its own: another suite's model
     server that took the port in the second before ours bound it answered the tests (their 401s
-    and 404s). The listening socket must be its process's: another's is "held by another process"."""
+    and 404s). The listening socket must be its process's: another's is "held by another process",
+    which names that process (its pid and name)."""
     log = tmp_path / "model-server.log"
     log.write_text("")
     with answering_server(_answering_ready) as stranger:
         port = int(stranger.rsplit(":", 1)[1])
         never_binds = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
         server = processes.ModelServerProcess(never_binds, port, log)
+        name = Path(f"/proc/{os.getpid()}/comm").read_text().strip()
         try:
-            with pytest.raises(processes.PortTaken, match=f"port {port} is held by another process"):
+            with pytest.raises(
+                processes.PortTaken,
+                match=rf"port {port} is held by another process \(pid {os.getpid()}, {re.escape(name)}\)",
+            ):
                 server.wait_until("ready", timeout_s=10)
         finally:
             server.stop()
@@ -281,24 +286,6 @@ def test_the_loopback_addresses_are_written_as_the_tcp_tables_write_them_in_eith
     assert processes.proc_hex(mapped, "little") == "0000000000000000FFFF00000100007F"
     assert processes.proc_hex(mapped, "big") == "00000000000000000000FFFF7F000001"
     assert processes.proc_hex(v4) in processes.LOOPBACK
-
-
-def test_a_port_taken_names_the_process_that_holds_it(tmp_path: Path) -> None:
-    log = tmp_path / "model-server.log"
-    log.write_text("")
-    with answering_server(_answering_ready) as stranger:
-        port = int(stranger.rsplit(":", 1)[1])
-        never_binds = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-        server = processes.ModelServerProcess(never_binds, port, log)
-        name = Path(f"/proc/{os.getpid()}/comm").read_text().strip()
-        try:
-            with pytest.raises(
-                processes.PortTaken,
-                match=rf"port {port} is held by another process \(pid {os.getpid()}, {re.escape(name)}\)",
-            ):
-                server.wait_until("ready", timeout_s=10)
-        finally:
-            server.stop()
 
 
 def test_a_start_whose_every_port_was_taken_names_the_ports_tried(monkeypatch: pytest.MonkeyPatch) -> None:
