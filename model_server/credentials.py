@@ -148,6 +148,10 @@ _RUN_CHARS = r"^\s\"'`,;&<>\\"
 # ("password:" and 9 spaces then "16 bytes": its "16").
 PLACEHOLDER = r"(?:\(not set\)|-|(?i:null|none|n/a)|\*{3})"
 NO_VALUE = rf"(?!{PLACEHOLDER}(?=[\s,;&)\]}}\"'<>]|\\[nrtbf]|\Z))"
+# A placeholder then a word on its line ("password: none hunter2"): the placeholder stays, the word
+# is the value, as any word after a secret's key is (a date after it is the line's, a token the
+# mask's own).
+PLACEHOLDER_THEN = rf"(?:{PLACEHOLDER}[ ]{{1,2}}+(?!{DATE_OR_TIME}){NOT_MASKED}(?=[^\s\"'`,;&<>\\]))?+"
 _CRED_RUN = _run(_RUN_CHARS)  # a value not in quotes, to an escaped quote
 
 
@@ -305,7 +309,7 @@ _SECRET_KEYED = re.compile(
     rf"{_KEY_LINE}{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_NAMED_BY}"
     rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:(?>{_QUOTED_KEY_SEP}|{KEY_QUOTE}{_KEY_SEP}){_MARK_AT_LINE_END}{LIST_MARK}|{_PAIR_SEP}"
     rf"|(?(nb){_VALUE_NAMED}|(?!)))|(?(nb){_COOKIE_ONE}{_COOKIE_NAMED}|(?!)))"
-    rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME}){_BLOCK_HEAD}"
+    rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME}){_BLOCK_HEAD}(?(h)|(?(q)|{PLACEHOLDER_THEN}))"
     rf"(?P<v>(?(h){_BLOCK}|(?(q)|{NO_VALUE})(?:(?(q){_QUOTED}|(?:{BRACKETED}|{_KEYED_RUN}))|{_KEYED_RUN}))){_PAIR_END}"
 )
 # A field "value" before the field that names it ({"value": "...", "name": "DB_PASSWORD"}: a

@@ -1361,6 +1361,7 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "list marks at line ends after keys": ("password: -" + " " * 16 + "\n" + " " * 64) * 10_800,
     "backslashes after query parameters": ("&sig=" + "\\" * 300 + " ") * 3_300,
     "escaped tabs after value keys in quotes": ('{"name": "DB_PASSWORD", "value":' + "\\t" * 64 + "1}") * 6_100,
+    "placeholders before words after keys": "password: none a " * 62_500,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -1375,6 +1376,7 @@ FOUND_IN_SECRET_HOSTILE = {
     "escaped tabs after keys in quotes": {"secret"},  # each "1"
     "backslashes after query parameters": {"secret"},  # each parameter's first 256
     "escaped tabs after value keys in quotes": {"secret"},  # each "1"
+    "placeholders before words after keys": {"secret"},  # each word after its placeholder
 }
 
 
@@ -1430,6 +1432,7 @@ SECRET_GROWING = {
     "block indicators without lines": ("", "token: >-\n"),
     "keys over mapping lines": ("", "token:\n  a: b\n"),
     "a plain value on the next line without end": ("password:\n  ", "a"),
+    "placeholders before words after keys": ("", "password: - null a "),
     "list items' block scalars": ("", "  - password: |\n      a\n    b\n"),
     "list items' block scalars after spaces": ("", "-        token: |\n" + " " * 10 + "a\n"),
     "indented lines before no key": ("", " " * 70 + "- '\n"),
@@ -3256,6 +3259,32 @@ def test_a_secret_as_a_yaml_list_item_under_its_key_is_masked(keys, text, value)
     assert scrub(text) == text.replace(value, "***")
     for placeholder in ["password: - ", "password: - null", "password: -\t"]:
         assert scrub(placeholder) == placeholder
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("password: none hunter2", "hunter2"),
+        ("password: null  hunter2", "hunter2"),
+        ("password: n/a hunter2, user: bob", "hunter2"),
+        ("password: - null hunter2", "hunter2"),
+        ("api_key: (not set) sk-proj-abcdefghijklmnop1234", "sk-proj-abcdefghijklmnop1234"),
+        ("token=None hunter2", "hunter2"),
+    ],
+)
+def test_a_secret_after_a_placeholder_is_masked(keys, text, value):
+    """A placeholder then a word after a secret's key ("password: none hunter2") left the word in
+    clear, in the log and in Slack reports: the placeholder and the space after it ended the value.
+    The placeholder stays, the word after it is masked; a placeholder alone, or before a date,
+    stays (``test_no_value_after_a_key_stays``)."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value], masked
+    assert TOKEN_RE.sub("", masked) == text.replace(value, "")
+    assert scrub(text) == text.replace(value, "***")
+    for kept in ["password: none", "password: - null", "password: none 2026-12-05", "password: n/a, user: bob"]:
+        assert scrub(kept) == kept
+        assert Masker(ring).mask_text(kept, ring.key_for(None)) == kept
 
 
 @pytest.mark.parametrize(
