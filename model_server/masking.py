@@ -173,9 +173,13 @@ _STATUS = rf"(?:OK[ ]{{1,2}}(?!{DATE_OR_TIME})(?=[0-9]))?"
 # After a key's ":" with nothing else on its line, a YAML value on the next line ("passport:\n
 # E1234567", "passport:\n  - E1234567"): one line end, written escaped too (``_BREAK``), and the
 # next line's indentation (up to 64 spaces or tabs) or a list item's "-" at its start, where an
-# identity number follows them ("passport:\n  country: DE" is a mapping's key, no value).
+# identity number follows them ("passport:\n  country: DE" is a mapping's key, no value); a
+# YAML list's mark and blanks before that line end too, its item on the next line ("passport: -
+# \n  E1234567": the mark stays).
 _BREAK = r"(?:\r?\n|(?:\\{1,8}r)?\\{1,8}n)"
-_NEXT_LINE_ID = rf"(?:{_BREAK}(?:[ \t]{{1,64}}+|(?=-{BLANK}))(?={LIST_MARK}{_CAPITALS}{_ID_VALUE}))?+"
+_NEXT_LINE_ID = (
+    rf"(?:(?:-{BLANK}{{0,64}}+)?{_BREAK}(?:[ \t]{{1,64}}+|(?=-{BLANK}))(?={LIST_MARK}{_CAPITALS}{_ID_VALUE}))?+"
+)
 # (an arrow too: "passport->E1234567", before no name of letters, "_" and "." alone that ends the
 # value: "column ssn -> ssn_hash" is a column's, and no identity number is letters alone; a piece
 # after such a word, as ``_UNQUOTED`` reads one, makes it the value's: "passport -> DE E1234567",

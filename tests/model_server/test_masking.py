@@ -412,6 +412,7 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "list item marks after secret keys": "password: -\t" * 83_000,
     "identity keys before indented line ends": ("passport:" + " " * 64 + "\n" + " " * 64) * 7_300,
     "identity keys before list items on the next line": "ssns:\n- " * 125_000,
+    "identity keys before list marks at line ends": ("passport: -" + " " * 64 + "\n" + " " * 64) * 7_300,
     "list items of no id first under a plural identity name": "ssns: [" + "n/a, " * 200_000,
     "a long list under a plural identity name": "ssns: " + "123456, " * 125_000,
     "plural identity names and pairs as list items": "ssns: a, ssn " * 77_000,
@@ -3659,6 +3660,30 @@ def test_an_identity_number_on_the_line_after_its_key_is_masked(keys, text, valu
     assert TOKEN_RE.sub("", masked) == (text.replace(value, "") if value else text)
     assert "hunter2" not in scrub("password:\n  - hunter2")
     assert "hunter2" not in Masker(ring).mask_text("password:\n  - hunter2", ring.key_for(None))
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("passport: - \n  E1234567", "E1234567"),
+        ("passport: -\n  E1234567", "E1234567"),
+        ("ssn: -\t\n    123456789\nname: bob", "123456789"),
+        ("ssn_code: -\n  123 456 789", "123 456 789"),
+        (json.dumps({"m": "passport: - \n  E1234567"}), "E1234567"),
+    ],
+)
+def test_an_identity_number_as_a_yaml_list_item_on_the_line_after_its_mark_is_masked(keys, text, value):
+    """An identity number as a YAML list's item on the line after its mark ("passport: - \\n
+    E1234567") was logged in clear: the next line was read only right after the key's ":". A mark
+    with nothing but blanks after it on its line is read as the ":" alone is, where an identity
+    number follows on the next line; the mark stays, and a key or words there stay (as a secret's
+    key reads it: ``test_a_secret_as_a_yaml_list_item_on_the_line_after_its_mark_is_masked``)."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value], masked
+    assert TOKEN_RE.sub("", masked) == text.replace(value, "")
+    for kept in ["passport: -\n  country: DE", "passport: - \nname: bob", "passport: -", "ssn: -\n  123 rows"]:
+        assert Masker(ring).mask_text(kept, ring.key_for(None)) == kept
 
 
 @pytest.mark.parametrize(
