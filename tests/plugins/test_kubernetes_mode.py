@@ -1083,25 +1083,31 @@ def test_a_takeover_retires_the_candidate_of_the_run_it_took_over(fleet):
     assert "nothing restored" in steps.ensure_stable(PARAMS, "run-a", None, None, None)  # run-a's teardown
 
 
-def test_a_floor_left_held_by_a_promotion_cut_short_is_released_by_the_run_that_takes_over(fleet, monkeypatch):
-    """Under autoscaling, run-a's promotion retired version 1 and its worker died before it put
-    version 1's HPA floor back; run-b took the lapsed lease over against version 2 and run-a's
-    teardown, no longer holding the model, touched nothing: version 1's HPA kept the floor held
-    (10 pods, not its own 2) for good, so a scale by hand brought back 10 GPU pods. The run that
-    takes the model puts back every floor held on a version other than its baseline."""
+def promotion_cut_short(
+    fleet: FakeKubeAPI,
+    monkeypatch: pytest.MonkeyPatch,
+    params: dict,
+    raise_replicas: Callable[[], object] | None = None,
+    floor: int | None = None,
+) -> None:
+    """Under autoscaling (the connection's ``build`` settings), version 1 applied at 2 pods, then
+    ``raise_replicas`` (its HPA under load, another writer), run-a through its three stages (with
+    ``floor``, version 1's HPA checked to hold it), and promote's worker killed where it would put
+    version 1's floor back (``release_floor``): version 1 retired, its floor left held."""
     from vision_rollout.deploy import VersionDeployments
 
     conn = json.loads(os.environ["AIRFLOW_CONN_MODEL_SERVER_DEFAULT"])
     conn["extra"]["build"].update(autoscaling=True, max_replicas=40)
     monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
-    params = {**PARAMS, "mirror_percent": 0}
     steps.serving().deployments("digits").apply("1", image("1"), replicas=2)
-    fleet.scale("models", "digits-v1", 10, "kube-controller-manager")  # its HPA, under load
+    if raise_replicas is not None:
+        raise_replicas()
     built = steps.build_image(params, "run-a")
     steps.deploy_candidate(params, pushed(built), "run-a")
     for index in range(3):
         steps.apply_weights(params, index, "run-a", {"decision": "pass"})
-    assert hpa(fleet, "1")["spec"]["minReplicas"] == 10
+    if floor is not None:
+        assert hpa(fleet, "1")["spec"]["minReplicas"] == floor
 
     def killed(self, version):
         raise SystemExit("the worker is killed")
@@ -1110,6 +1116,22 @@ def test_a_floor_left_held_by_a_promotion_cut_short_is_released_by_the_run_that_
         patched.setattr(VersionDeployments, "release_floor", killed)
         with pytest.raises(SystemExit):
             steps.promote(params, "run-a", "promote")
+
+
+def test_a_floor_left_held_by_a_promotion_cut_short_is_released_by_the_run_that_takes_over(fleet, monkeypatch):
+    """Under autoscaling, run-a's promotion retired version 1 and its worker died before it put
+    version 1's HPA floor back; run-b took the lapsed lease over against version 2 and run-a's
+    teardown, no longer holding the model, touched nothing: version 1's HPA kept the floor held
+    (10 pods, not its own 2) for good, so a scale by hand brought back 10 GPU pods. The run that
+    takes the model puts back every floor held on a version other than its baseline."""
+    params = {**PARAMS, "mirror_percent": 0}
+    promotion_cut_short(
+        fleet,
+        monkeypatch,
+        params,
+        lambda: fleet.scale("models", "digits-v1", 10, "kube-controller-manager"),  # its HPA, under load
+        floor=10,
+    )
     assert routes(fleet) == [("v2", 100)]
     assert deployment(fleet, "1")["spec"]["replicas"] == 0
     expire(fleet)
@@ -1127,26 +1149,13 @@ def test_a_floor_left_held_released_but_its_budget_not_updated_is_logged_as_rele
     no answer. build_image logged "the HPA floors left held by runs that did not end were not
     released", though the floor was. It logs what happened: the floor released, the budget not
     updated, and what to set it to."""
-    from vision_rollout.deploy import VersionDeployments
-
-    conn = json.loads(os.environ["AIRFLOW_CONN_MODEL_SERVER_DEFAULT"])
-    conn["extra"]["build"].update(autoscaling=True, max_replicas=40)
-    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
     params = {**PARAMS, "mirror_percent": 0}
-    steps.serving().deployments("digits").apply("1", image("1"), replicas=2)
-    fleet.scale("models", "digits-v1", 10, "kube-controller-manager")  # its HPA, under load
-    built = steps.build_image(params, "run-a")
-    steps.deploy_candidate(params, pushed(built), "run-a")
-    for index in range(3):
-        steps.apply_weights(params, index, "run-a", {"decision": "pass"})
-
-    def killed(self, version):
-        raise SystemExit("the worker is killed")
-
-    with monkeypatch.context() as patched:
-        patched.setattr(VersionDeployments, "release_floor", killed)
-        with pytest.raises(SystemExit):
-            steps.promote(params, "run-a", "promote")
+    promotion_cut_short(
+        fleet,
+        monkeypatch,
+        params,
+        lambda: fleet.scale("models", "digits-v1", 10, "kube-controller-manager"),  # its HPA, under load
+    )
     expire(fleet)
     fleet.throttle, fleet.throttle_status = 10**6, None  # the budget's calls get no answer
     fleet.throttled_path = "/poddisruptionbudgets/digits-v1"
@@ -1209,26 +1218,12 @@ def test_a_kept_promotion_whose_floor_release_fails_is_reported_as_kept(fleet, m
     from vision_rollout.deploy import VersionDeployments
     from vision_rollout.mesh import RouterError
 
-    conn = json.loads(os.environ["AIRFLOW_CONN_MODEL_SERVER_DEFAULT"])
-    conn["extra"]["build"].update(autoscaling=True, max_replicas=40)
-    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
     params = {**PARAMS, "mirror_percent": 0}
-    steps.serving().deployments("digits").apply("1", image("1"), replicas=2)
-    built = steps.build_image(params, "run-a")
-    steps.deploy_candidate(params, pushed(built), "run-a")
-    for index in range(3):
-        steps.apply_weights(params, index, "run-a", {"decision": "pass"})
-
-    def killed(self, version):
-        raise SystemExit("the worker is killed")
+    promotion_cut_short(fleet, monkeypatch, params)
 
     def refused(self, version):
         raise RouterError("apply HorizontalPodAutoscaler digits-v1: 403 Forbidden: cannot patch")
 
-    with monkeypatch.context() as patched:
-        patched.setattr(VersionDeployments, "release_floor", killed)
-        with pytest.raises(SystemExit):
-            steps.promote(params, "run-a", "promote")
     assert routes(fleet) == [("v2", 100)]
     monkeypatch.setattr(VersionDeployments, "release_floor", refused)
     if end == "teardown":
@@ -1269,26 +1264,13 @@ def test_a_kept_promotion_whose_floor_is_released_but_its_budget_not_updated_is_
     get no answer. That failure was reported as the HPA that "keeps the floor the run held", with
     the advice to remove an annotation already removed. It is reported as it is: the floor
     released, the budget not updated, named, with what it should be set to."""
-    from vision_rollout.deploy import VersionDeployments
-
-    conn = json.loads(os.environ["AIRFLOW_CONN_MODEL_SERVER_DEFAULT"])
-    conn["extra"]["build"].update(autoscaling=True, max_replicas=40)
-    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
     params = {**PARAMS, "mirror_percent": 0}
-    steps.serving().deployments("digits").apply("1", image("1"), replicas=2)
-    fleet.touch("deployments", "models", "digits-v1", lambda d: d["spec"].update(replicas=4))
-    built = steps.build_image(params, "run-a")
-    steps.deploy_candidate(params, pushed(built), "run-a")
-    for index in range(3):
-        steps.apply_weights(params, index, "run-a", {"decision": "pass"})
-
-    def killed(self, version):
-        raise SystemExit("the worker is killed")
-
-    with monkeypatch.context() as patched:
-        patched.setattr(VersionDeployments, "release_floor", killed)
-        with pytest.raises(SystemExit):
-            steps.promote(params, "run-a", "promote")
+    promotion_cut_short(
+        fleet,
+        monkeypatch,
+        params,
+        lambda: fleet.touch("deployments", "models", "digits-v1", lambda d: d["spec"].update(replicas=4)),
+    )
     assert hpa(fleet, "1")["metadata"].get("annotations")  # (the floor held)
     fleet.throttle, fleet.throttle_status = 10**6, None  # the budget's calls get no answer
     fleet.throttled_path = "/poddisruptionbudgets/digits-v1"
