@@ -272,11 +272,34 @@ _LOOK_VERB = (
     r"(?i:(?:look|aim|point|peek|peer|click|laugh|glare)(?:s|ed|ing)?"
     r"|(?:stare|glance|gaze|smile|wave)[sd]?|(?:star|glanc|gaz|smil|wav)ing|nod(?:s|ded|ding)?)"
 )
-_NOT_PROSE_AT = rf"(?!{_LOOK_VERB}{_GAP}(?i:at){_GAP}(?i:the|this|that|these|those|an?|each|every){_GAP}(?i:dot){_GAP})"
+# Where such a verb starts a field's value it is a local part, and the word after "at" a label,
+# "the" too ("mail: look at this dot io", "to: stare at the dot org"; ``f``): after the key of an
+# address (mail, e-mail, contact, to, from, cc, bcc, reply-to, ``_ADDRESS_KEYS``; "user_email",
+# "X-Original-To" too), up to 2 quotes or blanks, its ":" or "=" and up to 8 quotes or blanks
+# ('"email": "look at ...'). A fixed look behind each, guarded by the separator's place: read
+# only where the prose is, at a cost bounded there (``_NOT_PROSE_AT`` atomic: never tried again
+# at a start the rest of the pattern refused).
+_ADDRESS_KEYS = ("to", "cc", "bcc", "mail", "from", "email", "contact")
+_VALUE_QUOTES = r"[\\\"' \t]"
+_AFTER_ADDRESS_KEY = "|".join(
+    rf"(?<=[:=]{_VALUE_QUOTES}{{{after}}})(?:"
+    + "|".join(
+        rf"(?<=(?<![A-Za-z0-9])(?i:{'|'.join(k for k in _ADDRESS_KEYS if len(k) == width)})"
+        rf"{_VALUE_QUOTES}{{{before}}}[:=]{_VALUE_QUOTES}{{{after}}})"
+        for width in sorted({len(k) for k in _ADDRESS_KEYS})
+        for before in range(3)
+    )
+    + ")"
+    for after in range(9)
+)
+_NOT_PROSE_AT = (
+    rf"(?>(?!{_LOOK_VERB}{_GAP}(?i:at){_GAP}(?i:the|this|that|these|those|an?|each|every){_GAP}(?i:dot){_GAP})"
+    rf"|(?:{_AFTER_ADDRESS_KEY})(?P<f>))"
+)
 _SPELT_EMAIL = re.compile(
     rf"{_ADDRESS_START}{_NOT_PROSE_AT}{_LOCAL}{{1,64}}"
     rf"(?:{_NEAR}{_AT}{_NEAR}[A-Za-z0-9-]{{1,63}}(?:{_DOT}[A-Za-z0-9-]{{1,63}}){{0,7}}{_DOT}[A-Za-z]{{2,63}}"
-    rf"|{_GAP}(?i:at){_GAP}{_NOT_PROSE_LABEL}[A-Za-z0-9-]{{1,63}}(?:{_GAP}(?i:dot){_GAP}[A-Za-z0-9-]{{1,63}}){{0,7}}"
+    rf"|{_GAP}(?i:at){_GAP}(?(f)|{_NOT_PROSE_LABEL})[A-Za-z0-9-]{{1,63}}(?:{_GAP}(?i:dot){_GAP}[A-Za-z0-9-]{{1,63}}){{0,7}}"
     rf"{_GAP}(?i:dot){_GAP}(?i:{_TLDS})(?:\.[A-Za-z0-9-]{{1,63}}){{0,7}}+)"  # (its last labels dotted too: "co.uk")
     r"(?![A-Za-z0-9-])"
 )

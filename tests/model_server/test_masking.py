@@ -405,6 +405,7 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "words of places before spaced at signs": "pinned @ " * 111_000,
     "spelt at before articles and word domains": "a at each dot in " * 58_000,
     "spelt at after verbs before articles": "look at this dot " * 58_000,
+    "separators and blanks before verbs before articles": ":        look at this dot " * 40_000,
     "list item marks after keys": "passport: -\t" * 84_000,
     "words joined to taxid and id_card": "taxidvalueidcardno" * 55_000,
     "lists under plural identity names": "ssns=123456," * 83_000,
@@ -3970,6 +3971,9 @@ def test_a_spelt_or_spaced_address_under_a_common_top_level_domain_is_masked(key
         "Looking at these dot net charts",
         "stare at a dot com",
         "he pointed at that dot io logo",
+        # after a word that is no address's key, or an address's key without ":" or "="
+        "note: look at this dot com boom",
+        "go to look at this dot com boom",
     ],
 )
 def test_a_spelt_at_before_an_article_and_a_dot_in_prose_stays(keys, text):
@@ -3981,3 +3985,31 @@ def test_a_spelt_at_before_an_article_and_a_dot_in_prose_stays(keys, text):
     ring = KeyRing(keys)
     assert find_sensitive(text) == []
     assert Masker(ring).mask_text(text, ring.key_for(None)) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("mail: look at this dot io", "look at this dot io"),
+        ("contact: point at a dot co dot uk", "point at a dot co dot uk"),
+        ("email: wave at each dot com", "wave at each dot com"),
+        ("to: stare at the dot org", "stare at the dot org"),
+        ('"email": "look at this dot io"', "look at this dot io"),
+        ("E-Mail = gaze at that dot net", "gaze at that dot net"),
+        ("Reply-To:   peek at these dot dev", "peek at these dot dev"),
+        ("cc='nodding at every dot ai'", "nodding at every dot ai"),
+        ("user_email :\tlooking at an dot com", "looking at an dot com"),
+        ("From: glance at those dot org, sent", "glance at those dot org"),
+    ],
+)
+def test_a_spelt_address_of_a_looking_verb_as_a_fields_value_is_masked(keys, text, value):
+    """A spelt address whose local part is a verb of looking or aiming was logged in clear as a
+    field's value ("mail: look at this dot io", "contact: point at a dot co dot uk"): since
+    d37bf54 such a verb before "at", an article or a demonstrative and "dot" was read as prose
+    (``test_a_spelt_at_before_an_article_and_a_dot_in_prose_stays``). Where the verb starts the
+    value of an address's key (mail, e-mail, contact, to, from, cc, reply-to: after its ":" or
+    "=", quotes and blanks) it is the address's local part, "the" after it a label."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert TOKEN_RE.sub("", masked) == text.replace(value, ""), masked
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value]
