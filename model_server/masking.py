@@ -211,7 +211,7 @@ _KEYED = re.compile(
     rf"|(?=[A-Z]{{1,2}}[ ]{{1,2}}(?!{DATE_OR_TIME}){_VALUE_CHAR}{{0,31}}[0-9]))))"
     rf"(?(w)(?:(?(n)(?(p)|(?!)))(?P<l>\[{BLANK}{{0,64}}+(?:{_BREAK}{BLANK}{{0,64}}+)?+))?+){OPEN_QUOTE}(?(w){_STATUS})(?:(?(q)|{_PLACEHOLDER_BEFORE}{NO_VALUE})(?P<v>(?(w){_CAPITALS}(?(n){_ID_NUMBER}|{_ID_VALUE})"
     rf"|(?:(?(q){NOT_MASKED}{quoted(64)}|(?(b){CLOSED_BRACKETED}|(?:{BRACKETED}|{_UNQUOTED})))|{_UNQUOTED})))"
-    rf"|(?(p)|(?(l)|(?!))){_NO_ID_ITEM}(?=[\"']?{BLANK}{{0,64}}+[,;]))"
+    rf"|(?(p)|(?(l)|(?!))){_NO_ID_ITEM}(?={KEY_QUOTE}{BLANK}{{0,64}}+[,;]))"
 )
 
 
@@ -219,7 +219,8 @@ _KEYED = re.compile(
 # in brackets under any name of more words, ``w``, after its ":", "=" or arrow: "ssn_list: [123456789]";
 # a line end and its indentation after the "[" too, as JSON pretty-printed writes one: '"ssns": [\n  "1..."';
 # a singular's too: "ssn: 123456789, 987654321"): after its first item, each next one after ","
-# or ";" and blanks, in quotes or not; an item of an id's shape is its value, another ("n/a",
+# or ";" and blanks, in quotes or not, escaped too (``KEY_QUOTE``: '[\\"123456789\\", \\"987654321\\"]'
+# in JSON held in a JSON string, at any depth); an item of an id's shape is its value, another ("n/a",
 # "null", ``_NO_ID_ITEM``, a plural's first item too, or one in brackets: "ssns: [none, 123456789]",
 # "ssn_list: [n/a, 123456789]") is passed over, as many as there are, each bounded (one scan of the list). An item of an id's shape is one
 # after blanks alone too ("ssns: 123456789 987654321"), or on the next line as a YAML list's
@@ -230,8 +231,8 @@ _KEYED = re.compile(
 def _list_item(bracketed: bool) -> re.Pattern[str]:
     over_line = rf"(?:{_BREAK}{BLANK}{{0,64}}+)?+" if bracketed else ""
     return re.compile(
-        rf"[\"']?(?:{BLANK}{{0,64}}+[,;]{BLANK}{{0,64}}+{over_line}[\"']?"
-        rf"|(?:{BLANK}{{1,64}}+|{BLANK}{{0,64}}+{_BREAK}[ \t]{{0,64}}+-{BLANK}{{1,64}}+)[\"']?(?={_CAPITALS}{_ID_VALUE}))"
+        rf"{KEY_QUOTE}(?:{BLANK}{{0,64}}+[,;]{BLANK}{{0,64}}+{over_line}{KEY_QUOTE}"
+        rf"|(?:{BLANK}{{1,64}}+|{BLANK}{{0,64}}+{_BREAK}[ \t]{{0,64}}+-{BLANK}{{1,64}}+){KEY_QUOTE}(?={_CAPITALS}{_ID_VALUE}))"
         rf"(?:(?P<v>{_CAPITALS}{_ID_VALUE})|{_NO_ID_ITEM})"
     )
 

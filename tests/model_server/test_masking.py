@@ -425,6 +425,8 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "plural identity names before brackets and line ends": 'ssns: [ \n "' * 83_000,
     "identity names of more words before brackets": "ssn_list: [" * 90_000,
     "list items of no id under a name of more words": "ssn_list: [n/a" + ", a" * 333_000,
+    "list items in escaped quotes under a plural identity name": '{\\"ssns\\": [\\"123456' + '\\", \\"123456' * 100_000,
+    "list items of no id in escaped quotes over line ends": '{\\"ssns\\": [\\n  \\"n/a' + '\\",\\n  \\"a' * 90_000,
     "blank runs and line ends before list marks of no id": "ssns: 123456"
     + (" " * 64 + "\n" + " " * 64 + "- a") * 7_500,
 }
@@ -457,6 +459,7 @@ FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, ea
     "a bracketed list over line ends never closed": {"keyed"},  # every item
     "blank runs and line ends before list marks of no id": {"keyed"},  # its first item
     "list items of no id under a plural identity name": {"keyed"},  # its first item
+    "list items in escaped quotes under a plural identity name": {"keyed"},  # every item
     "list item marks after secret keys": {"secret"},  # each key's value is the next key's name
 }
 
@@ -3780,6 +3783,47 @@ def test_every_item_of_a_json_list_pretty_printed_under_a_plural_name_is_masked(
     kept = text
     for value in values:
         kept = kept.replace(value, "", 1)
+    assert TOKEN_RE.sub("", masked) == kept
+
+
+def _in_json(value: object, depth: int, indent: int | None = None) -> str:
+    """``value`` as JSON, held in a JSON string ``depth`` times ('{"m": "{\\"ssns\\": ...}"}')."""
+    text = json.dumps(value, indent=indent)
+    for _ in range(depth):
+        text = json.dumps({"m": text})
+    return text
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize(
+    ("value", "indent", "values"),
+    [
+        ({"ssns": ["123456789", "987654321"]}, None, ["123456789", "987654321"]),
+        ({"ssns": ["123456789", "987654321"]}, 2, ["123456789", "987654321"]),
+        ({"passports": ["E1234567", "X7654321"]}, None, ["E1234567", "X7654321"]),
+        ({"passports": ["E1234567", "X7654321"]}, 2, ["E1234567", "X7654321"]),
+        ({"ssn_list": ["123456789", "987654321"]}, None, ["123456789", "987654321"]),
+        ({"ssn_list": ["123456789", "987654321"]}, 2, ["123456789", "987654321"]),
+        ({"ssns": ["n/a", "123456789"]}, None, ["123456789"]),
+        ({"ssn_list": ["n/a", "123456789"]}, 2, ["123456789"]),
+        # counts and a measure's list stay
+        ({"ssns": [1, 2]}, 2, []),
+        ({"ssn_count": ["n/a", "123456789"]}, None, []),
+    ],
+)
+def test_every_item_of_a_json_list_in_a_json_string_is_masked(keys, value, indent, values, depth):
+    """Of a list in JSON held in a JSON string ('{"m": "{\\"ssns\\": [\\"123456789\\",
+    \\"987654321\\"]}"}', one line or pretty-printed) only the first item was masked: a list's
+    next item was read after a quote or none, and an escaped quote ('\\"') ended the list. Its
+    items' quotes are read escaped too now (``credentials.KEY_QUOTE``, as the key's), at any depth;
+    the escapes stay."""
+    text = _in_json(value, depth, indent)
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == values, masked
+    kept = text
+    for item in values:
+        kept = kept.replace(item, "", 1)
     assert TOKEN_RE.sub("", masked) == kept
 
 
