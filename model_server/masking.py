@@ -211,7 +211,7 @@ _KEYED = re.compile(
     rf"|(?=[A-Z]{{1,2}}[ ]{{1,2}}(?!{DATE_OR_TIME}){_VALUE_CHAR}{{0,31}}[0-9]))))"
     rf"(?(w)(?:(?(n)(?(p)|(?!)))(?P<l>\[{BLANK}{{0,64}}+(?:{_BREAK}{BLANK}{{0,64}}+)?+))?+){OPEN_QUOTE}(?(w){_STATUS})(?:(?(q)|{_PLACEHOLDER_BEFORE}{NO_VALUE})(?P<v>(?(w){_CAPITALS}(?(n){_ID_NUMBER}|{_ID_VALUE})"
     rf"|(?:(?(q){NOT_MASKED}{quoted(64)}|(?(b){CLOSED_BRACKETED}|(?:{BRACKETED}|{_UNQUOTED})))|{_UNQUOTED})))"
-    rf"|(?(p)|(?(l)|(?!))){_NO_ID_ITEM}(?={KEY_QUOTE}{BLANK}{{0,64}}+[,;]))"
+    rf"|(?(p)|(?(l)|(?(w)(?(n)(?!)|(?={PLACEHOLDER}{KEY_QUOTE}{BLANK}{{0,64}}+[,;]))|(?!)))){_NO_ID_ITEM}(?={KEY_QUOTE}{BLANK}{{0,64}}+[,;]))"
 )
 
 
@@ -222,7 +222,8 @@ _KEYED = re.compile(
 # or ";" and blanks, in quotes or not, escaped too (``KEY_QUOTE``: '[\\"123456789\\", \\"987654321\\"]'
 # in JSON held in a JSON string, at any depth); an item of an id's shape is its value, another ("n/a",
 # "null", ``_NO_ID_ITEM``, a plural's first item too, or one in brackets: "ssns: [none, 123456789]",
-# "ssn_list: [n/a, 123456789]") is passed over, as many as there are, each bounded (one scan of the list). An item of an id's shape is one
+# "ssn_list: [n/a, 123456789]"; a placeholder under a name of more words after its ":", "=" or
+# arrow: "ssn_list: n/a, 123456789", no other word: "ssn_status: ok, 1234567 rows") is passed over, as many as there are, each bounded (one scan of the list). An item of an id's shape is one
 # after blanks alone too ("ssns: 123456789 987654321"), or on the next line as a YAML list's
 # ("ssns:\n  - 123456789\n  - 987654321"); a word there ends the list (prose after a value). In a
 # list opened by "[" (``l``), an item after its separator is one on the next line too, one line end

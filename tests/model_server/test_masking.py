@@ -427,6 +427,8 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "list items of no id under a name of more words": "ssn_list: [n/a" + ", a" * 333_000,
     "list items in escaped quotes under a plural identity name": '{\\"ssns\\": [\\"123456' + '\\", \\"123456' * 100_000,
     "list items of no id in escaped quotes over line ends": '{\\"ssns\\": [\\n  \\"n/a' + '\\",\\n  \\"a' * 90_000,
+    "placeholders first in lists under names of more words": "passport_list=none, " + "E1234567, " * 100_000,
+    "placeholders before items of no id under names of more words": "ssn_list: n/a" + ", a" * 333_000,
     "blank runs and line ends before list marks of no id": "ssns: 123456"
     + (" " * 64 + "\n" + " " * 64 + "- a") * 7_500,
 }
@@ -460,6 +462,7 @@ FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, ea
     "blank runs and line ends before list marks of no id": {"keyed"},  # its first item
     "list items of no id under a plural identity name": {"keyed"},  # its first item
     "list items in escaped quotes under a plural identity name": {"keyed"},  # every item
+    "placeholders first in lists under names of more words": {"keyed"},  # every item after the placeholder
     "list item marks after secret keys": {"secret"},  # each key's value is the next key's name
 }
 
@@ -3749,6 +3752,41 @@ def test_every_identity_number_in_a_list_under_a_name_of_more_words_is_masked(ke
     alone under a plural's only), and a first item of no id is passed over in brackets as under a
     plural; a measure's name still keeps its list. (A measure's name over a first item of no id,
     "ssns_count: n/a, 123456789", raised a TypeError: the name alone says now.)"""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == values, masked
+    kept = text
+    for value in values:
+        kept = kept.replace(value, "", 1)
+    assert TOKEN_RE.sub("", masked) == kept
+
+
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [
+        ("ssn_list: n/a, 123456789", ["123456789"]),
+        ("passport_list=none, E1234567", ["E1234567"]),
+        ("ssn_list: none; 123456789, 987654321", ["123456789", "987654321"]),
+        ("passport_numbers -> n/a, E1234567", ["E1234567"]),
+        ('"ssn_list": "n/a", "123456789"', ["123456789"]),
+        # a measure's name, blanks alone after the name, a first word no placeholder is: kept
+        ("ssns_count: n/a, 123456789", []),
+        ("ssn_count: n/a, 123456789", []),
+        ("ssn_status: ok, 1234567 rows", []),
+        ("ssn_lookup: OK, 1234567 rows", []),
+        ("ssn_code n/a, 123456789", []),
+        ("ssn_code: n/a", []),
+    ],
+)
+def test_an_identity_number_after_a_placeholder_first_in_a_list_under_a_name_of_more_words_is_masked(
+    keys, text, values
+):
+    """Under an identity name of more words, a list not in brackets whose first item is a
+    placeholder ("ssn_list: n/a, 123456789", "passport_list=none, E1234567") was logged in clear:
+    a first item of no id was passed over under a plural's name or in brackets only. A placeholder
+    (``credentials.PLACEHOLDER``) first is passed over there too, after ":", "=" or an arrow; a
+    word that is none ("ssn_status: ok, 1234567 rows"), a measure's name and blanks alone after the
+    name still keep the list."""
     ring = KeyRing(keys)
     masked = Masker(ring).mask_text(text, ring.key_for(None))
     assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == values, masked
