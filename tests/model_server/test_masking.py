@@ -58,6 +58,18 @@ def keys(tmp_path):
     return path
 
 
+def assert_masked_as(keys, text: str, values: list[str]) -> None:
+    """``text`` masked under the default key has one token for each of ``values``, in their order,
+    each revealing its value, and nothing else changed: the text with each value taken out once."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == values, masked
+    kept = text
+    for value in values:
+        kept = kept.replace(value, "", 1)
+    assert TOKEN_RE.sub("", masked) == kept
+
+
 @pytest.mark.parametrize(("kind", "value"), [(k, v) for k, vs in SAMPLES.items() for v in vs])
 def test_each_detector_masks_and_the_token_reveals(keys, kind, value):
     ring = KeyRing(keys)
@@ -3715,13 +3727,8 @@ def test_every_identity_number_in_a_list_under_a_plural_name_is_masked(keys, tex
     first item was masked ("PASSPORTS=E1234567,X7654321"). Each item of an id's shape is masked
     now, every one (a list of more than 64, one whose first item is no id, too); the others, and
     the list's marks, stay."""
+    assert_masked_as(keys, text, values)
     ring = KeyRing(keys)
-    masked = Masker(ring).mask_text(text, ring.key_for(None))
-    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == values, masked
-    kept = text
-    for value in values:
-        kept = kept.replace(value, "", 1)
-    assert TOKEN_RE.sub("", masked) == kept
     for count in ["ssns: [1, 2]", "passports: 3, 4 valid"]:
         assert Masker(ring).mask_text(count, ring.key_for(None)) == count
 
@@ -3752,13 +3759,7 @@ def test_every_identity_number_in_a_list_under_a_name_of_more_words_is_masked(ke
     alone under a plural's only), and a first item of no id is passed over in brackets as under a
     plural; a measure's name still keeps its list. (A measure's name over a first item of no id,
     "ssns_count: n/a, 123456789", raised a TypeError: the name alone says now.)"""
-    ring = KeyRing(keys)
-    masked = Masker(ring).mask_text(text, ring.key_for(None))
-    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == values, masked
-    kept = text
-    for value in values:
-        kept = kept.replace(value, "", 1)
-    assert TOKEN_RE.sub("", masked) == kept
+    assert_masked_as(keys, text, values)
 
 
 @pytest.mark.parametrize(
@@ -3787,13 +3788,7 @@ def test_an_identity_number_after_a_placeholder_first_in_a_list_under_a_name_of_
     (``credentials.PLACEHOLDER``) first is passed over there too, after ":", "=" or an arrow; a
     word that is none ("ssn_status: ok, 1234567 rows"), a measure's name and blanks alone after the
     name still keep the list."""
-    ring = KeyRing(keys)
-    masked = Masker(ring).mask_text(text, ring.key_for(None))
-    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == values, masked
-    kept = text
-    for value in values:
-        kept = kept.replace(value, "", 1)
-    assert TOKEN_RE.sub("", masked) == kept
+    assert_masked_as(keys, text, values)
 
 
 @pytest.mark.parametrize(
@@ -3815,13 +3810,7 @@ def test_every_item_of_a_json_list_pretty_printed_under_a_plural_name_is_masked(
     """A JSON list pretty-printed under a plural identity name ('"ssns": [\\n    "123456789", ...')
     was logged in clear, every item: after the list's "[" the rule read blanks only, not the line
     end before the first item. One line end and its indentation (bounded) are read there now."""
-    ring = KeyRing(keys)
-    masked = Masker(ring).mask_text(text, ring.key_for(None))
-    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == values, masked
-    kept = text
-    for value in values:
-        kept = kept.replace(value, "", 1)
-    assert TOKEN_RE.sub("", masked) == kept
+    assert_masked_as(keys, text, values)
 
 
 def _in_json(value: object, depth: int, indent: int | None = None) -> str:
@@ -3887,13 +3876,7 @@ def test_every_item_of_a_bracketed_list_over_line_ends_under_a_plural_name_is_ma
     first item was masked: a list's next item was read on its line only. In brackets an item after
     its separator is read on the next line too (one line end and its indentation, bounded), every
     one up to the closing bracket; a list not in brackets still ends at its line's end."""
-    ring = KeyRing(keys)
-    masked = Masker(ring).mask_text(text, ring.key_for(None))
-    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == values, masked
-    kept = text
-    for value in values:
-        kept = kept.replace(value, "", 1)
-    assert TOKEN_RE.sub("", masked) == kept
+    assert_masked_as(keys, text, values)
 
 
 @pytest.mark.parametrize(
@@ -3915,13 +3898,7 @@ def test_each_identity_number_of_a_list_after_a_singular_key_or_apart_by_blanks_
     under a plural ("ssns: 123456789 987654321"), and of a YAML list's items on their own lines,
     only the first was masked. Each item of an id's shape is masked now; the next pair ("status:
     ok", "name=bob") and the prose after a value stay."""
-    ring = KeyRing(keys)
-    masked = Masker(ring).mask_text(text, ring.key_for(None))
-    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == values, masked
-    kept = text
-    for value in values:
-        kept = kept.replace(value, "", 1)
-    assert TOKEN_RE.sub("", masked) == kept
+    assert_masked_as(keys, text, values)
 
 
 @pytest.mark.parametrize(
