@@ -146,12 +146,14 @@ _RUN_CHARS = r"^\s\"'`,;&<>\\"
 # ("api_key=" and 37 spaces then "model=resnet50", a line of pairs in columns) is masked still: it
 # is as often the key's own value ("api_key=      key=sk-proj-..."), and so is one of other words
 # ("password:" and 9 spaces then "16 bytes": its "16").
-PLACEHOLDER = r"(?:\(not set\)|-|(?i:null|none|n/a)|\*{3})"
+_WRITTEN_PLACEHOLDER = r"(?:\(not set\)|-|(?i:null|none|n/a))"
+PLACEHOLDER = rf"(?:{_WRITTEN_PLACEHOLDER}|\*{{3}})"
 NO_VALUE = rf"(?!{PLACEHOLDER}(?=[\s,;&)\]}}\"'<>]|\\[nrtbf]|\Z))"
 # A placeholder then a word on its line ("password: none hunter2"): the placeholder stays, the word
 # is the value, as any word after a secret's key is (a date after it is the line's, a token the
-# mask's own).
-PLACEHOLDER_THEN = rf"(?:{PLACEHOLDER}[ ]{{1,2}}+(?!{DATE_OR_TIME}){NOT_MASKED}(?=[^\s\"'`,;&<>\\]))?+"
+# mask's own). Not after a mask's mark: "***" is where a value was, the word after it the text's
+# own ("access_token=*** 500"), and a text scrubbed again stays as it is.
+PLACEHOLDER_THEN = rf"(?:{_WRITTEN_PLACEHOLDER}[ ]{{1,2}}+(?!{DATE_OR_TIME}){NOT_MASKED}(?=[^\s\"'`,;&<>\\]))?+"
 _CRED_RUN = _run(_RUN_CHARS)  # a value not in quotes, to an escaped quote
 
 
