@@ -11,6 +11,7 @@ import binascii
 import functools
 import json
 import math
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -153,6 +154,55 @@ def _written(key: bytes, index: int, element: int) -> str:
     well formed) as written: parsed again to keep what float reads as inf (a refusal's only)."""
     header = json.loads(key.decode(), parse_float=_infinite_as_written)
     return str(_flatten(header["inputs"][index]["data"])[element])
+
+
+# A hex literal (0x10, -0X1F, 0x1.8p3: C's forms, no JSON number), where json.loads read its
+# "0" and stopped at its "x"; and, before it, what is not a bracket (a string whole).
+HEX_LITERAL = re.compile(r"-?0[xX](?:[0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)(?:[pP][+-]?[0-9]+)?(?![^\]},\s])")
+NOT_BRACKETS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[^\[\]{}"]+')
+HEX_MARK = "-0.0E-0000000000"  # the literal's stand-in: a number no client writes
+
+
+def _hex_element(text: str, pos: int) -> str | None:
+    """Why json.loads refused ``text`` at ``pos``, where that is a hex literal's "x" and the
+    literal is an element of an input's data: that input, the element and the literal, as a
+    number past its range is named; else None (its place in the body is named, "char N").
+    The JSON before the literal is well formed: it is read again, closed after a stand-in."""
+    start = pos - 1 - (text[pos - 2 : pos - 1] == "-")
+    literal = HEX_LITERAL.match(text, start) if pos >= 1 and text[pos - 1] == "0" else None
+    if literal is None or (start and text[start - 1] not in "[,: \t\n\r"):
+        return None
+    opened = []
+    for bracket in NOT_BRACKETS.sub("", text[:start]):
+        if bracket in "[{":
+            opened.append("]" if bracket == "[" else "}")
+        elif opened:
+            opened.pop()
+    stand_in = object()
+    stood: list[object] = []
+
+    def number(written: str) -> Any:
+        if written == HEX_MARK:
+            stood.append(stand_in)
+            return stand_in
+        return float(written)
+
+    try:
+        header = json.loads(text[:start] + HEX_MARK + "".join(reversed(opened)), parse_float=number)
+    except (ValueError, RecursionError):
+        return None
+    inputs = header.get("inputs") if isinstance(header, dict) else None
+    if not isinstance(inputs, list) or not inputs or not isinstance(inputs[-1], dict) or "data" not in inputs[-1]:
+        return None
+    flat = _flatten(inputs[-1]["data"])
+    if len(stood) != 1 or not flat or flat[-1] is not stand_in:
+        return None
+    name = inputs[-1].get("name")
+    where = f"input '{shown(name)}'" if isinstance(name, str) else f"inputs[{len(inputs) - 1}]"  # (a name after it)
+    return (
+        f"{where}: element {len(flat) - 1} ({shown(literal[0])}) is a hex literal, which JSON has not: "
+        "write it in decimal"
+    )
 
 
 def _json_tensor(
@@ -402,7 +452,7 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
     if layout is not None and len(body) - json_len == layout.binary_size:
         return _from_layout(layout, memoryview(body)[json_len:])
     try:
-        header = parse_json(key)
+        header = parse_json(key, _hex_element)
     except InvalidInput:
         if header_length is None and _json_then_more(key):
             raise InvalidInput(
@@ -592,11 +642,12 @@ def _json_then_more(body: bytes) -> bool:
     return bool(text[end:].strip())
 
 
-def parse_json(body: bytes | bytearray | memoryview) -> Any:
+def parse_json(body: bytes | bytearray | memoryview, told: Callable[[str, int], str | None] | None = None) -> Any:
     """A request body's JSON, as Triton (RapidJSON) reads it: UTF-8 without a byte order mark
     (RFC 8259: JSON between systems is UTF-8, and no BOM is added), no NaN or Infinity.
     ``json.loads`` alone takes UTF-16 and UTF-32 bodies and a UTF-8 BOM, which a check on the
-    bytes does not see through; they are refused (400) with what is wrong."""
+    bytes does not see through; they are refused (400) with what is wrong. ``told(text, pos)``:
+    a refusal at ``pos`` in the caller's words (a field it names), or None (the place named)."""
     data = bytes(body)
     if data.startswith((b"\xef\xbb\xbf", b"\xfe\xff", b"\xff\xfe")):
         raise InvalidInput("malformed JSON in request body: it starts with a byte order mark; send UTF-8 without one")
@@ -609,7 +660,8 @@ def parse_json(body: bytes | bytearray | memoryview) -> Any:
     try:
         return json.loads(text, parse_constant=refuse_constant)
     except (ValueError, RecursionError) as exc:
-        raise InvalidInput(f"malformed JSON in request body: {json_problem(exc, text)}") from None
+        why = told(text, exc.pos) if told is not None and isinstance(exc, json.JSONDecodeError) else None
+        raise InvalidInput(why or f"malformed JSON in request body: {json_problem(exc, text)}") from None
 
 
 def _json_data(arr: np.ndarray, datatype: str) -> list[Any]:

@@ -282,6 +282,53 @@ def test_a_json_number_past_its_datatype_s_range_is_refused_by_name(datatype, nu
     assert needle in refused.value.message, refused.value.message
 
 
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ("[1.5, 0x10, 0]", "input 'x': element 1 (0x10) is a hex literal"),
+        ("[[1.5], [-0X1F], [0]]", "input 'x': element 1 (-0X1F) is a hex literal"),
+        ("[1.5, 2, 0x1.8p3]", "input 'x': element 2 (0x1.8p3) is a hex literal"),
+        ('["0x10", 0x10, "0x10"]', "input 'x': element 1 (0x10) is a hex literal"),
+        # The first fault in the body is named, as json.loads names its first.
+        ("[0x10, 01, 0x20]", "input 'x': element 0 (0x10) is a hex literal"),
+    ],
+)
+def test_a_hex_literal_in_json_data_is_refused_by_name(data, needle):
+    """A bare 0x10 in an input's data (no JSON number: JSON has no hex literals) was a 400
+    "malformed JSON ... (char N)", where any other bad number names the input and the element:
+    it names them too, and the number as written."""
+    body = (
+        '{"inputs": [{"name": "a", "datatype": "FP32", "shape": [1], "data": [0.5]},'
+        f' {{"name": "x", "datatype": "FP32", "shape": [3], "data": {data}}}]}}'
+    )
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(body.encode(), None)
+    assert refused.value.message.startswith(needle), refused.value.message
+    assert "write it in decimal" in refused.value.message, refused.value.message
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # Not an input's data: the place in the body is named as before.
+        '{"parameters": {"p": 0x10}, "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}',
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1], "parameters": {"q": [0x1]}}]}',
+        # Not a hex literal: an "x" after other digits, or no digit after it.
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 10x5]}]}',
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 1.0x5]}]}',
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 0x]}]}',
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 0x1g]}]}',
+        # A fault before the literal is the one named.
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [01, 0x1]}]}',
+    ],
+)
+def test_a_hex_literal_outside_an_input_s_data_is_malformed_json(body):
+    """Elsewhere, or where the text is no hex literal, the refusal names the place in the body."""
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(body.encode(), None)
+    assert refused.value.message.startswith("malformed JSON in request body: "), refused.value.message
+
+
 def test_an_infinite_number_is_named_in_its_own_input():
     """The number named is the one of the input refused, not another input's or a parameter's."""
     body = (
