@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import functools
 import json
 import math
+import platform
+import random
 import struct
 from decimal import Decimal, localcontext
 from pathlib import Path
@@ -424,6 +429,70 @@ def test_a_hex_float_is_judged_as_strtod_reads_it(conversion, number, fails):
     feeds = {"NUM": np.array([number, "abc"], dtype=object)}
     expected = "BYTES element 0 is out of range" if fails else "BYTES element 1 is not a number"
     assert unreadable(feeds, {"NUM"}, conversion) == f"input 'NUM': {expected}; "
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _glibc_fails(conversion: str, text: str) -> bool:
+    """Whether this machine's glibc strtof, strtod or strtold (what std::sto<f|d|ld> calls) sets
+    ERANGE on ``text``: std::sto<conversion> throws out_of_range there."""
+    libc = _libc()
+    read = {"f": (libc.strtof, ctypes.c_float), "d": (libc.strtod, ctypes.c_double)}
+    function, result = read.get(conversion, (libc.strtold, ctypes.c_longdouble))
+    function.restype, function.argtypes = result, [ctypes.c_char_p, ctypes.c_void_p]
+    ctypes.set_errno(0)
+    function(text.encode(), None)
+    return ctypes.get_errno() != 0
+
+
+def _tiny_decimals(conversion: str, count: int, seed: int) -> list[str]:
+    """Decimal numbers under the least normal, written exactly: a subnormal of the type (a
+    multiple of its least, 2**-k, in any binade under 2**low) with nothing more, or with one bit
+    or two under it (the first bit past its precision, 2**(high - bits), 2**-(k+1), 2**-(k+2),
+    lower), as digits and an exponent or as a fraction of leading zeros."""
+    bits, low = {"f": (24, -126), "d": (53, -1022), "ld": (64, -16382)}[conversion]
+    k = bits - 1 - low
+    rng = random.Random(seed)
+    numbers = []
+    for _ in range(count):
+        length = rng.randrange(1, bits)
+        steps = rng.randrange(2 ** (length - 1), 2**length)
+        high = length - 1 - k  # 2**high <= the subnormal < 2**(high + 1)
+        below = rng.randrange(1, 20)
+        extra = rng.choice(
+            [(), (high - bits,), (-k - 1,), (-k - 2,), (high - bits, high - bits - below), (-k - 1 - below,)]
+        )
+        scale = k + 2 + 20 + bits  # every bit above is a multiple of 2**-scale
+        value = steps * 2 ** (scale - k) + sum(2 ** (scale + e) for e in extra)
+        digits = Decimal(value * 5**scale)  # value * 2**-scale is digits * 10**-scale
+        sign = rng.choice(["", "-"])
+        if rng.random() < 0.5:
+            numbers.append(f"{sign}{digits}e-{scale}")
+        else:
+            written = str(digits).rjust(scale + 1, "0")
+            numbers.append(f"{sign}{written[:-scale]}.{written[-scale:]}")
+    return numbers
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the server image's C library is glibc")
+@pytest.mark.parametrize(("conversion", "count"), [("f", 20_000), ("d", 10_000), ("ld", 100)])
+def test_a_tiny_decimal_is_judged_as_glibc_reads_it(conversion, count):
+    """A decimal number under the least normal in the top subnormal binade whose only part under
+    the least subnormal is the first bit past its type's precision ("...e-1076" for std::stod)
+    was judged out of range, where glibc reads it with no ERANGE (its round bit is written over
+    when the number is shifted to a subnormal, as in the hex path): the 400 named it, not the
+    element the conversion failed on. Generated numbers are judged as this machine's glibc reads them."""
+    wrong = [
+        number
+        for number in _tiny_decimals(conversion, count, seed=36)
+        if (unreadable({"NUM": np.array([number], dtype=object)}, {"NUM"}, conversion) != "")
+        != _glibc_fails(conversion, number)
+    ]
+    mismatches = len(wrong)
+    assert mismatches == 0, f"judged otherwise than glibc, such as {[f'{Decimal(n):.12e}' for n in wrong[:3]]}"
 
 
 @pytest.mark.parametrize("number", ["\u0131nf", "\u0130NF", "-\u0131nfinity", "+\u0130nf"])
