@@ -1620,15 +1620,16 @@ def read_files(
         # read is the audit's, with ``written``, or not: its records are never dropped unsaid;
         # so is one inside that hour, before the range, that the store says was written within
         # it or after: the name and the store's clock disagree, the name may hide records)
+        # (what the name decides first: the stored time is a stat on a disk, a name it would not keep none)
         return (
             name.startswith("part-")
             and name.endswith(".parquet")
+            and (written_after is None or (_written_at(name) or written_after) > written_after)
             and (
                 not _written_before(name, start)
                 or (hour is not None and _written_before(name, hour))
                 or not _stored_before(stored(), start)
             )
-            and (written_after is None or (_written_at(name) or written_after) > written_after)
         )
 
     def listed(folder: str) -> tuple[dict[str, int], str | None]:

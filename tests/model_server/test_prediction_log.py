@@ -4,6 +4,7 @@ on a local folder and on an S3 API served on loopback; real servers sharing one 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -520,6 +521,49 @@ def test_a_file_whose_kept_mtime_dates_it_before_the_range_is_read_and_refused_a
     assert where.endswith(named.name)
     assert "lies before its records" in why
     assert "its 2 records of this range" in why
+
+
+def test_a_name_the_listing_leaves_out_by_itself_gets_no_stat(tmp_path, monkeypatch):
+    """On a disk a name in its folder's hour before a read's range is asked its stored time (a
+    stat), as it may hide records of the range; but one the read leaves out by its name anyway
+    (the audit's read of the hours before, with ``written_after``: only files named after it) was
+    asked first, a stat for each such name for nothing. The names decide first; the names of the
+    same window a read takes by its stored time are each still asked once."""
+    hour = datetime(2026, 1, 1, 5, tzinfo=UTC)
+    folder = tmp_path / "log" / "model=m" / "dt=2026-01-01" / "hour=05"
+    folder.mkdir(parents=True)
+    names = {f"part-x-{hour + timedelta(minutes=10, seconds=k):%Y%m%dT%H%M%S}Z-{k:012x}.parquet" for k in range(20)}
+    for name in names:
+        (folder / name).write_bytes(b"PAR1 not parquet")  # (stored now: after the range, opened when listed)
+    asked: list[str] = []
+    scandir = os.scandir
+
+    class Counted:
+        def __init__(self, entry: os.DirEntry[str]) -> None:
+            self.entry, self.name, self.path = entry, entry.name, entry.path
+
+        def is_file(self, **kw) -> bool:
+            return self.entry.is_file(**kw)
+
+        def stat(self, **kw) -> os.stat_result:
+            asked.append(self.name)
+            return self.entry.stat(**kw)
+
+    @contextlib.contextmanager
+    def counted(path):
+        with scandir(path) as entries:
+            yield (Counted(e) for e in entries)
+
+    monkeypatch.setattr(predictionlog.os, "scandir", counted)
+    start, end = hour + timedelta(minutes=30), hour + timedelta(hours=1)
+    _, paths, _ = predictionlog.read_files(
+        tmp_path / "log", start, end, "m", written=True, written_after=hour + timedelta(hours=2)
+    )
+    assert (paths, asked) == ([], [])
+    _, paths, results = predictionlog.read_files(tmp_path / "log", start, end, "m", written=True)
+    assert {p.rsplit("/", 1)[1] for p in paths} == names
+    assert set(asked) == names  # (a DirEntry keeps its stat: the stored time's and the size's are one)
+    assert all(r.table is None for r in results)
 
 
 def test_row_groups_whose_time_statistics_hold_no_record_of_the_range_are_not_read(tmp_path, monkeypatch):
