@@ -1761,10 +1761,13 @@ def floor_released(spec: RolloutSpec, run_id: str, hook: ModelServerHook, deploy
 
 def besides_recorded(spec: RolloutSpec, run_id: str, hook: ModelServerHook, what: str) -> None:
     """``what`` promote or the rollback left undone once the traffic moved, recorded in the run
-    folder (``BESIDES``) for the run's report (``besides_of``). A record that cannot be written is
-    logged: the step is done all the same, its log says ``what``."""
+    folder (``BESIDES``) for the run's report (``besides_of``). One plain value: only one can
+    exist in a run, the budget of the baseline's floor (``floor_released``: the release that
+    leaves it not updated removes the floor's record, so no later release of the run says it
+    again); a later record replaces it. A record that cannot be written is logged: the step is
+    done all the same, its log says ``what``."""
     try:
-        hook.settings.workdir(spec.model, run_id).write(BESIDES, json.dumps({"besides": [what]}).encode())
+        hook.settings.workdir(spec.model, run_id).write(BESIDES, json.dumps({"besides": what}).encode())
     except OSError as exc:
         log.warning("what this run left undone is not recorded for its report: %s", str(exc)[:300])
 
@@ -1780,7 +1783,9 @@ def besides_of(spec: RolloutSpec, run_id: str) -> list[str]:
         log.warning("what this run left undone cannot be read for its report: %s", str(exc)[:300])
         return []
     besides = read.get("besides") if isinstance(read, dict) else None
-    return [str(what) for what in besides] if isinstance(besides, list) else []
+    if isinstance(besides, str):
+        return [besides]
+    return [str(what) for what in besides] if isinstance(besides, list) else []  # (the older one-item list)
 
 
 def rollback(params: dict[str, Any], run_id: str) -> str:

@@ -568,6 +568,23 @@ def test_a_floor_released_whose_budget_is_not_updated_does_not_fail_the_promotio
     assert "PodDisruptionBudget models/digits-v1 was not updated" in report
 
 
+def test_a_runs_besides_record_is_one_plain_value_and_the_older_list_is_read(kube, monkeypatch, tmp_path):
+    """What promote or the rollback left undone once the traffic moved (``besides_recorded``) was
+    written as a one-item list, rewritten whole on each record: a list that never held more than
+    one. Only one can exist in a run (the budget of the baseline's floor: the release that leaves
+    it not updated removes the floor's record, so no later release of the run says it again):
+    it is one plain value, a later record replacing it; a record of the older list form is read."""
+    connect(monkeypatch, tmp_path)
+    spec, hook = steps.spec_from(PARAMS), steps.ModelServerHook()
+    folder = hook.settings.workdir("digits", "run-1")
+    steps.besides_recorded(spec, "run-1", hook, "the budget, first")
+    steps.besides_recorded(spec, "run-1", hook, "the budget, again")
+    assert json.loads(folder.read(steps.BESIDES)) == {"besides": "the budget, again"}
+    assert steps.besides_of(spec, "run-1") == ["the budget, again"]
+    folder.write(steps.BESIDES, json.dumps({"besides": ["an older record"]}).encode())
+    assert steps.besides_of(spec, "run-1") == ["an older record"]
+
+
 def test_a_floor_not_released_once_the_routes_are_back_does_not_hold_back_the_rollback(kube, monkeypatch, tmp_path):
     """Under autoscaling, the rollback puts version 1's own floor back once the routes moved back:
     its HPA's PATCH refused (403), the failure went up before the candidate's retirement: the
