@@ -17,7 +17,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
@@ -2106,21 +2106,24 @@ def _found_report(
     done: str,
     run_id: str | None = None,
     verdicts: Callable[[], list[dict[str, Any] | None]] | None = None,
+    besides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The teardown's report of what it found where notify sent none: the promotion kept, or the
     rollback (``done``: what the teardown did, the stable version restored or not), with the
     chart of the stage that decided of the run's verdicts (``with_chart``, as notify's report:
     what ``verdicts`` reads, read now, once the stable version is back; None: not known, no
-    chart). ``run_id``:
+    chart), and what the run left undone once the traffic moved (``besides``: the run folder's
+    record, ``besides_of``, as notify's report says it). ``run_id``:
     in place of the report notify wrote, gone from the outbox (``send_run_report``: where Slack
     took notify's, that post is the answer, ``posted_before``, and nothing more is posted)."""
-    from vision_rollout.notify import in_outbox, plain_report, rollback_message
+    from vision_rollout.notify import in_outbox, plain_report, rollback_message, with_besides
 
     if kept:
         message = plain_report(spec, "promote", reason)
     else:
         restored = done.startswith(f"version {spec.baseline_version} takes 100%")
         message = rollback_message(spec, reason, restored=restored)
+    message = with_besides(message, besides)
     if verdicts is not None:
         message = with_chart(spec, message, verdicts)
     if not run_id:
@@ -2239,7 +2242,13 @@ def ensure_stable(
         contrary = unfinished and kept != (decided == "promote")  # (what notify reports is not what serves)
         if report is None or contrary:
             report = _found_report(
-                spec, kept, f"{what}; {done}", done, run_id if wrote and not contrary else None, verdicts
+                spec,
+                kept,
+                f"{what}; {done}",
+                done,
+                run_id if wrote and not contrary else None,
+                verdicts,
+                besides_of(spec, run_id),
             )
             _end_keeps_post(spec, run_id, report)
         undelivered = f"; {_undelivered(report)}" if report.get("slack_error") else ""
@@ -2247,7 +2256,9 @@ def ensure_stable(
     if report is None:  # notify did not run (downstream of a promote refused after decide was marked
         # success by hand, say) or crashed: nobody was told, so the teardown reports what it found
         chose = f"decide chose {decided}" if decided else "decide chose nothing (marked success by hand?)"
-        report = _found_report(spec, kept, f"{chose}; {done}", done, run_id if wrote else None, verdicts)
+        report = _found_report(
+            spec, kept, f"{chose}; {done}", done, run_id if wrote else None, verdicts, besides_of(spec, run_id)
+        )
         _end_keeps_post(spec, run_id, report)
         if report.get("posted_before"):  # (notify's own, found in Slack: its worker lost once it posted)
             return _ended(done, besides)

@@ -585,6 +585,56 @@ def test_a_runs_besides_record_is_one_plain_value_and_the_older_list_is_read(kub
     assert steps.besides_of(spec, "run-1") == ["an older record"]
 
 
+def budget_unanswered(kube: FakeKubeAPI, monkeypatch) -> None:
+    """Each floor's release (``release_floor``) served for its HPA, its PodDisruptionBudget's calls
+    unanswered (BudgetNotApplied)."""
+    from vision_rollout.deploy import VersionDeployments
+
+    release = VersionDeployments.release_floor
+
+    def unanswered_budget(self, version):
+        kube.throttle, kube.throttle_status = 10**6, None
+        kube.throttled_path = "/poddisruptionbudgets/digits-v1"
+        try:
+            return release(self, version)
+        finally:
+            kube.throttle = 0
+
+    monkeypatch.setattr(VersionDeployments, "release_floor", unanswered_budget)
+
+
+def floor_held_at_stage_1(kube: FakeKubeAPI, monkeypatch, tmp_path) -> dict:
+    """Under autoscaling, run-1 at stage 1, version 1's HPA floor held at its peak of 6 pods. The params."""
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    params = {**PARAMS, "mirror_percent": 0}
+    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=2)
+    kube.scale("models", "digits-v1", 6, "kube-controller-manager")  # the HPA at a peak
+    steps.deploy_candidate(params, image("2"), "run-1")
+    steps.apply_weights(params, 0, "run-1", {"decision": "pass"})
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 6  # held for the run
+    return params
+
+
+def test_the_teardowns_own_report_says_the_budget_its_restore_left_not_updated(kube, monkeypatch, tmp_path):
+    """The teardown put version 1 back itself (the rollback did not finish), released its floor,
+    and the PodDisruptionBudget's calls got no answer: the budget not updated was recorded in the
+    run folder (``besides_recorded``), but the teardown's own report (``_found_report``) did not
+    read that record, so nobody was told what to set the budget to. Its report says it, as
+    notify's does."""
+    params = floor_held_at_stage_1(kube, monkeypatch, tmp_path)
+    budget_unanswered(kube, monkeypatch)
+    with pytest.raises(AirflowFailException):
+        steps.ensure_stable(params, "run-1", None, None, None, decided="rollback")
+    assert routes(kube) == [("v1", 100)]
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 2  # released
+    (report,) = [p.read_text() for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    assert "version 1 takes 100%" in report
+    assert "PodDisruptionBudget models/digits-v1 was not updated" in report
+    assert "kubectl -n models patch poddisruptionbudget digits-v1 --type=merge" in report
+
+
 def test_a_floor_not_released_once_the_routes_are_back_does_not_hold_back_the_rollback(kube, monkeypatch, tmp_path):
     """Under autoscaling, the rollback puts version 1's own floor back once the routes moved back:
     its HPA's PATCH refused (403), the failure went up before the candidate's retirement: the
