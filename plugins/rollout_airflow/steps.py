@@ -1751,12 +1751,20 @@ def floor_released(spec: RolloutSpec, run_id: str, hook: ModelServerHook, deploy
     the same) not raised: a budget, a guard against node drains, never holds back a promotion or
     a rollback. It is logged and recorded in the run folder (``besides_recorded``), with what to
     set the budget to, for the run's report to say (``notify``), as the teardown's of a kept
-    promotion does."""
+    promotion does. A floor released whole (its budget updated) removes an earlier try's record
+    (the run's floor held again since): it would say a budget not updated that is; a try that
+    finds no floor held keeps it (the earlier release's budget is still not updated)."""
     try:
-        deployments.release_floor(spec.baseline_version)
+        released = deployments.release_floor(spec.baseline_version)
     except BudgetNotApplied as exc:
         log.warning("version %s's HPA floor is released, not its budget: %s", spec.baseline_version, exc)
         besides_recorded(spec, run_id, hook, str(exc))
+        return
+    if released:
+        try:
+            hook.settings.workdir(spec.model, run_id).delete(BESIDES)
+        except OSError as exc:  # (the floor is released all the same: the report may say the budget of before)
+            log.warning("an earlier try's record of a budget not updated is not removed: %s", str(exc)[:300])
 
 
 def besides_recorded(spec: RolloutSpec, run_id: str, hook: ModelServerHook, what: str) -> None:

@@ -635,6 +635,42 @@ def test_the_teardowns_own_report_says_the_budget_its_restore_left_not_updated(k
     assert "kubectl -n models patch poddisruptionbudget digits-v1 --type=merge" in report
 
 
+def test_a_besides_record_is_removed_once_a_later_try_releases_the_floor_whole(kube, monkeypatch, tmp_path):
+    """An earlier try left a record of the budget not updated (``besides_recorded``); a later try
+    (the run's floor held again, then released with its budget updated) left it in the run
+    folder, so the run's report said a budget not updated that is. A release whose budget is
+    updated removes the record; a try that finds no floor to release (the earlier try's release,
+    the budget still not updated) keeps it: the report still says it."""
+    params = floor_held_at_stage_1(kube, monkeypatch, tmp_path)
+    spec, hook = steps.spec_from(params), steps.ModelServerHook()
+    steps.besides_recorded(spec, "run-1", hook, "PodDisruptionBudget models/digits-v1 was not updated (earlier)")
+    assert steps.rollback(params, "run-1") == "1"
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 2  # released, its budget updated
+    assert steps.besides_of(spec, "run-1") == []
+    steps.notify(params, "rollback", "rejected", [], None, "run-1")
+    (report,) = [p.read_text() for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    assert "was not updated" not in report
+
+
+def test_a_besides_record_is_kept_by_a_try_that_finds_the_floor_released(kube, monkeypatch, tmp_path):
+    """The rollback's first try released version 1's floor, its budget not updated (recorded),
+    then failed (the candidate's retirement refused); its retry finds no floor to release: the
+    budget is still not updated, and the run's report says it."""
+    from devstack.cluster.kube import APIError
+
+    params = floor_held_at_stage_1(kube, monkeypatch, tmp_path)
+    budget_unanswered(kube, monkeypatch)
+    refuse(kube, ("PATCH", "/deployments/digits-v2", APIError(403, "Forbidden", "cannot patch deployments")))
+    with pytest.raises(Exception, match="the traffic is restored"):
+        steps.rollback(params, "run-1")
+    kube.before_write = None
+    assert steps.rollback(params, "run-1") == "1"  # (the retry)
+    assert deployment(kube, "2")["spec"]["replicas"] == 0
+    steps.notify(params, "rollback", "rejected", [], None, "run-1")
+    (report,) = [p.read_text() for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    assert "PodDisruptionBudget models/digits-v1 was not updated" in report
+
+
 def test_a_floor_not_released_once_the_routes_are_back_does_not_hold_back_the_rollback(kube, monkeypatch, tmp_path):
     """Under autoscaling, the rollback puts version 1's own floor back once the routes moved back:
     its HPA's PATCH refused (403), the failure went up before the candidate's retirement: the
