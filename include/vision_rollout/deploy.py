@@ -581,8 +581,12 @@ def refused(what: str, exc: Any) -> RouterError:
                 if helm
                 else ""
             )
-            + "give the fields to the rollout (kubectl apply --server-side --field-manager=model-rollout "
-            "--force-conflicts) or, for spec.replicas under your own HPA, set the model_server_default extra "
+            + "give the fields to the rollout: set those fields alone to what the rollout applies, under its "
+            "field manager (kubectl patch --type=merge --field-manager=model-rollout: a write takes a field from "
+            "its manager where it changes its value), not kubectl apply --server-side of those fields alone under "
+            "that manager, which would remove the rollout's other fields (an apply drops the fields its manager "
+            "applied before and no longer sends); or have that manager give them up (its server-side apply "
+            "without them); or, for spec.replicas under your own HPA, set the model_server_default extra "
             "build.autoscaling",
             owned,
         )

@@ -763,7 +763,11 @@ def retirable(spec: RolloutSpec, deployments: VersionDeployments) -> None:
             f"{spec.baseline_version} is also managed by {', '.join(owners)[:300]} (an HPA, kubectl scale, a "
             "client-side kubectl apply): the rollout could not retire it once promoted. Under an HPA of your own, "
             "set the model_server_default extra build.autoscaling (the rollout then makes an HPA per version); "
-            "else give the field back (kubectl apply --server-side --field-manager=model-rollout --force-conflicts)"
+            "else give the field to the rollout: scale the version to another count and back under its field "
+            "manager (kubectl patch deployment --subresource=scale --type=merge --field-manager=model-rollout, "
+            "kubectl 1.24 or later: a write takes a field from its manager where it changes its value), not kubectl "
+            "apply --server-side of spec.replicas alone under that manager, which would remove the Deployment's "
+            "other fields the rollout applied; a server-side applier gives it up by applying without it"
         )
     try:
         deployments.scale(spec.baseline_version, 0, dry_run=True)

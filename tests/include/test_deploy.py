@@ -140,6 +140,27 @@ def test_a_field_owned_by_another_manager_is_reported_not_taken():
     assert str(refused("apply Deployment digits-v2", other)) == "apply Deployment digits-v2: 422 Invalid: not json"
 
 
+def test_the_advice_for_fields_another_manager_owns_never_drops_the_rollouts_other_fields():
+    """A 409 for fields another manager owns advised ``kubectl apply --server-side
+    --field-manager=model-rollout --force-conflicts``. Sent with a manifest of those fields alone
+    (what an operator writes to give one field back), a server-side apply under the rollout's
+    manager removes every field that manager applied before and no longer sends (the Deployment's
+    labels, its records, its pod template): the object broken. The advice is a merge patch of
+    those fields alone under the rollout's field manager, set to what the rollout applies (a write
+    takes a field from its manager where it changes its value), and warns against that apply."""
+    exc = ApiException(status=409, reason="Conflict")
+    exc.body = json.dumps(
+        {"message": 'Apply failed with 1 conflict: conflict with "kubectl" using apps/v1: .spec.replicas'}
+    )
+    message = str(refused("apply Deployment digits-v2", exc))
+    assert "--force-conflicts" not in message
+    assert "kubectl patch --type=merge --field-manager=model-rollout" in message
+    assert "where it changes its value" in message
+    assert "not kubectl apply --server-side" in message
+    assert "would remove the rollout's other fields" in message
+    assert "build.autoscaling" in message
+
+
 def test_the_service_exposes_the_data_port_only():
     service = render_service(TARGET)
     assert round_trips(service, "V1Service")

@@ -2546,6 +2546,28 @@ def test_a_baseline_whose_replicas_another_manager_owns_is_refused_before_it_is_
     assert routes(kube) == [("v1", 90), ("v2", 10)]
 
 
+def test_the_advice_for_a_baselines_replicas_another_manager_owns_never_drops_its_other_fields(kube):
+    """A baseline whose spec.replicas another manager owns (without build.autoscaling) was refused
+    with the advice ``kubectl apply --server-side --field-manager=model-rollout --force-conflicts``:
+    sent with spec.replicas alone, that apply removes the Deployment's other fields the rollout
+    applied (its manager no longer sends them). The advice scales it under the rollout's field
+    manager through its scale subresource (kubectl 1.24 or later), to another count and back (a
+    write takes a field from its manager where it changes its value), and warns against that apply."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=4)
+    kube.scale("models", "digits-v1", 6, "kubectl")  # scaled by hand
+    with pytest.raises(AirflowFailException) as refused:
+        steps.deploy_candidate(PARAMS, image("2"), "run-1")
+    said = str(refused.value)
+    assert "digits-v1 is also managed by kubectl (scale)" in said
+    assert "--force-conflicts" not in said
+    assert "kubectl patch deployment --subresource=scale --type=merge --field-manager=model-rollout" in said
+    assert "kubectl 1.24 or later" in said
+    assert "another count and back" in said
+    assert "not kubectl apply --server-side" in said
+
+
 def test_the_command_that_scales_a_version_by_hand_leaves_its_next_deploy_free(kube):
     """The command a report gives to scale the candidate to 0 (``scale_by_hand``) was ``kubectl
     scale``: kubectl's field manager then owned ``spec.replicas``, and the next deploy of that
