@@ -505,6 +505,8 @@ APPLY_CONFLICT = re.compile(
     r'conflicts? with "(?P<manager>[^"]*)"(?P<sub> with subresource "[^"]*")?(?: using \S+(?: at \S+)?)?:'
     r"(?P<paths>[^\n]*(?:\n- [^\n]*)*)"
 )
+# What ``scale_by_hand``'s command needs: kubectl's --subresource came in 1.24 (alpha; beta 1.27, GA 1.33).
+SCALE_BY_HAND_KUBECTL = "kubectl 1.24 or later, the first with --subresource"
 HELM_MANAGER = "helm"  # Helm's field manager (its objects' label app.kubernetes.io/managed-by: Helm)
 
 
@@ -1330,7 +1332,8 @@ class VersionDeployments:
         writes it (``kubectl -n models patch deployment digits-v2 --subresource=scale --type=merge
         -p '{"spec":{"replicas":0}}' --field-manager=model-rollout``). Not ``kubectl scale``: its
         own field manager then owned ``spec.replicas`` and the version's next deploy was refused
-        (409); the rollout's apply takes the count back from its own manager (``_server_side_apply``)."""
+        (409); the rollout's apply takes the count back from its own manager (``_server_side_apply``).
+        It needs kubectl 1.24 or later (``SCALE_BY_HAND_KUBECTL``: a report says so beside it)."""
         return self._by_hand("deployment", version, {"spec": {"replicas": replicas}}, "--subresource=scale")
 
     def _by_hand(self, kind: str, version: str, patch: dict[str, Any], *options: str) -> str:

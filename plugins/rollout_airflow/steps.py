@@ -31,6 +31,7 @@ from vision_rollout.deploy import (
     FLOOR_ANNOTATION,
     HELD_ANNOTATION,
     MAX_REPLICAS,
+    SCALE_BY_HAND_KUBECTL,
     BudgetNotApplied,
     candidate_replicas,
     deployment_name,
@@ -765,7 +766,7 @@ def retirable(spec: RolloutSpec, deployments: VersionDeployments) -> None:
             "set the model_server_default extra build.autoscaling (the rollout then makes an HPA per version); "
             "else give the field to the rollout: scale the version to another count and back under its field "
             "manager (kubectl patch deployment --subresource=scale --type=merge --field-manager=model-rollout, "
-            "kubectl 1.24 or later: a write takes a field from its manager where it changes its value), not kubectl "
+            f"{SCALE_BY_HAND_KUBECTL}; a write takes a field from its manager where it changes its value), not kubectl "
             "apply --server-side of spec.replicas alone under that manager, which would remove the Deployment's "
             "other fields the rollout applied; a server-side applier gives it up by applying without it"
         )
@@ -2421,7 +2422,7 @@ def finish(
         else:
             left = (
                 f"{LEFT_RUNNING if sent or deployed else UNCHECKED_RUNNING}: scale it to 0 "
-                f"({hook.deployments(spec.model).scale_by_hand(spec.candidate_version, 0)})"
+                f"({hook.deployments(spec.model).scale_by_hand(spec.candidate_version, 0)}: {SCALE_BY_HAND_KUBECTL})"
             )
         candidate = "is unloaded" if retired else left
         done = f"version {spec.baseline_version} takes 100%; version {spec.candidate_version} {candidate}"

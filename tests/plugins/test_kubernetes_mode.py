@@ -3043,6 +3043,18 @@ def test_a_failure_callback_that_leaves_the_candidate_running_reports_it_in_slac
     assert steps.serving().deployments("digits").scale_by_hand("2", 0) in said
 
 
+def test_the_command_that_scales_the_candidate_by_hand_says_the_kubectl_it_needs(kube, tmp_path):
+    """A report that leaves the candidate running gives the command that scales it to 0
+    (``scale_by_hand``: ``kubectl patch --subresource=scale``), which kubectl before 1.24 refuses
+    (no ``--subresource`` flag): the operator tried it and got "unknown flag". The report says
+    the command needs kubectl 1.24 or later, the command itself as it was."""
+    at_stage_1(kube)
+    steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+    (report,) = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    command = steps.serving().deployments("digits").scale_by_hand("2", 0)
+    assert f"({command}: kubectl 1.24 or later" in report["text"]
+
+
 def test_a_failure_callback_whose_scale_fails_once_the_traffic_is_back_reports_it_back(
     kube, monkeypatch, tmp_path, caplog
 ):
