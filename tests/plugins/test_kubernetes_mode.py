@@ -2531,7 +2531,8 @@ def test_a_baseline_whose_replicas_another_manager_owns_is_refused_before_it_is_
     assert "digits-v1 is also managed by kube-controller-manager (scale)" in str(refused.value)
     assert "build.autoscaling" in str(refused.value)
     assert [w for w in changes(kube, before) if "/leases/" not in w["path"]] == []
-    live = deployment(kube, "1")  # the field given back, as the message says (a forced apply)
+    # (the message warns against a forced apply of spec.replicas alone: it drops the rollout's other fields)
+    live = deployment(kube, "1")  # the field given back: the whole Deployment, forced
     meta = {k: live["metadata"][k] for k in ("name", "namespace", "labels")}
     body = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": {**live["spec"], "replicas": 4}}
     kube.apply("deployments", "models", "digits-v1", body, "model-rollout", force=True)
