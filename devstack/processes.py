@@ -15,6 +15,7 @@ import re
 import secrets
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -90,8 +91,7 @@ def proc_hex(packed: bytes, byteorder: Literal["little", "big"] = sys.byteorder)
 
 
 # The local addresses a connection to 127.0.0.1 reaches: 127.0.0.1, either family's wildcard (a
-# [::] socket with IPV6_V6ONLY does not take it, but the tables do not say which: counted), and
-# ::ffff:127.0.0.1.
+# [::] socket with IPV6_V6ONLY does not take it: v6_only_listeners tells which), and ::ffff:127.0.0.1.
 LOOPBACK = frozenset(
     proc_hex(socket.inet_pton(family, address))
     for family, address in (
@@ -103,14 +103,48 @@ LOOPBACK = frozenset(
 )
 
 
+ANY_V6 = proc_hex(socket.inet_pton(socket.AF_INET6, "::"))
+
 TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
+
+
+def v6_only_listeners() -> set[str] | None:
+    """The ``socket:[inode]`` links of the listening IPv6 TCP sockets with IPV6_V6ONLY (a [::] one
+    takes no connection to 127.0.0.1), as the kernel's socket diagnostics (sock_diag, what ``ss``
+    reads) say; None where they cannot be asked (no netlink: macOS, some sandboxes)."""
+    nlmsg, sock_diag_by_family, done, error = struct.Struct("=IHHII"), 20, 3, 2
+    listen_only = 1 << 10  # (TCP_LISTEN: 10)
+    request = struct.pack("=BBBxI", socket.AF_INET6, socket.IPPROTO_TCP, 0, listen_only) + bytes(48)
+    out: set[str] = set()
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 4) as nl:  # (NETLINK_SOCK_DIAG)
+            nl.settimeout(2)
+            nl.sendall(nlmsg.pack(nlmsg.size + len(request), sock_diag_by_family, 0x301, 1, 0) + request)
+            while True:  # (NLM_F_REQUEST | NLM_F_DUMP: the replies until NLMSG_DONE)
+                data, at = nl.recv(1 << 16), 0
+                while at + nlmsg.size <= len(data):
+                    length, kind = nlmsg.unpack_from(data, at)[:2]
+                    if kind in (done, error) or length < nlmsg.size:
+                        return out if kind == done else None
+                    # inet_diag_msg: 4 bytes, the socket's id (48), expires, queues, uid, then inode
+                    # (offset 68); then attributes: INET_DIAG_SKV6ONLY (11), one byte.
+                    msg = data[at + nlmsg.size : at + length]
+                    inode, attr = struct.unpack_from("=I", msg, 68)[0], 72
+                    while attr + 4 < len(msg):
+                        size, kind = struct.unpack_from("=HH", msg, attr)
+                        if kind == 11 and msg[attr + 4]:
+                            out.add(f"socket:[{inode}]")
+                        attr += max((size + 3) & ~3, 4)
+                    at += (length + 3) & ~3
+    except (OSError, AttributeError, struct.error):  # (AttributeError: no AF_NETLINK)
+        return None
 
 
 def listening_sockets(ports: Iterable[int]) -> set[str] | None:
     """The ``socket:[inode]`` links (as /proc/PID/fd has them) of the sockets listening where a
     connection to 127.0.0.1 on one of ``ports`` lands; None where the tables cannot tell: neither
     can be read (no /proc: macOS) or neither lists any listening socket (WSL1, some sandboxes)."""
-    wanted, out, known = set(ports), set(), False
+    wanted, out, known, any_v6 = set(ports), set(), False, set()
     for table in TCP_TABLES:
         with contextlib.suppress(OSError), open(table) as f:
             for line in f.readlines()[1:]:
@@ -120,6 +154,10 @@ def listening_sockets(ports: Iterable[int]) -> set[str] | None:
                     address, _, port = fields[1].rpartition(":")
                     if address in LOOPBACK and int(port, 16) in wanted:
                         out.add(f"socket:[{fields[9]}]")
+                        if address == ANY_V6:  # ([::] takes 127.0.0.1 unless IPV6_V6ONLY)
+                            any_v6.add(f"socket:[{fields[9]}]")
+    if any_v6:
+        out -= any_v6 & (v6_only_listeners() or set())  # (counted where sock_diag cannot tell)
     return out if known else None
 
 

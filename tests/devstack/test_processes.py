@@ -297,3 +297,40 @@ def test_a_start_whose_every_port_was_taken_names_the_ports_tried(monkeypatch: p
 
     with pytest.raises(processes.PortTaken, match=r"ports 20001, 20002, 20003 tried: a server: port 20003 is held"):
         processes.on_a_free_port(start, None)
+
+
+def _listener_on_any_v6(v6_only: bool) -> socket.socket:
+    s = socket.socket(socket.AF_INET6)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6_only))
+    s.bind(("::", free_port()))
+    s.listen()
+    return s
+
+
+def test_a_v6_only_listener_of_another_process_on_the_port_does_not_hold_its_loopback_address() -> None:
+    """A stranger's [::] socket with IPV6_V6ONLY takes no connection to 127.0.0.1: it was counted
+    as holding the port (PortTaken, a re-pick or a failed pinned start) though our server binds
+    127.0.0.1:port beside it. A [::] socket that takes IPv4 too still holds it."""
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with _listener_on_any_v6(v6_only=True) as stranger:
+            assert processes.port_holder(server.pid, stranger.getsockname()[1]) is None
+        with _listener_on_any_v6(v6_only=False) as stranger:
+            assert processes.port_holder(server.pid, stranger.getsockname()[1]) is False
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_a_server_that_binds_beside_a_v6_only_stranger_holds_its_port(tmp_path: Path) -> None:
+    with _listener_on_any_v6(v6_only=True) as stranger:
+        port = stranger.getsockname()[1]
+        listens = f"import socket, time; time.sleep(1); s = socket.create_server(('127.0.0.1', {port})); time.sleep(60)"
+        server = processes.ManagedProcess(subprocess.Popen([sys.executable, "-c", listens]), port, tmp_path / "log")
+        try:
+            deadline = time.monotonic() + 30
+            while server.owns_port("a server") is not True and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server.owns_port("a server") is True
+        finally:
+            server.stop()
