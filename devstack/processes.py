@@ -171,13 +171,20 @@ def holds_any(pid: int, sockets: set[str]) -> bool:
     return False
 
 
-def parents() -> dict[int, int]:
-    """Each process's parent, by process id: one scan of /proc (empty without one)."""
+def lineage() -> dict[int, tuple[int, int, int]]:
+    """Each process's parent, process group and session, by process id: one scan of /proc (empty
+    without one)."""
     out = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            out[int(stat.parent.name)] = int(stat.read_text().rpartition(")")[2].split()[1])
+            ppid, pgrp, session = stat.read_text().rpartition(")")[2].split()[1:4]  # fields 4 to 6
+            out[int(stat.parent.name)] = (int(ppid), int(pgrp), int(session))
     return out
+
+
+def parents(table: Mapping[int, tuple[int, int, int]] | None = None) -> dict[int, int]:
+    """Each process's parent, by process id (``table``: lineage(), read when not given)."""
+    return {pid: ppid for pid, (ppid, _, _) in (lineage() if table is None else table).items()}
 
 
 def descendants(pid: int, parent_of: Mapping[int, int]) -> set[int]:
@@ -195,6 +202,19 @@ def descendants(pid: int, parent_of: Mapping[int, int]) -> set[int]:
     return out
 
 
+def kin(pid: int, table: Mapping[int, tuple[int, int, int]]) -> set[int]:
+    """The processes of ``pid``'s making (``table``: lineage()): its descendants, and where it leads
+    a process group or a session (started with start_new_session), each process in them, with
+    theirs. A daemon's listener, forked twice, is a child of init but keeps its session (or group).
+    An id that leads a group or a session is not given to another process while it lasts."""
+    parent_of = parents(table)
+    led = {p for p, (_, pgrp, session) in table.items() if pid in (pgrp, session) and p != pid}
+    out = descendants(pid, parent_of) | led
+    for p in led:
+        out |= descendants(p, parent_of)
+    return out
+
+
 def children(pid: int) -> set[int]:
     """The processes whose parent is ``pid``."""
     return {child for child, parent in parents().items() if parent == pid}
@@ -206,7 +226,7 @@ _unknown_logged = False
 
 def port_holder(pid: int, port: int) -> Holder:
     """Who listens on 127.0.0.1:``port``: True for process ``pid`` or a process it started (or they
-    did: a server's workers), False for another process, None for none (yet), "unknown" where the
+    did: a server's workers; or one of its session or group: kin), False for another process, None for none (yet), "unknown" where the
     TCP tables cannot tell (listening_sockets: None; said once in the log)."""
     global _unknown_logged
     sockets = listening_sockets([port])
@@ -223,7 +243,7 @@ def port_holder(pid: int, port: int) -> Holder:
         return None
     if holds_any(pid, sockets):
         return True
-    return any(holds_any(p, sockets) for p in descendants(pid, parents()))
+    return any(holds_any(p, sockets) for p in kin(pid, lineage()))
 
 
 def listening(proc: subprocess.Popen[bytes], port: int, what: str) -> Holder:

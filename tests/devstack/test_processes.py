@@ -334,3 +334,40 @@ def test_a_server_that_binds_beside_a_v6_only_stranger_holds_its_port(tmp_path: 
             assert server.owns_port("a server") is True
         finally:
             server.stop()
+
+
+@pytest.mark.parametrize("group", ["the server's", "its own"])
+def test_the_port_holder_is_found_where_the_server_forked_twice_and_its_listener_was_reparented(group: str) -> None:
+    """A server that forks twice (a daemon: its child forks the listener and exits) leaves the
+    listener a child of init, not a descendant: its port was "held by another process". A server
+    started in a session of its own (start_new_session, as Airflow's and the pods' are) holds what
+    the processes of its session or group hold, in a process group of their own too."""
+    port = free_port()
+    daemon = (
+        "import os, socket, time\n"
+        "if os.fork() == 0:\n"
+        "    if os.fork() == 0:\n"
+        f"        {'os.setpgrp()' if group == 'its own' else 'pass'}\n"
+        f"        s = socket.create_server(('127.0.0.1', {port}))\n"
+        "        print(os.getpid(), flush=True)\n"
+        "        time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "os.wait()\n"
+        "time.sleep(60)\n"
+    )
+    server = subprocess.Popen([sys.executable, "-c", daemon], stdout=subprocess.PIPE, start_new_session=True)
+    assert server.stdout is not None
+    listener = int(server.stdout.readline())
+    try:
+        assert listener not in processes.descendants(server.pid, processes.parents())
+        assert processes.port_holder(server.pid, port) is True
+        stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+        try:
+            assert processes.port_holder(stranger.pid, port) is False
+        finally:
+            stranger.kill()
+            stranger.wait()
+    finally:
+        os.kill(listener, signal.SIGKILL)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
