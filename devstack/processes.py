@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import struct
@@ -449,10 +450,11 @@ def start_model_server(
 
     def start(port: int) -> ModelServerProcess:
         log_dir.mkdir(parents=True, exist_ok=True)
-        opts = args
+        opts, state = args, log_dir / f"state-{port}"
         if "--state-dir" not in args:  # never leave policies behind in a shared repository
-            opts = (*args, "--state-dir", str(log_dir / f"state-{port}"))
+            opts = (*args, "--state-dir", str(state))
         log = log_dir / f"model-server-{port}.log"
+        made = [path for path in (log, state) if not path.exists()]  # removed if the port is given up
         cmd = [
             sys.executable,
             "-m",
@@ -481,8 +483,11 @@ def start_model_server(
         server = ModelServerProcess(proc, port, log, token)
         try:
             server.wait_until(until, wait_s)
-        except RuntimeError:
+        except RuntimeError as exc:
             server.stop()
+            if isinstance(exc, PortTaken):
+                for path in made:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             raise
         finally:  # read once at the server's start: no copy of the token left behind
             if token:
@@ -541,8 +546,6 @@ def start_prometheus(
     ``manifests.scrape_job``); their targets are not waited for. Without ``port``, on a free
     port, picked again where another process binds it first (when waiting).
     """
-    import shutil
-
     binary = shutil.which("prometheus")
     if binary is None:
         raise RuntimeError("prometheus is not installed: apt-get install --no-install-recommends prometheus")

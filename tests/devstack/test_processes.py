@@ -371,3 +371,22 @@ def test_the_port_holder_is_found_where_the_server_forked_twice_and_its_listener
         os.kill(listener, signal.SIGKILL)
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
+
+
+def test_a_model_server_started_again_on_another_port_leaves_nothing_of_the_try_given_up(
+    models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each try given up for a taken port left its log (``model-server-<port>.log``) behind in the
+    folder, beside the one of the server that started: a reader took it for a server's."""
+    with answering_server(_answering_ready) as stranger:
+        taken = int(stranger.rsplit(":", 1)[1])
+        picks = iter([taken])
+        real = processes.free_port
+        monkeypatch.setattr(processes, "free_port", lambda: next(picks, None) or real())
+        server = processes.start_model_server(models_dir, tmp_path)
+        try:
+            assert server.port != taken
+            assert sorted(p.name for p in tmp_path.iterdir() if str(taken) in p.name) == []
+            assert server.log.exists()
+        finally:
+            server.stop()
