@@ -756,14 +756,16 @@ def start_airflow(
 ) -> AirflowProcesses:
     """Migrate the database, start Airflow's components on 127.0.0.1, wait until all are healthy
     (the API server answering from its port: PortTaken where another process holds it). Without
-    ``port``, on a free port, picked again where another process binds it first."""
+    ``port``, on a free port, picked again where another process binds it first (the database
+    migrated once: it is the same whichever port the API server takes)."""
+    airflow = str(Path(sys.executable).parent / "airflow")
+    env = airflow_env(home, port or 0, connections, extra_env)
+    migrate = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True, cwd=ROOT)
+    if migrate.returncode:
+        raise RuntimeError(f"airflow db migrate failed:\n{migrate.stdout[-2000:]}{migrate.stderr[-3000:]}")
 
     def start(port: int) -> AirflowProcesses:
         env = airflow_env(home, port, connections, extra_env)
-        airflow = str(Path(sys.executable).parent / "airflow")
-        migrate = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True, cwd=ROOT)
-        if migrate.returncode:
-            raise RuntimeError(f"airflow db migrate failed:\n{migrate.stdout[-2000:]}{migrate.stderr[-3000:]}")
         (home / "logs").mkdir(exist_ok=True)
         components: dict[str, ManagedProcess] = {}
         stack = AirflowProcesses(home, port, components, "admin", (home / "admin-password").read_text().strip())

@@ -390,3 +390,57 @@ def test_a_model_server_started_again_on_another_port_leaves_nothing_of_the_try_
             assert server.log.exists()
         finally:
             server.stop()
+
+
+FAKE_AIRFLOW = """
+import http.server, json, os, sys, time
+if sys.argv[1] != "api-server":
+    time.sleep(60)
+port = int(os.environ["AIRFLOW__API__PORT"])
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        parts = ("metadatabase", "scheduler", "triggerer", "dag_processor")
+        body = json.dumps({c: {"status": "healthy"} for c in parts}).encode()
+        self.send_response(200); self.end_headers(); self.wfile.write(body)
+try:
+    server = http.server.HTTPServer(("127.0.0.1", port), Health)
+except OSError:
+    print(f"[Errno 98] error while attempting to bind on address ('127.0.0.1', {port}): address already in use")
+    raise SystemExit(1)
+server.serve_forever()
+"""
+
+
+def test_airflow_started_again_on_another_port_migrates_its_database_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each try of an Airflow start on a port picked free ran ``airflow db migrate`` again (tens of
+    seconds each), though the database is the same whichever port the API server takes."""
+    migrations = []
+    real_run, real_popen = subprocess.run, subprocess.Popen
+
+    def run(cmd: Any, *args: Any, **kw: Any) -> Any:
+        if list(cmd[1:3]) == ["db", "migrate"]:
+            migrations.append(kw["env"]["AIRFLOW__API__PORT"])
+            return subprocess.CompletedProcess(cmd, 0, "", "")
+        return real_run(cmd, *args, **kw)
+
+    def popen(cmd: Any, *args: Any, **kw: Any) -> Any:
+        if "devstack.airflow_main" in cmd:  # (a stand-in for each component: the API server answers healthy)
+            cmd = [sys.executable, "-c", FAKE_AIRFLOW, *cmd[cmd.index("devstack.airflow_main") + 1 :]]
+        return real_popen(cmd, *args, **kw)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    with answering_server(_answering_ready) as stranger:
+        taken = int(stranger.rsplit(":", 1)[1])
+        picks = iter([taken])
+        real = processes.free_port
+        monkeypatch.setattr(processes, "free_port", lambda: next(picks, None) or real())
+        stack = processes.start_airflow(tmp_path / "airflow", {}, wait_s=60)
+        try:
+            assert stack.port != taken
+            assert processes.port_holder(stack.components["api-server"].proc.pid, stack.port) is True
+        finally:
+            stack.stop()
+    assert len(migrations) == 1
