@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from bench import write_result  # noqa: E402
 from bench.peers import check_answers, make_case, make_repository, raw_session, served, timed  # noqa: E402
 from bench.serving import stateless  # noqa: E402
-from devstack.processes import ModelServerProcess, free_port, start_model_server  # noqa: E402
+from devstack.processes import ModelServerProcess, on_a_free_port, start_model_server  # noqa: E402
 
 BASE = "144330b^"  # before "Serving: a leaner request path"
 ROWS = [("tiny", 1, 1), ("tiny", 1, 4), ("tiny", 8, 4), ("resnet_bench", 1, 1)]
@@ -81,21 +81,34 @@ def start_floor(case: Any, head: ModelServerProcess, work: Path) -> ModelServerP
     ]
     canned = work / f"floor-{case.model}-{case.batch}.bin"
     canned.write_bytes(("\r\n".join(head_lines) + f"\r\ncontent-length: {len(payload)}\r\n\r\n").encode() + payload)
-    port = free_port()
-    log = work / f"floor-{port}.log"
-    with log.open("wb") as f:
-        proc = subprocess.Popen([sys.executable, "-c", FLOOR_SERVER, str(port), str(canned)], stdout=f, stderr=f)
-    server = ModelServerProcess(proc, port, log)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return server
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
+    return start_canned(canned, work)
+
+
+def start_canned(canned: Path, work: Path) -> ModelServerProcess:
+    """FLOOR_SERVER answering ``canned`` on a free port, once it listens there itself (another
+    process's port, which answers too: PortTaken, picked again)."""
+
+    def start(port: int) -> ModelServerProcess:
+        log = work / "floor.log"
+        with log.open("wb") as f:
+            proc = subprocess.Popen([sys.executable, "-c", FLOOR_SERVER, str(port), str(canned)], stdout=f, stderr=f)
+        server = ModelServerProcess(proc, port, log)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if server.owns_port("the floor server") and proc.poll() is None:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    return server
+            except OSError:
+                pass
+            if proc.poll() is not None:
+                raise server.exited("the floor server")
+            if time.monotonic() > deadline:
                 server.stop(timeout_s=5)
-                raise RuntimeError(f"the floor server did not start; see {log}") from None
+                raise RuntimeError(f"the floor server did not start; see {log}")
             time.sleep(0.1)
+
+    return on_a_free_port(start, None)
 
 
 def export(revision: str, into: Path) -> str:
