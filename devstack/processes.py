@@ -276,8 +276,11 @@ def _holders(port: int) -> str:
     return f" ({'; '.join(found)})" if found else ""
 
 
+PORT_TRIES = 3  # a server's tries of a port picked free, the first one's included
+
+
 def on_a_free_port(start: Callable[[int], T], port: int | None) -> T:
-    """``start(port)``; without ``port``, ``start`` on a free port, picked again (three tries in
+    """``start(port)``; without ``port``, ``start`` on a free port, picked again (PORT_TRIES in
     all) when another process binds it first (``start`` raising PortTaken, its process stopped)."""
     if port:
         return start(port)
@@ -287,7 +290,7 @@ def on_a_free_port(start: Callable[[int], T], port: int | None) -> T:
         try:
             return start(tried[-1])
         except PortTaken as exc:
-            if len(tried) == 3:
+            if len(tried) == PORT_TRIES:
                 raise PortTaken(f"ports {', '.join(map(str, tried))} tried: {exc}") from exc
 
 
@@ -322,7 +325,7 @@ def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def _in_use(log: str, port: int) -> bool:
+def port_in_use(log: str, port: int) -> bool:
     """Whether ``log`` says its process could not bind ``port``: a line "address already in use"
     naming the port (the model server's, Prometheus', uvicorn's), or werkzeug's "Port N is in use"."""
     lines = re.findall(r"(?im)^.*address already in use.*$", log)
@@ -359,7 +362,7 @@ class ManagedProcess:
         socket showed another's: one bound but not listening, or one gone since)."""
         text = self.log.read_text(errors="replace")[-tail:] if tail else self.log.read_text(errors="replace")
         message = f"{what} exited with {self.proc.returncode}:\n{text}"
-        return PortTaken(message) if self.port and _in_use(text, self.port) else RuntimeError(message)
+        return PortTaken(message) if self.port and port_in_use(text, self.port) else RuntimeError(message)
 
     def stop(self, timeout_s: float = 20.0) -> None:
         if self.proc.poll() is None:

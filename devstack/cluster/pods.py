@@ -59,9 +59,11 @@ container start, rotated at 10 MiB), served by the API server's log endpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -81,7 +83,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from devstack.cluster.kube import FakeKubeAPI, now_rfc3339
-from devstack.processes import PYTHONPATH, ROOT, free_port, port_holder
+from devstack.processes import PORT_TRIES, PYTHONPATH, ROOT, free_port, port_holder, port_in_use
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +174,9 @@ class Pod:
     started_at: str = ""
     ready: bool = False
     owns_port: bool = False  # its process listens on its port: not asked again until it is started again
+    port_taken: bool = False  # another process holds its port (its probe, or its exit, said so): picked again
+    ports_tried: list[int] = field(default_factory=list)  # the ports it was given up on
+    pump: threading.Thread | None = None  # the copy of its process's output into its log
     probe_failures: int = 0
     next_probe: float = 0.0
     restart_at: float = 0.0
@@ -516,6 +521,8 @@ class PodRunner:
             return
         if pod.proc is not None and not pod.running:
             self._exited(pod)
+        if pod.port_taken:
+            self._port_again(pod)
         if pod.proc is None and time.monotonic() >= pod.restart_at:
             self._start(pod)
 
@@ -528,12 +535,36 @@ class PodRunner:
                 "startedAt": pod.started_at,
             }
         }
+        if pod.pump is not None:  # (its last lines, which may say why it exited)
+            pod.pump.join(timeout=2)
+        with contextlib.suppress(OSError), pod.log_path().open("rb") as f:
+            f.seek(max(f.seek(0, os.SEEK_END) - 3000, 0))
+            pod.port_taken |= port_in_use(f.read().decode(errors="replace"), pod.port)
         pod.proc, pod.ready, pod.owns_port, pod.probe_failures = None, False, False, 0
         delay = min(BACKOFF_S * 2 ** (pod.restarts - 1), MAX_BACKOFF_S) if pod.restarts else 0.0
         pod.restart_at = time.monotonic() + delay
         if delay:
             message = f"back-off {delay:g}s restarting failed container={pod.container['name']} pod={pod.name}"
             pod.waiting = ("CrashLoopBackOff", message)
+
+    def _port_again(self, pod: Pod) -> None:
+        """Another process holds the pod's port (one the cluster picked free when it made the pod,
+        bound by another before its server did): its process stopped and started on a port picked
+        again (no back-off), with its address annotation; PORT_TRIES in all, as on_a_free_port."""
+        pod.port_taken = False
+        if pod.proc is not None:
+            pod.proc.kill()
+            pod.proc.wait()
+            pod.proc, pod.ready, pod.owns_port, pod.probe_failures = None, False, False, 0
+        pod.ports_tried.append(pod.port)
+        if len(pod.ports_tried) >= PORT_TRIES:
+            tried = ", ".join(map(str, pod.ports_tried))
+            pod.waiting = ("PortTaken", f"ports {tried} tried: each held by another process on this machine")
+            pod.restart_at = math.inf
+            return
+        pod.port = free_port()
+        self.api.patch_pod(pod.namespace, pod.name, {"metadata": {"annotations": {ADDRESS_ANNOTATION: pod.address}}})
+        pod.waiting, pod.restart_at = ("ContainerCreating", ""), time.monotonic()
 
     def _start(self, pod: Pod) -> None:
         try:
@@ -551,7 +582,7 @@ class PodRunner:
         )
         (pod.dir / PID_FILE).write_text(str(pod.proc.pid))  # for kill_orphans, should this process die first
         assert pod.proc.stdout is not None
-        pod.log.pump(pod.proc.stdout)
+        pod.pump = pod.log.pump(pod.proc.stdout)
         pod.started_at, pod.waiting, pod.next_probe = now_rfc3339(), None, 0.0
 
     def _command(self, pod: Pod) -> tuple[list[str], dict[str, str]]:
@@ -715,6 +746,8 @@ class PodRunner:
             return False
         if not pod.owns_port:  # (what answers on its port is another process's until it listens there)
             holder = port_holder(proc.pid, pod.port)
+            if holder is False and proc.poll() is None and port_holder(proc.pid, pod.port) is False:
+                pod.port_taken = True  # (another's, asked twice: ours may have exited between reads)
             if not holder:  # ("unknown": asked, as before)
                 return False
             pod.owns_port = holder is True

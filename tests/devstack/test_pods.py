@@ -660,3 +660,28 @@ def test_the_readiness_probe_asks_whose_the_port_is_until_it_is_the_pod_process_
         proc.wait()
     runner._exited(pod)
     assert not pod.owns_port
+
+
+def test_a_pod_whose_port_another_process_took_first_is_started_again_on_another(cluster, monkeypatch):
+    """A pod's port is picked free when the pod is made; another process that bound it before the
+    pod's model server did kept the pod crashing ("Address already in use", backing off) or never
+    ready (its probe asks whose the port is) for good. The port is picked again, as the dev
+    stack's servers pick theirs (on_a_free_port), and the pod's address says the new one."""
+    from devstack.cluster import pods as pods_module
+    from devstack.processes import free_port, port_holder
+    from tests.support.hostile import answering_server
+
+    _api, runner, api_client = cluster
+    with answering_server(lambda path: (200, b"{}")) as stranger:
+        taken = int(stranger.rsplit(":", 1)[1])
+        picks = iter([taken])
+        monkeypatch.setattr(pods_module, "free_port", lambda: next(picks, None) or free_port())
+        versions = VersionDeployments(TARGET, "digits", api_client, BuildSettings(gpus=0))
+        versions.apply("2", IMAGE, replicas=1)
+        versions.wait_ready("2", replicas=1, timeout_s=60, every_s=0.2)
+        (pod,) = runner.pods.values()
+        assert pod.port != taken
+        assert port_holder(pod.proc.pid, pod.port) is True
+        assert runner.endpoints("models", {"version": "2"}) == [f"127.0.0.1:{pod.port}"]
+        (listed,) = pods(api_client, "app=digits,version=2")
+        assert listed.metadata.annotations["cluster.devstack/address"] == f"127.0.0.1:{pod.port}"
