@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from bench import write_result  # noqa: E402
 from bench.peers import check_answers, make_case, make_repository, raw_session, served, timed  # noqa: E402
 from bench.serving import stateless  # noqa: E402
-from devstack.processes import ModelServerProcess, on_a_free_port, start_model_server  # noqa: E402
+from devstack.processes import ModelServerProcess, on_a_free_port, spawn, start_model_server  # noqa: E402
 
 BASE = "144330b^"  # before "Serving: a leaner request path"
 ROWS = [("tiny", 1, 1), ("tiny", 1, 4), ("tiny", 8, 4), ("resnet_bench", 1, 1)]
@@ -90,23 +89,16 @@ def start_canned(canned: Path, work: Path) -> ModelServerProcess:
 
     def start(port: int) -> ModelServerProcess:
         log = work / "floor.log"
-        with log.open("wb") as f:
-            proc = subprocess.Popen([sys.executable, "-c", FLOOR_SERVER, str(port), str(canned)], stdout=f, stderr=f)
-        server = ModelServerProcess(proc, port, log)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if server.owns_port("the floor server") and proc.poll() is None:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    return server
-            except OSError:
-                pass
-            if proc.poll() is not None:
-                raise server.exited("the floor server")
-            if time.monotonic() > deadline:
-                server.stop(timeout_s=5)
-                raise RuntimeError(f"the floor server did not start; see {log}")
-            time.sleep(0.1)
+        server = ModelServerProcess(spawn([sys.executable, "-c", FLOOR_SERVER, str(port), str(canned)], log), port, log)
+
+        def answers() -> bool:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+
+        if server.wait_for("the floor server", answers, 30, 0.1):
+            return server
+        server.stop(timeout_s=5)
+        raise RuntimeError(f"the floor server did not start; see {log}")
 
     return on_a_free_port(start, None)
 

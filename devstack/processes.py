@@ -334,6 +334,12 @@ def port_in_use(log: str, port: int) -> bool:
     )
 
 
+def spawn(cmd: list[str], log: Path, **kw: Any) -> subprocess.Popen[bytes]:
+    """``cmd`` started with its output (stdout and stderr) in ``log``, written anew."""
+    with log.open("wb") as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, **kw)
+
+
 @dataclass
 class ManagedProcess:
     """A service this code started: stopped by its process id, SIGTERM then SIGKILL."""
@@ -355,6 +361,24 @@ class ManagedProcess:
             raise
         self._owned = holder is True
         return holder
+
+    def wait_for(self, what: str, ready: Callable[[], bool], wait_s: float, every_s: float, tail: int = 3000) -> bool:
+        """Ask ``ready()`` every ``every_s`` until it is True (True), asked only while this process
+        holds its port (owns_port: PortTaken, the process stopped, where another holds it); an
+        OSError, ValueError or KeyError from it is "not yet". The process's exit is raised
+        (exited, with ``tail``). False once ``wait_s`` passed: the caller says what was not ready."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            ours = self.owns_port(what)
+            if self.proc.poll() is not None:
+                raise self.exited(what, tail)
+            try:
+                if ours and ready():
+                    return True
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(every_s)
+        return False
 
     def exited(self, what: str, tail: int = 3000) -> RuntimeError:
         """What to raise once the process exited: its code and its log's last ``tail`` characters;
@@ -407,17 +431,12 @@ class ModelServerProcess(ManagedProcess):
         """Wait until /v2/health/<health> ("live" or "ready") answers 200 from this process (on a
         port it listens on, not another's: PortTaken); RuntimeError (with the log) when the
         process exits first or ``timeout_s`` passes."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            ours = self.owns_port("model server")
-            if self.proc.poll() is not None:
-                raise self.exited("model server", tail=0)
-            try:
-                if ours and _get(f"{self.http}/v2/health/{health}", timeout=1)[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
+
+        def answers() -> bool:
+            return _get(f"{self.http}/v2/health/{health}", timeout=1)[0] == 200
+
+        if self.wait_for("model server", answers, timeout_s, 0.1, tail=0):
+            return
         raise RuntimeError(f"model server not {health} within {timeout_s:g} s:\n{self.log.read_text()}")
 
     def metric(self, name: str, **labels: str) -> float | None:
@@ -481,9 +500,7 @@ def start_model_server(
         inherited = os.environ.get("PYTHONPATH", "") if source == ROOT else ""
         pythonpath = os.pathsep.join(p for p in (source_path(source), inherited) if p)
         env = {**os.environ, "PYTHONPATH": pythonpath, "ORT_DISABLE_TELEMETRY": "1"}
-        with log.open("wb") as f:
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=source)
-        server = ModelServerProcess(proc, port, log, token)
+        server = ModelServerProcess(spawn(cmd, log, env=env, cwd=source), port, log, token)
         try:
             server.wait_until(until, wait_s)
         except RuntimeError as exc:
@@ -511,22 +528,17 @@ class PrometheusProcess(ManagedProcess):
     def wait_scraped(self, wait_s: float = 30.0) -> PrometheusProcess:
         """Once every static target has been scraped successfully (as this process answers: PortTaken
         where another holds its port); stopped if not within ``wait_s``."""
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            ours = self.owns_port("prometheus")
-            if self.proc.poll() is not None:
-                raise self.exited("prometheus")
-            try:
-                # Ready is not enough: target discovery starts scraping up to 5 s later.
-                status, body = _get(f"{self.url}/api/v1/targets?state=active", timeout=1) if ours else (0, b"")
-                if status == 200:
-                    active = json.loads(body)["data"]["activeTargets"]
-                    static = [t for t in active if t["discoveredLabels"].get("__meta_filepath") is None]
-                    if len(static) == self.targets and all(t["health"] == "up" for t in static):
-                        return self
-            except (OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.2)
+
+        def scraped() -> bool:  # (ready is not enough: target discovery starts scraping up to 5 s later)
+            status, body = _get(f"{self.url}/api/v1/targets?state=active", timeout=1)
+            if status != 200:
+                return False
+            active = json.loads(body)["data"]["activeTargets"]
+            static = [t for t in active if t["discoveredLabels"].get("__meta_filepath") is None]
+            return len(static) == self.targets and all(t["health"] == "up" for t in static)
+
+        if self.wait_for("prometheus", scraped, wait_s, 0.2):
+            return self
         self.stop()
         raise RuntimeError(f"prometheus not ready within {wait_s:g} s:\n{self.log.read_text()[-3000:]}")
 
@@ -569,19 +581,14 @@ def start_prometheus(
     log = work_dir / "prometheus.log"
 
     def start(port: int) -> PrometheusProcess:
-        with log.open("wb") as f:
-            proc = subprocess.Popen(
-                [
-                    binary,
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={work_dir / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                    "--web.enable-lifecycle",
-                ],
-                stdout=f,
-                stderr=subprocess.STDOUT,
-            )
-        prom = PrometheusProcess(proc, port, log, len(targets))
+        cmd = [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={work_dir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--web.enable-lifecycle",
+        ]
+        prom = PrometheusProcess(spawn(cmd, log), port, log, len(targets))
         return prom.wait_scraped(wait_s) if wait else prom
 
     return on_a_free_port(start, port)
@@ -630,29 +637,23 @@ def start_s3(work_dir: Path, port: int | None = None, wait_s: float = 60.0) -> S
     log = work_dir / "moto.log"
 
     def start(port: int) -> S3Process:
-        with log.open("wb") as f:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                stdout=f,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **S3_CREDENTIALS},
-            )
-        server = S3Process(proc, port, log)
-        deadline = time.monotonic() + wait_s
-        while True:
-            ours = server.owns_port("moto server")
-            if proc.poll() is not None:
-                raise server.exited("moto server")
+        cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        server = S3Process(spawn(cmd, log, env={**os.environ, **S3_CREDENTIALS}), port, log)
+        last: OSError = ConnectionRefusedError(f"moto server does not listen on 127.0.0.1:{port} yet")
+
+        def bucket_made() -> bool:
+            nonlocal last
             try:
-                if not ours:
-                    raise ConnectionRefusedError(f"moto server does not listen on 127.0.0.1:{port} yet")
                 server.filesystem().create_dir(server.bucket)
-                return server
-            except OSError:
-                if time.monotonic() > deadline:
-                    server.stop()
-                    raise
-                time.sleep(0.2)
+            except OSError as exc:
+                last = exc  # (raised once the time is up, as before)
+                raise
+            return True
+
+        if server.wait_for("moto server", bucket_made, wait_s, 0.2):
+            return server
+        server.stop()
+        raise last
 
     return on_a_free_port(start, port)
 
