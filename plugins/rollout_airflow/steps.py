@@ -112,10 +112,12 @@ CALLBACK_API_S, CALLBACK_CALL_S = 30.0, 15.0
 # (Slack's own timeout) and the DAG file's parse in the 10 s left. The routes write is its 7th call
 # (``quick``: the lease renewed once, GET and PUT, the routes read, the baseline's Deployment read
 # once for its size and its readiness, the routes read, the DestinationRule's subsets, the routes
-# written from that read; under autoscaling the baseline's HPA read before it too, its 8th call:
-# FLOOR_CALLS): a server answering each in 5 s still gets it (35 s; 40 s); slower, the
+# written from that read): a server answering each in 5 s still gets it (35 s); slower, the
 # callback reports the routes not restored rather than being killed. (A wait for the baseline's
-# pod may end one 1 s poll past it.)
+# pod may end one 1 s poll past it.) Under autoscaling the baseline's HPA is read before it too
+# (its held floor, to scale the baseline up to), only where that leaves the calls after the wait
+# (AFTER_WAIT_CALLS) their time: at 4.5 s a call the routes write was its 8th call, the lease's
+# release past the cap; unread, the baseline keeps the pods it runs, its HPA the floor held.
 CALLBACK_CAP_S = 40.0
 # The failure callback's wait for the baseline's pod keeps the calls after it their time (each as
 # long as the last served call took to answer, no Retry-After or backoff wait counted:
@@ -129,8 +131,8 @@ CALLBACK_CAP_S = 40.0
 # Deployment, for its report's wording) is made only where it leaves the release its time: an API
 # server answering in 4.5 s cut the release (read, then delete) at the cap, the lease left to run out.
 RELEASE_CALLS = 1
-# Under autoscaling the callback reads the baseline's HPA before its routes write (its held floor:
-# the routes write is its 8th call, 40 s at 5 s a call), and releases that floor after it (the
+# Under autoscaling the callback reads the baseline's HPA before its routes write where it has the
+# time (its held floor: the routes write then its 8th call), and releases that floor after it (the
 # HPA read twice and patched, its PodDisruptionBudget read and patched: FLOOR_CALLS) before the
 # lease's release: at 3 s a call those cut the release at the cap. The floor's release is left
 # where it would leave the lease's release no time (``stable_back``): held, said so; the model's
@@ -1949,8 +1951,9 @@ def stable_back(
             # its first ready pod takes the traffic: the rest may need the room the candidate's pods take
             deployments.scale(spec.baseline_version, restoring, spec.baseline_version, rolling_back=True)
         else:
-            if deployments.build.autoscaling:  # fewer pods than served before the run
-                held = deployments.held_floor(spec.baseline_version)
+            # (the failure callback's: its reads here only where they leave the calls after the wait their time)
+            if deployments.build.autoscaling and not (quick and mesh.budget_left(1 + AFTER_WAIT_CALLS) < 0):
+                held = deployments.held_floor(spec.baseline_version)  # fewer pods than served before the run
                 size = held or min(live + (deployments.replicas(spec.candidate_version) or 0), MAX_REPLICAS)
                 if live < size:  # (not waited for; its HPA another manager's: refused, logged, scaled all the same)
                     try:
