@@ -87,7 +87,7 @@ def parse_log_time(stamp: str) -> float | None:
         return None
 
 
-def status(code: int, reason: str, message: str) -> dict[str, Any]:
+def status(code: int, reason: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "kind": "Status",
         "apiVersion": "v1",
@@ -95,16 +95,18 @@ def status(code: int, reason: str, message: str) -> dict[str, Any]:
         "status": "Failure",
         "message": message,
         "reason": reason,
+        **({"details": details} if details is not None else {}),
         "code": code,
     }
 
 
 class APIError(Exception):
-    """An answer other than success: its code, Kubernetes reason and message (a Status body)."""
+    """An answer other than success: its code, Kubernetes reason and message (a Status body),
+    and its ``details`` where the real server gives some (an apply's conflicts: ``causes``)."""
 
-    def __init__(self, code: int, reason: str, message: str):
+    def __init__(self, code: int, reason: str, message: str, details: dict[str, Any] | None = None):
         super().__init__(message)
-        self.code, self.reason, self.message = code, reason, message
+        self.code, self.reason, self.message, self.details = code, reason, message, details
 
 
 class Dropped(Exception):
@@ -913,7 +915,7 @@ class FakeKubeAPI:
                     self.close_connection = True
                     return
                 except APIError as exc:
-                    self._send(exc.code, status(exc.code, exc.reason, exc.message))
+                    self._send(exc.code, status(exc.code, exc.reason, exc.message, exc.details))
                     return
                 if answer is not None:
                     self._send(*answer)
@@ -1330,7 +1332,12 @@ def _fields(
                 if any(x is e for x, _ in conflicts)
             )
         s = "s" if len(conflicts) > 1 else ""
-        raise APIError(409, "Conflict", f"Apply failed with {len(conflicts)} conflict{s}: {said}")
+        # (the real server's Status: each field a cause, its manager as the message names it)
+        causes = [
+            {"reason": "FieldManagerConflict", "message": f"conflict with {_manager(e)}", "field": _path_text(p)}
+            for e, p in conflicts
+        ]
+        raise APIError(409, "Conflict", f"Apply failed with {len(conflicts)} conflict{s}: {said}", {"causes": causes})
     others = [_owning(e, _owned(e) - {p for x, p in conflicts if x is e}) for e in others]
     theirs = set().union(*(_owned(e) for e in others))
     for key in ("labels", "annotations"):  # a map of its keys: the ones no one else owns or applies go

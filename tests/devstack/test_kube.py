@@ -347,6 +347,59 @@ def test_an_apply_changing_a_field_another_manager_applied_is_a_conflict(core):
     assert live["metadata"]["labels"]["team"] == "vision"  # (argocd-controller's alone: kept)
 
 
+def test_an_apply_conflict_is_a_status_whose_details_list_each_field_and_its_manager(core):
+    """The real API server's 409 for an apply's conflicts is a Status of reason Conflict whose
+    ``details.causes`` list each field (``FieldManagerConflict``: the manager as the message names
+    it, the field's path); the fake's had no details, so what the rollout reads of them (its
+    ``FieldsOwned``: each manager with its fields) was never met here. They are given, each field
+    once, its manager as the message says it; the rollout's refusal names them."""
+    from vision_rollout.deploy import FieldsOwned, VersionDeployments, render_deployment
+    from vision_rollout.mesh import IstioTarget
+
+    _fake, api = core
+    apps = client.AppsV1Api(api.api_client)
+    target = IstioTarget("ml", "digits", "digits")
+    theirs = render_deployment(target, "digits", "2", "img:theirs", 1)
+    apps.patch_namespaced_deployment(
+        "digits-v2", "ml", theirs, field_manager="argocd-controller", _content_type=APPLY["_content_type"]
+    )
+    apps.patch_namespaced_deployment_scale("digits-v2", "ml", {"spec": {"replicas": 4}}, field_manager="hpa")
+    mine = render_deployment(target, "digits", "2", "img:mine", 2)
+    with pytest.raises(ApiException) as conflict:
+        apps.patch_namespaced_deployment("digits-v2", "ml", mine, **APPLY)
+    answer = json.loads(conflict.value.body)
+    image = '.spec.template.spec.containers[name="model-server"].image'
+    assert (answer["kind"], answer["status"], answer["reason"], answer["code"]) == (
+        "Status",
+        "Failure",
+        "Conflict",
+        409,
+    )
+    assert answer["message"] == (
+        "Apply failed with 2 conflicts: "
+        f'conflicts with "argocd-controller" using apps/v1:\n- {image}\n'
+        'conflicts with "hpa" with subresource "scale" using apps/v1:\n- .spec.replicas'
+    )
+    assert sorted(answer["details"]["causes"], key=lambda c: c["field"]) == [
+        {
+            "reason": "FieldManagerConflict",
+            "message": 'conflict with "hpa" with subresource "scale" using apps/v1',
+            "field": ".spec.replicas",
+        },
+        {
+            "reason": "FieldManagerConflict",
+            "message": 'conflict with "argocd-controller" using apps/v1',
+            "field": image,
+        },
+    ]
+    versions = VersionDeployments(target, "digits", api.api_client)
+    with pytest.raises(FieldsOwned) as refused:
+        versions._server_side_apply(apps.patch_namespaced_deployment, "apply Deployment digits-v2", mine)
+    assert refused.value.owned == {'"argocd-controller"': [image], '"hpa" with subresource "scale"': [".spec.replicas"]}
+    assert f'"argocd-controller" owns {image}' in str(refused.value)
+    assert '"hpa" with subresource "scale" owns .spec.replicas' in str(refused.value)
+
+
 def test_the_managers_of_an_istio_objects_and_a_budgets_fields_are_recorded_as_a_real_server_does(core):
     """Only a Deployment's fields had managers here: a VirtualService's, DestinationRule's or
     PodDisruptionBudget's apply took every field, so what the rollout did to another manager's
