@@ -694,9 +694,11 @@ class VersionDeployments:
             if recorded is not None:
                 body["metadata"]["annotations"][TEMPLATE_ANNOTATION] = recorded
 
+        read = meta.get("resourceVersion") if own else None  # (the version its forced apply holds to)
+
         def applied(**dry_run: str) -> Any:
             patch = self._apps().patch_namespaced_deployment
-            return self._server_side_apply(patch, f"apply Deployment {self._name(version)}", body, **dry_run)
+            return self._server_side_apply(patch, f"apply Deployment {self._name(version)}", body, read, **dry_run)
 
         if deployed is not None and intact:  # (the template the rollout applies, with the server's defaults)
             now = None if live is None else live["spec"]["template"]
@@ -704,17 +706,22 @@ class VersionDeployments:
             body["metadata"]["annotations"][TEMPLATE_ANNOTATION] = template_digest(template)
         return applied(**({"dry_run": "All"} if dry_run else {}))
 
-    def _server_side_apply(self, patch: Callable[..., Any], what: str, body: dict[str, Any], **options: str) -> Any:
+    def _server_side_apply(
+        self, patch: Callable[..., Any], what: str, body: dict[str, Any], read: str | None, **options: str
+    ) -> Any:
         """``body`` applied by ``patch`` (a client's ``patch_namespaced_<kind>``) server-side, with the
         rollout's field manager and no ``force`` (a field another manager owns is refused); its
         answer. A refusal as ``refused`` says it, naming ``what``; an answer that left unknown
         whether it was served, ``Unsettled`` (``unsettled``: for the caller's ``settled``). Fields
         refused only for the rollout's own field manager's other writes (its scale subresource's,
         ``_scale_subresource``, or an operator's under its name, ``scale_by_hand``) are its own:
-        the apply is sent again with ``force``, which takes them from those writes."""
+        the apply is sent again with ``force``, which takes them from those writes, at ``read``
+        (the object's ``resourceVersion`` as the caller read it; None: none read, nothing forced):
+        a field another manager changed since is not taken with them, the forced apply refused
+        (409), said changed, nothing applied."""
         from kubernetes.client.exceptions import ApiException
 
-        def sent(**force: bool) -> Any:
+        def sent(body: dict[str, Any], **force: bool) -> Any:
             with unsettled():
                 try:
                     return patch(
@@ -727,15 +734,21 @@ class VersionDeployments:
                         **force,
                     )
                 except ApiException as exc:
+                    if force and exc.status == 409:  # (force takes any field: only the resourceVersion refuses it)
+                        raise RouterError(
+                            f"{what}: not sent again with force to take back the rollout's own fields: the object "
+                            f"changed since it was read (resourceVersion {read}; 409 Conflict: {api_message(exc)}), "
+                            "and another manager's change is not taken over; nothing applied: run the step again"
+                        ) from None
                     raise refused(what, exc) from None
 
         try:
-            return sent()
+            return sent(body)
         except FieldsOwned as exc:
-            if not all(manager.startswith(f'"{FIELD_MANAGER}"') for manager in exc.owned):
+            if read is None or not all(manager.startswith(f'"{FIELD_MANAGER}"') for manager in exc.owned):
                 raise
             log.info("%s: the rollout's own (its field manager's other writes), taken back", str(exc)[:300])
-            return sent(force=True)
+            return sent({**body, "metadata": {**body["metadata"], "resourceVersion": read}}, force=True)
 
     def _sized(
         self,
@@ -776,6 +789,7 @@ class VersionDeployments:
 
         def attempt(doubted: int) -> None:
             body = render_pdb(self.target, version, replicas, bool(self.build.autoscaling))
+            read = None
             try:
                 live = policy.api_client.sanitize_for_serialization(
                     policy.read_namespaced_pod_disruption_budget(name, self.target.namespace)
@@ -783,13 +797,14 @@ class VersionDeployments:
                 if doubted and live.get("spec") == body["spec"]:
                     return  # (the apply in doubt, served)
                 body = with_live_metadata(body, live)  # another manager's labels stay its own
+                read = (live.get("metadata") or {}).get("resourceVersion")
             except ApiException as exc:
                 if exc.status != 404:
                     log.warning(
                         "%s; applied without its labels and annotations",
                         refused(f"GET PodDisruptionBudget {name}", exc),
                     )
-            self._server_side_apply(policy.patch_namespaced_pod_disruption_budget, what, body)
+            self._server_side_apply(policy.patch_namespaced_pod_disruption_budget, what, body, read)
 
         try:
             settled(attempt)
@@ -1065,7 +1080,8 @@ class VersionDeployments:
             if live is not None and _hpa_holds(live, hpa):
                 return
             patch = client.AutoscalingV2Api(self.api_client).patch_namespaced_horizontal_pod_autoscaler
-            self._server_side_apply(patch, what, hpa, **({"dry_run": "All"} if dry_run else {}))
+            read = None if live is None else live["metadata"].get("resourceVersion")
+            self._server_side_apply(patch, what, hpa, read, **({"dry_run": "All"} if dry_run else {}))
 
         settled(attempt)
         if dry_run or not budget:

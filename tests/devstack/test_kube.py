@@ -393,8 +393,9 @@ def test_an_apply_conflict_is_a_status_whose_details_list_each_field_and_its_man
         },
     ]
     versions = VersionDeployments(target, "digits", api.api_client)
+    read = apps.read_namespaced_deployment("digits-v2", "ml").metadata.resource_version
     with pytest.raises(FieldsOwned) as refused:
-        versions._server_side_apply(apps.patch_namespaced_deployment, "apply Deployment digits-v2", mine)
+        versions._server_side_apply(apps.patch_namespaced_deployment, "apply Deployment digits-v2", mine, read)
     assert refused.value.owned == {'"argocd-controller"': [image], '"hpa" with subresource "scale"': [".spec.replicas"]}
     assert f'"argocd-controller" owns {image}' in str(refused.value)
     assert '"hpa" with subresource "scale" owns .spec.replicas' in str(refused.value)

@@ -1207,7 +1207,7 @@ def test_an_apply_conflict_past_the_messages_first_1000_characters_is_not_forced
     stub = SimpleNamespace(target=SimpleNamespace(namespace="models"))
     with pytest.raises(FieldsOwned) as raised:
         VersionDeployments._server_side_apply(
-            stub, patch, "apply Deployment digits-v2", {"metadata": {"name": "digits-v2"}}
+            stub, patch, "apply Deployment digits-v2", {"metadata": {"name": "digits-v2"}}, "7"
         )
     assert raised.value.owned['"terraform"'] == [".spec.replicas"]
     assert forced == [False]

@@ -2594,6 +2594,42 @@ def test_the_command_that_scales_a_version_by_hand_leaves_its_next_deploy_free(k
     assert deployment(kube, "2")["spec"]["replicas"] == 3
 
 
+def test_a_field_changed_before_the_forced_apply_of_the_rollouts_own_fields_fails_it_naming_the_object(kube):
+    """An apply refused only for the rollout's own field manager's other writes (a scale by hand
+    under its name) is sent again with force, which took every field it sets, also one another
+    manager changed between the refusal and the forced retry (argocd's image): taken silently.
+    The forced retry carries the resourceVersion read: a change meanwhile fails it (409), the
+    error naming the Deployment, nothing applied (the other manager's image, the count as was)."""
+    from kubernetes import client
+
+    from vision_rollout.deploy import render_deployment
+    from vision_rollout.mesh import RouterError
+
+    at_stage_1(kube)
+    deployments = steps.serving().deployments("digits")
+    apps = client.AppsV1Api(deployments._apps().api_client)
+    apps.patch_namespaced_deployment_scale(
+        "digits-v2", "models", {"spec": {"replicas": 0}}, field_manager="model-rollout"
+    )
+    theirs = render_deployment(deployments.target, "digits", "2", "img:theirs", None)
+
+    def changed() -> None:  # (another writer's apply, once the rollout's own forced one arrives)
+        if kube.requests[-1]["query"].get("force", ["false"])[0].lower() != "true":
+            kube.before_write = changed
+            return
+        kube.apply("deployments", "models", "digits-v2", theirs, "argocd-controller", force=True)
+
+    kube.before_write = changed
+    with pytest.raises(RouterError) as refused:
+        deployments.apply("2", image("2"), replicas=3)
+    kube.before_write = None
+    assert "apply Deployment digits-v2" in str(refused.value)
+    assert "changed since" in str(refused.value)
+    live = deployment(kube, "2")
+    assert live["spec"]["template"]["spec"]["containers"][0]["image"] == "img:theirs"  # not taken over
+    assert live["spec"]["replicas"] == 0
+
+
 def by_hand(command: str, kind: str, name: str) -> dict:
     """A command a report gives to change an object by hand (``shlex.split``): a merge patch of
     ``kind`` ``name`` in models under the rollout's field manager. Its patch."""
