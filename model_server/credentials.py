@@ -295,9 +295,10 @@ _BLOCK_HEAD = (
     rf"|(?!{_BLOCK_START}|{_AFTER_COLON}#[ \t][^\r\n\\]{{0,256}}+{_LINE_BREAK}))"  # (a comment is no value)
 )
 # A YAML list's mark after the key's ":" with nothing after it on its line but blanks or a comment
-# after a blank (``m``: "password: - \n  hunter2"): its item is on the next line, read as a plain
-# value after the ":" alone is (``p``), the mark no piece of it.
-_MARK_AT_LINE_END = rf"(?:{_AFTER_COLON}(?P<m>-)(?=[ \t]{{0,16}}+(?:(?<=[ \t])#[^\r\n\\]{{0,256}}+)?{_LINE_BREAK}))?+"
+# after a blank (``m``: "password: - \n  hunter2"), or "--" so (a table's empty cell: "password:
+# --\n  hunter2"): its item is on the next line, read as a plain value after the ":" alone is
+# (``p``), the mark no piece of it.
+_MARK_AT_LINE_END = rf"(?:{_AFTER_COLON}(?P<m>--?)(?=[ \t]{{0,16}}+(?:(?<=[ \t])#[^\r\n\\]{{0,256}}+)?{_LINE_BREAK}))?+"
 _ESCAPED_LINE = rf"(?:(?!(?P=x))(?:[^\r\n\\\"]|{VALUE_ESCAPE})){{1,4096}}+"
 _BLOCK = (
     r"(?(x)"

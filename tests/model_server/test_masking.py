@@ -1383,6 +1383,7 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "escaped tabs after value keys in quotes": ('{"name": "DB_PASSWORD", "value":' + "\\t" * 64 + "1}") * 6_100,
     "placeholders before words after keys": "password: none a " * 62_500,
     "escaped quotes after query parameters": ("&sig=" + '\\"' * 300 + " ") * 1_600,
+    "double dashes at line ends after keys": ("password: --" + " " * 16 + "\n" + " " * 64) * 10_600,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -3300,6 +3301,31 @@ def test_a_secret_as_a_yaml_list_item_under_its_key_is_masked(keys, text, value)
     assert scrub(text) == text.replace(value, "***")
     for placeholder in ["password: - ", "password: - null", "password: -\t"]:
         assert scrub(placeholder) == placeholder
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("password: --\n  hunter2", "hunter2"),
+        ("password: -- \n  hunter2", "hunter2"),
+        ("db:\n  api_key: --\t# unset\n    sk-proj-abcdefghijklmnop1234\n  user: bob", "sk-proj-abcdefghijklmnop1234"),
+        (json.dumps({"m": "password: --\n  hunter2"}), "hunter2"),
+    ],
+)
+def test_a_secret_on_the_line_after_a_double_dash_is_masked(keys, text, value):
+    """A YAML value on the line after "--" ("password: --\n  hunter2", a table's empty cell
+    written before it) was logged and sent to Slack in clear, and "--" masked in its place: the
+    next-line value was read after the key's ":" alone or a list's mark "-" only. "--" then nothing
+    but blanks or a comment on its line is read as the mark is: it stays, and the next line's
+    value, more indented than the key and no mapping's key, is masked."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value], masked
+    assert TOKEN_RE.sub("", masked) == text.replace(value, "")
+    assert scrub(text) == text.replace(value, "***")
+    for kept in ["password: --\n  user: bob", "password: -- \nuser: bob", "db:\n  password: --\n  user: bob"]:
+        assert scrub(kept) == kept
+        assert Masker(ring).mask_text(kept, ring.key_for(None)) == kept
 
 
 @pytest.mark.parametrize(
