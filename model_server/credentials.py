@@ -152,8 +152,16 @@ NO_VALUE = rf"(?!{PLACEHOLDER}(?=[\s,;&)\]}}\"'<>]|\\[nrtbf]|\Z))"
 # A placeholder then a word on its line ("password: none hunter2"): the placeholder stays, the word
 # is the value, as any word after a secret's key is (a date after it is the line's, a token the
 # mask's own). Not after a mask's mark: "***" is where a value was, the word after it the text's
-# own ("access_token=*** 500"), and a text scrubbed again stays as it is.
-PLACEHOLDER_THEN = rf"(?:{_WRITTEN_PLACEHOLDER}[ ]{{1,2}}+(?!{DATE_OR_TIME}){NOT_MASKED}(?=[^\s\"'`,;&<>\\]))?+"
+# own ("access_token=*** 500"), and a text scrubbed again stays as it is. A word of a closed list
+# that completes the placeholder's phrase ("none set", "n/a yet", "null here"), whole (a "." or "!"
+# at most after it, then the value's end), is the placeholder's too: alone, nothing is masked; a
+# word after it is the value ("none set hunter2"). Another word ("none settle") is the value.
+_PHRASE_WORD = r"(?i:set|yet|here|given|provided|configured|specified|supplied|required|needed)"
+_PHRASE_END = r"(?=[\s,;&)\]}\"'<>]|\\[nrtbf\"']|\Z)"
+PLACEHOLDER_THEN = (
+    rf"(?:{_WRITTEN_PLACEHOLDER}(?:[ ]{{1,2}}+{_PHRASE_WORD}[.!]?+{_PHRASE_END})?+"
+    rf"[ ]{{1,2}}+(?!{DATE_OR_TIME}){NOT_MASKED}(?=[^\s\"'`,;&<>\\]))?+"
+)
 _CRED_RUN = _run(_RUN_CHARS)  # a value not in quotes, to an escaped quote
 
 

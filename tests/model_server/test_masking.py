@@ -1384,6 +1384,7 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "placeholders before words after keys": "password: none a " * 62_500,
     "escaped quotes after query parameters": ("&sig=" + '\\"' * 300 + " ") * 1_600,
     "double dashes at line ends after keys": ("password: --" + " " * 16 + "\n" + " " * 64) * 10_600,
+    "placeholder phrases before words after keys": "password: none set. a " * 43_500,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -1399,6 +1400,7 @@ FOUND_IN_SECRET_HOSTILE = {
     "backslashes after query parameters": {"secret"},  # each parameter's first 256
     "escaped tabs after value keys in quotes": {"secret"},  # each "1"
     "placeholders before words after keys": {"secret"},  # each word after its placeholder
+    "placeholder phrases before words after keys": {"secret"},  # each word after its phrase
 }
 
 
@@ -3352,6 +3354,54 @@ def test_a_secret_after_a_placeholder_is_masked(keys, text, value):
     for kept in ["password: none", "password: - null", "password: none 2026-12-05", "password: n/a, user: bob"]:
         assert scrub(kept) == kept
         assert Masker(ring).mask_text(kept, ring.key_for(None)) == kept
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "password: none set",
+        "password: None set, user: bob",
+        "password: n/a yet",
+        "api_key: null here.",
+        "token=none given",
+        "password: (not set) yet",
+        "password: none required\nuser: bob",
+        json.dumps({"m": "password: none configured"}),
+    ],
+)
+def test_a_placeholder_phrase_after_a_key_stays(keys, text):
+    """A placeholder and the word that completes its phrase ("password: none set", "n/a yet",
+    "null here") had that word masked as the secret a placeholder hides: since a0da541 any word
+    after a placeholder is. A closed list of such words (set, yet, here, given, provided,
+    configured, specified, supplied, required, needed), ending the value (a "." or "!" at most
+    after it), completes the placeholder: nothing is masked. A word after the phrase is masked
+    still (``test_a_secret_after_a_placeholder_phrase_is_masked``)."""
+    assert Masker(KeyRing(keys)).mask_text(text, None) == text
+    assert scrub(text) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("password: none set hunter2", "hunter2"),
+        ("password: none set. hunter2", "hunter2"),
+        ("password: n/a yet  sk-proj-abcdefghijklmnop1234", "sk-proj-abcdefghijklmnop1234"),
+        ("password: none settle", "settle"),
+        ("password: none set2x", "set2x"),
+        ("password: none here!x9", "here!x9"),
+        ("token=null given.x9", "given.x9"),
+    ],
+)
+def test_a_secret_after_a_placeholder_phrase_is_masked(keys, text, value):
+    """A word after a placeholder's phrase ("password: none set hunter2"), or one that only starts
+    as a phrase's word does ("none settle", "none set2x"), is the value: masked, the placeholder
+    and its phrase kept."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value], masked
+    assert TOKEN_RE.sub("", masked) == text.replace(value, "")
+    assert scrub(text) == text.replace(value, "***")
+    assert scrub(scrub(text)) == scrub(text)
 
 
 @pytest.mark.parametrize(
