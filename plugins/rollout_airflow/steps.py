@@ -141,7 +141,7 @@ FLOOR_CALLS = 5
 # What ``finish`` says of a candidate it did not retire whose pods run (the failure callback's: no
 # time to drain it), with the command that scales it to 0; the callback reports it, not only logs it.
 LEFT_RUNNING = "is left loaded, its pods running"
-# What it says of one whose Deployment it did not read (``candidate_deployed``: no time left, or
+# What it says of one whose Deployment it did not read (``candidate_idle``: no time left, or
 # the read failed): it may never have been deployed; the command given all the same.
 UNCHECKED_RUNNING = "may be left running (not checked)"
 AFTER_WAIT_CALLS, WAIT_POLL_S = 5 + RELEASE_CALLS, 1.0
@@ -2420,11 +2420,11 @@ def finish(
             left = f"is left to run {short.taken!r}, which holds model {spec.model!r} now"
         elif spec.mesh != "istio":
             left = "is left loaded: unload it"
-        elif not sent and (deployed := candidate_deployed(spec, hook, quick)) is False:  # (failed before deploying it)
-            left = "has no Deployment: nothing to unload"
+        elif not sent and (idle := candidate_idle(spec, hook, quick)):  # (failed before deploying it)
+            left = f"{idle}: nothing to unload"
         else:
             left = (
-                f"{LEFT_RUNNING if sent or deployed else UNCHECKED_RUNNING}: scale it to 0 "
+                f"{LEFT_RUNNING if sent or idle == '' else UNCHECKED_RUNNING}: scale it to 0 "
                 f"({hook.deployments(spec.model).scale_by_hand(spec.candidate_version, 0)}: {SCALE_BY_HAND_KUBECTL})"
             )
         candidate = "is unloaded" if retired else left
@@ -2448,21 +2448,23 @@ def left_running(done: str) -> bool:
     return LEFT_RUNNING in done or UNCHECKED_RUNNING in done
 
 
-def candidate_deployed(spec: RolloutSpec, hook: ModelServerHook, quick: bool = False) -> bool | None:
-    """Whether the candidate has a Deployment (a command to scale it is worth giving); None where
-    it is not read (the failure callback's time spent, say): the command given all the same, the
-    candidate said maybe running (``UNCHECKED_RUNNING``). ``quick`` (the failure callback): not
-    read, None, where the read would leave the lease's release (``RELEASE_CALLS``) no time in its
-    ``api_budget``."""
+def candidate_idle(spec: RolloutSpec, hook: ModelServerHook, quick: bool = False) -> str | None:
+    """Why the candidate runs no pods: it has no Deployment, or one at 0 replicas (a version an
+    earlier run retired); "" where its Deployment asks for pods (a command to scale it to 0 is worth
+    giving). None where it is not read (the failure callback's time spent, say): the command given
+    all the same, the candidate said maybe running (``UNCHECKED_RUNNING``). ``quick`` (the failure
+    callback): not read, None, where the read would leave the lease's release (``RELEASE_CALLS``)
+    no time in its ``api_budget``."""
     from vision_rollout import mesh
 
     if quick and mesh.budget_left(1 + RELEASE_CALLS) < 0:
         return None
     try:
-        return hook.deployments(spec.model).replicas(spec.candidate_version) is not None
+        replicas = hook.deployments(spec.model).replicas(spec.candidate_version)
     except Exception as exc:
         log.info("version %s's Deployment was not read: %s", spec.candidate_version, str(exc)[:300])
         return None
+    return "has no Deployment" if replicas is None else "" if replicas > 0 else "has its Deployment at 0 pods"
 
 
 def _write_end(folder: Folder, end: dict[str, Any], report: dict[str, Any] | None) -> None:

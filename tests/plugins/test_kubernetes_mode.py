@@ -3020,12 +3020,28 @@ def test_a_failure_callback_before_the_candidate_was_deployed_gives_no_command_t
     assert routes(kube) == [("v1", 100)]
 
 
+def test_a_failure_callback_before_the_candidate_was_deployed_gives_no_command_for_one_at_0_pods(kube, caplog):
+    """As above, but an earlier run retired version 2 (its Deployment kept, at 0 replicas): the
+    failure callback counted a Deployment as running pods and said version 2 "is left loaded, its
+    pods running: scale it to 0", for a version that runs none. Running means pods asked for
+    (``spec.replicas`` above 0): it says the candidate runs none, nothing to unload."""
+    stable_virtual_service(kube, PARAMS)
+    steps.ModelServerHook().deployments("digits").apply("2", image("2"), replicas=0)
+    take("run-1")
+    steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+    assert deployment(kube, "2")["spec"]["replicas"] == 0
+    assert "left loaded" not in caplog.text
+    assert "deployment digits-v2 --subresource=scale" not in caplog.text
+    assert "version 2 has its Deployment at 0 pods: nothing to unload" in caplog.text
+    assert routes(kube) == [("v1", 100)]
+
+
 @pytest.mark.real_pauses  # (the pauses on the fake clock)
 def test_a_failure_callback_with_no_time_to_read_the_candidate_says_it_may_be_left_running(
     kube, monkeypatch, tmp_path, caplog
 ):
     """The run failed before deploy_candidate, the API server answering in 9 s: the callback had no
-    time to read version 2's Deployment (``candidate_deployed``) and reported "version 2 is left
+    time to read version 2's Deployment (``candidate_idle``) and reported "version 2 is left
     loaded, its pods running: scale it to 0" for a version it may never have deployed. Not read,
     it says the candidate may be left running (not checked), with the command all the same."""
     stable_virtual_service(kube, PARAMS)
@@ -3042,7 +3058,7 @@ def test_a_failure_callback_with_no_time_to_read_the_candidate_says_it_may_be_le
 
 def test_a_failure_callback_mid_stage_reads_the_candidates_deployment_no_more_after_its_routes_write(kube, caplog):
     """Mid-stage (the routes sent version 2 a share: deploy_candidate had run), the failure
-    callback put version 1 back, then read version 2's Deployment once more (``candidate_deployed``)
+    callback put version 1 back, then read version 2's Deployment once more (``candidate_idle``)
     only to give the command that scales it to 0: one more call against its time budget, before
     the lease's release. The routes it read say the candidate was deployed: no call after the
     routes write reads it, and the command is given."""
