@@ -1020,7 +1020,9 @@ class VersionDeployments:
         Under autoscaling only: the versions released. A floor released whose PodDisruptionBudget
         was not updated (``BudgetNotApplied``) does not stop the others' release: once every floor
         is released, one BudgetNotApplied names each budget not updated (and the versions whose
-        release was whole)."""
+        release was whole). A floor not released (its HPA's apply refused, say) does not stop the
+        others' either: once each is tried, one RouterError names each version not released (and
+        each budget not updated)."""
         from kubernetes import client
 
         if not self.build.autoscaling:
@@ -1039,16 +1041,19 @@ class VersionDeployments:
             if VERSION.fullmatch(version) and hpa.metadata.name == self._name(version) and version != keep:
                 if FLOOR_ANNOTATION in (hpa.metadata.annotations or {}):
                     held.append(version)
-        released, unapplied = [], []
+        released, unapplied, failed = [], [], []
         for version in sorted(held, key=int):
             try:
                 if self.release_floor(version):
                     released.append(version)
             except BudgetNotApplied as exc:
                 unapplied.append(str(exc))
-        if unapplied:
+            except RouterError as exc:  # (the others tried all the same)
+                failed.append(f"the floor on version {version} was not released: {exc}")
+        if unapplied or failed:
             whole = f" (released whole: the floor on version(s) {', '.join(released)})" if released else ""
-            raise BudgetNotApplied("; ".join(unapplied) + whole)
+            said = "; ".join(failed + unapplied) + whole
+            raise RouterError(said) if failed else BudgetNotApplied(said)
         return released
 
     def _apply_hpa(

@@ -1309,6 +1309,48 @@ def test_floors_left_held_are_all_released_though_a_budget_is_not_updated(kube, 
         assert (f"the floor the run held on version {version} is released" in said) == (version in unanswered)
 
 
+@pytest.mark.parametrize("budget", ["updated", "unanswered"])
+def test_floors_left_held_are_all_released_though_one_hpa_apply_is_refused(kube, monkeypatch, tmp_path, budget):
+    """Floors left held on versions 1, 2 and 3, released by the next run (release_floors): version
+    1's HPA apply was refused (403, a plain error, not a budget's), and the loop stopped there,
+    versions 2 and 3 held until another run. Each version's release is tried; the errors are raised
+    together, each naming its version (with version 2's budget not updated, where it is not)."""
+    from devstack.cluster.kube import APIError
+    from vision_rollout.deploy import BudgetNotApplied, VersionDeployments
+    from vision_rollout.mesh import RouterError
+
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    deployments = steps.ModelServerHook().deployments("digits")
+    for version in ("1", "2", "3"):
+        deployments.apply(version, image(version), replicas=2)
+        kube.scale("models", f"digits-v{version}", 10, "kube-controller-manager")  # its HPA, under load
+        assert deployments.hold_floor(version) == 10
+    apply_pdb = VersionDeployments._apply_pdb
+
+    def unanswered_budget(self, version, replicas):
+        if version == "2" and budget == "unanswered":
+            raise RouterError("apply PodDisruptionBudget digits-v2: the Kubernetes API server did not answer")
+        apply_pdb(self, version, replicas)
+
+    monkeypatch.setattr(VersionDeployments, "_apply_pdb", unanswered_budget)
+    forbidden = APIError(403, "Forbidden", "cannot patch resource horizontalpodautoscalers")
+    refuse(kube, ("PATCH", "/horizontalpodautoscalers/digits-v1", forbidden))
+    with pytest.raises(RouterError) as failed:
+        deployments.release_floors(keep=None)
+    kube.before_write = None
+    assert not isinstance(failed.value, BudgetNotApplied)  # (a floor still held: not only a budget)
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 10  # still held
+    for version in ("2", "3"):
+        assert hpa(kube, version)["spec"]["minReplicas"] == 2
+    said = str(failed.value)
+    assert "the floor on version 1 was not released" in said
+    assert "403" in said
+    assert "kubectl -n models patch horizontalpodautoscaler digits-v1 --type=merge" in said
+    assert ("PodDisruptionBudget models/digits-v2 was not updated" in said) == (budget == "unanswered")
+    assert "the floor on version 2 was not released" not in said
+    assert "the floor on version(s) 2, 3" in said if budget == "updated" else "the floor on version(s) 3" in said
+
+
 @pytest.mark.parametrize("end", ["teardown", "failure-callback"])
 def test_a_kept_promotion_whose_floor_release_fails_is_reported_as_kept(fleet, monkeypatch, tmp_path, caplog, end):
     """Under autoscaling, promote's worker was killed after it retired version 1, before it put
