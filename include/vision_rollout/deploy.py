@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 from vision_rollout.mesh import (
     FIELD_MANAGER,
@@ -496,6 +496,11 @@ DEFAULT_HPA_METRICS = [
 # a rollout whose worker died is put back by its teardown or failure callback on another.
 FLOOR_ANNOTATION = "model-rollout/own-min-replicas"
 HELD_ANNOTATION = "model-rollout/held-min-replicas"
+# An HPA whose floor ``release_floor`` released but whose PodDisruptionBudget it could not update
+# (``BudgetNotApplied``): the floor the budget is to follow, for the next run's ``release_floors``
+# to apply it (the floor's own annotation is gone with the floor).
+BUDGET_ANNOTATION = "model-rollout/budget-pending"
+OWN_HPA_ANNOTATIONS = (FLOOR_ANNOTATION, HELD_ANNOTATION, BUDGET_ANNOTATION)
 
 
 # A server-side apply's conflicts as the API server words them (one: 'conflict with M: PATH';
@@ -599,6 +604,14 @@ def refused(what: str, exc: Any) -> RouterError:
             "model_server_default extra build.autoscaling)"
         )
     return api_error(what, exc)
+
+
+class Released(NamedTuple):
+    """``VersionDeployments.release_floors``'s work: the versions whose floor left held it released,
+    and those whose budget a release left not updated it applied."""
+
+    floors: list[str]
+    budgets: list[str]
 
 
 @dataclass
@@ -998,26 +1011,61 @@ class VersionDeployments:
         try:
             self._apply_pdb(version, kept)
         except RouterError as exc:
+            try:  # (marked for the next run's release_floors, the floor's annotation gone)
+                self._apply_hpa(version, {**spec, "minReplicas": kept}, {BUDGET_ANNOTATION: str(kept)}, budget=False)
+                later = "the model's next run applies it"
+            except RouterError as unmarked:
+                later = f"nor marked for the model's next run to apply ({str(unmarked)[:300]})"
             name = self._name(version)
-            budget = render_pdb(self.target, version, kept, bool(self.build.autoscaling))["spec"]
-            fields = {k: budget.get(k) for k in ("minAvailable", "maxUnavailable")}  # (None: removed)
             raise BudgetNotApplied(
                 f"the floor the run held on version {version} is released (HorizontalPodAutoscaler "
                 f"{self.target.namespace}/{name} at minReplicas {kept}); PodDisruptionBudget "
-                f"{self.target.namespace}/{name} was not updated to match ({str(exc)[:500]}): set its spec to "
-                f"{json.dumps({k: v for k, v in fields.items() if v is not None})}, no other of the two "
-                f"({self._by_hand('poddisruptionbudget', version, {'spec': fields})}); until then a node drain "
-                "follows the budget of the floor held"
+                f"{self.target.namespace}/{name} was not updated to match ({str(exc)[:500]}): "
+                f"{self._budget_advice(version, kept)}; until then a node drain follows the budget of the floor "
+                f"held; {later}"
             ) from exc
         return True
 
-    def release_floors(self, keep: str | None) -> list[str]:
+    def _budget_advice(self, version: str, floor: int) -> str:
+        """What to set the version's PodDisruptionBudget to at its HPA's ``floor``, and the command."""
+        budget = render_pdb(self.target, version, floor, bool(self.build.autoscaling))["spec"]
+        fields = {k: budget.get(k) for k in ("minAvailable", "maxUnavailable")}  # (None: removed)
+        return (
+            f"set its spec to {json.dumps({k: v for k, v in fields.items() if v is not None})}, no other of the "
+            f"two ({self._by_hand('poddisruptionbudget', version, {'spec': fields})})"
+        )
+
+    def apply_pending_budget(self, version: str) -> bool:
+        """The version's PodDisruptionBudget that a floor's release left not updated (its HPA marked,
+        ``BUDGET_ANNOTATION``) applied at the HPA's floor now, then the mark cleared; False where none
+        is marked (or a floor is held again: its own release updates the budget). Still not updated:
+        ``BudgetNotApplied``, the mark kept."""
+        hpa = self._hpa(version)
+        annotations = _metadata(hpa, "annotations") if hpa is not None else {}
+        if hpa is None or BUDGET_ANNOTATION not in annotations or _own_min(hpa) is not None:
+            return False
+        floor = int(hpa["spec"].get("minReplicas") or 1)
+        try:
+            self._apply_pdb(version, floor)
+        except RouterError as exc:
+            name = self._name(version)
+            raise BudgetNotApplied(
+                f"PodDisruptionBudget {self.target.namespace}/{name}, left not updated by a run, is still not "
+                f"updated to version {version}'s floor (minReplicas {floor}) ({str(exc)[:500]}): "
+                f"{self._budget_advice(version, floor)}; the model's next run tries again"
+            ) from exc
+        self._apply_hpa(version, hpa["spec"], budget=False)  # (the mark cleared)
+        return True
+
+    def release_floors(self, keep: str | None) -> Released:
         """Every floor held (``hold_floor``) on a version of this target but ``keep`` (None: on
         every version) released (``release_floor``), oldest version first: left by a run that did
         not end (a worker killed between a promotion's retirement of its baseline and the release,
         its lease then taken over by another run, whose teardown is not that run's). A run starts
         holding the model alone, so a floor held on any version but its baseline is nobody's.
-        Under autoscaling only: the versions released. A floor released whose PodDisruptionBudget
+        Under autoscaling only: the versions released (``Released``), and the versions, ``keep``'s too,
+        whose budget a release left not updated (``BUDGET_ANNOTATION``) applied now
+        (``apply_pending_budget``). A floor released whose PodDisruptionBudget
         was not updated (``BudgetNotApplied``) does not stop the others' release: once every floor
         is released, one BudgetNotApplied names each budget not updated (and the versions whose
         release was whole). A floor not released (its HPA's apply refused, say) does not stop the
@@ -1026,7 +1074,7 @@ class VersionDeployments:
         from kubernetes import client
 
         if not self.build.autoscaling:
-            return []
+            return Released([], [])
         selector = f"app={self.target.service},app.kubernetes.io/managed-by={FIELD_MANAGER},version"
         autoscaling = client.AutoscalingV2Api(self.api_client)
         hpas = self._call(
@@ -1035,13 +1083,16 @@ class VersionDeployments:
                 self.target.namespace, label_selector=selector
             ),
         )
-        held = []
+        held, pending = [], []
         for hpa in hpas.items:
             version = str((hpa.metadata.labels or {}).get("version", ""))
-            if VERSION.fullmatch(version) and hpa.metadata.name == self._name(version) and version != keep:
-                if FLOOR_ANNOTATION in (hpa.metadata.annotations or {}):
+            if VERSION.fullmatch(version) and hpa.metadata.name == self._name(version):
+                annotations = hpa.metadata.annotations or {}
+                if FLOOR_ANNOTATION in annotations and version != keep:
                     held.append(version)
-        released, unapplied, failed = [], [], []
+                elif BUDGET_ANNOTATION in annotations and FLOOR_ANNOTATION not in annotations:
+                    pending.append(version)
+        released, applied, unapplied, failed = [], [], [], []
         for version in sorted(held, key=int):
             try:
                 if self.release_floor(version):
@@ -1050,11 +1101,19 @@ class VersionDeployments:
                 unapplied.append(str(exc))
             except RouterError as exc:  # (the others tried all the same)
                 failed.append(f"the floor on version {version} was not released: {exc}")
+        for version in sorted(pending, key=int):
+            try:
+                if self.apply_pending_budget(version):
+                    applied.append(version)
+            except BudgetNotApplied as exc:
+                unapplied.append(str(exc))
+            except RouterError as exc:
+                failed.append(f"the budget left not updated on version {version} was not applied: {exc}")
         if unapplied or failed:
             whole = f" (released whole: the floor on version(s) {', '.join(released)})" if released else ""
             said = "; ".join(failed + unapplied) + whole
             raise RouterError(said) if failed else BudgetNotApplied(said)
-        return released
+        return Released(released, applied)
 
     def _apply_hpa(
         self,
@@ -1453,7 +1512,8 @@ def _own_min(hpa: dict[str, Any]) -> int | None:
 def _hpa_holds(live: dict[str, Any], hpa: dict[str, Any]) -> bool:
     """Whether the live HPA is ``hpa`` as ``_apply_hpa`` renders it, so that applying it would
     change nothing: its spec's target, bounds, metrics (``DEFAULT_HPA_METRICS`` as none) and
-    behavior, its labels, and the rollout's record of a floor held (none where ``hpa`` has none)."""
+    behavior, its labels, and the rollout's records of a floor held and of a budget pending
+    (``OWN_HPA_ANNOTATIONS``; none where ``hpa`` has none)."""
 
     def view(obj: dict[str, Any]) -> tuple[Any, ...]:
         spec = obj.get("spec") or {}
@@ -1461,7 +1521,7 @@ def _hpa_holds(live: dict[str, Any], hpa: dict[str, Any]) -> bool:
         return (
             *(spec.get(k) for k in ("scaleTargetRef", "minReplicas", "maxReplicas", "behavior")),
             None if metrics == DEFAULT_HPA_METRICS else metrics,
-            {k: v for k, v in _metadata(obj, "annotations").items() if k in (FLOOR_ANNOTATION, HELD_ANNOTATION)},
+            {k: v for k, v in _metadata(obj, "annotations").items() if k in OWN_HPA_ANNOTATIONS},
         )
 
     labels = _metadata(live, "labels")

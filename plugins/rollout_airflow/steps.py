@@ -624,7 +624,8 @@ def preflight(spec: RolloutSpec, validation: Path) -> list[str]:
 
 def release_leftover_floors(spec: RolloutSpec, hook: ModelServerHook, keep: str | None) -> None:
     """The HPA floors a run that did not end left held on versions other than ``keep`` (this run's
-    baseline; None: on any version) put back (``VersionDeployments.release_floors``).
+    baseline; None: on any version) put back (``VersionDeployments.release_floors``), and the
+    PodDisruptionBudgets such a release left not updated applied (on any version).
     Housekeeping: a failure is logged; a floor released whose PodDisruptionBudget was not updated
     (``BudgetNotApplied``) as that, with what to set the budget to, not as a floor still held."""
     from vision_rollout.mesh import RouterError
@@ -637,8 +638,15 @@ def release_leftover_floors(spec: RolloutSpec, hook: ModelServerHook, keep: str 
     except RouterError as exc:
         log.warning("the HPA floors left held by runs that did not end were not released: %s", str(exc)[:1000])
         return
-    if released:
-        log.warning("released the HPA floor left held on version(s) %s by a run that did not end", ", ".join(released))
+    if released.floors:
+        log.warning(
+            "released the HPA floor left held on version(s) %s by a run that did not end", ", ".join(released.floors)
+        )
+    if released.budgets:
+        log.warning(
+            "applied the PodDisruptionBudget left not updated on version(s) %s by a run that released its floor",
+            ", ".join(released.budgets),
+        )
 
 
 def unverified(spec: RolloutSpec, hook: ModelServerHook, verified: str | None, on_disk: bool = False) -> str | None:

@@ -558,7 +558,10 @@ def test_a_floor_released_whose_budget_is_not_updated_does_not_fail_the_promotio
         assert steps.rollback(params, "run-1") == "1"
         assert routes(kube) == [("v1", 100)]
         assert deployment(kube, "2")["spec"]["replicas"] == 0  # (retired all the same)
-    assert (hpa(kube, "1")["spec"]["minReplicas"], hpa(kube, "1")["metadata"].get("annotations") or {}) == (2, {})
+    assert (hpa(kube, "1")["spec"]["minReplicas"], hpa(kube, "1")["metadata"].get("annotations") or {}) == (
+        2,
+        {"model-rollout/budget-pending": "2"},  # (the floor's record gone, the budget marked for the next run)
+    )
     assert "the floor the run held on version 1 is released" in caplog.text
     assert "PodDisruptionBudget models/digits-v1 was not updated" in caplog.text
     assert "kubectl -n models patch poddisruptionbudget digits-v1 --type=merge" in caplog.text
@@ -669,6 +672,47 @@ def test_a_besides_record_is_kept_by_a_try_that_finds_the_floor_released(kube, m
     steps.notify(params, "rollback", "rejected", [], None, "run-1")
     (report,) = [p.read_text() for p in sorted((tmp_path / "outbox").glob("*.json"))]
     assert "PodDisruptionBudget models/digits-v1 was not updated" in report
+
+
+def test_a_budget_not_updated_by_a_rollback_is_applied_by_the_next_run(kube, monkeypatch, tmp_path, caplog):
+    """As above, the rollback released version 1's floor (6 pods held, its own 1) and its
+    PodDisruptionBudget's calls got no answer: reported, but nothing repaired it later. The floor's
+    annotation was gone with the floor, so no later run knew of the budget, left at the floor held
+    (maxUnavailable 1, where one pod must be kept). The release marks the budget pending on the HPA,
+    the report says the next run applies it; the next run's leftover-floor release
+    (``release_leftover_floors``) applies it, clears the mark and says so."""
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    params = {**PARAMS, "mirror_percent": 0}
+    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=1)
+    kube.scale("models", "digits-v1", 6, "kube-controller-manager")  # the HPA at a peak
+    steps.deploy_candidate(params, image("2"), "run-1")
+    steps.apply_weights(params, 0, "run-1", {"decision": "pass"})
+
+    def budget() -> dict:
+        spec = kube.objects[("poddisruptionbudgets", "models", "digits-v1")]["spec"]
+        return {k: spec[k] for k in ("maxUnavailable", "minAvailable") if k in spec}
+
+    with monkeypatch.context() as unanswered:
+        budget_unanswered(kube, unanswered)
+        assert steps.rollback(params, "run-1") == "1"
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 1
+    assert hpa(kube, "1")["metadata"]["annotations"] == {"model-rollout/budget-pending": "1"}
+    assert budget() == {"maxUnavailable": 1}  # (the floor held's)
+    steps.notify(params, "rollback", "rejected", [], None, "run-1")
+    (report,) = [p.read_text() for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    assert "PodDisruptionBudget models/digits-v1 was not updated" in report
+    assert "the model's next run applies it" in report
+    caplog.clear()
+    steps.release_leftover_floors(steps.spec_from(params), steps.ModelServerHook(), keep="1")  # run-2's start
+    assert budget() == {"minAvailable": 1}
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 1
+    assert (hpa(kube, "1")["metadata"].get("annotations") or {}) == {}
+    assert "applied the PodDisruptionBudget left not updated on version(s) 1 by a run" in caplog.text
+    caplog.clear()
+    steps.release_leftover_floors(steps.spec_from(params), steps.ModelServerHook(), keep="1")  # run-3's: nothing
+    assert "PodDisruptionBudget" not in caplog.text
 
 
 def test_a_floor_not_released_once_the_routes_are_back_does_not_hold_back_the_rollback(kube, monkeypatch, tmp_path):
@@ -1264,7 +1308,10 @@ def test_a_floor_left_held_released_but_its_budget_not_updated_is_logged_as_rele
     fleet.throttled_path = "/poddisruptionbudgets/digits-v1"
     steps.build_image({**params, "baseline_version": "2", "candidate_version": "3"}, "run-b")
     fleet.throttle = 0
-    assert (hpa(fleet, "1")["spec"]["minReplicas"], hpa(fleet, "1")["metadata"].get("annotations") or {}) == (2, {})
+    assert (hpa(fleet, "1")["spec"]["minReplicas"], hpa(fleet, "1")["metadata"].get("annotations") or {}) == (
+        2,
+        {"model-rollout/budget-pending": "2"},  # (the floor's record gone, the budget marked for the next run)
+    )
     assert "were not released" not in caplog.text
     assert "the floor the run held on version 1 is released" in caplog.text
     assert "PodDisruptionBudget models/digits-v1 was not updated" in caplog.text
@@ -1300,7 +1347,7 @@ def test_floors_left_held_are_all_released_though_a_budget_is_not_updated(kube, 
     for version in ("1", "2"):
         assert (hpa(kube, version)["spec"]["minReplicas"], hpa(kube, version)["metadata"].get("annotations") or {}) == (
             2,
-            {},
+            {"model-rollout/budget-pending": "2"} if version in unanswered else {},  # (marked for the next run)
         )
     said = str(failed.value)
     for version in ("1", "2"):
@@ -1427,7 +1474,8 @@ def test_a_kept_promotion_whose_floor_is_released_but_its_budget_not_updated_is_
         steps.restore_stable_on_failure({"params": params, "run_id": "run-a"})
         said = caplog.text
     fleet.throttle = 0
-    assert not hpa(fleet, "1")["metadata"].get("annotations")  # (the floor released)
+    # (the floor released, its record gone; the budget marked for the next run)
+    assert hpa(fleet, "1")["metadata"].get("annotations") == {"model-rollout/budget-pending": "2"}
     (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "run" / "outbox").glob("*.json"))]
     assert report.startswith("digits v2 against v1 promoted: version 2 takes 100%")
     for text in (report, said):
