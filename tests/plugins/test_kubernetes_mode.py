@@ -530,14 +530,8 @@ def test_a_floor_released_whose_budget_is_not_updated_does_not_fail_the_promotio
     report of a kept promotion does."""
     from vision_rollout.deploy import VersionDeployments
 
-    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
-    stable_virtual_service(kube, PARAMS)
-    take("run-1")
-    params = {**PARAMS, "mirror_percent": 0}
-    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=2)
-    kube.scale("models", "digits-v1", 6, "kube-controller-manager")  # the HPA at a peak
-    steps.deploy_candidate(params, image("2"), "run-1")
-    for index in range(3 if end == "promote" else 1):
+    params = at_stage_1_autoscaled(kube, monkeypatch, tmp_path, 6)
+    for index in range(1, 3 if end == "promote" else 1):
         steps.apply_weights(params, index, "run-1", {"decision": "pass"})
     assert hpa(kube, "1")["spec"]["minReplicas"] == 6  # held for the run
     release = VersionDeployments.release_floor
@@ -726,14 +720,7 @@ def test_a_floor_not_released_once_the_routes_are_back_does_not_hold_back_the_ro
     from devstack.cluster.kube import APIError
     from vision_rollout.mesh import RouterError
 
-    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
-    stable_virtual_service(kube, PARAMS)
-    take("run-1")
-    params = {**PARAMS, "mirror_percent": 0}
-    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=2)
-    kube.scale("models", "digits-v1", 6, "kube-controller-manager")  # the HPA at a peak
-    steps.deploy_candidate(params, image("2"), "run-1")
-    steps.apply_weights(params, 0, "run-1", {"decision": "pass"})
+    params = at_stage_1_autoscaled(kube, monkeypatch, tmp_path, 6)
     assert hpa(kube, "1")["spec"]["minReplicas"] == 6  # held for the run
     forbidden = APIError(403, "Forbidden", "cannot patch resource horizontalpodautoscalers")
     refuse(kube, ("PATCH", "/horizontalpodautoscalers/digits-v1", forbidden))
@@ -1574,6 +1561,21 @@ def at_stage_1(kube) -> None:
     take("run-1")
     steps.ModelServerHook().deployments("digits").apply("2", image("2"))
     steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+
+
+def at_stage_1_autoscaled(kube, monkeypatch, tmp_path, peak: int) -> dict:
+    """Under autoscaling, the stable routes, run-1 holding the model, version 1 at 2 pods scaled by
+    its HPA to ``peak``, the candidate deployed, stage 1's weights (its floor held at the peak):
+    the params (no mirror)."""
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    params = {**PARAMS, "mirror_percent": 0}
+    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=2)
+    kube.scale("models", "digits-v1", peak, "kube-controller-manager")  # the HPA at a peak
+    steps.deploy_candidate(params, image("2"), "run-1")
+    steps.apply_weights(params, 0, "run-1", {"decision": "pass"})
+    return params
 
 
 @pytest.mark.parametrize("served", [True, False], ids=["served", "not-served"])
@@ -2947,15 +2949,8 @@ def test_under_autoscaling_a_rollback_scales_the_stable_version_back_before_it_t
     """The stable version's HPA shrank it as the candidate took half of the traffic (10 pods to
     5); a rollback sent all of the traffic back to its 5 pods, until its HPA saw the load.
     It is now scaled to the pods serving now (both versions') before the routes move back."""
-    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
-    stable_virtual_service(kube, PARAMS)
-    take("run-1")
-    params = {**PARAMS, "mirror_percent": 0}
-    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=2)
-    kube.scale("models", "digits-v1", 10, "kube-controller-manager")  # its HPA, under load
-    steps.deploy_candidate(params, image("2"), "run-1")
-    for index in range(2):
-        steps.apply_weights(params, index, "run-1", {"decision": "pass"})
+    params = at_stage_1_autoscaled(kube, monkeypatch, tmp_path, 10)
+    steps.apply_weights(params, 1, "run-1", {"decision": "pass"})
     assert deployment(kube, "2")["spec"]["replicas"] == 5
     kube.scale("models", "digits-v1", 5, "kube-controller-manager")  # half of the traffic, half of the pods
     since = len(kube.requests)
@@ -2979,15 +2974,8 @@ def test_under_autoscaling_a_rollback_moves_the_traffic_back_though_the_stable_v
     from devstack.cluster.kube import APIError
     from vision_rollout.mesh import RouterError
 
-    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
-    stable_virtual_service(kube, PARAMS)
-    take("run-1")
-    params = {**PARAMS, "mirror_percent": 0}
-    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=2)
-    kube.scale("models", "digits-v1", 10, "kube-controller-manager")
-    steps.deploy_candidate(params, image("2"), "run-1")
-    for index in range(2):
-        steps.apply_weights(params, index, "run-1", {"decision": "pass"})
+    params = at_stage_1_autoscaled(kube, monkeypatch, tmp_path, 10)
+    steps.apply_weights(params, 1, "run-1", {"decision": "pass"})
     kube.scale("models", "digits-v1", 5, "kube-controller-manager")
     refuse(
         kube,
@@ -3037,15 +3025,8 @@ def rollback_scale_refused(kube, monkeypatch, tmp_path) -> dict:
     it to 10 fails, after which its ready pods take the traffic back. The run's params."""
     from devstack.cluster.kube import APIError
 
-    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
-    stable_virtual_service(kube, PARAMS)
-    take("run-1")
-    params = {**PARAMS, "mirror_percent": 0}
-    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=2)
-    kube.scale("models", "digits-v1", 10, "kube-controller-manager")
-    steps.deploy_candidate(params, image("2"), "run-1")
-    for index in range(2):
-        steps.apply_weights(params, index, "run-1", {"decision": "pass"})
+    params = at_stage_1_autoscaled(kube, monkeypatch, tmp_path, 10)
+    steps.apply_weights(params, 1, "run-1", {"decision": "pass"})
     kube.scale("models", "digits-v1", 5, "kube-controller-manager")
     refuse(
         kube,
@@ -3419,15 +3400,8 @@ def test_a_rollbacks_scale_answered_500_each_time_sends_each_write_at_most_write
     back (``test_under_autoscaling_a_rollback_moves_the_traffic_back_though_...``)."""
     from vision_rollout.mesh import WRITE_TRIES, ApiFailed
 
-    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
-    stable_virtual_service(kube, PARAMS)
-    take("run-1")
-    params = {**PARAMS, "mirror_percent": 0}
-    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=2)
-    kube.scale("models", "digits-v1", 10, "kube-controller-manager")
-    steps.deploy_candidate(params, image("2"), "run-1")
-    for index in range(2):
-        steps.apply_weights(params, index, "run-1", {"decision": "pass"})
+    params = at_stage_1_autoscaled(kube, monkeypatch, tmp_path, 10)
+    steps.apply_weights(params, 1, "run-1", {"decision": "pass"})
     kube.scale("models", "digits-v1", 5, "kube-controller-manager")
     since = len(kube.requests)
     kube.throttle, kube.throttle_status, kube.throttled_methods = 10**6, 500, frozenset({"PATCH"})
@@ -3693,14 +3667,7 @@ def test_an_api_server_answering_in_4_to_5_s_still_gets_the_failure_callbacks_le
     it is read only where it leaves the calls after it their time."""
     params = PARAMS
     if autoscaling:
-        connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
-        stable_virtual_service(kube, PARAMS)
-        take("run-1")
-        params = {**PARAMS, "mirror_percent": 0}
-        steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=2)
-        kube.scale("models", "digits-v1", 10, "kube-controller-manager")  # the HPA at a peak
-        steps.deploy_candidate(params, image("2"), "run-1")
-        steps.apply_weights(params, 0, "run-1", {"decision": "pass"})
+        params = at_stage_1_autoscaled(kube, monkeypatch, tmp_path, 10)
     else:
         at_stage_1(kube)
     now, tries = fake_api_time(monkeypatch, answer_s)
