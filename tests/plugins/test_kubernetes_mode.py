@@ -528,23 +528,11 @@ def test_a_floor_released_whose_budget_is_not_updated_does_not_fail_the_promotio
     rollback. The step succeeds and logs the floor released, the budget not updated, and what to
     set it to. It was only logged: the run's report (notify's) says it too, as the teardown's
     report of a kept promotion does."""
-    from vision_rollout.deploy import VersionDeployments
-
     params = at_stage_1_autoscaled(kube, monkeypatch, tmp_path, 6)
     for index in range(1, 3 if end == "promote" else 1):
         steps.apply_weights(params, index, "run-1", {"decision": "pass"})
     assert hpa(kube, "1")["spec"]["minReplicas"] == 6  # held for the run
-    release = VersionDeployments.release_floor
-
-    def unanswered_budget(self, version):  # (the budget's calls, once the floor's release begins, get no answer)
-        kube.throttle, kube.throttle_status = 10**6, None
-        kube.throttled_path = "/poddisruptionbudgets/digits-v1"
-        try:
-            return release(self, version)
-        finally:
-            kube.throttle = 0
-
-    monkeypatch.setattr(VersionDeployments, "release_floor", unanswered_budget)
+    budget_unanswered(kube, monkeypatch)
     if end == "promote":
         assert steps.promote(params, "run-1", "promote") == "2"
         assert routes(kube) == [("v2", 100)]
@@ -600,27 +588,14 @@ def budget_unanswered(kube: FakeKubeAPI, monkeypatch) -> None:
     monkeypatch.setattr(VersionDeployments, "release_floor", unanswered_budget)
 
 
-def floor_held_at_stage_1(kube: FakeKubeAPI, monkeypatch, tmp_path) -> dict:
-    """Under autoscaling, run-1 at stage 1, version 1's HPA floor held at its peak of 6 pods. The params."""
-    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
-    stable_virtual_service(kube, PARAMS)
-    take("run-1")
-    params = {**PARAMS, "mirror_percent": 0}
-    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=2)
-    kube.scale("models", "digits-v1", 6, "kube-controller-manager")  # the HPA at a peak
-    steps.deploy_candidate(params, image("2"), "run-1")
-    steps.apply_weights(params, 0, "run-1", {"decision": "pass"})
-    assert hpa(kube, "1")["spec"]["minReplicas"] == 6  # held for the run
-    return params
-
-
 def test_the_teardowns_own_report_says_the_budget_its_restore_left_not_updated(kube, monkeypatch, tmp_path):
     """The teardown put version 1 back itself (the rollback did not finish), released its floor,
     and the PodDisruptionBudget's calls got no answer: the budget not updated was recorded in the
     run folder (``besides_recorded``), but the teardown's own report (``_found_report``) did not
     read that record, so nobody was told what to set the budget to. Its report says it, as
     notify's does."""
-    params = floor_held_at_stage_1(kube, monkeypatch, tmp_path)
+    params = at_stage_1_autoscaled(kube, monkeypatch, tmp_path, 6)
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 6  # held for the run
     budget_unanswered(kube, monkeypatch)
     with pytest.raises(AirflowFailException):
         steps.ensure_stable(params, "run-1", None, None, None, decided="rollback")
@@ -638,7 +613,8 @@ def test_a_besides_record_is_removed_once_a_later_try_releases_the_floor_whole(k
     folder, so the run's report said a budget not updated that is. A release whose budget is
     updated removes the record; a try that finds no floor to release (the earlier try's release,
     the budget still not updated) keeps it: the report still says it."""
-    params = floor_held_at_stage_1(kube, monkeypatch, tmp_path)
+    params = at_stage_1_autoscaled(kube, monkeypatch, tmp_path, 6)
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 6  # held for the run
     spec, hook = steps.spec_from(params), steps.ModelServerHook()
     steps.besides_recorded(spec, "run-1", hook, "PodDisruptionBudget models/digits-v1 was not updated (earlier)")
     assert steps.rollback(params, "run-1") == "1"
@@ -655,7 +631,8 @@ def test_a_besides_record_is_kept_by_a_try_that_finds_the_floor_released(kube, m
     budget is still not updated, and the run's report says it."""
     from devstack.cluster.kube import APIError
 
-    params = floor_held_at_stage_1(kube, monkeypatch, tmp_path)
+    params = at_stage_1_autoscaled(kube, monkeypatch, tmp_path, 6)
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 6  # held for the run
     budget_unanswered(kube, monkeypatch)
     refuse(kube, ("PATCH", "/deployments/digits-v2", APIError(403, "Forbidden", "cannot patch deployments")))
     with pytest.raises(Exception, match="the traffic is restored"):
