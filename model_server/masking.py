@@ -215,6 +215,17 @@ _KEYED = re.compile(
 )
 
 
+# A count of counted things as a list's item: plain digits, seven at most, and a noun of a closed
+# list of them ("1234567 orders", "42 rows"), whole; more digits ("12345678 orders"), digits with
+# separators (an SSN's, an EIN's, a CPF's: "123-456-789 rows") or another word ("1234567 from bob")
+# make an identity number still.
+_COUNTED_NOUNS = (
+    "orders|rows|items|requests|records|entries|lines|files|users|accounts|customers|results|matches|events"
+    "|documents|messages|calls|errors|retries|attempts|hits|misses|pages|batches|jobs|tasks|times"
+)
+_COUNTED = rf"[0-9]{{1,7}}+[ ]{{1,2}}(?:{_COUNTED_NOUNS})(?![0-9A-Za-z_-])"
+
+
 # A list after a key (a plural's, ``p``: "ssns: [123456789, 987654321]", "PASSPORTS=E1234567,X7654321";
 # in brackets under any name of more words, ``w``, after its ":", "=" or arrow: "ssn_list: [123456789]";
 # a line end and its indentation after the "[" too, as JSON pretty-printed writes one: '"ssns": [\n  "1..."';
@@ -225,7 +236,8 @@ _KEYED = re.compile(
 # "ssn_list: [n/a, 123456789]"; a placeholder under a name of more words after its ":", "=" or
 # arrow: "ssn_list: n/a, 123456789", no other word: "ssn_status: ok, 1234567 rows") is passed over, as many as there are, each bounded (one scan of the list). An item of an id's shape is one
 # after blanks alone too ("ssns: 123456789 987654321"), or on the next line as a YAML list's
-# ("ssns:\n  - 123456789\n  - 987654321"); a word there ends the list (prose after a value). In a
+# ("ssns:\n  - 123456789\n  - 987654321"); a word there ends the list (prose after a value). A count
+# of counted things (``_COUNTED``: "ssn: 123456789, 1234567 orders") is an item of no id. In a
 # list opened by "[" (``l``), an item after its separator is one on the next line too, one line end
 # and its indentation, each bounded as the blanks are ("passports: [E1234567,\n  X7654321]"): every
 # item up to the closing bracket; a list not in brackets ends at its line's end.
@@ -234,7 +246,7 @@ def _list_item(bracketed: bool) -> re.Pattern[str]:
     return re.compile(
         rf"{KEY_QUOTE}(?:{BLANK}{{0,64}}+[,;]{BLANK}{{0,64}}+{over_line}{KEY_QUOTE}"
         rf"|(?:{BLANK}{{1,64}}+|{BLANK}{{0,64}}+{_BREAK}[ \t]{{0,64}}+-{BLANK}{{1,64}}+){KEY_QUOTE}(?={_CAPITALS}{_ID_VALUE}))"
-        rf"(?:(?P<v>{_CAPITALS}{_ID_VALUE})|{_NO_ID_ITEM})"
+        rf"(?:{_COUNTED}|(?P<v>{_CAPITALS}{_ID_VALUE})|{_NO_ID_ITEM})"
     )
 
 

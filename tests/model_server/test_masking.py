@@ -443,6 +443,7 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "placeholders before items of no id under names of more words": "ssn_list: n/a" + ", a" * 333_000,
     "blank runs and line ends before list marks of no id": "ssns: 123456"
     + (" " * 64 + "\n" + " " * 64 + "- a") * 7_500,
+    "counts of counted things in a list under a plural identity name": "ssns: 123456" + ", 1234567 rows" * 71_000,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
@@ -473,6 +474,7 @@ FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, ea
     "a bracketed list over line ends never closed": {"keyed"},  # every item
     "blank runs and line ends before list marks of no id": {"keyed"},  # its first item
     "list items of no id under a plural identity name": {"keyed"},  # its first item
+    "counts of counted things in a list under a plural identity name": {"keyed"},  # its first item
     "list items in escaped quotes under a plural identity name": {"keyed"},  # every item
     "placeholders first in lists under names of more words": {"keyed"},  # every item after the placeholder
     "list item marks after secret keys": {"secret"},  # each key's value is the next key's name
@@ -4017,6 +4019,31 @@ def test_each_identity_number_of_a_list_after_a_singular_key_or_apart_by_blanks_
     under a plural ("ssns: 123456789 987654321"), and of a YAML list's items on their own lines,
     only the first was masked. Each item of an id's shape is masked now; the next pair ("status:
     ok", "name=bob") and the prose after a value stay."""
+    assert_masked_as(keys, text, values)
+
+
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [
+        ("ssn: 123456789, 1234567 orders", ["123456789"]),
+        ("ssns: 123456789, 42 rows, 987654321", ["123456789", "987654321"]),
+        ("passports: [E1234567, 1234567 records]", ["E1234567"]),
+        ("ssn: 123456789; 123456 requests", ["123456789"]),
+        # more than seven digits, digits with separators, a word no counted noun is: masked
+        ("ssn: 123456789, 12345678 orders", ["123456789", "12345678"]),
+        ("ssn: 123456789, 123-456-789 from bob", ["123456789", "123-456-789"]),
+        ("ssn: 123456789, 1234567 from bob", ["123456789", "1234567"]),
+        ("tax_id: 123456789, 12-3456789 orders", ["123456789", "12-3456789"]),
+        ("tax_ids: 123456789, 123.456.789-09 records", ["123456789", "123.456.789-09"]),
+        ("ssn: 123456789, 1234567 ordersX", ["123456789", "1234567"]),
+    ],
+)
+def test_a_count_of_counted_things_after_an_identity_number_in_a_list_is_kept(keys, text, values):
+    """A count after an identity number in a list ("ssn: 123456789, 1234567 orders") was masked
+    as a second identity number. Plain digits, seven at most, before a noun of counted things
+    (orders, rows, items, requests, records, ...) are a count, passed over as an item of no id;
+    more digits, digits with separators (an SSN's, an EIN's, a CPF's) and a word of no such
+    noun after them are an identity number still."""
     assert_masked_as(keys, text, values)
 
 
