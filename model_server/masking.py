@@ -195,8 +195,9 @@ _KEY_COLON = (
 _WORDS_COLON = rf"(?:{BLANK}{{0,64}}+(?:->|=>|=|:{BLANK}{{0,64}}+{_NEXT_LINE_ID}){BLANK}{{0,64}}+{LIST_MARK}|(?P<n>{BLANK}{{1,64}}+))"
 # A list's item of no id's shape: up to 64 of a value's characters, whole, none a ":" or "=" (a
 # pair after a list, "ssn: 123456789, status: ok", ends it; so no key in the list's items is
-# passed over: a key's ":" or blanks after it end the item that holds it, the list's last).
-_NO_ID_ITEM = rf"(?:(?![:=]){_VALUE_CHAR}){{1,64}}+(?![:=])"
+# passed over: a key's ":" or blanks after it end the item that holds it, the list's last); or a
+# placeholder ("(not set)" too, ``credentials.PLACEHOLDER``).
+_NO_ID_ITEM = rf"(?:(?:(?![:=]){_VALUE_CHAR}){{1,64}}+|{PLACEHOLDER})(?![:=])"
 # A placeholder then an identity number, as a name of more words reads one (``_CAPITALS``,
 # ``_ID_VALUE``: "passport: none E1234567", "ssn: null 12345678", "nino: none QQ 12 34 56 C"): the
 # placeholder is kept, the value read after it; a placeholder alone, or before a date or a word no
@@ -211,7 +212,7 @@ _KEYED = re.compile(
     rf"|(?=[A-Z]{{1,2}}[ ]{{1,2}}(?!{DATE_OR_TIME}){_VALUE_CHAR}{{0,31}}[0-9]))))"
     rf"(?(w)(?:(?(n)(?(p)|(?!)))(?P<l>\[{BLANK}{{0,64}}+(?:{_BREAK}{BLANK}{{0,64}}+)?+))?+){OPEN_QUOTE}(?(w){_STATUS})(?:(?(q)|{_PLACEHOLDER_BEFORE}{NO_VALUE})(?P<v>(?(w){_CAPITALS}(?(n){_ID_NUMBER}|{_ID_VALUE})"
     rf"|(?:(?(q){NOT_MASKED}{quoted(64)}|(?(b){CLOSED_BRACKETED}|(?:{BRACKETED}|{_UNQUOTED})))|{_UNQUOTED})))"
-    rf"|(?(p)|(?(l)|(?(w)(?(n)(?!)|(?={PLACEHOLDER}{KEY_QUOTE}{BLANK}{{0,64}}+[,;]))|(?!)))){_NO_ID_ITEM}(?={KEY_QUOTE}{BLANK}{{0,64}}+[,;]))"
+    rf"|(?(p)|(?(l)|(?(n)(?!)|(?={PLACEHOLDER}{KEY_QUOTE}{BLANK}{{0,64}}+[,;])))){_NO_ID_ITEM}(?={KEY_QUOTE}{BLANK}{{0,64}}+[,;]))"
 )
 
 
@@ -233,8 +234,9 @@ _COUNTED = rf"[0-9]{{1,7}}+[ ]{{1,2}}(?:{_COUNTED_NOUNS})(?![0-9A-Za-z_-])"
 # or ";" and blanks, in quotes or not, escaped too (``KEY_QUOTE``: '[\\"123456789\\", \\"987654321\\"]'
 # in JSON held in a JSON string, at any depth); an item of an id's shape is its value, another ("n/a",
 # "null", ``_NO_ID_ITEM``, a plural's first item too, or one in brackets: "ssns: [none, 123456789]",
-# "ssn_list: [n/a, 123456789]"; a placeholder under a name of more words after its ":", "=" or
-# arrow: "ssn_list: n/a, 123456789", no other word: "ssn_status: ok, 1234567 rows") is passed over, as many as there are, each bounded (one scan of the list). An item of an id's shape is one
+# "ssn_list: [n/a, 123456789]"; a placeholder under a name of more words or a singular's after its
+# ":", "=" or arrow: "ssn_list: n/a, 123456789", "ssn: (not set), 123456789", no other word under a
+# name of more words: "ssn_status: ok, 1234567 rows") is passed over, as many as there are, each bounded (one scan of the list). An item of an id's shape is one
 # after blanks alone too ("ssns: 123456789 987654321"), or on the next line as a YAML list's
 # ("ssns:\n  - 123456789\n  - 987654321"); a word there ends the list (prose after a value). A count
 # of counted things (``_COUNTED``: "ssn: 123456789, 1234567 orders") is an item of no id. In a

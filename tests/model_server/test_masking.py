@@ -444,6 +444,8 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "blank runs and line ends before list marks of no id": "ssns: 123456"
     + (" " * 64 + "\n" + " " * 64 + "- a") * 7_500,
     "counts of counted things in a list under a plural identity name": "ssns: 123456" + ", 1234567 rows" * 71_000,
+    "placeholders in a list after a singular identity key": "ssn: n/a" + ", (not set)" * 90_000,
+    "singular identity keys before placeholders first in lists": "ssn: n/a, " * 100_000,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
@@ -3909,6 +3911,33 @@ def test_an_identity_number_after_a_placeholder_first_in_a_list_under_a_name_of_
     (``credentials.PLACEHOLDER``) first is passed over there too, after ":", "=" or an arrow; a
     word that is none ("ssn_status: ok, 1234567 rows"), a measure's name and blanks alone after the
     name still keep the list."""
+    assert_masked_as(keys, text, values)
+
+
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [
+        ("ssn: n/a, 123456789", ["123456789"]),
+        ("passport=none; E1234567, X7654321", ["E1234567", "X7654321"]),
+        ("ssn -> n/a, 123456789", ["123456789"]),
+        ("ssn_list: (not set), 123456789", ["123456789"]),
+        ("ssn: (not set), 123456789", ["123456789"]),
+        ("ssns: (not set), 123456789", ["123456789"]),
+        ("ssns: 123456789, (not set), 987654321", ["123456789", "987654321"]),
+        # a placeholder alone, before a pair or a count, and another word first under a name of more words
+        ("ssn: n/a", []),
+        ("ssn: n/a, status: ok", []),
+        ("ssn: n/a, 1234567 rows", []),
+        ("ssn_status: (not set), 1234567 rows", []),
+    ],
+)
+def test_an_identity_number_after_a_placeholder_first_in_a_list_after_a_singular_key_is_masked(keys, text, values):
+    """A list after a singular identity key whose first item is a placeholder ("ssn: n/a,
+    123456789"), and one whose first item is "(not set)" under any name ("ssn_list: (not set),
+    123456789"), were logged in clear: a first item of no id was passed over under a plural's name,
+    in brackets or under a name of more words only, and "(not set)" (its brackets and its space no
+    value's characters) was no item at all. A placeholder first is passed over after a singular
+    key's ":", "=" or arrow too, and "(not set)" is an item of no id anywhere in a list."""
     assert_masked_as(keys, text, values)
 
 
