@@ -241,12 +241,13 @@ _COUNTED = rf"[0-9]{{1,7}}+[ ]{{1,2}}(?:{_COUNTED_NOUNS})(?![0-9A-Za-z_-])"
 # ("ssns:\n  - 123456789\n  - 987654321"); a word there ends the list (prose after a value). A count
 # of counted things (``_COUNTED``: "ssn: 123456789, 1234567 orders") is an item of no id. In a
 # list opened by "[" (``l``), an item after its separator is one on the next line too, one line end
-# and its indentation, each bounded as the blanks are ("passports: [E1234567,\n  X7654321]"): every
+# and its indentation, each bounded as the blanks are ("passports: [E1234567,\n  X7654321]"), and a
+# separator is one there too, its comma leading ("passports: [E1234567\n, X7654321]"): every
 # item up to the closing bracket; a list not in brackets ends at its line's end.
 def _list_item(bracketed: bool) -> re.Pattern[str]:
     over_line = rf"(?:{_BREAK}{BLANK}{{0,64}}+)?+" if bracketed else ""
     return re.compile(
-        rf"{KEY_QUOTE}(?:{BLANK}{{0,64}}+[,;]{BLANK}{{0,64}}+{over_line}{KEY_QUOTE}"
+        rf"{KEY_QUOTE}(?:{BLANK}{{0,64}}+{over_line}[,;]{BLANK}{{0,64}}+{over_line}{KEY_QUOTE}"
         rf"|(?:{BLANK}{{1,64}}+|{BLANK}{{0,64}}+{_BREAK}[ \t]{{0,64}}+-{BLANK}{{1,64}}+){KEY_QUOTE}(?={_CAPITALS}{_ID_VALUE}))"
         rf"(?:{_COUNTED}|(?P<v>{_CAPITALS}{_ID_VALUE})|{_NO_ID_ITEM})"
     )

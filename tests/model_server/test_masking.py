@@ -446,6 +446,10 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "counts of counted things in a list under a plural identity name": "ssns: 123456" + ", 1234567 rows" * 71_000,
     "placeholders in a list after a singular identity key": "ssn: n/a" + ", (not set)" * 90_000,
     "singular identity keys before placeholders first in lists": "ssn: n/a, " * 100_000,
+    "a bracketed list with leading commas over line ends never closed": "passports: [E1234567"
+    + "\n  , X7654321" * 83_000,
+    "bracketed lists before blank runs and line ends without a comma": ("ssns: [1" + " " * 64 + "\n" + " " * 64 + "a ")
+    * 7_500,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
@@ -477,6 +481,7 @@ FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, ea
     "blank runs and line ends before list marks of no id": {"keyed"},  # its first item
     "list items of no id under a plural identity name": {"keyed"},  # its first item
     "counts of counted things in a list under a plural identity name": {"keyed"},  # its first item
+    "a bracketed list with leading commas over line ends never closed": {"keyed"},  # every item
     "list items in escaped quotes under a plural identity name": {"keyed"},  # every item
     "placeholders first in lists under names of more words": {"keyed"},  # every item after the placeholder
     "list item marks after secret keys": {"secret"},  # each key's value is the next key's name
@@ -4026,6 +4031,24 @@ def test_every_item_of_a_bracketed_list_over_line_ends_under_a_plural_name_is_ma
     first item was masked: a list's next item was read on its line only. In brackets an item after
     its separator is read on the next line too (one line end and its indentation, bounded), every
     one up to the closing bracket; a list not in brackets still ends at its line's end."""
+    assert_masked_as(keys, text, values)
+
+
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [
+        ("passports: [E1234567\n, X7654321]", ["E1234567", "X7654321"]),
+        ("ssns: [123456789\n  , 987654321\n  , 192837465\n]", ["123456789", "987654321", "192837465"]),
+        ("ssn_list: ['123456789'  \r\n; '987654321']", ["123456789", "987654321"]),
+        ('{"msg": "passports: [E1234567\\n, X7654321]"}', ["E1234567", "X7654321"]),
+        # a list not in brackets ends at its line's end
+        ("ssns: 123456789\n, 987654321", ["123456789"]),
+    ],
+)
+def test_every_item_of_a_bracketed_list_with_its_commas_leading_over_line_ends_is_masked(keys, text, values):
+    """Of a bracketed list written with its commas leading ("passports: [E1234567\\n, X7654321]")
+    only the first item was masked: a line end was read after an item's separator, never before it.
+    In brackets one line end and its indentation are read before the separator too."""
     assert_masked_as(keys, text, values)
 
 
