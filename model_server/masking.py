@@ -173,13 +173,14 @@ _STATUS = rf"(?:OK[ ]{{1,2}}(?!{DATE_OR_TIME})(?=[0-9]))?"
 # After a key's ":" with nothing else on its line, a YAML value on the next line ("passport:\n
 # E1234567", "passport:\n  - E1234567"): one line end, written escaped too (``_BREAK``), and the
 # next line's indentation (up to 64 spaces or tabs) or a list item's "-" at its start, where an
-# identity number follows them ("passport:\n  country: DE" is a mapping's key, no value); a
-# YAML list's mark and blanks before that line end too, its item on the next line ("passport: -
-# \n  E1234567": the mark stays).
+# identity number follows them ("passport:\n  country: DE" is a mapping's key, no value), blank
+# lines between too (``_BLANK_LINES``: "passport:\n\n  E1234567"); a YAML list's mark and blanks
+# before that line end too, its item on the next line ("passport: -\n  E1234567": the mark stays).
 _BREAK = r"(?:\r?\n|(?:\\{1,8}r)?\\{1,8}n)"
-_NEXT_LINE_ID = (
-    rf"(?:(?:-{BLANK}{{0,64}}+)?{_BREAK}(?:[ \t]{{1,64}}+|(?=-{BLANK}))(?={LIST_MARK}{_CAPITALS}{_ID_VALUE}))?+"
-)
+# Blank lines after a line end, up to eight, each of blanks only (bounded, possessive): YAML and
+# JSON allow them inside a list and before a value on the next line ("ssn: -\n\n  123456789").
+_BLANK_LINES = rf"(?:{BLANK}{{0,64}}+{_BREAK}){{0,8}}+"
+_NEXT_LINE_ID = rf"(?:(?:-{BLANK}{{0,64}}+)?{_BREAK}{_BLANK_LINES}(?:[ \t]{{1,64}}+|(?=-{BLANK}))(?={LIST_MARK}{_CAPITALS}{_ID_VALUE}))?+"
 # (an arrow too: "passport->E1234567", before no name of letters, "_" and "." alone that ends the
 # value: "column ssn -> ssn_hash" is a column's, and no identity number is letters alone; a piece
 # after such a word, as ``_UNQUOTED`` reads one, makes it the value's: "passport -> DE E1234567",
@@ -210,7 +211,7 @@ _KEYED = re.compile(
     rf"(?(w){_WORDS_COLON}|(?:{_KEY_COLON}|(?P<b>{BLANK}{{1,64}}+(?=[{{\[]))"
     rf"|{BLANK}{{1,64}}+(?:[#-]{BLANK}{{0,64}}+)?(?:(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9])"
     rf"|(?=[A-Z]{{1,2}}[ ]{{1,2}}(?!{DATE_OR_TIME}){_VALUE_CHAR}{{0,31}}[0-9]))))"
-    rf"(?(w)(?:(?(n)(?(p)|(?!)))(?P<l>\[{BLANK}{{0,64}}+(?:{_BREAK}{BLANK}{{0,64}}+)?+))?+){OPEN_QUOTE}(?(w){_STATUS})(?:(?(q)|{_PLACEHOLDER_BEFORE}{NO_VALUE})(?P<v>(?(w){_CAPITALS}(?(n){_ID_NUMBER}|{_ID_VALUE})"
+    rf"(?(w)(?:(?(n)(?(p)|(?!)))(?P<l>\[{BLANK}{{0,64}}+(?:{_BREAK}{_BLANK_LINES}{BLANK}{{0,64}}+)?+))?+){OPEN_QUOTE}(?(w){_STATUS})(?:(?(q)|{_PLACEHOLDER_BEFORE}{NO_VALUE})(?P<v>(?(w){_CAPITALS}(?(n){_ID_NUMBER}|{_ID_VALUE})"
     rf"|(?:(?(q){NOT_MASKED}{quoted(64)}|(?(b){CLOSED_BRACKETED}|(?:{BRACKETED}|{_UNQUOTED})))|{_UNQUOTED})))"
     rf"|(?(p)|(?(l)|(?(n)(?!)|(?={PLACEHOLDER}{KEY_QUOTE}{BLANK}{{0,64}}+[,;])))){_NO_ID_ITEM}(?={KEY_QUOTE}{BLANK}{{0,64}}+[,;]))"
 )
@@ -238,17 +239,18 @@ _COUNTED = rf"[0-9]{{1,7}}+[ ]{{1,2}}(?:{_COUNTED_NOUNS})(?![0-9A-Za-z_-])"
 # ":", "=" or arrow: "ssn_list: n/a, 123456789", "ssn: (not set), 123456789", no other word under a
 # name of more words: "ssn_status: ok, 1234567 rows") is passed over, as many as there are, each bounded (one scan of the list). An item of an id's shape is one
 # after blanks alone too ("ssns: 123456789 987654321"), or on the next line as a YAML list's
-# ("ssns:\n  - 123456789\n  - 987654321"); a word there ends the list (prose after a value). A count
+# ("ssns:\n  - 123456789\n  - 987654321", blank lines between too: ``_BLANK_LINES``); a word there
+# ends the list (prose after a value). A count
 # of counted things (``_COUNTED``: "ssn: 123456789, 1234567 orders") is an item of no id. In a
 # list opened by "[" (``l``), an item after its separator is one on the next line too, one line end
 # and its indentation, each bounded as the blanks are ("passports: [E1234567,\n  X7654321]"), and a
 # separator is one there too, its comma leading ("passports: [E1234567\n, X7654321]"): every
 # item up to the closing bracket; a list not in brackets ends at its line's end.
 def _list_item(bracketed: bool) -> re.Pattern[str]:
-    over_line = rf"(?:{_BREAK}{BLANK}{{0,64}}+)?+" if bracketed else ""
+    over_line = rf"(?:{_BREAK}{_BLANK_LINES}{BLANK}{{0,64}}+)?+" if bracketed else ""
     return re.compile(
         rf"{KEY_QUOTE}(?:{BLANK}{{0,64}}+{over_line}[,;]{BLANK}{{0,64}}+{over_line}{KEY_QUOTE}"
-        rf"|(?:{BLANK}{{1,64}}+|{BLANK}{{0,64}}+{_BREAK}[ \t]{{0,64}}+-{BLANK}{{1,64}}+){KEY_QUOTE}(?={_CAPITALS}{_ID_VALUE}))"
+        rf"|(?:{BLANK}{{1,64}}+|{BLANK}{{0,64}}+{_BREAK}{_BLANK_LINES}[ \t]{{0,64}}+-{BLANK}{{1,64}}+){KEY_QUOTE}(?={_CAPITALS}{_ID_VALUE}))"
         rf"(?:{_COUNTED}|(?P<v>{_CAPITALS}{_ID_VALUE})|{_NO_ID_ITEM})"
     )
 

@@ -448,6 +448,10 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "singular identity keys before placeholders first in lists": "ssn: n/a, " * 100_000,
     "a bracketed list with leading commas over line ends never closed": "passports: [E1234567"
     + "\n  , X7654321" * 83_000,
+    "list items on next lines after blank lines under a plural identity name": "ssns:" + "\n\n  - 123456" * 90_000,
+    "identity keys and list marks before blank lines of blank runs": ("ssn: -" + (" " * 64 + "\n") * 9 + "  a ")
+    * 1_700,
+    "bracketed lists of no id over blank lines": "ssns: [" + "n/a,\n\n " * 125_000,
     "bracketed lists before blank runs and line ends without a comma": ("ssns: [1" + " " * 64 + "\n" + " " * 64 + "a ")
     * 7_500,
 }
@@ -482,6 +486,7 @@ FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, ea
     "list items of no id under a plural identity name": {"keyed"},  # its first item
     "counts of counted things in a list under a plural identity name": {"keyed"},  # its first item
     "a bracketed list with leading commas over line ends never closed": {"keyed"},  # every item
+    "list items on next lines after blank lines under a plural identity name": {"keyed"},  # every item
     "list items in escaped quotes under a plural identity name": {"keyed"},  # every item
     "placeholders first in lists under names of more words": {"keyed"},  # every item after the placeholder
     "list item marks after secret keys": {"secret"},  # each key's value is the next key's name
@@ -4049,6 +4054,30 @@ def test_every_item_of_a_bracketed_list_with_its_commas_leading_over_line_ends_i
     """Of a bracketed list written with its commas leading ("passports: [E1234567\\n, X7654321]")
     only the first item was masked: a line end was read after an item's separator, never before it.
     In brackets one line end and its indentation are read before the separator too."""
+    assert_masked_as(keys, text, values)
+
+
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [
+        ("passports:\n  - E1234567\n\n  - X7654321", ["E1234567", "X7654321"]),
+        ("ssns:\n  - 123456789\n  \n  - 987654321\nname: bob", ["123456789", "987654321"]),
+        ("ssn: -\n\n  123456789", ["123456789"]),
+        ("passport:\n\n  E1234567", ["E1234567"]),
+        ("ssns: [123456789,\n\n  987654321]", ["123456789", "987654321"]),
+        ("passports: [\n\n  E1234567\n\n, X7654321]", ["E1234567", "X7654321"]),
+        ('{"m": "ssn: -\\n\\n  123456789"}', ["123456789"]),
+        # a list not in brackets ends at its line's end; a key or words after a blank line stay
+        ("ssns: 123456789,\n\n987654321", ["123456789"]),
+        ("passport: -\n\n  country: DE", []),
+        ("ssn:\n\n  123 rows", []),
+    ],
+)
+def test_an_identity_number_after_a_blank_line_in_a_list_or_after_its_mark_is_masked(keys, text, values):
+    """An identity number after a blank line, inside a list ("passports:\\n  - E1234567\\n\\n  -
+    X7654321", "ssns: [123456789,\\n\\n  987654321]") or after a key's ":" or a YAML list's mark
+    ("ssn: -\\n\\n  123456789"), was logged in clear: one line end only was read there. Up to eight
+    blank lines (blanks only, each bounded) are read there now, as YAML and JSON allow them."""
     assert_masked_as(keys, text, values)
 
 
