@@ -311,10 +311,11 @@ _AFTER_ADDRESS_KEY = "|".join(
     + ")"
     for after in range(9)
 )
-_NOT_PROSE_AT = (
-    rf"(?>(?!{_LOOK_VERB}{_GAP}(?i:at){_GAP}(?i:the|this|that|these|those|an?|each|every){_GAP}(?i:dot){_GAP})"
-    rf"|(?:{_AFTER_ADDRESS_KEY})(?P<f>))"
-)
+# So is "the" after a spelt "at" where the local part starts such a value ("mail: jane at the dot
+# org"; ``_AT_THE``), as after such a verb; in prose it stays a sentence ("jane at the dot org").
+_LOOK_PROSE = rf"{_LOOK_VERB}{_GAP}(?i:at){_GAP}(?i:the|this|that|these|those|an?|each|every){_GAP}(?i:dot){_GAP}"
+_AT_THE = rf"{_LOCAL}{{1,64}}+{_GAP}(?i:at){_GAP}(?i:the)(?![A-Za-z0-9-])"
+_NOT_PROSE_AT = rf"(?>(?:(?={_LOOK_PROSE})|(?={_AT_THE}))(?:{_AFTER_ADDRESS_KEY})(?P<f>)|(?!{_LOOK_PROSE}))"
 _SPELT_EMAIL = re.compile(
     rf"{_ADDRESS_START}{_NOT_PROSE_AT}{_LOCAL}{{1,64}}"
     rf"(?:{_NEAR}{_AT}{_NEAR}[A-Za-z0-9-]{{1,63}}(?:{_DOT}[A-Za-z0-9-]{{1,63}}){{0,7}}{_DOT}[A-Za-z]{{2,63}}"
