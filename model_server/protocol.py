@@ -157,8 +157,11 @@ def _written(key: bytes, index: int, element: int) -> str:
 
 
 # A hex literal (0x10, -0X1F, 0x1.8p3: C's forms, no JSON number), where json.loads read its
-# "0" and stopped at its "x"; and, before it, what is not a bracket (a string whole).
-HEX_LITERAL = re.compile(r"-?0[xX](?:[0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)(?:[pP][+-]?[0-9]+)?(?![^\]},\s])")
+# "0" and stopped at its "x"; and, before it, what is not a bracket (a string whole). Each run
+# of digits is possessive: a client's 0x111...1g is not split again and again (linear).
+HEX_LITERAL = re.compile(
+    r"-?0[xX](?:[0-9a-fA-F]++(?:\.[0-9a-fA-F]*+)?|\.[0-9a-fA-F]++)(?:[pP][+-]?[0-9]++)?(?![^\]},\s])"
+)
 NOT_BRACKETS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[^\[\]{}"]+')
 HEX_MARK = "-0.0E-0000000000"  # the literal's stand-in: a number no client writes
 

@@ -329,6 +329,37 @@ def test_a_hex_literal_outside_an_input_s_data_is_malformed_json(body):
     assert refused.value.message.startswith("malformed JSON in request body: "), refused.value.message
 
 
+HEX_HOSTILE = {  # 1 MB each: a scan that backtracks over the run (quadratic or worse) runs far past pytest's timeout
+    "hex digits then a letter": ("0x" + "1" * 1_000_000 + "g", None),
+    "hex digits, a point, hex digits then a letter": ("0x" + "1" * 500_000 + "." + "1" * 500_000 + "g", None),
+    "a point, hex digits then a letter": ("0x." + "1" * 1_000_000 + "g", None),
+    "an exponent's digits then a letter": ("0x1p" + "1" * 1_000_000 + "g", None),
+    "hex digits, each then a point": ("0x" + "1." * 500_000 + "g", None),
+    "hex digits then a point and a letter": ("-0X" + "f" * 1_000_000 + ".g", None),
+    "a literal of a million hex digits": ("0x" + "1" * 1_000_000, "input 'x': element 1 (0x" + "1" * 62 + "...)"),
+    # The JSON before a literal is read again once, closed after a stand-in: linear too.
+    "a literal after 300,000 elements": ("1, " * 300_000 + "0x10", "input 'x': element 300001 (0x10)"),
+    "a literal after a string of a million escapes": (
+        '"' + "\\\\" * 500_000 + '", 0x10',
+        "input 'x': element 2 (0x10)",
+    ),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(HEX_HOSTILE))
+def test_a_hostile_hex_literal_is_read_in_linear_time(shape):
+    """16 KB of 0x111...1g in an input's data held the event loop 17 s (the hex literal's pattern
+    tried every split of the run between its two digit runs, each to the end): a refusal's
+    reading of a literal is linear in the body, as malformed JSON where it is no literal."""
+    literal, needle = HEX_HOSTILE[shape]
+    body = f'{{"inputs": [{{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, {literal}]}}]}}'
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(body.encode(), None)
+    message = refused.value.message
+    assert message.startswith(needle or "malformed JSON in request body: "), message[:200]
+    assert len(message) < 300, message[:200]
+
+
 def test_an_infinite_number_is_named_in_its_own_input():
     """The number named is the one of the input refused, not another input's or a parameter's."""
     body = (
