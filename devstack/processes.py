@@ -362,11 +362,20 @@ class ManagedProcess:
         self._owned = holder is True
         return holder
 
-    def wait_for(self, what: str, ready: Callable[[], bool], wait_s: float, every_s: float, tail: int = 3000) -> bool:
+    def wait_for(
+        self,
+        what: str,
+        ready: Callable[[], bool],
+        wait_s: float,
+        every_s: float,
+        tail: int = 3000,
+        not_yet: tuple[type[Exception], ...] = (OSError,),
+    ) -> bool:
         """Ask ``ready()`` every ``every_s`` until it is True (True), asked only while this process
         holds its port (owns_port: PortTaken, the process stopped, where another holds it); an
-        OSError, ValueError or KeyError from it is "not yet". The process's exit is raised
-        (exited, with ``tail``). False once ``wait_s`` passed: the caller says what was not ready."""
+        error of ``not_yet`` from it (a refused connection) is "not yet", another raised at once.
+        The process's exit is raised (exited, with ``tail``). False once ``wait_s`` passed: the
+        caller says what was not ready."""
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             ours = self.owns_port(what)
@@ -375,7 +384,7 @@ class ManagedProcess:
             try:
                 if ours and ready():
                     return True
-            except (OSError, ValueError, KeyError):
+            except not_yet:
                 pass
             time.sleep(every_s)
         return False
@@ -537,7 +546,7 @@ class PrometheusProcess(ManagedProcess):
             static = [t for t in active if t["discoveredLabels"].get("__meta_filepath") is None]
             return len(static) == self.targets and all(t["health"] == "up" for t in static)
 
-        if self.wait_for("prometheus", scraped, wait_s, 0.2):
+        if self.wait_for("prometheus", scraped, wait_s, 0.2, not_yet=(OSError, ValueError, KeyError)):
             return self
         self.stop()
         raise RuntimeError(f"prometheus not ready within {wait_s:g} s:\n{self.log.read_text()[-3000:]}")
@@ -650,8 +659,12 @@ def start_s3(work_dir: Path, port: int | None = None, wait_s: float = 60.0) -> S
                 raise
             return True
 
-        if server.wait_for("moto server", bucket_made, wait_s, 0.2):
-            return server
+        try:
+            if server.wait_for("moto server", bucket_made, wait_s, 0.2):
+                return server
+        except BaseException:  # (another error than a connection's: raised at once, as before)
+            server.stop()
+            raise
         server.stop()
         raise last
 

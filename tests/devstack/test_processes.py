@@ -444,3 +444,51 @@ def test_airflow_started_again_on_another_port_migrates_its_database_once(
         finally:
             stack.stop()
     assert len(migrations) == 1
+
+
+def test_a_bucket_not_made_for_a_reason_other_than_a_connection_is_raised_at_once_and_moto_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """moto's start took a ValueError from making its bucket (pyarrow's ArrowInvalid: a bad
+    endpoint) for "not listening yet": it asked again until wait_s passed, then raised "does
+    not listen yet", the real error lost. Only an OSError is "not yet", as before the start
+    and wait were shared: another is raised from its first try, moto stopped."""
+    tried: list[processes.S3Process] = []
+
+    class Refusing:
+        def __init__(self, server: processes.S3Process) -> None:
+            self.server = server
+
+        def create_dir(self, bucket: str) -> None:
+            tried.append(self.server)
+            raise ValueError("Invalid endpoint: a stand-in for ArrowInvalid")
+
+    monkeypatch.setattr(processes.S3Process, "filesystem", lambda self: Refusing(self))
+    with pytest.raises(ValueError, match="Invalid endpoint"):
+        processes.start_s3(tmp_path, wait_s=20)
+    assert len(tried) == 1
+    assert tried[0].proc.poll() is not None
+
+
+def test_a_model_server_s_wait_raises_an_error_other_than_a_connection_s_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its wait for health asked again past a ValueError (or a KeyError) from the health check
+    as if the server were not up yet, where it had raised it at once: only an OSError is "not yet"."""
+    port = free_port()
+    listens = f"import socket, time; s = socket.create_server(('127.0.0.1', {port})); time.sleep(60)"
+    log = tmp_path / "model-server.log"
+    server = processes.ModelServerProcess(processes.spawn([sys.executable, "-c", listens], log), port, log)
+    asked: list[str] = []
+
+    def get(url: str, timeout: float) -> tuple[int, bytes]:
+        asked.append(url)
+        raise ValueError("a stand-in for a URL http.client refuses")
+
+    monkeypatch.setattr(processes, "_get", get)
+    try:
+        with pytest.raises(ValueError, match="stand-in"):
+            server.wait_until("ready", timeout_s=10)
+        assert len(asked) == 1
+    finally:
+        server.stop()
