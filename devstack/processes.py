@@ -190,16 +190,26 @@ def parents(table: Mapping[int, tuple[int, int, int]] | None = None) -> dict[int
 
 def descendants(pid: int, parent_of: Mapping[int, int]) -> set[int]:
     """The processes ``pid`` started, the ones they started, and so on (``parent_of``: parents())."""
+    return _below([pid], _children_of(parent_of))
+
+
+def _children_of(parent_of: Mapping[int, int]) -> dict[int, list[int]]:
+    """Each process's children, by process id: one pass over ``parent_of``."""
     below: dict[int, list[int]] = {}
     for child, parent in parent_of.items():
         below.setdefault(parent, []).append(child)
+    return below
+
+
+def _below(roots: Iterable[int], children_of: Mapping[int, list[int]]) -> set[int]:
+    """The descendants of each of ``roots`` (not the roots, unless one is another's)."""
     out: set[int] = set()
-    todo = list(below.get(pid, ()))
+    todo = [child for root in roots for child in children_of.get(root, ())]
     while todo:
         p = todo.pop()
         if p not in out:
             out.add(p)
-            todo += below.get(p, ())
+            todo += children_of.get(p, ())
     return out
 
 
@@ -207,13 +217,10 @@ def kin(pid: int, table: Mapping[int, tuple[int, int, int]]) -> set[int]:
     """The processes of ``pid``'s making (``table``: lineage()): its descendants, and where it leads
     a process group or a session (started with start_new_session), each process in them, with
     theirs. A daemon's listener, forked twice, is a child of init but keeps its session (or group).
-    An id that leads a group or a session is not given to another process while it lasts."""
-    parent_of = parents(table)
+    An id that leads a group or a session is not given to another process while it lasts. The
+    map of children is made once (a session of many processes not read again for each)."""
     led = {p for p, (_, pgrp, session) in table.items() if pid in (pgrp, session) and p != pid}
-    out = descendants(pid, parent_of) | led
-    for p in led:
-        out |= descendants(p, parent_of)
-    return out
+    return _below([pid, *led], _children_of(parents(table))) | led
 
 
 def children(pid: int) -> set[int]:

@@ -235,6 +235,29 @@ def test_the_descendants_of_a_process_come_from_one_scan_of_proc() -> None:
         child.wait()
 
 
+def test_the_kin_of_a_session_leader_come_from_one_map_of_children(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kin built the map of each process's children (over every process /proc lists) once for the
+    leader and again for each process of its session or group: a server whose session held many
+    processes read them all as many times, at each check of its port. It is built once a call."""
+    leader = 100
+    table = {leader: (1, leader, leader), 999: (1, 999, 999)}  # (999: a stranger's)
+    for i in range(1, 21):  # 20 of the session, each daemonized (a child of init), each with a child
+        table[leader + i] = (1, leader, leader)
+        table[1000 + i] = (leader + i, leader, leader)
+    table[2000] = (999, 999, 999)
+    read: list[int] = []
+
+    class Counted(dict[int, int]):
+        def items(self) -> Any:
+            read.append(len(self))
+            return super().items()
+
+    real = processes.parents
+    monkeypatch.setattr(processes, "parents", lambda t=None: Counted(real(t)))
+    assert processes.kin(leader, table) == {leader + i for i in range(1, 21)} | {1000 + i for i in range(1, 21)}
+    assert len(read) == 1
+
+
 def test_a_model_server_whose_port_another_process_bound_without_listening_is_started_on_another(
     models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
