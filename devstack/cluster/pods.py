@@ -175,7 +175,7 @@ class Pod:
     ready: bool = False
     owns_port: bool = False  # its process listens on its port: not asked again until it is started again
     port_taken: bool = False  # another process holds its port (its probe, or its exit, said so): picked again
-    ports_tried: list[int] = field(default_factory=list)  # the ports it was given up on
+    ports_tried: list[int] = field(default_factory=list)  # the ports given up on since it last held one
     pump: threading.Thread | None = None  # the copy of its process's output into its log
     probe_failures: int = 0
     next_probe: float = 0.0
@@ -550,7 +550,8 @@ class PodRunner:
     def _port_again(self, pod: Pod) -> None:
         """Another process holds the pod's port (one the cluster picked free when it made the pod,
         bound by another before its server did): its process stopped and started on a port picked
-        again (no back-off), with its address annotation; PORT_TRIES in all, as on_a_free_port."""
+        again (no back-off), with its address annotation; PORT_TRIES in all, as on_a_free_port,
+        counted since its process last listened on a port of its own (its probe saw it)."""
         pod.port_taken = False
         if pod.proc is not None:
             pod.proc.kill()
@@ -751,6 +752,8 @@ class PodRunner:
             if not holder:  # ("unknown": asked, as before)
                 return False
             pod.owns_port = holder is True
+            if pod.owns_port:  # (on a port of its own: a later collision has its tries anew)
+                pod.ports_tried.clear()
         try:
             with urllib.request.urlopen(f"http://{pod.address}{path}", timeout=timeout) as r:
                 return 200 <= r.status < 400

@@ -662,6 +662,34 @@ def test_the_readiness_probe_asks_whose_the_port_is_until_it_is_the_pod_process_
     assert not pod.owns_port
 
 
+def test_a_pod_whose_port_is_taken_again_after_it_ran_on_another_is_given_new_tries(tmp_path, monkeypatch):
+    """The ports a pod was given up on were counted over its whole life: three collisions, each
+    after the pod had run on its port again, parked it in PortTaken for good. They are counted
+    per start: once its process listens on its own port, a later collision has its tries anew."""
+    import subprocess
+    import sys
+
+    from devstack.cluster.pods import Pod
+    from devstack.processes import PORT_TRIES, free_port
+
+    runner = PodRunner(FakeKubeAPI(kubelet=True), tmp_path / "cluster", {}, gpu=False)
+    monkeypatch.setattr(runner.api, "patch_pod", lambda *args, **kw: None)  # (its address annotation)
+    spec = {"containers": [{"name": "server", "readinessProbe": {"httpGet": {"path": "/"}, "timeoutSeconds": 0.5}}]}
+    pod = Pod("models", "digits-1", "digits", "h", {}, spec, tmp_path, port=free_port())
+    for _ in range(PORT_TRIES + 1):
+        pod.port_taken = True  # (another process took its port: its probe, or its exit, said so)
+        runner._port_again(pod)
+        assert pod.waiting == ("ContainerCreating", ""), pod.waiting
+        serves = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(pod.port)]
+        pod.proc = subprocess.Popen(serves, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+        try:
+            wait_for("the pod ready on its new port", lambda: runner._probe(pod), 30)
+            assert pod.owns_port
+        finally:
+            pod.proc.kill()
+            pod.proc.wait()
+
+
 def test_a_pod_whose_port_another_process_took_first_is_started_again_on_another(cluster, monkeypatch):
     """A pod's port is picked free when the pod is made; another process that bound it before the
     pod's model server did kept the pod crashing ("Address already in use", backing off) or never
