@@ -551,6 +551,45 @@ def conflicts_of(exc: Any) -> dict[str, list[str]]:
     return owned or apply_conflicts(str(status.get("message") or ""))
 
 
+FIELD_STEP = re.compile(r'\.(?P<field>[^.\[]+)|\[(?P<keys>(?:[^\]"]|"(?:[^"\\]|\\.)*")*)\]')
+LIST_KEY = re.compile(r'(?P<key>[^=,]+)=(?P<value>"(?:[^"\\]|\\.)*"|[^,]*)')
+AS_APPLIED = "<as the rollout applies>"
+
+
+def keyed_patch(paths: list[str]) -> dict[str, Any] | None:
+    """A strategic merge patch's shape for the fields of ``paths`` (a 409's field paths) inside a
+    keyed list (``.spec.template.spec.containers[name="model-server"].image``): each list item
+    with its key, the field's value ``AS_APPLIED``; None where none is in a keyed list. Others are
+    left out: a map key with dots (a label's) cannot be told from a path's steps."""
+    patch: dict[str, Any] = {}
+    for path in paths:
+        steps = list(FIELD_STEP.finditer(path))
+        if "".join(m[0] for m in steps) != path or not any(m["keys"] is not None for m in steps) or steps[-1]["keys"]:
+            continue
+        here: Any = patch
+        for step, after in zip(steps, [*steps[1:], None], strict=True):
+            if step["keys"] is not None:
+                keys = {k["key"]: _key_value(k["value"]) for k in LIST_KEY.finditer(step["keys"])}
+                item = next((i for i in here if all(i.get(k) == v for k, v in keys.items())), None)
+                if item is None:
+                    item = dict(keys)
+                    here.append(item)
+                here = item
+            elif after is None:
+                here[step["field"]] = AS_APPLIED
+            else:
+                here = here.setdefault(step["field"], [] if after["keys"] is not None else {})
+    return patch or None
+
+
+def _key_value(said: str) -> Any:
+    """A list key's value as a 409's path says it (``"model-server"``, ``8080``), as JSON."""
+    try:
+        return json.loads(said)
+    except ValueError:
+        return said
+
+
 class FieldsOwned(RouterError):
     """An apply refused (409) for fields other field managers own (``refused``): ``owned``, the
     fields each of them owns (``apply_conflicts``)."""
@@ -580,6 +619,9 @@ def refused(what: str, exc: Any) -> RouterError:
         others_first = sorted(owned.items(), key=lambda item: item[0].startswith(f'"{FIELD_MANAGER}"'))
         said = "; ".join(f"{manager} owns {', '.join(paths)}" for manager, paths in others_first)
         helm = any(manager.startswith(f'"{HELM_MANAGER}"') for manager in owned)
+        keyed = keyed_patch([path for paths in owned.values() for path in paths])
+        shape = json.dumps(keyed, separators=(",", ":")) if keyed else ""
+        shape = shape if len(shape) <= 600 else ""  # (a long one cut would be no patch)
         return FieldsOwned(
             f"{what}: fields another field manager owns, which the rollout does not take over: {said[:1000]}. "
             + (
@@ -589,12 +631,16 @@ def refused(what: str, exc: Any) -> RouterError:
                 else ""
             )
             + "give the fields to the rollout: set those fields alone to what the rollout applies, under its "
-            "field manager (kubectl patch --type=merge --field-manager=model-rollout: a write takes a field from "
-            "its manager where it changes its value), not kubectl apply --server-side of those fields alone under "
-            "that manager, which would remove the rollout's other fields (an apply drops the fields its manager "
-            "applied before and no longer sends); or have that manager give them up (its server-side apply "
-            "without them); or, for spec.replicas under your own HPA, set the model_server_default extra "
-            "build.autoscaling",
+            "field manager (kubectl patch --type=strategic --field-manager=model-rollout, a strategic merge patch, "
+            "kubectl's default for a Deployment, an HPA, a PodDisruptionBudget: it merges a list such as containers "
+            "item by item by its key, where a JSON merge patch would replace the whole list with the items sent; a "
+            "write takes a field from its manager where it changes its value"
+            + (f"; a field in a list sent inside its list item, with its key: {shape}" if shape else "")
+            + "), not kubectl apply --server-side of those fields alone under that manager, which would remove the "
+            "rollout's other fields (an apply drops the fields its manager applied before and no longer sends); "
+            "then have that manager stop sending them (its configuration without them), not before: an apply "
+            "without a field its manager alone owns deletes it or resets it to its default (spec.replicas to 1); "
+            "or, for spec.replicas under your own HPA, set the model_server_default extra build.autoscaling",
             owned,
         )
     if exc.status == 409:

@@ -154,11 +154,68 @@ def test_the_advice_for_fields_another_manager_owns_never_drops_the_rollouts_oth
     )
     message = str(refused("apply Deployment digits-v2", exc))
     assert "--force-conflicts" not in message
-    assert "kubectl patch --type=merge --field-manager=model-rollout" in message
+    assert "kubectl patch --type=strategic --field-manager=model-rollout" in message
+    assert "--type=merge" not in message
     assert "where it changes its value" in message
     assert "not kubectl apply --server-side" in message
     assert "would remove the rollout's other fields" in message
     assert "build.autoscaling" in message
+
+
+def test_the_advice_for_a_field_in_a_keyed_list_patches_its_item_by_key_and_hands_over_in_order():
+    """The advice for fields another manager owns was ``kubectl patch --type=merge``: a JSON merge
+    patch (RFC 7386) replaces a list whole, so a patch of a container's image sends a containers
+    list of that container's name and image alone, and the Deployment loses the container's
+    args, ports, probes and env. It is a strategic merge patch (kubectl's default for a
+    Deployment, an HPA, a PodDisruptionBudget), which merges a containers list by name, and a field
+    inside a keyed list is shown inside its item, with its key. The alternative it gave, that
+    manager's server-side apply without the fields, deletes a field it alone owns (spec.replicas
+    reset to 1): the handover is the rollout taking the fields first, then that manager dropping
+    them."""
+    exc = ApiException(status=409, reason="Conflict")
+    exc.body = json.dumps(
+        {
+            "message": "Apply failed with 2 conflicts",
+            "details": {
+                "causes": [
+                    {
+                        "reason": "FieldManagerConflict",
+                        "message": 'conflict with "argocd-controller" using apps/v1',
+                        "field": '.spec.template.spec.containers[name="model-server"].image',
+                    },
+                    {
+                        "reason": "FieldManagerConflict",
+                        "message": 'conflict with "argocd-controller" using apps/v1',
+                        "field": '.spec.template.spec.containers[name="model-server"].ports[containerPort=8080,'
+                        'protocol="TCP"].name',
+                    },
+                ]
+            },
+        }
+    )
+    message = str(refused("apply Deployment digits-v2", exc))
+    assert "--type=merge" not in message
+    assert "kubectl patch --type=strategic --field-manager=model-rollout" in message
+    patch, _ = json.JSONDecoder().raw_decode(message.split("inside its list item, with its key: ", 1)[1])
+    assert patch == {
+        "spec": {
+            "template": {
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "model-server",
+                            "image": "<as the rollout applies>",
+                            "ports": [{"containerPort": 8080, "protocol": "TCP", "name": "<as the rollout applies>"}],
+                        }
+                    ]
+                }
+            }
+        }
+    }
+    assert "its server-side apply without them)" not in message  # (first: it deletes a field it alone owns)
+    taken, dropped = message.index("kubectl patch --type=strategic"), message.index("then have that manager")
+    assert taken < dropped
+    assert "not before" in message[dropped:]
 
 
 def test_the_service_exposes_the_data_port_only():
