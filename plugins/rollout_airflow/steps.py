@@ -774,11 +774,13 @@ def retirable(spec: RolloutSpec, deployments: VersionDeployments) -> None:
             f"{spec.baseline_version} is also managed by {', '.join(owners)[:300]} (an HPA, kubectl scale, a "
             "client-side kubectl apply): the rollout could not retire it once promoted. Under an HPA of your own, "
             "set the model_server_default extra build.autoscaling (the rollout then makes an HPA per version); "
-            "else give the field to the rollout: scale the version to another count and back under its field "
-            "manager (kubectl patch deployment --subresource=scale --type=merge --field-manager=model-rollout, "
-            f"{SCALE_BY_HAND_KUBECTL}; a write takes a field from its manager where it changes its value), not kubectl "
-            "apply --server-side of spec.replicas alone under that manager, which would remove the Deployment's "
-            "other fields the rollout applied; a server-side applier gives it up by applying without it"
+            "else give the field to the rollout: scale the version up by one pod and back under its field manager "
+            "(kubectl patch deployment --subresource=scale --type=merge --field-manager=model-rollout, "
+            f"{SCALE_BY_HAND_KUBECTL}; a write takes a field from its manager where it changes its value; up, not "
+            "down, which would cut the capacity of a version that may serve all of the traffic), not kubectl apply "
+            "--server-side of spec.replicas alone under that manager, which would remove the Deployment's other "
+            "fields the rollout applied; then, where that manager is a server-side applier, it stops sending "
+            "spec.replicas, not before (while it alone owns it, its apply without it resets it to 1)"
         )
     try:
         deployments.scale(spec.baseline_version, 0, dry_run=True)

@@ -2621,8 +2621,9 @@ def test_the_advice_for_a_baselines_replicas_another_manager_owns_never_drops_it
     with the advice ``kubectl apply --server-side --field-manager=model-rollout --force-conflicts``:
     sent with spec.replicas alone, that apply removes the Deployment's other fields the rollout
     applied (its manager no longer sends them). The advice scales it under the rollout's field
-    manager through its scale subresource (kubectl 1.24 or later), to another count and back (a
-    write takes a field from its manager where it changes its value), and warns against that apply."""
+    manager through its scale subresource (kubectl 1.24 or later), up by one pod and back (a
+    write takes a field from its manager where it changes its value; down would cut the capacity
+    of a version that may serve all of the traffic), and warns against that apply."""
     stable_virtual_service(kube, PARAMS)
     take("run-1")
     steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=4)
@@ -2634,8 +2635,12 @@ def test_the_advice_for_a_baselines_replicas_another_manager_owns_never_drops_it
     assert "--force-conflicts" not in said
     assert "kubectl patch deployment --subresource=scale --type=merge --field-manager=model-rollout" in said
     assert "kubectl 1.24 or later" in said
-    assert "another count and back" in said
+    assert "up by one pod and back" in said  # (down would cut the capacity of a version serving 100%)
+    assert "another count" not in said
     assert "not kubectl apply --server-side" in said
+    # (that applier drops it once the rollout took it: while it alone owns it, its apply without it resets it)
+    said = said[said.index("up by one pod and back") :]
+    assert "then, where that manager is a server-side applier, it stops sending spec.replicas, not before" in said
 
 
 def test_the_command_that_scales_a_version_by_hand_leaves_its_next_deploy_free(kube):
