@@ -1768,16 +1768,24 @@ def floor_released(spec: RolloutSpec, run_id: str, hook: ModelServerHook, deploy
     the same) not raised: a budget, a guard against node drains, never holds back a promotion or
     a rollback. It is logged and recorded in the run folder (``besides_recorded``), with what to
     set the budget to, for the run's report to say (``notify``), as the teardown's of a kept
-    promotion does. A floor released whole (its budget updated) removes an earlier try's record
-    (the run's floor held again since): it would say a budget not updated that is; a try that
-    finds no floor held keeps it (the earlier release's budget is still not updated)."""
+    promotion does."""
     try:
-        released = deployments.release_floor(spec.baseline_version)
+        baseline_floor_released(spec, run_id, hook, deployments)
     except BudgetNotApplied as exc:
         log.warning("version %s's HPA floor is released, not its budget: %s", spec.baseline_version, exc)
         besides_recorded(spec, run_id, hook, str(exc))
-        return
-    if released:
+
+
+def baseline_floor_released(
+    spec: RolloutSpec, run_id: str, hook: ModelServerHook, deployments: VersionDeployments
+) -> None:
+    """The baseline's floor released (``release_floor``; its failures raised as they came), for
+    promote and the rollback (``floor_released``) and the teardown of a kept promotion. A floor
+    released whole (its budget updated) removes an earlier try's record of a budget not updated
+    (``besides_recorded``; the run's floor held again since): it would say a budget not updated
+    that is; a try that finds no floor held keeps it (the earlier release's budget is still not
+    updated)."""
+    if deployments.release_floor(spec.baseline_version):
         try:
             hook.settings.workdir(spec.model, run_id).delete(BESIDES)
         except OSError as exc:  # (the floor is released all the same: the report may say the budget of before)
@@ -2404,7 +2412,7 @@ def finish(
     if kept and spec.mesh == "istio":  # (promote stopped before it put the retired version's HPA back)
         deployments = hook.deployments(spec.model)
         try:
-            deployments.release_floor(spec.baseline_version)
+            baseline_floor_released(spec, run_id, hook, deployments)
         except BudgetNotApplied as exc:  # (the floor released: its budget is what is left, not the floor)
             short = Shortfall(exc, str(exc), retired=False)
         except RouterError as exc:  # (the promotion stands: said as kept, this failure besides, not a failed restore)

@@ -1453,6 +1453,32 @@ def test_a_kept_promotion_whose_floor_is_released_but_its_budget_not_updated_is_
     assert lease(fleet, "digits") is None  # (released)
 
 
+def test_a_besides_record_is_removed_once_the_teardown_of_a_kept_promotion_releases_the_floor_whole(
+    fleet, monkeypatch, tmp_path
+):
+    """As in promote (``floor_released``), an earlier try's record of a budget not updated
+    (``besides_recorded``) is removed where the floor is released whole: the teardown of a kept
+    promotion released version 1's floor itself (``release_floor``, its budget updated) and left
+    the record, so the run's report said a budget not updated that is."""
+    params = {**PARAMS, "mirror_percent": 0}
+    promotion_cut_short(
+        fleet,
+        monkeypatch,
+        params,
+        lambda: fleet.touch("deployments", "models", "digits-v1", lambda d: d["spec"].update(replicas=4)),
+    )
+    assert hpa(fleet, "1")["metadata"].get("annotations")  # (the floor held)
+    spec, hook = steps.spec_from(params), steps.ModelServerHook()
+    steps.besides_recorded(spec, "run-a", hook, "PodDisruptionBudget models/digits-v1 was not updated (earlier)")
+    with pytest.raises(AirflowFailException, match="version 2 was promoted"):  # (promote did not finish)
+        steps.ensure_stable(params, "run-a", None, None, None, decided="promote")
+    assert not hpa(fleet, "1")["metadata"].get("annotations")  # (the floor released, its budget updated)
+    assert steps.besides_of(spec, "run-a") == []
+    reports = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "run" / "outbox").glob("*.json"))]
+    assert not any("was not updated" in report for report in reports)
+    assert routes(fleet) == [("v2", 100)]
+
+
 def test_a_takeover_refused_after_it_put_the_routes_back_releases_the_floor_it_found_held(fleet, monkeypatch):
     """Under autoscaling, run-a held version 1's HPA floor at 10% when its lease lapsed; run-b
     took the model over, put the routes back to version 1 and retired run-a's candidate, then was
