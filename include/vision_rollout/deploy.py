@@ -37,6 +37,8 @@ from typing import Any, NamedTuple
 from vision_rollout.mesh import (
     FIELD_MANAGER,
     ApiUnreachable,
+    Conflicted,
+    Contended,
     IstioTarget,
     RouterError,
     api_error,
@@ -693,7 +695,7 @@ class VersionDeployments:
             source = self._live(version) or (self._live(like) if like is not None else None)
             return self._apply(version, image, replicas, source, deployed=image)
 
-        return self._sized(version, replicas, settled(attempt, checks=False))
+        return self._sized(version, replicas, settled(self.changes_noted(attempt), checks=False))
 
     def _apply(
         self,
@@ -776,8 +778,11 @@ class VersionDeployments:
         ``_scale_subresource``, or an operator's under its name, ``scale_by_hand``) are its own:
         the apply is sent again with ``force``, which takes them from those writes, at ``read``
         (the object's ``resourceVersion`` as the caller read it; None: none read, nothing forced):
-        a field another manager changed since is not taken with them, the forced apply refused
-        (409), said changed, nothing applied."""
+        a write since (a controller's status, or another manager's field) refuses the forced apply
+        (409), nothing applied: ``Conflicted``, for the caller's ``settled`` to read the object and
+        apply again, whose unforced apply says whether another manager took a field meanwhile
+        (``FieldsOwned``, which ``changes_noted`` says followed a change); refused to the last,
+        ``Contended``."""
         from kubernetes.client.exceptions import ApiException
 
         def sent(body: dict[str, Any], **force: bool) -> Any:
@@ -794,10 +799,12 @@ class VersionDeployments:
                     )
                 except ApiException as exc:
                     if force and exc.status == 409:  # (force takes any field: only the resourceVersion refuses it)
-                        raise RouterError(
-                            f"{what}: not sent again with force to take back the rollout's own fields: the object "
-                            f"changed since it was read (resourceVersion {read}; 409 Conflict: {api_message(exc)}), "
-                            "and another manager's change is not taken over; nothing applied: run the step again"
+                        raise Conflicted(
+                            Contended(
+                                f"{what}: not sent again with force to take back the rollout's own fields: the object "
+                                f"changed since it was read (resourceVersion {read}; 409 Conflict: "
+                                f"{api_message(exc)}), and another manager's change is not taken over; nothing applied"
+                            )
                         ) from None
                     raise refused(what, exc) from None
 
@@ -808,6 +815,29 @@ class VersionDeployments:
                 raise
             log.info("%s: the rollout's own (its field manager's other writes), taken back", str(exc)[:300])
             return sent({**body, "metadata": {**body["metadata"], "resourceVersion": read}}, force=True)
+
+    @staticmethod
+    def changes_noted(attempt: Callable[[int], Any]) -> Callable[[int], Any]:
+        """``attempt`` (a ``settled`` one, around ``_server_side_apply``) whose ``FieldsOwned`` after a
+        forced apply refused for a change since its read (``Conflicted``) says so: another manager
+        changed the object between the read and the forced apply, and its fields are not taken."""
+        conflicts: list[Conflicted] = []
+
+        def noted(doubted: int) -> Any:
+            try:
+                return attempt(doubted)
+            except Conflicted as exc:
+                conflicts.append(exc)
+                raise
+            except FieldsOwned as exc:
+                if conflicts:
+                    exc.args = (
+                        f"{exc} (the object changed since it was read before the rollout's forced apply of its "
+                        "own fields; read again, another manager's change is not taken over)",
+                    )
+                raise
+
+        return noted
 
     def _sized(
         self,
@@ -866,7 +896,7 @@ class VersionDeployments:
             self._server_side_apply(policy.patch_namespaced_pod_disruption_budget, what, body, read)
 
         try:
-            settled(attempt)
+            settled(self.changes_noted(attempt))
         except ApiUnreachable:
             raise
         except RouterError as exc:
@@ -1193,7 +1223,7 @@ class VersionDeployments:
             read = None if live is None else live["metadata"].get("resourceVersion")
             self._server_side_apply(patch, what, hpa, read, **({"dry_run": "All"} if dry_run else {}))
 
-        settled(attempt)
+        settled(self.changes_noted(attempt))
         if dry_run or not budget:
             return
         self._apply_pdb(version, int(hpa["spec"].get("minReplicas") or 1))  # (also where a try stopped before it)
@@ -1258,9 +1288,11 @@ class VersionDeployments:
             return self._apply(version, image, replicas, live, deployed, dry_run)
 
         try:
-            applied = settled(attempt, checks=False)
-        except FieldsOwned as exc:
-            replicas_only = all(paths == [".spec.replicas"] for paths in exc.owned.values())
+            applied = settled(self.changes_noted(attempt), checks=False)
+        except (FieldsOwned, Contended) as exc:  # (Contended: its forced apply refused at each try)
+            replicas_only = isinstance(exc, Contended) or all(
+                paths == [".spec.replicas"] for paths in exc.owned.values()
+            )
             if not rolling_back or dry_run or self.build.autoscaling or not replicas_only:
                 raise
             log.warning("%s; its pods are scaled to %d all the same, for the rollback", exc, replicas)

@@ -2730,6 +2730,72 @@ def test_a_field_changed_before_the_forced_apply_of_the_rollouts_own_fields_fail
     assert live["spec"]["replicas"] == 0
 
 
+def test_a_status_change_before_the_forced_apply_of_the_rollouts_own_fields_is_read_again_and_applied(kube):
+    """A status-only write (the Deployment controller's observedGeneration, readyReplicas) between
+    the read and the forced retry of an apply refused only for the rollout's own field manager's
+    other writes: the forced apply, at the resourceVersion read, is refused (409); nothing another
+    manager owns changed, so the Deployment is read again and applied again (``Conflicted``), and
+    the apply succeeds, the count as asked."""
+    from kubernetes import client
+
+    at_stage_1(kube)
+    deployments = steps.serving().deployments("digits")
+    apps = client.AppsV1Api(deployments._apps().api_client)
+    apps.patch_namespaced_deployment_scale(
+        "digits-v2", "models", {"spec": {"replicas": 0}}, field_manager="model-rollout"
+    )
+
+    def changed() -> None:  # (the controller's status write, once the rollout's own forced apply arrives)
+        if kube.requests[-1]["query"].get("force", ["false"])[0].lower() != "true":
+            kube.before_write = changed
+            return
+        kube.touch(
+            "deployments", "models", "digits-v2", lambda o: o.setdefault("status", {}).update(observedGeneration=99)
+        )
+
+    kube.before_write = changed
+    deployments.apply("2", image("2"), replicas=3)
+    kube.before_write = None
+    live = deployment(kube, "2")
+    assert live["spec"]["replicas"] == 3
+    assert live["spec"]["template"]["spec"]["containers"][0]["image"] == image("2")
+    forced = [
+        r
+        for r in kube.writes()
+        if r["path"].endswith("/deployments/digits-v2") and r["query"].get("force", ["false"])[0].lower() == "true"
+    ]
+    assert len(forced) == 2  # (the first refused at the resourceVersion read, the second after a read)
+
+
+def test_a_rollbacks_scale_whose_forced_apply_is_refused_at_each_try_sets_its_count_through_the_scale_subresource(
+    kube,
+):
+    """A rollback's scale whose apply is refused only for the rollout's own writes and whose forced
+    retry is refused (409) at each try (a controller writing the Deployment's status between each
+    read and write): ``Contended``, and the rollback's count is set through the scale subresource
+    all the same (its fallback), not the rollback failed before its routes move back."""
+    from kubernetes import client
+
+    at_stage_1(kube)
+    deployments = steps.serving().deployments("digits")
+    apps = client.AppsV1Api(deployments._apps().api_client)
+    apps.patch_namespaced_deployment_scale(
+        "digits-v1", "models", {"spec": {"replicas": 1}}, field_manager="model-rollout"
+    )
+
+    def changed() -> None:  # (a status write before each forced apply)
+        kube.before_write = changed
+        if kube.requests[-1]["query"].get("force", ["false"])[0].lower() == "true":
+            kube.touch(
+                "deployments", "models", "digits-v1", lambda o: o.setdefault("status", {}).update(observedGeneration=99)
+            )
+
+    kube.before_write = changed
+    assert deployments.scale("1", 4, rolling_back=True)
+    kube.before_write = None
+    assert deployment(kube, "1")["spec"]["replicas"] == 4
+
+
 def by_hand(command: str, kind: str, name: str) -> dict:
     """A command a report gives to change an object by hand (``shlex.split``): a merge patch of
     ``kind`` ``name`` in models under the rollout's field manager. Its patch."""
