@@ -859,7 +859,7 @@ class VersionDeployments:
             self._apply_pdb(version, replicas)
         return dict(self._apps().api_client.sanitize_for_serialization(applied))
 
-    def _apply_pdb(self, version: str, replicas: int) -> None:
+    def _apply_pdb(self, version: str, replicas: int, refusal_raised: bool = False) -> None:
         """The version's PodDisruptionBudget (``render_pdb``) for ``replicas`` pods (no ``force``: a
         field another manager owns, a Helm release's budget of that name, is refused), with the
         labels and annotations the live one holds beside the rollout's (``with_live_metadata``:
@@ -868,7 +868,9 @@ class VersionDeployments:
         already, and a budget (a guard against node drains) must not hold back a rollback; a
         budget that cannot be read is applied as rendered (its size matters more than its labels).
         An apply whose answer left unknown whether it was served is read back (``settled``): the
-        spec as rendered, that apply's, served; else applied again from what was read."""
+        spec as rendered, that apply's, served; else applied again from what was read.
+        ``refusal_raised``: a refusal raised, not logged (``apply_pending_budget``: the budget is
+        still pending, its mark kept)."""
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
@@ -900,6 +902,8 @@ class VersionDeployments:
         except ApiUnreachable:
             raise
         except RouterError as exc:
+            if refusal_raised:
+                raise
             log.warning("%s; a drain may take its pods", exc)
 
     def shared_budgets(self, versions: Iterable[str]) -> list[str]:
@@ -1114,15 +1118,16 @@ class VersionDeployments:
     def apply_pending_budget(self, version: str) -> bool:
         """The version's PodDisruptionBudget that a floor's release left not updated (its HPA marked,
         ``BUDGET_ANNOTATION``) applied at the HPA's floor now, then the mark cleared; False where none
-        is marked (or a floor is held again: its own release updates the budget). Still not updated:
-        ``BudgetNotApplied``, the mark kept."""
+        is marked (or a floor is held again: its own release updates the budget). Still not updated
+        (no answer, or its apply refused: a field another manager owns): ``BudgetNotApplied``, why,
+        the mark kept."""
         hpa = self._hpa(version)
         annotations = _metadata(hpa, "annotations") if hpa is not None else {}
         if hpa is None or BUDGET_ANNOTATION not in annotations or _own_min(hpa) is not None:
             return False
         floor = int(hpa["spec"].get("minReplicas") or 1)
         try:
-            self._apply_pdb(version, floor)
+            self._apply_pdb(version, floor, refusal_raised=True)
         except RouterError as exc:
             name = self._name(version)
             raise BudgetNotApplied(

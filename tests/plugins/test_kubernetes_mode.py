@@ -686,6 +686,44 @@ def test_a_budget_not_updated_by_a_rollback_is_applied_by_the_next_run(kube, mon
     assert "PodDisruptionBudget" not in caplog.text
 
 
+def test_a_pending_budget_whose_apply_is_refused_stays_marked_and_is_said_still_pending(
+    kube, monkeypatch, tmp_path, caplog
+):
+    """The next run's apply of a budget a release left not updated (marked pending on the HPA),
+    refused for a field another manager owns (a Helm release's minAvailable, 409): the apply was
+    logged, not raised, so the mark was cleared and the log said the budget applied. The mark
+    stays, and the log says the budget is still not updated, and why."""
+    import copy
+
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    params = {**PARAMS, "mirror_percent": 0}
+    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=1)
+    kube.scale("models", "digits-v1", 6, "kube-controller-manager")  # the HPA at a peak
+    steps.deploy_candidate(params, image("2"), "run-1")
+    steps.apply_weights(params, 0, "run-1", {"decision": "pass"})
+    with monkeypatch.context() as unanswered:
+        budget_unanswered(kube, unanswered)
+        assert steps.rollback(params, "run-1") == "1"
+    assert hpa(kube, "1")["metadata"]["annotations"] == {"model-rollout/budget-pending": "1"}
+    live = copy.deepcopy(kube.objects[("poddisruptionbudgets", "models", "digits-v1")])
+    theirs = {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": "digits-v1", "namespace": "models"},
+        "spec": {"minAvailable": 2, "selector": live["spec"]["selector"]},
+    }
+    kube.apply("poddisruptionbudgets", "models", "digits-v1", theirs, "helm", force=True)
+    caplog.clear()
+    steps.release_leftover_floors(steps.spec_from(params), steps.ModelServerHook(), keep="1")  # run-2's start
+    assert hpa(kube, "1")["metadata"]["annotations"] == {"model-rollout/budget-pending": "1"}
+    assert "applied the PodDisruptionBudget" not in caplog.text
+    assert "PodDisruptionBudget models/digits-v1, left not updated by a run, is still not updated" in caplog.text
+    assert '"helm" owns .spec.minAvailable' in caplog.text
+    assert "the model's next run tries again" in caplog.text
+
+
 def test_a_floor_not_released_once_the_routes_are_back_does_not_hold_back_the_rollback(kube, monkeypatch, tmp_path):
     """Under autoscaling, the rollback puts version 1's own floor back once the routes moved back:
     its HPA's PATCH refused (403), the failure went up before the candidate's retirement: the
