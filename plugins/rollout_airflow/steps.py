@@ -138,6 +138,14 @@ RELEASE_CALLS = 1
 # where it would leave the lease's release no time (``stable_back``): held, said so; the model's
 # next run releases it as it starts (``release_leftover_floors``).
 FLOOR_CALLS = 5
+# Under autoscaling the callback scales the baseline up before its routes write (to the floor held,
+# else to its pods and the candidate's, which it reads first) only where the calls of that scale
+# leave the calls after the wait (AFTER_WAIT_CALLS) their time: the Deployment read, its apply
+# (a dry run of it first where its template changes), the HPA read for its bounds, read and
+# applied, the PodDisruptionBudget read and applied, the scale subresource patched. Unguarded,
+# at 3 s a call they cut the routes write at the cap (10% of the traffic left on the candidate),
+# at 2.5 s the lease's release. Not scaled, its HPA scales it as the traffic comes back (said so).
+SCALE_CALLS = 9
 # What ``finish`` says of a candidate it did not retire whose pods run (the failure callback's: no
 # time to drain it), with the command that scales it to 0; the callback reports it, not only logs it.
 LEFT_RUNNING = "is left loaded, its pods running"
@@ -1952,6 +1960,7 @@ def stable_back(
         return None
     deployments = hook.deployments(spec.model)
     unscaled: Shortfall | None = None
+    unsized: Shortfall | None = None  # (the failure callback's scale-up left out, for the time: said beside the rest)
     restoring = 0  # (the pods a baseline at 0 is scaled back to)
     if rerouted:
         baseline = deployments.deployment(spec.baseline_version)  # (its size, and the wait's first look at its pods)
@@ -1970,9 +1979,22 @@ def stable_back(
             deployments.scale(spec.baseline_version, restoring, spec.baseline_version, rolling_back=True)
         else:
             # (the failure callback's: its reads here only where they leave the calls after the wait their time)
-            if deployments.build.autoscaling and not (quick and mesh.budget_left(1 + AFTER_WAIT_CALLS) < 0):
-                held = deployments.held_floor(spec.baseline_version)  # fewer pods than served before the run
-                size = held or min(live + (deployments.replicas(spec.candidate_version) or 0), MAX_REPLICAS)
+            if deployments.build.autoscaling:
+                read = not (quick and mesh.budget_left(1 + AFTER_WAIT_CALLS) < 0)
+                held = deployments.held_floor(spec.baseline_version) if read else None  # (fewer pods than before)
+                reads = 0 if held else 1  # (the candidate's Deployment, for its size)
+                if held and live >= held:
+                    size = live  # (nothing to scale)
+                elif not read or (quick and mesh.budget_left(reads + SCALE_CALLS + AFTER_WAIT_CALLS) < 0):
+                    size = live  # (neither read nor scaled: its HPA scales it)
+                    why = RouterError(
+                        f"version {spec.baseline_version} was not scaled up by the failure callback: it would leave "
+                        "the routes' write and the lease's release no time; its HPA scales it as the traffic comes back"
+                    )
+                    unsized = Shortfall(why, f"{why}: it serves with the pods it runs", retired=unload_candidate)
+                    log.warning("%s", why)
+                else:
+                    size = held or min(live + (deployments.replicas(spec.candidate_version) or 0), MAX_REPLICAS)
                 if live < size:  # (not waited for; its HPA another manager's: refused, logged, scaled all the same)
                     try:
                         deployments.scale(spec.baseline_version, size, spec.baseline_version, rolling_back=True)
@@ -2011,6 +2033,8 @@ def stable_back(
         log.warning("%s", what)
         exc.args = (f"the traffic is restored (version {spec.baseline_version} takes 100% of it); but {what}",)
         floor = Shortfall(exc, what, retired=unload_candidate)
+    if unsized is not None:
+        floor = unsized if floor is None else replace(floor, what=f"{unsized.what}; {floor.what}")
     if unload_candidate:
         failed = unretired(spec, run_id, hook, r)
         if failed is not None:  # (the traffic back: not a restore that failed)

@@ -3797,6 +3797,34 @@ def test_an_api_server_answering_in_4_to_5_s_still_gets_the_failure_callbacks_le
         assert "the model's next run releases it" in report
 
 
+@pytest.mark.real_pauses  # (the waits on the fake clock)
+@pytest.mark.parametrize("answer_s", [2.5, 3.0, 3.5, 4.0])
+def test_the_failure_callbacks_scale_up_of_a_baseline_without_a_floor_leaves_the_routes_and_the_lease_their_time(
+    kube, monkeypatch, tmp_path, caplog, answer_s
+):
+    """Under autoscaling, no floor held on version 1 (no peak): the failure callback's guard
+    reserved time for the HPA's read alone; after it the candidate's Deployment was read and the
+    baseline scaled up (its Deployment, HPA and budget read and applied: 9 calls) unguarded, so at
+    3 or 3.5 s a call the routes write was cut at the cap (10% of the traffic left on the
+    candidate), and at 2.5 s the lease's release. The routes write and the lease's release come
+    first: the scale-up is left where it would leave them no time, and the report says the HPA
+    scales the baseline."""
+    params = at_stage_1_autoscaled(kube, monkeypatch, tmp_path, 2)  # (no peak: no floor held)
+    now, tries = fake_api_time(monkeypatch, answer_s)
+    steps.restore_stable_on_failure({"params": params, "run_id": "run-1"})
+    assert now[0] <= steps.CALLBACK_CAP_S
+    assert routes(kube) == [("v1", 100)]
+    assert lease(kube, "digits") is None
+    assert tries[-1][:2] == ("DELETE", "/apis/coordination.k8s.io/v1/namespaces/models/leases/rollout-digits")
+    assert "was not released" not in caplog.text
+    scaled = [t for t in tries if t[0] == "PATCH" and "/deployments/digits-v1" in t[1]]
+    (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    assert "version 1 takes 100%" in report
+    if not scaled:
+        assert "version 1 was not scaled up by the failure callback" in report
+        assert "its HPA scales it as the traffic comes back" in report
+
+
 @pytest.mark.timeout(60)  # (before: the wait without a budget had no end)
 @pytest.mark.real_pauses  # (the waits on the fake clock)
 @pytest.mark.parametrize("budget", ["callback", "none"])
