@@ -145,8 +145,9 @@ _RUN_CHARS = r"^\s\"'`,;&<>\\"
 # "***", a mask's mark; "<none>" is no value's characters), whole. A pair many blanks after a key
 # ("api_key=" and 37 spaces then "model=resnet50", a line of pairs in columns) is masked still: it
 # is as often the key's own value ("api_key=      key=sk-proj-..."), and so is one of other words
-# ("password:" and 9 spaces then "16 bytes": its "16").
-_WRITTEN_PLACEHOLDER = r"(?:\(not set\)|-|(?i:null|none|n/a))"
+# ("password:" and 9 spaces then "16 bytes": its "16"). A run of up to three dashes ("-", "--",
+# "---": a table's empty cell) is one too.
+_WRITTEN_PLACEHOLDER = r"(?:\(not set\)|-{1,3}+|(?i:null|none|n/a))"
 PLACEHOLDER = rf"(?:{_WRITTEN_PLACEHOLDER}|\*{{3}})"
 NO_VALUE = rf"(?!{PLACEHOLDER}(?=[\s,;&)\]}}\"'<>]|\\[nrtbf]|\Z))"
 # A placeholder then a word on its line ("password: none hunter2"): the placeholder stays, the word
@@ -304,9 +305,11 @@ _BLOCK_HEAD = (
 )
 # A YAML list's mark after the key's ":" with nothing after it on its line but blanks or a comment
 # after a blank (``m``: "password: - \n  hunter2"), or "--" so (a table's empty cell: "password:
-# --\n  hunter2"): its item is on the next line, read as a plain value after the ":" alone is
-# (``p``), the mark no piece of it.
-_MARK_AT_LINE_END = rf"(?:{_AFTER_COLON}(?P<m>--?)(?=[ \t]{{0,16}}+(?:(?<=[ \t])#[^\r\n\\]{{0,256}}+)?{_LINE_BREAK}))?+"
+# --\n  hunter2", "---" too): its item is on the next line, read as a plain value after the ":"
+# alone is (``p``), the mark no piece of it.
+_MARK_AT_LINE_END = (
+    rf"(?:{_AFTER_COLON}(?P<m>-{{1,3}}+)(?=[ \t]{{0,16}}+(?:(?<=[ \t])#[^\r\n\\]{{0,256}}+)?{_LINE_BREAK}))?+"
+)
 _ESCAPED_LINE = rf"(?:(?!(?P=x))(?:[^\r\n\\\"]|{VALUE_ESCAPE})){{1,4096}}+"
 _BLOCK = (
     r"(?(x)"

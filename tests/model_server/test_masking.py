@@ -1399,6 +1399,8 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "placeholders before words after keys": "password: none a " * 62_500,
     "double dashes at line ends after keys": ("password: --" + " " * 16 + "\n" + " " * 64) * 10_600,
     "placeholder phrases before words after keys": "password: none set. a " * 43_500,
+    "dash runs before words after keys": "password: --- a " * 62_500,
+    "triple dashes at line ends after keys": ("password: ---" + " " * 16 + "\n" + " " * 64) * 10_500,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -1415,6 +1417,7 @@ FOUND_IN_SECRET_HOSTILE = {
     "escaped tabs after value keys in quotes": {"secret"},  # each "1"
     "placeholders before words after keys": {"secret"},  # each word after its placeholder
     "placeholder phrases before words after keys": {"secret"},  # each word after its phrase
+    "dash runs before words after keys": {"secret"},  # each word after its dashes
 }
 
 
@@ -3320,6 +3323,34 @@ def test_a_secret_on_the_line_after_a_double_dash_is_masked(keys, text, value):
     assert TOKEN_RE.sub("", masked) == text.replace(value, "")
     assert scrub(text) == text.replace(value, "***")
     for kept in ["password: --\n  user: bob", "password: -- \nuser: bob", "db:\n  password: --\n  user: bob"]:
+        assert scrub(kept) == kept
+        assert Masker(ring).mask_text(kept, ring.key_for(None)) == kept
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("password: -- hunter2", "hunter2"),
+        ("password: --- hunter2", "hunter2"),
+        ("password: ---\n  hunter2", "hunter2"),
+        ("password: --- \n  hunter2", "hunter2"),
+        ("api_key: -- sk-proj-abcdefghijklmnop1234, user: bob", "sk-proj-abcdefghijklmnop1234"),
+        (json.dumps({"m": "password: -- hunter2"}), "hunter2"),
+    ],
+)
+def test_a_secret_after_a_dash_run_is_masked(keys, text, value):
+    """A secret after "--" or "---" on its line ("password: -- hunter2", a table's empty cell
+    written before it), or on the line after "---", was logged and sent to Slack in clear, and the
+    dashes masked in its place: "--" and "---" were no placeholder, and the next-line rule read
+    "-" or "--" alone at the line's end. The dashes stay, the secret is masked; "--" or "---"
+    alone stays as it is."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value], masked
+    assert TOKEN_RE.sub("", masked) == text.replace(value, "")
+    assert scrub(text) == text.replace(value, "***")
+    assert scrub(scrub(text)) == scrub(text)
+    for kept in ["password: --", "password: ---", "password: --, user: bob", "password: ---\nuser: bob"]:
         assert scrub(kept) == kept
         assert Masker(ring).mask_text(kept, ring.key_for(None)) == kept
 
