@@ -156,12 +156,15 @@ NO_VALUE = rf"(?!{PLACEHOLDER}(?=[\s,;&)\]}}\"'<>]|\\[nrtbf]|\Z))"
 # own ("access_token=*** 500"), and a text scrubbed again stays as it is. A word of a closed list
 # that completes the placeholder's phrase ("none set", "n/a yet", "null here"), whole (a "." or "!"
 # at most after it, then the value's end), is the placeholder's too: alone, nothing is masked; a
-# word after it is the value ("none set hunter2"). Another word ("none settle") is the value.
+# word after it is the value ("none set hunter2"). Another word ("none settle") is the value, it
+# and every word after it on its line (``pt``, ``_PLACEHOLDER_WORDS``: "none settle hunter2"), to
+# the value's end (a ",", a quote, the line's end), 64 words at most, possessively; a date or time
+# after them is the line's, a mask's mark the text's.
 _PHRASE_WORD = r"(?i:set|yet|here|given|provided|configured|specified|supplied|required|needed)"
 _PHRASE_END = r"(?=[\s,;&)\]}\"'<>]|\\[nrtbf\"']|\Z)"
 PLACEHOLDER_THEN = (
     rf"(?:{_WRITTEN_PLACEHOLDER}(?:[ ]{{1,2}}+{_PHRASE_WORD}[.!]?+{_PHRASE_END})?+"
-    rf"[ ]{{1,2}}+(?!{DATE_OR_TIME}){NOT_MASKED}(?=[^\s\"'`,;&<>\\]))?+"
+    rf"[ ]{{1,2}}+(?!{DATE_OR_TIME}){NOT_MASKED}(?=[^\s\"'`,;&<>\\])(?P<pt>))?+"
 )
 _CRED_RUN = _run(_RUN_CHARS)  # a value not in quotes, to an escaped quote
 
@@ -319,12 +322,15 @@ _BLOCK = (
 _QUOTED_KEY_SEP = _after_quoted_key("k", rf"-{BLANK}|{_SCHEME}")  # (a list's mark, a scheme: read before its value)
 _VALUE_NAMED, _COOKIE_NAMED = _value_named("kn"), _value_named("kc")
 _KEYED_RUN = _cred_run("k", "kn", "kc")
+_PLACEHOLDER_WORDS = (
+    rf"(?(pt)(?:[ ]{{1,2}}+(?!{DATE_OR_TIME}|\*{{3}}){NOT_MASKED}(?=[^\s\"'`,;&<>\\]){_KEYED_RUN}){{0,63}}+)"
+)
 _SECRET_KEYED = re.compile(
     rf"{_KEY_LINE}{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_NAMED_BY}"
     rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:(?>{_QUOTED_KEY_SEP}|{KEY_QUOTE}{_KEY_SEP}){_MARK_AT_LINE_END}{LIST_MARK}|{_PAIR_SEP}"
     rf"|(?(nb){_VALUE_NAMED}|(?!)))|(?(nb){_COOKIE_ONE}{_COOKIE_NAMED}|(?!)))"
     rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME}){_BLOCK_HEAD}(?(h)|(?(q)|{PLACEHOLDER_THEN}))"
-    rf"(?P<v>(?(h){_BLOCK}|(?(q)|{NO_VALUE})(?:(?(q){_QUOTED}|(?:{BRACKETED}|{_KEYED_RUN}))|{_KEYED_RUN}))){_PAIR_END}"
+    rf"(?P<v>(?(h){_BLOCK}|(?(q)|{NO_VALUE})(?:(?(q){_QUOTED}|(?:{BRACKETED}|{_KEYED_RUN}))|{_KEYED_RUN}){_PLACEHOLDER_WORDS})){_PAIR_END}"
 )
 # A field "value" before the field that names it ({"value": "...", "name": "DB_PASSWORD"}: a
 # dict's keys in any order, as a JSON object may have them, json.dumps(sort_keys=True) too): its

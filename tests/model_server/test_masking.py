@@ -1401,6 +1401,7 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "placeholder phrases before words after keys": "password: none set. a " * 43_500,
     "dash runs before words after keys": "password: --- a " * 62_500,
     "triple dashes at line ends after keys": ("password: ---" + " " * 16 + "\n" + " " * 64) * 10_500,
+    "words after placeholders after keys": ("password: none" + " a" * 400 + "\n") * 1_250,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -1418,6 +1419,7 @@ FOUND_IN_SECRET_HOSTILE = {
     "placeholders before words after keys": {"secret"},  # each word after its placeholder
     "placeholder phrases before words after keys": {"secret"},  # each word after its phrase
     "dash runs before words after keys": {"secret"},  # each word after its dashes
+    "words after placeholders after keys": {"secret"},  # the words after each placeholder
 }
 
 
@@ -3427,6 +3429,35 @@ def test_a_secret_after_a_placeholder_phrase_is_masked(keys, text, value):
     assert TOKEN_RE.sub("", masked) == text.replace(value, "")
     assert scrub(text) == text.replace(value, "***")
     assert scrub(scrub(text)) == scrub(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("password: none settle hunter2", "settle hunter2"),
+        ("password: none set!! hunter2", "set!! hunter2"),
+        ("password: none set hunter2 foo", "hunter2 foo"),
+        ("password: n/a  correct horse battery staple, user: bob", "correct horse battery staple"),
+        ("password: -- hunter2  x9y8", "hunter2  x9y8"),
+        ("password: none hunter2 2026-12-05", "hunter2"),
+        (json.dumps({"m": "password: null given!! hunter2"}), "given!! hunter2"),
+    ],
+)
+def test_every_word_after_a_placeholder_on_its_line_is_masked(keys, text, value):
+    """Words after a placeholder on its line ("password: none settle hunter2", "none set!!
+    hunter2") had their first word masked only, the rest ("hunter2") logged and sent to Slack in
+    clear: the first word was read as the whole value. Every word after the placeholder to the
+    value's end (a ",", a quote, the line's end; a date or time after them is the line's) is the
+    value, masked; a word that completes the placeholder's phrase alone ("none set") stays."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value], masked
+    assert TOKEN_RE.sub("", masked) == text.replace(value, "")
+    assert scrub(text) == text.replace(value, "***")
+    assert scrub(scrub(text)) == scrub(text)
+    for kept in ["password: none set", "password: none set, user: bob", "password: none 2026-12-05 12:30"]:
+        assert scrub(kept) == kept
+        assert Masker(ring).mask_text(kept, ring.key_for(None)) == kept
 
 
 @pytest.mark.parametrize(
