@@ -1962,6 +1962,8 @@ def stable_back(
     unscaled: Shortfall | None = None
     unsized: Shortfall | None = None  # (the failure callback's scale-up left out, for the time: said beside the rest)
     restoring = 0  # (the pods a baseline at 0 is scaled back to)
+    floor_read = False  # (the baseline's HPA read for its held floor, ``held``: None where none is held)
+    held: int | None = None
     if rerouted:
         baseline = deployments.deployment(spec.baseline_version)  # (its size, and the wait's first look at its pods)
         live = replicas_of(baseline)
@@ -1982,6 +1984,7 @@ def stable_back(
             if deployments.build.autoscaling:
                 read = not (quick and mesh.budget_left(1 + AFTER_WAIT_CALLS) < 0)
                 held = deployments.held_floor(spec.baseline_version) if read else None  # (fewer pods than before)
+                floor_read = read
                 reads = 0 if held else 1  # (the candidate's Deployment, for its size)
                 if held and live >= held:
                     size = live  # (nothing to scale)
@@ -2024,12 +2027,14 @@ def stable_back(
         if unscaled is not None:  # (its floor stays held: its HPA scales it there, as the scale would have)
             return retired_besides(spec, run_id, hook, r, unscaled) if unload_candidate else unscaled
     floor: Shortfall | None = None
+    left = quick and deployments.build.autoscaling and mesh.budget_left(FLOOR_CALLS + RELEASE_CALLS) < 0
     try:
-        if quick and deployments.build.autoscaling and mesh.budget_left(FLOOR_CALLS + RELEASE_CALLS) < 0:
+        if left and not (floor_read and held is None):  # (read and none held: nothing to release, nothing to say)
             raise RouterError("not released by the failure callback: it would leave the lease's release no time")
-        floor_released(spec, run_id, hook, deployments)
+        if not left:
+            floor_released(spec, run_id, hook, deployments)
     except RouterError as exc:  # (the routes back: a floor never holds back a rollback)
-        what = floor_kept(deployments, spec.baseline_version, exc)
+        what = floor_kept(deployments, spec.baseline_version, exc, maybe=left and not floor_read)
         log.warning("%s", what)
         exc.args = (f"the traffic is restored (version {spec.baseline_version} takes 100% of it); but {what}",)
         floor = Shortfall(exc, what, retired=unload_candidate)
@@ -2060,14 +2065,18 @@ def stable_back(
     return floor
 
 
-def floor_kept(deployments: VersionDeployments, version: str, exc: Exception) -> str:
+def floor_kept(deployments: VersionDeployments, version: str, exc: Exception, maybe: bool = False) -> str:
     """What a floor held on ``version`` whose release failed (``release_floor``: its HPA's read or
     apply) leaves, for a report: the floor still held, which the model's next run releases as it
-    starts (``release_leftover_floors``), or how to release it by hand."""
+    starts (``release_leftover_floors``), or how to release it by hand. ``maybe``: the HPA not
+    read (the failure callback's, for the time), so a floor may be held or not."""
     name = f"{deployments.target.namespace}/{deployment_name(deployments.target, version)}"
+    keeps = "keeps the floor the run held"
+    keeps = f"may hold a floor the run held (not read; where it does, it {keeps})" if maybe else keeps
+    by_hand = f"where its annotation {FLOOR_ANNOTATION} is set, " if maybe else ""
     return (
-        f"the HPA of version {version} (HorizontalPodAutoscaler {name}) keeps the floor the run held "
-        f"({str(exc)[:1000]}): the model's next run releases it as it starts, or by hand its minReplicas set to "
+        f"the HPA of version {version} (HorizontalPodAutoscaler {name}) {keeps} "
+        f"({str(exc)[:1000]}): the model's next run releases it as it starts, or by hand {by_hand}its minReplicas set to "
         f"the count its annotation {FLOOR_ANNOTATION} records, that annotation and {HELD_ANNOTATION} removed, "
         f"under the rollout's field manager (kubectl patch --type=merge --field-manager={FIELD_MANAGER}: the "
         "command its error gives, where it gives one; not kubectl edit, whose field manager would then own "

@@ -3798,6 +3798,31 @@ def test_an_api_server_answering_in_4_to_5_s_still_gets_the_failure_callbacks_le
 
 
 @pytest.mark.real_pauses  # (the waits on the fake clock)
+@pytest.mark.parametrize("answer_s", [3.0, 5.0])
+def test_the_failure_callbacks_floor_release_left_for_the_time_says_no_floor_where_none_is_held(
+    kube, monkeypatch, tmp_path, caplog, answer_s
+):
+    """Under autoscaling, no floor held on version 1 (no peak): the failure callback left the
+    floor's release for the time and its report said the HPA "keeps the floor the run held",
+    though it holds none (at 3 s a call its HPA was read: no floor on it). Where the HPA was read (no floor on it), nothing is said of a floor;
+    where it was not, that a floor may be held, which the model's next run releases."""
+    params = at_stage_1_autoscaled(kube, monkeypatch, tmp_path, 2)  # (no peak: no floor held)
+    now, tries = fake_api_time(monkeypatch, answer_s)
+    steps.restore_stable_on_failure({"params": params, "run_id": "run-1"})
+    assert now[0] <= steps.CALLBACK_CAP_S
+    assert routes(kube) == [("v1", 100)]
+    assert lease(kube, "digits") is None
+    (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    read = any("/horizontalpodautoscalers/digits-v1" in t[1] for t in tries)
+    assert read == (answer_s == 3.0)
+    if read:
+        assert "floor" not in report
+    else:
+        assert "may hold a floor the run held (not read" in report
+        assert "the model's next run releases it" in report
+
+
+@pytest.mark.real_pauses  # (the waits on the fake clock)
 @pytest.mark.parametrize("answer_s", [2.5, 3.0, 3.5, 4.0])
 def test_the_failure_callbacks_scale_up_of_a_baseline_without_a_floor_leaves_the_routes_and_the_lease_their_time(
     kube, monkeypatch, tmp_path, caplog, answer_s
