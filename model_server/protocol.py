@@ -454,15 +454,7 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
     layout = LAYOUTS.get(key) if json_len <= MAX_LAYOUT_KEY else None
     if layout is not None and len(body) - json_len == layout.binary_size:
         return _from_layout(layout, memoryview(body)[json_len:])
-    try:
-        header = parse_json(key, _hex_element)
-    except InvalidInput:
-        if header_length is None and _json_then_more(key):
-            raise InvalidInput(
-                f"the body is JSON followed by other bytes (binary data?): a request with binary tensors "
-                f"needs the {HEADER_LENGTH} header, the length of its JSON part"
-            ) from None
-        raise
+    header = parse_json(key, _hex_element, THEN_MORE if header_length is None else None)
     if not isinstance(header, dict):
         raise InvalidInput("request body must be a JSON object with an 'inputs' list")
     raw_inputs = header.get("inputs")
@@ -634,35 +626,62 @@ def _c_float(value: float) -> str:
     return f"{value:f}"
 
 
-def _json_then_more(body: bytes) -> bool:
-    """Whether ``body`` is a JSON object followed by other bytes (a request's binary part sent
-    without its JSON part's length): asked only of a body that failed to parse."""
-    text = body.decode("utf-8", "replace")
-    try:
-        _, end = json.JSONDecoder().raw_decode(text, len(text) - len(text.lstrip()))
+THEN_MORE = (
+    f"the body is JSON followed by other bytes (binary data?): a request with binary tensors "
+    f"needs the {HEADER_LENGTH} header, the length of its JSON part"
+)
+
+
+def _json_then_more(text: str, refused: BaseException | None) -> bool:
+    """Whether ``text`` is a JSON value followed by other text (a request's binary part sent
+    without its JSON part's length), read from its first non-space: asked only of a body
+    refused. ``refused``: json.loads's refusal of it (None: it was no UTF-8, and ``text`` is it
+    decoded with replacement characters). Where the refusal tells (json.loads read a value whole
+    and found more; or it stopped where a parse from the same place stops too, at the same
+    fault or integer), it is not parsed again; else it is, once."""
+    start = len(text) - len(text.lstrip())
+    if isinstance(refused, json.JSONDecodeError):
+        if refused.msg == "Extra data":  # (json.loads's words: the value read whole, more after it)
+            return bool(text[refused.pos :].strip())
+        if start == len(text) - len(text.lstrip(" \t\n\r")):  # json.loads started there too
+            return False
+    elif isinstance(refused, ValueError) and "integer string conversion" in str(refused):
+        return False
+    try:  # a NaN (json.loads refused it, raw_decode reads it), nesting, a start after other spaces
+        _, end = json.JSONDecoder().raw_decode(text, start)
     except (ValueError, RecursionError):
         return False
     return bool(text[end:].strip())
 
 
-def parse_json(body: bytes | bytearray | memoryview, told: Callable[[str, int], str | None] | None = None) -> Any:
+def parse_json(
+    body: bytes | bytearray | memoryview,
+    told: Callable[[str, int], str | None] | None = None,
+    then_more: str | None = None,
+) -> Any:
     """A request body's JSON, as Triton (RapidJSON) reads it: UTF-8 without a byte order mark
     (RFC 8259: JSON between systems is UTF-8, and no BOM is added), no NaN or Infinity.
     ``json.loads`` alone takes UTF-16 and UTF-32 bodies and a UTF-8 BOM, which a check on the
     bytes does not see through; they are refused (400) with what is wrong. ``told(text, pos)``:
-    a refusal at ``pos`` in the caller's words (a field it names), or None (the place named)."""
+    a refusal at ``pos`` in the caller's words (a field it names), or None (the place named).
+    ``then_more``: the refusal of a body that is JSON followed by other bytes, before any other
+    (None: not told). A refused body is parsed once, and at most once more to explain it."""
     data = bytes(body)
-    if data.startswith((b"\xef\xbb\xbf", b"\xfe\xff", b"\xff\xfe")):
+    if data.startswith((b"\xef\xbb\xbf", b"\xfe\xff", b"\xff\xfe")):  # (no JSON value starts so)
         raise InvalidInput("malformed JSON in request body: it starts with a byte order mark; send UTF-8 without one")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
+        if then_more is not None and _json_then_more(data.decode("utf-8", "replace"), None):
+            raise InvalidInput(then_more) from None
         raise InvalidInput(
             f"malformed JSON in request body: not UTF-8 (byte {exc.start}); JSON is sent as UTF-8"
         ) from None
     try:
         return json.loads(text, parse_constant=refuse_constant)
     except (ValueError, RecursionError) as exc:
+        if then_more is not None and _json_then_more(text, exc):
+            raise InvalidInput(then_more) from None
         why = told(text, exc.pos) if told is not None and isinstance(exc, json.JSONDecodeError) else None
         raise InvalidInput(why or f"malformed JSON in request body: {json_problem(exc, text)}") from None
 

@@ -360,6 +360,82 @@ def test_a_hostile_hex_literal_is_read_in_linear_time(shape):
     assert len(message) < 300, message[:200]
 
 
+REFUSED_PARSES = {  # body, its header length, how the refusal starts, the JSON parses it takes
+    "a hex literal": (
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 0x10]}]}',
+        None,
+        "input 'x': element 1 (0x10) is a hex literal",
+        2,
+    ),
+    "a hex literal, the header length given": (
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 0x10]}]}',
+        "auto",
+        "input 'x': element 1 (0x10) is a hex literal",
+        2,
+    ),
+    "an integer past the digit limit": (
+        '{"inputs": [{"name": "x", "datatype": "INT64", "shape": [2], "data": [1, ' + "7" * 5000 + "]}]}",
+        None,
+        "malformed JSON in request body: an integer of 5000 digits: at most 4300 digits are read",
+        2,
+    ),
+    "malformed JSON": ('{"inputs": [{"name": "x", "data": [1, }]}', None, "malformed JSON in request body: ", 1),
+    "JSON then other text": (
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]} and more',
+        None,
+        "the body is JSON followed by other bytes (binary data?)",
+        1,
+    ),
+    "JSON then whitespace and a form feed": ('{"inputs": []} \f', None, "malformed JSON in request body: ", 1),
+    "JSON then binary bytes": (
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}\udcff\udcfe',
+        None,
+        "the body is JSON followed by other bytes (binary data?)",
+        1,
+    ),
+    "NaN, then other text": (
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [NaN]}]} more',
+        None,
+        "the body is JSON followed by other bytes (binary data?)",
+        2,
+    ),
+    "NaN": (
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [NaN]}]}',
+        None,
+        "malformed JSON in request body: NaN is not a JSON value",
+        2,
+    ),
+    "a form feed before JSON then other text": (
+        '\f{"inputs": []} more',
+        None,
+        "the body is JSON followed by other bytes (binary data?)",
+        2,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_PARSES))
+def test_a_refused_body_is_parsed_once_and_explained_in_one_pass_at_most(case, monkeypatch):
+    """A refused JSON part was parsed up to three times: once for the verdict, again to explain
+    it (a hex literal's element, an integer's digits), and again whole to see whether it was
+    JSON followed by binary data (no header length). It is parsed once for the verdict and at
+    most once more to explain it, with the words it had."""
+    text, header, start, parses = REFUSED_PARSES[case]
+    body = text.encode("utf-8", "surrogateescape")
+    counted: list[int] = []
+    raw_decode = json.JSONDecoder.raw_decode
+
+    def counting(self, s, idx=0):
+        counted.append(len(s))
+        return raw_decode(self, s, idx)
+
+    monkeypatch.setattr(json.JSONDecoder, "raw_decode", counting)
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(body, str(len(body)) if header else None)
+    assert refused.value.message.startswith(start), refused.value.message[:200]
+    assert len(counted) == parses, counted
+
+
 def test_an_infinite_number_is_named_in_its_own_input():
     """The number named is the one of the input refused, not another input's or a parameter's."""
     body = (
