@@ -157,24 +157,74 @@ def _written(key: bytes, index: int, element: int) -> str:
 
 
 # A hex literal (0x10, -0X1F, 0x1.8p3: C's forms, no JSON number), where json.loads read its
-# "0" and stopped at its "x"; and, before it, what is not a bracket (a string whole). Each run
-# of digits is possessive: a client's 0x111...1g is not split again and again (linear).
+# "0" and stopped at its "x"; a number in a form JSON has not (01, +1, .5, 1.: C's and
+# JavaScript's); and, before it, what is not a bracket (a string whole). Each run of digits is
+# possessive: a client's 0x111...1g is not split again and again (linear).
 HEX_LITERAL = re.compile(
     r"-?0[xX](?:[0-9a-fA-F]++(?:\.[0-9a-fA-F]*+)?|\.[0-9a-fA-F]++)(?:[pP][+-]?[0-9]++)?(?![^\]},\s])"
 )
+LOOSE_NUMBER = re.compile(r"[+-]?+(?:[0-9]++(?:\.[0-9]*+)?|\.[0-9]++)(?:[eE][+-]?[0-9]++)?(?![^\]},\s])")
+LOOSE_PARTS = re.compile(r"([+-]?)([0-9]*+)(\.?)([0-9]*+)(.*)", re.DOTALL)  # sign, digits, point, digits, exponent
 NOT_BRACKETS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[^\[\]{}"]+')
-HEX_MARK = "-0.0E-0000000000"  # the literal's stand-in: a number no client writes
+NUMBER_MARK = "-0.0E-0000000000"  # the number's stand-in: a number no client writes
 
 
-def _hex_element(text: str, pos: int) -> str | None:
-    """Why json.loads refused ``text`` at ``pos``, where that is a hex literal's "x" and the
-    literal is an element of an input's data: that input, the element and the literal, as a
-    number past its range is named; else None (its place in the body is named, "char N").
-    The JSON before the literal is well formed: it is read again, closed after a stand-in."""
-    start = pos - 1 - (text[pos - 2 : pos - 1] == "-")
-    literal = HEX_LITERAL.match(text, start) if pos >= 1 and text[pos - 1] == "0" else None
-    if literal is None or (start and text[start - 1] not in "[,: \t\n\r"):
+def _non_json_number(text: str, pos: int) -> tuple[int, str, str] | None:
+    """The number json.loads stopped in at ``pos`` where it is in a form JSON has not: where it
+    starts, what is wrong with it and what JSON wants instead; else None. json.loads stops at
+    a hex literal's "x" or a leading zero's next digit (it read the "0"), at a leading "+" or
+    ".", and at a point with no digit after it (it read the digits before)."""
+    at = text[pos : pos + 1]
+    if at and at in "xX0123456789" and text[pos - 1 : pos] == "0":
+        start = pos - 1 - (text[pos - 2 : pos - 1] == "-")
+    elif (
+        at == "+" or (at == "-" and text[pos + 1 : pos + 2] == ".") or (at == "." and not text[pos - 1 : pos].isdigit())
+    ):
+        start = pos
+    elif at == ".":
+        start = len(text[:pos].rstrip("0123456789"))
+        start -= text[start - 1 : start] == "-"
+    else:
         return None
+    if start and text[start - 1] not in "[,: \t\n\r":
+        return None
+    if at in "xX":
+        hex_literal = HEX_LITERAL.match(text, start)
+        return (
+            (start, hex_literal[0], "is a hex literal, which JSON has not: write it in decimal")
+            if hex_literal
+            else None
+        )
+    number = LOOSE_NUMBER.match(text, start)
+    if number is None:
+        return None
+    parts = LOOSE_PARTS.fullmatch(number[0])
+    assert parts is not None  # (every loose number is one)
+    sign, digits, point, fraction, exponent = parts.groups()
+    if sign == "+":
+        what = "a leading plus"
+    elif len(digits) > 1 and digits[0] == "0":
+        what = "a leading zero"
+    elif point and not digits:
+        what = "no digit before its point"
+    elif point and not fraction:
+        what = "no digit after its point"
+    else:
+        return None
+    written = sign.strip("+") + (digits.lstrip("0") or "0") + (f".{fraction or 0}" if point else "") + exponent
+    return start, number[0], f"is a number with {what}, which JSON has not: write it as {shown(written)}"
+
+
+def _number_element(text: str, pos: int) -> str | None:
+    """Why json.loads refused ``text`` at ``pos``, where that is in a number of a form JSON has
+    not (``_non_json_number``: a hex literal, 01, +1, .5, 1.) and the number is an element of
+    an input's data: that input, the element and the number, as a number past its range is
+    named; else None (its place in the body is named, "char N"). The JSON before the number
+    is well formed: it is read again (once, that far), closed after a stand-in."""
+    found = _non_json_number(text, pos)
+    if found is None:
+        return None
+    start, literal, why = found
     opened = []
     for bracket in NOT_BRACKETS.sub("", text[:start]):
         if bracket in "[{":
@@ -185,13 +235,13 @@ def _hex_element(text: str, pos: int) -> str | None:
     stood: list[object] = []
 
     def number(written: str) -> Any:
-        if written == HEX_MARK:
+        if written == NUMBER_MARK:
             stood.append(stand_in)
             return stand_in
         return float(written)
 
     try:
-        header = json.loads(text[:start] + HEX_MARK + "".join(reversed(opened)), parse_float=number)
+        header = json.loads(text[:start] + NUMBER_MARK + "".join(reversed(opened)), parse_float=number)
     except (ValueError, RecursionError):
         return None
     inputs = header.get("inputs") if isinstance(header, dict) else None
@@ -202,10 +252,7 @@ def _hex_element(text: str, pos: int) -> str | None:
         return None
     name = inputs[-1].get("name")
     where = f"input '{shown(name)}'" if isinstance(name, str) else f"inputs[{len(inputs) - 1}]"  # (a name after it)
-    return (
-        f"{where}: element {len(flat) - 1} ({shown(literal[0])}) is a hex literal, which JSON has not: "
-        "write it in decimal"
-    )
+    return f"{where}: element {len(flat) - 1} ({shown(literal)}) {why}"
 
 
 def _json_tensor(
@@ -454,7 +501,7 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
     layout = LAYOUTS.get(key) if json_len <= MAX_LAYOUT_KEY else None
     if layout is not None and len(body) - json_len == layout.binary_size:
         return _from_layout(layout, memoryview(body)[json_len:])
-    header = parse_json(key, _hex_element, THEN_MORE if header_length is None else None)
+    header = parse_json(key, _number_element, THEN_MORE if header_length is None else None)
     if not isinstance(header, dict):
         raise InvalidInput("request body must be a JSON object with an 'inputs' list")
     raw_inputs = header.get("inputs")

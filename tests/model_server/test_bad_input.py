@@ -119,6 +119,26 @@ def test_bad_json_requests_get_400_naming_the_problem(server, body, needle):
     assert " at 0x" not in r.json()["error"]  # (Pillow's message named its buffer's address)
 
 
+@pytest.mark.parametrize(
+    ("number", "needle"),
+    [
+        ("0x10", "element 1 (0x10) is a hex literal, which JSON has not: write it in decimal"),
+        ("01", "element 1 (01) is a number with a leading zero, which JSON has not: write it as 1"),
+        ("+1", "element 1 (+1) is a number with a leading plus, which JSON has not: write it as 1"),
+        (".5", "element 1 (.5) is a number with no digit before its point, which JSON has not: write it as 0.5"),
+        ("1.", "element 1 (1.) is a number with no digit after its point, which JSON has not: write it as 1.0"),
+    ],
+)
+def test_a_number_json_has_not_in_an_input_s_data_is_a_400_naming_it(server, number, needle):
+    """01, +1, .5 and 1. (C's numbers, no JSON ones) in an input's data were a 400 "malformed
+    JSON ... (char N)"; each names the input, the element and the number as JSON writes it, as
+    a hex literal does."""
+    body = f'{{"inputs": [{{"name": "image", "shape": [2], "datatype": "FP32", "data": [1, {number}]}}]}}'
+    r = post(server, "/v2/models/digits/infer", body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == f"input 'image': {needle}"
+
+
 def test_bad_binary_framing(server, digit_images):
     img = digit_images[0][0]
     body, headers = image_body([img])

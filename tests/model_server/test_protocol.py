@@ -318,8 +318,8 @@ def test_a_hex_literal_in_json_data_is_refused_by_name(data, needle):
         '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 1.0x5]}]}',
         '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 0x]}]}',
         '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 0x1g]}]}',
-        # A fault before the literal is the one named.
-        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [01, 0x1]}]}',
+        # A fault before the literal is the one named (01 before it is named by its own words).
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1e, 0x1]}]}',
     ],
 )
 def test_a_hex_literal_outside_an_input_s_data_is_malformed_json(body):
@@ -358,6 +358,142 @@ def test_a_hostile_hex_literal_is_read_in_linear_time(shape):
     message = refused.value.message
     assert message.startswith(needle or "malformed JSON in request body: "), message[:200]
     assert len(message) < 300, message[:200]
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ("[1.5, 01, 0]", "element 1 (01) is a number with a leading zero, which JSON has not: write it as 1"),
+        (
+            "[1.5, -007.25, 0]",
+            "element 1 (-007.25) is a number with a leading zero, which JSON has not: write it as -7.25",
+        ),
+        ("[1.5, 00, 0]", "element 1 (00) is a number with a leading zero, which JSON has not: write it as 0"),
+        ("[[1.5], [+1], [0]]", "element 1 (+1) is a number with a leading plus, which JSON has not: write it as 1"),
+        (
+            "[1.5, +2.5E3, 0]",
+            "element 1 (+2.5E3) is a number with a leading plus, which JSON has not: write it as 2.5E3",
+        ),
+        (
+            "[1.5, .5, 0]",
+            "element 1 (.5) is a number with no digit before its point, which JSON has not: write it as 0.5",
+        ),
+        (
+            "[1.5, -.5e-3, 0]",
+            "element 1 (-.5e-3) is a number with no digit before its point, which JSON has not: write it as -0.5e-3",
+        ),
+        (
+            "[1.5, 2, 1.]",
+            "element 2 (1.) is a number with no digit after its point, which JSON has not: write it as 1.0",
+        ),
+        (
+            "[1.5, -1.e5, 0]",
+            "element 1 (-1.e5) is a number with no digit after its point, which JSON has not: write it as -1.0e5",
+        ),
+        ('["01", 01, "+1"]', "element 1 (01) is a number with a leading zero"),
+        # The first fault in the body is named, as json.loads names its first.
+        ("[01, 0x10, 0]", "element 0 (01) is a number with a leading zero"),
+        ("[+.5, 01, 0]", "element 0 (+.5) is a number with a leading plus, which JSON has not: write it as 0.5"),
+        ("[0x10, +1, 0]", "element 0 (0x10) is a hex literal, which JSON has not: write it in decimal"),
+    ],
+)
+def test_a_number_in_a_form_json_has_not_is_refused_by_name(data, needle):
+    """01, +1, .5 and 1. in an input's data (C's and JavaScript's numbers, no JSON ones) were a 400
+    "malformed JSON ... (char N)", where a hex literal names the input, the element and the
+    literal: each names them too, and the number as JSON writes it."""
+    body = (
+        '{"inputs": [{"name": "a", "datatype": "FP32", "shape": [1], "data": [0.5]},'
+        f' {{"name": "x", "datatype": "FP32", "shape": [3], "data": {data}}}]}}'
+    )
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(body.encode(), None)
+    assert refused.value.message.startswith("input 'x': " + needle), refused.value.message
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # Not a number JSON has not: something else after it, or no digit in it.
+        "[1, 01x]",
+        "[1, +]",
+        "[1, +x]",
+        "[1, .]",
+        "[1, -.]",
+        "[1, 1.x]",
+        "[1, 1.5.]",
+        "[1, 1e5.]",
+        "[1 .5]",
+        "[1, 10 01]",
+        "[1, +Infinity]",
+    ],
+)
+def test_a_malformed_number_that_is_no_number_json_has_not_is_malformed_json(data):
+    """Where the text is no number in one of those forms, the refusal names the place in the body."""
+    body = f'{{"inputs": [{{"name": "x", "datatype": "FP32", "shape": [2], "data": {data}}}]}}'
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(body.encode(), None)
+    assert refused.value.message.startswith("malformed JSON in request body: "), refused.value.message
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"parameters": {"p": 01}, "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}',
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1], "parameters": {"q": [+1]}}]}',
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [.5], "data": [1]}]}',
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1.], "data": [1]}]}',
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1], "x": .5}]}',
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": {"a": 01}}]}',
+    ],
+)
+def test_a_number_json_has_not_outside_an_input_s_data_is_malformed_json(body):
+    """Elsewhere than an input's data, the refusal names the place in the body, as a hex literal's."""
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(body.encode(), None)
+    assert refused.value.message.startswith("malformed JSON in request body: "), refused.value.message
+
+
+NUMBER_HOSTILE = {  # 1 MB each: a scan that backtracks over a run (quadratic or worse) runs far past pytest's timeout
+    "a leading zero, then a million digits": ("0" + "1" * 1_000_000, "element 1 (0" + "1" * 63 + "...)"),
+    "a leading zero, a million digits, then a letter": ("0" + "1" * 1_000_000 + "g", None),
+    "a leading zero, digits, a point, digits, then a letter": ("0" + "1" * 500_000 + "." + "1" * 500_000 + "g", None),
+    "a plus, then a million digits": ("+" + "1" * 1_000_000, "element 1 (+" + "1" * 63 + "...)"),
+    "a plus, a million digits, then a letter": ("+" + "1" * 1_000_000 + "e", None),
+    "a point, then a million digits": ("." + "1" * 1_000_000, "element 1 (." + "1" * 63 + "...)"),
+    "a point, a million digits, then a point": ("." + "1" * 1_000_000 + ".", None),
+    "a point after a digit, then an exponent of a million digits": (
+        "1.e" + "1" * 1_000_000,
+        "element 1 (1.e" + "1" * 61 + "...)",
+    ),
+    "a point after a digit, an exponent's digits, then a letter": ("1.e" + "1" * 1_000_000 + "x", None),
+    "a digit and a point a million times": ("1." * 500_000, None),
+    "a minus and a point a million times": ("-." * 500_000, None),
+    # The JSON before a number is read again once, closed after a stand-in: linear too.
+    "a number after 300,000 elements": ("1, " * 300_000 + "01", "element 300001 (01)"),
+    "a number after a string of a million escapes": ('"' + "\\\\" * 500_000 + '", .5', "element 2 (.5)"),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(NUMBER_HOSTILE))
+def test_a_hostile_number_json_has_not_is_read_in_linear_time(shape, monkeypatch):
+    """A refusal's reading of 01, +1, .5 or 1. is linear in the body, as a hex literal's, and
+    reads the body once more at most."""
+    literal, needle = NUMBER_HOSTILE[shape]
+    body = f'{{"inputs": [{{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, {literal}]}}]}}'
+    parses: list[int] = []
+    raw_decode = json.JSONDecoder.raw_decode
+
+    def counting(self, s, idx=0):
+        parses.append(len(s))
+        return raw_decode(self, s, idx)
+
+    monkeypatch.setattr(json.JSONDecoder, "raw_decode", counting)
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(body.encode(), str(len(body)))
+    message = refused.value.message
+    assert message.startswith(f"input 'x': {needle}" if needle else "malformed JSON in request body: "), message[:200]
+    assert len(message) < 400, message[:200]
+    assert len(parses) <= 2, parses
 
 
 REFUSED_PARSES = {  # body, its header length, how the refusal starts, the JSON parses it takes
