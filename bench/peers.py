@@ -45,7 +45,7 @@ from onnx import TensorProto, helper  # noqa: E402
 
 from bench import write_result  # noqa: E402
 from bench.serving import run_for, stateless  # noqa: E402
-from devstack.processes import ModelServerProcess, free_port, start_model_server  # noqa: E402
+from devstack.processes import ModelServerProcess, on_a_free_port, start_model_server  # noqa: E402
 
 ort.set_default_logger_severity(3)
 
@@ -183,23 +183,28 @@ def raw_session(path: Path, device: str) -> ort.InferenceSession:
 
 
 def start_kserve(python: Path, onnx_files: dict[str, Path], log_dir: Path, device: str) -> ModelServerProcess:
-    port = free_port()
+    """KServe (``python``, its venv's) serving ``onnx_files``, ready, on a free port: picked again
+    where another process binds it first (on_a_free_port, as the project's other servers)."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    log = log_dir / f"kserve-{port}.log"
-    cmd = [str(python), str(KSERVE_MODEL), "--host", "127.0.0.1", "--port", str(port), "--device", device]
-    for name, path in onnx_files.items():
-        cmd += ["--serve", f"{name}={path}"]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["ORT_DISABLE_TELEMETRY"] = "1"
-    with log.open("wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=log_dir)
-    server = ModelServerProcess(proc, port, log)
-    try:
-        server.wait_until("ready", 120.0)
-    except RuntimeError:
-        server.stop(timeout_s=5)
-        raise
-    return server
+
+    def start(port: int) -> ModelServerProcess:
+        log = log_dir / f"kserve-{port}.log"
+        cmd = [str(python), str(KSERVE_MODEL), "--host", "127.0.0.1", "--port", str(port), "--device", device]
+        for name, path in onnx_files.items():
+            cmd += ["--serve", f"{name}={path}"]
+        with log.open("wb") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=log_dir)
+        server = ModelServerProcess(proc, port, log)
+        try:
+            server.wait_until("ready", 120.0)
+        except RuntimeError:  # (PortTaken too: another process bound the port first)
+            server.stop(timeout_s=5)
+            raise
+        return server
+
+    return on_a_free_port(start, None)
 
 
 @dataclass
