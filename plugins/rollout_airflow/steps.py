@@ -146,6 +146,10 @@ FLOOR_CALLS = 5
 # at 3 s a call they cut the routes write at the cap (10% of the traffic left on the candidate),
 # at 2.5 s the lease's release. Not scaled, its HPA scales it as the traffic comes back (said so).
 SCALE_CALLS = 9
+# What a floor's release says where its HPA's apply failed (``VersionDeployments.release_floor``,
+# the command that releases it by hand), and where its HPA's read failed does not: read, the HPA
+# holds the floor, not read, it may (``floor_unread``).
+RELEASED_BY_HAND = "to release the floor by hand:"
 # What ``finish`` says of a candidate it did not retire whose pods run (the failure callback's: no
 # time to drain it), with the command that scales it to 0; the callback reports it, not only logs it.
 LEFT_RUNNING = "is left loaded, its pods running"
@@ -2034,7 +2038,9 @@ def stable_back(
         if not left:
             floor_released(spec, run_id, hook, deployments)
     except RouterError as exc:  # (the routes back: a floor never holds back a rollback)
-        what = floor_kept(deployments, spec.baseline_version, exc, maybe=left and not floor_read)
+        # (not read: for the time, or its release's own read failed, no floor read here before)
+        maybe = (left and not floor_read) or (floor_unread(exc) and held is None)
+        what = floor_kept(deployments, spec.baseline_version, exc, maybe=maybe)
         log.warning("%s", what)
         exc.args = (f"the traffic is restored (version {spec.baseline_version} takes 100% of it); but {what}",)
         floor = Shortfall(exc, what, retired=unload_candidate)
@@ -2065,11 +2071,19 @@ def stable_back(
     return floor
 
 
+def floor_unread(exc: Exception) -> bool:
+    """Whether ``release_floor`` failed (``exc``) at its HPA's own read, not at its apply (whose
+    failure alone says the command that releases the floor by hand, ``RELEASED_BY_HAND``): whether
+    a floor is held is then unknown (``floor_kept``'s ``maybe``)."""
+    return RELEASED_BY_HAND not in str(exc)
+
+
 def floor_kept(deployments: VersionDeployments, version: str, exc: Exception, maybe: bool = False) -> str:
     """What a floor held on ``version`` whose release failed (``release_floor``: its HPA's read or
     apply) leaves, for a report: the floor still held, which the model's next run releases as it
     starts (``release_leftover_floors``), or how to release it by hand. ``maybe``: the HPA not
-    read (the failure callback's, for the time), so a floor may be held or not."""
+    read (the failure callback's, for the time; its read failed, ``floor_unread``), so a floor may
+    be held or not."""
     name = f"{deployments.target.namespace}/{deployment_name(deployments.target, version)}"
     keeps = "keeps the floor the run held"
     keeps = f"may hold a floor the run held (not read; where it does, it {keeps})" if maybe else keeps
@@ -2449,7 +2463,8 @@ def finish(
         except BudgetNotApplied as exc:  # (the floor released: its budget is what is left, not the floor)
             short = Shortfall(exc, str(exc), retired=False)
         except RouterError as exc:  # (the promotion stands: said as kept, this failure besides, not a failed restore)
-            short = Shortfall(exc, floor_kept(deployments, spec.baseline_version, exc), retired=False)
+            what = floor_kept(deployments, spec.baseline_version, exc, maybe=floor_unread(exc))
+            short = Shortfall(exc, what, retired=False)
     if prune and spec.mesh == "istio":
         prune_history(spec, run_id, hook)
     if kept and unread:

@@ -1491,6 +1491,42 @@ def test_a_kept_promotion_whose_floor_is_released_but_its_budget_not_updated_is_
     assert lease(fleet, "digits") is None  # (released)
 
 
+@pytest.mark.parametrize("end", ["teardown", "failure-callback"])
+def test_a_kept_promotion_whose_floor_release_could_not_read_the_hpa_says_it_may_hold_the_floor(
+    fleet, monkeypatch, tmp_path, caplog, end
+):
+    """As above, the end keeps the promotion and releases version 1's floor: the HPA's own read gets
+    no answer. The report said the HPA "keeps the floor the run held", though nothing read it: it
+    says the HPA may hold a floor the run held (the model's next run releases it), not that it does."""
+    params = {**PARAMS, "mirror_percent": 0}
+    promotion_cut_short(
+        fleet,
+        monkeypatch,
+        params,
+        lambda: fleet.touch("deployments", "models", "digits-v1", lambda d: d["spec"].update(replicas=4)),
+    )
+    assert hpa(fleet, "1")["metadata"].get("annotations")  # (the floor held)
+    fleet.throttle, fleet.throttle_status = 10**6, None  # the HPA's reads get no answer
+    fleet.throttled_methods, fleet.throttled_path = frozenset({"GET"}), "/horizontalpodautoscalers/digits-v1"
+    if end == "teardown":
+        with pytest.raises(AirflowFailException) as failed:
+            steps.ensure_stable(params, "run-a", None, None, None, decided="promote")
+        said = str(failed.value)
+    else:
+        steps.restore_stable_on_failure({"params": params, "run_id": "run-a"})
+        said = caplog.text
+    fleet.throttle = 0
+    assert hpa(fleet, "1")["spec"]["minReplicas"] == 4  # (still held: not read, not written)
+    (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "run" / "outbox").glob("*.json"))]
+    for text in (report, said):
+        assert "version 2 was promoted" in text
+        assert "keeps the floor the run held (" not in text
+        assert "may hold a floor the run held (not read" in text
+        assert "the model's next run releases it" in text
+    assert routes(fleet) == [("v2", 100)]
+    assert lease(fleet, "digits") is None  # (released)
+
+
 def test_a_besides_record_is_removed_once_the_teardown_of_a_kept_promotion_releases_the_floor_whole(
     fleet, monkeypatch, tmp_path
 ):
