@@ -2007,14 +2007,10 @@ def stable_back(
                         deployments.scale(spec.baseline_version, size, spec.baseline_version, rolling_back=True)
                     except RouterError as exc:  # (it serves already: the traffic first, then the scale's failure)
                         what = f"version {spec.baseline_version} was not scaled to {size} pods ({str(exc)[:500]})"
-                        unscaled = Shortfall(exc, f"{what}: it serves with the pods it runs", retired=False)
-                        log.warning(
-                            "version %s was not scaled to %d pods (%s): it takes the traffic back first, with the "
-                            "pods it runs",
-                            spec.baseline_version,
-                            size,
-                            str(exc)[:500],
-                        )
+                        # (its floor left held on purpose: its HPA scales it there as the traffic comes back)
+                        kept = f"; {floor_left_held(deployments, spec.baseline_version, held)}" if held else ""
+                        unscaled = Shortfall(exc, f"{what}: it serves with the pods it runs{kept}", retired=False)
+                        log.warning("%s: it takes the traffic back first, with the pods it runs%s", what, kept)
         seen = None if restoring else baseline  # (scaled from 0: its pods looked at again)
         if quick:  # (its budget's cap bounds the wait: never the teardown's, whose baseline's pods may take minutes)
             # (the calls after it kept their time; CALLBACK_CAP_S at most, finite without a budget too)
@@ -2090,11 +2086,31 @@ def floor_kept(deployments: VersionDeployments, version: str, exc: Exception, ma
     by_hand = f"where its annotation {FLOOR_ANNOTATION} is set, " if maybe else ""
     return (
         f"the HPA of version {version} (HorizontalPodAutoscaler {name}) {keeps} "
-        f"({str(exc)[:1000]}): the model's next run releases it as it starts, or by hand {by_hand}its minReplicas set to "
+        f"({str(exc)[:1000]}): {floor_released_later(by_hand)}"
+    )
+
+
+def floor_left_held(deployments: VersionDeployments, version: str, floor: int) -> str:
+    """What a floor held on ``version`` and left held on purpose (``stable_back``: its scale up to
+    it failed once the traffic was back, so its HPA scales it there) leaves, for a report: the floor
+    still held, which the model's next run releases as it starts, or how to release it by hand."""
+    name = f"{deployments.target.namespace}/{deployment_name(deployments.target, version)}"
+    return (
+        f"its floor stays held (HorizontalPodAutoscaler {name} at minReplicas {floor}), for its HPA to scale it "
+        f"up there as it takes 100% of the traffic again: {floor_released_later(errored=False)}"
+    )
+
+
+def floor_released_later(by_hand: str = "", errored: bool = True) -> str:
+    """Who releases a floor left held (``floor_kept``, ``floor_left_held``): the model's next run
+    (``release_leftover_floors``), or an operator by hand (``by_hand``: where, before the how;
+    ``errored``: a release that failed, whose error may give the command)."""
+    given = "the command its error gives, where it gives one; " if errored else ""
+    return (
+        f"the model's next run releases it as it starts, or by hand {by_hand}its minReplicas set to "
         f"the count its annotation {FLOOR_ANNOTATION} records, that annotation and {HELD_ANNOTATION} removed, "
-        f"under the rollout's field manager (kubectl patch --type=merge --field-manager={FIELD_MANAGER}: the "
-        "command its error gives, where it gives one; not kubectl edit, whose field manager would then own "
-        "minReplicas, the next run's hold of the floor refused)"
+        f"under the rollout's field manager (kubectl patch --type=merge --field-manager={FIELD_MANAGER}: {given}not "
+        "kubectl edit, whose field manager would then own minReplicas, the next run's hold of the floor refused)"
     )
 
 

@@ -3349,6 +3349,28 @@ def test_a_failure_callback_whose_scale_fails_once_the_traffic_is_back_reports_i
     assert "admission webhook" in report["text"]
 
 
+@pytest.mark.parametrize("end", ["teardown", "failure-callback"])
+def test_a_scale_that_fails_once_the_traffic_is_back_says_the_floor_stays_held_and_who_releases_it(
+    kube, monkeypatch, tmp_path, caplog, end
+):
+    """As above, the stable version's scale to its floor (10 pods) refused once the traffic is back:
+    its floor stays held on purpose (its HPA scales it up there as it takes 100% of the traffic
+    again), but the report said nothing of it, so nobody knew that the floor was left held, nor
+    who releases it. It says the floor stays held, that the model's next run releases it, and how
+    to release it by hand."""
+    params = rollback_scale_refused(kube, monkeypatch, tmp_path)
+    said = ended(end, params, caplog)
+    kube.before_write = None
+    assert routes(kube) == [("v1", 100)]
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 10  # (still held)
+    (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    for text in (report, said, caplog.text):
+        assert "version 1 was not scaled to 10 pods" in text
+        assert "its floor stays held (HorizontalPodAutoscaler models/digits-v1 at minReplicas 10)" in text
+        assert "the model's next run releases it as it starts" in text
+        assert "--field-manager=model-rollout" in text
+
+
 @pytest.mark.parametrize("end", ["rollback", "teardown"])
 def test_a_candidate_retirement_refused_once_the_traffic_is_back_is_not_a_failed_restore(kube, tmp_path, end):
     """Mid-stage, the rollback (and the teardown) put version 1 back at 100%, then the scale of
