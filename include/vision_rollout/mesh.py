@@ -1434,9 +1434,13 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
     doubted = conflicts = 0
     failed: Exception | None = None  # the last attempt's failure (an Unsettled or a Conflicted)
     cut = False  # (the api_budget spent before the next attempt: the last write in doubt never read back)
+    kept = False  # (a read again after a Conflicted left out: the calls ``reserved`` for after keep their time)
     for n in range(tries):
         if isinstance(failed, Conflicted):
             wait = random.uniform(*CONFLICT_PAUSE_S)  # noqa: S311 (a pause, no secret)
+            if _RESERVE.get() and budget_left(_RESERVE.get()) < wait:
+                tries, kept = n, True
+                break
         else:
             wait = min(BACKOFF_S * 2 ** (n - 1), BACKOFF_MAX_S) if failed is not None else 0.0
         if wait and not pause(wait):  # (the api_budget spent by the pause: the last failure raised)
@@ -1461,6 +1465,8 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
     else:
         found = ", each read back finding it not in place" if checks else ""
         why = f"{conflicts} {refused}; {doubted} answers left unknown whether the write was served{found}"
+    if kept:
+        why = f"{why}; not read again: the calls after it keep their time"
     if cut:  # (no read back after the last write: it may have been served)
         why = f"{why.replace(found, '')}; the last may have been served: not read back, the time allowed spent"
     last.args = (f"{last} (tried {tries} times: {why})",)
@@ -1514,6 +1520,21 @@ class ApiBudget:
 
 
 _BUDGET: contextvars.ContextVar[ApiBudget | None] = contextvars.ContextVar("api_budget", default=None)
+_RESERVE: contextvars.ContextVar[int] = contextvars.ContextVar("api_reserve", default=0)
+
+
+@contextlib.contextmanager
+def reserved(calls: int) -> Iterator[None]:
+    """Within it, ``settled`` reads and writes again after a write refused for another's meanwhile
+    (``Conflicted``) only where the ``api_budget`` in force has left the time of ``calls`` calls
+    (``budget_left``): those that must come after (the failure callback's routes write, the lease's
+    release) keep their time; else the last failure is raised as at the end of its tries. 0: none
+    kept (the tries as ever)."""
+    token = _RESERVE.set(calls)
+    try:
+        yield
+    finally:
+        _RESERVE.reset(token)
 
 
 @contextlib.contextmanager

@@ -157,6 +157,13 @@ LEFT_RUNNING = "is left loaded, its pods running"
 # the read failed): it may never have been deployed; the command given all the same.
 UNCHECKED_RUNNING = "may be left running (not checked)"
 AFTER_WAIT_CALLS, WAIT_POLL_S = 5 + RELEASE_CALLS, 1.0
+# The failure callback's scale of a baseline at 0 pods (a promotion cut short) whose forced apply is
+# refused for a write since its read (``Conflicted``: a status write before each) reads it again and
+# applies again only where that (its read, apply and forced apply) and the scale's fallback after
+# it (the scale subresource patched, the PodDisruptionBudget read and applied) leave the calls after
+# the wait (AFTER_WAIT_CALLS) their time (``mesh.reserved``): read again unheld, at 2 s a call the
+# budget's apply was cut at the cap, the routes never written (10% of the traffic on the candidate).
+RESTORE_RETRY_CALLS = 6
 
 
 def spec_from(params: dict[str, Any]) -> RolloutSpec:
@@ -1981,8 +1988,10 @@ def stable_back(
         if live == 0:  # retired (a promotion cut short): back at the size that serves the traffic now
             restoring = max(deployments.build.replicas, deployments.replicas(spec.candidate_version) or 0)
             # its own HPA kept (another manager's, a Helm release's: refused, logged, its pods back all the same);
-            # its first ready pod takes the traffic: the rest may need the room the candidate's pods take
-            deployments.scale(spec.baseline_version, restoring, spec.baseline_version, rolling_back=True)
+            # its first ready pod takes the traffic: the rest may need the room the candidate's pods take;
+            # (the failure callback's: its apply read again only where the calls after the wait keep their time)
+            with mesh.reserved(RESTORE_RETRY_CALLS + AFTER_WAIT_CALLS if quick else 0):
+                deployments.scale(spec.baseline_version, restoring, spec.baseline_version, rolling_back=True)
         else:
             # (the failure callback's: its reads here only where they leave the calls after the wait their time)
             if deployments.build.autoscaling:

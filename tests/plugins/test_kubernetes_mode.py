@@ -2870,6 +2870,44 @@ def test_a_rollbacks_scale_whose_forced_apply_is_refused_at_each_try_sets_its_co
     assert deployment(kube, "1")["spec"]["replicas"] == 4
 
 
+@pytest.mark.real_pauses  # (the pauses on the fake clock)
+@pytest.mark.parametrize("answer_s", [2.0, 2.5])
+def test_the_failure_callbacks_scale_of_a_baseline_at_0_read_again_keeps_the_routes_write_its_time(
+    kube, monkeypatch, tmp_path, caplog, answer_s
+):
+    """The failure callback's restore of a baseline at 0 pods (a promotion cut short, no
+    autoscaling): its apply refused only for the rollout's own scale subresource's write, its
+    forced apply refused (409) at each try (a status write before each), so it read the Deployment
+    again and applied again (``Conflicted``), then fell back on the scale subresource and its
+    budget, unheld to the calls after it: at 2 s a call the routes write was cut at the cap (10% of
+    the traffic left on the candidate). The scale's tries again keep the routes write and the
+    lease's release their time."""
+    from kubernetes import client
+
+    at_stage_1(kube)
+    deployments = steps.serving().deployments("digits")
+    apps = client.AppsV1Api(deployments._apps().api_client)
+    apps.patch_namespaced_deployment_scale(
+        "digits-v1", "models", {"spec": {"replicas": 0}}, field_manager="model-rollout"
+    )
+
+    def changed() -> None:  # (a status write before each forced apply)
+        kube.before_write = changed
+        if kube.requests[-1]["query"].get("force", ["false"])[0].lower() == "true":
+            kube.touch(
+                "deployments", "models", "digits-v1", lambda o: o.setdefault("status", {}).update(observedGeneration=99)
+            )
+
+    kube.before_write = changed
+    now, tries = fake_api_time(monkeypatch, answer_s)
+    steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+    kube.before_write = None
+    assert now[0] <= steps.CALLBACK_CAP_S
+    assert routes(kube) == [("v1", 100)]
+    assert lease(kube, "digits") is None
+    assert tries[-1][:2] == ("DELETE", "/apis/coordination.k8s.io/v1/namespaces/models/leases/rollout-digits")
+
+
 def by_hand(command: str, kind: str, name: str) -> dict:
     """A command a report gives to change an object by hand (``shlex.split``): a merge patch of
     ``kind`` ``name`` in models under the rollout's field manager. Its patch."""
