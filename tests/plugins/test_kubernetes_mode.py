@@ -2906,6 +2906,11 @@ def test_the_failure_callbacks_scale_of_a_baseline_at_0_read_again_keeps_the_rou
     assert routes(kube) == [("v1", 100)]
     assert lease(kube, "digits") is None
     assert tries[-1][:2] == ("DELETE", "/apis/coordination.k8s.io/v1/namespaces/models/leases/rollout-digits")
+    # (the time allows its scale: version 1 back at the pods that serve now, through its fallback)
+    assert deployment(kube, "1")["spec"]["replicas"] == max(
+        deployments.build.replicas, deployment(kube, "2")["spec"]["replicas"]
+    )
+    assert deployment(kube, "1")["spec"]["replicas"] > 0
 
 
 def by_hand(command: str, kind: str, name: str) -> dict:
@@ -3919,7 +3924,7 @@ def test_the_failure_callbacks_floor_release_left_for_the_time_says_no_floor_whe
 
 
 @pytest.mark.real_pauses  # (the waits on the fake clock)
-@pytest.mark.parametrize("answer_s", [2.5, 3.0, 3.5, 4.0])
+@pytest.mark.parametrize("answer_s", [1.0, 1.5, 2.5, 3.0, 3.5, 4.0])
 def test_the_failure_callbacks_scale_up_of_a_baseline_without_a_floor_leaves_the_routes_and_the_lease_their_time(
     kube, monkeypatch, tmp_path, caplog, answer_s
 ):
@@ -3929,7 +3934,7 @@ def test_the_failure_callbacks_scale_up_of_a_baseline_without_a_floor_leaves_the
     3 or 3.5 s a call the routes write was cut at the cap (10% of the traffic left on the
     candidate), and at 2.5 s the lease's release. The routes write and the lease's release come
     first: the scale-up is left where it would leave them no time, and the report says the HPA
-    scales the baseline."""
+    scales the baseline; where the time allows it (1 or 1.5 s a call), the baseline is scaled up."""
     params = at_stage_1_autoscaled(kube, monkeypatch, tmp_path, 2)  # (no peak: no floor held)
     now, tries = fake_api_time(monkeypatch, answer_s)
     steps.restore_stable_on_failure({"params": params, "run_id": "run-1"})
@@ -3941,6 +3946,9 @@ def test_the_failure_callbacks_scale_up_of_a_baseline_without_a_floor_leaves_the
     scaled = [t for t in tries if t[0] == "PATCH" and "/deployments/digits-v1" in t[1]]
     (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "outbox").glob("*.json"))]
     assert "version 1 takes 100%" in report
+    if answer_s <= 1.5:  # (the time allows it: version 1 scaled up to the pods that serve now, both versions')
+        assert scaled
+        assert deployment(kube, "1")["spec"]["replicas"] == 2 + deployment(kube, "2")["spec"]["replicas"]
     if not scaled:
         assert "version 1 was not scaled up by the failure callback" in report
         assert "its HPA scales it as the traffic comes back" in report
