@@ -1267,6 +1267,32 @@ def promotion_cut_short(
             steps.promote(params, "run-a", "promote")
 
 
+def promotion_cut_short_at_4_pods(fleet: FakeKubeAPI, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """``promotion_cut_short`` (no mirror) with version 1 touched to 4 pods (another writer) before
+    the run: its floor held at them, checked. The params."""
+    params = {**PARAMS, "mirror_percent": 0}
+    promotion_cut_short(
+        fleet,
+        monkeypatch,
+        params,
+        lambda: fleet.touch("deployments", "models", "digits-v1", lambda d: d["spec"].update(replicas=4)),
+    )
+    assert hpa(fleet, "1")["metadata"].get("annotations")  # (the floor held)
+    return params
+
+
+def promotion_kept_by(end: str, params: dict, caplog: pytest.LogCaptureFixture) -> str:
+    """Run-a's promotion (``promotion_cut_short``) kept by its teardown (``end`` "teardown":
+    ensure_stable, which fails) or its failure callback (any other ``end``): what it said (the
+    teardown's AirflowFailException, the callback's log)."""
+    if end == "teardown":
+        with pytest.raises(AirflowFailException) as failed:
+            steps.ensure_stable(params, "run-a", None, None, None, decided="promote")
+        return str(failed.value)
+    steps.restore_stable_on_failure({"params": params, "run_id": "run-a"})
+    return caplog.text
+
+
 def test_a_floor_left_held_by_a_promotion_cut_short_is_released_by_the_run_that_takes_over(fleet, monkeypatch):
     """Under autoscaling, run-a's promotion retired version 1 and its worker died before it put
     version 1's HPA floor back; run-b took the lapsed lease over against version 2 and run-a's
@@ -1420,13 +1446,7 @@ def test_a_kept_promotion_whose_floor_release_fails_is_reported_as_kept(fleet, m
 
     assert routes(fleet) == [("v2", 100)]
     monkeypatch.setattr(VersionDeployments, "release_floor", refused)
-    if end == "teardown":
-        with pytest.raises(AirflowFailException) as failed:
-            steps.ensure_stable(params, "run-a", None, None, None, decided="promote")
-        said = str(failed.value)
-    else:
-        steps.restore_stable_on_failure({"params": params, "run_id": "run-a"})
-        said = caplog.text
+    said = promotion_kept_by(end, params, caplog)
     # (the teardown's of what it found; the callback's too: the floor held is a human's, review)
     (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "run" / "outbox").glob("*.json"))]
     assert report.startswith("digits v2 against v1 promoted: version 2 takes 100%")
@@ -1458,23 +1478,10 @@ def test_a_kept_promotion_whose_floor_is_released_but_its_budget_not_updated_is_
     get no answer. That failure was reported as the HPA that "keeps the floor the run held", with
     the advice to remove an annotation already removed. It is reported as it is: the floor
     released, the budget not updated, named, with what it should be set to."""
-    params = {**PARAMS, "mirror_percent": 0}
-    promotion_cut_short(
-        fleet,
-        monkeypatch,
-        params,
-        lambda: fleet.touch("deployments", "models", "digits-v1", lambda d: d["spec"].update(replicas=4)),
-    )
-    assert hpa(fleet, "1")["metadata"].get("annotations")  # (the floor held)
+    params = promotion_cut_short_at_4_pods(fleet, monkeypatch)
     fleet.throttle, fleet.throttle_status = 10**6, None  # the budget's calls get no answer
     fleet.throttled_path = "/poddisruptionbudgets/digits-v1"
-    if end == "teardown":
-        with pytest.raises(AirflowFailException) as failed:
-            steps.ensure_stable(params, "run-a", None, None, None, decided="promote")
-        said = str(failed.value)
-    else:
-        steps.restore_stable_on_failure({"params": params, "run_id": "run-a"})
-        said = caplog.text
+    said = promotion_kept_by(end, params, caplog)
     fleet.throttle = 0
     # (the floor released, its record gone; the budget marked for the next run)
     assert hpa(fleet, "1")["metadata"].get("annotations") == {"model-rollout/budget-pending": "2"}
@@ -1498,23 +1505,10 @@ def test_a_kept_promotion_whose_floor_release_could_not_read_the_hpa_says_it_may
     """As above, the end keeps the promotion and releases version 1's floor: the HPA's own read gets
     no answer. The report said the HPA "keeps the floor the run held", though nothing read it: it
     says the HPA may hold a floor the run held (the model's next run releases it), not that it does."""
-    params = {**PARAMS, "mirror_percent": 0}
-    promotion_cut_short(
-        fleet,
-        monkeypatch,
-        params,
-        lambda: fleet.touch("deployments", "models", "digits-v1", lambda d: d["spec"].update(replicas=4)),
-    )
-    assert hpa(fleet, "1")["metadata"].get("annotations")  # (the floor held)
+    params = promotion_cut_short_at_4_pods(fleet, monkeypatch)
     fleet.throttle, fleet.throttle_status = 10**6, None  # the HPA's reads get no answer
     fleet.throttled_methods, fleet.throttled_path = frozenset({"GET"}), "/horizontalpodautoscalers/digits-v1"
-    if end == "teardown":
-        with pytest.raises(AirflowFailException) as failed:
-            steps.ensure_stable(params, "run-a", None, None, None, decided="promote")
-        said = str(failed.value)
-    else:
-        steps.restore_stable_on_failure({"params": params, "run_id": "run-a"})
-        said = caplog.text
+    said = promotion_kept_by(end, params, caplog)
     fleet.throttle = 0
     assert hpa(fleet, "1")["spec"]["minReplicas"] == 4  # (still held: not read, not written)
     (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "run" / "outbox").glob("*.json"))]
@@ -1534,14 +1528,7 @@ def test_a_besides_record_is_removed_once_the_teardown_of_a_kept_promotion_relea
     (``besides_recorded``) is removed where the floor is released whole: the teardown of a kept
     promotion released version 1's floor itself (``release_floor``, its budget updated) and left
     the record, so the run's report said a budget not updated that is."""
-    params = {**PARAMS, "mirror_percent": 0}
-    promotion_cut_short(
-        fleet,
-        monkeypatch,
-        params,
-        lambda: fleet.touch("deployments", "models", "digits-v1", lambda d: d["spec"].update(replicas=4)),
-    )
-    assert hpa(fleet, "1")["metadata"].get("annotations")  # (the floor held)
+    params = promotion_cut_short_at_4_pods(fleet, monkeypatch)
     spec, hook = steps.spec_from(params), steps.ModelServerHook()
     steps.besides_recorded(spec, "run-a", hook, "PodDisruptionBudget models/digits-v1 was not updated (earlier)")
     with pytest.raises(AirflowFailException, match="version 2 was promoted"):  # (promote did not finish)
