@@ -175,6 +175,7 @@ class Pod:
     ready: bool = False
     owns_port: bool = False  # its process listens on its port: not asked again until it is started again
     port_taken: bool = False  # another process holds its port (its probe, or its exit, said so): picked again
+    admin_port_taken: bool = False  # another process holds its admin port (its exit said so): picked again
     ports_tried: list[int] = field(default_factory=list)  # the ports given up on since it last held one
     pump: threading.Thread | None = None  # the copy of its process's output into its log
     probe_failures: int = 0
@@ -521,7 +522,7 @@ class PodRunner:
             return
         if pod.proc is not None and not pod.running:
             self._exited(pod)
-        if pod.port_taken:
+        if pod.port_taken or pod.admin_port_taken:
             self._port_again(pod)
         if pod.proc is None and time.monotonic() >= pod.restart_at:
             self._start(pod)
@@ -539,7 +540,9 @@ class PodRunner:
             pod.pump.join(timeout=2)
         with contextlib.suppress(OSError), pod.log_path().open("rb") as f:
             f.seek(max(f.seek(0, os.SEEK_END) - 3000, 0))
-            pod.port_taken |= port_in_use(f.read().decode(errors="replace"), pod.port)
+            text = f.read().decode(errors="replace")
+            pod.port_taken |= port_in_use(text, pod.port)
+            pod.admin_port_taken |= bool(pod.admin_port) and port_in_use(text, pod.admin_port)
         pod.proc, pod.ready, pod.owns_port, pod.probe_failures = None, False, False, 0
         delay = min(BACKOFF_S * 2 ** (pod.restarts - 1), MAX_BACKOFF_S) if pod.restarts else 0.0
         pod.restart_at = time.monotonic() + delay
@@ -548,23 +551,35 @@ class PodRunner:
             pod.waiting = ("CrashLoopBackOff", message)
 
     def _port_again(self, pod: Pod) -> None:
-        """Another process holds the pod's port (one the cluster picked free when it made the pod,
-        bound by another before its server did): its process stopped and started on a port picked
-        again (no back-off), with its address annotation; PORT_TRIES in all, as on_a_free_port,
-        counted since its process last listened on a port of its own (its probe saw it)."""
-        pod.port_taken = False
+        """Another process holds the pod's port or its admin port (one the cluster picked free when
+        it made the pod, bound by another before its server did): its process stopped and started
+        on that port picked again (no back-off), with its address (or admin address) annotation;
+        PORT_TRIES in all, the two ports' together, as on_a_free_port, counted since its process
+        last listened on ports of its own (its probe saw it)."""
+        taken = [
+            port
+            for port, by_another in ((pod.port, pod.port_taken), (pod.admin_port, pod.admin_port_taken))
+            if by_another
+        ]
+        pod.port_taken = pod.admin_port_taken = False
         if pod.proc is not None:
             pod.proc.kill()
             pod.proc.wait()
             pod.proc, pod.ready, pod.owns_port, pod.probe_failures = None, False, False, 0
-        pod.ports_tried.append(pod.port)
+        pod.ports_tried += taken
         if len(pod.ports_tried) >= PORT_TRIES:
             tried = ", ".join(map(str, pod.ports_tried))
             pod.waiting = ("PortTaken", f"ports {tried} tried: each held by another process on this machine")
             pod.restart_at = math.inf
             return
-        pod.port = free_port()
-        self.api.patch_pod(pod.namespace, pod.name, {"metadata": {"annotations": {ADDRESS_ANNOTATION: pod.address}}})
+        annotations = {}
+        if pod.port in taken:
+            pod.port = free_port()
+            annotations[ADDRESS_ANNOTATION] = pod.address
+        if pod.admin_port in taken:
+            pod.admin_port = free_port()
+            annotations[ADMIN_ANNOTATION] = f"127.0.0.1:{pod.admin_port}"
+        self.api.patch_pod(pod.namespace, pod.name, {"metadata": {"annotations": annotations}})
         pod.waiting, pod.restart_at = ("ContainerCreating", ""), time.monotonic()
 
     def _start(self, pod: Pod) -> None:
@@ -751,8 +766,9 @@ class PodRunner:
                 pod.port_taken = True  # (another's, asked twice: ours may have exited between reads)
             if not holder:  # ("unknown": asked, as before)
                 return False
-            pod.owns_port = holder is True
-            if pod.owns_port:  # (on a port of its own: a later collision has its tries anew)
+            # Its own once it holds its admin port too (bound just after: until then, asked again).
+            pod.owns_port = holder is True and (not pod.admin_port or port_holder(proc.pid, pod.admin_port) is True)
+            if pod.owns_port:  # (on ports of its own: a later collision has its tries anew)
                 pod.ports_tried.clear()
         try:
             with urllib.request.urlopen(f"http://{pod.address}{path}", timeout=timeout) as r:

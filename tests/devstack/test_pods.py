@@ -713,3 +713,30 @@ def test_a_pod_whose_port_another_process_took_first_is_started_again_on_another
         assert runner.endpoints("models", {"version": "2"}) == [f"127.0.0.1:{pod.port}"]
         (listed,) = pods(api_client, "app=digits,version=2")
         assert listed.metadata.annotations["cluster.devstack/address"] == f"127.0.0.1:{pod.port}"
+
+
+def test_a_pod_whose_admin_port_another_process_took_first_is_started_again_on_another(cluster, monkeypatch):
+    """A pod's --admin-port is picked free when the pod is made, as its port is; another process
+    that bound it before the pod's model server did kept the pod crashing ("cannot listen on
+    127.0.0.1:N: Address already in use", backing off) for good: only its port was picked again.
+    The admin port is picked again the same way, and the pod's admin address says the new one."""
+    from devstack.cluster import pods as pods_module
+    from devstack.cluster.pods import ADMIN_ANNOTATION
+    from devstack.processes import free_port, port_holder
+    from tests.support.hostile import answering_server
+
+    _api, runner, api_client = cluster
+    with answering_server(lambda path: (200, b"{}")) as stranger:
+        taken = int(stranger.rsplit(":", 1)[1])
+        picks = iter([0, taken])  # (the pod's port first, then its admin port: the stranger's)
+        monkeypatch.setattr(pods_module, "free_port", lambda: next(picks, None) or free_port())
+        versions = VersionDeployments(TARGET, "digits", api_client, BuildSettings(gpus=0))
+        versions.apply("2", IMAGE, replicas=1)
+        versions.wait_ready("2", replicas=1, timeout_s=60, every_s=0.2)
+        (pod,) = runner.pods.values()
+        assert pod.admin_port not in (0, taken)
+        assert port_holder(pod.proc.pid, pod.admin_port) is True
+        assert runner.endpoints("models", {"version": "2"}, admin=True) == [f"127.0.0.1:{pod.admin_port}"]
+        (listed,) = pods(api_client, "app=digits,version=2")
+        assert listed.metadata.annotations[ADMIN_ANNOTATION] == f"127.0.0.1:{pod.admin_port}"
+        assert listed.metadata.annotations["cluster.devstack/address"] == f"127.0.0.1:{pod.port}"
