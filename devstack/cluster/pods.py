@@ -752,24 +752,28 @@ class PodRunner:
         return float(pod.spec.get("terminationGracePeriodSeconds", 30))
 
     def _probe(self, pod: Pod) -> bool:
+        """The pod's readiness probe: whose its port is asked first, until its process holds it
+        (then its tries of ports are cleared); a pod without a readinessProbe is ready once
+        started, its port asked after all the same. False where another process holds its port."""
         probe = pod.container.get("readinessProbe")
-        if not probe:
-            return True
-        path = (probe.get("httpGet") or {}).get("path", "/")
-        timeout = min(float(probe.get("timeoutSeconds", 1)), 1.0)
         proc = pod.proc
         if proc is None:
-            return False
+            return not probe
         if not pod.owns_port:  # (what answers on its port is another process's until it listens there)
             holder = port_holder(proc.pid, pod.port)
             if holder is False and proc.poll() is None and port_holder(proc.pid, pod.port) is False:
                 pod.port_taken = True  # (another's, asked twice: ours may have exited between reads)
-            if not holder:  # ("unknown": asked, as before)
                 return False
+            if not holder:  # ("unknown": asked, as before)
+                return not probe
             # Its own once it holds its admin port too (bound just after: until then, asked again).
             pod.owns_port = holder is True and (not pod.admin_port or port_holder(proc.pid, pod.admin_port) is True)
             if pod.owns_port:  # (on ports of its own: a later collision has its tries anew)
                 pod.ports_tried.clear()
+        if not probe:
+            return True
+        path = (probe.get("httpGet") or {}).get("path", "/")
+        timeout = min(float(probe.get("timeoutSeconds", 1)), 1.0)
         try:
             with urllib.request.urlopen(f"http://{pod.address}{path}", timeout=timeout) as r:
                 return 200 <= r.status < 400

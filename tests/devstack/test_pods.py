@@ -690,6 +690,37 @@ def test_a_pod_whose_port_is_taken_again_after_it_ran_on_another_is_given_new_tr
             pod.proc.wait()
 
 
+def test_a_pod_without_a_readiness_probe_whose_port_is_taken_again_after_it_ran_on_another_is_given_new_tries(
+    tmp_path, monkeypatch
+):
+    """The ports a pod was given up on are cleared once its probe sees its process listen on its
+    own port; a pod without a readinessProbe (ready once started) was never asked whose its port
+    was, so three collisions over its life, each after it had run on its port again, parked it in
+    PortTaken for good. Its port is asked after as a probed pod's is, until its process holds it."""
+    import subprocess
+    import sys
+
+    from devstack.cluster.pods import Pod
+    from devstack.processes import PORT_TRIES, free_port, port_holder
+
+    runner = PodRunner(FakeKubeAPI(kubelet=True), tmp_path / "cluster", {}, gpu=False)
+    monkeypatch.setattr(runner.api, "patch_pod", lambda *args, **kw: None)  # (its address annotation)
+    spec = {"containers": [{"name": "server"}]}
+    pod = Pod("models", "digits-1", "digits", "h", {}, spec, tmp_path, port=free_port())
+    for _ in range(PORT_TRIES + 1):
+        pod.port_taken = True  # (another process took its port: its exit said so)
+        runner._port_again(pod)
+        assert pod.waiting == ("ContainerCreating", ""), pod.waiting
+        serves = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(pod.port)]
+        pod.proc = subprocess.Popen(serves, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+        try:
+            wait_for("the pod's process on its new port", lambda: port_holder(pod.proc.pid, pod.port) is True, 30)
+            assert runner._probe(pod)  # (ready once started, as before)
+        finally:
+            pod.proc.kill()
+            pod.proc.wait()
+
+
 def test_a_pod_whose_port_another_process_took_first_is_started_again_on_another(cluster, monkeypatch):
     """A pod's port is picked free when the pod is made; another process that bound it before the
     pod's model server did kept the pod crashing ("Address already in use", backing off) or never
