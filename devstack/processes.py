@@ -254,19 +254,29 @@ def port_holder(pid: int, port: int) -> Holder:
     return any(holds_any(p, sockets) for p in kin(pid, lineage()))
 
 
-def listening(proc: subprocess.Popen[bytes], port: int, what: str) -> Holder:
-    """port_holder for ``proc``: True when it (or one it started) listens on 127.0.0.1:``port``
-    now, so that what answers there is its own; "unknown" where the tables cannot tell (asked as
-    before). PortTaken when another process holds the port (``proc`` cannot bind it, and what
-    answers there is not its own). False when ``proc`` exited: the caller's check of its exit
-    reports its code and log (a server that crashed once it bound its port, between the read of
-    the listening sockets and the walk of its file descriptors, is not "held by another process")."""
+def whose_port(proc: subprocess.Popen[bytes], port: int) -> Holder | Literal["another"]:
+    """port_holder for ``proc``, asked twice before another is named: "another" where another
+    process holds 127.0.0.1:``port`` (``proc`` cannot bind it, and what answers there is not its
+    own); False where ``proc`` exited (a server that crashed once it bound its port, between the
+    read of the listening sockets and the walk of its file descriptors, is not "held by another
+    process": its exit says why); else port_holder's answer."""
     holder = port_holder(proc.pid, port)
     if holder is False:
         # Another's only if it still listens there once more, with ours still running after.
         holder = port_holder(proc.pid, port)
         if holder is False and proc.poll() is None:
-            raise PortTaken(f"{what}: port {port} is held by another process{_holders(port)}")
+            return "another"
+    return holder
+
+
+def listening(proc: subprocess.Popen[bytes], port: int, what: str) -> Holder:
+    """whose_port for ``proc``: True when it (or one it started) listens on 127.0.0.1:``port``
+    now, so that what answers there is its own; "unknown" where the tables cannot tell (asked as
+    before). PortTaken when another process holds the port. False when ``proc`` exited: the
+    caller's check of its exit reports its code and log."""
+    holder = whose_port(proc, port)
+    if holder == "another":
+        raise PortTaken(f"{what}: port {port} is held by another process{_holders(port)}")
     return holder
 
 

@@ -83,7 +83,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from devstack.cluster.kube import FakeKubeAPI, now_rfc3339
-from devstack.processes import PORT_TRIES, PYTHONPATH, ROOT, free_port, port_holder, port_in_use
+from devstack.processes import PORT_TRIES, PYTHONPATH, ROOT, free_port, port_holder, port_in_use, whose_port
 
 log = logging.getLogger(__name__)
 
@@ -760,9 +760,9 @@ class PodRunner:
         if proc is None:
             return not probe
         if not pod.owns_port:  # (what answers on its port is another process's until it listens there)
-            holder = port_holder(proc.pid, pod.port)
-            if holder is False and proc.poll() is None and port_holder(proc.pid, pod.port) is False:
-                pod.port_taken = True  # (another's, asked twice: ours may have exited between reads)
+            holder = whose_port(proc, pod.port)
+            if holder == "another":
+                pod.port_taken = True
                 return False
             if not holder:  # ("unknown": asked, as before)
                 return not probe

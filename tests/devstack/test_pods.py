@@ -637,7 +637,7 @@ def test_the_readiness_probe_asks_whose_the_port_is_until_it_is_the_pod_process_
     import subprocess
     import sys
 
-    from devstack.cluster import pods as pods_module
+    from devstack import processes
     from devstack.cluster.pods import Pod
     from devstack.processes import free_port, port_holder
 
@@ -647,7 +647,7 @@ def test_the_readiness_probe_asks_whose_the_port_is_until_it_is_the_pod_process_
     try:
         wait_for("the pod's process to listen", lambda: port_holder(proc.pid, port) is True, 30)
         asked = []
-        monkeypatch.setattr(pods_module, "port_holder", lambda pid, p: asked.append(pid) or port_holder(pid, p))
+        monkeypatch.setattr(processes, "port_holder", lambda pid, p: asked.append(pid) or port_holder(pid, p))
         runner = PodRunner(FakeKubeAPI(kubelet=True), tmp_path / "cluster", {}, gpu=False)
         spec = {"containers": [{"name": "server", "readinessProbe": {"httpGet": {"path": "/"}, "timeoutSeconds": 0.2}}]}
         pod = Pod("models", "digits-1", "digits", "h", {}, spec, tmp_path, port=port, proc=proc)

@@ -165,6 +165,33 @@ def test_a_server_that_exits_after_binding_is_reported_with_its_exit_not_as_a_po
         server.stop()
 
 
+def test_another_holds_the_port_only_where_asked_twice_with_the_process_still_running() -> None:
+    """The "asked twice" check (a port another process holds, not a server that exited between
+    the reads) was written twice, in listening and in the pod runner's probe: one function,
+    whose_port, serves both. "another" where another process listens there and ours runs; False
+    where ours exited; True where ours listens."""
+    with answering_server(_answering_ready) as stranger:
+        taken = int(stranger.rsplit(":", 1)[1])
+        waits = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            assert processes.whose_port(waits, taken) == "another"
+        finally:
+            waits.kill()
+            waits.wait()
+        assert processes.whose_port(waits, taken) is False  # (ours exited: its exit says why)
+    port = free_port()
+    listens = f"import socket, time; s = socket.create_server(('127.0.0.1', {port})); time.sleep(60)"
+    ours = subprocess.Popen([sys.executable, "-c", listens])
+    try:
+        deadline = time.monotonic() + 30
+        while processes.whose_port(ours, port) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert processes.whose_port(ours, port) is True
+    finally:
+        ours.kill()
+        ours.wait()
+
+
 @pytest.mark.parametrize("table", ["missing", "header only"])
 def test_where_the_tcp_tables_cannot_tell_the_port_holder_the_server_is_asked(
     tmp_path: Path, table: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
