@@ -607,7 +607,7 @@ class FloorOwned(FieldsOwned):
 
 class BudgetNotApplied(RouterError):
     """``release_floor``: the version's HPA applied, its floor released, but its
-    PodDisruptionBudget not updated to match (``_apply_pdb``'s failure: no answer); the message
+    PodDisruptionBudget not updated to match (``_apply_pdb``'s failure: no answer, or a refusal); the message
     says so, names the budget and what to set it to."""
 
 
@@ -1070,7 +1070,9 @@ class VersionDeployments:
         """The version's HPA back at its own ``minReplicas`` when a rollout holds its floor
         (``hold_floor``), the record removed; a ``minReplicas`` set by hand since the floor was held
         stays as set. False when none is held (nothing written). The floor released but the
-        version's PodDisruptionBudget not updated: ``BudgetNotApplied`` (not a floor still held)."""
+        version's PodDisruptionBudget not updated (no answer, or its apply refused: a 403, a field
+        another manager owns, ``Contended``): ``BudgetNotApplied`` (not a floor still held), the
+        budget marked pending for the next run (``BUDGET_ANNOTATION``)."""
         hpa = self._hpa(version)
         own = None if hpa is None else _own_min(hpa)
         if hpa is None or own is None:
@@ -1088,8 +1090,8 @@ class VersionDeployments:
             )
             exc.args = (f"{str(exc)[:500]}; to release the floor by hand: {command}",)
             raise
-        try:
-            self._apply_pdb(version, kept)
+        try:  # (a refusal raised too: a budget refused is no more updated than one unanswered)
+            self._apply_pdb(version, kept, refusal_raised=True)
         except RouterError as exc:
             try:  # (marked for the next run's release_floors, the floor's annotation gone)
                 self._apply_hpa(version, {**spec, "minReplicas": kept}, {BUDGET_ANNOTATION: str(kept)}, budget=False)

@@ -724,6 +724,65 @@ def test_a_pending_budget_whose_apply_is_refused_stays_marked_and_is_said_still_
     assert "the model's next run tries again" in caplog.text
 
 
+def floor_held_at_6_of_own_1(kube, monkeypatch, tmp_path):
+    """Version 1 applied at 1 pod under autoscaling, its HPA scaled to 6 under load, its floor held
+    there (``hold_floor``): its budget the floor held's (maxUnavailable 1), its own floor's
+    minAvailable 1. The deployments, and a reader of the budget's two fields."""
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    deployments = steps.ModelServerHook().deployments("digits")
+    deployments.apply("1", image("1"), replicas=1)
+    kube.scale("models", "digits-v1", 6, "kube-controller-manager")  # its HPA, under load
+    assert deployments.hold_floor("1") == 6
+
+    def budget() -> dict:
+        spec = kube.objects[("poddisruptionbudgets", "models", "digits-v1")]["spec"]
+        return {k: spec[k] for k in ("maxUnavailable", "minAvailable") if k in spec}
+
+    assert budget() == {"maxUnavailable": 1}
+    return deployments, budget
+
+
+@pytest.mark.parametrize("refusal", ["403", "409"])
+def test_a_floor_released_whose_budget_apply_is_refused_is_said_and_marked_pending(
+    kube, monkeypatch, tmp_path, refusal
+):
+    """A floor's release (``release_floor``) whose PodDisruptionBudget apply was refused (403, or
+    409 on a field another manager owns) returned True, a floor released whole: the refusal was
+    only logged (``_apply_pdb``), so no BudgetNotApplied and no budget-pending mark, the budget
+    left at the floor held for good. Only a budget whose calls got no answer was said and marked.
+    A refused one is too: BudgetNotApplied, why, what to set it to, and the mark for the next run."""
+    from devstack.cluster.kube import APIError
+    from vision_rollout.deploy import BudgetNotApplied
+
+    deployments, budget = floor_held_at_6_of_own_1(kube, monkeypatch, tmp_path)
+    if refusal == "403":
+        forbidden = APIError(403, "Forbidden", "cannot patch resource poddisruptionbudgets")
+        refuse(kube, ("PATCH", "/poddisruptionbudgets/digits-v1", forbidden))
+    else:
+        live = kube.objects[("poddisruptionbudgets", "models", "digits-v1")]
+        theirs = {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": {"name": "digits-v1", "namespace": "models"},
+            "spec": {"minAvailable": 2, "selector": copy.deepcopy(live["spec"]["selector"])},
+        }
+        kube.apply("poddisruptionbudgets", "models", "digits-v1", theirs, "helm", force=True)
+    with pytest.raises(BudgetNotApplied) as failed:
+        deployments.release_floor("1")
+    kube.before_write = None
+    assert budget() != {"minAvailable": 1}  # (not the released floor's)
+    assert (hpa(kube, "1")["spec"]["minReplicas"], hpa(kube, "1")["metadata"].get("annotations") or {}) == (
+        1,
+        {"model-rollout/budget-pending": "1"},  # (the floor's record gone, the budget marked for the next run)
+    )
+    said = str(failed.value)
+    assert "the floor the run held on version 1 is released" in said
+    assert "PodDisruptionBudget models/digits-v1 was not updated" in said
+    assert ("403" in said) if refusal == "403" else ('"helm" owns .spec.minAvailable' in said)
+    assert "kubectl -n models patch poddisruptionbudget digits-v1 --type=merge" in said
+    assert "the model's next run applies it" in said
+
+
 def test_a_floor_not_released_once_the_routes_are_back_does_not_hold_back_the_rollback(kube, monkeypatch, tmp_path):
     """Under autoscaling, the rollback puts version 1's own floor back once the routes moved back:
     its HPA's PATCH refused (403), the failure went up before the candidate's retirement: the
@@ -1364,10 +1423,10 @@ def test_floors_left_held_are_all_released_though_a_budget_is_not_updated(kube, 
         assert deployments.hold_floor(version) == 10
     apply_pdb = VersionDeployments._apply_pdb
 
-    def unanswered_budget(self, version, replicas):
+    def unanswered_budget(self, version, replicas, **options):
         if version in unanswered:
             raise RouterError(f"apply PodDisruptionBudget digits-v{version}: the Kubernetes API server did not answer")
-        apply_pdb(self, version, replicas)
+        apply_pdb(self, version, replicas, **options)
 
     monkeypatch.setattr(VersionDeployments, "_apply_pdb", unanswered_budget)
     with pytest.raises(BudgetNotApplied) as failed:
@@ -1402,10 +1461,10 @@ def test_floors_left_held_are_all_released_though_one_hpa_apply_is_refused(kube,
         assert deployments.hold_floor(version) == 10
     apply_pdb = VersionDeployments._apply_pdb
 
-    def unanswered_budget(self, version, replicas):
+    def unanswered_budget(self, version, replicas, **options):
         if version == "2" and budget == "unanswered":
             raise RouterError("apply PodDisruptionBudget digits-v2: the Kubernetes API server did not answer")
-        apply_pdb(self, version, replicas)
+        apply_pdb(self, version, replicas, **options)
 
     monkeypatch.setattr(VersionDeployments, "_apply_pdb", unanswered_budget)
     forbidden = APIError(403, "Forbidden", "cannot patch resource horizontalpodautoscalers")
