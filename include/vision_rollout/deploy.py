@@ -498,9 +498,10 @@ DEFAULT_HPA_METRICS = [
 # a rollout whose worker died is put back by its teardown or failure callback on another.
 FLOOR_ANNOTATION = "model-rollout/own-min-replicas"
 HELD_ANNOTATION = "model-rollout/held-min-replicas"
-# An HPA whose floor ``release_floor`` released but whose PodDisruptionBudget it could not update
-# (``BudgetNotApplied``): the floor the budget is to follow, for the next run's ``release_floors``
-# to apply it (the floor's own annotation is gone with the floor).
+# An HPA whose floor ``release_floor`` released but whose PodDisruptionBudget it has not updated
+# (yet, or ``BudgetNotApplied``): the floor the budget is to follow, for the next run's
+# ``release_floors`` to apply it (the floor's own annotation is gone with the floor). Written by the
+# release's own apply, cleared once the budget is applied: a worker killed between leaves it.
 BUDGET_ANNOTATION = "model-rollout/budget-pending"
 OWN_HPA_ANNOTATIONS = (FLOOR_ANNOTATION, HELD_ANNOTATION, BUDGET_ANNOTATION)
 
@@ -1072,15 +1073,19 @@ class VersionDeployments:
         stays as set. False when none is held (nothing written). The floor released but the
         version's PodDisruptionBudget not updated (no answer, or its apply refused: a 403, a field
         another manager owns, ``Contended``): ``BudgetNotApplied`` (not a floor still held), the
-        budget marked pending for the next run (``BUDGET_ANNOTATION``)."""
+        budget marked pending for the next run (``BUDGET_ANNOTATION``). The mark is written in the
+        floor's release itself and cleared once the budget is applied: a worker killed between two
+        of these writes leaves the floor's record or the mark until the budget is right, for the
+        next run's ``release_floors``."""
         hpa = self._hpa(version)
         own = None if hpa is None else _own_min(hpa)
         if hpa is None or own is None:
             return False
         spec = hpa["spec"]
         kept = int(spec.get("minReplicas") or 1) if _set_by_hand(hpa) else min(own, int(spec["maxReplicas"]))
-        try:
-            self._apply_hpa(version, {**spec, "minReplicas": kept}, budget=False)
+        released = {**spec, "minReplicas": kept}
+        try:  # (the budget marked pending in the same write: never the floor's record and the mark both gone)
+            self._apply_hpa(version, released, {BUDGET_ANNOTATION: str(kept)}, budget=False)
         except RouterError as exc:  # (its kind kept: the command that releases it by hand said besides)
             annotations = {FLOOR_ANNOTATION: None, HELD_ANNOTATION: None}
             command = self._by_hand(
@@ -1092,20 +1097,24 @@ class VersionDeployments:
             raise
         try:  # (a refusal raised too: a budget refused is no more updated than one unanswered)
             self._apply_pdb(version, kept, refusal_raised=True)
-        except RouterError as exc:
-            try:  # (marked for the next run's release_floors, the floor's annotation gone)
-                self._apply_hpa(version, {**spec, "minReplicas": kept}, {BUDGET_ANNOTATION: str(kept)}, budget=False)
-                later = "the model's next run applies it"
-            except RouterError as unmarked:
-                later = f"nor marked for the model's next run to apply ({str(unmarked)[:300]})"
+        except RouterError as exc:  # (the mark stays, for the next run's release_floors)
             name = self._name(version)
             raise BudgetNotApplied(
                 f"the floor the run held on version {version} is released (HorizontalPodAutoscaler "
                 f"{self.target.namespace}/{name} at minReplicas {kept}); PodDisruptionBudget "
                 f"{self.target.namespace}/{name} was not updated to match ({str(exc)[:500]}): "
                 f"{self._budget_advice(version, kept)}; until then a node drain follows the budget of the floor "
-                f"held; {later}"
+                "held; the model's next run applies it"
             ) from exc
+        try:
+            self._apply_hpa(version, released, budget=False)  # (the mark cleared: the budget updated)
+        except RouterError as exc:  # (the budget right: the next run applies it again, the same, and clears it)
+            log.warning(
+                "the floor on version %s is released and its PodDisruptionBudget updated; its HPA's mark of the "
+                "budget pending is not cleared (%s): the model's next run clears it",
+                version,
+                str(exc)[:300],
+            )
         return True
 
     def _budget_advice(self, version: str, floor: int) -> str:

@@ -133,11 +133,12 @@ CALLBACK_CAP_S = 40.0
 RELEASE_CALLS = 1
 # Under autoscaling the callback reads the baseline's HPA before its routes write where it has the
 # time (its held floor: the routes write then its 8th call), and releases that floor after it (the
-# HPA read twice and patched, its PodDisruptionBudget read and patched: FLOOR_CALLS) before the
+# HPA read, read and patched, its PodDisruptionBudget read and patched, its HPA read and patched again,
+# the budget's pending mark cleared: FLOOR_CALLS) before the
 # lease's release: at 3 s a call those cut the release at the cap. The floor's release is left
 # where it would leave the lease's release no time (``stable_back``): held, said so; the model's
 # next run releases it as it starts (``release_leftover_floors``).
-FLOOR_CALLS = 5
+FLOOR_CALLS = 7
 # Under autoscaling the callback scales the baseline up before its routes write (to the floor held,
 # else to its pods and the candidate's, which it reads first) only where the calls of that scale
 # leave the calls after the wait (AFTER_WAIT_CALLS) their time: the Deployment read, its apply

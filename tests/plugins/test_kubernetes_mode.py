@@ -783,6 +783,53 @@ def test_a_floor_released_whose_budget_apply_is_refused_is_said_and_marked_pendi
     assert "the model's next run applies it" in said
 
 
+@pytest.mark.parametrize("write", [1, 2, 3])
+@pytest.mark.parametrize("end", ["killed", "refused"])
+def test_a_floors_release_cut_at_any_write_leaves_its_budget_to_the_next_run(kube, monkeypatch, tmp_path, end, write):
+    """A floor's release (``release_floor``) wrote the HPA's release, then the PodDisruptionBudget,
+    then (only where the budget failed) a second HPA apply marking it pending: a worker killed
+    between the release and the budget's apply left neither the floor's record nor the budget's
+    mark, the budget at the floor held for good, no run to correct it. The mark goes in the
+    release's own apply and is cleared once the budget is applied: the worker killed before
+    (``killed``), or the API server refusing (403, ``refused``), any of the release's writes (the
+    HPA's release, the budget, the mark's clearing), the HPA still holds the floor's record or the
+    budget's mark until the budget is right, and the next run's ``release_floors`` makes it so."""
+    from devstack.cluster.kube import APIError
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import RouterError
+
+    deployments, budget = floor_held_at_6_of_own_1(kube, monkeypatch, tmp_path)
+    apply = VersionDeployments._server_side_apply
+    sent: list[str] = []
+
+    def killed_before(self, patch, what, body, read, **options):
+        sent.append(what)
+        if len(sent) == write:
+            raise SystemExit("the worker is killed")
+        return apply(self, patch, what, body, read, **options)
+
+    def refused_at() -> None:
+        sent.append(kube.requests[-1]["path"])
+        if len(sent) == write:
+            raise APIError(403, "Forbidden", "cannot patch")
+        kube.before_write = refused_at
+
+    with monkeypatch.context() as patched:
+        if end == "killed":
+            patched.setattr(VersionDeployments, "_server_side_apply", killed_before)
+        else:
+            kube.before_write = refused_at
+        with contextlib.suppress(SystemExit, RouterError):
+            deployments.release_floor("1")
+    kube.before_write = None
+    annotations = hpa(kube, "1")["metadata"].get("annotations") or {}
+    recorded = {"model-rollout/own-min-replicas", "model-rollout/budget-pending"} & set(annotations)
+    assert recorded or budget() == {"minAvailable": 1}, (sent, annotations, budget())
+    deployments.release_floors(keep=None)  # the next run's start
+    assert (hpa(kube, "1")["spec"]["minReplicas"], hpa(kube, "1")["metadata"].get("annotations") or {}) == (1, {})
+    assert budget() == {"minAvailable": 1}  # (the released floor's)
+
+
 def test_a_floor_not_released_once_the_routes_are_back_does_not_hold_back_the_rollback(kube, monkeypatch, tmp_path):
     """Under autoscaling, the rollback puts version 1's own floor back once the routes moved back:
     its HPA's PATCH refused (403), the failure went up before the candidate's retirement: the
