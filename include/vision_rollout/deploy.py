@@ -1162,7 +1162,9 @@ class VersionDeployments:
         is released, one BudgetNotApplied names each budget not updated (and the versions whose
         release was whole). A floor not released (its HPA's apply refused, say) does not stop the
         others' either: once each is tried, one RouterError names each version not released (and
-        each budget not updated)."""
+        each budget not updated). But a call unanswered (``ApiUnreachable``, a budget's too) stops
+        them: none after it is tried (each would pay its client's retries against a server gone),
+        one ApiUnreachable names each version not released or not tried, for the next run."""
         from kubernetes import client
 
         if not self.build.autoscaling:
@@ -1184,26 +1186,42 @@ class VersionDeployments:
                     held.append(version)
                 elif BUDGET_ANNOTATION in annotations and FLOOR_ANNOTATION not in annotations:
                     pending.append(version)
-        released, applied, unapplied, failed = [], [], [], []
-        for version in sorted(held, key=int):
-            try:
-                if self.release_floor(version):
-                    released.append(version)
-            except BudgetNotApplied as exc:
-                unapplied.append(str(exc))
-            except RouterError as exc:  # (the others tried all the same)
-                failed.append(f"the floor on version {version} was not released: {exc}")
-        for version in sorted(pending, key=int):
-            try:
-                if self.apply_pending_budget(version):
-                    applied.append(version)
-            except BudgetNotApplied as exc:
-                unapplied.append(str(exc))
-            except RouterError as exc:
-                failed.append(f"the budget left not updated on version {version} was not applied: {exc}")
+        released: list[str] = []
+        applied: list[str] = []
+        unapplied: list[str] = []
+        failed: list[str] = []
+        untried: dict[str, list[str]] = {"floor": [], "budget": []}
+        unreachable = False
+        for kind, versions in (("floor", held), ("budget", pending)):
+            for version in sorted(versions, key=int):
+                if unreachable:  # (after a call unanswered: none tried more, each its client's retries)
+                    untried[kind].append(version)
+                    continue
+                try:
+                    if self.release_floor(version) if kind == "floor" else self.apply_pending_budget(version):
+                        (released if kind == "floor" else applied).append(version)
+                except BudgetNotApplied as exc:
+                    unapplied.append(str(exc))
+                    unreachable = isinstance(exc.__cause__, ApiUnreachable)
+                except RouterError as exc:  # (the others tried all the same, unless it got no answer)
+                    what = (
+                        f"floor on version {version} was not released"
+                        if kind == "floor"
+                        else f"budget left not updated on version {version} was not applied"
+                    )
+                    failed.append(f"the {what}: {exc}")
+                    unreachable = isinstance(exc, ApiUnreachable)
+        left = [
+            f"the {kind} on version(s) {', '.join(versions)} not tried (the API server gave no answer): the model's "
+            "next run tries again"
+            for kind, versions in untried.items()
+            if versions
+        ]
         if unapplied or failed:
             whole = f" (released whole: the floor on version(s) {', '.join(released)})" if released else ""
-            said = "; ".join(failed + unapplied) + whole
+            said = "; ".join(failed + unapplied + left) + whole
+            if left:
+                raise ApiUnreachable(said)
             raise RouterError(said) if failed else BudgetNotApplied(said)
         return Released(released, applied)
 

@@ -1532,6 +1532,47 @@ def test_floors_left_held_are_all_released_though_one_hpa_apply_is_refused(kube,
     assert "the floor on version(s) 2, 3" in said if budget == "updated" else "the floor on version(s) 3" in said
 
 
+def test_release_floors_stops_at_an_api_outage_and_names_each_version_not_released(kube, monkeypatch, tmp_path):
+    """Floors left held on versions 1, 2 and 3, released by the next run (release_floors): the API
+    server stopped answering as version 2's release began, and the loop went on to version 3 (and
+    any budget pending besides), each paying its client's full retries against a server gone. After
+    a call unanswered (``ApiUnreachable``) nothing more is tried: one ApiUnreachable names version 2
+    and version 3 as not released, and version 1 as released; the next run releases the others."""
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import ApiUnreachable
+
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    deployments = steps.ModelServerHook().deployments("digits")
+    for version in ("1", "2", "3"):
+        deployments.apply(version, image(version), replicas=2)
+        kube.scale("models", f"digits-v{version}", 10, "kube-controller-manager")  # its HPA, under load
+        assert deployments.hold_floor(version) == 10
+    release = VersionDeployments.release_floor
+    began: list[int] = []
+
+    def outage_from_version_2(self, version):
+        if version == "2":
+            began.append(len(kube.requests))
+            kube.throttle, kube.throttle_status, kube.throttled_path = 10**6, None, None  # no answer to anything
+        return release(self, version)
+
+    monkeypatch.setattr(VersionDeployments, "release_floor", outage_from_version_2)
+    with pytest.raises(ApiUnreachable) as failed:
+        deployments.release_floors(keep=None)
+    kube.throttle = 0
+    (start,) = began
+    assert [r["path"] for r in kube.requests[start:] if "digits-v3" in r["path"]] == []  # (not tried)
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 2
+    for version in ("2", "3"):
+        assert hpa(kube, version)["spec"]["minReplicas"] == 10  # still held
+    said = str(failed.value)
+    assert "the floor on version 2 was not released" in said
+    assert "the floor on version(s) 3 not tried" in said
+    assert "released whole: the floor on version(s) 1" in said
+    monkeypatch.setattr(VersionDeployments, "release_floor", release)
+    assert deployments.release_floors(keep=None).floors == ["2", "3"]  # the next run's
+
+
 @pytest.mark.parametrize("end", ["teardown", "failure-callback"])
 def test_a_kept_promotion_whose_floor_release_fails_is_reported_as_kept(fleet, monkeypatch, tmp_path, caplog, end):
     """Under autoscaling, promote's worker was killed after it retired version 1, before it put
