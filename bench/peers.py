@@ -45,7 +45,7 @@ from onnx import TensorProto, helper  # noqa: E402
 
 from bench import write_result  # noqa: E402
 from bench.serving import run_for, stateless  # noqa: E402
-from devstack.processes import ModelServerProcess, on_a_free_port, start_model_server  # noqa: E402
+from devstack.processes import ModelServerProcess, PortTaken, on_a_free_port, start_model_server  # noqa: E402
 
 ort.set_default_logger_severity(3)
 
@@ -191,6 +191,7 @@ def start_kserve(python: Path, onnx_files: dict[str, Path], log_dir: Path, devic
 
     def start(port: int) -> ModelServerProcess:
         log = log_dir / f"kserve-{port}.log"
+        made = not log.exists()  # removed if the port is given up, as start_model_server's files
         cmd = [str(python), str(KSERVE_MODEL), "--host", "127.0.0.1", "--port", str(port), "--device", device]
         for name, path in onnx_files.items():
             cmd += ["--serve", f"{name}={path}"]
@@ -199,8 +200,10 @@ def start_kserve(python: Path, onnx_files: dict[str, Path], log_dir: Path, devic
         server = ModelServerProcess(proc, port, log)
         try:
             server.wait_until("ready", 120.0)
-        except RuntimeError:  # (PortTaken too: another process bound the port first)
+        except RuntimeError as exc:  # (PortTaken too: another process bound the port first)
             server.stop(timeout_s=5)
+            if isinstance(exc, PortTaken) and made:
+                log.unlink(missing_ok=True)
             raise
         return server
 

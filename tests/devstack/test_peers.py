@@ -89,6 +89,8 @@ def test_kserve_whose_port_another_process_took_first_is_started_on_another(
         finally:
             server.stop()
         assert server.proc.returncode is not None
+        # The given-up try's log is removed, as start_model_server removes its files; the server's stays.
+        assert sorted(p.name for p in (tmp_path / "logs").glob("kserve-*.log")) == [f"kserve-{server.port}.log"]
 
 
 def test_kserve_whose_every_port_was_taken_names_the_ports_tried(
@@ -102,3 +104,4 @@ def test_kserve_whose_every_port_was_taken_names_the_ports_tried(
         tried = ", ".join(map(str, taken))
         with pytest.raises(processes.PortTaken, match=rf"ports {tried} tried: .*port {taken[-1]} is held by another"):
             peers.start_kserve(fake_python, {}, tmp_path / "logs", "cpu")
+    assert not list((tmp_path / "logs").glob("kserve-*.log"))  # no given-up try's log left behind
