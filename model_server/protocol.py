@@ -169,11 +169,13 @@ NOT_BRACKETS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[^\[\]{}"]+')
 NUMBER_MARK = "-0.0E-0000000000"  # the number's stand-in: a number no client writes
 
 
-def _non_json_number(text: str, pos: int) -> tuple[int, str, str] | None:
+def _non_json_number(text: str, pos: int) -> tuple[int, str, str, tuple[str, str | None] | None] | None:
     """The number json.loads stopped in at ``pos`` where it is in a form JSON has not: where it
-    starts, what is wrong with it and what JSON wants instead; else None. json.loads stops at
-    a hex literal's "x" or a leading zero's next digit (it read the "0"), at a leading "+" or
-    ".", and at a point with no digit after it (it read the digits before)."""
+    starts, what is wrong with it, and the forms JSON writes it in (as it was written, and as
+    an integer where its fraction is zeros; None for a hex literal, whose words say what JSON
+    wants); else None. json.loads stops at a hex literal's "x" or a leading zero's next digit
+    (it read the "0"), at a leading "+" or ".", and at a point with no digit after it (it read
+    the digits before)."""
     at = text[pos : pos + 1]
     if at and at in "xX0123456789" and text[pos - 1 : pos] == "0":
         start = pos - 1 - (text[pos - 2 : pos - 1] == "-")
@@ -191,7 +193,7 @@ def _non_json_number(text: str, pos: int) -> tuple[int, str, str] | None:
     if at in "xX":
         hex_literal = HEX_LITERAL.match(text, start)
         return (
-            (start, hex_literal[0], "is a hex literal, which JSON has not: write it in decimal")
+            (start, hex_literal[0], "is a hex literal, which JSON has not: write it in decimal", None)
             if hex_literal
             else None
         )
@@ -211,8 +213,23 @@ def _non_json_number(text: str, pos: int) -> tuple[int, str, str] | None:
         what = "no digit after its point"
     else:
         return None
-    written = sign.strip("+") + (digits.lstrip("0") or "0") + (f".{fraction or 0}" if point else "") + exponent
-    return start, number[0], f"is a number with {what}, which JSON has not: write it as {shown(written)}"
+    integral = sign.strip("+") + (digits.lstrip("0") or "0")
+    written = integral + (f".{fraction or 0}" if point else "") + exponent
+    whole = integral if not exponent and not fraction.strip("0") else None
+    return start, number[0], f"is a number with {what}, which JSON has not", (written, whole)
+
+
+def _taken(written: str, datatype: Any) -> bool:
+    """Whether an input of ``datatype`` (as its JSON said it, if it did) takes the JSON number
+    ``written`` as an element (read as json.loads reads it: an integer past 4300 digits refused)."""
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
+        return False
+    try:
+        value = float(written) if written.strip("+-0123456789") else int(written)
+        _json_tensor({"data": [value]}, datatype, (1,), "", lambda _: written)
+    except (ValueError, InvalidInput):
+        return False
+    return True
 
 
 def _number_element(text: str, pos: int) -> str | None:
@@ -224,7 +241,7 @@ def _number_element(text: str, pos: int) -> str | None:
     found = _non_json_number(text, pos)
     if found is None:
         return None
-    start, literal, why = found
+    start, literal, why, forms = found
     opened = []
     for bracket in NOT_BRACKETS.sub("", text[:start]):
         if bracket in "[{":
@@ -252,6 +269,10 @@ def _number_element(text: str, pos: int) -> str | None:
         return None
     name = inputs[-1].get("name")
     where = f"input '{shown(name)}'" if isinstance(name, str) else f"inputs[{len(inputs) - 1}]"  # (a name after it)
+    if forms is not None:  # the form its datatype takes (an integer one's: no point), where one does
+        datatype = inputs[-1].get("datatype")  # (None where it comes after the data)
+        written = forms[1] if isinstance(datatype, str) and datatype.startswith(("INT", "UINT")) else forms[0]
+        why += f": write it as {shown(written)}" if written is not None and _taken(written, datatype) else ""
     return f"{where}: element {len(flat) - 1} ({shown(literal)}) {why}"
 
 

@@ -410,6 +410,56 @@ def test_a_number_in_a_form_json_has_not_is_refused_by_name(data, needle):
     assert refused.value.message.startswith("input 'x': " + needle), refused.value.message
 
 
+NINES = "0" + "9" * 5000  # as JSON writes it, an integer past Python's 4300 digits (refused)
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "needle", "written"),
+    [
+        # An integer datatype: the point dropped, as its data must be integers.
+        ("INT64", "[1, 2, 1.]", "element 2 (1.) is a number with no digit after its point", "1"),
+        ("INT32", "[1, -007, 0]", "element 1 (-007) is a number with a leading zero", "-7"),
+        ("UINT8", "[1, +3.000, 0]", "element 1 (+3.000) is a number with a leading plus", "3"),
+        ("FP32", "[1, 2, 1.]", "element 2 (1.) is a number with no digit after its point", "1.0"),
+        # No form its datatype takes: nothing suggested (1.0E+1 and 1.5 are no integers, -1 no
+        # UINT8, 300 no INT8, 5000 digits past the limit, 1e400 past FP32's range, a number no BOOL).
+        ("INT64", "[1, +1.E+1, 0]", "element 1 (+1.E+1) is a number with a leading plus", None),
+        ("INT64", "[1, 01.5, 0]", "element 1 (01.5) is a number with a leading zero", None),
+        ("UINT8", "[1, -01, 0]", "element 1 (-01) is a number with a leading zero", None),
+        ("INT8", "[1, 0300, 0]", "element 1 (0300) is a number with a leading zero", None),
+        ("INT64", f"[1, {NINES}, 0]", "element 1 (0999", None),
+        ("FP64", f"[1, {NINES}, 0]", "element 1 (0999", None),
+        ("FP32", "[1, 01e400, 0]", "element 1 (01e400) is a number with a leading zero", None),
+        ("BOOL", "[true, 01, false]", "element 1 (01) is a number with a leading zero", None),
+    ],
+)
+def test_a_number_json_has_not_is_suggested_only_in_a_form_its_datatype_takes(datatype, data, needle, written):
+    """The form a refusal suggests was itself refused ("write it as 1.0" for an INT64 input's
+    1., then "INT64 data must be integers"): it is suggested only where the input's datatype
+    takes it, and the body with it in the number's place is then accepted."""
+    body = f'{{"inputs": [{{"name": "x", "datatype": "{datatype}", "shape": [3], "data": {data}}}]}}'
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(body.encode(), None)
+    message = refused.value.message
+    assert message.startswith("input 'x': " + needle), message[:200]
+    if written is None:
+        assert "write it" not in message, message[:200]
+        assert message.endswith("which JSON has not"), message[:200]
+        return
+    assert message.endswith(f"which JSON has not: write it as {written}"), message
+    literal = needle.split("(", 1)[1].split(")", 1)[0]
+    decode_infer_request(body.replace(literal, written, 1).encode(), None)  # accepted
+
+
+def test_a_number_json_has_not_before_its_input_s_datatype_is_suggested_in_no_form():
+    """Where the input's datatype comes after its data, no form is known to be taken: none is said."""
+    body = '{"inputs": [{"name": "x", "shape": [3], "data": [1, 1., 0], "datatype": "INT64"}]}'
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(body.encode(), None)
+    message = refused.value.message
+    assert message == "input 'x': element 1 (1.) is a number with no digit after its point, which JSON has not", message
+
+
 @pytest.mark.parametrize(
     "data",
     [
