@@ -185,12 +185,13 @@ _NEXT_LINE_ID = rf"(?:(?:-{BLANK}{{0,64}}+)?{_BREAK}{_BLANK_LINES}(?:[ \t]{{1,64
 # value: "column ssn -> ssn_hash" is a column's, and no identity number is letters alone; a piece
 # after such a word, as ``_UNQUOTED`` reads one, makes it the value's: "passport -> DE E1234567",
 # "nino -> QQ 12 34 56 C"; a count of up to five digits and a word in small letters after it, what
-# it counts, is none: "column ssn -> ssn_hash 3 rows")
+# it counts, is none: "column ssn -> ssn_hash 3 rows"; a placeholder first in a list, a "," or ";"
+# after it, is no name: "ssn -> null, 123456789")
 _NEXT_PIECE = rf"[ ]{{1,2}}(?!{DATE_OR_TIME})(?:{_VALUE_CHAR}{{0,31}}[0-9]|[A-Z]{{1,2}}(?!{_VALUE_CHAR}))"
 _COUNT_OF = r"[ ]{1,2}[0-9]{1,5}+[ ]{1,2}[a-z]{1,32}+(?![0-9A-Za-z_-])"
 _KEY_COLON = (
     rf"{BLANK}{{0,64}}+(?::{BLANK}{{0,64}}+{_NEXT_LINE_ID}|=|(?:->|=>){BLANK}{{0,64}}+"
-    rf"(?![A-Za-z_.]{{1,64}}+(?!{_VALUE_CHAR})(?!(?!{_COUNT_OF}){_NEXT_PIECE})))"
+    rf"(?!(?!{PLACEHOLDER}{BLANK}{{0,64}}+[,;])[A-Za-z_.]{{1,64}}+(?!{_VALUE_CHAR})(?!(?!{_COUNT_OF}){_NEXT_PIECE})))"
     rf"{BLANK}{{0,64}}+{LIST_MARK}"
 )
 _WORDS_COLON = rf"(?:{BLANK}{{0,64}}+(?:->|=>|=|:{BLANK}{{0,64}}+{_NEXT_LINE_ID}){BLANK}{{0,64}}+{LIST_MARK}|(?P<n>{BLANK}{{1,64}}+))"

@@ -3924,11 +3924,21 @@ def test_an_identity_number_after_a_placeholder_first_in_a_list_under_a_name_of_
         ("ssn: (not set), 123456789", ["123456789"]),
         ("ssns: (not set), 123456789", ["123456789"]),
         ("ssns: 123456789, (not set), 987654321", ["123456789", "987654321"]),
+        # a placeholder of letters alone after an arrow, first in the list: no column's name
+        ("ssn -> null, 123456789", ["123456789"]),
+        ("ssn -> NULL; 123456789", ["123456789"]),
+        ("passport => none, E1234567, X7654321", ["E1234567", "X7654321"]),
+        ("ssn -> null , 123456789", ["123456789"]),
+        ("ssn_code -> null, 123456789", ["123456789"]),
         # a placeholder alone, before a pair or a count, and another word first under a name of more words
         ("ssn: n/a", []),
         ("ssn: n/a, status: ok", []),
         ("ssn: n/a, 1234567 rows", []),
         ("ssn_status: (not set), 1234567 rows", []),
+        ("ssn -> null", []),
+        ("ssn -> null, status: ok", []),
+        ("column ssn -> null, 3 rows", []),
+        ("column ssn -> ssn_hash, 123456789", []),
     ],
 )
 def test_an_identity_number_after_a_placeholder_first_in_a_list_after_a_singular_key_is_masked(keys, text, values):
@@ -3937,7 +3947,10 @@ def test_an_identity_number_after_a_placeholder_first_in_a_list_after_a_singular
     123456789"), were logged in clear: a first item of no id was passed over under a plural's name,
     in brackets or under a name of more words only, and "(not set)" (its brackets and its space no
     value's characters) was no item at all. A placeholder first is passed over after a singular
-    key's ":", "=" or arrow too, and "(not set)" is an item of no id anywhere in a list."""
+    key's ":", "=" or arrow too, and "(not set)" is an item of no id anywhere in a list. A
+    placeholder of letters alone after an arrow ("ssn -> null, 123456789") left the list in clear:
+    a name of letters alone after an arrow is a column's ("column ssn -> ssn_hash"), and "null"
+    was read as one; a placeholder first in a list (a "," or ";" after it) is none."""
     assert_masked_as(keys, text, values)
 
 
