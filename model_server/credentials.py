@@ -286,7 +286,9 @@ def _value_named(group: str) -> str:
 # ``_MARK_AT_LINE_END``), is read so: its lines, more indented than the key's; its
 # first line none that is a mapping's key (a ":" before a space or its line's end:
 # "credentials:\n  username: bob") or a comment; a comment after the key ("# set by ops") is no
-# value where a line end follows it.
+# value where a line end follows it. Blank lines (blanks only) before its first line, any number,
+# as YAML allows them ("password:\n\n  hunter2"): possessive, each line's blanks bounded, read once
+# after the key (linear); a line end written escaped, the same each time.
 _KEY_LINE = r"(?:(?:(?<![^\n])|(?<=\\n)|(?<=[\"']))(?P<ki>[ \t]{0,64}+)(?P<kd>-(?P<ks>[ ]{1,8}+))?[\"']?)?"
 _LINE_REST = r"[ \t]{0,16}+(?:#[^\r\n\\]{0,256}+)?"  # (spaces, a comment)
 _BLOCK_INDICATOR = rf"[|>](?:[-+]?[0-9]?|[0-9][-+]){_LINE_REST}"
@@ -303,6 +305,7 @@ _NO_KEY_LINE = r"(?!#|(?(x)[^\r\n\\\"]|[^\r\n]){0,4096}?:(?:[ \t]|\r?\n|\\|\"|\Z
 _PROSE_LINE = r"[A-Za-z][a-z]{0,63}+(?:[ ]{1,3}[A-Za-z][a-z]{0,63}+){1,31}+[.!]?[ \t]{0,16}+(?:\r?\n|[\\\"']|\Z)"
 _BLOCK_HEAD = (
     rf"(?:(?(ki)(?P<h>(?:{_BLOCK_INDICATOR}|(?(m)|{_AFTER_COLON})(?P<p>){_LINE_REST})(?:\r?\n|(?P<x>(?:\\{{1,8}}r)?\\{{1,8}}n))"
+    rf"(?(x)(?:[ \t]{{0,64}}+(?P=x))*+|(?:[ \t]{{0,64}}+\r?\n)*+)"
     rf"(?P<i>(?P=ki)(?(kd)[ ](?P=ks))[ \t]{{1,64}}+)(?=\S)(?(p){_NO_KEY_LINE}(?(c)(?!{_PROSE_LINE})))){NOT_MASKED}|(?!))"
     rf"|(?!{_BLOCK_START}|{_AFTER_COLON}#[ \t][^\r\n\\]{{0,256}}+{_LINE_BREAK}))"  # (a comment is no value)
 )

@@ -177,9 +177,10 @@ _STATUS = rf"(?:OK[ ]{{1,2}}(?!{DATE_OR_TIME})(?=[0-9]))?"
 # lines between too (``_BLANK_LINES``: "passport:\n\n  E1234567"); a YAML list's mark and blanks
 # before that line end too, its item on the next line ("passport: -\n  E1234567": the mark stays).
 _BREAK = r"(?:\r?\n|(?:\\{1,8}r)?\\{1,8}n)"
-# Blank lines after a line end, up to eight, each of blanks only (bounded, possessive): YAML and
-# JSON allow them inside a list and before a value on the next line ("ssn: -\n\n  123456789").
-_BLANK_LINES = rf"(?:{BLANK}{{0,64}}+{_BREAK}){{0,8}}+"
+# Blank lines after a line end, each of blanks only: YAML and JSON allow them inside a list and
+# before a value on the next line ("ssn: -\n\n  123456789"), any number of them. Possessive, each
+# line's blanks bounded: read once, after one key or list item, never given back (linear).
+_BLANK_LINES = rf"(?:{BLANK}{{0,64}}+{_BREAK})*+"
 _NEXT_LINE_ID = rf"(?:(?:-{BLANK}{{0,64}}+)?{_BREAK}{_BLANK_LINES}(?:[ \t]{{1,64}}+|(?=-{BLANK}))(?={LIST_MARK}{_CAPITALS}{_ID_VALUE}))?+"
 # (an arrow too: "passport->E1234567", before no name of letters, "_" and "." alone that ends the
 # value: "column ssn -> ssn_hash" is a column's, and no identity number is letters alone; a piece

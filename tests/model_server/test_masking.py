@@ -471,6 +471,9 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "bracketed lists of no id over blank lines": "ssns: [" + "n/a,\n\n " * 125_000,
     "bracketed lists before blank runs and line ends without a comma": ("ssns: [1" + " " * 64 + "\n" + " " * 64 + "a ")
     * 7_500,
+    "blank lines after identity keys and list marks": ("ssn: -" + "\n" * 1_000 + "a ") * 1_000,
+    "blank lines of blank runs after identity keys": ("passport:" + (" " * 64 + "\n") * 150 + "  a ") * 100,
+    "blank lines in lists under plural identity names": ("ssns: [123456," + "\n" * 1_000 + "a ") * 1_000,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
@@ -506,6 +509,7 @@ FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, ea
     "list items on next lines after blank lines under a plural identity name": {"keyed"},  # every item
     "list items in escaped quotes under a plural identity name": {"keyed"},  # every item
     "placeholders first in lists under names of more words": {"keyed"},  # every item after the placeholder
+    "blank lines in lists under plural identity names": {"keyed"},  # each list's first item
     "list item marks after secret keys": {"secret"},  # each key's value is the next key's name
 }
 
@@ -1417,6 +1421,9 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "placeholder phrases before words after keys": "password: none set. a " * 43_500,
     "dash runs before words after keys": "password: --- a " * 62_500,
     "triple dashes at line ends after keys": ("password: ---" + " " * 16 + "\n" + " " * 64) * 10_500,
+    "blank lines after keys": ("password:" + "\n" * 1_000 + "a:") * 1_000,
+    "blank lines of blank runs after keys": ("password: -" + (" " * 64 + "\n") * 150 + " " * 64) * 100,
+    "escaped blank lines after keys": '{"m": "password:' + "\\n" * 500_000 + '"}',
     "words after placeholders after keys": ("password: none" + " a" * 400 + "\n") * 1_250,
 }
 FOUND_IN_SECRET_HOSTILE = {
@@ -3072,6 +3079,42 @@ def test_a_value_on_the_next_line_after_more_than_three_blanks_is_masked(keys, t
     assert_one_value_masked(keys, text, value, ["password:      # set by ops\nuser: bob"])
 
 
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("password:\n\n  hunter2", "hunter2"),
+        ("password:\n" + "\n" * 9 + "  hunter2", "hunter2"),
+        ("password:" + "\n  \t" * 300 + "\n  hunter2", "hunter2"),
+        ("password:\r\n\r\n  hunter2", "hunter2"),
+        ("password:      # set by ops\n\n\n  hunter2", "hunter2"),
+        ("password: -\n\n\n  hunter2", "hunter2"),
+        ("password: ---\n" + "\n" * 12 + "  hunter2", "hunter2"),
+        ("db:\n  api_key:\n\n    sk-proj-abcdefghijklmnop1234\n  user: bob", "sk-proj-abcdefghijklmnop1234"),
+        (json.dumps({"m": "password:\n" + "\n" * 20 + "  hunter2"}), "hunter2"),
+        ("- name: db\n  password:\n\n\n    hunter2", "hunter2"),
+    ],
+)
+def test_a_value_on_a_line_after_blank_lines_after_its_key_is_masked(keys, text, value):
+    """A secret on a line after blank lines after its key ("password:\\n\\n  hunter2", YAML
+    allows them) was logged and sent to Slack in clear: the next-line rule read the line right
+    after the key's. Blank lines (blanks only), any number of them, each line read once and
+    possessively, are read between; a mapping's key, a line no more indented than the key or a
+    comment after them stays."""
+    assert_one_value_masked(
+        keys,
+        text,
+        value,
+        [
+            "password:\n\nuser: bob",
+            "password:\n\n\n  user: bob",
+            "db:\n  password:\n\n  user: bob",
+            "password: -\n\n\nname: bob",
+            "password:\n" + "\n" * 30 + "# set by ops",
+            "password:\n\n",
+        ],
+    )
+
+
 def test_a_key_with_blanks_at_its_line_end_is_read_in_linear_time(keys):
     """A long text of keys, blank runs and line ends with no value is read in time growing with
     its length (printed, not asserted: ``-s`` shows it)."""
@@ -4070,17 +4113,26 @@ def test_every_item_of_a_bracketed_list_with_its_commas_leading_over_line_ends_i
         ("ssns: [123456789,\n\n  987654321]", ["123456789", "987654321"]),
         ("passports: [\n\n  E1234567\n\n, X7654321]", ["E1234567", "X7654321"]),
         ('{"m": "ssn: -\\n\\n  123456789"}', ["123456789"]),
+        # more than eight blank lines, blanks on them too
+        ("passport:" + "\n" * 12 + "  E1234567", ["E1234567"]),
+        ("ssn: -" + "\n  \t" * 40 + "\n  123456789", ["123456789"]),
+        ("ssns:\n  - 123456789" + "\n" * 20 + "  - 987654321", ["123456789", "987654321"]),
+        ("ssns: [123456789," + "\n" * 10 + "  987654321]", ["123456789", "987654321"]),
+        ('{"m": "passport:' + "\\n" * 30 + '  E1234567"}', ["E1234567"]),
         # a list not in brackets ends at its line's end; a key or words after a blank line stay
         ("ssns: 123456789,\n\n987654321", ["123456789"]),
         ("passport: -\n\n  country: DE", []),
         ("ssn:\n\n  123 rows", []),
+        ("ssn:" + "\n" * 20 + "  123 rows", []),
+        ("passport: -" + "\n" * 20 + "  country: DE", []),
     ],
 )
 def test_an_identity_number_after_a_blank_line_in_a_list_or_after_its_mark_is_masked(keys, text, values):
     """An identity number after a blank line, inside a list ("passports:\\n  - E1234567\\n\\n  -
     X7654321", "ssns: [123456789,\\n\\n  987654321]") or after a key's ":" or a YAML list's mark
     ("ssn: -\\n\\n  123456789"), was logged in clear: one line end only was read there. Up to eight
-    blank lines (blanks only, each bounded) are read there now, as YAML and JSON allow them."""
+    blank lines (blanks only, each bounded) are read there now, as YAML and JSON allow them; more
+    than eight left the value in clear: any number is read now, each line once, possessively."""
     assert_masked_as(keys, text, values)
 
 
