@@ -318,13 +318,31 @@ _AFTER_ADDRESS_KEY = "|".join(
 _LOOK_PROSE = rf"{_LOOK_VERB}{_GAP}(?i:at){_GAP}(?i:the|this|that|these|those|an?|each|every){_GAP}(?i:dot){_GAP}"
 _AT_THE = rf"{_LOCAL}{{1,64}}+{_GAP}(?i:at){_GAP}(?i:the)(?![A-Za-z0-9-])"
 _NOT_PROSE_AT = rf"(?>(?:(?={_LOOK_PROSE})|(?={_AT_THE}))(?:{_AFTER_ADDRESS_KEY})(?P<f>)|(?!{_LOOK_PROSE}))"
-_SPELT_EMAIL = re.compile(
-    rf"{_ADDRESS_START}{_NOT_PROSE_AT}{_LOCAL}{{1,64}}"
-    rf"(?:{_NEAR}{_AT}{_NEAR}[A-Za-z0-9-]{{1,63}}(?:{_DOT}[A-Za-z0-9-]{{1,63}}){{0,7}}{_DOT}[A-Za-z]{{2,63}}"
-    rf"|{_GAP}(?i:at){_GAP}(?(f)|{_NOT_PROSE_LABEL})[A-Za-z0-9-]{{1,63}}(?:{_GAP}(?i:dot){_GAP}[A-Za-z0-9-]{{1,63}}){{0,7}}"
-    rf"{_GAP}(?i:dot){_GAP}(?i:{_TLDS})(?:\.[A-Za-z0-9-]{{1,63}}){{0,7}}+)"  # (its last labels dotted too: "co.uk")
-    r"(?![A-Za-z0-9-])"
+
+
+def _spelt_email(start: str) -> re.Pattern[str]:
+    """A spelt address, its local part after ``start`` (where it sets ``f``: a field's value)."""
+    return re.compile(
+        rf"{_ADDRESS_START}{start}{_LOCAL}{{1,64}}"
+        rf"(?:{_NEAR}{_AT}{_NEAR}[A-Za-z0-9-]{{1,63}}(?:{_DOT}[A-Za-z0-9-]{{1,63}}){{0,7}}{_DOT}[A-Za-z]{{2,63}}"
+        rf"|{_GAP}(?i:at){_GAP}(?(f)|{_NOT_PROSE_LABEL})[A-Za-z0-9-]{{1,63}}(?:{_GAP}(?i:dot){_GAP}[A-Za-z0-9-]{{1,63}}){{0,7}}"
+        rf"{_GAP}(?i:dot){_GAP}(?i:{_TLDS})(?:\.[A-Za-z0-9-]{{1,63}}){{0,7}}+)"  # (its last labels dotted too: "co.uk")
+        r"(?![A-Za-z0-9-])"
+    )
+
+
+_SPELT_EMAIL = _spelt_email(_NOT_PROSE_AT)
+# A list of spelt addresses as a field's value ("to: jane at the dot org, bob at the dot com"):
+# after an address that starts the value of an address's key (``_AFTER_ADDRESS_KEY``), or such an
+# item, an item after a "," or ";" (up to 64 blanks around it, quotes, a line end and its
+# indentation after it), or on the next line indented, is read as the first is (``_SPELT_ITEM``:
+# a field's value, "the" and a looking verb there an address's). Each separator bounded, each
+# item read once after its separator (linear).
+_IN_ADDRESS_FIELD = re.compile(f"(?:{_AFTER_ADDRESS_KEY})")
+_ITEM_SEP = re.compile(
+    rf"{KEY_QUOTE}(?:[ \t]{{0,64}}+[,;][ \t]{{0,64}}+(?:{_BREAK}[ \t]{{0,64}}+)?+|[ \t]{{0,64}}+{_BREAK}[ \t]{{1,64}}+){KEY_QUOTE}"
 )
+_SPELT_ITEM = _spelt_email("(?P<f>)")
 # A local part before an "@" with blanks around it: none of what annotates a host in a log line
 # with "@" ("GET /v1/models 200 @ api.example.com"): a number of up to five digits (a status, a
 # count: a mailbox of digits alone is longer, "2851234567 @ qq.com", a QQ number or a student's),
@@ -480,6 +498,24 @@ class _KeyedValues(Detector):
                 at = pos if last.group("v") is not None else last.start()
 
 
+class _SpeltAddresses(Detector):
+    """The spelt addresses (``_SPELT_EMAIL``), and the items of a list of them as a field's value
+    after the first (``_SPELT_ITEM``). Linear: each address and item read once."""
+
+    def _spans(self, view: str) -> Iterator[Span]:
+        at = 0
+        while (m := self.pattern.search(view, at)) is not None:
+            yield m.span()
+            at = m.end()
+            if m.group("f") is None and _IN_ADDRESS_FIELD.match(view, m.start()) is None:
+                continue
+            while (sep := _ITEM_SEP.match(view, at)) is not None and (
+                item := _SPELT_ITEM.match(view, sep.end())
+            ) is not None:
+                yield item.span()
+                at = item.end()
+
+
 _NO_SEP = str.maketrans("", "", " ./_-")
 _PRC_ID = re.compile(r"[1-9]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[0-9Xx]")
 
@@ -546,7 +582,7 @@ DETECTORS: tuple[Detector, ...] = (
     # Secrets first: a password or token that holds digits is masked whole, no phone cut out of it.
     *(Detector("secret", pattern) for pattern in credentials.PATTERNS),
     _KeyedValues("keyed", _KEYED),
-    Detector("email", _SPELT_EMAIL),
+    _SpeltAddresses("email", _SPELT_EMAIL),
     # Starts only where a run of local-part characters starts, every part bounded (RFC 5321:
     # local part 64, labels 63): linear in the text, where the unanchored [...]+@ scanned each
     # run once per start position (160 KB without an @ held the server 27 s). Addresses and

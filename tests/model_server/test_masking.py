@@ -435,6 +435,8 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "spelt at after verbs before articles": "look at this dot " * 58_000,
     "separators and blanks before verbs before articles": ":        look at this dot " * 40_000,
     "separators and blanks before names at the": ":        jane at the dot " * 36_000,
+    "a list of spelt addresses under an address key": "to: " + "a at the dot com, " * 55_000,
+    "separators after a spelt address under an address key": "to: a at b dot com" + ",\n  ;" * 200_000,
     "list item marks after keys": "passport: -\t" * 84_000,
     "words joined to taxid and id_card": "taxidvalueidcardno" * 55_000,
     "lists under plural identity names": "ssns=123456," * 83_000,
@@ -492,6 +494,8 @@ FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, ea
     "values before escaped backspaces": {"keyed"},
     "digit groups under an identity name": {"keyed"},  # its first eight groups
     "dotted labels after a spelt domain": {"email"},  # its first seven labels
+    "a list of spelt addresses under an address key": {"email"},  # every item
+    "separators after a spelt address under an address key": {"email"},  # the address alone
     "keys before arrows": {"keyed"},  # each key's value is the next key's name
     "names of letters after keys and arrows": {"keyed"},  # its first 32 letters (a name is 64 at most)
     "keys and arrows before names before pieces": {"keyed"},  # each name and the piece after it
@@ -4342,6 +4346,46 @@ def test_a_spelt_address_of_a_looking_verb_as_a_fields_value_is_masked(keys, tex
     value of an address's key (mail, e-mail, contact, to, from, cc, reply-to: after its ":" or
     "=", quotes and blanks) it is the address's local part, "the" after it a label."""
     assert_one_value_masked(keys, text, value, scrubbed=False)
+
+
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [
+        ("to: jane at the dot org, bob at the dot com", ["jane at the dot org", "bob at the dot com"]),
+        (
+            "to: jane at the dot org; info at the dot com; sales at the dot net",
+            ["jane at the dot org", "info at the dot com", "sales at the dot net"],
+        ),
+        ("to: alice at example dot com, jane at the dot org", ["alice at example dot com", "jane at the dot org"]),
+        ("mail: look at this dot io, stare at the dot org", ["look at this dot io", "stare at the dot org"]),
+        ('cc: "jane at the dot org", "bob at the dot com"', ["jane at the dot org", "bob at the dot com"]),
+        ("to: alice at example dot com,\n    bob at the dot org", ["alice at example dot com", "bob at the dot org"]),
+        ("to: alice at example dot com\n    bob at the dot org", ["alice at example dot com", "bob at the dot org"]),
+        (
+            json.dumps({"to": "jane at the dot org, bob at the dot com"}),
+            ["jane at the dot org", "bob at the dot com"],
+        ),
+        # the other forms, which each item was read in already
+        (
+            "to: alice at example dot com, bob at example dot org, carol at example dot net",
+            ["alice at example dot com", "bob at example dot org", "carol at example dot net"],
+        ),
+        ("alice at example dot com; bob at example dot com", ["alice at example dot com", "bob at example dot com"]),
+        ("alice at example dot com\nbob at example dot com", ["alice at example dot com", "bob at example dot com"]),
+        # after an address in prose, or a list item at a line's start, a sentence stays one
+        ("write to alice at example dot com, look at the dot com boom", ["alice at example dot com"]),
+        ("to: alice at example dot com\nlook at the dot com boom", ["alice at example dot com"]),
+        ("note: jane at the dot org, bob at the dot com", []),
+    ],
+)
+def test_every_spelt_address_in_a_list_as_a_fields_value_is_masked(keys, text, values):
+    """A list of spelt addresses as a field's value ("to: jane at the dot org, bob at the dot
+    com") had its first item masked only: "the" after a spelt "at", and a looking verb before it,
+    are an address's where its local part starts the value of an address's key, and the items
+    after the first start no value. An item after a "," or ";" (blanks and quotes around it, a
+    line end and indentation after it), or on the next line indented, after an address that is
+    such a value (or such an item), is read as the first is."""
+    assert_masked_as(keys, text, values)
 
 
 @pytest.mark.parametrize(
