@@ -367,8 +367,22 @@ _OWNERS = (
     "client", "webhook", "api", "app", "application", "shared", "signing", "jwt", "oauth", "consumer",
     "hmac", "session", "cookie", "bot", "otp", "totp", "encryption", "master", "private", "aws",
 )  # fmt: skip
-_NOT_OWNED = "".join(  # "client secret", "the client's secret"
-    rf"(?<!(?i:{w}){s}[ \t]{{{n}}})" for w in _OWNERS for s in ("", "['\u2019]s") for n in (1, 2, 3)
+# "client secret", "the client's secret": no owner, its possessive or not, one to three blanks
+# before it. One look behind for each width (13), its owners of that width and their blanks as
+# alternatives, each as wide: one look behind for each owner, possessive and blank run (120) read
+# the same, each tried on its own.
+_POSSESSIVES = (("", 0), ("['\u2019]s", 2))  # (each, and how wide)
+_NOT_OWNED = "".join(
+    "(?<!"
+    + "|".join(
+        rf"(?i:{'|'.join(w for w in _OWNERS if len(w) == size)}){s}[ \t]{{{n}}}"
+        for size in sorted({len(w) for w in _OWNERS})
+        for s, extra in _POSSESSIVES
+        for n in (1, 2, 3)
+        if size + extra + n == width
+    )
+    + ")"
+    for width in sorted({len(w) + extra + n for w in _OWNERS for _, extra in _POSSESSIVES for n in (1, 2, 3)})
 )
 _OBJECT_NAMED = (
     rf"(?!(?=(?i:secret){BLANK}){_NOT_OWNED}(?:Secret{BLANK}{{1,3}}+(?P<k>[\"']?){_NOT_RANDOM}{_SIGNED_NAME}(?P=k)"
