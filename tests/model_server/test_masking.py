@@ -1429,6 +1429,7 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "blank lines of blank runs after keys": ("password: -" + (" " * 64 + "\n") * 150 + " " * 64) * 100,
     "escaped blank lines after keys": '{"m": "password:' + "\\n" * 500_000 + '"}',
     "words after placeholders after keys": ("password: none" + " a" * 400 + "\n") * 1_250,
+    "escaped quotes after query parameters": ("&sig=" + '\\"' * 300 + " ") * 1_600,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -4410,3 +4411,47 @@ def test_a_spelt_address_whose_first_label_is_the_as_a_fields_value_is_masked(ke
         ["jane at the dot org", "note: jane at the dot com boom", "look at the dot com boom"],
         scrubbed=False,
     )
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+def test_a_query_parameter_after_quotes_escaped_alike_is_masked_and_the_json_kept(keys, depth):
+    """A URL query value after two quotes ('?sig=""abc123def', an empty string written before it),
+    in a JSON string ('?sig=\\"\\"abc123def') or deeper, was left in clear: the query rule read one
+    opening quote, and the value ended at the second (6e96e3c read more, of any escape, and took a
+    JSON string's closing quote for one: reverted). Every quote of the run repeats the first at its
+    escape depth: the value is masked, the escapes kept whole, and the JSON around it parses."""
+    url = 'https://acct.example.com/c/b?sig=""abc123def&token=""Zq9Xw2Lk7"&sv=1'
+    text = url
+    for _ in range(depth):
+        text = json.dumps({"m": text})
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert sorted(reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)) == ["Zq9Xw2Lk7", "abc123def"], masked
+    scrubbed = scrub(text)
+    assert scrubbed == text.replace("Zq9Xw2Lk7", "***").replace("abc123def", "***")
+    for _ in range(depth):
+        masked, scrubbed = json.loads(masked)["m"], json.loads(scrubbed)["m"]
+    assert TOKEN_RE.sub("", masked) == url.replace("Zq9Xw2Lk7", "").replace("abc123def", "")
+    assert scrubbed == url.replace("Zq9Xw2Lk7", "***").replace("abc123def", "***")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '["https://h/p?sig=\\"\\"",12345]',
+        '{"q": "?token=\'", "x": 1}',
+        '{"q": "?token=\\"", "x": 1}',
+        '{"q": "?sig=\\"\\"\\"", "x": [1, 2]}',
+        '{"q": "?sig=\'\'", "x": "y"}',
+        json.dumps({"u": 'GET /x?sig=""'}),
+        json.dumps({"u": json.dumps({"v": 'GET /x?sig=""'}), "n": 2}),
+    ],
+)
+def test_quotes_after_a_query_parameter_never_take_the_json_strings_closing_quote(keys, text):
+    """A run of quotes after a query parameter read its escapes mixed (6e96e3c, reverted): the
+    unescaped quote that closes the JSON string around a URL was read as another opening quote,
+    and the JSON after it masked as the value. Each quote of the run repeats the first's escape."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert json.loads(masked) == json.loads(text), masked
+    assert json.loads(scrub(text)) == json.loads(text)
