@@ -401,13 +401,13 @@ _SECRET_SPACED = re.compile(
 # auth (``?key=``, ``&sig=`` of a SAS URL, ``X-Goog-Signature=``).
 # Its quote, escaped too (a URL held in a JSON string: '?token=\\"abc\\"', or deeper: ``_ESCAPE``),
 # is no piece of the value, nor the escape of the quote that ends it (``_NOT_ESCAPED_QUOTE``: kept
-# whole); a backslash written escaped ("\\\\") is read as a pair, its parity kept. Up to four
+# whole); a backslash written escaped ("\\\\") is read as a pair, its parity kept. Up to 64
 # quotes before the value ('?sig=\\"\\"abc123def': an empty string written before it), each the
 # first's quote escaped as deep as it is (``qe``, ``qq``), possessively: an unescaped quote after
 # escaped ones closes the JSON string that holds the URL, and is never read as one of the run.
 _QUERY_SECRET = re.compile(
     rf"(?<=[?&]){_PREFIXES}(?i:{_CRED_WORDS}|key|sig|signature|auth)="
-    rf"(?:(?P<qe>(?:{_ESCAPE})?)(?P<qq>[\"'])(?:(?P=qe)(?P=qq)){{0,3}}+)?+{NOT_MASKED}"
+    rf"(?:(?P<qe>(?:{_ESCAPE})?)(?P<qq>[\"'])(?:(?P=qe)(?P=qq)){{0,63}}+)?+{NOT_MASKED}"
     rf"(?P<v>(?:{_NOT_ESCAPED_QUOTE}(?:[^\s&;#\"'`<>\\]|\\\\|\\)){{1,256}}+)"
 )
 # A cookie header's value, all its pairs (their values in quotes too), to the end of the line (or

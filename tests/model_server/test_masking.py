@@ -1430,6 +1430,7 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "escaped blank lines after keys": '{"m": "password:' + "\\n" * 500_000 + '"}',
     "words after placeholders after keys": ("password: none" + " a" * 400 + "\n") * 1_250,
     "escaped quotes after query parameters": ("&sig=" + '\\"' * 300 + " ") * 1_600,
+    "quotes after query parameters": ("&sig=" + '"' * 70 + "'" * 70 + " ") * 6_900,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -4455,3 +4456,23 @@ def test_quotes_after_a_query_parameter_never_take_the_json_strings_closing_quot
     masked = Masker(ring).mask_text(text, ring.key_for(None))
     assert json.loads(masked) == json.loads(text), masked
     assert json.loads(scrub(text)) == json.loads(text)
+
+
+@pytest.mark.parametrize("quotes", [5, 8, 64])
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_a_query_parameter_after_five_quotes_or_more_is_masked(keys, quotes, depth):
+    """A URL query value after five quotes or more ('?sig=\"\"\"\"\"abc123def', in a JSON string too)
+    was left in clear: the query rule read four quotes at most before the value. It reads up to 64,
+    each the first's quote escaped as deep as it is, possessively; the JSON around it parses."""
+    url = "https://acct.example.com/c/b?sig=" + '"' * quotes + "abc123def&sv=1"
+    text = url
+    for _ in range(depth):
+        text = json.dumps({"m": text})
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == ["abc123def"], masked
+    scrubbed = scrub(text)
+    assert scrubbed == text.replace("abc123def", "***")
+    for _ in range(depth):
+        masked, scrubbed = json.loads(masked)["m"], json.loads(scrubbed)["m"]
+    assert TOKEN_RE.sub("", masked) == url.replace("abc123def", "")
