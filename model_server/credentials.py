@@ -132,11 +132,16 @@ _DRIVE = r"[A-Za-z]:(?=\\(?![\s\"'\\]))"
 _PATH_ESCAPE = r"\\\\|\\(?![\s\"'\\])"
 
 
+# A ":" before a blank, a line end (written escaped too) or the text's end ends a value not in
+# quotes, and stays ("access_token=tok123: 500", an error's code after it); one within it is its own.
+_LAST_COLON = r"(?!:(?:\s|\\[nrtbf]|\Z))"
+
+
 def _run(chars: str) -> str:
     """A value not in quotes of ``chars`` and backslashes, to an escaped quote; a path's whole."""
     return (
-        rf"(?:{_DRIVE}(?:{_NOT_ESCAPED_QUOTE}(?:[{chars}]|{_PATH_ESCAPE})){{1,254}}"
-        rf"|(?:{_NOT_ESCAPED_QUOTE}(?:[{chars}]|{VALUE_ESCAPE})){{1,256}})"
+        rf"(?:{_DRIVE}(?:{_NOT_ESCAPED_QUOTE}{_LAST_COLON}(?:[{chars}]|{_PATH_ESCAPE})){{1,254}}"
+        rf"|(?:{_NOT_ESCAPED_QUOTE}{_LAST_COLON}(?:[{chars}]|{VALUE_ESCAPE})){{1,256}})"
     )
 
 

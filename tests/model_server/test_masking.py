@@ -1431,6 +1431,7 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "words after placeholders after keys": ("password: none" + " a" * 400 + "\n") * 1_250,
     "escaped quotes after query parameters": ("&sig=" + '\\"' * 300 + " ") * 1_600,
     "quotes after query parameters": ("&sig=" + '"' * 70 + "'" * 70 + " ") * 6_900,
+    "colons before blanks after keys": ("password=" + "a:" * 200 + " ") * 2_500,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -1449,6 +1450,7 @@ FOUND_IN_SECRET_HOSTILE = {
     "placeholder phrases before words after keys": {"secret"},  # each word after its phrase
     "dash runs before words after keys": {"secret"},  # each word after its dashes
     "words after placeholders after keys": {"secret"},  # the words after each placeholder
+    "colons before blanks after keys": {"secret"},  # each value, its last ":" the text's
 }
 
 
@@ -4476,3 +4478,27 @@ def test_a_query_parameter_after_five_quotes_or_more_is_masked(keys, quotes, dep
     for _ in range(depth):
         masked, scrubbed = json.loads(masked)["m"], json.loads(scrubbed)["m"]
     assert TOKEN_RE.sub("", masked) == url.replace("abc123def", "")
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("access_token=tok123: 500", "tok123"),
+        ("password=hunter2x: wrong", "hunter2x"),
+        ("password hunter2x9: rejected", "hunter2x9"),
+        (json.dumps({"m": "access_token=tok123: 500"}), "tok123"),
+        (json.dumps({"m": "access_token=tok123:\nnext"}), "tok123"),
+        ("access_token=tok123:", "tok123"),
+        ("password=ab:cd: 500", "ab:cd"),
+    ],
+)
+def test_a_colon_after_a_keyed_value_before_a_blank_is_the_texts(keys, text, value):
+    """A ":" after a keyed value before a blank ("access_token=tok123: 500", an error's code after
+    it) was masked with the value ("access_token=*** 500"). A ":" before a blank, an escaped line
+    end or the text's end ends the value, and stays; a ":" within it ("ab:cd") is the value's."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value], masked
+    assert TOKEN_RE.sub("", masked) == text.replace(value, "", 1)
+    assert scrub(text) == text.replace(value, "***", 1)
+    assert scrub(scrub(text)) == scrub(text)
