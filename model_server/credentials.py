@@ -194,6 +194,16 @@ def _in_quotes(q: str, k: int) -> str:
 _IN_QUOTES = "(?>(?=[\\\\\"'])(?:" + "|".join(_in_quotes(q, k) for q in "\"'" for k in _DEPTHS) + "))"
 
 
+# A quote that closes a JSON string is followed by blanks (a line end written escaped too) and a
+# ",", ":", "}", "]" or the text's end (after one escaped once, the quote of the string that holds
+# it too: ``held``): a bracket's repr in a JSON string never reads one as its own character.
+def _closes(held: str) -> str:
+    return rf"(?:[ \t\r\n]|\\[nrt]){{0,64}}+(?:[,:}}\]]|[ \t\r\n]|\\[nrt]{held}|\Z)"
+
+
+_CLOSES, _CLOSES_HELD = _closes(""), _closes('|"')
+
+
 # A dict's or a list's repr as a value ("{'session': 'abc123'}", "['a', 'b']", a dict in a dict),
 # to the bracket of its kind that closes it (a "{" to a "}"), on its line or a later one (a dict
 # printed over lines: pprint, json.dumps(indent=2)), its strings whole, four deep at most, each
@@ -202,12 +212,28 @@ _IN_QUOTES = "(?>(?=[\\\\\"'])(?:" + "|".join(_in_quotes(q, k) for q in "\"'" fo
 # at most, its later lines too (a dict over lines holds its secrets there).
 def _bracketed(depth: int) -> str:
     """A bracket's repr, to the bracket that closes it, ``depth`` deep at most."""
-    inner = rf"(?:{_IN_QUOTES}|\\{{1,32}}+|[^{{}}\[\]\\]" + (f"|{_bracketed(depth - 1)}" if depth > 1 else "") + ")"
+    inner = (
+        rf"(?:{_IN_QUOTES}|\\{{1,32}}+(?![\"'])|(?:\\\\){{1,16}}+(?=[\"'])|(?<!\\)\\'"
+        rf"|(?:\\\\){{1,16}}+\\[\"']|(?<!\\)\\\"(?!{_CLOSES_HELD})|[^{{}}\[\]\\\"]|\"(?!{_CLOSES})"
+        + (f"|{_bracketed(depth - 1)}" if depth > 1 else "")
+        + ")"
+    )
     return rf"(?:\{{{inner}{{0,4094}}+\}}|\[{inner}{{0,4094}}+\])"
 
 
 CLOSED_BRACKETED = _bracketed(4)
-BRACKETED = rf"(?:{CLOSED_BRACKETED}|[{{\[](?s:.){{0,4095}}+)"
+# One not closed in a JSON string ('{"m": "api_key: [[ "}', or a string held in one, its quotes
+# escaped once) ends before the quote that closes that string (``_closes``), not escaped or escaped
+# once; a string in quotes in it (not so opened) is read whole, a backslash with the character it
+# escapes, so the masked JSON parses. Other quotes are its characters (a dict's repr cut short in
+# one of its strings).
+_NOT_CLOSED = (
+    rf"[{{\[](?:\"(?!{_CLOSES})(?:[^\"\\\n]|\\.){{0,256}}+\""
+    rf"|(?<!\\)\\\"(?!{_CLOSES_HELD})(?:[^\"\\\n]|\\[^\"\n]){{0,256}}+\\\""
+    rf"|\"(?!{_CLOSES})|(?:\\{{4}}){{0,16}}+\\\"(?!{_CLOSES_HELD})"
+    rf"|(?:\\{{4}}){{0,15}}+\\{{3}}\"|\\{{1,64}}+(?!\")|(?:\\\\){{1,32}}+(?=\")|[^\"\\]){{0,4095}}+"
+)
+BRACKETED = rf"(?:{CLOSED_BRACKETED}|{_NOT_CLOSED})"
 # A Kubernetes object's name (DNS-1123: lower-case letters, digits, "-" and "."), one with a
 # sign ("-", ".", a namespace's "/"), and none that looks random (``_SECRET_SPACED``'s rule below).
 _K8S_NAME = r"[a-z0-9](?:[a-z0-9]|[.-](?=[a-z0-9])){0,252}+"  # (a last "." ends a sentence)

@@ -1432,6 +1432,8 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "escaped quotes after query parameters": ("&sig=" + '\\"' * 300 + " ") * 1_600,
     "quotes after query parameters": ("&sig=" + '"' * 70 + "'" * 70 + " ") * 6_900,
     "colons before blanks after keys": ("password=" + "a:" * 200 + " ") * 2_500,
+    "quotes in brackets not closed after keys": ("token: [" + '"a' * 200 + '\\"b' * 200 + '" ' * 100 + "\n") * 830,
+    "strings never closed in brackets not closed after keys": ("token: [" + ('"' + "a" * 255 + " ") * 16 + "\n") * 240,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -1451,6 +1453,8 @@ FOUND_IN_SECRET_HOSTILE = {
     "dash runs before words after keys": {"secret"},  # each word after its dashes
     "words after placeholders after keys": {"secret"},  # the words after each placeholder
     "colons before blanks after keys": {"secret"},  # each value, its last ":" the text's
+    "quotes in brackets not closed after keys": {"secret"},  # each bracket, to a quote before a blank
+    "strings never closed in brackets not closed after keys": {"secret"},  # each bracket, 4 KiB
 }
 
 
@@ -4502,3 +4506,44 @@ def test_a_colon_after_a_keyed_value_before_a_blank_is_the_texts(keys, text, val
     assert TOKEN_RE.sub("", masked) == text.replace(value, "", 1)
     assert scrub(text) == text.replace(value, "***", 1)
     assert scrub(scrub(text)) == scrub(text)
+
+
+@pytest.mark.parametrize(
+    ("record", "kept"),
+    [
+        ({"m": "api_key: [[ "}, {}),
+        ({"m": "api_key: [abc"}, {}),
+        ({"m": "api_key: [[ ", "n": "x", "o": [1, {"p": "q"}]}, {"n": "x", "o": [1, {"p": "q"}]}),
+        ({"m": "token: {'a': 'b3cret9", "n": 2}, {"n": 2}),
+        ({"m": 'token: {"a": "b3cret9', "n": 2}, {"n": 2}),
+        ({"m": "ssn: [123456789", "n": "x"}, {"n": "x"}),
+        ({"m": "cookies: {'s': 'abc123XYZ'", "n": "x"}, {"n": "x"}),
+        ({"m": "api_key: [[ " + "\\" * 3, "n": "x"}, {"n": "x"}),
+    ],
+)
+@pytest.mark.parametrize("depth", [0, 1])
+def test_a_bracket_not_closed_after_a_key_in_a_json_string_keeps_the_json(keys, record, kept, depth):
+    """A bracket not closed after a key in a JSON string ('{"m": "api_key: [[ "}') was masked to the
+    text's end, the string's closing quote and the JSON after it too: the masked record no longer
+    parsed. A bracket not closed is masked to a quote that closes a string (a ",", ":", "}", "]" or
+    the text's end after it, escaped one deep too), its strings in quotes whole."""
+    text = json.dumps(record)
+    for _ in range(depth):
+        text = json.dumps({"b": text, "z": 1})
+    ring = KeyRing(keys)
+    masked, scrubbed = Masker(ring).mask_text(text, ring.key_for(None)), scrub(text)
+    for _ in range(depth):
+        masked, scrubbed = json.loads(masked)["b"], json.loads(scrubbed)["b"]
+    for out in (masked, scrubbed):
+        value = json.loads(out)
+        assert {k: v for k, v in value.items() if k != "m"} == kept, out
+        if out is masked or "ssn" not in record["m"]:  # (no identity number in the Slack reports' scrub)
+            assert not {"b3cret9", "abc123XYZ", "123456789"} & set(re.split(r"\W", value["m"])), out
+
+
+def test_a_dict_not_closed_after_a_key_in_plain_text_is_masked_to_its_end_its_quotes_too():
+    """A dict's repr cut short in plain text, its strings in double quotes, is masked to its end
+    still, its later lines too."""
+    for text in ['token: {"a": "b3cret9', 'token: {"a": "b3cret9\n "pw": "Zq9Xw2Lk7Vb"', 'token: ["x", "b3cret9']:
+        a, b = spans(text)[-1]
+        assert (a, b) == (7, len(text)), text
