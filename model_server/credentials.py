@@ -343,10 +343,13 @@ _BLOCK_HEAD = (
 # A YAML list's mark after the key's ":" with nothing after it on its line but blanks or a comment
 # after a blank (``m``: "password: - \n  hunter2"), or "--" so (a table's empty cell: "password:
 # --\n  hunter2", "---" too): its item is on the next line, read as a plain value after the ":"
-# alone is (``p``), the mark no piece of it.
+# alone is (``p``), the mark no piece of it. Where no such value follows (the next line no more
+# indented than the key), nothing is: its line end, written escaped ("\\\\n" in a JSON string: a
+# repr's "\\n"), is no value's first characters (``_MARKED_VALUE``).
 _MARK_AT_LINE_END = (
     rf"(?:{_AFTER_COLON}(?P<m>-{{1,3}}+)(?=[ \t]{{0,16}}+(?:(?<=[ \t])#[^\r\n\\]{{0,256}}+)?{_LINE_BREAK}))?+"
 )
+_MARKED_VALUE = r"(?(h)|(?(m)(?!)))"
 _ESCAPED_LINE = rf"(?:(?!(?P=x))(?:[^\r\n\\\"]|{VALUE_ESCAPE})){{1,4096}}+"
 _BLOCK = (
     r"(?(x)"
@@ -363,7 +366,7 @@ _SECRET_KEYED = re.compile(
     rf"{_KEY_LINE}{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_NAMED_BY}"
     rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:(?>{_QUOTED_KEY_SEP}|{KEY_QUOTE}{_KEY_SEP}){_MARK_AT_LINE_END}{LIST_MARK}|{_PAIR_SEP}"
     rf"|(?(nb){_VALUE_NAMED}|(?!)))|(?(nb){_COOKIE_ONE}{_COOKIE_NAMED}|(?!)))"
-    rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME}){_BLOCK_HEAD}(?(h)|(?(q)|{PLACEHOLDER_THEN}))"
+    rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME}){_BLOCK_HEAD}{_MARKED_VALUE}(?(h)|(?(q)|{PLACEHOLDER_THEN}))"
     rf"(?P<v>(?(h){_BLOCK}|(?(q)|{NO_VALUE})(?:(?(q){_QUOTED}|(?:{BRACKETED}|{_KEYED_RUN}))|{_KEYED_RUN}){_PLACEHOLDER_WORDS})){_PAIR_END}"
 )
 # A field "value" before the field that names it ({"value": "...", "name": "DB_PASSWORD"}: a

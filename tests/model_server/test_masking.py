@@ -4547,3 +4547,58 @@ def test_a_dict_not_closed_after_a_key_in_plain_text_is_masked_to_its_end_its_qu
     for text in ['token: {"a": "b3cret9', 'token: {"a": "b3cret9\n "pw": "Zq9Xw2Lk7Vb"', 'token: ["x", "b3cret9']:
         a, b = spans(text)[-1]
         assert (a, b) == (7, len(text)), text
+
+
+# A key, a placeholder or a list's mark at its line's end, and a next line of each kind, its line
+# end written escaped too ("\\n", as repr() writes it): a text scrubbed is scrubbed again as it is,
+# and so is the text held in a JSON string (its escaped line end escaped again), which stays JSON.
+_LINE_END_MARKS = ["", "-", "--", "---", "none", "n/a", "(not set)", "***", "none set"]
+_NEXT_LINES = [
+    "hunter2",
+    '(not set)token&token=\\"abc"',
+    "***",
+    "- x",
+    "user: bob",
+    "none hunter2",
+    "-- hunter2",
+    "*** x",
+    "x, y",
+    "[a, b]",
+    "#c",
+]
+
+
+@pytest.mark.parametrize("mark", _LINE_END_MARKS)
+def test_a_text_after_a_mark_at_its_lines_end_is_scrubbed_again_as_it_is(mark):
+    """A key's "-", "--" or "---" at its line's end, then a line end written escaped ("\\n", a
+    repr's) held in a JSON string ('{"m": "password: --\\\\n(not set)token..."}') and a next line
+    not indented, had the escaped line end and the next line's first word masked as a value after
+    the dashes ("password: --***"), and a second scrub masked the dashes too ("password: ***"): a
+    Slack report, scrubbed twice, said otherwise than the log. The mark at its line's end is no
+    placeholder before a value there: the next line's value is read only where it is indented more
+    than the key (its line end written escaped or not), and a text's scrub is the same once or
+    twice."""
+    for line_end in ["\n", "\\n", "\r\n", "\\r\\n"]:
+        for indent in ["", "  "]:
+            for after in ["", " "]:
+                for line in _NEXT_LINES:
+                    text = f"password: {mark}{after}{line_end}{indent}{line}"
+                    once = scrub(text)
+                    assert scrub(once) == once, text
+                    held = scrub(json.dumps({"m": text}))
+                    assert scrub(held) == held, text
+                    assert json.loads(held).keys() == {"m"}, text
+
+
+# 1 MB texts hostile to the placeholder rules (as ``SECRET_HOSTILE``'s), and the detectors that find
+# something in each.
+PLACEHOLDER_HOSTILE = {
+    "dashes before escaped line ends after keys": "password: ---\\\\n" * 60_000,
+}
+FOUND_IN_PLACEHOLDER_HOSTILE: dict[str, set[str]] = {}
+
+
+@pytest.mark.parametrize("shape", sorted(PLACEHOLDER_HOSTILE))
+def test_the_placeholder_rules_are_linear_on_hostile_text(shape):
+    found = find_sensitive(PLACEHOLDER_HOSTILE[shape])
+    assert {name for name, _ in found} == FOUND_IN_PLACEHOLDER_HOSTILE.get(shape, set())
