@@ -343,11 +343,14 @@ _BLOCK_HEAD = (
 # A YAML list's mark after the key's ":" with nothing after it on its line but blanks or a comment
 # after a blank (``m``: "password: - \n  hunter2"), or "--" so (a table's empty cell: "password:
 # --\n  hunter2", "---" too): its item is on the next line, read as a plain value after the ":"
-# alone is (``p``), the mark no piece of it. Where no such value follows (the next line no more
-# indented than the key), nothing is: its line end, written escaped ("\\\\n" in a JSON string: a
-# repr's "\\n"), is no value's first characters (``_MARKED_VALUE``).
+# alone is (``p``), the mark no piece of it; and so a placeholder's word (``_WRITTEN_PLACEHOLDER``:
+# "password: none\n  hunter2", "null", "n/a", "(not set)", after a list's mark too: "- null"), or
+# its phrase ("none set"). Where no such value follows (the next line no more indented than the
+# key), nothing is: its line end, written escaped ("\\\\n" in a JSON string: a repr's "\\n"), is no
+# value's first characters (``_MARKED_VALUE``).
 _MARK_AT_LINE_END = (
-    rf"(?:{_AFTER_COLON}(?P<m>-{{1,3}}+)(?=[ \t]{{0,16}}+(?:(?<=[ \t])#[^\r\n\\]{{0,256}}+)?{_LINE_BREAK}))?+"
+    rf"(?:{_AFTER_COLON}(?P<m>(?:-[ ]{{1,16}})?{_WRITTEN_PLACEHOLDER}(?:[ ]{{1,2}}+{_PHRASE_WORD}[.!]?+)?+)"
+    rf"(?=[ \t]{{0,16}}+(?:(?<=[ \t])#[^\r\n\\]{{0,256}}+)?{_LINE_BREAK}))?+"
 )
 _MARKED_VALUE = r"(?(h)|(?(m)(?!)))"
 _ESCAPED_LINE = rf"(?:(?!(?P=x))(?:[^\r\n\\\"]|{VALUE_ESCAPE})){{1,4096}}+"

@@ -4594,6 +4594,10 @@ def test_a_text_after_a_mark_at_its_lines_end_is_scrubbed_again_as_it_is(mark):
 # something in each.
 PLACEHOLDER_HOSTILE = {
     "dashes before escaped line ends after keys": "password: ---\\\\n" * 60_000,
+    "list marks before placeholder phrases at line ends after keys": (
+        "password: -" + " " * 16 + "none set." + " " * 16 + "\n" + " " * 64
+    )
+    * 8_300,
 }
 FOUND_IN_PLACEHOLDER_HOSTILE: dict[str, set[str]] = {}
 
@@ -4602,3 +4606,40 @@ FOUND_IN_PLACEHOLDER_HOSTILE: dict[str, set[str]] = {}
 def test_the_placeholder_rules_are_linear_on_hostile_text(shape):
     found = find_sensitive(PLACEHOLDER_HOSTILE[shape])
     assert {name for name, _ in found} == FOUND_IN_PLACEHOLDER_HOSTILE.get(shape, set())
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("password: none\n  hunter2", "hunter2"),
+        ("password: null \n  hunter2", "hunter2"),
+        ("password: N/A # unset\n  hunter2", "hunter2"),
+        ("api_key: (not set)\n    sk-proj-abcdefghijklmnop1234", "sk-proj-abcdefghijklmnop1234"),
+        ("password: none set\n  hunter2", "hunter2"),
+        ("password: - null\n  hunter2", "hunter2"),
+        ("db:\n  token: None\n    hunter2\n  user: bob", "hunter2"),
+        (json.dumps({"m": "password: none\n  hunter2"}), "hunter2"),
+    ],
+)
+def test_a_secret_on_the_line_after_a_word_placeholder_is_masked(keys, text, value):
+    """A value on the line after a placeholder written as a word ("password: none\\n  hunter2",
+    "null", "n/a", "(not set)", a phrase: "none set"), more indented than the key (a YAML plain
+    scalar's next line), was logged and sent to Slack in clear: the next-line rule read "-", "--"
+    or "---" at the line's end, or nothing, never a word placeholder. The placeholder at its line's
+    end is read as the dashes are: it stays, and the next line's value, more indented than the key
+    and no mapping's key, is masked; a next line no more indented, or a mapping's key, stays."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value], masked
+    assert TOKEN_RE.sub("", masked) == text.replace(value, "")
+    assert scrub(text) == text.replace(value, "***")
+    assert scrub(scrub(text)) == scrub(text)
+    for kept in [
+        "password: none\nuser: bob",
+        "password: none\n  user: bob",
+        "db:\n  password: n/a\n  user: bob",
+        "password: none set\nuser: bob",
+        "Password: none\n  Please set one.",
+    ]:
+        assert scrub(kept) == kept
+        assert Masker(ring).mask_text(kept, ring.key_for(None)) == kept
