@@ -167,9 +167,10 @@ NO_VALUE = rf"(?!{PLACEHOLDER}(?=[\s,;&)\]}}\"'<>]|\\[nrtbf]|\Z))"
 # after them is the line's, a mask's mark the text's.
 _PHRASE_WORD = r"(?i:set|yet|here|given|provided|configured|specified|supplied|required|needed)"
 _PHRASE_END = r"(?=[\s,;&)\]}\"'<>]|\\[nrtbf\"']|\Z)"
+_WORD_GAP = r"(?:[ ]|\\t){1,2}+"  # (a tab written escaped too: "none\\thunter2" in a JSON string)
 PLACEHOLDER_THEN = (
-    rf"(?:{_WRITTEN_PLACEHOLDER}(?:[ ]{{1,2}}+{_PHRASE_WORD}[.!]?+{_PHRASE_END})?+"
-    rf"[ ]{{1,2}}+(?!{DATE_OR_TIME}){NOT_MASKED}(?=[^\s\"'`,;&<>\\])(?P<pt>))?+"
+    rf"(?:{_WRITTEN_PLACEHOLDER}(?:{_WORD_GAP}{_PHRASE_WORD}[.!]?+{_PHRASE_END})?+"
+    rf"{_WORD_GAP}(?!{DATE_OR_TIME}){NOT_MASKED}(?=[^\s\"'`,;&<>\\])(?P<pt>))?+"
 )
 _CRED_RUN = _run(_RUN_CHARS)  # a value not in quotes, to an escaped quote
 
@@ -363,7 +364,7 @@ _QUOTED_KEY_SEP = _after_quoted_key("k", rf"-{BLANK}|{_SCHEME}")  # (a list's ma
 _VALUE_NAMED, _COOKIE_NAMED = _value_named("kn"), _value_named("kc")
 _KEYED_RUN = _cred_run("k", "kn", "kc")
 _PLACEHOLDER_WORDS = (
-    rf"(?(pt)(?:[ ]{{1,2}}+(?!{DATE_OR_TIME}|\*{{3}}){NOT_MASKED}(?=[^\s\"'`,;&<>\\]){_KEYED_RUN}){{0,63}}+)"
+    rf"(?(pt)(?:{_WORD_GAP}(?!{DATE_OR_TIME}|\*{{3}}){NOT_MASKED}(?=[^\s\"'`,;&<>\\]){_KEYED_RUN}){{0,63}}+)"
 )
 _SECRET_KEYED = re.compile(
     rf"{_KEY_LINE}{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_NAMED_BY}"

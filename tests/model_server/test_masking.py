@@ -4598,8 +4598,11 @@ PLACEHOLDER_HOSTILE = {
         "password: -" + " " * 16 + "none set." + " " * 16 + "\n" + " " * 64
     )
     * 8_300,
+    "escaped tabs between words after placeholders after keys": ("password: none" + "\\ta" * 400 + "\n") * 800,
 }
-FOUND_IN_PLACEHOLDER_HOSTILE: dict[str, set[str]] = {}
+FOUND_IN_PLACEHOLDER_HOSTILE = {
+    "escaped tabs between words after placeholders after keys": {"secret"},  # the words after each placeholder
+}
 
 
 @pytest.mark.parametrize("shape", sorted(PLACEHOLDER_HOSTILE))
@@ -4641,5 +4644,35 @@ def test_a_secret_on_the_line_after_a_word_placeholder_is_masked(keys, text, val
         "password: none set\nuser: bob",
         "Password: none\n  Please set one.",
     ]:
+        assert scrub(kept) == kept
+        assert Masker(ring).mask_text(kept, ring.key_for(None)) == kept
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        (json.dumps({"m": "password: none\thunter2"}), "hunter2"),
+        (json.dumps({"m": "password: null\t\thunter2, user: bob"}), "hunter2"),
+        (json.dumps({"m": "password: none set\thunter2"}), "hunter2"),
+        (json.dumps({"m": "password: none\thunter2\tx9y8"}), "hunter2\\tx9y8"),
+        ("password: (not set)\\tsk-proj-abcdefghijklmnop1234", "sk-proj-abcdefghijklmnop1234"),
+    ],
+)
+def test_a_secret_an_escaped_tab_after_a_placeholder_is_masked(keys, text, value):
+    """A word a tab after a placeholder, the tab written escaped ('{"m": "password: none\\\\thunter2"}':
+    json.dumps', repr()'s "\\\\t"), was logged and sent to Slack in clear: the placeholder's rule read
+    one or two spaces before the word (a tab not escaped is read as a space), never an escaped tab,
+    which the key's own blanks are (``credentials.BLANK``). An escaped tab is a blank there too:
+    the word is masked, the placeholder and the tab stay; the text stays JSON, scrubbed again as it
+    is; a placeholder's phrase or a date after the tab stays."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value], masked
+    assert TOKEN_RE.sub("", masked) == text.replace(value, "")
+    assert scrub(text) == text.replace(value, "***")
+    assert scrub(scrub(text)) == scrub(text)
+    if text.startswith("{"):
+        assert json.loads(scrub(text)).keys() == json.loads(masked).keys() == {"m"}
+    for kept in [json.dumps({"m": "password: none\tset"}), json.dumps({"m": "password: none\t2026-12-05"})]:
         assert scrub(kept) == kept
         assert Masker(ring).mask_text(kept, ring.key_for(None)) == kept
