@@ -4599,9 +4599,12 @@ PLACEHOLDER_HOSTILE = {
     )
     * 8_300,
     "escaped tabs between words after placeholders after keys": ("password: none" + "\\ta" * 400 + "\n") * 800,
+    "semicolons before long words after placeholder phrases after keys": ("password: none set; " + "a" * 64 + " ")
+    * 11_900,
 }
 FOUND_IN_PLACEHOLDER_HOSTILE = {
     "escaped tabs between words after placeholders after keys": {"secret"},  # the words after each placeholder
+    "semicolons before long words after placeholder phrases after keys": {"secret"},  # each word after its ";"
 }
 
 
@@ -4674,5 +4677,40 @@ def test_a_secret_an_escaped_tab_after_a_placeholder_is_masked(keys, text, value
     if text.startswith("{"):
         assert json.loads(scrub(text)).keys() == json.loads(masked).keys() == {"m"}
     for kept in [json.dumps({"m": "password: none\tset"}), json.dumps({"m": "password: none\t2026-12-05"})]:
+        assert scrub(kept) == kept
+        assert Masker(ring).mask_text(kept, ring.key_for(None)) == kept
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("password: none set; hunter2", "hunter2"),
+        ("password: none; hunter2", "hunter2"),
+        ("api_key: n/a yet;  sk-proj-abcdefghijklmnop1234, user: bob", "sk-proj-abcdefghijklmnop1234"),
+        ("password: none set; hunter2 x9y8", "hunter2 x9y8"),
+        (json.dumps({"m": "password: null given;\thunter2"}), "hunter2"),
+    ],
+)
+def test_a_secret_after_a_placeholder_and_a_semicolon_is_masked(keys, text, value):
+    """A word after a placeholder, or its phrase, and a ";" ("password: none set; hunter2") was
+    logged and sent to Slack in clear: the placeholder's rule read the word after it one or two
+    blanks on only, and the ";" ended the value. A ";" and a blank after the placeholder are read as
+    a "." after its phrase is: the words after them on the line are masked; the next pair of a line
+    of pairs ("none set; user=bob", "none; user: bob", "Password=none;User=bob"), a date or a mask's
+    mark after the ";" stays, and a text scrubbed again stays as it is."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value], masked
+    assert TOKEN_RE.sub("", masked) == text.replace(value, "")
+    assert scrub(text) == text.replace(value, "***")
+    assert scrub(scrub(text)) == scrub(text)
+    for kept in [
+        "password: none set; user=bob",
+        "password: none; user: bob",
+        "Password=none;User=bob",
+        "password: none set;hunter2x",
+        "password: none set; 12:30",
+        "password: none set; ***",
+    ]:
         assert scrub(kept) == kept
         assert Masker(ring).mask_text(kept, ring.key_for(None)) == kept
