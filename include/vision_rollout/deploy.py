@@ -1093,7 +1093,10 @@ class VersionDeployments:
                 version,
                 {"spec": {"minReplicas": kept}, "metadata": {"annotations": annotations}},
             )
-            exc.args = (f"{str(exc)[:500]}; to release the floor by hand: {command}",)
+            exc.args = (  # (its budget too: released by hand, neither the floor's record nor a mark is left)
+                f"{str(exc)[:500]}; to release the floor by hand, its PodDisruptionBudget first: "
+                f"{self._budget_advice(version, kept)}; then its HorizontalPodAutoscaler: {command}",
+            )
             raise
         try:  # (a refusal raised too: a budget refused is no more updated than one unanswered)
             self._apply_pdb(version, kept, refusal_raised=True)

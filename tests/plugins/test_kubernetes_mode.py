@@ -3102,6 +3102,42 @@ def test_the_commands_that_release_a_floor_or_set_a_budget_by_hand_keep_the_roll
     assert by_hand(command, "poddisruptionbudget", "digits-v1") == {"spec": {"minAvailable": None, "maxUnavailable": 1}}
 
 
+def test_the_advice_to_release_a_floor_by_hand_sets_its_budget_too(kube, monkeypatch, tmp_path):
+    """A floor's release whose HPA apply was refused gave the command that releases the floor by
+    hand (minReplicas back, the floor's annotations removed) and said nothing of the version's
+    PodDisruptionBudget: followed, it left the budget at the floor held (maxUnavailable 1 at 10
+    pods, where a floor of 1 keeps its last pod: minAvailable 1), with neither the floor's record
+    nor a budget-pending mark for a later run to correct it. The advice gives the budget's command
+    too, before the HPA's (a budget of the floor released is no harm while the floor is held), with
+    the budget at the floor released."""
+    import re
+
+    from devstack.cluster.kube import APIError
+    from vision_rollout.mesh import RouterError
+
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    deployments = steps.ModelServerHook().deployments("digits")
+    deployments.apply("1", image("1"), replicas=1)
+    kube.scale("models", "digits-v1", 10, "kube-controller-manager")  # its HPA, under load
+    assert deployments.hold_floor("1") == 10
+    budget = kube.objects[("poddisruptionbudgets", "models", "digits-v1")]["spec"]
+    assert (budget.get("minAvailable"), budget.get("maxUnavailable")) == (None, 1)  # the floor held's
+    refuse(kube, ("PATCH", "/horizontalpodautoscalers/digits-v1", APIError(403, "Forbidden", "cannot patch")))
+    with pytest.raises(RouterError) as failed:
+        deployments.release_floor("1")
+    kube.before_write = None
+    said = str(failed.value)
+    (floor,) = re.findall(r"kubectl -n models patch horizontalpodautoscaler \S+ .*?--field-manager=model-rollout", said)
+    (budget_command,) = re.findall(
+        r"kubectl -n models patch poddisruptionbudget \S+ .*?--field-manager=model-rollout", said
+    )
+    assert said.index(budget_command) < said.index(floor)
+    assert by_hand(floor, "horizontalpodautoscaler", "digits-v1")["spec"] == {"minReplicas": 1}
+    assert by_hand(budget_command, "poddisruptionbudget", "digits-v1") == {
+        "spec": {"minAvailable": 1, "maxUnavailable": None}
+    }
+
+
 def test_a_helm_releases_baseline_is_refused_before_anything_moves_not_at_its_retirement(kube, monkeypatch, tmp_path):
     """Under autoscaling (spec.replicas the HPA's), a baseline Helm installed (its label
     app.kubernetes.io/managed-by: Helm, Helm's field): the rollout went through every stage, routed
