@@ -1109,16 +1109,22 @@ class VersionDeployments:
                 f"{self._budget_advice(version, kept)}; until then a node drain follows the budget of the floor "
                 "held; the model's next run applies it"
             ) from exc
+        self._clear_budget_mark(version, released, f"the floor on version {version} is released and its")
+        return True
+
+    def _clear_budget_mark(self, version: str, spec: dict[str, Any], done: str) -> None:
+        """The version's HPA applied with ``spec`` without its budget-pending mark, once its
+        PodDisruptionBudget is updated. A clearing that fails (refused, or no answer) is logged, not
+        raised: the budget is right, and the next run applies it again, the same, and clears it."""
         try:
-            self._apply_hpa(version, released, budget=False)  # (the mark cleared: the budget updated)
-        except RouterError as exc:  # (the budget right: the next run applies it again, the same, and clears it)
+            self._apply_hpa(version, spec, budget=False)
+        except RouterError as exc:
             log.warning(
-                "the floor on version %s is released and its PodDisruptionBudget updated; its HPA's mark of the "
-                "budget pending is not cleared (%s): the model's next run clears it",
-                version,
+                "%s PodDisruptionBudget updated; its HPA's mark of the budget pending is not cleared (%s): the "
+                "model's next run applies the budget again, the same, and clears it",
+                done,
                 str(exc)[:300],
             )
-        return True
 
     def _budget_advice(self, version: str, floor: int) -> str:
         """What to set the version's PodDisruptionBudget to at its HPA's ``floor``, and the command."""
@@ -1134,7 +1140,8 @@ class VersionDeployments:
         ``BUDGET_ANNOTATION``) applied at the HPA's floor now, then the mark cleared; False where none
         is marked (or a floor is held again: its own release updates the budget). Still not updated
         (no answer, or its apply refused: a field another manager owns): ``BudgetNotApplied``, why,
-        the mark kept."""
+        the mark kept. The budget applied but its mark not cleared: True, logged
+        (``_clear_budget_mark``)."""
         hpa = self._hpa(version)
         annotations = _metadata(hpa, "annotations") if hpa is not None else {}
         if hpa is None or BUDGET_ANNOTATION not in annotations or _own_min(hpa) is not None:
@@ -1149,7 +1156,7 @@ class VersionDeployments:
                 f"updated to version {version}'s floor (minReplicas {floor}) ({str(exc)[:500]}): "
                 f"{self._budget_advice(version, floor)}; the model's next run tries again"
             ) from exc
-        self._apply_hpa(version, hpa["spec"], budget=False)  # (the mark cleared)
+        self._clear_budget_mark(version, hpa["spec"], f"version {version}'s")
         return True
 
     def release_floors(self, keep: str | None) -> Released:

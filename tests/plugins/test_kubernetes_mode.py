@@ -783,6 +783,43 @@ def test_a_floor_released_whose_budget_apply_is_refused_is_said_and_marked_pendi
     assert "the model's next run applies it" in said
 
 
+@pytest.mark.parametrize("clearing", ["refused", "unanswered"])
+def test_a_pending_budget_applied_whose_marks_clearing_fails_is_said_applied(
+    kube, monkeypatch, tmp_path, caplog, clearing
+):
+    """The next run's apply of a budget a release left not updated (``apply_pending_budget``):
+    the budget applied, then the HPA apply that clears its mark refused (403) or unanswered, and
+    ``release_floors`` said "the budget left not updated on version 1 was not applied" though it
+    was. The budget is said applied, the mark not cleared (logged): the next run applies it again,
+    the same, and clears it."""
+    from devstack.cluster.kube import APIError
+    from vision_rollout.deploy import BudgetNotApplied, Released
+
+    deployments, budget = floor_held_at_6_of_own_1(kube, monkeypatch, tmp_path)
+    refuse(kube, ("PATCH", "/poddisruptionbudgets/digits-v1", APIError(403, "Forbidden", "cannot patch")))
+    with pytest.raises(BudgetNotApplied):
+        deployments.release_floor("1")
+    kube.before_write = None
+    assert hpa(kube, "1")["metadata"]["annotations"] == {"model-rollout/budget-pending": "1"}
+    assert budget() == {"maxUnavailable": 1}  # (the floor held's)
+    if clearing == "refused":
+        refuse(kube, ("PATCH", "/horizontalpodautoscalers/digits-v1", APIError(403, "Forbidden", "cannot patch")))
+    else:
+        kube.throttle, kube.throttle_status = 10**6, None  # the clearing's calls get no answer
+        kube.throttled_methods, kube.throttled_path = frozenset({"PATCH"}), "/horizontalpodautoscalers/digits-v1"
+    caplog.clear()
+    try:
+        assert deployments.release_floors(keep=None) == Released([], ["1"])  # the next run's start
+    finally:
+        kube.before_write, kube.throttle = None, 0
+    assert budget() == {"minAvailable": 1}  # (the released floor's)
+    assert hpa(kube, "1")["metadata"]["annotations"] == {"model-rollout/budget-pending": "1"}
+    assert "its HPA's mark of the budget pending is not cleared" in caplog.text
+    assert deployments.release_floors(keep=None) == Released([], ["1"])  # the run after: the same, the mark cleared
+    assert (hpa(kube, "1")["metadata"].get("annotations") or {}) == {}
+    assert budget() == {"minAvailable": 1}
+
+
 @pytest.mark.parametrize("write", [1, 2, 3])
 @pytest.mark.parametrize("end", ["killed", "refused"])
 def test_a_floors_release_cut_at_any_write_leaves_its_budget_to_the_next_run(kube, monkeypatch, tmp_path, end, write):
