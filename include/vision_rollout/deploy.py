@@ -612,10 +612,17 @@ class BudgetNotApplied(RouterError):
     says so, names the budget and what to set it to."""
 
 
-def refused(what: str, exc: Any) -> RouterError:
+MERGE_PATCHED = frozenset({"HorizontalPodAutoscaler", "PodDisruptionBudget"})  # (no list merged by key)
+
+
+def refused(what: str, exc: Any, kind: str | None = None) -> RouterError:
     """The API server's refusal (an ApiException) as a RouterError saying what to do; a 409 on
     apply is a field another manager owns, said in one sentence, each manager with the fields it
-    owns (``apply_conflicts``), and a Helm release's object named as such."""
+    owns (``apply_conflicts``), and a Helm release's object named as such. The fields given back
+    by a patch under the rollout's field manager: of a ``kind`` in ``MERGE_PATCHED`` (an HPA, a
+    PodDisruptionBudget), a JSON merge patch, as the rollout's own commands by hand
+    (``_by_hand``); else (a Deployment's) a strategic merge patch, which merges its containers
+    by name."""
     message = api_message(exc)
     owned = conflicts_of(exc) if exc.status == 409 else {}
     if owned:
@@ -634,11 +641,17 @@ def refused(what: str, exc: Any) -> RouterError:
                 else ""
             )
             + "give the fields to the rollout: set those fields alone to what the rollout applies, under its "
-            "field manager (kubectl patch --type=strategic --field-manager=model-rollout, a strategic merge patch, "
-            "kubectl's default for a Deployment, an HPA, a PodDisruptionBudget: it merges a list such as containers "
-            "item by item by its key, where a JSON merge patch would replace the whole list with the items sent; a "
-            "write takes a field from its manager where it changes its value"
-            + (f"; a field in a list sent inside its list item, with its key: {shape}" if shape else "")
+            + (
+                f"field manager (kubectl patch --type=merge --field-manager={FIELD_MANAGER}, a JSON merge patch: "
+                f"a {kind}'s fields hold no list merged by key; a write takes a field from its manager where it "
+                "changes its value"
+                if kind in MERGE_PATCHED
+                else f"field manager (kubectl patch --type=strategic --field-manager={FIELD_MANAGER}, a strategic "
+                "merge patch, kubectl's default for a Deployment: it merges a list such as containers item by item "
+                "by its key, where a JSON merge patch would replace the whole list with the items sent; a write "
+                "takes a field from its manager where it changes its value"
+                + (f"; a field in a list sent inside its list item, with its key: {shape}" if shape else "")
+            )
             + "), not kubectl apply --server-side of those fields alone under that manager, which would remove the "
             "rollout's other fields (an apply drops the fields its manager applied before and no longer sends); "
             "then have that manager stop sending them (its configuration without them), not before: an apply "
@@ -807,7 +820,7 @@ class VersionDeployments:
                                 f"{api_message(exc)}), and another manager's change is not taken over; nothing applied"
                             )
                         ) from None
-                    raise refused(what, exc) from None
+                    raise refused(what, exc, str(body.get("kind") or "")) from None
 
         try:
             return sent(body)

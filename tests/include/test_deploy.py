@@ -218,6 +218,46 @@ def test_the_advice_for_a_field_in_a_keyed_list_patches_its_item_by_key_and_hand
     assert "not before" in message[dropped:]
 
 
+@pytest.mark.parametrize("kind", ["HorizontalPodAutoscaler", "PodDisruptionBudget"])
+def test_the_advice_for_an_hpas_or_a_budgets_fields_another_manager_owns_is_a_merge_patch(kind):
+    """The advice for fields another manager owns said ``kubectl patch --type=strategic`` for every
+    kind, while the commands the rollout gives for an HPA or a PodDisruptionBudget by hand
+    (``_by_hand``: a floor's release, a budget) are ``--type=merge``. Neither kind holds a list
+    merged by key: for them the advice is the same JSON merge patch as those commands; a
+    Deployment's stays a strategic merge patch (its containers merged by name)."""
+    from devstack.cluster.kube import FakeKubeAPI
+    from vision_rollout.settings import BuildSettings
+
+    api = FakeKubeAPI(kubelet=True).start()
+    try:
+        cfg = client.Configuration()
+        cfg.host = api.url
+        versions = VersionDeployments(
+            TARGET, "digits", client.ApiClient(cfg), BuildSettings(gpus=0, autoscaling=True, max_replicas=40)
+        )
+        versions.apply("2", "img:a", 2)
+        if kind == "HorizontalPodAutoscaler":
+            theirs = render_hpa(TARGET, "2", 3, 40)
+            api.apply("horizontalpodautoscalers", "models", "digits-v2", theirs, "argocd-controller", force=True)
+            with pytest.raises(FieldsOwned) as failed:
+                versions._apply_hpa("2", {"minReplicas": 5, "maxReplicas": 40})
+        else:
+            theirs = render_pdb(TARGET, "2", 5, autoscaled=True)
+            theirs["spec"]["maxUnavailable"] = 2
+            api.apply("poddisruptionbudgets", "models", "digits-v2", theirs, "argocd-controller", force=True)
+            with pytest.raises(FieldsOwned) as failed:
+                versions._apply_pdb("2", 5, refusal_raised=True)
+    finally:
+        api.stop()
+    message = str(failed.value)
+    assert f"apply {kind} digits-v2: fields another field manager owns" in message
+    assert '"argocd-controller" owns .spec.' in message
+    assert "kubectl patch --type=merge --field-manager=model-rollout" in message
+    assert "--type=strategic" not in message
+    assert "strategic merge patch" not in message
+    assert message.index("kubectl patch --type=merge") < message.index("then have that manager")
+
+
 def test_the_service_exposes_the_data_port_only():
     service = render_service(TARGET)
     assert round_trips(service, "V1Service")
