@@ -431,7 +431,7 @@ class PodRunner:
         labels = {**(template.get("metadata") or {}).get("labels", {}), "pod-template-hash": template_hash}
         port = free_port()
         args = (template["spec"].get("containers") or [{}])[0].get("args") or []
-        admin_port = free_port() if any(str(a).partition("=")[0] == "--admin-port" for a in args) else 0
+        admin_port = _port_besides(port) if any(str(a).partition("=")[0] == "--admin-port" for a in args) else 0
         name = f"{deployment}-{''.join(secrets.choice(NAME_CHARS) for _ in range(5))}"
         body = {
             "apiVersion": "v1",
@@ -573,11 +573,11 @@ class PodRunner:
             pod.restart_at = math.inf
             return
         annotations = {}
-        if pod.port in taken:
-            pod.port = free_port()
+        if pod.port in taken:  # (never its other port: free while its process is down)
+            pod.port = _port_besides(pod.admin_port)
             annotations[ADDRESS_ANNOTATION] = pod.address
         if pod.admin_port in taken:
-            pod.admin_port = free_port()
+            pod.admin_port = _port_besides(pod.port)
             annotations[ADMIN_ANNOTATION] = f"127.0.0.1:{pod.admin_port}"
         self.api.patch_pod(pod.namespace, pod.name, {"metadata": {"annotations": annotations}})
         pod.waiting, pod.restart_at = ("ContainerCreating", ""), time.monotonic()
@@ -1198,6 +1198,15 @@ def _pre_stop_sleep(container: Mapping[str, Any]) -> float:
         pass
     log.warning("preStop hook %s is not run here (only sleep N)", json.dumps(hook)[:200])
     return 0.0
+
+
+def _port_besides(other: int) -> int:
+    """A port free now (``free_port``) that is not ``other``: a pod's other port, which is free too
+    while its process is down or before it starts, and which its server refuses as both
+    ("--admin-port N is --port")."""
+    while (port := free_port()) == other:
+        pass
+    return port
 
 
 def _ports(pod: Pod) -> list[tuple[str, int]]:

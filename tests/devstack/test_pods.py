@@ -771,3 +771,51 @@ def test_a_pod_whose_admin_port_another_process_took_first_is_started_again_on_a
         (listed,) = pods(api_client, "app=digits,version=2")
         assert listed.metadata.annotations[ADMIN_ANNOTATION] == f"127.0.0.1:{pod.admin_port}"
         assert listed.metadata.annotations["cluster.devstack/address"] == f"127.0.0.1:{pod.port}"
+
+
+@pytest.mark.parametrize("taken", ["port", "admin_port", "both"])
+def test_a_port_picked_again_is_never_the_pods_other_port(tmp_path, monkeypatch, taken):
+    """A pod's port or admin port another process took is picked again (``_port_again``) with
+    free_port, which may give the pod's other port: free at that moment, its process killed. The
+    server then exited "--admin-port N is --port", not "address already in use", and the pod
+    stayed in CrashLoopBackOff for good. The port picked again is never the pod's other one."""
+    from devstack.cluster import pods as pods_module
+    from devstack.cluster.pods import Pod
+    from devstack.processes import free_port
+
+    runner = PodRunner(FakeKubeAPI(kubelet=True), tmp_path / "cluster", {}, gpu=False)
+    monkeypatch.setattr(runner.api, "patch_pod", lambda *args, **kw: None)  # (its address annotations)
+    spec = {"containers": [{"name": "server", "args": ["--admin-port", "9001"]}]}
+    pod = Pod("models", "digits-1", "digits", "h", {}, spec, tmp_path, port=41001, admin_port=41002)
+    other = {"port": pod.admin_port, "admin_port": pod.port, "both": 41003}[taken]
+    picks = iter([other, other])
+    monkeypatch.setattr(pods_module, "free_port", lambda: next(picks, None) or free_port())
+    pod.port_taken = taken in ("port", "both")
+    pod.admin_port_taken = taken in ("admin_port", "both")
+    runner._port_again(pod)
+    assert pod.waiting == ("ContainerCreating", ""), pod.waiting
+    assert pod.port != pod.admin_port
+    assert (pod.port != 41001, pod.admin_port != 41002) == (taken != "admin_port", taken != "port")
+
+
+def test_a_pod_is_made_with_two_different_ports(tmp_path, monkeypatch):
+    """A pod made with an ``--admin-port`` (``_create``) had its port and its admin port picked by
+    two calls of free_port, the first not yet bound: both could be the same port, its server then
+    exiting "--admin-port N is --port" at every start. They differ."""
+    from devstack.cluster import pods as pods_module
+    from devstack.processes import free_port
+
+    runner = PodRunner(FakeKubeAPI(kubelet=True), tmp_path / "cluster", {}, gpu=False)
+    same = free_port()
+    picks = iter([same, same])
+    monkeypatch.setattr(pods_module, "free_port", lambda: next(picks, None) or free_port())
+    deployment = render_deployment(TARGET, "digits", "2", IMAGE, None, CPU)
+    deployment["metadata"]["uid"] = "uid-2"
+    assert any(
+        str(a).startswith("--admin-port") for a in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
+    runner._create(deployment, "h")
+    (pod,) = runner.pods.values()
+    assert pod.port == same
+    assert pod.admin_port
+    assert pod.admin_port != pod.port
