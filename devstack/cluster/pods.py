@@ -177,6 +177,7 @@ class Pod:
     port_taken: bool = False  # another process holds its port (its probe, or its exit, said so): picked again
     admin_port_taken: bool = False  # another process holds its admin port (its exit said so): picked again
     ports_tried: list[int] = field(default_factory=list)  # the ports given up on since it last held one
+    port_collisions: int = 0  # its restarts for a port taken (one or both at one exit) since it last held them
     pump: threading.Thread | None = None  # the copy of its process's output into its log
     probe_failures: int = 0
     next_probe: float = 0.0
@@ -554,8 +555,9 @@ class PodRunner:
         """Another process holds the pod's port or its admin port (one the cluster picked free when
         it made the pod, bound by another before its server did): its process stopped and started
         on that port picked again (no back-off), with its address (or admin address) annotation;
-        PORT_TRIES in all, the two ports' together, as on_a_free_port, counted since its process
-        last listened on ports of its own (its probe saw it)."""
+        PORT_TRIES tries in all, as on_a_free_port, each a restart whether one port or both were
+        taken at its exit, counted since its process last listened on ports of its own (its probe
+        saw it)."""
         taken = [
             port
             for port, by_another in ((pod.port, pod.port_taken), (pod.admin_port, pod.admin_port_taken))
@@ -567,7 +569,8 @@ class PodRunner:
             pod.proc.wait()
             pod.proc, pod.ready, pod.owns_port, pod.probe_failures = None, False, False, 0
         pod.ports_tried += taken
-        if len(pod.ports_tried) >= PORT_TRIES:
+        pod.port_collisions += 1  # (a restart, not a port: both taken at one exit count one try)
+        if pod.port_collisions >= PORT_TRIES:
             tried = ", ".join(map(str, pod.ports_tried))
             pod.waiting = ("PortTaken", f"ports {tried} tried: each held by another process on this machine")
             pod.restart_at = math.inf
@@ -770,6 +773,7 @@ class PodRunner:
             pod.owns_port = holder is True and (not pod.admin_port or port_holder(proc.pid, pod.admin_port) is True)
             if pod.owns_port:  # (on ports of its own: a later collision has its tries anew)
                 pod.ports_tried.clear()
+                pod.port_collisions = 0
         if not probe:
             return True
         path = (probe.get("httpGet") or {}).get("path", "/")

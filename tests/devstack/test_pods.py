@@ -819,3 +819,25 @@ def test_a_pod_is_made_with_two_different_ports(tmp_path, monkeypatch):
     assert pod.port == same
     assert pod.admin_port
     assert pod.admin_port != pod.port
+
+
+def test_a_pod_whose_two_ports_are_taken_at_one_exit_has_its_tries_counted_once(tmp_path, monkeypatch):
+    """Both of a pod's ports taken by another process at one exit counted two of its PORT_TRIES
+    (the ports, not the restarts): the pod gave up (PortTaken) at its second collision, not its
+    PORT_TRIES-th. Each collision counts one try, whatever the ports picked again."""
+    from devstack.cluster.pods import Pod
+    from devstack.processes import PORT_TRIES
+
+    runner = PodRunner(FakeKubeAPI(kubelet=True), tmp_path / "cluster", {}, gpu=False)
+    monkeypatch.setattr(runner.api, "patch_pod", lambda *args, **kw: None)  # (its address annotations)
+    spec = {"containers": [{"name": "server", "args": ["--admin-port", "9001"]}]}
+    pod = Pod("models", "digits-1", "digits", "h", {}, spec, tmp_path, port=41001, admin_port=41002)
+    for collision in range(1, PORT_TRIES + 1):
+        pod.port_taken = pod.admin_port_taken = True
+        runner._port_again(pod)
+        if collision < PORT_TRIES:
+            assert pod.waiting == ("ContainerCreating", ""), (collision, pod.waiting)
+    assert pod.waiting is not None
+    assert pod.waiting[0] == "PortTaken"
+    assert "41001" in pod.waiting[1]
+    assert "41002" in pod.waiting[1]
