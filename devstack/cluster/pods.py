@@ -1214,10 +1214,16 @@ def _port_besides(other: int) -> int:
 
 
 def _ports(pod: Pod) -> list[tuple[str, int]]:
-    """The container's declared ports as this pod has them: its ``--admin-port``'s is the pod's
-    admin port, every other the data port (no ``ports``: the data port, unnamed)."""
+    """The container's declared ports as this pod has them: its ``--admin-port``'s (``--admin-port
+    N`` or ``--admin-port=N``, as ``_create`` and ``_translate`` take it) is the pod's admin port,
+    every other the data port (no ``ports``: the data port, unnamed)."""
     args = [str(a) for a in pod.container.get("args") or []]
-    admin = args[args.index("--admin-port") + 1] if "--admin-port" in args[:-1] else None
+    admin = None
+    for arg, after in zip(args, [*args[1:], None], strict=True):
+        flag, sep, value = arg.partition("=")
+        if flag == "--admin-port":
+            admin = value if sep else after
+            break
     declared = pod.container.get("ports") or [{}]
     return [
         (

@@ -841,3 +841,17 @@ def test_a_pod_whose_two_ports_are_taken_at_one_exit_has_its_tries_counted_once(
     assert pod.waiting[0] == "PortTaken"
     assert "41001" in pod.waiting[1]
     assert "41002" in pod.waiting[1]
+
+
+@pytest.mark.parametrize("form", ["spaced", "joined"])
+def test_the_admin_container_port_is_the_pods_admin_port_in_either_form_of_the_flag(tmp_path, form):
+    """``--admin-port=9001`` (the form ``_create`` and ``_translate`` accept besides
+    ``--admin-port 9001``) was not seen by ``_ports``: the admin containerPort was given the pod's
+    data port, and its file_sd target scraped the data port."""
+    from devstack.cluster.pods import Pod, _ports
+
+    args = ["--admin-port", "9001"] if form == "spaced" else ["--admin-port=9001"]
+    ports = [{"name": "http", "containerPort": 8000}, {"name": "admin", "containerPort": 9001}]
+    spec = {"containers": [{"name": "server", "args": args, "ports": ports}]}
+    pod = Pod("models", "digits-1", "digits", "h", {}, spec, tmp_path, port=41001, admin_port=41002)
+    assert _ports(pod) == [("http", 41001), ("admin", 41002)]
