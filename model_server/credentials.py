@@ -164,15 +164,13 @@ NO_VALUE = rf"(?!{PLACEHOLDER}(?=[\s,;&)\]}}\"'<>]|\\[nrtbf]|\Z))"
 # word after it is the value ("none set hunter2"). Another word ("none settle") is the value, it
 # and every word after it on its line (``pt``, ``_PLACEHOLDER_WORDS``: "none settle hunter2"), to
 # the value's end (a ",", a quote, the line's end), 64 words at most, possessively; a date or time
-# after them is the line's, a mask's mark the text's. A ";" and a blank after the placeholder (or
-# its phrase: "none set; hunter2") are read as a "." after its phrase is, before a word that is no
-# key of the next pair ("none; user=bob", "user: bob": a line of pairs).
+# after them is the line's, a mask's mark the text's.
 _PHRASE_WORD = r"(?i:set|yet|here|given|provided|configured|specified|supplied|required|needed)"
 _PHRASE_END = r"(?=[\s,;&)\]}\"'<>]|\\[nrtbf\"']|\Z)"
 _WORD_GAP = r"(?:[ ]|\\t){1,2}+"  # (a tab written escaped too: "none\\thunter2" in a JSON string)
 PLACEHOLDER_THEN = (
     rf"(?:{_WRITTEN_PLACEHOLDER}(?:{_WORD_GAP}{_PHRASE_WORD}[.!]?+{_PHRASE_END})?+"
-    rf"(?>;{_WORD_GAP}(?![^\s\"'`,;&<>\\:=]{{1,64}}+[:=])|{_WORD_GAP})(?!{DATE_OR_TIME}){NOT_MASKED}(?=[^\s\"'`,;&<>\\])(?P<pt>))?+"
+    rf"{_WORD_GAP}(?!{DATE_OR_TIME}){NOT_MASKED}(?=[^\s\"'`,;&<>\\])(?P<pt>))?+"
 )
 _CRED_RUN = _run(_RUN_CHARS)  # a value not in quotes, to an escaped quote
 

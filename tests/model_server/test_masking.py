@@ -4599,12 +4599,9 @@ PLACEHOLDER_HOSTILE = {
     )
     * 8_300,
     "escaped tabs between words after placeholders after keys": ("password: none" + "\\ta" * 400 + "\n") * 800,
-    "semicolons before long words after placeholder phrases after keys": ("password: none set; " + "a" * 64 + " ")
-    * 11_900,
 }
 FOUND_IN_PLACEHOLDER_HOSTILE = {
     "escaped tabs between words after placeholders after keys": {"secret"},  # the words after each placeholder
-    "semicolons before long words after placeholder phrases after keys": {"secret"},  # each word after its ";"
 }
 
 
@@ -4682,35 +4679,23 @@ def test_a_secret_an_escaped_tab_after_a_placeholder_is_masked(keys, text, value
 
 
 @pytest.mark.parametrize(
-    ("text", "value"),
+    "text",
     [
-        ("password: none set; hunter2", "hunter2"),
-        ("password: none; hunter2", "hunter2"),
-        ("api_key: n/a yet;  sk-proj-abcdefghijklmnop1234, user: bob", "sk-proj-abcdefghijklmnop1234"),
-        ("password: none set; hunter2 x9y8", "hunter2 x9y8"),
-        (json.dumps({"m": "password: null given;\thunter2"}), "hunter2"),
+        "token: none; retrying in 5s (attempt 2/5)",
+        "[2026-12-06 10:00:00] {http.py:120} WARNING - api_key: None; falling back to anonymous access",
+        "WARNING: access_token: null; will request a new one from https://auth.example.com/oauth/token",
+        "session_token=none; Secure; HttpOnly",
+        "secret: none; Kubernetes secret not mounted",
+        "password: none set; using default auth",
+        json.dumps({"msg": "token: none; retrying in 5s"}),
     ],
 )
-def test_a_secret_after_a_placeholder_and_a_semicolon_is_masked(keys, text, value):
-    """A word after a placeholder, or its phrase, and a ";" ("password: none set; hunter2") was
-    logged and sent to Slack in clear: the placeholder's rule read the word after it one or two
-    blanks on only, and the ";" ended the value. A ";" and a blank after the placeholder are read as
-    a "." after its phrase is: the words after them on the line are masked; the next pair of a line
-    of pairs ("none set; user=bob", "none; user: bob", "Password=none;User=bob"), a date or a mask's
-    mark after the ";" stays, and a text scrubbed again stays as it is."""
+def test_a_clause_after_a_placeholder_and_a_semicolon_is_the_lines(keys, text):
+    """A placeholder then ";" ends the value: what follows is the line's next clause ("token: none;
+    retrying in 5s"), a cookie's next attribute ("session_token=none; Secure"), and stays in the
+    log and in Slack, as a field after it does ("password: none; user=bob"). Masking every word after
+    "; " (e69c488, reverted) hid these ordinary lines to hide a secret no log writes that way."""
     ring = KeyRing(keys)
-    masked = Masker(ring).mask_text(text, ring.key_for(None))
-    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value], masked
-    assert TOKEN_RE.sub("", masked) == text.replace(value, "")
-    assert scrub(text) == text.replace(value, "***")
-    assert scrub(scrub(text)) == scrub(text)
-    for kept in [
-        "password: none set; user=bob",
-        "password: none; user: bob",
-        "Password=none;User=bob",
-        "password: none set;hunter2x",
-        "password: none set; 12:30",
-        "password: none set; ***",
-    ]:
-        assert scrub(kept) == kept
-        assert Masker(ring).mask_text(kept, ring.key_for(None)) == kept
+    assert scrub(text) == text
+    assert scrub(scrub(text)) == text
+    assert Masker(ring).mask_text(text, ring.key_for(None)) == text
