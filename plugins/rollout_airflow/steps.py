@@ -1987,7 +1987,12 @@ def stable_back(
         if not quick:
             hold(spec, run_id, hook, WAITING_STEP_S, rolling_back=True)  # for the waits
         if live == 0:  # retired (a promotion cut short): back at the size that serves the traffic now
-            restoring = max(deployments.build.replicas, deployments.replicas(spec.candidate_version) or 0)
+            try:  # (the candidate's size only chooses how many: its read failed, the build's count)
+                pods = deployments.replicas(spec.candidate_version) or 0
+            except RouterError as exc:
+                pods = 0
+                log.warning("version %s's size was not read (%s)", spec.candidate_version, str(exc)[:500])
+            restoring = max(deployments.build.replicas, pods)
             # its own HPA kept (another manager's, a Helm release's: refused, logged, its pods back all the same);
             # its first ready pod takes the traffic: the rest may need the room the candidate's pods take;
             # (the failure callback's: its apply read again only where the calls after the wait keep their time)
@@ -1997,21 +2002,26 @@ def stable_back(
             # (the failure callback's: its reads here only where they leave the calls after the wait their time)
             if deployments.build.autoscaling:
                 read = not (quick and mesh.budget_left(1 + AFTER_WAIT_CALLS) < 0)
-                held = deployments.held_floor(spec.baseline_version) if read else None  # (fewer pods than before)
+                unread = None  # (a read that only chose its size failed: never the routes held back for it)
+                try:
+                    held = deployments.held_floor(spec.baseline_version) if read else None  # (fewer pods than before)
+                except RouterError as exc:
+                    read, unread = False, f"its HPA's floor could not be read ({str(exc)[:500]})"
                 floor_read = read
                 reads = 0 if held else 1  # (the candidate's Deployment, for its size)
+                size = live  # (unless scaled up below; not: its HPA scales it)
                 if held and live >= held:
-                    size = live  # (nothing to scale)
+                    pass  # (nothing to scale)
                 elif not read or (quick and mesh.budget_left(reads + SCALE_CALLS + AFTER_WAIT_CALLS) < 0):
-                    size = live  # (neither read nor scaled: its HPA scales it)
-                    why = RouterError(
-                        f"version {spec.baseline_version} was not scaled up by the failure callback: it would leave "
-                        "the routes' write and the lease's release no time; its HPA scales it as the traffic comes back"
-                    )
-                    unsized = Shortfall(why, f"{why}: it serves with the pods it runs", retired=unload_candidate)
-                    log.warning("%s", why)
+                    unsized = unsized_stable(spec, unread, retired=unload_candidate)
+                elif held:
+                    size = held
                 else:
-                    size = held or min(live + (deployments.replicas(spec.candidate_version) or 0), MAX_REPLICAS)
+                    try:
+                        size = min(live + (deployments.replicas(spec.candidate_version) or 0), MAX_REPLICAS)
+                    except RouterError as exc:
+                        unread = f"version {spec.candidate_version}'s size could not be read ({str(exc)[:500]})"
+                        unsized = unsized_stable(spec, unread, retired=unload_candidate)
                 if live < size:  # (not waited for; its HPA another manager's: refused, logged, scaled all the same)
                     try:
                         deployments.scale(spec.baseline_version, size, spec.baseline_version, rolling_back=True)
@@ -2075,6 +2085,26 @@ def stable_back(
                 what = f"not all of the {restoring} pods of version {spec.baseline_version} came ({str(exc)[:500]})"
                 return Shortfall(error, what if floor is None else f"{what}; {floor.what}", retired=True)
     return floor
+
+
+def unsized_stable(spec: RolloutSpec, unread: str | None, retired: bool) -> Shortfall:
+    """The stable version left at the pods it runs before the routes' write (``stable_back``), its
+    HPA to scale it as the traffic comes back: for the failure callback's time (``unread`` None),
+    or a read that only chose its size failed (``unread``: which, its HPA's for its floor or the
+    candidate's Deployment's, and its error), said, never the routes held back for it."""
+    from vision_rollout.mesh import RouterError
+
+    if unread is None:
+        why = RouterError(
+            f"version {spec.baseline_version} was not scaled up by the failure callback: it would leave "
+            "the routes' write and the lease's release no time; its HPA scales it as the traffic comes back"
+        )
+    else:
+        why = RouterError(
+            f"version {spec.baseline_version} was not scaled up: {unread}; its HPA scales it as the traffic comes back"
+        )
+    log.warning("%s", why)
+    return Shortfall(why, f"{why}: it serves with the pods it runs", retired=retired)
 
 
 def floor_unread(exc: Exception) -> bool:

@@ -3621,6 +3621,28 @@ def test_a_scale_that_fails_once_the_traffic_is_back_says_the_floor_stays_held_a
         assert "--field-manager=model-rollout" in text
 
 
+@pytest.mark.parametrize("end", ["teardown", "failure-callback"])
+def test_a_stable_floor_read_unanswered_before_the_routes_write_still_puts_the_traffic_back(
+    kube, monkeypatch, tmp_path, caplog, end
+):
+    """Under autoscaling, the teardown's (and the failure callback's) read of version 1's HPA for
+    the floor it holds, made only to choose the size it is scaled to before the routes' write, got
+    no answer (ApiUnreachable): it was raised before the routes were written, and the traffic stayed
+    on the candidate (v1 50 / v2 50). The read chooses the size alone: version 1 keeps the pods it
+    runs (its HPA scales it), said so, and the routes are written."""
+    params = at_stage_1_autoscaled(kube, monkeypatch, tmp_path, 10)
+    steps.apply_weights(params, 1, "run-1", {"decision": "pass"})
+    assert routes(kube) == [("v1", 50), ("v2", 50)]
+    kube.throttle, kube.throttle_status = 10**6, None  # the HPA's reads get no answer
+    kube.throttled_methods, kube.throttled_path = frozenset({"GET"}), "/horizontalpodautoscalers/digits-v1"
+    said = ended(end, params, caplog)
+    kube.throttle = 0
+    assert routes(kube) == [("v1", 100)]
+    assert lease(kube, "digits") is None
+    assert "version 1 was not scaled up: its HPA's floor could not be read (" in said
+    assert "it serves with the pods it runs" in said
+
+
 @pytest.mark.parametrize("end", ["rollback", "teardown"])
 def test_a_candidate_retirement_refused_once_the_traffic_is_back_is_not_a_failed_restore(kube, tmp_path, end):
     """Mid-stage, the rollback (and the teardown) put version 1 back at 100%, then the scale of
