@@ -1438,11 +1438,11 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
     for n in range(tries):
         if isinstance(failed, Conflicted):
             wait = random.uniform(*CONFLICT_PAUSE_S)  # noqa: S311 (a pause, no secret)
-            if _RESERVE.get() and budget_left(_RESERVE.get()) < wait:
-                tries, kept = n, True
-                break
         else:
             wait = min(BACKOFF_S * 2 ** (n - 1), BACKOFF_MAX_S) if failed is not None else 0.0
+        if failed is not None and _RESERVE.get() and budget_left(_RESERVE.get()) < wait:
+            tries, kept = n, True  # (after a 409, or a write in doubt: its backoff and read back left out)
+            break
         if wait and not pause(wait):  # (the api_budget spent by the pause: the last failure raised)
             tries, cut = n, isinstance(failed, Unsettled)
             break
@@ -1465,7 +1465,9 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
     else:
         found = ", each read back finding it not in place" if checks else ""
         why = f"{conflicts} {refused}; {doubted} answers left unknown whether the write was served{found}"
-    if kept:
+    if kept and isinstance(failed, Unsettled):  # (no read back after the last write: it may have been served)
+        why = f"{why.replace(found, '')}; the last may have been served: not read back, the calls after it keep their time"
+    elif kept:
         why = f"{why}; not read again: the calls after it keep their time"
     if cut:  # (no read back after the last write: it may have been served)
         why = f"{why.replace(found, '')}; the last may have been served: not read back, the time allowed spent"
@@ -1526,7 +1528,8 @@ _RESERVE: contextvars.ContextVar[int] = contextvars.ContextVar("api_reserve", de
 @contextlib.contextmanager
 def reserved(calls: int) -> Iterator[None]:
     """Within it, ``settled`` reads and writes again after a write refused for another's meanwhile
-    (``Conflicted``) only where the ``api_budget`` in force has left the time of ``calls`` calls
+    (``Conflicted``), or one whose outcome is unknown (``Unsettled``: after its backoff), only where
+    the ``api_budget`` in force has left the time of ``calls`` calls, besides the backoff
     (``budget_left``): those that must come after (the failure callback's routes write, the lease's
     release) keep their time; else the last failure is raised as at the end of its tries. 0: none
     kept (the tries as ever)."""

@@ -3084,6 +3084,39 @@ def test_the_failure_callbacks_scale_of_a_baseline_at_0_read_again_keeps_the_rou
     assert deployment(kube, "1")["spec"]["replicas"] > 0
 
 
+@pytest.mark.real_pauses  # (the pauses on the fake clock)
+@pytest.mark.parametrize("answer_s", [2.0, 2.5])
+def test_the_failure_callbacks_scale_of_a_baseline_at_0_answered_500_keeps_the_routes_write_its_time(
+    kube, monkeypatch, tmp_path, caplog, answer_s
+):
+    """As above, the baseline's scale from 0 answered 500 three times (a write whose outcome is
+    unknown, ``Unsettled``): ``reserved`` held back only the read again after a 409, so the
+    backoff and the reads back after each 500 used up the callback's time: the routes' read was
+    cut at the cap, and the report blamed the time budget, not the scale. The tries after a write
+    in doubt keep the calls after them their time too: the scale is given up in time and said so
+    (not read back, the calls after it keep their time); the routes stay (version 1 has no pods to
+    take them), the lease kept, as for any restore that failed."""
+    from kubernetes import client
+
+    at_stage_1(kube)
+    deployments = steps.serving().deployments("digits")
+    apps = client.AppsV1Api(deployments._apps().api_client)
+    apps.patch_namespaced_deployment_scale(
+        "digits-v1", "models", {"spec": {"replicas": 0}}, field_manager="model-rollout"
+    )
+    kube.throttle, kube.throttle_status, kube.throttled_methods = 3, 500, frozenset({"PATCH"})
+    kube.throttled_path, kube.throttle_served = "/deployments/digits-v1", False
+    now, _ = fake_api_time(monkeypatch, answer_s)
+    steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+    kube.throttle = 0
+    assert now[0] <= steps.CALLBACK_CAP_S
+    (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    for text in (report, caplog.text):
+        assert "apply Deployment digits-v1: 500 Internal Server Error" in text
+        assert "the last may have been served: not read back, the calls after it keep their time" in text
+        assert "time budget ran out" not in text
+
+
 def by_hand(command: str, kind: str, name: str) -> dict:
     """A command a report gives to change an object by hand (``shlex.split``): a merge patch of
     ``kind`` ``name`` in models under the rollout's field manager. Its patch."""
