@@ -137,7 +137,7 @@ RELEASE_CALLS = 1
 # the budget's pending mark cleared: FLOOR_CALLS) before the
 # lease's release: at 3 s a call those cut the release at the cap. The floor's release is left
 # where it would leave the lease's release no time (``stable_back``): held, said so; the model's
-# next run releases it as it starts (``release_leftover_floors``).
+# next run takes it over and releases it when it ends (``floor_released_later``).
 FLOOR_CALLS = 7
 # Under autoscaling the callback scales the baseline up before its routes write (to the floor held,
 # else to its pods and the candidate's, which it reads first) only where the calls of that scale
@@ -2114,40 +2114,52 @@ def floor_unread(exc: Exception) -> bool:
     return RELEASED_BY_HAND not in str(exc)
 
 
-def floor_kept(deployments: VersionDeployments, version: str, exc: Exception, maybe: bool = False) -> str:
+def floor_kept(
+    deployments: VersionDeployments, version: str, exc: Exception, maybe: bool = False, rollback: bool = True
+) -> str:
     """What a floor held on ``version`` whose release failed (``release_floor``: its HPA's read or
-    apply) leaves, for a report: the floor still held, which the model's next run releases as it
-    starts (``release_leftover_floors``), or how to release it by hand. ``maybe``: the HPA not
-    read (the failure callback's, for the time; its read failed, ``floor_unread``), so a floor may
-    be held or not."""
+    apply) leaves, for a report: the floor still held, which the model's next run releases
+    (``floor_released_later``: ``rollback``, on the stable version still, or a promotion's kept, on
+    the version it retired), or how to release it by hand. ``maybe``: the HPA not read (the
+    failure callback's, for the time; its read failed, ``floor_unread``), so a floor may be held
+    or not."""
     name = f"{deployments.target.namespace}/{deployment_name(deployments.target, version)}"
     keeps = "keeps the floor the run held"
     keeps = f"may hold a floor the run held (not read; where it does, it {keeps})" if maybe else keeps
     by_hand = f"where its annotation {FLOOR_ANNOTATION} is set, " if maybe else ""
     return (
         f"the HPA of version {version} (HorizontalPodAutoscaler {name}) {keeps} "
-        f"({str(exc)[:1000]}): {floor_released_later(by_hand)}"
+        f"({str(exc)[:1000]}): {floor_released_later(rollback, by_hand)}"
     )
 
 
 def floor_left_held(deployments: VersionDeployments, version: str, floor: int) -> str:
     """What a floor held on ``version`` and left held on purpose (``stable_back``: its scale up to
     it failed once the traffic was back, so its HPA scales it there) leaves, for a report: the floor
-    still held, which the model's next run releases as it starts, or how to release it by hand."""
+    still held, which the model's next run takes over and releases when it ends, or how to release
+    it by hand."""
     name = f"{deployments.target.namespace}/{deployment_name(deployments.target, version)}"
     return (
         f"its floor stays held (HorizontalPodAutoscaler {name} at minReplicas {floor}), for its HPA to scale it "
-        f"up there as it takes 100% of the traffic again: {floor_released_later(errored=False)}"
+        f"up there as it takes 100% of the traffic again: {floor_released_later(rollback=True, errored=False)}"
     )
 
 
-def floor_released_later(by_hand: str = "", errored: bool = True) -> str:
-    """Who releases a floor left held (``floor_kept``, ``floor_left_held``): the model's next run
-    (``release_leftover_floors``), or an operator by hand (``by_hand``: where, before the how;
-    ``errored``: a release that failed, whose error may give the command)."""
+def floor_released_later(rollback: bool, by_hand: str = "", errored: bool = True) -> str:
+    """Who releases a floor left held (``floor_kept``, ``floor_left_held``): the model's next run,
+    or an operator by hand (``by_hand``: where, before the how; ``errored``: a release that failed,
+    whose error may give the command). After a rollback (``rollback``) the floor is on the stable
+    version, the next run's baseline, which its start leaves held (``release_leftover_floors``'
+    ``keep``): that run takes it over (``hold_floor``) and releases it when it ends; after a
+    promotion kept, on the version it retired: the next run releases it as it starts."""
     given = "the command its error gives, where it gives one; " if errored else ""
+    who = (
+        "the model's next run takes it over and releases it when it ends"
+        if rollback
+        else "the model's next run releases it as it starts"
+    )
     return (
-        f"the model's next run releases it as it starts, or by hand {by_hand}its minReplicas set to "
+        f"{who}, or by hand {by_hand}its minReplicas set to "
         f"the count its annotation {FLOOR_ANNOTATION} records, that annotation and {HELD_ANNOTATION} removed, "
         f"under the rollout's field manager (kubectl patch --type=merge --field-manager={FIELD_MANAGER}: {given}not "
         "kubectl edit, whose field manager would then own minReplicas, the next run's hold of the floor refused)"
@@ -2519,7 +2531,7 @@ def finish(
         except BudgetNotApplied as exc:  # (the floor released: its budget is what is left, not the floor)
             short = Shortfall(exc, str(exc), retired=False)
         except RouterError as exc:  # (the promotion stands: said as kept, this failure besides, not a failed restore)
-            what = floor_kept(deployments, spec.baseline_version, exc, maybe=floor_unread(exc))
+            what = floor_kept(deployments, spec.baseline_version, exc, maybe=floor_unread(exc), rollback=False)
             short = Shortfall(exc, what, retired=False)
     if prune and spec.mesh == "istio":
         prune_history(spec, run_id, hook)

@@ -885,7 +885,7 @@ def test_a_floor_not_released_once_the_routes_are_back_does_not_hold_back_the_ro
     with pytest.raises(RouterError) as raised:
         steps.rollback(params, "run-1")
     assert "the traffic is restored" in str(raised.value)
-    assert "the model's next run releases it" in str(raised.value)
+    assert "the model's next run takes it over and releases it when it ends" in str(raised.value)
     assert routes(kube) == [("v1", 100)]
     assert deployment(kube, "2")["spec"]["replicas"] == 0  # retired all the same
     assert hpa(kube, "1")["spec"]["minReplicas"] == 6  # still held
@@ -1700,7 +1700,7 @@ def test_a_kept_promotion_whose_floor_release_could_not_read_the_hpa_says_it_may
         assert "version 2 was promoted" in text
         assert "keeps the floor the run held (" not in text
         assert "may hold a floor the run held (not read" in text
-        assert "the model's next run releases it" in text
+        assert "the model's next run releases it as it starts" in text
     assert routes(fleet) == [("v2", 100)]
     assert lease(fleet, "digits") is None  # (released)
 
@@ -3639,8 +3639,9 @@ def test_a_scale_that_fails_once_the_traffic_is_back_says_the_floor_stays_held_a
     """As above, the stable version's scale to its floor (10 pods) refused once the traffic is back:
     its floor stays held on purpose (its HPA scales it up there as it takes 100% of the traffic
     again), but the report said nothing of it, so nobody knew that the floor was left held, nor
-    who releases it. It says the floor stays held, that the model's next run releases it, and how
-    to release it by hand."""
+    who releases it. It says the floor stays held, that the model's next run takes it over and
+    releases it when it ends (its start leaves its baseline's floor held: the report said it
+    released it as it starts), and how to release it by hand."""
     params = rollback_scale_refused(kube, monkeypatch, tmp_path)
     said = ended(end, params, caplog)
     kube.before_write = None
@@ -3650,8 +3651,12 @@ def test_a_scale_that_fails_once_the_traffic_is_back_says_the_floor_stays_held_a
     for text in (report, said, caplog.text):
         assert "version 1 was not scaled to 10 pods" in text
         assert "its floor stays held (HorizontalPodAutoscaler models/digits-v1 at minReplicas 10)" in text
-        assert "the model's next run releases it as it starts" in text
+        assert "the model's next run takes it over and releases it when it ends" in text
         assert "--field-manager=model-rollout" in text
+    # (as said: the next run's start leaves the floor on its baseline held, for that run to take over)
+    spec = steps.spec_from(params)
+    steps.release_leftover_floors(spec, steps.serving(), keep=spec.baseline_version)
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 10
 
 
 @pytest.mark.parametrize("end", ["teardown", "failure-callback"])
@@ -4157,7 +4162,7 @@ def test_an_api_server_answering_in_4_to_5_s_still_gets_the_failure_callbacks_le
         (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "outbox").glob("*.json"))]
         assert "version 1 takes 100%" in report
         assert "keeps the floor the run held" in report
-        assert "the model's next run releases it" in report
+        assert "the model's next run takes it over and releases it when it ends" in report
 
 
 @pytest.mark.real_pauses  # (the waits on the fake clock)
@@ -4182,7 +4187,7 @@ def test_the_failure_callbacks_floor_release_left_for_the_time_says_no_floor_whe
         assert "floor" not in report
     else:
         assert "may hold a floor the run held (not read" in report
-        assert "the model's next run releases it" in report
+        assert "the model's next run takes it over and releases it when it ends" in report
 
 
 @pytest.mark.real_pauses  # (the waits on the fake clock)
