@@ -1110,6 +1110,7 @@ class VersionDeployments:
                 f"{str(exc)[:500]}; to release the floor by hand, its PodDisruptionBudget first: "
                 f"{self._budget_advice(version, kept)}; then its HorizontalPodAutoscaler: {command}",
             )
+            exc.release_by_hand = command  # (its apply's failure, not its read's: ``floor_unread``)
             raise
         try:  # (a refusal raised too: a budget refused is no more updated than one unanswered)
             self._apply_pdb(version, kept, refusal_raised=True)

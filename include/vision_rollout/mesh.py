@@ -55,7 +55,11 @@ FIELD_MANAGER = "model-rollout"
 
 
 class RouterError(Exception):
-    """The routes could not be read or written; the message says where and why."""
+    """The routes could not be read or written; the message says where and why.
+    ``release_by_hand``: set where a floor's release failed at its HPA's apply, not at its read
+    (``VersionDeployments.release_floor``): the command that releases the floor by hand."""
+
+    release_by_hand: str | None = None
 
 
 class ApiUnreachable(RouterError):

@@ -147,10 +147,6 @@ FLOOR_CALLS = 7
 # at 3 s a call they cut the routes write at the cap (10% of the traffic left on the candidate),
 # at 2.5 s the lease's release. Not scaled, its HPA scales it as the traffic comes back (said so).
 SCALE_CALLS = 9
-# What a floor's release says where its HPA's apply failed (``VersionDeployments.release_floor``,
-# the command that releases it by hand), and where its HPA's read failed does not: read, the HPA
-# holds the floor, not read, it may (``floor_unread``).
-RELEASED_BY_HAND = "to release the floor by hand:"
 # What ``finish`` says of a candidate it did not retire whose pods run (the failure callback's: no
 # time to drain it), with the command that scales it to 0; the callback reports it, not only logs it.
 LEFT_RUNNING = "is left loaded, its pods running"
@@ -2109,9 +2105,9 @@ def unsized_stable(spec: RolloutSpec, unread: str | None, retired: bool) -> Shor
 
 def floor_unread(exc: Exception) -> bool:
     """Whether ``release_floor`` failed (``exc``) at its HPA's own read, not at its apply (whose
-    failure alone says the command that releases the floor by hand, ``RELEASED_BY_HAND``): whether
-    a floor is held is then unknown (``floor_kept``'s ``maybe``)."""
-    return RELEASED_BY_HAND not in str(exc)
+    failure alone carries the command that releases the floor by hand, ``RouterError.release_by_hand``):
+    whether a floor is held is then unknown (``floor_kept``'s ``maybe``)."""
+    return getattr(exc, "release_by_hand", None) is None
 
 
 def floor_kept(

@@ -1705,6 +1705,34 @@ def test_a_kept_promotion_whose_floor_release_could_not_read_the_hpa_says_it_may
     assert lease(fleet, "digits") is None  # (released)
 
 
+@pytest.mark.parametrize("end", ["teardown", "failure-callback"])
+def test_a_kept_promotion_whose_floor_apply_is_refused_says_the_hpa_keeps_the_floor(
+    fleet, monkeypatch, tmp_path, caplog, end
+):
+    """As above, the HPA read and its apply (the floor's release) refused by a policy webhook: the
+    HPA was read, so the report says it keeps the floor the run held, with the command that
+    releases it by hand, not that it may hold one. Told from a failed read by the error's own mark
+    (``RouterError.release_by_hand``), not by matching its text."""
+    from devstack.cluster.kube import APIError
+
+    params = promotion_cut_short_at_4_pods(fleet, monkeypatch)
+    denied = APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request')
+    refuse(fleet, ("PATCH", "/horizontalpodautoscalers/digits-v1", denied))
+    said = promotion_kept_by(end, params, caplog)
+    fleet.before_write = None
+    assert hpa(fleet, "1")["spec"]["minReplicas"] == 4  # (still held)
+    (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "run" / "outbox").glob("*.json"))]
+    for text in (report, said):
+        assert "version 2 was promoted" in text
+        assert "the HPA of version 1 (HorizontalPodAutoscaler models/digits-v1) keeps the floor the run held (" in text
+        assert "(not read" not in text
+        assert 'admission webhook "policy.example.com" denied the request' in text
+        assert "the model's next run releases it as it starts" in text
+        assert "--field-manager=model-rollout" in text
+    assert routes(fleet) == [("v2", 100)]
+    assert lease(fleet, "digits") is None  # (released)
+
+
 def test_a_besides_record_is_removed_once_the_teardown_of_a_kept_promotion_releases_the_floor_whole(
     fleet, monkeypatch, tmp_path
 ):
