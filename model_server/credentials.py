@@ -198,11 +198,14 @@ _IN_QUOTES = "(?>(?=[\\\\\"'])(?:" + "|".join(_in_quotes(q, k) for q in "\"'" fo
 # A quote that closes a JSON string is followed by blanks (a line end written escaped too) and a
 # ",", ":", "}", "]" or the text's end (after one escaped once, the quote of the string that holds
 # it too: ``held``): a bracket's repr in a JSON string never reads one as its own character.
-def _closes(held: str) -> str:
-    return rf"(?:[ \t\r\n]|\\[nrt]){{0,64}}+(?:[,:}}\]]|[ \t\r\n]|\\[nrt]{held}|\Z)"
+def _closes(held: str, signs: str = ",:") -> str:
+    return rf"(?:[ \t\r\n]|\\[nrt]){{0,64}}+(?:[{signs}}}\]]|[ \t\r\n]|\\[nrt]{held}|\Z)"
 
 
-_CLOSES, _CLOSES_HELD = _closes(""), _closes('|"')
+# (A bracket not closed reads a ":" after one escaped once as no close, ``_CLOSES_HELD_KEYLESS``: a
+# dict cut short holds one as its character, 'password: [\\"a\\", \\":hunter2"'; the string that holds
+# it ends so only where it is a key.)
+_CLOSES, _CLOSES_HELD, _CLOSES_HELD_KEYLESS = _closes(""), _closes('|"'), _closes('|"', ",")
 
 
 # A dict's or a list's repr as a value ("{'session': 'abc123'}", "['a', 'b']", a dict in a dict),
@@ -230,8 +233,8 @@ CLOSED_BRACKETED = _bracketed(4)
 # one of its strings).
 _NOT_CLOSED = (
     rf"[{{\[](?:\"(?!{_CLOSES})(?:[^\"\\\n]|\\.){{0,256}}+\""
-    rf"|(?<!\\)\\\"(?!{_CLOSES_HELD})(?:[^\"\\\n]|\\[^\"\n]){{0,256}}+\\\""
-    rf"|\"(?!{_CLOSES})|(?:\\{{4}}){{0,16}}+\\\"(?!{_CLOSES_HELD})"
+    rf"|(?<!\\)\\\"(?!{_CLOSES_HELD_KEYLESS})(?:[^\"\\\n]|\\[^\"\n]){{0,256}}+\\\""
+    rf"|\"(?!{_CLOSES})|(?:\\{{4}}){{0,16}}+\\\"(?!{_CLOSES_HELD_KEYLESS})"
     rf"|(?:\\{{4}}){{0,15}}+\\{{3}}\"|\\{{1,64}}+(?!\")|(?:\\\\){{1,32}}+(?=\")|[^\"\\]){{0,4095}}+"
 )
 BRACKETED = rf"(?:{CLOSED_BRACKETED}|{_NOT_CLOSED})"
@@ -387,7 +390,9 @@ _NAMED_AFTER = re.compile(
 # it; columns aligned: "password      hunter2x9") and no ":" or "=" (the keyed rule's, none of a
 # value: "db_password\\t=\\thunter2"): a value in quotes, a literal there
 # (detect-secrets' ``private_key "..."``: 'password "hunter2"', "my api key is 'AbC 12'"), or a
-# dict's or a list's repr closed ("password {'db': 'b3cret9'}", over lines too); else
+# dict's or a list's repr closed ("password {'db': 'b3cret9'}", over lines too), or one not closed
+# whose first character is a quote, escaped once too ('token {\\"value\\": \\"eyJ...' in a JSON string:
+# ``_NOT_CLOSED``, to the quote that ends that string; in plain text to its end); else
 # ("password hunter2", "the api key is AbC123...") a value of 6 characters or more that is no word
 # of prose, that is one holding a digit, a symbol other than . _ / - : ! ? or a capital after its
 # first character, and no date or time, nor a word in capitals ("password reset", "secret
@@ -432,7 +437,7 @@ _OBJECT_NAMED = (
 _OWNED = rf"(?P<o>(?i:{'|'.join(_OWNERS)})(?:['\u2019]s)?{BLANK}{{1,64}}+(?=(?i:secret){BLANK}))?"
 _SECRET_SPACED = re.compile(
     rf"{after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}{BLANK}{{1,64}}+(?:(?i:is){BLANK}{{1,64}}+)?(?:(?P<e>{_ESCAPE})?(?P<q>[\"']))?{_NO_MASKED_AFTER}"
-    rf"(?P<v>(?(q){_QUOTED}|(?:{CLOSED_BRACKETED}|(?![:=]|{_SCHEME})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
+    rf"(?P<v>(?(q){_QUOTED}|(?:{CLOSED_BRACKETED}|(?=[{{\[]\\?[\"']){_NOT_CLOSED}|(?![:=]|{_SCHEME})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
     rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_RUN})))"
 )
 # A URL query's parameter (after "?" or "&") named for a secret, and also, there only, for a key, a signature or

@@ -1434,6 +1434,9 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "colons before blanks after keys": ("password=" + "a:" * 200 + " ") * 2_500,
     "quotes in brackets not closed after keys": ("token: [" + '"a' * 200 + '\\"b' * 200 + '" ' * 100 + "\n") * 830,
     "strings never closed in brackets not closed after keys": ("token: [" + ('"' + "a" * 255 + " ") * 16 + "\n") * 240,
+    "quotes in brackets not closed after spaced keys": ("token [" + '"a' * 200 + '\\"b' * 200 + '" ' * 100 + "\n")
+    * 830,
+    "escaped colons in brackets not closed after spaced keys": ('token {\\"' + 'a\\":' * 300 + "\n") * 700,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -1455,6 +1458,8 @@ FOUND_IN_SECRET_HOSTILE = {
     "colons before blanks after keys": {"secret"},  # each value, its last ":" the text's
     "quotes in brackets not closed after keys": {"secret"},  # each bracket, to a quote before a blank
     "strings never closed in brackets not closed after keys": {"secret"},  # each bracket, 4 KiB
+    "quotes in brackets not closed after spaced keys": {"secret"},  # each bracket, to a quote before a blank
+    "escaped colons in brackets not closed after spaced keys": {"secret"},  # each bracket, to its line end
 }
 
 
@@ -4699,3 +4704,31 @@ def test_a_clause_after_a_placeholder_and_a_semicolon_is_the_lines(keys, text):
     assert scrub(text) == text
     assert scrub(scrub(text)) == text
     assert Masker(ring).mask_text(text, ring.key_for(None)) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        (
+            '{"msg": "refreshed token {\\"value\\": \\"eyJhbGciOiJIUzI1NiJ9.s3cr3tpart\\", \\"exp"}',
+            '{\\"value\\": \\"eyJhbGciOiJIUzI1NiJ9.s3cr3tpart\\", \\"exp',
+        ),
+        ('{"msg": "token {\\"eyJhbGciOiJIUzI1NiJ9.s3cr3tpart"}', '{\\"eyJhbGciOiJIUzI1NiJ9.s3cr3tpart'),
+        ('{"msg": "password {\\"hunter2xyz"}', '{\\"hunter2xyz'),
+        ('{"m": "password: [\\"a\\": \\"b\\", \\":hunter2xyz"}', '[\\"a\\": \\"b\\", \\":hunter2xyz'),
+        ('secret {"key": "hunter2xyz', '{"key": "hunter2xyz'),
+    ],
+)
+def test_a_bracket_not_closed_after_a_key_in_a_json_string_is_masked_to_the_strings_end(keys, text, value):
+    """A bracket never closed after a key with no ":" or "=" ('{"msg": "token {\\\\"value\\\\": ...'),
+    in a JSON string, was logged in clear (a JWT), and one after a key and ":" was masked only to an
+    escaped quote before a ":" ('password: [\\\\"a\\\\", \\\\":hunter2xyz"': that last run in clear). Each is
+    masked to the end of the JSON string that holds it, the JSON kept; in plain text to its end."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value], masked
+    assert TOKEN_RE.sub("", masked) == text.replace(value, "")
+    assert scrub(text) == text.replace(value, "***")
+    assert scrub(scrub(text)) == scrub(text)
+    if text.startswith("{"):
+        assert json.loads(scrub(text)).keys() == json.loads(text).keys()
