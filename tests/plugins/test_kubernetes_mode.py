@@ -3003,30 +3003,42 @@ def test_a_field_changed_before_the_forced_apply_of_the_rollouts_own_fields_fail
     assert live["spec"]["replicas"] == 0
 
 
-def test_a_status_change_before_the_forced_apply_of_the_rollouts_own_fields_is_read_again_and_applied(kube):
-    """A status-only write (the Deployment controller's observedGeneration, readyReplicas) between
-    the read and the forced retry of an apply refused only for the rollout's own field manager's
-    other writes: the forced apply, at the resourceVersion read, is refused (409); nothing another
-    manager owns changed, so the Deployment is read again and applied again (``Conflicted``), and
-    the apply succeeds, the count as asked."""
+def status_written_before_a_forced_apply(kube, version: str, replicas: int, every: bool = True):
+    """At stage 1, version ``version``'s Deployment scaled to ``replicas`` by the rollout (its scale
+    subresource), and the controller's status write (observedGeneration) before the rollout's forced
+    apply of it: before each one (``every``), or the first only. The target's deployments."""
     from kubernetes import client
 
     at_stage_1(kube)
     deployments = steps.serving().deployments("digits")
     apps = client.AppsV1Api(deployments._apps().api_client)
     apps.patch_namespaced_deployment_scale(
-        "digits-v2", "models", {"spec": {"replicas": 0}}, field_manager="model-rollout"
+        f"digits-v{version}", "models", {"spec": {"replicas": replicas}}, field_manager="model-rollout"
     )
 
-    def changed() -> None:  # (the controller's status write, once the rollout's own forced apply arrives)
-        if kube.requests[-1]["query"].get("force", ["false"])[0].lower() != "true":
+    def changed() -> None:
+        forced = kube.requests[-1]["query"].get("force", ["false"])[0].lower() == "true"
+        if every or not forced:
             kube.before_write = changed
-            return
-        kube.touch(
-            "deployments", "models", "digits-v2", lambda o: o.setdefault("status", {}).update(observedGeneration=99)
-        )
+        if forced:
+            kube.touch(
+                "deployments",
+                "models",
+                f"digits-v{version}",
+                lambda o: o.setdefault("status", {}).update(observedGeneration=99),
+            )
 
     kube.before_write = changed
+    return deployments
+
+
+def test_a_status_change_before_the_forced_apply_of_the_rollouts_own_fields_is_read_again_and_applied(kube):
+    """A status-only write (the Deployment controller's observedGeneration, readyReplicas) between
+    the read and the forced retry of an apply refused only for the rollout's own field manager's
+    other writes: the forced apply, at the resourceVersion read, is refused (409); nothing another
+    manager owns changed, so the Deployment is read again and applied again (``Conflicted``), and
+    the apply succeeds, the count as asked."""
+    deployments = status_written_before_a_forced_apply(kube, "2", 0, every=False)
     deployments.apply("2", image("2"), replicas=3)
     kube.before_write = None
     live = deployment(kube, "2")
@@ -3047,23 +3059,7 @@ def test_a_rollbacks_scale_whose_forced_apply_is_refused_at_each_try_sets_its_co
     retry is refused (409) at each try (a controller writing the Deployment's status between each
     read and write): ``Contended``, and the rollback's count is set through the scale subresource
     all the same (its fallback), not the rollback failed before its routes move back."""
-    from kubernetes import client
-
-    at_stage_1(kube)
-    deployments = steps.serving().deployments("digits")
-    apps = client.AppsV1Api(deployments._apps().api_client)
-    apps.patch_namespaced_deployment_scale(
-        "digits-v1", "models", {"spec": {"replicas": 1}}, field_manager="model-rollout"
-    )
-
-    def changed() -> None:  # (a status write before each forced apply)
-        kube.before_write = changed
-        if kube.requests[-1]["query"].get("force", ["false"])[0].lower() == "true":
-            kube.touch(
-                "deployments", "models", "digits-v1", lambda o: o.setdefault("status", {}).update(observedGeneration=99)
-            )
-
-    kube.before_write = changed
+    deployments = status_written_before_a_forced_apply(kube, "1", 1)
     assert deployments.scale("1", 4, rolling_back=True)
     kube.before_write = None
     assert deployment(kube, "1")["spec"]["replicas"] == 4
@@ -3081,23 +3077,7 @@ def test_the_failure_callbacks_scale_of_a_baseline_at_0_read_again_keeps_the_rou
     budget, unheld to the calls after it: at 2 s a call the routes write was cut at the cap (10% of
     the traffic left on the candidate). The scale's tries again keep the routes write and the
     lease's release their time."""
-    from kubernetes import client
-
-    at_stage_1(kube)
-    deployments = steps.serving().deployments("digits")
-    apps = client.AppsV1Api(deployments._apps().api_client)
-    apps.patch_namespaced_deployment_scale(
-        "digits-v1", "models", {"spec": {"replicas": 0}}, field_manager="model-rollout"
-    )
-
-    def changed() -> None:  # (a status write before each forced apply)
-        kube.before_write = changed
-        if kube.requests[-1]["query"].get("force", ["false"])[0].lower() == "true":
-            kube.touch(
-                "deployments", "models", "digits-v1", lambda o: o.setdefault("status", {}).update(observedGeneration=99)
-            )
-
-    kube.before_write = changed
+    deployments = status_written_before_a_forced_apply(kube, "1", 0)
     now, tries = fake_api_time(monkeypatch, answer_s)
     steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
     kube.before_write = None
