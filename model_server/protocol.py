@@ -172,10 +172,10 @@ NUMBER_MARK = "-0.0E-0000000000"  # the number's stand-in: a number no client wr
 def _non_json_number(text: str, pos: int) -> tuple[int, str, str, tuple[str, str | None] | None] | None:
     """The number json.loads stopped in at ``pos`` where it is in a form JSON has not: where it
     starts, what is wrong with it, and the forms JSON writes it in (as it was written, and as
-    an integer where its fraction is zeros; None for a hex literal, whose words say what JSON
-    wants); else None. json.loads stops at a hex literal's "x" or a leading zero's next digit
-    (it read the "0"), at a leading "+" or ".", and at a point with no digit after it (it read
-    the digits before)."""
+    an integer where its fraction is zeros; None for a hex literal: ``_hex_advice``); else
+    None. json.loads stops at a hex literal's "x" or a leading zero's next digit (it read the
+    "0"), at a leading "+" or ".", and at a point with no digit after it (it read the digits
+    before)."""
     at = text[pos : pos + 1]
     if at and at in "xX0123456789" and text[pos - 1 : pos] == "0":
         start = pos - 1 - (text[pos - 2 : pos - 1] == "-")
@@ -192,11 +192,7 @@ def _non_json_number(text: str, pos: int) -> tuple[int, str, str, tuple[str, str
         return None
     if at in "xX":
         hex_literal = HEX_LITERAL.match(text, start)
-        return (
-            (start, hex_literal[0], "is a hex literal, which JSON has not: write it in decimal", None)
-            if hex_literal
-            else None
-        )
+        return (start, hex_literal[0], "is a hex literal, which JSON has not", None) if hex_literal else None
     number = LOOSE_NUMBER.match(text, start)
     if number is None:
         return None
@@ -217,6 +213,23 @@ def _non_json_number(text: str, pos: int) -> tuple[int, str, str, tuple[str, str
     written = integral + (f".{fraction or 0}" if point else "") + exponent
     whole = integral if not exponent and not fraction.strip("0") else None
     return start, number[0], f"is a number with {what}, which JSON has not", (written, whole)
+
+
+def _hex_advice(literal: str, datatype: Any) -> str:
+    """How a hex literal in an input of ``datatype`` (as its JSON said it, if it did) is to be
+    written: only a form that datatype takes ("" where the datatype is not known)."""
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
+        return ""
+    if datatype in ("BOOL", "BYTES"):
+        return f": {datatype} data must be {'true/false' if datatype == 'BOOL' else 'JSON strings'}"
+    if datatype.startswith(("INT", "UINT")):
+        try:
+            integral = float.fromhex(literal).is_integer()
+        except OverflowError:  # past a double's range: an integer (whether it fits is said then)
+            integral = True
+        if not integral:  # (0x1.4: 1.25, in decimal no integer either)
+            return f": {datatype} data must be integers"
+    return ": write it in decimal"
 
 
 def _taken(written: str, datatype: Any) -> bool:
@@ -269,8 +282,10 @@ def _number_element(text: str, pos: int) -> str | None:
         return None
     name = inputs[-1].get("name")
     where = f"input '{shown(name)}'" if isinstance(name, str) else f"inputs[{len(inputs) - 1}]"  # (a name after it)
-    if forms is not None:  # the form its datatype takes (an integer one's: no point), where one does
-        datatype = inputs[-1].get("datatype")  # (None where it comes after the data)
+    datatype = inputs[-1].get("datatype")  # (None where it comes after the data)
+    if forms is None:  # a hex literal
+        why += _hex_advice(literal, datatype)
+    else:  # the form its datatype takes (an integer one's: no point), where one does
         written = forms[1] if isinstance(datatype, str) and datatype.startswith(("INT", "UINT")) else forms[0]
         why += f": write it as {shown(written)}" if written is not None and _taken(written, datatype) else ""
     return f"{where}: element {len(flat) - 1} ({shown(literal)}) {why}"

@@ -308,6 +308,42 @@ def test_a_hex_literal_in_json_data_is_refused_by_name(data, needle):
 
 
 @pytest.mark.parametrize(
+    ("datatype", "data", "advice"),
+    [
+        # Each advises only a form its datatype takes: no decimal number is a BOOL or a BYTES
+        # element, and 0x1.4 is 1.25, no integer written in any base.
+        ("BOOL", "[true, 0x1, false]", "BOOL data must be true/false"),
+        ("BYTES", '["a", 0x1F, "b"]', "BYTES data must be JSON strings"),
+        ("INT64", "[1, 0x1.4, 0]", "INT64 data must be integers"),
+        ("UINT8", "[1, 0x1p-1, 0]", "UINT8 data must be integers"),
+        ("INT32", "[1, -0x1F, 0]", "write it in decimal"),
+        ("INT16", "[1, 0x1.8p3, 0]", "write it in decimal"),  # (12)
+        ("INT64", "[1, 0x" + "f" * 300 + ", 0]", "write it in decimal"),  # (past a double's range)
+        ("FP32", "[1, 0x1.4, 0]", "write it in decimal"),
+        ("FP64", "[1, 0x1F, 0]", "write it in decimal"),
+    ],
+)
+def test_a_hex_literal_is_advised_only_in_a_form_its_datatype_takes(datatype, data, advice):
+    """A hex literal was told "write it in decimal" whatever its input's datatype: a BOOL input
+    (true/false only), a BYTES one (strings) and 0x1.4 in an INT one (a decimal 1.25 is no
+    integer either) were advised a form their datatype refuses."""
+    body = f'{{"inputs": [{{"name": "x", "datatype": "{datatype}", "shape": [3], "data": {data}}}]}}'
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(body.encode(), None)
+    message = refused.value.message
+    assert message.startswith("input 'x': element 1 (" + data.split(", ")[1][:20]), message
+    assert message.endswith(") is a hex literal, which JSON has not: " + advice), message
+
+
+def test_a_hex_literal_before_its_input_s_datatype_is_advised_in_no_form():
+    """Where the input's datatype comes after its data, no form is known to be taken: none is said."""
+    body = '{"inputs": [{"name": "x", "shape": [2], "data": [1, 0x10], "datatype": "BOOL"}]}'
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(body.encode(), None)
+    assert refused.value.message == "input 'x': element 1 (0x10) is a hex literal, which JSON has not"
+
+
+@pytest.mark.parametrize(
     "body",
     [
         # Not an input's data: the place in the body is named as before.
