@@ -343,26 +343,18 @@ def test_a_hex_literal_before_its_input_s_datatype_is_advised_in_no_form():
     assert refused.value.message == "input 'x': element 1 (0x10) is a hex literal, which JSON has not"
 
 
-@pytest.mark.parametrize(
-    "body",
-    [
-        # Not an input's data: the place in the body is named as before.
-        '{"parameters": {"p": 0x10}, "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}',
-        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1], "parameters": {"q": [0x1]}}]}',
-        # Not a hex literal: an "x" after other digits, or no digit after it.
-        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 10x5]}]}',
-        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 1.0x5]}]}',
-        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 0x]}]}',
-        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 0x1g]}]}',
-        # A fault before the literal is the one named (01 before it is named by its own words).
-        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1e, 0x1]}]}',
-    ],
-)
-def test_a_hex_literal_outside_an_input_s_data_is_malformed_json(body):
-    """Elsewhere, or where the text is no hex literal, the refusal names the place in the body."""
-    with pytest.raises(InvalidInput) as refused:
-        decode_infer_request(body.encode(), None)
-    assert refused.value.message.startswith("malformed JSON in request body: "), refused.value.message
+HEX_OUTSIDE_DATA = [
+    # Not an input's data: the place in the body is named as before.
+    '{"parameters": {"p": 0x10}, "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}',
+    '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1], "parameters": {"q": [0x1]}}]}',
+    # Not a hex literal: an "x" after other digits, or no digit after it.
+    '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 10x5]}]}',
+    '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 1.0x5]}]}',
+    '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 0x]}]}',
+    '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 0x1g]}]}',
+    # A fault before the literal is the one named (01 before it is named by its own words).
+    '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1e, 0x1]}]}',
+]
 
 
 HEX_HOSTILE = {  # 1 MB each: a scan that backtracks over the run (quadratic or worse) runs far past pytest's timeout
@@ -521,19 +513,20 @@ def test_a_malformed_number_that_is_no_number_json_has_not_is_malformed_json(dat
     assert refused.value.message.startswith("malformed JSON in request body: "), refused.value.message
 
 
-@pytest.mark.parametrize(
-    "body",
-    [
-        '{"parameters": {"p": 01}, "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}',
-        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1], "parameters": {"q": [+1]}}]}',
-        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [.5], "data": [1]}]}',
-        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1.], "data": [1]}]}',
-        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1], "x": .5}]}',
-        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": {"a": 01}}]}',
-    ],
-)
-def test_a_number_json_has_not_outside_an_input_s_data_is_malformed_json(body):
-    """Elsewhere than an input's data, the refusal names the place in the body, as a hex literal's."""
+NUMBER_OUTSIDE_DATA = [
+    '{"parameters": {"p": 01}, "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}',
+    '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1], "parameters": {"q": [+1]}}]}',
+    '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [.5], "data": [1]}]}',
+    '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1.], "data": [1]}]}',
+    '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1], "x": .5}]}',
+    '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": {"a": 01}}]}',
+]
+
+
+@pytest.mark.parametrize("body", HEX_OUTSIDE_DATA + NUMBER_OUTSIDE_DATA)
+def test_a_hex_literal_or_a_number_json_has_not_outside_an_input_s_data_is_malformed_json(body):
+    """Elsewhere than an input's data, or where the text is no hex literal nor a number in a form
+    JSON has not (01, +1, .5, 1.), the refusal names the place in the body."""
     with pytest.raises(InvalidInput) as refused:
         decode_infer_request(body.encode(), None)
     assert refused.value.message.startswith("malformed JSON in request body: "), refused.value.message
