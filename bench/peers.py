@@ -197,7 +197,7 @@ def start_kserve(python: Path, onnx_files: dict[str, Path], log_dir: Path, devic
             cmd += ["--serve", f"{name}={path}"]
         with log.open("wb") as f:
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=log_dir)
-        server = ModelServerProcess(proc, port, log)
+        server = ModelServerProcess(proc, port, log, name="KServe's server")
         try:
             server.wait_until("ready", 120.0)
         except RuntimeError as exc:  # (PortTaken too: another process bound the port first)

@@ -89,16 +89,17 @@ def start_canned(canned: Path, work: Path) -> ModelServerProcess:
 
     def start(port: int) -> ModelServerProcess:
         log = work / "floor.log"
-        server = ModelServerProcess(spawn([sys.executable, "-c", FLOOR_SERVER, str(port), str(canned)], log), port, log)
+        floor = spawn([sys.executable, "-c", FLOOR_SERVER, str(port), str(canned)], log)
+        server = ModelServerProcess(floor, port, log, name="the floor server")
 
         def answers() -> bool:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return True
 
-        if server.wait_for("the floor server", answers, 30, 0.1):
+        if server.wait_for(server.name, answers, 30, 0.1):
             return server
         server.stop(timeout_s=5)
-        raise RuntimeError(f"the floor server did not start; see {log}")
+        raise RuntimeError(f"{server.name} did not start; see {log}")
 
     return on_a_free_port(start, None)
 

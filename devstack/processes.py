@@ -426,8 +426,12 @@ class ManagedProcess:
 
 @dataclass
 class ModelServerProcess(ManagedProcess):
+    """A server speaking the v2 protocol: this project's model server, or another started
+    through it (KServe's, a benchmark's floor server), which ``name`` says in its errors."""
+
     token: str | None = None
     url: str = field(init=False)  # host:port, as tritonclient takes it
+    name: str = field(default="model server", kw_only=True)
 
     def __post_init__(self) -> None:
         self.url = f"127.0.0.1:{self.port}"
@@ -461,9 +465,9 @@ class ModelServerProcess(ManagedProcess):
         def answers() -> bool:
             return _get(f"{self.http}/v2/health/{health}", timeout=1)[0] == 200
 
-        if self.wait_for("model server", answers, timeout_s, 0.1, tail=0):
+        if self.wait_for(self.name, answers, timeout_s, 0.1, tail=0):
             return
-        raise RuntimeError(f"model server not {health} within {timeout_s:g} s:\n{self.log.read_text()}")
+        raise RuntimeError(f"{self.name} not {health} within {timeout_s:g} s:\n{self.log.read_text()}")
 
     def metric(self, name: str, **labels: str) -> float | None:
         """One sample's value from /metrics as Prometheus reads it; None when absent."""

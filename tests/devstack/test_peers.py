@@ -107,3 +107,17 @@ def test_kserve_whose_every_port_was_taken_names_the_ports_tried(
         with pytest.raises(processes.PortTaken, match=rf"ports {tried} tried: (?s:.*){said}"):
             peers.start_kserve(fake_python, {}, tmp_path / "logs", "cpu")
     assert not list((tmp_path / "logs").glob("kserve-*.log"))  # no given-up try's log left behind
+
+
+def test_kserve_that_exits_is_named_in_the_error_not_the_model_server(tmp_path: Path) -> None:
+    """start_kserve's server is started through ModelServerProcess, whose errors said "model
+    server exited with 3": the project's own server, which was never started. They name KServe's."""
+    python = tmp_path / "kserve-venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(
+        f"#!{sys.executable}\nprint('ModuleNotFoundError: no module named kserve')\nraise SystemExit(3)\n"
+    )
+    python.chmod(0o755)
+    with pytest.raises(RuntimeError, match=r"^KServe's server exited with 3:\nModuleNotFoundError") as raised:
+        peers.start_kserve(python, {}, tmp_path / "logs", "cpu")
+    assert "model server" not in str(raised.value)

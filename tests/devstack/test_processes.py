@@ -80,6 +80,22 @@ def test_a_server_another_process_holds_on_the_port_is_not_taken_for_ours(tmp_pa
             server.stop()
 
 
+def test_a_server_not_ready_in_time_is_named_as_what_was_started(tmp_path: Path) -> None:
+    """ModelServerProcess's errors said "model server" whatever it started (KServe's server, a
+    benchmark's floor server): they name what was started, "model server" where nothing else is said."""
+    log = tmp_path / "floor.log"
+    log.write_text("")
+    for name, said in ((None, "model server"), ("the floor server", "the floor server")):
+        never_binds = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        named = {} if name is None else {"name": name}
+        server = processes.ModelServerProcess(never_binds, free_port(), log, **named)
+        try:
+            with pytest.raises(RuntimeError, match=rf"^{said} not ready within 0.3 s:\n"):
+                server.wait_until("ready", timeout_s=0.3)
+        finally:
+            server.stop()
+
+
 def test_the_port_holder_is_the_process_or_one_it_started(tmp_path: Path) -> None:
     """Whose listening socket 127.0.0.1:port is: this process's, or a process it started (a server
     whose workers hold the socket), True; another process's, False; none yet, None."""
