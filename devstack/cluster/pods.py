@@ -432,7 +432,7 @@ class PodRunner:
         labels = {**(template.get("metadata") or {}).get("labels", {}), "pod-template-hash": template_hash}
         port = free_port()
         args = (template["spec"].get("containers") or [{}])[0].get("args") or []
-        admin_port = _port_besides(port) if any(str(a).partition("=")[0] == "--admin-port" for a in args) else 0
+        admin_port = _port_besides(port) if _admin_arg(args) else 0  # (none with no value: refused at its start)
         name = f"{deployment}-{''.join(secrets.choice(NAME_CHARS) for _ in range(5))}"
         body = {
             "apiVersion": "v1",
@@ -623,6 +623,10 @@ class PodRunner:
         if len(args) > MAX_ARGS or any(len(a) > MAX_ARG_CHARS for a in args):
             raise ContainerError(
                 "CreateContainerError", f"at most {MAX_ARGS} args of at most {MAX_ARG_CHARS} characters each"
+            )
+        if _admin_arg(args) == "":  # (as the model server's own parse of its args would exit)
+            raise ContainerError(
+                "CreateContainerError", f"pod {pod.namespace}/{pod.name}: its container's --admin-port has no value"
             )
         paths = {"/models": repository, "/tmp": pod.dir / "tmp", **self._volumes(pod)}  # noqa: S108 (the container path)
         argv = [*_translate(args, paths, self.gpu), "--host", "127.0.0.1", "--port", str(pod.port)]
@@ -1213,23 +1217,26 @@ def _port_besides(other: int) -> int:
     return port
 
 
-def _ports(pod: Pod) -> list[tuple[str, int]]:
-    """The container's declared ports as this pod has them: its ``--admin-port``'s (``--admin-port
-    N`` or ``--admin-port=N``, as ``_create`` and ``_translate`` take it) is the pod's admin port,
-    every other the data port (no ``ports``: the data port, unnamed)."""
-    args = [str(a) for a in pod.container.get("args") or []]
-    admin = None
+def _admin_arg(args: list[Any]) -> str | None:
+    """The value of a container's ``--admin-port`` (``--admin-port N`` or ``--admin-port=N``, the
+    first, as ``_translate`` drops it), as written; "" where it has none (the last arg, or
+    ``--admin-port=``: its container refused at its start, no admin port); None without one.
+    The one reading of it for ``_create``, ``_ports`` and ``_command``."""
+    args = [str(a) for a in args]
     for arg, after in zip(args, [*args[1:], None], strict=True):
         flag, sep, value = arg.partition("=")
         if flag == "--admin-port":
-            admin = value if sep else after
-            break
+            return value if sep else after or ""
+    return None
+
+
+def _ports(pod: Pod) -> list[tuple[str, int]]:
+    """The container's declared ports as this pod has them: its ``--admin-port``'s (``_admin_arg``)
+    is the pod's admin port, every other the data port (no ``ports``: the data port, unnamed)."""
+    admin = _admin_arg(pod.container.get("args") or [])
     declared = pod.container.get("ports") or [{}]
     return [
-        (
-            str(d.get("name", "")),
-            pod.admin_port if admin is not None and str(d.get("containerPort")) == admin else pod.port,
-        )
+        (str(d.get("name", "")), pod.admin_port if admin and str(d.get("containerPort")) == admin else pod.port)
         for d in declared
     ]
 

@@ -855,3 +855,34 @@ def test_the_admin_container_port_is_the_pods_admin_port_in_either_form_of_the_f
     spec = {"containers": [{"name": "server", "args": args, "ports": ports}]}
     pod = Pod("models", "digits-1", "digits", "h", {}, spec, tmp_path, port=41001, admin_port=41002)
     assert _ports(pod) == [("http", 41001), ("admin", 41002)]
+
+
+@pytest.mark.parametrize("bare", [["--admin-port"], ["--admin-port="]], ids=["last", "empty"])
+def test_an_admin_port_flag_with_no_value_is_refused_naming_the_pod_and_the_flag(tmp_path, monkeypatch, bare):
+    """A bare ``--admin-port`` as the container's last arg: ``_create`` gave the pod an admin port
+    (an arg of that name was enough) and ``_ports`` none (no value after it to match a
+    containerPort), and the server ran with an admin port no target scraped. One reading of the
+    args serves both: the pod has no admin port, and its container is refused at its start, the
+    error naming the pod and the flag (the model server itself would exit at its args)."""
+    from devstack.cluster.pods import ADMIN_ANNOTATION, _ports
+
+    runner = PodRunner(FakeKubeAPI(kubelet=True), tmp_path / "cluster", {}, gpu=False)
+    monkeypatch.setattr(runner, "resolve", lambda image: tmp_path)  # (the image's repository)
+    deployment = render_deployment(TARGET, "digits", "2", IMAGE, None, CPU)
+    deployment["metadata"]["uid"] = "uid-2"
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    args = [str(a) for a in container["args"]]
+    at = args.index("--admin-port")
+    container["args"] = [*args[:at], *args[at + 2 :], *bare]
+    runner._create(deployment, "h")
+    (pod,) = runner.pods.values()
+    assert pod.admin_port == 0
+    assert [port for _, port in _ports(pod)] == [pod.port, pod.port]
+    (created,) = runner.api.list("pods")
+    assert ADMIN_ANNOTATION not in created["metadata"]["annotations"]
+    runner._start(pod)
+    assert pod.proc is None
+    assert pod.waiting == (
+        "CreateContainerError",
+        f"pod models/{pod.name}: its container's --admin-port has no value",
+    ), pod.waiting
