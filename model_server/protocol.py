@@ -167,6 +167,8 @@ LOOSE_NUMBER = re.compile(r"[+-]?+(?:[0-9]++(?:\.[0-9]*+)?|\.[0-9]++)(?:[eE][+-]
 LOOSE_PARTS = re.compile(r"([+-]?)([0-9]*+)(\.?)([0-9]*+)(.*)", re.DOTALL)  # sign, digits, point, digits, exponent
 NOT_BRACKETS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[^\[\]{}"]+')
 NUMBER_MARK = "-0.0E-0000000000"  # the number's stand-in: a number no client writes
+VALUE_LIST = re.compile(r":\s*+(\[)(\s*+\[)?")  # an object's value that is a list (of lists?)
+EMPTY_LIST = re.compile(r"\[\s*+\]")
 
 
 def _non_json_number(text: str, pos: int) -> tuple[int, str, str, tuple[str, str | None] | None] | None:
@@ -255,8 +257,12 @@ def _number_element(text: str, pos: int) -> str | None:
     if found is None:
         return None
     start, literal, why, forms = found
+    head, before = text[:start], 0
+    counted = _elements_before(text, start)
+    if counted is not None:  # the JSON before the list read again, closed after [stand-in]
+        head, before = text[: counted[0] + 1], counted[1]
     opened = []
-    for bracket in NOT_BRACKETS.sub("", text[:start]):
+    for bracket in NOT_BRACKETS.sub("", head):
         if bracket in "[{":
             opened.append("]" if bracket == "[" else "}")
         elif opened:
@@ -271,7 +277,7 @@ def _number_element(text: str, pos: int) -> str | None:
         return float(written)
 
     try:
-        header = json.loads(text[:start] + NUMBER_MARK + "".join(reversed(opened)), parse_float=number)
+        header = json.loads(head + NUMBER_MARK + "".join(reversed(opened)), parse_float=number)
     except (ValueError, RecursionError):
         return None
     inputs = header.get("inputs") if isinstance(header, dict) else None
@@ -288,7 +294,26 @@ def _number_element(text: str, pos: int) -> str | None:
     else:  # the form its datatype takes (an integer one's: no point), where one does
         written = forms[1] if isinstance(datatype, str) and datatype.startswith(("INT", "UINT")) else forms[0]
         why += f": write it as {shown(written)}" if written is not None and _taken(written, datatype) else ""
-    return f"{where}: element {len(flat) - 1} ({shown(literal)}) {why}"
+    return f"{where}: element {before + len(flat) - 1} ({shown(literal)}) {why}"
+
+
+def _elements_before(text: str, start: int) -> tuple[int, int] | None:
+    """Where the list that holds the number at ``start`` opens, and the elements ``_flatten``
+    reads in it before the number, where that list is an object's value (an input's "data")
+    and holds nothing but numbers, true/false/null and lists of them (no string, no object):
+    counted, not parsed (a 4 MiB body's data parsed again cost twice its first parse): the
+    commas less the empty lists (each list closed holds one element more than its commas, unless
+    empty, and is itself an element of its list). Else None (the JSON before it read again whole)."""
+    colon = text.rfind(":", 0, start)
+    value = VALUE_LIST.match(text, colon) if colon >= 0 else None
+    if value is None:
+        return None
+    data = text[value.start(1) : start]
+    if data.rstrip()[-1] not in "[," or '"' in data or "{" in data or "}" in data:  # (the first: no
+        return None  # value's place, as "[1 .5": not parsed again, and then refused, read again whole)
+    if not value[2] and "[" in data[1:]:  # (a list whose first element is no list: _flatten leaves it)
+        return None
+    return value.start(1), data.count(",") - len(EMPTY_LIST.findall(data))
 
 
 def _json_tensor(
@@ -760,13 +785,21 @@ def parse_json(
         raise InvalidInput(
             f"malformed JSON in request body: not UTF-8 (byte {exc.start}); JSON is sent as UTF-8"
         ) from None
+    constants: list[str] = []  # NaN, Infinity, -Infinity: read on (what follows told), then refused
     try:
-        return json.loads(text, parse_constant=refuse_constant)
+        value = json.loads(text, parse_constant=constants.append)
     except (ValueError, RecursionError) as exc:
         if then_more is not None and _json_then_more(text, exc):
             raise InvalidInput(then_more) from None
-        why = told(text, exc.pos) if told is not None and isinstance(exc, json.JSONDecodeError) else None
-        raise InvalidInput(why or f"malformed JSON in request body: {json_problem(exc, text)}") from None
+        if not constants:  # (else the first fault in the body is the constant)
+            why = told(text, exc.pos) if told is not None and isinstance(exc, json.JSONDecodeError) else None
+            raise InvalidInput(why or f"malformed JSON in request body: {json_problem(exc, text)}") from None
+    if constants:
+        try:
+            refuse_constant(constants[0])
+        except ValueError as exc:
+            raise InvalidInput(f"malformed JSON in request body: {json_problem(exc, text)}") from None
+    return value
 
 
 def _json_data(arr: np.ndarray, datatype: str) -> list[Any]:

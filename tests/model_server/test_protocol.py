@@ -608,17 +608,30 @@ REFUSED_PARSES = {  # body, its header length, how the refusal starts, the JSON 
         "the body is JSON followed by other bytes (binary data?)",
         1,
     ),
+    # NaN is read where it is and refused once the parse is done: no parse again to see what follows it.
     "NaN, then other text": (
         '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [NaN]}]} more',
         None,
         "the body is JSON followed by other bytes (binary data?)",
-        2,
+        1,
     ),
     "NaN": (
         '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [NaN]}]}',
         None,
         "malformed JSON in request body: NaN is not a JSON value",
-        2,
+        1,
+    ),
+    "NaN, then malformed JSON": (
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [-Infinity, 01]}, }]}',
+        None,
+        "malformed JSON in request body: -Infinity is not a JSON value",
+        1,
+    ),
+    "NaN, then an integer past the digit limit": (
+        '{"inputs": [{"name": "x", "datatype": "INT64", "shape": [2], "data": [NaN, ' + "7" * 5000 + "]}]}",
+        None,
+        "malformed JSON in request body: NaN is not a JSON value",
+        1,
     ),
     "a form feed before JSON then other text": (
         '\f{"inputs": []} more',
@@ -649,6 +662,59 @@ def test_a_refused_body_is_parsed_once_and_explained_in_one_pass_at_most(case, m
         decode_infer_request(body, str(len(body)) if header else None)
     assert refused.value.message.startswith(start), refused.value.message[:200]
     assert len(counted) == parses, counted
+
+
+LONG_DATA = {  # an input's data before a number JSON has not, as written: the element _flatten makes it
+    "flat": ("1.5, " * 3000, 3000),
+    "nested": ("[1.5, 2], [[3]], " * 1000 + "[4, ", 3001),
+    "nested, empty lists": ("[[], [1.5]], [ ], [true, null], " * 1000 + "[[], ", 3000),
+    "flat, spaced and broken": ("1.5 ,\n\t" * 3000, 3000),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(LONG_DATA))
+def test_a_number_json_has_not_after_long_data_reads_again_only_the_json_before_the_data(shape, monkeypatch):
+    """A number JSON has not near the end of a 4 MiB input's data cost about 3 parses of the body:
+    the JSON before it parsed again, closed after a stand-in, and its brackets read from it whole.
+    Where the data before it is lists and numbers alone, the elements before it are counted, and
+    only the JSON before the data is read again."""
+    data, element = LONG_DATA[shape]
+    head = '{"inputs": [{"name": "a", "datatype": "FP32", "shape": [1], "data": [0.5]}, {"name": "x", '
+    body = head + f'"datatype": "FP32", "shape": [{element + 1}], "data": [{data}01]}}]}}'
+    counted: list[int] = []
+    raw_decode = json.JSONDecoder.raw_decode
+
+    def counting(self, s, idx=0):
+        counted.append(len(s))
+        return raw_decode(self, s, idx)
+
+    monkeypatch.setattr(json.JSONDecoder, "raw_decode", counting)
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(body.encode(), None)
+    assert refused.value.message == (
+        f"input 'x': element {element} (01) is a number with a leading zero, which JSON has not: write it as 1"
+    )
+    assert counted[0] == len(body), counted
+    assert len(counted) == 2, counted
+    assert counted[1] < len(head) + 100, counted
+
+
+@pytest.mark.parametrize(
+    ("data", "element"),
+    [
+        # Data of other values than lists and numbers: the JSON before the number read again whole.
+        ('["a", "b,[", ', 2),
+        ('[1], {"b": [2, 3]}, ', 2),
+        ("1, [2, 3], ", 2),  # (_flatten leaves data whose first element is no list as it is)
+        ("[1, 2], 3, [4, ", 4),
+        ("", 0),
+    ],
+)
+def test_a_number_json_has_not_after_other_data_is_named_by_its_element(data, element):
+    body = f'{{"inputs": [{{"name": "x", "datatype": "FP32", "shape": [9], "data": [{data}01]}}]}}'
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(body.encode(), None)
+    assert refused.value.message.startswith(f"input 'x': element {element} (01) "), refused.value.message
 
 
 def test_an_infinite_number_is_named_in_its_own_input():
