@@ -683,6 +683,8 @@ class VersionDeployments:
     api_client: Any = None  # kubernetes.client.ApiClient (the Airflow hook's)
     build: BuildSettings = field(default_factory=BuildSettings)
     prediction_log: str | None = None  # the pods' --prediction-log (the settings')
+    # (the last ``_clear_budget_mark`` that got no answer: for ``release_floors`` to stop there)
+    mark_unanswered: ApiUnreachable | None = field(default=None, init=False, repr=False, compare=False)
 
     def _apps(self) -> Any:
         from kubernetes import client
@@ -1129,10 +1131,14 @@ class VersionDeployments:
     def _clear_budget_mark(self, version: str, spec: dict[str, Any], done: str) -> None:
         """The version's HPA applied with ``spec`` without its budget-pending mark, once its
         PodDisruptionBudget is updated. A clearing that fails (refused, or no answer) is logged, not
-        raised: the budget is right, and the next run applies it again, the same, and clears it."""
+        raised: the budget is right, and the next run applies it again, the same, and clears it. One
+        unanswered (``ApiUnreachable``) is kept in ``mark_unanswered`` besides: ``release_floors``
+        tries no more versions after it."""
         try:
             self._apply_hpa(version, spec, budget=False)
         except RouterError as exc:
+            if isinstance(exc, ApiUnreachable):
+                self.mark_unanswered = exc
             log.warning(
                 "%s PodDisruptionBudget updated; its HPA's mark of the budget pending is not cleared (%s): the "
                 "model's next run applies the budget again, the same, and clears it",
@@ -1186,7 +1192,8 @@ class VersionDeployments:
         is released, one BudgetNotApplied names each budget not updated (and the versions whose
         release was whole). A floor not released (its HPA's apply refused, say) does not stop the
         others' either: once each is tried, one RouterError names each version not released (and
-        each budget not updated). But a call unanswered (``ApiUnreachable``, a budget's too) stops
+        each budget not updated). But a call unanswered (``ApiUnreachable``, a budget's too, or the
+        clearing of a budget's mark once it is applied: ``mark_unanswered``, the mark kept) stops
         them: none after it is tried (each would pay its client's retries against a server gone),
         one ApiUnreachable names each version not released or not tried, for the next run."""
         from kubernetes import client
@@ -1214,6 +1221,7 @@ class VersionDeployments:
         applied: list[str] = []
         unapplied: list[str] = []
         failed: list[str] = []
+        uncleared: list[str] = []  # (said with the rest; alone, only logged: nothing left undone but the mark)
         untried: dict[str, list[str]] = {"floor": [], "budget": []}
         unreachable = False
         for kind, versions in (("floor", held), ("budget", pending)):
@@ -1221,9 +1229,17 @@ class VersionDeployments:
                 if unreachable:  # (after a call unanswered: none tried more, each its client's retries)
                     untried[kind].append(version)
                     continue
+                self.mark_unanswered = None
                 try:
                     if self.release_floor(version) if kind == "floor" else self.apply_pending_budget(version):
                         (released if kind == "floor" else applied).append(version)
+                    if self.mark_unanswered is not None:  # (done but its mark, kept: the next run clears it)
+                        uncleared.append(
+                            f"version {version}'s HPA's mark of the budget pending is not cleared "
+                            f"({str(self.mark_unanswered)[:300]}): the model's next run applies the budget "
+                            "again, the same, and clears it"
+                        )
+                        unreachable = True
                 except BudgetNotApplied as exc:
                     unapplied.append(str(exc))
                     unreachable = isinstance(exc.__cause__, ApiUnreachable)
@@ -1241,9 +1257,9 @@ class VersionDeployments:
             for kind, versions in untried.items()
             if versions
         ]
-        if unapplied or failed:
+        if unapplied or failed or left:
             whole = f" (released whole: the floor on version(s) {', '.join(released)})" if released else ""
-            said = "; ".join(failed + unapplied + left) + whole
+            said = "; ".join(failed + unapplied + uncleared + left) + whole
             if left:
                 raise ApiUnreachable(said)
             raise RouterError(said) if failed else BudgetNotApplied(said)

@@ -1610,6 +1610,51 @@ def test_release_floors_stops_at_an_api_outage_and_names_each_version_not_releas
     assert deployments.release_floors(keep=None).floors == ["2", "3"]  # the next run's
 
 
+def test_release_floors_stops_where_a_budget_marks_clearing_got_no_answer(kube, monkeypatch, tmp_path):
+    """Floors left held on versions 1, 2 and 3, released by the next run (release_floors): the API
+    server stopped answering as version 2's HPA was to be cleared of its budget-pending mark (its
+    floor released, its budget updated). ``_clear_budget_mark`` only logged it, and the loop went on
+    to version 3, each call paying its client's full retries against a server gone. It stops there
+    now, as after any call unanswered: one ApiUnreachable names version 3 as not tried and version
+    2's mark as not cleared (it stays: the next run applies the pending budget and clears it)."""
+    from vision_rollout.deploy import Released, VersionDeployments
+    from vision_rollout.mesh import ApiUnreachable
+
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    deployments = steps.ModelServerHook().deployments("digits")
+    for version in ("1", "2", "3"):
+        deployments.apply(version, image(version), replicas=2)
+        kube.scale("models", f"digits-v{version}", 10, "kube-controller-manager")  # its HPA, under load
+        assert deployments.hold_floor(version) == 10
+    clear = VersionDeployments._clear_budget_mark
+    began: list[int] = []
+
+    def outage_at_version_2s_mark(self, version, spec, done):
+        if version == "2":
+            began.append(len(kube.requests))
+            kube.throttle, kube.throttle_status, kube.throttled_path = 10**6, None, None  # no answer to anything
+        return clear(self, version, spec, done)
+
+    monkeypatch.setattr(VersionDeployments, "_clear_budget_mark", outage_at_version_2s_mark)
+    with pytest.raises(ApiUnreachable) as failed:
+        deployments.release_floors(keep=None)
+    kube.throttle = 0
+    (start,) = began
+    assert [r["path"] for r in kube.requests[start:] if "digits-v3" in r["path"]] == []  # (not tried)
+    assert hpa(kube, "3")["spec"]["minReplicas"] == 10  # still held
+    assert (hpa(kube, "2")["spec"]["minReplicas"], hpa(kube, "2")["metadata"].get("annotations") or {}) == (
+        2,
+        {"model-rollout/budget-pending": "2"},  # (the mark kept: safe, the next run applies the budget again)
+    )
+    said = str(failed.value)
+    assert "the floor on version(s) 3 not tried" in said
+    assert "version 2's HPA's mark of the budget pending is not cleared" in said
+    assert "released whole: the floor on version(s) 1, 2" in said
+    monkeypatch.setattr(VersionDeployments, "_clear_budget_mark", clear)
+    assert deployments.release_floors(keep=None) == Released(["3"], ["2"])  # the next run's
+    assert (hpa(kube, "2")["metadata"].get("annotations") or {}) == {}
+
+
 @pytest.mark.parametrize("end", ["teardown", "failure-callback"])
 def test_a_kept_promotion_whose_floor_release_fails_is_reported_as_kept(fleet, monkeypatch, tmp_path, caplog, end):
     """Under autoscaling, promote's worker was killed after it retired version 1, before it put
