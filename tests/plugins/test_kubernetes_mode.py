@@ -14,6 +14,7 @@ import shutil
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
@@ -1436,6 +1437,13 @@ def promotion_kept_by(end: str, params: dict, caplog: pytest.LogCaptureFixture) 
     return caplog.text
 
 
+def promotion_kept_told(end: str, params: dict, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> tuple[str, str]:
+    """``promotion_kept_by``, and the one report it left in the run's outbox: ``(report, said)``."""
+    said = promotion_kept_by(end, params, caplog)
+    (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "run" / "outbox").glob("*.json"))]
+    return report, said
+
+
 def test_a_floor_left_held_by_a_promotion_cut_short_is_released_by_the_run_that_takes_over(fleet, monkeypatch):
     """Under autoscaling, run-a's promotion retired version 1 and its worker died before it put
     version 1's HPA floor back; run-b took the lapsed lease over against version 2 and run-a's
@@ -1737,10 +1745,9 @@ def test_a_kept_promotion_whose_floor_release_could_not_read_the_hpa_says_it_may
     params = promotion_cut_short_at_4_pods(fleet, monkeypatch)
     fleet.throttle, fleet.throttle_status = 10**6, None  # the HPA's reads get no answer
     fleet.throttled_methods, fleet.throttled_path = frozenset({"GET"}), "/horizontalpodautoscalers/digits-v1"
-    said = promotion_kept_by(end, params, caplog)
+    report, said = promotion_kept_told(end, params, caplog, tmp_path)
     fleet.throttle = 0
     assert hpa(fleet, "1")["spec"]["minReplicas"] == 4  # (still held: not read, not written)
-    (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "run" / "outbox").glob("*.json"))]
     for text in (report, said):
         assert "version 2 was promoted" in text
         assert "keeps the floor the run held (" not in text
@@ -1763,10 +1770,9 @@ def test_a_kept_promotion_whose_floor_apply_is_refused_says_the_hpa_keeps_the_fl
     params = promotion_cut_short_at_4_pods(fleet, monkeypatch)
     denied = APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request')
     refuse(fleet, ("PATCH", "/horizontalpodautoscalers/digits-v1", denied))
-    said = promotion_kept_by(end, params, caplog)
+    report, said = promotion_kept_told(end, params, caplog, tmp_path)
     fleet.before_write = None
     assert hpa(fleet, "1")["spec"]["minReplicas"] == 4  # (still held)
-    (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "run" / "outbox").glob("*.json"))]
     for text in (report, said):
         assert "version 2 was promoted" in text
         assert "the HPA of version 1 (HorizontalPodAutoscaler models/digits-v1) keeps the floor the run held (" in text
