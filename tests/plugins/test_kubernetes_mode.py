@@ -1050,6 +1050,41 @@ def test_rollback_brings_the_baseline_back_before_routing_to_it(kube, monkeypatc
     assert restored < routed < retired
 
 
+@pytest.mark.parametrize("end", ["rollback", "failure-callback"])
+def test_a_baseline_at_0_whose_candidates_size_is_unread_is_brought_back_at_the_builds_count(
+    kube, monkeypatch, tmp_path, caplog, end
+):
+    """A run stopped after its baseline was scaled to 0 (its promotion failed halfway), the
+    candidate serving at 5 pods: the restore brings the baseline back at the pods that serve now,
+    the candidate's size, which only chooses how many. That read failing (a 500) fell back on the
+    build's count (``replicas``: 2 here), logged, the traffic moved back all the same: a path no
+    test ran."""
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import RouterError
+
+    connect(monkeypatch, tmp_path, replicas=2)
+    stable_virtual_service(kube, PARAMS, serving="2")  # promote had moved the routes
+    take("run-1")
+    deployments = steps.ModelServerHook().deployments("digits")
+    deployments.apply("1", image("1"), replicas=0)
+    deployments.apply("2", image("2"), replicas=5)
+    replicas, unread = VersionDeployments.replicas, []
+
+    def candidates_unread(self, version):
+        if version == "2" and not unread:  # (its first read: the restore's choice of the baseline's size)
+            unread.append(version)
+            raise RouterError("read Deployment digits-v2: 500 Internal Server Error: etcdserver: request timed out")
+        return replicas(self, version)
+
+    monkeypatch.setattr(VersionDeployments, "replicas", candidates_unread)
+    steps.restore_stable(PARAMS, "run-1", unload_candidate=end == "rollback")
+    assert unread == ["2"]
+    assert routes(kube) == [("v1", 100)]
+    assert deployment(kube, "1")["spec"]["replicas"] == 2  # build.replicas, not the candidate's 5
+    assert "version 2's size was not read (read Deployment digits-v2: 500 Internal Server Error" in caplog.text
+    assert deployment(kube, "2")["spec"]["replicas"] == (0 if end == "rollback" else 5)
+
+
 def test_a_rollback_brings_back_a_baseline_another_manager_scaled_to_0(kube, caplog):
     """Without autoscaling, mid-stage, the baseline scaled to 0 by another manager (KEDA, a
     ``kubectl scale``), which owns its ``spec.replicas`` from then on: the rollback's apply of
