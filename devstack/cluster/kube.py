@@ -372,6 +372,8 @@ RESOURCES = {
 TRACKED = frozenset(
     {"deployments", "virtualservices", "destinationrules", "poddisruptionbudgets", "horizontalpodautoscalers"}
 )
+# Those a JSON merge patch changes (``FakeKubeAPI.merge_patch``: an operator's ``kubectl patch --type=merge``).
+MERGE_PATCHED = frozenset({"poddisruptionbudgets", "horizontalpodautoscalers"})
 SUBRESOURCES = {"log": "pods", "scale": "deployments"}  # a subresource and the resource that has it
 # What the real server (or a proxy before it: 502, 504) answers when it cannot serve a request:
 # (reason, message) by status.
@@ -765,6 +767,44 @@ class FakeKubeAPI:
             self._bump(obj)
             return copy.deepcopy(obj)
 
+    def merge_patch(
+        self, plural: str, namespace: str, name: str, patch: dict[str, Any], manager: str
+    ) -> dict[str, Any]:
+        """A JSON merge patch (RFC 7386: a map merged key by key, a null removes its key, any other
+        value replaces) of an object of ``MERGE_PATCHED``, as an Update by ``manager``: it owns
+        each field the patch changed (taken from any other owner, with no conflict), fields removed
+        are no one's, and its entry keeps what it owned before (``managedFields``, as the real
+        server keeps them). Its name, namespace, kind and apiVersion stay; 404 when there is none."""
+        resource = RESOURCES[plural]
+        with self.lock:
+            live = self.objects.get((plural, namespace, name))
+            if live is None:
+                raise APIError(404, "NotFound", f'{_qualified(plural)} "{name}" not found')
+            obj = _merged(live, patch)
+            for field in ("apiVersion", "kind", "status"):  # (status: its subresource's, not the object's)
+                obj.pop(field, None)
+                if field in live:
+                    obj[field] = copy.deepcopy(live[field])
+            meta = obj["metadata"] = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+            for field in ("name", "namespace", "uid", "creationTimestamp", "resourceVersion", "managedFields"):
+                meta.pop(field, None)
+                if field in live["metadata"]:
+                    meta[field] = copy.deepcopy(live["metadata"][field])
+            problem = invalid_labels(meta) or resource.invalid(obj)
+            if problem:
+                raise APIError(422, "Invalid", f'{resource.kind}{_group_suffix(plural)} "{name}" is invalid: {problem}')
+            was, now = _leaves(live), _leaves(obj)
+            changed = {path for path, value in now.items() if path not in was or was[path] != value}
+            gone = set(was) - set(now)
+            mine = {"manager": manager, "operation": "Update", "apiVersion": resource.api_version}
+            entries = live["metadata"].get("managedFields") or []
+            before = next((_owned(e) for e in entries if _key(e) == _key(mine)), set())
+            others = [_owning(e, _owned(e) - changed - gone) for e in entries if _key(e) != _key(mine)]
+            meta["managedFields"] = [*others, {**_owning(mine, (before - gone) | changed), "time": now_rfc3339()}]
+            self._bump(obj)
+            self.objects[(plural, namespace, name)] = obj
+            return copy.deepcopy(obj)
+
     def read_log(self, namespace: str, name: str, container: str | None, previous: bool) -> tuple[str, Path | None]:
         """Which container's log file a log request reads; APIError as the real server answers."""
         pod = self.get("pods", namespace, name)
@@ -1058,6 +1098,12 @@ class FakeKubeAPI:
                     "application/strategic-merge-patch+json",
                 ):
                     return 200, api.patch_pod(namespace, name, self._json())
+                if plural in MERGE_PATCHED and ctype in (
+                    "application/merge-patch+json",
+                    "application/strategic-merge-patch+json",  # (neither kind has a list merged by key)
+                ):
+                    manager = query.get("fieldManager", [self.headers.get("User-Agent", "unknown").split("/")[0]])[0]
+                    return 200, api.merge_patch(plural, namespace, name, self._json(), manager)
                 if ctype != "application/apply-patch+yaml":
                     raise APIError(415, "UnsupportedMediaType", f"unsupported patch type {ctype!r}")
                 if query.get("force", ["false"])[0] not in GO_BOOLS:
@@ -1190,6 +1236,19 @@ def _ready_status(deployment: dict[str, Any]) -> dict[str, Any]:
         "availableReplicas": replicas,
         "updatedReplicas": replicas,
     }
+
+
+def _merged(target: Any, patch: Any) -> Any:
+    """``target`` with the JSON merge ``patch`` applied (RFC 7386's MergePatch), a new value."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merged(out.get(key), value)
+    return out
 
 
 def _json_type(value: Any) -> str:

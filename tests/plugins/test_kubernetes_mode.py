@@ -3230,8 +3230,8 @@ def test_the_commands_that_release_a_floor_or_set_a_budget_by_hand_keep_the_roll
     and for a budget not updated (``kubectl edit poddisruptionbudget``) had kubectl's field
     manager take the fields from the rollout's: the next hold of that floor, or apply of that
     budget, refused (409, "also managed by kubectl-edit"). Each is a merge patch under the
-    rollout's field manager, with the values to set. (The fake API server takes no merge patch
-    of an HPA or a budget: the commands' shape and values are checked.)"""
+    rollout's field manager, with the values to set. (Their shape and values are checked here; the
+    next test sends them to the fake API server.)"""
     import re
 
     from devstack.cluster.kube import APIError
@@ -3264,6 +3264,71 @@ def test_the_commands_that_release_a_floor_or_set_a_budget_by_hand_keep_the_roll
     (command,) = re.findall(r"kubectl -n models patch poddisruptionbudget \S+ .*--field-manager=model-rollout", said)
     # (a floor of 2, autoscaled: one pod may go, minAvailable removed)
     assert by_hand(command, "poddisruptionbudget", "digits-v1") == {"spec": {"minAvailable": None, "maxUnavailable": 1}}
+
+
+def test_the_advice_to_release_a_floor_by_hand_applied_releases_it_and_the_next_apply_takes_it_on(
+    kube, monkeypatch, tmp_path
+):
+    """The commands a refused floor release prints (a merge patch of the version's
+    PodDisruptionBudget, then of its HPA, under the rollout's field manager) were checked only for
+    their shape: the fake API server answered 415 to a merge patch of either, where a real one
+    takes a JSON merge patch of any object. Sent as kubectl sends them, they release the floor (the
+    HPA at its own minReplicas, no floor annotation, the budget at the floor's), the fields owned by
+    the rollout's manager's Update; the rollout then reads no floor held, and its next apply of the
+    HPA (the floor held again) is not refused for those fields."""
+    import re
+    import shlex
+
+    from kubernetes import client
+
+    from devstack.cluster.kube import APIError
+    from vision_rollout.deploy import Released
+    from vision_rollout.mesh import RouterError
+
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    deployments = steps.ModelServerHook().deployments("digits")
+    deployments.apply("1", image("1"), replicas=2)
+    kube.scale("models", "digits-v1", 10, "kube-controller-manager")  # its HPA, under load
+    assert deployments.hold_floor("1") == 10
+    refuse(kube, ("PATCH", "/horizontalpodautoscalers/digits-v1", APIError(403, "Forbidden", "cannot patch")))
+    with pytest.raises(RouterError) as failed:
+        deployments.release_floor("1")
+    kube.before_write = None
+    said = str(failed.value)
+    budget_command, hpa_command = re.findall(
+        r"kubectl -n models patch (?:poddisruptionbudget|horizontalpodautoscaler) \S+ \S+ -p '[^']*' "
+        r"--field-manager=model-rollout",
+        said,
+    )
+    api = deployments.api_client
+    for command, kind, send in (
+        (budget_command, "poddisruptionbudget", client.PolicyV1Api(api).patch_namespaced_pod_disruption_budget),
+        (
+            hpa_command,
+            "horizontalpodautoscaler",
+            client.AutoscalingV2Api(api).patch_namespaced_horizontal_pod_autoscaler,
+        ),
+    ):
+        assert shlex.split(command)[4] == kind
+        send(
+            "digits-v1",
+            "models",
+            by_hand(command, kind, "digits-v1"),
+            field_manager="model-rollout",
+            _content_type="application/merge-patch+json",  # (kubectl's --type=merge)
+        )
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 2
+    assert (hpa(kube, "1")["metadata"].get("annotations") or {}) == {}
+    budget = kube.objects[("poddisruptionbudgets", "models", "digits-v1")]
+    assert {k: budget["spec"][k] for k in ("maxUnavailable", "minAvailable") if k in budget["spec"]} == {
+        "maxUnavailable": 1
+    }
+    updates = [e for e in hpa(kube, "1")["metadata"]["managedFields"] if e["operation"] == "Update"]
+    assert [(e["manager"], "f:minReplicas" in e["fieldsV1"]["f:spec"]) for e in updates] == [("model-rollout", True)]
+    assert deployments.held_floor("1") is None
+    assert deployments.release_floors(keep=None) == Released([], [])  # (the next run's start: nothing held)
+    assert deployments.hold_floor("1") == 10  # (the rollout's next apply: its own manager's fields, taken back)
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 10
 
 
 def test_the_advice_to_release_a_floor_by_hand_sets_its_budget_too(kube, monkeypatch, tmp_path):
