@@ -1361,8 +1361,13 @@ class VersionDeployments:
             deployed = (live.metadata.annotations or {}).get(IMAGE_ANNOTATION)
             return self._apply(version, image, replicas, live, deployed, dry_run)
 
+        def in_place() -> Any:  # (the count is what a scale's apply changes; under autoscaling it sets none)
+            live = self._live(version)
+            return live if live is not None and replicas_of(live) == replicas else None
+
         try:
-            applied = settled(self.changes_noted(attempt), checks=False)
+            read_back = None if dry_run or self.build.autoscaling else in_place
+            applied = settled(self.changes_noted(attempt), checks=False, read_back=read_back)
         except (FieldsOwned, Contended) as exc:  # (Contended: its forced apply refused at each try)
             replicas_only = isinstance(exc, Contended) or all(
                 paths == [".spec.replicas"] for paths in exc.owned.values()

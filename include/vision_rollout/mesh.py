@@ -60,6 +60,7 @@ class RouterError(Exception):
     (``VersionDeployments.release_floor``): the command that releases the floor by hand."""
 
     release_by_hand: str | None = None
+    maybe_written: bool = False  # (``settled``'s: its last write's answer left it unknown, never read back)
 
 
 class ApiUnreachable(RouterError):
@@ -1418,7 +1419,12 @@ def unsettled() -> Iterator[None]:
         raise Unsettled(exc) from None
 
 
-def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool = True) -> T:
+def settled(
+    attempt: Callable[[int], T],
+    tries: int = WRITE_TRIES,
+    checks: bool = True,
+    read_back: Callable[[], T | None] | None = None,
+) -> T:
     """``attempt(n)`` (``n``: the writes in doubt before it), one read-modify-write: it reads the
     object and writes nothing where the object holds what the write sets already, else writes
     (its write in ``unsettled``); what it answers. A write whose outcome is unknown
@@ -1434,7 +1440,12 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
     the call), with the tries and what failed them (an ``ApiUnreachable`` stays one).
     ``checks``: whether an attempt's read finds the write in place and sends none, said in that
     error (False: it writes again from what it read whatever it finds, an apply of the same
-    fields); each read back is logged where one follows."""
+    fields); each read back is logged where one follows. ``read_back``: one read of the object,
+    what ``attempt`` would answer where the write is in place, else None; a last write in doubt
+    given up for the calls ``reserved`` (its backoff too long for them) is read back with it once,
+    at once, where the ``api_budget`` keeps the time of one call more than the reserve: in place,
+    its answer; not, said in the error. A last write in doubt never read back marks the error
+    raised (a RouterError) ``maybe_written``: the caller does not say it was not written."""
     doubted = conflicts = 0
     failed: Exception | None = None  # the last attempt's failure (an Unsettled or a Conflicted)
     cut = False  # (the api_budget spent before the next attempt: the last write in doubt never read back)
@@ -1460,6 +1471,17 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
             failed, last, conflicts = exc, exc.error, conflicts + 1
             if n + 1 < tries:
                 log.info("%s; reading it again", last)
+    read = False  # (the last write in doubt read back once, not in place)
+    if kept and isinstance(failed, Unsettled) and read_back is not None and budget_left(_RESERVE.get() + 1) >= 0:
+        try:
+            back = read_back()
+        except Exception as exc:  # (unread: its doubt said, the write's failure raised)
+            log.warning("%s; its read back failed: %s", last, str(exc)[:300])
+        else:
+            if back is not None:
+                log.info("%s; read back: in place", last)
+                return back
+            read = True
     found = ", and each read back found it not in place" if checks else ""
     refused = "refused (409), the object written by another between its read and its write"
     if not conflicts:
@@ -1469,13 +1491,17 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
     else:
         found = ", each read back finding it not in place" if checks else ""
         why = f"{conflicts} {refused}; {doubted} answers left unknown whether the write was served{found}"
-    if kept and isinstance(failed, Unsettled):  # (no read back after the last write: it may have been served)
+    if kept and read:  # (read back once: not in place, whatever the checks)
+        why = f"{why.replace(found, '')}; the last read back once, not in place"
+    elif kept and isinstance(failed, Unsettled):  # (no read back after the last write: it may have been served)
         why = f"{why.replace(found, '')}; the last may have been served: not read back, the calls after it keep their time"
     elif kept:
         why = f"{why}; not read again: the calls after it keep their time"
     if cut:  # (no read back after the last write: it may have been served)
         why = f"{why.replace(found, '')}; the last may have been served: not read back, the time allowed spent"
     last.args = (f"{last} (tried {tries} times: {why})",)
+    if isinstance(last, RouterError) and isinstance(failed, Unsettled) and (cut or (kept and not read)):
+        last.maybe_written = True
     raise last  # (its own kind: an ApiFailed, an ApiUnreachable, a Contended, a LockError)
 
 

@@ -1821,3 +1821,43 @@ def test_a_pause_is_slept_where_only_the_unanswered_time_left_is_short(monkeypat
         now[0] = 12
         assert not mesh.pause(8.0)  # (the cap's 8 s left: none after the pause)
     assert slept == [0.5, 1.0, 2.0, 8.0]
+
+
+@pytest.mark.real_pauses  # (the pauses on the fake clock)
+@pytest.mark.parametrize("found", ["in place", "not in place", "no room"])
+def test_a_write_in_doubt_given_up_for_the_reserve_is_read_back_once_where_it_leaves_room(monkeypatch, found):
+    """``settled`` under ``reserved``: a write answered 500 (``Unsettled``, it may have landed),
+    its backoff before the read back leaving the calls kept for after less than their time. It was
+    given up unread, the caller told it failed though it may have been written (a restore said
+    "not scaled" of a baseline scaled). Where the budget keeps one call more than the reserve (a
+    read is quicker than the backoff), the object is read back once (``read_back``): in place, the
+    write's; not, the failure says so; no room for it, the failure says the write may have been
+    written (``maybe_written``)."""
+    from vision_rollout import mesh
+
+    timed_out = mesh.ApiFailed("apply Deployment digits-v1: 500 Internal Server Error", 500)
+    _, slept, in_doubt, attempts = _writes_in_doubt(monkeypatch, timed_out)
+    reads: list[str] = []
+
+    def read_back() -> str | None:
+        reads.append("read")
+        return "written" if found == "in place" else None
+
+    with mesh.api_budget(30, 15, cap_s=20) as budget:
+        budget.answer_s = 0.15  # (a read back: 0.15 s; the backoff before the next try: 0.5 s)
+        with mesh.reserved(133 if found == "no room" else 132):  # (0.05 s left beyond the reserve, or 0.2 s)
+            if found == "in place":
+                assert mesh.settled(in_doubt, read_back=read_back) == "written"
+            else:
+                with pytest.raises(mesh.ApiFailed) as raised:
+                    mesh.settled(in_doubt, read_back=read_back)
+    assert attempts == [0]
+    assert slept == []  # (no backoff: the read back at once)
+    assert reads == ([] if found == "no room" else ["read"])
+    if found == "not in place":
+        assert "read back once, not in place" in str(raised.value)
+        assert "may have been" not in str(raised.value)
+        assert not raised.value.maybe_written
+    if found == "no room":
+        assert "the last may have been served: not read back, the calls after it keep their time" in str(raised.value)
+        assert raised.value.maybe_written
