@@ -57,9 +57,13 @@ FIELD_MANAGER = "model-rollout"
 class RouterError(Exception):
     """The routes could not be read or written; the message says where and why.
     ``release_by_hand``: set where a floor's release failed at its HPA's apply, not at its read
-    (``VersionDeployments.release_floor``): the command that releases the floor by hand."""
+    (``VersionDeployments.release_floor``): the command that releases the floor by hand.
+    ``routes_kept``: set where a restore left the routes as they were, for a reason its message
+    does not say (a baseline at 0 pods not scaled up: ``steps.unscaled_from_0``): that reason,
+    and what puts the stable version back."""
 
     release_by_hand: str | None = None
+    routes_kept: str | None = None
     maybe_written: bool = False  # (``settled``'s: its last write's answer left it unknown, never read back)
 
 

@@ -1924,6 +1924,25 @@ class Shortfall:
     taken: str | None = None
 
 
+def unscaled_from_0(spec: RolloutSpec, pods: int, maybe: bool = False) -> str:
+    """What a restore whose scale of a baseline at 0 pods failed leaves (the routes not moved to
+    no pods, as Argo Rollouts' dynamicStableScale scales the stable version up before it shifts
+    any traffic), and who puts the stable version back: the lease is kept (``finish``). ``maybe``:
+    the scale's last write may have been written (``RouterError.maybe_written``), never read back."""
+    scaled = (
+        f"may have been scaled back to {pods} pods from 0 or not (its last write's answer left it unknown)"
+        if maybe
+        else f"was not scaled back to {pods} pods from 0"
+    )
+    return (
+        f"version {spec.baseline_version} {scaled}, so the routes are not moved: "
+        f"the traffic on version {spec.candidate_version}, the candidate, stays there rather than go to a version "
+        "with no pods; this run keeps the model's lease: clearing its ensure_stable tries the restore again, and "
+        "once the lease runs out the model's next run takes the model over and moves the routes back to version "
+        f"{spec.baseline_version} as it starts, with whatever pods it runs then"
+    )
+
+
 @dataclass(frozen=True)
 class Finishing:
     """What ``finish`` read before ``stable_back``, neither done again there: ``routes``, the routes
@@ -1992,8 +2011,12 @@ def stable_back(
             # its own HPA kept (another manager's, a Helm release's: refused, logged, its pods back all the same);
             # its first ready pod takes the traffic: the rest may need the room the candidate's pods take;
             # (the failure callback's: its apply read again only where the calls after the wait keep their time)
-            with mesh.reserved(RESTORE_RETRY_CALLS + AFTER_WAIT_CALLS if quick else 0):
-                deployments.scale(spec.baseline_version, restoring, spec.baseline_version, rolling_back=True)
+            try:
+                with mesh.reserved(RESTORE_RETRY_CALLS + AFTER_WAIT_CALLS if quick else 0):
+                    deployments.scale(spec.baseline_version, restoring, spec.baseline_version, rolling_back=True)
+            except RouterError as exc:  # (its kind kept: a transient failure retried as ever)
+                exc.routes_kept = unscaled_from_0(spec, restoring, exc.maybe_written)  # (the failure callback's)
+                raise
         else:
             # (the failure callback's: its reads here only where they leave the calls after the wait their time)
             if deployments.build.autoscaling:
@@ -3256,10 +3279,14 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
         except Exception:
             log.exception("the failure callback's report was not sent")
     except Exception as exc:  # (the API server down, say): nothing tries again, so a human is told
+        # (or what the failure left, said where a baseline at 0 was not scaled up: ``unscaled_from_0``)
+        left = getattr(exc, "routes_kept", None) or (
+            "nothing tries again: check the routes, and clear the run's ensure_stable (or put the stable version "
+            "back by hand) once the cause is fixed"
+        )
         failed = (
             f"run {run_id} failed and its failure callback could not put version {spec.baseline_version} back "
-            f"({type(exc).__name__}: {str(exc)[:500]}); nothing tries again: check the routes, and clear the run's "
-            "ensure_stable (or put the stable version back by hand) once the cause is fixed"
+            f"({type(exc).__name__}: {str(exc)[:500]}); {left}"
         )
         log.exception("%s", failed)
         try:
