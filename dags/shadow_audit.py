@@ -37,10 +37,11 @@ def _rollout_schema(name: str) -> dict[str, Any]:
 
 @dag(
     dag_id="shadow_audit",
-    # Two minutes past each hour: the hour's last records are written by then but for the last
-    # file's write (audited_hour), so a scheduled run waits seconds at most; a run triggered by
-    # hand audits the last whole hour.
-    schedule="2 * * * *",
+    # Three minutes past each hour: the hour's last records (the last copies, stamped by a shadow
+    # pod's clock ahead, that waited for idle time) are written by then but for the last file's
+    # write (audited_hour), so a scheduled run waits seconds at most; a run triggered by hand
+    # audits the last whole hour.
+    schedule="3 * * * *",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

@@ -40,8 +40,8 @@ MAX_JSON_BYTES = 4 * 1024 * 1024  # about 0.1 s of parsing here; a JSON tensor o
 # well inside the audit's flush bound, so its record is never late.
 MAX_COPY_AGE_S = 30.0
 # The longest bound a server may be given (``--shadow-copy-max-age``): the audit's margin for a
-# record stamped in its range and written after it (``vision_rollout.audit.CLOCK_SKEW_S``, on top
-# of the flush bound). A copy waiting longer is written after its range closed (late, in no audit),
+# copy stamped in its range and written after it (``vision_rollout.audit.closes``: on top of the
+# pods' clocks apart and the flush bound). A copy waiting longer is written after its range closed (late, in no audit),
 # and an hour's bound held the shadow's watermark back an hour.
 MAX_COPY_AGE_LIMIT_S = 60.0
 # To whom ``GET /v2`` says where the prediction log is written (``--show-prediction-log``).

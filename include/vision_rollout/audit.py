@@ -600,12 +600,15 @@ MAX_AUDIT_S = 480.0
 
 def closes(end: datetime) -> datetime:
     """When a range ending at ``end`` closes: the last second a file of its records may be
-    written (by its name, its pod's clock) by a pod that keeps the bounds, a shadow stamped
-    ``CLOCK_SKEW_S`` after the range flushed within ``MAX_FLUSH_S``; ``audited_hour`` waits
-    for it. A record in a file written later is late: not in the range's audit."""
-    from model_server.config import MAX_FLUSH_S
+    written (by its name, its pod's clock) by a pod that keeps the bounds: the copy of its last
+    primary, stamped ``CLOCK_SKEW_S`` after the range by a shadow pod's clock, that waited
+    ``MAX_COPY_AGE_LIMIT_S`` for idle time there and was flushed within ``MAX_FLUSH_S`` (the
+    pods' clocks apart and a copy's wait, both: a pair split over the range's end is its
+    primary's range's, once); ``audited_hour`` waits for it. A record in a file written later is
+    late: not in the range's audit."""
+    from model_server.config import MAX_COPY_AGE_LIMIT_S, MAX_FLUSH_S
 
-    return end + timedelta(seconds=CLOCK_SKEW_S + MAX_FLUSH_S)
+    return end + timedelta(seconds=CLOCK_SKEW_S + MAX_COPY_AGE_LIMIT_S + MAX_FLUSH_S)
 
 
 def copy_due() -> timedelta:

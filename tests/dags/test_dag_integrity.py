@@ -45,17 +45,18 @@ def test_model_rollout_has_the_seven_steps(dagbag):
 
 def test_the_hourly_audit_runs_once_its_hour_is_written(dagbag):
     """@hourly ran at the hour's end, while the writers still held its last minute of records:
-    each run waited two minutes in a worker slot. Runs come two minutes past the hour, when the
-    previous clock hour's records are all written but for the last file's write: they wait for
-    that alone (``WRITE_S``, seconds)."""
+    each run waited minutes in a worker slot. Runs come three minutes past the hour, when the
+    previous clock hour's records (its last copies too, a shadow pod's clock ahead, a copy's wait
+    for idle time) are all written but for the last file's write: they wait for that alone
+    (``WRITE_S``, seconds)."""
     from datetime import UTC, datetime
 
     from vision_rollout.audit import audited_hour
     from vision_rollout.engine import WRITE_S
 
     dag = dagbag.dags["shadow_audit"]
-    assert dag.schedule == "2 * * * *"
-    run_at = datetime(2026, 12, 2, 10, 2, tzinfo=UTC)
+    assert dag.schedule == "3 * * * *"
+    run_at = datetime(2026, 12, 2, 10, 3, tzinfo=UTC)
     assert audited_hour(run_at, run_at) == (
         datetime(2026, 12, 2, 9, tzinfo=UTC),
         datetime(2026, 12, 2, 10, tzinfo=UTC),

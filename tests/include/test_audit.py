@@ -945,8 +945,8 @@ def test_records_written_after_their_hour_closed_are_counted_not_audited_nor_dro
         at = (hour + into_hour).timestamp()
         shadow_log(tmp_path, n, disagree=0.0, seed=seed, versions=("1", shadow), at=at, **late)
 
-    # 20 pairs of the hour's last minute flushed 3 minutes later, 5 of its tenth minute 55 minutes later.
-    written_late(20, 1, "3", timedelta(minutes=59, seconds=30), flushed=180)
+    # 20 pairs of the hour's last minute flushed 4 minutes later, 5 of its tenth minute 55 minutes later.
+    written_late(20, 1, "3", timedelta(minutes=59, seconds=30), flushed=240)
     written_late(5, 2, "4", timedelta(minutes=10), flushed=55 * 60)
     # (written by the close: the hour's pairs, 10 of them too few to show agreement)
     written_late(10, 3, "5", timedelta(minutes=59, seconds=50), skew=90)
@@ -1033,7 +1033,9 @@ def test_the_hours_first_audit_waits_for_a_file_named_at_its_close_to_be_whole(t
     assert (start, end, wait) == (ten - timedelta(hours=1), ten, WRITE_S)
     assert audited_hour(ten, ten)[2] == (close - ten).total_seconds() + WRITE_S
     # (what the wait is for: the hour's records in a file named at its close are the hour's own)
-    shadow_log(tmp_path, 10, disagree=0.0, at=(ten - timedelta(seconds=1)).timestamp(), flushed=121)
+    shadow_log(
+        tmp_path, 10, disagree=0.0, at=(ten - timedelta(seconds=1)).timestamp(), flushed=(close - ten).seconds + 1
+    )
     named = audit(tmp_path / "log", start, end, "digits")
     assert (named.rows, named.late_records) == (10, 0)
 
@@ -1800,7 +1802,7 @@ def test_a_copy_that_comes_after_its_hours_audit_is_counted_lost_once_never_late
     shadow_log(tmp_path, 4, disagree=0.0, mirrored=True, roles=("primary",), flushed=65 * 60, **both)
     first = audit_of(0)  # (at the close: the copies not written yet)
     assert (first.verdict, first.rows, first.copies_lost, first.late_records) == ("pass", 100, 35, 4)
-    shadow_log(tmp_path, 15, disagree=0.0, roles=("shadow",), flushed=180, **tail)  # (5 never written)
+    shadow_log(tmp_path, 15, disagree=0.0, roles=("shadow",), flushed=240, **tail)  # (5 never written)
     shadow_log(tmp_path, 10, disagree=0.0, roles=("shadow",), flushed=55 * 60, **early)
     shadow_log(tmp_path, 5, disagree=0.0, roles=("shadow",), flushed=2 * 3600, **later)  # (in 12:00's read)
     shadow_log(tmp_path, 4, disagree=0.0, roles=("shadow",), flushed=2 * 3600, **both)  # (late, not lost)
@@ -2489,3 +2491,82 @@ def test_a_pair_whose_copy_is_stamped_past_the_hour_within_its_close_is_counted_
     closing = shadow_log(tmp_path / "c", 0, disagree=0.0, orphans=5, at=(end + timedelta(seconds=30)).timestamp())
     assert audit(closing, hour, end, "digits", earlier_hours=24).shadow_without_primary == 5
     assert audit(closing, end, end + timedelta(hours=1), "digits", earlier_hours=24).shadow_without_primary == 0
+
+
+@pytest.mark.parametrize("mirrored", [True, None])
+def test_a_pair_split_over_the_hour_whose_copy_waited_for_idle_time_on_a_pod_ahead_is_counted_once(tmp_path, mirrored):
+    """A request answered in the hour's last seconds whose copy reached a shadow pod whose clock
+    is ``CLOCK_SKEW_S`` ahead (stamped past the hour), waited there ``MAX_COPY_AGE_LIMIT_S`` for
+    idle time and was flushed within ``MAX_FLUSH_S``: every bound kept, its file named after the
+    hour's close, whose margin took the pods' clocks apart or a copy's wait, not both. The hour's
+    audit counted the request's copy lost (the server's own mirror) or its primary without a
+    shadow record (Istio's), and the next hour's the copy late among earlier hours' records: one
+    pair, split over the hour, counted in both hours, each its half, and compared in neither.
+    It is the pair of its primary's hour, once; the next hour counts nothing of it."""
+    from model_server.config import MAX_COPY_AGE_LIMIT_S, MAX_FLUSH_S
+    from vision_rollout.audit import CLOCK_SKEW_S, audited_hour
+
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    end = hour + timedelta(hours=1)
+    primaries = {i: end.timestamp() - 5 + 0.01 * i for i in range(50)}
+    copies = {i: at + CLOCK_SKEW_S for i, at in primaries.items()}  # (stamped past the hour)
+    written = max(copies.values()) + MAX_COPY_AGE_LIMIT_S + MAX_FLUSH_S
+    assert datetime.fromtimestamp(written, UTC) - end <= copy_due()  # (due: no copy lost)
+    pods_log(tmp_path, {"primary-pod": ("primary", primaries)}, mirrored, written=end.timestamp())
+    pods_log(tmp_path, {"shadow-pod": ("shadow", copies)}, mirrored, written=written)
+    this = audit(tmp_path / "log", hour, end, "digits", earlier_hours=24)
+    shown = (this.rows, this.copies_lost, this.primary_without_shadow, this.late_records)
+    assert (this.verdict, *shown) == ("pass", 50, 0, 0, 0), this.reasons
+    nxt = audit(tmp_path / "log", end, end + timedelta(hours=1), "digits", earlier_hours=24)
+    counted = (nxt.rows, nxt.copies_lost, nxt.shadow_without_primary, nxt.primary_without_shadow, nxt.late_earlier)
+    assert (nxt.verdict, *counted) == ("skip", 0, 0, 0, 0, 0), nxt.reasons
+    # (and the hourly run audits the hour once that file is whole in the log)
+    assert end + timedelta(seconds=audited_hour(end, end)[2]) > datetime.fromtimestamp(written, UTC)
+
+
+@pytest.mark.parametrize("after_close", [0, 1])
+def test_a_copy_split_over_the_hour_is_in_one_hours_figures_whenever_its_file_came(tmp_path, after_close):
+    """The copies of the hour's last requests, stamped past the hour, in a file named at the
+    hour's close are paired in that hour; a second later, they came after the hour's audit read
+    the log: the server's own mirror's copies are lost to that hour, whenever its audit runs, and
+    the next hour counts nothing of them (neither pairs, nor shadow records without their
+    primary, nor copies late). No pair is in no hour's figures, none in two."""
+    from vision_rollout.audit import CLOCK_SKEW_S
+
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    end = hour + timedelta(hours=1)
+    primaries = {i: end.timestamp() - 5 + 0.01 * i for i in range(50)}
+    pods_log(tmp_path, {"primary-pod": ("primary", primaries)}, True, written=end.timestamp())
+    copies = {i: at + CLOCK_SKEW_S for i, at in primaries.items()}
+    pods_log(tmp_path, {"shadow-pod": ("shadow", copies)}, written=closes(end).timestamp() + after_close)
+    this = audit(tmp_path / "log", hour, end, "digits", earlier_hours=24)
+    paired, lost = (50, 0) if after_close == 0 else (0, 50)
+    assert (this.rows, this.copies_lost, this.primary_without_shadow, this.late_records) == (paired, lost, 0, 0)
+    nxt = audit(tmp_path / "log", end, end + timedelta(hours=1), "digits", earlier_hours=24)
+    counted = (nxt.rows, nxt.copies_lost, nxt.shadow_without_primary, nxt.primary_without_shadow, nxt.late_earlier)
+    assert (nxt.verdict, *counted) == ("skip", 0, 0, 0, 0, 0), nxt.reasons
+
+
+def test_the_hours_copies_past_its_end_take_no_read_nor_byte_budget_of_their_own(tmp_path, monkeypatch):
+    """The copies of a pair split over the hour are read in the hour's one read of the log, to
+    its close, held to the audit's one byte budget: no read of another hour, nor a budget again
+    for them."""
+    from vision_rollout.audit import CLOCK_SKEW_S
+
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    end = hour + timedelta(hours=1)
+    primaries = {i: end.timestamp() - 5 + 0.01 * i for i in range(50)}
+    pods_log(tmp_path, {"primary-pod": ("primary", primaries)}, True, written=end.timestamp())
+    copies = {i: at + CLOCK_SKEW_S for i, at in primaries.items()}
+    pods_log(tmp_path, {"shadow-pod": ("shadow", copies)}, written=closes(end).timestamp())
+    reads = []
+    real = predictionlog.read
+
+    def spy(uri, start, stop, *args, **kwargs):
+        reads.append((start, stop, kwargs.get("max_bytes")))
+        return real(uri, start, stop, *args, **kwargs)
+
+    monkeypatch.setattr(predictionlog, "read", spy)
+    result = audit(tmp_path / "log", hour, end, "digits", max_bytes=10**8)
+    assert (result.rows, result.copies_lost) == (50, 0)
+    assert reads == [(hour - timedelta(seconds=CLOCK_SKEW_S), closes(end), 10**8)]
