@@ -982,7 +982,10 @@ def attribution(
     such a copy with a primary it read that the next range's read, from ``CLOCK_SKEW_S`` before
     it, may not reach. An earlier range's: the records stamped before it, the shadow records of
     the items of primaries stamped before it, and those of no primary read stamped before
-    ``start``'s close. A shadow record stamped within the range more than ``CLOCK_SKEW_S`` before
+    ``start``'s close. A shadow record stamped more than ``CLOCK_SKEW_S`` before every primary of
+    its item in the range, of a primary before it, is that one's (a request id a client sent
+    again: the earlier range paired it, and the later one's copy is lost, not paired twice). A
+    shadow record stamped within the range more than ``CLOCK_SKEW_S`` before
     its end, of a primary stamped after it (the pods' clocks further apart), is the range's too:
     the next range's read, from ``CLOCK_SKEW_S`` before it, never sees it, and the pair was lost
     to both unseen; the range counts it a shadow record without its primary."""
@@ -993,7 +996,13 @@ def attribution(
     closing = ~by_close & (time < pd.Timestamp(closes(end))).to_numpy()
     primary = (records["role"] == "primary").to_numpy()
     key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
-    ours = key.isin(key[primary & inside & ~late])
+    # (of a primary of the range: stamped after the first of its item's, less the pods' clocks
+    # apart; one stamped earlier is an earlier request's whose id a client sent again, paired there)
+    rows = np.flatnonzero(primary & inside & ~late)
+    rows = rows[time.iloc[rows].argsort(kind="stable").to_numpy()]
+    rows = rows[~key[rows].duplicated()]
+    since = time.iloc[rows].set_axis(key[rows]).reindex(key).reset_index(drop=True)
+    ours = (time.reset_index(drop=True) >= since - pd.Timedelta(seconds=CLOCK_SKEW_S)).to_numpy()
     theirs = key.isin(key[primary & ~inside])
     unpaired = ~primary & ~key.isin(key[primary])
     beyond = (time < pd.Timestamp(end - timedelta(seconds=CLOCK_SKEW_S))).to_numpy() & key.isin(

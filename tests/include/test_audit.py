@@ -2570,3 +2570,28 @@ def test_the_hours_copies_past_its_end_take_no_read_nor_byte_budget_of_their_own
     result = audit(tmp_path / "log", hour, end, "digits", max_bytes=10**8)
     assert (result.rows, result.copies_lost) == (50, 0)
     assert reads == [(hour - timedelta(seconds=CLOCK_SKEW_S), closes(end), 10**8)]
+
+
+def test_a_request_id_re_sent_in_the_next_hour_takes_no_copy_its_first_hour_paired(tmp_path):
+    """Clients reuse request ids: 50 requests answered in the hour's last seconds, each copied
+    and paired in that hour, were sent again with the same ids and images ten minutes into the
+    next hour, and the server's own mirror's copies of those were lost. The next hour's read,
+    from ``CLOCK_SKEW_S`` before it, held the first requests' copies, and took them for its own
+    primaries' (any copy of an id it had a primary of): its 50 lost copies were shown as 50
+    pairs and 0 lost, each copy paired in both hours. A copy stamped more than ``CLOCK_SKEW_S``
+    before every primary of its id in a range is no copy of theirs: it stays its own hour's."""
+    from vision_rollout.audit import CLOCK_SKEW_S
+
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    end = hour + timedelta(hours=1)
+    first = {i: end.timestamp() - 5 + 0.01 * i for i in range(50)}
+    pods_log(tmp_path, {"primary-pod": ("primary", first)}, True, written=end.timestamp())
+    copies = {i: at + CLOCK_SKEW_S for i, at in first.items()}  # (a pod ahead: stamped past the hour)
+    pods_log(tmp_path, {"shadow-pod": ("shadow", copies)}, written=max(copies.values()) + 5)
+    again = {i: end.timestamp() + 600 + 0.01 * i for i in range(50)}  # (the same ids and images)
+    pods_log(tmp_path, {"primary-pod-2": ("primary", again)}, True, written=end.timestamp() + 610)
+    this = audit(tmp_path / "log", hour, end, "digits", earlier_hours=24)
+    assert (this.verdict, this.rows, this.copies_lost) == ("pass", 50, 0), this.reasons
+    nxt = audit(tmp_path / "log", end, end + timedelta(hours=1), "digits", earlier_hours=24)
+    counted = (nxt.rows, nxt.copies_lost, nxt.duplicates, nxt.input_mismatch, nxt.late_earlier)
+    assert (nxt.verdict, *counted) == ("inconclusive", 0, 50, 0, 0, 0), nxt.reasons
