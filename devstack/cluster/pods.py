@@ -1219,14 +1219,15 @@ def _port_besides(other: int) -> int:
 
 def _admin_arg(args: list[Any]) -> str | None:
     """The value of a container's ``--admin-port`` (``--admin-port N`` or ``--admin-port=N``, the
-    first, as ``_translate`` drops it), as written; "" where it has none (the last arg, or
-    ``--admin-port=``: its container refused at its start, no admin port); None without one.
+    first, as ``_translate`` drops it), as written; "" where it has none (the last arg,
+    ``--admin-port=``, or a flag after it, as argparse reads one: its container refused at its
+    start, no admin port); None without one.
     The one reading of it for ``_create``, ``_ports`` and ``_command``."""
     args = [str(a) for a in args]
     for arg, after in zip(args, [*args[1:], None], strict=True):
         flag, sep, value = arg.partition("=")
         if flag == "--admin-port":
-            return value if sep else after or ""
+            return value if sep else after if after and not after.startswith("--") else ""
     return None
 
 

@@ -857,13 +857,18 @@ def test_the_admin_container_port_is_the_pods_admin_port_in_either_form_of_the_f
     assert _ports(pod) == [("http", 41001), ("admin", 41002)]
 
 
-@pytest.mark.parametrize("bare", [["--admin-port"], ["--admin-port="]], ids=["last", "empty"])
+@pytest.mark.parametrize(
+    "bare",
+    [["--admin-port"], ["--admin-port="], ["--admin-port", "--port", "8000"]],
+    ids=["last", "empty", "a-flag-next"],
+)
 def test_an_admin_port_flag_with_no_value_is_refused_naming_the_pod_and_the_flag(tmp_path, monkeypatch, bare):
     """A bare ``--admin-port`` as the container's last arg: ``_create`` gave the pod an admin port
     (an arg of that name was enough) and ``_ports`` none (no value after it to match a
     containerPort), and the server ran with an admin port no target scraped. One reading of the
     args serves both: the pod has no admin port, and its container is refused at its start, the
-    error naming the pod and the flag (the model server itself would exit at its args)."""
+    error naming the pod and the flag (the model server itself would exit at its args). A flag
+    after it is no value either (argparse: "expected one argument"), where it was taken for one."""
     from devstack.cluster.pods import ADMIN_ANNOTATION, _ports
 
     runner = PodRunner(FakeKubeAPI(kubelet=True), tmp_path / "cluster", {}, gpu=False)
