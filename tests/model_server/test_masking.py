@@ -86,6 +86,16 @@ def assert_one_value_masked(
         assert Masker(ring).mask_text(other, ring.key_for(None)) == other
 
 
+def assert_one_value_masked_in_a_log_line(keys, text: str, value: str, *, scrubbed: bool = True) -> None:
+    """``assert_one_value_masked``; and a log record of ``text`` through ``LogMasking`` holds no
+    ``value``, and ``text`` is suspected (the prefilter lets it through)."""
+    assert_one_value_masked(keys, text, value, scrubbed=scrubbed)
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "%s", (text,), None)
+    assert LogMasking(Masker(KeyRing(keys))).filter(record)
+    assert value not in record.getMessage()
+    assert suspected(text)
+
+
 @pytest.mark.parametrize(("kind", "value"), [(k, v) for k, vs in SAMPLES.items() for v in vs])
 def test_each_detector_masks_and_the_token_reveals(keys, kind, value):
     ring = KeyRing(keys)
@@ -2706,12 +2716,7 @@ def test_a_value_more_than_three_blanks_after_its_key_is_masked(keys, text, valu
     file's "password:    hunter2") were logged in clear: the keyed rules read three blanks at
     most around the ":" or "=". A run of up to 64 now, in the masking, the Slack reports and the
     log; the blanks stay."""
-    assert_one_value_masked(keys, text, value, scrubbed=value == "hunter2")
-    masker = Masker(KeyRing(keys))
-    record = logging.LogRecord("t", logging.INFO, __file__, 1, "%s", (text,), None)
-    assert LogMasking(masker).filter(record)
-    assert value not in record.getMessage()
-    assert suspected(text)
+    assert_one_value_masked_in_a_log_line(keys, text, value, scrubbed=value == "hunter2")
 
 
 @pytest.mark.parametrize(
@@ -3164,12 +3169,7 @@ def test_a_value_after_a_tab_written_escaped_between_its_key_and_it_is_masked(ke
     ("password\\\\t\\\\thunter2x9"), or before a value on the next line, was logged and sent to
     Slack in clear (a comment there masked): the secrets' keyed and spaced rules read spaces and
     tabs only there. Such a tab is read as a blank now, up to 64 of them, as a tab is; it stays."""
-    assert_one_value_masked(keys, text, value)
-    masker = Masker(KeyRing(keys))
-    record = logging.LogRecord("t", logging.INFO, __file__, 1, "%s", (text,), None)
-    assert LogMasking(masker).filter(record)
-    assert value not in record.getMessage()
-    assert suspected(text)
+    assert_one_value_masked_in_a_log_line(keys, text, value)
 
 
 @pytest.mark.parametrize(
@@ -3219,12 +3219,7 @@ def test_an_identity_number_after_a_tab_written_escaped_before_its_colon_or_with
     """A passport or SSN a tab written escaped ("\\\\t", as repr() and json.dumps write one) after its
     key, before the ":" or "=" or with none ("passport\\\\t\\\\tE1234567"), was logged in clear: the
     keyed rule read such a tab only after the ":". It reads one wherever it reads a blank now."""
-    assert_one_value_masked(keys, text, value, scrubbed=False)
-    masker = Masker(KeyRing(keys))
-    record = logging.LogRecord("t", logging.INFO, __file__, 1, "%s", (text,), None)
-    assert LogMasking(masker).filter(record)
-    assert value not in record.getMessage()
-    assert suspected(text)
+    assert_one_value_masked_in_a_log_line(keys, text, value, scrubbed=False)
 
 
 @pytest.mark.parametrize(
