@@ -448,10 +448,12 @@ _SECRET_SPACED = re.compile(
 # quotes before the value ('?sig=\\"\\"abc123def': an empty string written before it), each the
 # first's quote escaped as deep as it is (``qe``, ``qq``), possessively: an unescaped quote after
 # escaped ones closes the JSON string that holds the URL, and is never read as one of the run.
+# The value ends at a ":" before a blank, as a keyed one does (``_LAST_COLON``: "?token=abc123:
+# 500", an error's code after the URL, keeps its ":").
 _QUERY_SECRET = re.compile(
     rf"(?<=[?&]){_PREFIXES}(?i:{_CRED_WORDS}|key|sig|signature|auth)="
     rf"(?:(?P<qe>(?:{_ESCAPE})?)(?P<qq>[\"'])(?:(?P=qe)(?P=qq)){{0,63}}+)?+{NOT_MASKED}"
-    rf"(?P<v>(?:{_NOT_ESCAPED_QUOTE}(?:[^\s&;#\"'`<>\\]|\\\\|\\)){{1,256}}+)"
+    rf"(?P<v>(?:{_NOT_ESCAPED_QUOTE}{_LAST_COLON}(?:[^\s&;#\"'`<>\\]|\\\\|\\)){{1,256}}+)"
 )
 # A cookie header's value, all its pairs (their values in quotes too), to the end of the line (or
 # of its quotes: the string's, read as ``quoted`` reads it, its escapes whole); and so an

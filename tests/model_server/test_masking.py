@@ -4509,6 +4509,31 @@ def test_a_colon_after_a_keyed_value_before_a_blank_is_the_texts(keys, text, val
 
 
 @pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("https://h/a?token=abc123: 500", "abc123"),
+        ("https://h/a?access_token=abc123: 500 Internal", "abc123"),
+        ("GET https://h/a?q=1&sig=abc123def: 403 Forbidden", "abc123def"),
+        (json.dumps({"m": "https://h/a?token=abc123: 500"}), "abc123"),
+        (json.dumps({"m": "https://h/a?token=abc123:\nnext"}), "abc123"),
+        ("https://h/a?token=abc123:", "abc123"),
+        ("https://h/a?sig=ab:cd: 500", "ab:cd"),
+    ],
+)
+def test_a_colon_after_a_query_value_before_a_blank_is_the_texts(keys, text, value):
+    """A ":" after a URL query's secret before a blank ("https://h/a?token=abc123: 500", an error's
+    code after the URL) was masked with the value ("?token=*** 500"), as it was after a keyed value
+    before. A ":" before a blank, an escaped line end or the text's end ends the query's value too,
+    and stays; a ":" within it ("ab:cd") is the value's."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value], masked
+    assert TOKEN_RE.sub("", masked) == text.replace(value, "", 1)
+    assert scrub(text) == text.replace(value, "***", 1)
+    assert scrub(scrub(text)) == scrub(text)
+
+
+@pytest.mark.parametrize(
     ("record", "kept"),
     [
         ({"m": "api_key: [[ "}, {}),
