@@ -4484,6 +4484,33 @@ def test_a_query_parameter_after_five_quotes_or_more_is_masked(keys, quotes, dep
     assert TOKEN_RE.sub("", masked) == url.replace("abc123def", "")
 
 
+@pytest.mark.parametrize("quotes", [65, 100, 1000])
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_a_query_parameter_after_more_than_64_quotes_is_masked_with_the_quotes_past_them(keys, quotes, depth):
+    """A URL query value after more than 64 quotes ('?sig=' and 65 quotes then 'abc123def', in a
+    JSON string too) was left in clear: the query rule reads 64 quotes at most before the value,
+    and at the 65th no value started. It fails closed: the quotes past the 64th (4 KiB of them at
+    most), each the first's quote escaped as deep as it is, are read with the value and masked
+    with it; the 64 stay, and the JSON around it parses."""
+    url = "https://acct.example.com/c/b?sig=" + '"' * quotes + "abc123def&sv=1"
+    text = url
+    for _ in range(depth):
+        text = json.dumps({"m": text})
+    head = "https://acct.example.com/c/b?sig=" + '"' * 64
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    tokens = [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)]
+    assert len(tokens) == 1, masked
+    assert tokens[0].endswith("abc123def"), masked
+    scrubbed = scrub(text)
+    assert "abc123def" not in scrubbed
+    assert scrub(scrubbed) == scrubbed
+    for _ in range(depth):
+        masked, scrubbed = json.loads(masked)["m"], json.loads(scrubbed)["m"]
+    assert TOKEN_RE.sub("", masked) == head + "&sv=1"
+    assert scrubbed == head + "***&sv=1"
+
+
 @pytest.mark.parametrize(
     ("text", "value"),
     [
