@@ -208,12 +208,16 @@ _NO_ID_ITEM = rf"(?:(?:(?![:=]){_VALUE_CHAR}){{1,64}}+|{PLACEHOLDER})(?![:=])"
 # 123 rows"), is no value (``credentials.NO_VALUE``: "passport: none", "passport: none 2026-12-05").
 _SHAPE = r"[0-9]{1,5}(?:[xX][0-9]{1,5}){1,3}(?![0-9A-Za-z_-])"
 _PLACEHOLDER_BEFORE = rf"(?:{PLACEHOLDER}[ ]{{1,2}}+(?!{DATE_OR_TIME}|{_SHAPE})(?={_CAPITALS}{_ID_VALUE}))?+"
+# A placeholder in quotes first in a list ('"ssn": "null", "123456789"'): its closing quote, then a
+# "," or ";", make it an item of no id, passed over as one not in quotes is ("ssn: null, 123456789"),
+# never the key's value.
+_NO_QUOTED_ITEM = rf"(?!{PLACEHOLDER}(?(e)(?P=e))(?P=q){BLANK}{{0,64}}+[,;])"
 _KEYED = re.compile(
     rf"(?:{_NOT_ALNUM_BEFORE}|{_CAMEL_START})(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX}){_MORE_WORDS}{KEY_QUOTE}"
     rf"(?(w){_WORDS_COLON}|(?:{_KEY_COLON}|(?P<b>{BLANK}{{1,64}}+(?=[{{\[]))"
     rf"|{BLANK}{{1,64}}+(?:[#-]{BLANK}{{0,64}}+)?(?:(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9])"
     rf"|(?=[A-Z]{{1,2}}[ ]{{1,2}}(?!{DATE_OR_TIME}){_VALUE_CHAR}{{0,31}}[0-9]))))"
-    rf"(?(w)(?:(?(n)(?(p)|(?!)))(?P<l>\[{BLANK}{{0,64}}+(?:{_BREAK}{_BLANK_LINES}{BLANK}{{0,64}}+)?+))?+){OPEN_QUOTE}(?(w){_STATUS})(?:(?(q)|{_PLACEHOLDER_BEFORE}{NO_VALUE})(?P<v>(?(w){_CAPITALS}(?(n){_ID_NUMBER}|{_ID_VALUE})"
+    rf"(?(w)(?:(?(n)(?(p)|(?!)))(?P<l>\[{BLANK}{{0,64}}+(?:{_BREAK}{_BLANK_LINES}{BLANK}{{0,64}}+)?+))?+){OPEN_QUOTE}(?(w){_STATUS})(?:(?(q){_NO_QUOTED_ITEM}|{_PLACEHOLDER_BEFORE}{NO_VALUE})(?P<v>(?(w){_CAPITALS}(?(n){_ID_NUMBER}|{_ID_VALUE})"
     rf"|(?:(?(q){NOT_MASKED}{quoted(64)}|(?(b){CLOSED_BRACKETED}|(?:{BRACKETED}|{_UNQUOTED})))|{_UNQUOTED})))"
     rf"|(?(p)|(?(l)|(?(n)(?!)|(?={PLACEHOLDER}{KEY_QUOTE}{BLANK}{{0,64}}+[,;])))){_NO_ID_ITEM}(?={KEY_QUOTE}{BLANK}{{0,64}}+[,;]))"
 )

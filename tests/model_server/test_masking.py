@@ -4012,6 +4012,29 @@ def test_an_identity_number_after_a_placeholder_first_in_a_list_after_a_singular
 @pytest.mark.parametrize(
     ("text", "values"),
     [
+        ('"ssn": "null", "123456789"', ["123456789"]),
+        ("'ssn': 'n/a', '123456789'", ["123456789"]),
+        ('"ssn": "none" , "123456789", "987654321"', ["123456789", "987654321"]),
+        ('"passport": "(not set)"; "E1234567"', ["E1234567"]),
+        (json.dumps({"m": '"ssn": "null", "123456789"'}), ["123456789"]),
+        # a quoted placeholder before a pair is no value either; the unquoted lists as before
+        ('"ssn": "null", "status": "ok"', []),
+        ("ssn -> null, 123456789", ["123456789"]),
+        ("ssn: null, 123456789", ["123456789"]),
+    ],
+)
+def test_a_quoted_placeholder_first_in_a_list_after_a_singular_key_stays_and_the_number_is_masked(keys, text, values):
+    """A placeholder in quotes first in a list after a singular identity key ('"ssn": "null",
+    "123456789"') was masked as the key's value, a token for "null" in the log: a placeholder was
+    passed over there only when not in quotes ("ssn: null, 123456789"). One in quotes with a "," or
+    ";" after its closing quote is passed over too: it stays, and the number after it is masked."""
+    assert_masked_as(keys, text, values)
+    assert scrub(scrub(text)) == scrub(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [
         ('{\n  "ssns": [\n    "123456789",\n    "987654321"\n  ]\n}', ["123456789", "987654321"]),
         ('{\n  "passports": [\n "E1234567",\n "X7654321"\n ]\n}', ["E1234567", "X7654321"]),
         (json.dumps({"ssns": ["123456789", "987654321"]}, indent=4), ["123456789", "987654321"]),
