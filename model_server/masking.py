@@ -300,17 +300,18 @@ _LOOK_VERB = (
 # Where such a verb starts a field's value it is a local part, and the word after "at" a label,
 # "the" too ("mail: look at this dot io", "to: stare at the dot org"; ``f``): after the key of an
 # address (mail, e-mail, contact, to, from, cc, bcc, reply-to, ``_ADDRESS_KEYS``; "user_email",
-# "X-Original-To" too), up to 2 quotes or blanks, its ":" or "=" and up to 8 quotes or blanks
-# ('"email": "look at ...'). A fixed look behind each, guarded by the separator's place: read
-# only where the prose is, at a cost bounded there (``_NOT_PROSE_AT`` atomic: never tried again
-# at a start the rest of the pattern refused).
+# "X-Original-To" too), up to 2 quotes or blanks, its ":" or "=" and up to 8 quotes, blanks or a
+# list's "[" ('"email": "look at ...', "to: [jane at the dot org, ..."). A fixed look behind each,
+# guarded by the separator's place: read only where the prose is, at a cost bounded there
+# (``_NOT_PROSE_AT`` atomic: never tried again at a start the rest of the pattern refused).
 _ADDRESS_KEYS = ("to", "cc", "bcc", "mail", "from", "email", "contact")
 _VALUE_QUOTES = r"[\\\"' \t]"
+_VALUE_OPEN = r"[\\\"' \t\[]"  # (after the ":" or "=", a list's "[" too: "to: [jane at the dot org, ...]")
 _AFTER_ADDRESS_KEY = "|".join(
-    rf"(?<=[:=]{_VALUE_QUOTES}{{{after}}})(?:"
+    rf"(?<=[:=]{_VALUE_OPEN}{{{after}}})(?:"
     + "|".join(
         rf"(?<=(?<![A-Za-z0-9])(?i:{'|'.join(k for k in _ADDRESS_KEYS if len(k) == width)})"
-        rf"{_VALUE_QUOTES}{{{before}}}[:=]{_VALUE_QUOTES}{{{after}}})"
+        rf"{_VALUE_QUOTES}{{{before}}}[:=]{_VALUE_OPEN}{{{after}}})"
         for width in sorted({len(k) for k in _ADDRESS_KEYS})
         for before in range(3)
     )

@@ -4420,6 +4420,31 @@ def test_every_spelt_address_in_a_list_as_a_fields_value_is_masked(keys, text, v
 
 
 @pytest.mark.parametrize(
+    ("text", "values"),
+    [
+        ("to: [jane at the dot org, bob at the dot com]", ["jane at the dot org", "bob at the dot com"]),
+        ('cc: ["jane at the dot org", "bob at the dot com"]', ["jane at the dot org", "bob at the dot com"]),
+        ("to: [look at this dot io; stare at the dot org]", ["look at this dot io", "stare at the dot org"]),
+        ("mail = [ jane at the dot org ]", ["jane at the dot org"]),
+        ("to: [alice at example dot com, bob at the dot org]", ["alice at example dot com", "bob at the dot org"]),
+        (
+            json.dumps({"m": "to: [jane at the dot org, bob at the dot com]"}),
+            ["jane at the dot org", "bob at the dot com"],
+        ),
+        # under a word that is no address's key, a sentence still
+        ("note: [jane at the dot org, bob at the dot com]", []),
+    ],
+)
+def test_every_spelt_address_in_a_bracketed_list_as_a_fields_value_is_masked(keys, text, values):
+    """A list of spelt addresses in brackets as a field's value ("to: [jane at the dot org, bob at
+    the dot com]") was logged in clear, every item: the address's key was read before its value's
+    quotes and blanks only, and after a "[" the local part started no field's value, so "the" after
+    "at" was prose's. A "[" after the key's ":" or "=" is read as its quotes are: each item is
+    masked as in the list without brackets, the brackets kept."""
+    assert_masked_as(keys, text, values)
+
+
+@pytest.mark.parametrize(
     ("text", "value"),
     [
         ("mail: jane at the dot org", "jane at the dot org"),
