@@ -5,10 +5,16 @@ in another form (``alice%40example.com``, full-width digits, ``pass\u200bword``)
 from __future__ import annotations
 
 import bisect
+import functools
 import html
 import re
 import unicodedata
 import urllib.parse
+from array import array
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from html.entities import html5
+from typing import final
 
 # Every Unicode decimal digit to its ASCII digit (Arabic-Indic, Devanagari, full-width, ...),
 # every dash to "-": after NFKC, which takes full-width forms (U+FF20, U+FF10) to ASCII. The
@@ -44,6 +50,198 @@ def normalise(text: str) -> str:
             break
         text = decoded
     return unicodedata.normalize("NFKC", text).translate(_FOLD)
+
+
+# ``normalise``'s reading, step by step, with where each character it reads comes from in the
+# text (``folding``): a percent escape (a run of them that is one UTF-8 character's bytes, each
+# character of a run with a byte UTF-8 refuses all of the run, as ``unquote`` decodes it), a
+# character reference (``html.unescape``'s pattern; of a name without ";" only its longest known
+# prefix), and a run of characters that NFKC reads together (``_nfkc_runs``).
+_PERCENT = re.compile(r"%[0-7][0-9a-fA-F]|(?:%[89a-fA-F][0-9a-fA-F])+")
+_CHARREF = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
+_DROPPED = re.compile("[" + "".join(re.escape(chr(c)) for c, to in _FOLD.items() if to is None) + "]+")
+# A change of one step: a span of its text, and what it reads as (each of its characters from all of the span).
+_Change = tuple[int, int, str]
+
+
+def _percent_changes(text: str) -> Iterator[_Change]:
+    for m in _PERCENT.finditer(text):
+        a, b = m.span()
+        if b - a == 3 and m.group(0)[1] < "8":
+            yield a, b, chr(int(m.group(0)[1:], 16))
+            continue
+        decoded = bytes.fromhex(m.group(0).replace("%", "")).decode("utf-8", "replace")
+        if "\ufffd" in decoded:
+            yield a, b, decoded
+            continue
+        for c in decoded:
+            yield a, a + 3 * len(c.encode("utf-8")), c
+            a += 3 * len(c.encode("utf-8"))
+
+
+def _json_changes(text: str) -> Iterator[_Change]:
+    for m in _JSON_ESCAPE.finditer(text):
+        code = int(m.group(2), 16)
+        if not 0xD800 <= code <= 0xDFFF:
+            yield m.end(1), m.end(), chr(code)
+
+
+def _html_changes(text: str) -> Iterator[_Change]:
+    for m in _CHARREF.finditer(text):
+        (a, b), name = m.span(), m.group(1)
+        read = html.unescape(m.group(0))
+        if read == m.group(0):
+            continue
+        if not name.startswith("#") and name not in html5:  # (a known name, then text: "&ampx" is "&" and "x")
+            x = next((x for x in range(len(name) - 1, 1, -1) if name[:x] in html5), 0)
+            if x and read == html5[name[:x]] + name[x:]:
+                b, read = a + 1 + x, html5[name[:x]]
+        yield a, b, read
+
+
+@functools.cache
+def _nfkc_runs() -> re.Pattern[str]:
+    """A run of characters NFKC reads together: one it may change, or one before which NFKC may
+    not start again (that composes with the character before it, a combining mark, or whose
+    decomposition starts with one), with those after it that it may not start again before."""
+    backward = {*range(0x1161, 0x1176), *range(0x11A8, 0x11C3)}  # (Hangul vowels and trailing consonants)
+    decomposed = []
+    for c in (*range(0x80, 0x40000), *range(0xE0000, 0xE1000)):  # (beyond them none is assigned)
+        mapping = unicodedata.decomposition(chr(c))
+        if mapping or unicodedata.combining(chr(c)):
+            decomposed.append(c)
+        if mapping and not mapping.startswith("<") and len(mapping.split()) == 2:
+            backward.add(int(mapping.split()[1], 16))
+    after = sorted(
+        c
+        for c in {*decomposed, *backward}
+        if unicodedata.combining(chr(c))
+        or unicodedata.combining(unicodedata.normalize("NFKD", chr(c))[0])
+        or ord(unicodedata.normalize("NFKD", chr(c))[0]) in backward
+    )
+    changing, joined = _class(sorted({*decomposed, *backward})), _class(after)
+    return re.compile(f"[^{changing}][{joined}]+|[{changing}][{joined}]*")
+
+
+def _class(codes: list[int]) -> str:
+    """A character class's body of ``codes`` (in order)."""
+    ranges: list[list[int]] = []
+    for c in codes:
+        if ranges and ranges[-1][1] == c - 1:
+            ranges[-1][1] = c
+        else:
+            ranges.append([c, c])
+    return "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges)
+
+
+def _nfkc_changes(text: str) -> Iterator[_Change]:
+    for m in _nfkc_runs().finditer(text):
+        read = unicodedata.normalize("NFKC", m.group(0))
+        if read != m.group(0):
+            yield m.start(), m.end(), read
+
+
+def _changed(
+    text: str, starts: array[int], ends: array[int], changes: Iterable[_Change]
+) -> tuple[str, array[int], array[int]]:
+    """``text`` with ``changes`` (in order, none overlapping) made, and where each of its
+    characters comes from: a kept one from where it did, a changed one's from all its span's."""
+    pieces: list[str] = []
+    to_starts, to_ends, end = array("q"), array("q"), 0
+    for a, b, read in changes:
+        pieces += (text[end:a], read)
+        to_starts += starts[end:a]
+        to_starts += array("q", [starts[a]]) * len(read)
+        to_ends += ends[end:a]
+        to_ends += array("q", [ends[b - 1]]) * len(read)
+        end = b
+    if not pieces:
+        return text, starts, ends
+    to_starts += starts[end:]
+    to_ends += ends[end:]
+    return "".join(pieces) + text[end:], to_starts, to_ends
+
+
+def folding(text: str, folded: str) -> Folding | None:
+    """``text`` read as ``normalise`` reads it (``folded``), and where each character of the
+    reading comes from in ``text``; None where the reading step by step is not ``folded`` (the
+    caller then reads the text whole). Linear in the text."""
+    read, starts, ends = text, array("q", range(len(text))), array("q", range(1, len(text) + 1))
+    for _ in range(3):
+        step = read, starts, ends
+        if "%" in read:
+            step = _changed(*step, _percent_changes(step[0]))
+        if "\\" in step[0]:
+            step = _changed(*step, _json_changes(step[0]))
+        if "&" in step[0]:
+            step = _changed(*step, _html_changes(step[0]))
+        if step[0] == read:
+            break
+        read, starts, ends = step
+    if not unicodedata.is_normalized("NFKC", read):
+        read, starts, ends = _changed(read, starts, ends, _nfkc_changes(read))
+    read, starts, ends = _changed(read, starts, ends, ((m.start(), m.end(), "") for m in _DROPPED.finditer(read)))
+    read = read.translate(_FOLD)
+    return Folding(text, read, starts, ends) if read == folded else None
+
+
+@final
+@dataclass(frozen=True)
+class Folding:
+    """A text (``raw``) as ``normalise`` reads it (``text``), where each of its characters comes
+    from in ``raw`` (``starts``, ``ends``: that of the escape, or the run of characters, it was
+    read from), and the spans of ``raw`` written otherwise (``edits``, in order: ``written``)."""
+
+    raw: str
+    text: str
+    starts: array[int]
+    ends: array[int]
+    edits: tuple[tuple[int, int, str], ...] = ()
+
+    def extents(self, spans: Iterable[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+        """Each of ``spans`` (of ``text``, in order; an empty one is none) as a span of ``text`` and one of
+        ``raw`` (``a``, ``b``, ``raw_a``, ``raw_b``), grown to every character read from the
+        characters of ``raw`` it was read from (an escape half in it, all of its reading), those
+        that overlap then merged."""
+        found: list[tuple[int, int, int, int]] = []
+        for a, b in spans:
+            if a >= b:
+                continue
+            raw_a, raw_b = self.starts[a], self.ends[b - 1]
+            while True:  # (the characters read from any of raw_a-raw_b)
+                a, b = bisect.bisect_right(self.ends, raw_a), bisect.bisect_left(self.starts, raw_b)
+                if (self.starts[a], self.ends[b - 1]) == (raw_a, raw_b):
+                    break
+                raw_a, raw_b = min(raw_a, self.starts[a]), max(raw_b, self.ends[b - 1])
+            if found and (a < found[-1][1] or raw_a < found[-1][3]):
+                a, raw_a = found[-1][0], found.pop()[2]
+            found.append((a, b, raw_a, raw_b))
+        return found
+
+    def replaced(self, spans: Iterable[tuple[int, int]], by: Callable[[str], str]) -> Folding:
+        """This text with each of ``spans`` (``extents``) as ``by`` of its text, in ``text`` and
+        in ``raw`` alike (each character of it read from all of its span of ``raw``)."""
+        made = [(a, b, raw_a, raw_b, by(self.text[a:b])) for a, b, raw_a, raw_b in self.extents(spans)]
+        if not made:
+            return self
+        text, starts, ends = _changed(self.text, self.starts, self.ends, ((a, b, out) for a, b, _, _, out in made))
+        edits = [(raw_a, raw_b, out) for _, _, raw_a, raw_b, out in made]
+        i = 0
+        for edit in self.edits:  # (an earlier one inside one of these is gone: one is inside the other, or apart)
+            while i < len(made) and made[i][3] <= edit[0]:
+                i += 1
+            if i == len(made) or not made[i][2] <= edit[0] < edit[1] <= made[i][3]:
+                edits.append(edit)
+        return Folding(self.raw, text, starts, ends, tuple(sorted(edits)))
+
+    def written(self) -> str:
+        """``raw`` with its ``edits`` made."""
+        pieces: list[str] = []
+        end = 0
+        for raw_a, raw_b, out in self.edits:
+            pieces += (self.raw[end:raw_a], out)
+            end = raw_b
+        return "".join(pieces) + self.raw[end:]
 
 
 # A terminal's control sequence (ECMA-48's CSI: ESC and "[", or the one byte 0x9B; parameter
