@@ -684,7 +684,10 @@ def start_from_steady(spec: RolloutSpec, run_id: str, hook: ModelServerHook, bef
     end (``before``: the holding it found) puts that run's routes back to the baseline first, when
     they are what a rollout against this baseline leaves mid-stage (``mesh.mid_rollout_against``:
     against another baseline, the unjudged candidate of that run would be put at 100%), and
-    returns the version that run had routed (its candidate, to retire); else None."""
+    returns the version that run had routed (its candidate, to retire); else None. In kubernetes
+    mode a baseline at 0 pods is scaled back first and one of its pods waited for, as a restore
+    does (``baseline_back``): should that fail, the routes stay as they are and the run fails
+    saying what to do by hand."""
     from vision_rollout.mesh import TRANSIENT, RouterError, mid_rollout_against, not_steady
 
     try:
@@ -700,8 +703,11 @@ def start_from_steady(spec: RolloutSpec, run_id: str, hook: ModelServerHook, bef
                 problem,
                 spec.baseline_version,
             )
+            routed = next(d.version for d in routes.route if d.weight > 0 and d.version != spec.baseline_version)
+            if spec.mesh != "local":  # (local: the model server is the mesh, and serves every version it loaded)
+                baseline_back(spec, run_id, hook, routed)
             r.set_routes(spec.stable_policy())
-            return next(d.version for d in routes.route if d.weight > 0 and d.version != spec.baseline_version)
+            return routed
     except TRANSIENT:
         raise  # no answer, or a failure rather than a refusal: a retry may get one
     except RouterError as exc:
@@ -709,6 +715,44 @@ def start_from_steady(spec: RolloutSpec, run_id: str, hook: ModelServerHook, bef
     if problem:
         raise AirflowFailException(f"{problem}. This run touched nothing.")
     return None
+
+
+def baseline_back(spec: RolloutSpec, run_id: str, hook: ModelServerHook, routed: str) -> None:
+    """Before a run that took the model over moves the traffic of ``routed`` (the candidate of
+    the run it took it from) back to the baseline (``start_from_steady``): a baseline at 0 pods
+    scaled back (``scaled_from_0``, as a restore does) and one of its pods ready. Should either
+    fail, the routes are left as they are, none moved to a version with no pods, and the error
+    says so, with what to do by hand: AirflowFailException; a transient failure (``TRANSIENT``)
+    raised as its own kind, that sentence added, for Airflow's retry to take the model over again
+    (the lease goes back to that run: ``first_step``)."""
+    from vision_rollout.mesh import TRANSIENT, RouterError
+
+    deployments = hook.deployments(spec.model)
+    if replicas_of(deployments.deployment(spec.baseline_version)) != 0:
+        return  # (it runs pods; or it has no Deployment: no pods to scale either, left as it was)
+
+    def left(pods: int, why: str) -> str:  # (``pods``: the count the scale chose)
+        return (
+            f"the routes are left as they are: version {routed} (the candidate of the run whose lease this run took "
+            f"over) keeps its share, for version {spec.baseline_version}, the baseline, has no pods and {why}: no "
+            f"traffic is moved to a version with no pods. By hand: scale version {spec.baseline_version} up "
+            f"({deployments.scale_by_hand(spec.baseline_version, pods)}: {SCALE_BY_HAND_KUBECTL}), wait for its pods "
+            "to be ready, then trigger the run again: it takes the lapsed lease over again and moves the routes back "
+            f"to version {spec.baseline_version}"
+        )
+
+    hold(spec, run_id, hook, WAITING_STEP_S)  # for the wait
+    restoring = 0
+    try:
+        restoring = scaled_from_0(spec, deployments, routed, lambda pods, maybe: left(pods, unscaled(pods, maybe)))
+        deployments.wait_ready(spec.baseline_version, 1, strict=False)
+    except RouterError as exc:  # (the scale's, its routes_kept set; else the wait's)
+        kept = exc.routes_kept or left(restoring, f"was scaled back to {restoring} pods from 0, none of them ready")
+        said = f"{kept} ({type(exc).__name__}: {str(exc)[:1000]})"
+        if isinstance(exc, TRANSIENT):
+            exc.args = (said,)
+            raise
+        raise AirflowFailException(said) from None
 
 
 def build_plan(spec: RolloutSpec, sha256: str, build: BuildSettings) -> dict[str, Any]:
@@ -1924,23 +1968,60 @@ class Shortfall:
     taken: str | None = None
 
 
+def unscaled(pods: int, maybe: bool = False) -> str:
+    """What a failed scale of a version at 0 pods back to ``pods`` left: ``maybe``, its last
+    write may have been written (``RouterError.maybe_written``), never read back."""
+    if maybe:
+        return f"may have been scaled back to {pods} pods from 0 or not (its last write's answer left it unknown)"
+    return f"was not scaled back to {pods} pods from 0"
+
+
 def unscaled_from_0(spec: RolloutSpec, pods: int, maybe: bool = False) -> str:
     """What a restore whose scale of a baseline at 0 pods failed leaves (the routes not moved to
     no pods, as Argo Rollouts' dynamicStableScale scales the stable version up before it shifts
     any traffic), and who puts the stable version back: the lease is kept (``finish``). ``maybe``:
     the scale's last write may have been written (``RouterError.maybe_written``), never read back."""
-    scaled = (
-        f"may have been scaled back to {pods} pods from 0 or not (its last write's answer left it unknown)"
-        if maybe
-        else f"was not scaled back to {pods} pods from 0"
-    )
     return (
-        f"version {spec.baseline_version} {scaled}, so the routes are not moved: "
+        f"version {spec.baseline_version} {unscaled(pods, maybe)}, so the routes are not moved: "
         f"the traffic on version {spec.candidate_version}, the candidate, stays there rather than go to a version "
         "with no pods; this run keeps the model's lease: clearing its ensure_stable tries the restore again, and "
         "once the lease runs out the model's next run takes the model over and moves the routes back to version "
         f"{spec.baseline_version} as it starts, with whatever pods it runs then"
     )
+
+
+def scaled_from_0(
+    spec: RolloutSpec,
+    deployments: VersionDeployments,
+    serving: str,
+    kept: Callable[[int, bool], str],
+    reserve: int = 0,
+) -> int:
+    """The baseline at 0 pods (retired by a promotion cut short, left there by a restore whose
+    scale failed or by another manager) scaled back before any traffic is routed to it, as Argo
+    Rollouts' dynamicStableScale scales the stable version up before it shifts traffic: to the
+    pods that serve the traffic now, ``serving``'s (its size not read: logged, the build's count),
+    the build's count at least; its own HPA kept (another manager's, a Helm release's: refused,
+    logged, its pods back all the same: ``VersionDeployments.scale``'s ``rolling_back``);
+    ``reserve`` calls kept for after it (``mesh.reserved``). Returns that count. The scale's
+    RouterError is raised as it came (its kind kept: a transient failure retried as ever), its
+    ``routes_kept`` set to ``kept(count, maybe_written)``: what the caller leaves, and why."""
+    from vision_rollout import mesh
+    from vision_rollout.mesh import RouterError
+
+    try:  # (the serving version's size only chooses how many: its read failed, the build's count)
+        pods = deployments.replicas(serving) or 0
+    except RouterError as exc:
+        pods = 0
+        log.warning("version %s's size was not read (%s)", serving, str(exc)[:500])
+    restoring = max(deployments.build.replicas, pods)
+    try:
+        with mesh.reserved(reserve):
+            deployments.scale(spec.baseline_version, restoring, spec.baseline_version, rolling_back=True)
+    except RouterError as exc:
+        exc.routes_kept = kept(restoring, exc.maybe_written)
+        raise
+    return restoring
 
 
 @dataclass(frozen=True)
@@ -2002,21 +2083,15 @@ def stable_back(
         if not quick:
             hold(spec, run_id, hook, WAITING_STEP_S, rolling_back=True)  # for the waits
         if live == 0:  # retired (a promotion cut short): back at the size that serves the traffic now
-            try:  # (the candidate's size only chooses how many: its read failed, the build's count)
-                pods = deployments.replicas(spec.candidate_version) or 0
-            except RouterError as exc:
-                pods = 0
-                log.warning("version %s's size was not read (%s)", spec.candidate_version, str(exc)[:500])
-            restoring = max(deployments.build.replicas, pods)
-            # its own HPA kept (another manager's, a Helm release's: refused, logged, its pods back all the same);
             # its first ready pod takes the traffic: the rest may need the room the candidate's pods take;
             # (the failure callback's: its apply read again only where the calls after the wait keep their time)
-            try:
-                with mesh.reserved(RESTORE_RETRY_CALLS + AFTER_WAIT_CALLS if quick else 0):
-                    deployments.scale(spec.baseline_version, restoring, spec.baseline_version, rolling_back=True)
-            except RouterError as exc:  # (its kind kept: a transient failure retried as ever)
-                exc.routes_kept = unscaled_from_0(spec, restoring, exc.maybe_written)  # (the failure callback's)
-                raise
+            restoring = scaled_from_0(
+                spec,
+                deployments,
+                spec.candidate_version,
+                lambda pods, maybe: unscaled_from_0(spec, pods, maybe),  # (the failure callback's)
+                RESTORE_RETRY_CALLS + AFTER_WAIT_CALLS if quick else 0,
+            )
         else:
             # (the failure callback's: its reads here only where they leave the calls after the wait their time)
             if deployments.build.autoscaling:

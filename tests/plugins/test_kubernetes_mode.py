@@ -1411,6 +1411,67 @@ def test_a_takeover_retires_the_candidate_of_the_run_it_took_over(fleet):
     assert "nothing restored" in steps.ensure_stable(PARAMS, "run-a", None, None, None)  # run-a's teardown
 
 
+def lapsed_at_stage_1_with_the_baseline_at_0(fleet: FakeKubeAPI) -> int:
+    """run-a at 10% while its lease lapsed, version 1 at 0 pods (another writer's scale, or a
+    restore whose scale from 0 failed): the pods version 2, its candidate, runs."""
+    from kubernetes import client
+
+    built = steps.build_image(PARAMS, "run-a")
+    steps.deploy_candidate(PARAMS, pushed(built), "run-a")
+    steps.apply_weights(PARAMS, 0, "run-a", built)
+    apps = client.AppsV1Api(steps.serving().deployments("digits")._apps().api_client)
+    apps.patch_namespaced_deployment_scale(
+        "digits-v1", "models", {"spec": {"replicas": 0}}, field_manager="model-rollout"
+    )
+    assert routes(fleet) == [("v1", 90), ("v2", 10)]
+    expire(fleet)
+    return int(deployment(fleet, "2")["spec"]["replicas"])
+
+
+def test_a_takeover_scales_a_baseline_at_0_back_before_it_moves_the_routes_to_it(fleet):
+    """run-b takes over run-a's lapsed lease at 10%, version 1 at 0 pods: it moved 100% to version
+    1 at once, with no pods to serve it (what the failure callback refuses, as Argo Rollouts'
+    dynamicStableScale scales the stable version up before it shifts traffic). It scales version 1
+    back first, as a restore does (to the pods that serve now, the build's count at least), waits
+    for its pods, then moves the routes and retires run-a's candidate."""
+    serving = lapsed_at_stage_1_with_the_baseline_at_0(fleet)
+    before = len(fleet.requests)
+    steps.build_image({**PARAMS, "candidate_version": "3"}, "run-b")
+    assert routes(fleet) == [("v1", 100)]
+    pods = max(steps.serving().deployments("digits").build.replicas, serving)
+    assert deployment(fleet, "1")["spec"]["replicas"] == pods
+    assert deployment(fleet, "1")["status"]["readyReplicas"] == pods
+    written = [c for c in calls(fleet, before) if c[0] in ("PATCH", "PUT") and "leases/" not in c[1]]
+    scaled = written.index(("PATCH", "deployments/digits-v1"))
+    assert scaled < written.index(("PATCH", "virtualservices/digits"))  # (its pods first, then the traffic)
+    assert deployment(fleet, "2")["spec"]["replicas"] == 0  # (run-a's candidate retired)
+    assert lease(fleet, "digits")["spec"]["holderIdentity"] == "run-b"
+
+
+def test_a_takeover_whose_scale_of_a_baseline_at_0_is_refused_leaves_the_routes_and_says_what_to_do(fleet):
+    """As above, version 1's scale refused (403): the routes stay as they are (version 2 keeps its
+    10%, no traffic moved to a version with no pods), run-b fails saying why and what to do by hand,
+    and gives the lease back to run-a, touching nothing else."""
+    from devstack.cluster.kube import APIError
+
+    lapsed_at_stage_1_with_the_baseline_at_0(fleet)
+    refuse(fleet, ("PATCH", "/deployments/digits-v1", APIError(403, "Forbidden", "cannot patch deployments")))
+    with pytest.raises(AirflowFailException) as failed:
+        steps.build_image({**PARAMS, "candidate_version": "3"}, "run-b")
+    fleet.before_write = None
+    said = str(failed.value)
+    assert "403" in said
+    assert "the routes are left as they are: version 2" in said
+    assert "version 1, the baseline, has no pods and was not scaled back to 2 pods from 0" in said
+    assert "no traffic is moved to a version with no pods" in said
+    assert steps.serving().deployments("digits").scale_by_hand("1", 2) in said
+    assert "then trigger the run again" in said
+    assert routes(fleet) == [("v1", 90), ("v2", 10)]
+    assert deployment(fleet, "1")["spec"]["replicas"] == 0
+    assert deployment(fleet, "2")["spec"]["replicas"] > 0  # (not retired)
+    assert lease(fleet, "digits")["spec"]["holderIdentity"] == "run-a"
+
+
 def promotion_cut_short(
     fleet: FakeKubeAPI,
     monkeypatch: pytest.MonkeyPatch,
