@@ -1446,10 +1446,12 @@ def settled(
     error (False: it writes again from what it read whatever it finds, an apply of the same
     fields); each read back is logged where one follows. ``read_back``: one read of the object,
     what ``attempt`` would answer where the write is in place, else None; a last write in doubt
-    given up for the calls ``reserved`` (its backoff too long for them) is read back with it once,
-    at once, where the ``api_budget`` keeps the time of one call more than the reserve: in place,
-    its answer; not, said in the error. A last write in doubt never read back marks the error
-    raised (a RouterError) ``maybe_written``: the caller does not say it was not written."""
+    (given up for the calls ``reserved``, its backoff too long for them; or its last try's) is
+    read back with it once, at once, where the ``api_budget`` keeps the time of one call more
+    than the reserve: in place, its answer; not, said in the error. Of a last write in doubt never
+    read back (no ``read_back``, no time for it, its read failed) the error says it may have been
+    served, and marks it (a RouterError) ``maybe_written``: the caller does not say it was not
+    written."""
     doubted = conflicts = 0
     failed: Exception | None = None  # the last attempt's failure (an Unsettled or a Conflicted)
     cut = False  # (the api_budget spent before the next attempt: the last write in doubt never read back)
@@ -1476,11 +1478,17 @@ def settled(
             if n + 1 < tries:
                 log.info("%s; reading it again", last)
     read = False  # (the last write in doubt read back once, not in place)
-    if kept and isinstance(failed, Unsettled) and read_back is not None and budget_left(_RESERVE.get() + 1) >= 0:
+    # (the last write in doubt, never read back: given up for the reserve, or its last try's)
+    doubt = isinstance(failed, Unsettled) and not cut
+    unread = "not read back"  # (why, where it is not: after the last try)
+    if doubt and read_back is not None and budget_left(_RESERVE.get() + 1) < 0:
+        unread = "not read back, no time left for the read"
+    elif doubt and read_back is not None:
         try:
             back = read_back()
         except Exception as exc:  # (unread: its doubt said, the write's failure raised)
             log.warning("%s; its read back failed: %s", last, str(exc)[:300])
+            unread = "its read back failed"
         else:
             if back is not None:
                 log.info("%s; read back: in place", last)
@@ -1501,10 +1509,14 @@ def settled(
         why = f"{why.replace(found, '')}; the last may have been served: not read back, the calls after it keep their time"
     elif kept:
         why = f"{why}; not read again: the calls after it keep their time"
+    elif read:  # (after the last try: read back once, not in place)
+        why = f"{why}; the last read back once, not in place"
+    elif doubt:  # (after the last try, never read back: it may have been served)
+        why = f"{why}; the last may have been served: {unread}"
     if cut:  # (no read back after the last write: it may have been served)
         why = f"{why.replace(found, '')}; the last may have been served: not read back, the time allowed spent"
     last.args = (f"{last} (tried {tries} times: {why})",)
-    if isinstance(last, RouterError) and isinstance(failed, Unsettled) and (cut or (kept and not read)):
+    if isinstance(last, RouterError) and isinstance(failed, Unsettled) and not read:
         last.maybe_written = True
     raise last  # (its own kind: an ApiFailed, an ApiUnreachable, a Contended, a LockError)
 

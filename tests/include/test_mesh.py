@@ -1861,3 +1861,49 @@ def test_a_write_in_doubt_given_up_for_the_reserve_is_read_back_once_where_it_le
     if found == "no room":
         assert "the last may have been served: not read back, the calls after it keep their time" in str(raised.value)
         assert raised.value.maybe_written
+
+
+@pytest.mark.real_pauses  # (the pauses on the fake clock)
+@pytest.mark.parametrize("found", ["in place", "not in place", "no room", "no read_back", "read fails"])
+def test_a_write_in_doubt_at_its_last_try_is_read_back_once_or_said_maybe_written(monkeypatch, found):
+    """``settled``: a write answered 500 at each of its tries (no reserve), the last one never read
+    back, was raised saying "each read back found it not in place" and not ``maybe_written``: the
+    caller took it for a write not made, where it may have been. The last write in doubt is read
+    back once, at once (``read_back``), where the ``api_budget`` keeps the time of one call: in
+    place, the write's answer; not, said so. Not read back (no ``read_back``, no time for it, its
+    read failed), the failure says it may have been served and is marked ``maybe_written``."""
+    from vision_rollout import mesh
+
+    timed_out = mesh.ApiFailed("apply Deployment digits-v1: 500 Internal Server Error", 500)
+    _, slept, in_doubt, attempts = _writes_in_doubt(monkeypatch, timed_out)
+    reads: list[str] = []
+
+    def read_back() -> str | None:
+        reads.append("read")
+        if found == "read fails":
+            raise mesh.ApiUnreachable("the Kubernetes API server did not answer GET /x")
+        return "written" if found == "in place" else None
+
+    with mesh.api_budget(30, 15, cap_s=20) as budget:
+        budget.answer_s = 25.0 if found == "no room" else 0.15  # (no room: one call takes longer than is left)
+        back = None if found == "no read_back" else read_back
+        if found == "in place":
+            assert mesh.settled(in_doubt, read_back=back) == "written"
+        else:
+            with pytest.raises(mesh.ApiFailed) as raised:
+                mesh.settled(in_doubt, read_back=back)
+    assert attempts == [0, 1, 2, 3]
+    assert slept == [0.5, 1.0, 2.0]  # (the backoff before each try again; none before the read back)
+    assert reads == ([] if found in ("no room", "no read_back") else ["read"])
+    if found == "in place":
+        return
+    said = str(raised.value)
+    assert f"tried {mesh.WRITE_TRIES} times: each answer left unknown whether the write was served" in said
+    if found == "not in place":
+        assert said.endswith("; the last read back once, not in place)")
+        assert "may have been" not in said
+        assert not raised.value.maybe_written
+    else:
+        assert "; the last may have been served: " in said
+        assert "read back once" not in said
+        assert raised.value.maybe_written
