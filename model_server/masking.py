@@ -40,7 +40,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import re2
 from cryptography.exceptions import InvalidTag
@@ -65,7 +64,7 @@ from model_server.credentials import (
     quoted,
 )
 from model_server.errors import MaskingUnavailable, json_refusal
-from model_server.reading import Folding, as_seen, folding, holds_value, normalise, shown, shown_back
+from model_server.reading import as_seen, holds_value, normalise, shown, shown_back
 
 log = logging.getLogger(__name__)
 
@@ -387,8 +386,6 @@ _SPACED_LOCAL = rf"(?!(?:{_NOT_A_NAME})(?!{_LOCAL}))"
 _NXX = r"[2-9](?!11)\d{2}"
 
 Span = tuple[int, int]
-# A text masked as it is, or as it reads and where each character of that is in it (``Masker._mask_raw``).
-_Text = TypeVar("_Text", str, Folding)
 
 
 @dataclass(frozen=True)
@@ -1025,10 +1022,8 @@ class Masker:
 
     def mask_text(self, text: str, key: Key | None) -> str:
         """Every detected value replaced by its token (``<masked>`` without a key). Text that holds a value only once
-        normalised (``138\\u00300013 8000``, ``alice%40example.com``, full-width digits) has its
-        values found so, each masked where it is in the text, every escape that makes it whole
-        (``folding``: its token the value as normalised), the rest kept as it came (a JSON
-        string's ``%22`` no bare quote that ends it); text of Latin-1 characters whose bytes, read as
+        normalised (``138\\u00300013 8000``, ``alice%40example.com``, full-width digits) is
+        written normalised, its values masked; text of Latin-1 characters whose bytes, read as
         GBK, Shift-JIS, EUC-KR, Big5 or UTF-8, still hold a value once masked is masked whole
         (no span of another charset's reading maps back); other text is left as it was."""
         hints = _hints(text)
@@ -1036,40 +1031,31 @@ class Masker:
             return text
         detectors = _by_hints(hints)
         folded = normalise(text)
-        masked = None
         if folded != text:
             folded_detectors = _detectors(folded)
             if any(d.search(folded) for d in folded_detectors):
-                mapped = folding(text, folded)
-                if mapped is not None:
-                    masked = self._mask_raw(mapped, key, folded_detectors).written()
-                text, detectors = folded, folded_detectors  # (else written as it reads, masked whole)
-        if masked is None:
-            masked = self._mask_raw(text, key, detectors)
+                text, detectors = folded, folded_detectors  # masked whole: a value half in escapes is one value
+        masked = self._mask_raw(text, key, detectors)
         if any(d.search(r) for r in _legacy_readings(masked) for d in _detectors(r)):
             return "<masked>" if key is None else self.token(text, key)
         return masked
 
-    def _mask_raw(self, text: _Text, key: Key | None, detectors: tuple[Detector, ...]) -> _Text:
+    def _mask_raw(self, text: str, key: Key | None, detectors: tuple[Detector, ...]) -> str:
         """``text``'s values (those of ``detectors``, the ones that may match it) as tokens. The
         values after a key (secrets, identity numbers) are found together in the text as it came,
         overlapping ones merged (as ``credentials.scrub`` finds them), and masked once; then each
         detector of shapes in turn, on the text with their tokens (an address is no piece of a
         URL's password: "bob@example.com:s3cret@host"). Masked one after another, a shorter value
         found first (an AWS key id, a JWT) was a token before the keyed rule read it, which takes
-        no token for a value, and the secret after it ("credentials=AKIA...:wJalr...") stayed.
-        A ``Folding``'s values are found in its reading, and masked there and in the text alike."""
+        no token for a value, and the secret after it ("credentials=AKIA...:wJalr...") stayed."""
         keyed = sum(1 for d in detectors if d.name == "secret" or d.pattern is _KEYED)  # (they come first)
-        read = text.text if isinstance(text, Folding) else text
-        text = self._tokens(text, key, credentials.merge([span for d in detectors[:keyed] for span in d.spans(read)]))
+        text = self._tokens(text, key, credentials.merge([span for d in detectors[:keyed] for span in d.spans(text)]))
         for detector in detectors[keyed:]:
-            text = self._tokens(text, key, detector.spans(text.text if isinstance(text, Folding) else text))
+            text = self._tokens(text, key, detector.spans(text))
         return text
 
-    def _tokens(self, text: _Text, key: Key | None, spans: Iterable[Span]) -> _Text:
+    def _tokens(self, text: str, key: Key | None, spans: Iterable[Span]) -> str:
         """``text`` with each of ``spans`` (in order, none overlapping) as its token."""
-        if isinstance(text, Folding):
-            return text.replaced(spans, lambda value: "<masked>" if key is None else self.token(value, key))
         pieces, end = [], 0
         for a, b in spans:
             pieces += [text[end:a], "<masked>" if key is None else self.token(text[a:b], key)]
