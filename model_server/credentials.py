@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import re
 
-from model_server.reading import as_seen, folding, holds_value, normalise, shown, shown_back
+from model_server.reading import as_seen, holds_value, normalise, shown, shown_back
 
 Span = tuple[int, int]
 
@@ -672,17 +672,11 @@ def merge(found: list[Span]) -> list[Span]:
 def scrub(text: str, mark: str = "***") -> str:
     """``text`` with each credential as ``mark``, a URL's user information whole
     (``https://***@host``): for a reader who needs none of it (a Slack report). Text that holds
-    one once read as a person reads it (``password%3Dhunter2``, ``api\u00a0key ...``) has it
-    found so (``normalise``) and written as ``mark`` where it is in the text, every escape that
-    makes it whole (``folding``); the rest of the text is kept as it came (a JSON string's
-    ``%22`` no bare quote that ends it)."""
+    one once read as a person reads it (``password%3Dhunter2``, ``api\u00a0key ...``) is
+    written so (``normalise``), as the masking writes it."""
     folded = normalise(text)
-    found = spans(folded, userinfo=True) if folded != text else []
-    if found:
-        mapped = folding(text, folded)
-        if mapped is not None:
-            return mapped.replaced(found, lambda _: mark).written()
-        text = folded  # (not read step by step as normalise reads it: written as it reads)
+    if folded != text and spans(folded, userinfo=True):
+        text = folded
     pieces, end = [], 0
     for a, b in spans(text, userinfo=True):
         pieces += [text[end:a], mark]

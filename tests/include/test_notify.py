@@ -2064,33 +2064,6 @@ def test_a_report_scrubs_a_credential_written_in_escapes_or_other_forms(text, se
     assert "***" in scrubbed
 
 
-@pytest.mark.parametrize(
-    ("text", "scrubbed"),
-    [
-        ('{"u": "https://h/a?token=%22%22abc123"}', '{"u": "https://h/a?token=%22%22***"}'),
-        ('{"u": "https://h/a?token=%22abc123"}', '{"u": "https://h/a?token=%22***"}'),
-        (
-            '{"note": "caf\\u00e9 &amp; 100%25 %22ok%22", "next": "password%3Dhunter2"}',
-            '{"note": "caf\\u00e9 &amp; 100%25 %22ok%22", "next": "password%3D***"}',
-        ),
-        ("password=h\\u0075nter2 caf\\u00e9 %22", "password=*** caf\\u00e9 %22"),  # the escape inside it whole
-        ("pass\u200bword: hunter2 a\u200bb", "pass\u200bword: *** a\u200bb"),
-        ("token\uff1a hunter2 \uff21", "token\uff1a *** \uff21"),
-    ],
-)
-def test_a_report_scrubs_a_credential_found_once_decoded_where_it_is_and_keeps_the_rest(text, scrubbed):
-    """A text that holds a credential only once decoded (``normalise``) was written decoded
-    whole: each "%22" a bare quote ('token=%22%22abc123' in a JSON string: 'token=""***', the
-    JSON broken), every other escape, entity and full-width character rewritten. The credential
-    found in the decoded text is written as "***" where it is in the text as it came, every
-    character that made it (an escape half in it whole); the rest is kept as it came."""
-    assert scrub(text) == scrubbed
-    if text.startswith("{"):
-        assert "abc123" not in json.dumps(json.loads(scrub(text)))
-        assert "hunter2" not in json.dumps(json.loads(scrub(text)))
-    assert scrub(scrubbed) == scrubbed
-
-
 @pytest.mark.parametrize("when", ["after its post", "during its chart's upload"])
 def test_a_report_whose_task_died_once_slack_took_it_is_posted_once_with_one_chart_by_its_retry(
     slack, tmp_path, monkeypatch, when

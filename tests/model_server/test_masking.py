@@ -37,7 +37,6 @@ from model_server.masking import (
     reveal,
 )
 from model_server.predictionlog import FEW_TEXTS, suspects
-from model_server.reading import folding
 from tests.support import CREDENTIALS_IN_TEXT, PEM, sensitive_values
 
 SAMPLES = {
@@ -2118,39 +2117,6 @@ def test_an_escape_in_json_held_in_json_is_not_decoded_and_the_json_kept(keys):
     assert inner["user"] == "José"
     assert [reveal(inner["password"], ring)] == ["Zq9Xw2Lk7Vb"]
     assert normalise("caf\\u00e9 \\\\u00e9") == "café \\\\u00e9"
-
-
-_FOLDED_PIECES = [
-    *"ab1%&;#\\u0123456789ABCDEFxX",
-    *("%22", "%40", "%C3%A9", "%E2%80%8B", "%C3", "%25", "%2540", "%26amp%3B", "\\u0041", "\\u00e9", "\\\\u00e9"),
-    *("\\ud800", "&amp;", "&amp", "&ampx", "&#64;", "&#x40;", "&lt;", "&nvlt;", "&amp;#64;", "e\u0301", "\u0301"),
-    *("\uff11", "\uff21", "\u200b", "\u00ad", "\u1100\u1161\u11a8", "\uac00\u11a8", "\uff76\uff9e", "\u0b47\u0b3e"),
-    *("\ufb01", "\u00bd", "\u2460", "\u0661", "\U000e0041", "A\u0327\u0301", "\u212b", "\u0344", "\u2212"),
-]
-
-
-@settings(max_examples=500, deadline=None)
-@given(st.lists(st.sampled_from(_FOLDED_PIECES), max_size=12), st.data())
-def test_folding_reads_as_normalise_and_maps_each_character_back(pieces, data):
-    """``folding`` (the scrub and the masking write a value found once decoded where it is in the
-    text as it came) reads as ``normalise`` does, and a span of its reading replaced is that span
-    in the text as it came, grown to whole escapes."""
-    text = "".join(pieces)
-    folded = folding(text, normalise(text))
-    assert folded is not None
-    assert folded.text == normalise(text)
-    for i in range(len(folded.text)):
-        assert 0 <= folded.starts[i] < folded.ends[i] <= len(text)
-        assert i == 0 or (folded.starts[i - 1] <= folded.starts[i] and folded.ends[i - 1] <= folded.ends[i])
-    if folded.text:
-        a = data.draw(st.integers(0, len(folded.text) - 1))
-        b = data.draw(st.integers(a + 1, len(folded.text)))
-        [(na, nb, ra, rb)] = folded.extents([(a, b)])
-        assert na <= a < b <= nb
-        assert (folded.starts[na], folded.ends[nb - 1]) == (ra, rb)
-        replaced = folded.replaced([(a, b)], lambda value: f"<{value}>")
-        assert replaced.written() == text[:ra] + f"<{folded.text[na:nb]}>" + text[rb:]
-        assert replaced.text == folded.text[:na] + f"<{folded.text[na:nb]}>" + folded.text[nb:]
 
 
 def test_a_private_keys_last_line_in_json_held_in_json_is_masked(keys):
