@@ -608,8 +608,9 @@ class FloorOwned(FieldsOwned):
 
 class BudgetNotApplied(RouterError):
     """``release_floor``: the version's HPA applied, its floor released, but its
-    PodDisruptionBudget not updated to match (``_apply_pdb``'s failure: no answer, or a refusal); the message
-    says so, names the budget and what to set it to."""
+    PodDisruptionBudget not updated to match (``_apply_pdb``'s failure: no answer, or a refusal); or a
+    rollback's ``scale``: the Deployment scaled, its budget not applied (``_budget_after_scale``). The
+    message says so, names the budget and what to set it to."""
 
 
 MERGE_PATCHED = frozenset({"HorizontalPodAutoscaler", "PodDisruptionBudget"})  # (no list merged by key)
@@ -872,8 +873,26 @@ class VersionDeployments:
         if self.build.autoscaling:
             self._autoscale(version, replicas, applied.spec.replicas or 0, autoscaling, rolling_back)
         elif replicas > 0:  # (under an HPA, ``_apply_hpa`` sizes it by the HPA's floor)
-            self._apply_pdb(version, replicas)
+            self._budget_after_scale(version, replicas, rolling_back)
         return dict(self._apps().api_client.sanitize_for_serialization(applied))
+
+    def _budget_after_scale(self, version: str, replicas: int, rolling_back: bool) -> None:
+        """The version's PodDisruptionBudget (``_apply_pdb``) once its Deployment is at ``replicas``
+        pods. ``rolling_back``: its failure (no answer) raised as ``BudgetNotApplied``, saying the
+        Deployment is scaled and what to set the budget to by hand: a rollback's caller tells it from
+        the scale's own failure (the routes move back all the same: a budget never holds back a
+        rollback)."""
+        try:
+            self._apply_pdb(version, replicas)
+        except RouterError as exc:
+            if not rolling_back:
+                raise
+            name = f"{self.target.namespace}/{self._name(version)}"
+            raise BudgetNotApplied(
+                f"version {version}'s Deployment is scaled to {replicas} pods, but its PodDisruptionBudget {name} "
+                f"was not applied ({str(exc)[:500]}): {self._budget_advice(version, replicas)}; until then a node "
+                "drain follows the budget it had"
+            ) from exc
 
     def _apply_pdb(self, version: str, replicas: int, refusal_raised: bool = False) -> None:
         """The version's PodDisruptionBudget (``render_pdb``) for ``replicas`` pods (no ``force``: a
@@ -1377,7 +1396,7 @@ class VersionDeployments:
             log.warning("%s; its pods are scaled to %d all the same, for the rollback", exc, replicas)
             self._scale_subresource(version, replicas)
             if replicas > 0:
-                self._apply_pdb(version, replicas)
+                self._budget_after_scale(version, replicas, rolling_back)
             return True
         if applied is None:
             return False

@@ -744,7 +744,7 @@ def baseline_back(spec: RolloutSpec, run_id: str, hook: ModelServerHook, routed:
     hold(spec, run_id, hook, WAITING_STEP_S)  # for the wait
     restoring = 0
     try:
-        restoring = scaled_from_0(spec, deployments, routed, lambda pods, maybe: left(pods, unscaled(pods, maybe)))
+        restoring, _ = scaled_from_0(spec, deployments, routed, lambda pods, maybe: left(pods, unscaled(pods, maybe)))
         deployments.wait_ready(spec.baseline_version, 1, strict=False)
     except RouterError as exc:  # (the scale's, its routes_kept set; else the wait's)
         kept = exc.routes_kept or left(restoring, f"was scaled back to {restoring} pods from 0, none of them ready")
@@ -1996,16 +1996,18 @@ def scaled_from_0(
     serving: str,
     kept: Callable[[int, bool], str],
     reserve: int = 0,
-) -> int:
+) -> tuple[int, BudgetNotApplied | None]:
     """The baseline at 0 pods (retired by a promotion cut short, left there by a restore whose
     scale failed or by another manager) scaled back before any traffic is routed to it, as Argo
     Rollouts' dynamicStableScale scales the stable version up before it shifts traffic: to the
     pods that serve the traffic now, ``serving``'s (its size not read: logged, the build's count),
     the build's count at least; its own HPA kept (another manager's, a Helm release's: refused,
     logged, its pods back all the same: ``VersionDeployments.scale``'s ``rolling_back``);
-    ``reserve`` calls kept for after it (``mesh.reserved``). Returns that count. The scale's
-    RouterError is raised as it came (its kind kept: a transient failure retried as ever), its
-    ``routes_kept`` set to ``kept(count, maybe_written)``: what the caller leaves, and why."""
+    ``reserve`` calls kept for after it (``mesh.reserved``). Returns that count, and the budget's
+    failure where the Deployment is at its count but its PodDisruptionBudget not applied (logged:
+    a budget never holds back the traffic's way back). The scale's RouterError is raised as it
+    came (its kind kept: a transient failure retried as ever), its ``routes_kept`` set to
+    ``kept(count, maybe_written)``: what the caller leaves, and why."""
     from vision_rollout import mesh
     from vision_rollout.mesh import RouterError
 
@@ -2018,10 +2020,13 @@ def scaled_from_0(
     try:
         with mesh.reserved(reserve):
             deployments.scale(spec.baseline_version, restoring, spec.baseline_version, rolling_back=True)
+    except BudgetNotApplied as exc:  # (scaled: its budget said beside the rest)
+        log.warning("%s: it takes the traffic back all the same", exc)
+        return restoring, exc
     except RouterError as exc:
         exc.routes_kept = kept(restoring, exc.maybe_written)
         raise
-    return restoring
+    return restoring, None
 
 
 @dataclass(frozen=True)
@@ -2085,13 +2090,15 @@ def stable_back(
         if live == 0:  # retired (a promotion cut short): back at the size that serves the traffic now
             # its first ready pod takes the traffic: the rest may need the room the candidate's pods take;
             # (the failure callback's: its apply read again only where the calls after the wait keep their time)
-            restoring = scaled_from_0(
+            restoring, budget = scaled_from_0(
                 spec,
                 deployments,
                 spec.candidate_version,
                 lambda pods, maybe: unscaled_from_0(spec, pods, maybe),  # (the failure callback's)
                 RESTORE_RETRY_CALLS + AFTER_WAIT_CALLS if quick else 0,
             )
+            if budget is not None:  # (scaled: a budget never holds back a rollback, said beside it)
+                unscaled = Shortfall(budget, str(budget), retired=False)
         else:
             # (the failure callback's: its reads here only where they leave the calls after the wait their time)
             if deployments.build.autoscaling:

@@ -3284,6 +3284,45 @@ def test_the_failure_callbacks_scale_of_a_baseline_at_0_answered_500_is_given_up
     assert lease(kube, "digits") is not None  # (kept)
 
 
+@pytest.mark.real_pauses  # (the pauses on the fake clock)
+def test_a_baseline_scaled_back_from_0_whose_budget_got_no_answer_takes_the_traffic_back(
+    kube, monkeypatch, tmp_path, caplog
+):
+    """The failure callback's restore of a baseline at 0 pods (a promotion cut short, no
+    autoscaling): its Deployment scaled back to 2 pods, then its PodDisruptionBudget's apply got no
+    answer (ApiUnreachable). That failure was taken for the scale's: the report said "version 1 was
+    not scaled back to 2 pods from 0, so the routes are not moved" while it ran 2 pods, and the
+    traffic stayed on the candidate. A budget never holds back a rollback: the routes go back to
+    version 1, and the report says the budget was not applied and what to set it to, by hand."""
+    import re
+
+    from kubernetes import client
+
+    at_stage_1(kube)
+    deployments = steps.serving().deployments("digits")
+    apps = client.AppsV1Api(deployments._apps().api_client)
+    apps.patch_namespaced_deployment_scale(
+        "digits-v1", "models", {"spec": {"replicas": 0}}, field_manager="model-rollout"
+    )
+    kube.throttle, kube.throttle_status, kube.throttled_methods = 50, None, frozenset({"PATCH"})
+    kube.throttled_path, kube.throttle_served = "/poddisruptionbudgets/digits-v1", False
+    now, _ = fake_api_time(monkeypatch, 0.2)
+    steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+    kube.throttle = 0
+    assert now[0] <= steps.CALLBACK_CAP_S
+    (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    assert deployment(kube, "1")["spec"]["replicas"] == 2
+    assert routes(kube) == [("v1", 100)]
+    assert "was not scaled back" not in report
+    assert "the routes are not moved" not in report
+    assert "version 1 takes 100%" in report
+    assert "PodDisruptionBudget models/digits-v1 was not applied" in report
+    (command,) = re.findall(
+        r"kubectl -n models patch poddisruptionbudget digits-v1 .*?--field-manager=model-rollout", report
+    )
+    assert by_hand(command, "poddisruptionbudget", "digits-v1") == {"spec": {"minAvailable": None, "maxUnavailable": 1}}
+
+
 def by_hand(command: str, kind: str, name: str) -> dict:
     """A command a report gives to change an object by hand (``shlex.split``): a merge patch of
     ``kind`` ``name`` in models under the rollout's field manager. Its patch."""
