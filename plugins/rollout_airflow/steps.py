@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shlex
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -1976,17 +1977,53 @@ def unscaled(pods: int, maybe: bool = False) -> str:
     return f"was not scaled back to {pods} pods from 0"
 
 
-def unscaled_from_0(spec: RolloutSpec, pods: int, maybe: bool = False) -> str:
+def unscaled_from_0(
+    spec: RolloutSpec,
+    deployments: VersionDeployments,
+    routes: TrafficPolicy | None,
+    pods: int,
+    maybe: bool = False,
+) -> str:
     """What a restore whose scale of a baseline at 0 pods failed leaves (the routes not moved to
     no pods, as Argo Rollouts' dynamicStableScale scales the stable version up before it shifts
     any traffic), and who puts the stable version back: the lease is kept (``finish``). ``maybe``:
-    the scale's last write may have been written (``RouterError.maybe_written``), never read back."""
-    return (
+    the scale's last write may have been written (``RouterError.maybe_written``), never read back.
+    Once the lease runs out, the model's next run takes the model over only where ``routes`` (as
+    they are left; None: unread) are what a rollout against the baseline leaves mid-stage
+    (``mesh.mid_rollout_against``, as ``start_from_steady``); else (a promotion cut short: the
+    candidate at 100%) it refuses to start, and the report says how to put the baseline back by
+    hand: its scale (``scale_by_hand``), then the routes (``rolloutctl mesh apply``)."""
+    from vision_rollout.mesh import mid_rollout_against
+
+    kept = (
         f"version {spec.baseline_version} {unscaled(pods, maybe)}, so the routes are not moved: "
         f"the traffic on version {spec.candidate_version}, the candidate, stays there rather than go to a version "
         "with no pods; this run keeps the model's lease: clearing its ensure_stable tries the restore again, and "
-        "once the lease runs out the model's next run takes the model over and moves the routes back to version "
-        f"{spec.baseline_version} as it starts, with whatever pods it runs then"
+    )
+    if routes is not None and mid_rollout_against(routes, spec.baseline_version):
+        return (
+            f"{kept}once the lease runs out the model's next run takes the model over and moves the routes back to "
+            f"version {spec.baseline_version} as it starts, with whatever pods it runs then"
+        )
+    target = deployments.target
+    policy = shlex.quote(json.dumps(spec.stable_policy().to_dict(), separators=(",", ":")))
+    file = shlex.quote(f"{target.name}-stable.json")
+    apply = " ".join(
+        [
+            f"echo {policy} > {file};",
+            "rolloutctl mesh apply --backend istio --policy",
+            file,
+            *("--namespace", shlex.quote(target.namespace), "--service", shlex.quote(target.service)),
+            *("--name", shlex.quote(target.name), "--versions", spec.baseline_version, "--force"),
+        ]
+    )
+    return (
+        f"{kept}once the lease runs out the model's next run refuses to start, touching nothing (\"baseline version "
+        f'{spec.baseline_version} is not what serves now": it takes over only routes a rollout against version '
+        f"{spec.baseline_version} leaves mid-stage, version {spec.baseline_version} the larger share); to put "
+        f"version {spec.baseline_version} back by hand, scale it up "
+        f"({deployments.scale_by_hand(spec.baseline_version, pods)}: {SCALE_BY_HAND_KUBECTL}), then, once its pods "
+        f"are ready, send it all of the traffic ({apply}: --force while this run holds the lease)"
     )
 
 
@@ -2094,7 +2131,7 @@ def stable_back(
                 spec,
                 deployments,
                 spec.candidate_version,
-                lambda pods, maybe: unscaled_from_0(spec, pods, maybe),  # (the failure callback's)
+                lambda pods, maybe: unscaled_from_0(spec, deployments, routes, pods, maybe),  # (the failure callback's)
                 RESTORE_RETRY_CALLS + AFTER_WAIT_CALLS if quick else 0,
             )
             if budget is not None:  # (scaled: a budget never holds back a rollback, said beside it)

@@ -3294,8 +3294,6 @@ def test_a_baseline_scaled_back_from_0_whose_budget_got_no_answer_takes_the_traf
     not scaled back to 2 pods from 0, so the routes are not moved" while it ran 2 pods, and the
     traffic stayed on the candidate. A budget never holds back a rollback: the routes go back to
     version 1, and the report says the budget was not applied and what to set it to, by hand."""
-    import re
-
     from kubernetes import client
 
     at_stage_1(kube)
@@ -3321,6 +3319,59 @@ def test_a_baseline_scaled_back_from_0_whose_budget_got_no_answer_takes_the_traf
         r"kubectl -n models patch poddisruptionbudget digits-v1 .*?--field-manager=model-rollout", report
     )
     assert by_hand(command, "poddisruptionbudget", "digits-v1") == {"spec": {"minAvailable": None, "maxUnavailable": 1}}
+
+
+@pytest.mark.real_pauses  # (the pauses on the fake clock)
+def test_a_promotion_cut_short_whose_baseline_is_not_scaled_back_says_the_next_run_refuses_and_what_to_do(
+    kube, monkeypatch, tmp_path, caplog
+):
+    """As above, a promotion cut short (version 2 at 100%, version 1 at 0 pods), the failure
+    callback's scale of version 1 answered 500: the routes stay, and the report said "once the
+    lease runs out the model's next run takes the model over and moves the routes back to version
+    1". A next run takes over only routes a rollout against its baseline leaves mid-stage (the
+    baseline the larger share: ``mesh.mid_rollout_against``); these it refuses ("baseline version 1
+    is not what serves now ... This run touched nothing"). The report says so, and how to put
+    version 1 back by hand: scale it up, then send it all of the traffic with ``rolloutctl mesh
+    apply``."""
+    import shlex
+
+    from kubernetes import client
+
+    at_stage_1(kube)
+    stable_virtual_service(kube, PARAMS, serving="2")
+    deployments = steps.serving().deployments("digits")
+    apps = client.AppsV1Api(deployments._apps().api_client)
+    apps.patch_namespaced_deployment_scale(
+        "digits-v1", "models", {"spec": {"replicas": 0}}, field_manager="model-rollout"
+    )
+    kube.throttle, kube.throttle_status, kube.throttled_methods = 3, 500, frozenset({"PATCH"})
+    kube.throttled_path, kube.throttle_served = "/deployments/digits-v1", False
+    with pytest.MonkeyPatch.context() as clock:
+        fake_api_time(clock, 2.0)
+        steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+    kube.throttle = 0
+    (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    assert routes(kube) == [("v2", 100)]
+    assert lease(kube, "digits") is not None
+    assert "takes the model over" not in report
+    assert "once the lease runs out the model's next run refuses to start" in report
+    (scale,) = re.findall(r"kubectl -n models patch deployment digits-v1 .*?--field-manager=model-rollout", report)
+    assert by_hand(scale.replace(" --subresource=scale", ""), "deployment", "digits-v1") == {"spec": {"replicas": 2}}
+    (apply,) = re.findall(r"echo [^;]*; rolloutctl mesh apply [^:)]*", report)
+    echo, words = (shlex.split(part) for part in apply.split(";"))
+    assert echo[0] == "echo"
+    assert echo[2:] == [">", "digits-stable.json"]
+    assert json.loads(echo[1]) == {"route": [{"version": "1", "weight": 100}]}
+    assert words[words.index("--policy") + 1] == "digits-stable.json"
+    options = {
+        w: words[i + 1] for i, w in enumerate(words) if w in ("--namespace", "--service", "--name", "--versions")
+    }
+    assert options == {"--namespace": "models", "--service": "digits", "--name": "digits", "--versions": "1"}
+    assert "--force" in words
+    expire(kube)  # (what the report says: the next run refuses, touching nothing)
+    with pytest.raises(AirflowFailException, match="This run touched nothing"):
+        steps.build_image(PARAMS, "run-2")
+    assert routes(kube) == [("v2", 100)]
 
 
 def by_hand(command: str, kind: str, name: str) -> dict:
