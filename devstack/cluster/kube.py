@@ -768,19 +768,38 @@ class FakeKubeAPI:
             return copy.deepcopy(obj)
 
     def merge_patch(
-        self, plural: str, namespace: str, name: str, patch: dict[str, Any], manager: str
+        self, plural: str, namespace: str, name: str, patch: dict[str, Any], manager: str, strategic: bool = False
     ) -> dict[str, Any]:
         """A JSON merge patch (RFC 7386: a map merged key by key, a null removes its key, any other
         value replaces) of an object of ``MERGE_PATCHED``, as an Update by ``manager``: it owns
         each field the patch changed (taken from any other owner, with no conflict), fields removed
         are no one's, and its entry keeps what it owned before (``managedFields``, as the real
-        server keeps them). Its name, namespace, kind and apiVersion stay; 404 when there is none."""
+        server keeps them). Its name, namespace, kind and apiVersion stay; 404 when there is none;
+        400 for a patch not a JSON object; 409 for a metadata.resourceVersion not the live one (the
+        real server's precondition). A patch that changes nothing changes nothing: no new
+        resourceVersion, no managedFields entry. ``strategic`` (a strategic merge patch: these kinds
+        have no list merged by key): a map's ``$patch`` directive, ``replace`` (the map is the rest
+        of it) or ``delete`` (the map removed), is carried out, not stored; another directive, 400."""
         resource = RESOURCES[plural]
+        if not isinstance(patch, dict):
+            raise APIError(400, "BadRequest", "the patch must be a JSON object")
         with self.lock:
             live = self.objects.get((plural, namespace, name))
             if live is None:
                 raise APIError(404, "NotFound", f'{_qualified(plural)} "{name}" not found')
-            obj = _merged(live, patch)
+            wanted = (
+                (patch.get("metadata") or {}).get("resourceVersion")
+                if isinstance(patch.get("metadata"), dict)
+                else None
+            )
+            if wanted is not None and wanted != live["metadata"].get("resourceVersion"):
+                raise APIError(
+                    409,
+                    "Conflict",
+                    f'Operation cannot be fulfilled on {_qualified(plural)} "{name}": the object has been modified; '
+                    "please apply your changes to the latest version and try again",
+                )
+            obj = _merged(live, _directed(patch) if strategic else patch)
             for field in ("apiVersion", "kind", "status"):  # (status: its subresource's, not the object's)
                 obj.pop(field, None)
                 if field in live:
@@ -793,6 +812,8 @@ class FakeKubeAPI:
             problem = invalid_labels(meta) or resource.invalid(obj)
             if problem:
                 raise APIError(422, "Invalid", f'{resource.kind}{_group_suffix(plural)} "{name}" is invalid: {problem}')
+            if obj == live:  # (a no-op: the real server writes nothing)
+                return copy.deepcopy(live)
             was, now = _leaves(live), _leaves(obj)
             changed = {path for path, value in now.items() if path not in was or was[path] != value}
             gone = set(was) - set(now)
@@ -1103,7 +1124,8 @@ class FakeKubeAPI:
                     "application/strategic-merge-patch+json",  # (neither kind has a list merged by key)
                 ):
                     manager = query.get("fieldManager", [self.headers.get("User-Agent", "unknown").split("/")[0]])[0]
-                    return 200, api.merge_patch(plural, namespace, name, self._json(), manager)
+                    strategic = ctype == "application/strategic-merge-patch+json"
+                    return 200, api.merge_patch(plural, namespace, name, self._json(), manager, strategic)
                 if ctype != "application/apply-patch+yaml":
                     raise APIError(415, "UnsupportedMediaType", f"unsupported patch type {ctype!r}")
                 if query.get("force", ["false"])[0] not in GO_BOOLS:
@@ -1242,13 +1264,36 @@ def _merged(target: Any, patch: Any) -> Any:
     """``target`` with the JSON merge ``patch`` applied (RFC 7386's MergePatch), a new value."""
     if not isinstance(patch, dict):
         return copy.deepcopy(patch)
-    out = copy.deepcopy(target) if isinstance(target, dict) else {}
+    out = copy.deepcopy(target) if isinstance(target, dict) and not isinstance(patch, _Replace) else {}
     for key, value in patch.items():
         if value is None:
             out.pop(key, None)
         else:
             out[key] = _merged(out.get(key), value)
     return out
+
+
+def _directed(patch: Any) -> Any:
+    """A strategic merge ``patch`` of a kind with no list merged by key as the JSON merge patch it
+    amounts to: a map's ``$patch: replace`` makes it the rest of it, whole (its other keys removed:
+    null each), ``$patch: delete`` removes it (null), ``$patch: merge`` is the default; another
+    directive (``$retainKeys``, ``$setElementOrder/...``, ``$deleteFromPrimitiveList/...``, another
+    ``$patch``) is refused, 400, not stored as a key. A list is replaced whole, as it is."""
+    if not isinstance(patch, dict):
+        return patch
+    directive = patch.get("$patch", "merge")
+    others = sorted(k for k in patch if k.startswith("$") and k != "$patch")
+    if others or directive not in ("merge", "replace", "delete"):
+        what = others[0] if others else f"$patch: {json.dumps(directive)}"
+        raise APIError(400, "BadRequest", f"strategic merge patch directive {what} is not supported here")
+    if directive == "delete":
+        return None
+    rest = {k: _directed(v) for k, v in patch.items() if k != "$patch"}
+    return _Replace(rest) if directive == "replace" else rest
+
+
+class _Replace(dict[str, Any]):
+    """A map a strategic merge patch's ``$patch: replace`` gives whole (``_merged``: not merged)."""
 
 
 def _json_type(value: Any) -> str:

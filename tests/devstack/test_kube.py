@@ -526,3 +526,81 @@ def test_a_write_throttled_after_it_was_served_is_stored_and_answered_as_refused
         core_api.patch_namespaced_secret("t", "default", {**secret, "metadata": {"name": "t"}}, **APPLY)
     assert (fake.requests[-1]["status"], fake.requests[-1]["served"]) == (None, "dropped")
     assert fake.objects[("secrets", "default", "t")]["data"]["k"] == "MQ=="  # "1": served
+
+
+def test_a_merge_patch_of_an_hpa_keeps_the_real_servers_preconditions_no_ops_and_directives(core):
+    """The fake's merge patch of an HPA (``FakeKubeAPI.merge_patch``) took a stale
+    metadata.resourceVersion (the real server: 409 Conflict), bumped the resourceVersion and added a
+    managedFields entry for a patch that changed nothing (the real server: neither), stored a
+    strategic merge patch's ``$patch`` directive as a label key (refused 422 as one), and answered a
+    JSON array given to it directly with a TypeError. Now: 409 for a resourceVersion not the live
+    one; a no-op left as it is; a strategic ``$patch: replace`` replaces the map and ``$patch:
+    delete`` removes it, another directive 400; a JSON merge patch keeps ``$patch`` a key as RFC 7386
+    does (a label key refused, 422); a body not an object 400."""
+    from devstack.cluster.kube import APIError
+    from vision_rollout.deploy import render_hpa
+    from vision_rollout.mesh import IstioTarget
+
+    fake, api = core
+    autoscaling = client.AutoscalingV2Api(api.api_client)
+    target = IstioTarget("ml", "digits", "digits")
+    autoscaling.patch_namespaced_horizontal_pod_autoscaler("digits-v1", "ml", render_hpa(target, "1", 2, 8), **APPLY)
+    url = f"{fake.url}/apis/autoscaling/v2/namespaces/ml/horizontalpodautoscalers/digits-v1"
+
+    def patched(body: object, kind: str = "merge", manager: str = "someone") -> tuple[int, dict]:
+        request = urllib.request.Request(
+            f"{url}?fieldManager={manager}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": f"application/{kind}-patch+json"},
+            method="PATCH",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def live() -> dict:
+        return api.api_client.sanitize_for_serialization(
+            autoscaling.read_namespaced_horizontal_pod_autoscaler("digits-v1", "ml")
+        )
+
+    before = live()
+    version = before["metadata"]["resourceVersion"]
+    status, answer = patched({"metadata": {"resourceVersion": "1"}, "spec": {"minReplicas": 3}})
+    assert status == 409
+    assert answer["reason"] == "Conflict"
+    assert answer["message"] == (
+        'Operation cannot be fulfilled on horizontalpodautoscalers.autoscaling "digits-v1": the object has been '
+        "modified; please apply your changes to the latest version and try again"
+    )
+    assert live() == before
+    status, answer = patched({"metadata": {"resourceVersion": version}, "spec": {"minReplicas": 3}})
+    assert status == 200
+    assert answer["spec"]["minReplicas"] == 3
+    after = live()
+    status, answer = patched({"spec": {"minReplicas": 3}}, manager="no-op")
+    assert status == 200
+    assert answer["metadata"]["resourceVersion"] == after["metadata"]["resourceVersion"]
+    assert live() == after  # (its resourceVersion kept, no entry for "no-op")
+
+    status, answer = patched({"metadata": {"labels": {"$patch": "replace", "team": "vision"}}}, kind="strategic-merge")
+    assert status == 200
+    assert live()["metadata"]["labels"] == {"team": "vision"}
+    status, answer = patched({"metadata": {"labels": {"$patch": "delete"}}}, kind="strategic-merge")
+    assert status == 200
+    assert "labels" not in live()["metadata"]
+    for directive in ({"$patch": "replicate"}, {"$retainKeys": ["team"]}):
+        status, answer = patched({"metadata": {"labels": directive}}, kind="strategic-merge")
+        assert status == 400, directive
+        assert "$" in answer["message"]
+    status, answer = patched({"metadata": {"labels": {"$patch": "replace"}}})  # (RFC 7386: a key as any other)
+    assert status == 422
+    assert "metadata.labels" in answer["message"]
+    assert "labels" not in live()["metadata"]
+    for body in ([1, 2], "spec"):
+        status, answer = patched(body)
+        assert status == 400
+        with pytest.raises(APIError) as refused:
+            fake.merge_patch("horizontalpodautoscalers", "ml", "digits-v1", body, "someone")  # type: ignore[arg-type]
+        assert refused.value.code == 400
