@@ -1577,8 +1577,8 @@ def reserved(calls: int) -> Iterator[None]:
     (``Conflicted``), or one whose outcome is unknown (``Unsettled``: after its backoff), only where
     the ``api_budget`` in force has left the time of ``calls`` calls, besides the backoff
     (``budget_left``): those that must come after (the failure callback's routes write, the lease's
-    release) keep their time; else the last failure is raised as at the end of its tries. 0: none
-    kept (the tries as ever)."""
+    release) keep their time; else the last failure is raised as at the end of its tries. So too
+    the client's own retries of a call (``api_retries``). 0: none kept (the tries as ever)."""
     token = _RESERVE.set(calls)
     try:
         yield
@@ -1639,7 +1639,9 @@ def api_retries() -> Any:
     Retry-After given (``MAX_RETRY_AFTER_S`` at most), else 0.5 s doubling up to 8 s; on ``UNSERVED`` any request, on
     ``MAYBE_SERVED`` or a read timeout (``API_TIMEOUT_S``) a read (twice at most for a
     timeout), and any request that never reached the server (no connection); none once the
-    ``api_budget`` in force is spent."""
+    ``api_budget`` in force is spent, nor, within ``reserved``, once its wait would leave the
+    calls kept for after less than their time (``budget_left``): a read answered 500 sent again
+    and again ate the time kept for the lease's release."""
     from urllib3.util.retry import Retry
 
     class ApiRetry(Retry):
@@ -1647,13 +1649,14 @@ def api_retries() -> Any:
             return method.upper() in READS
 
         def increment(self, *args: Any, **kwargs: Any) -> Any:
-            budget = _BUDGET.get()
-            if budget is not None and budget.left() <= 0:  # (spent: exhausted, its failure raised as ever)
+            # (within ``reserved``, what the budget has left less the time of the calls kept for after)
+            budget, kept = _BUDGET.get(), _RESERVE.get()
+            if budget is not None and budget_left(kept) <= 0:  # (spent: exhausted, its failure raised as ever)
                 return Retry.increment(self.new(total=0), *args, **kwargs)
             retry = super().increment(*args, **kwargs)
             response = kwargs.get("response")
             wait = (response is not None and retry.get_retry_after(response)) or retry.get_backoff_time()
-            if budget is not None and budget.left() <= wait:  # (spent by the wait: none sent after it)
+            if budget is not None and budget_left(kept) <= wait:  # (spent by the wait: none sent after it)
                 return Retry.increment(self.new(total=0), *args, **kwargs)
             return retry
 

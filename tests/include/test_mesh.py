@@ -1907,3 +1907,45 @@ def test_a_write_in_doubt_at_its_last_try_is_read_back_once_or_said_maybe_writte
         assert "; the last may have been served: " in said
         assert "read back once" not in said
         assert raised.value.maybe_written
+
+
+@pytest.mark.real_pauses  # (the backoff on the fake clock)
+def test_the_clients_retries_of_a_call_keep_the_time_reserved_for_the_calls_after_it(kube, monkeypatch):
+    """``reserved`` kept the calls after it (the failure callback's routes write, the lease's
+    release) their time only against ``settled``'s own tries: the client's retries of a call
+    (``api_retries``: a read answered 500 sent again up to 5 times, up to 8 s between)
+    were bounded by what the budget had left, all of it: a read back answered 500 three times ate
+    the time the lease's release was kept, which was then not sent. Within ``reserved``, a retry is
+    sent only where the budget leaves the reserved calls their time after its wait (``budget_left``)."""
+    import urllib3.connectionpool
+    from urllib3.util.retry import Retry
+
+    from vision_rollout import mesh
+
+    fake, api = kube
+    now = [0.0]
+    sent = urllib3.connectionpool.HTTPConnectionPool._make_request
+
+    def sleep(self: Retry, response: object = None) -> None:  # (urllib3's wait between tries, on the fake clock)
+        now[0] += self.get_backoff_time()
+
+    def answered(self: object, *args: object, **kwargs: object) -> object:  # (each answer takes 1 s)
+        now[0] += 1
+        return sent(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Retry, "sleep", sleep)
+    monkeypatch.setattr(urllib3.connectionpool.HTTPConnectionPool, "_make_request", answered)
+    fake.throttle, fake.throttle_status, fake.throttled_methods = 10**6, 500, frozenset({"GET"})
+    router = IstioRouter(TARGET, ["1"], api_client=mesh.with_retries(api))
+    tries = []
+    for reserve in (0, 10):
+        now[0] = 0.0
+        with mesh.api_budget(30, 10, cap_s=30) as budget:
+            budget.clock, budget.started, budget.answer_s = (lambda: now[0]), 0.0, 1.0
+            before = len(fake.requests)
+            with mesh.reserved(reserve), pytest.raises(mesh.ApiFailed):
+                router.get_routes()
+            tries.append(len(fake.requests) - before)
+            if reserve:  # (the 10 calls kept, each 1 s: the 8 s wait before a 6th try would have left 8 s)
+                assert mesh.budget_left(reserve) >= 0
+    assert tries == [6, 5]  # (the waits between: 0, 1, 2, 4 s; the 8 s wait not begun)
