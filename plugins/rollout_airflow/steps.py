@@ -686,9 +686,9 @@ def start_from_steady(spec: RolloutSpec, run_id: str, hook: ModelServerHook, bef
     they are what a rollout against this baseline leaves mid-stage (``mesh.mid_rollout_against``:
     against another baseline, the unjudged candidate of that run would be put at 100%), and
     returns the version that run had routed (its candidate, to retire); else None. In kubernetes
-    mode a baseline at 0 pods is scaled back first and one of its pods waited for, as a restore
-    does (``baseline_back``): should that fail, the routes stay as they are and the run fails
-    saying what to do by hand."""
+    mode the baseline passes a restore's gate first (``baseline_back``): its Deployment there, a
+    count of 0 scaled back, one of its pods ready whatever its count: should that fail, the
+    routes stay as they are and the run fails saying so and what comes next."""
     from vision_rollout.mesh import TRANSIENT, RouterError, mid_rollout_against, not_steady
 
     try:
@@ -720,40 +720,60 @@ def start_from_steady(spec: RolloutSpec, run_id: str, hook: ModelServerHook, bef
 
 def baseline_back(spec: RolloutSpec, run_id: str, hook: ModelServerHook, routed: str) -> None:
     """Before a run that took the model over moves the traffic of ``routed`` (the candidate of
-    the run it took it from) back to the baseline (``start_from_steady``): a baseline at 0 pods
-    scaled back (``scaled_from_0``, as a restore does) and one of its pods ready. Should either
-    fail, the routes are left as they are, none moved to a version with no pods, and the error
-    says so, with what to do by hand: AirflowFailException; a transient failure (``TRANSIENT``)
-    raised as its own kind, that sentence added, for Airflow's retry to take the model over again
-    (the lease goes back to that run: ``first_step``)."""
+    the run it took it from) back to the baseline (``start_from_steady``): the gate a restore
+    passes (``baseline_ready``): a baseline without a Deployment refused, one at 0 pods scaled
+    back (``scaled_from_0``), and, whatever its count (a try before this one may have scaled it
+    back, its pods may crash-loop or wait to be placed), one of its pods ready. Should any of it
+    fail, the routes are left as they are, none moved to a version without a ready pod, and the
+    error says so, with what comes next: AirflowFailException, with what to do by hand (a scale
+    only where the scale failed); a transient failure (``TRANSIENT``) raised as its own kind,
+    saying that Airflow retries the step, which takes the model over again (the lease goes back
+    to that run: ``first_step``)."""
     from vision_rollout.mesh import TRANSIENT, RouterError
 
     deployments = hook.deployments(spec.model)
-    if replicas_of(deployments.deployment(spec.baseline_version)) != 0:
-        return  # (it runs pods; or it has no Deployment: no pods to scale either, left as it was)
+    scaling = 0  # (the count a failed scale from 0 chose)
 
-    def left(pods: int, why: str) -> str:  # (``pods``: the count the scale chose)
-        return (
-            f"the routes are left as they are: version {routed} (the candidate of the run whose lease this run took "
-            f"over) keeps its share, for version {spec.baseline_version}, the baseline, has no pods and {why}: no "
-            f"traffic is moved to a version with no pods. By hand: scale version {spec.baseline_version} up "
-            f"({deployments.scale_by_hand(spec.baseline_version, pods)}: {SCALE_BY_HAND_KUBECTL}), wait for its pods "
-            "to be ready, then trigger the run again: it takes the lapsed lease over again and moves the routes back "
-            f"to version {spec.baseline_version}"
-        )
+    def unscaled_from(pods: int, maybe: bool) -> str:
+        nonlocal scaling
+        scaling = pods
+        return f"has no pods and {unscaled(pods, maybe)}: no traffic is moved to a version with no pods"
 
-    hold(spec, run_id, hook, WAITING_STEP_S)  # for the wait
-    restoring = 0
     try:
-        restoring, _ = scaled_from_0(spec, deployments, routed, lambda pods, maybe: left(pods, unscaled(pods, maybe)))
-        deployments.wait_ready(spec.baseline_version, 1, strict=False)
-    except RouterError as exc:  # (the scale's, its routes_kept set; else the wait's)
-        kept = exc.routes_kept or left(restoring, f"was scaled back to {restoring} pods from 0, none of them ready")
-        said = f"{kept} ({type(exc).__name__}: {str(exc)[:1000]})"
+        baseline_ready(
+            spec,
+            deployments,
+            routed,
+            unscaled_from,
+            taken=lambda: hold(spec, run_id, hook, WAITING_STEP_S),  # for the wait
+            unready=lambda why: f"{why}: no traffic is moved to a version without a ready pod",
+        )
+    except RouterError as exc:  # (the read's, the scale's or the wait's, its routes_kept set)
+        again = f"takes the lapsed lease over again and moves the routes back to version {spec.baseline_version}"
+        if isinstance(exc, TRANSIENT):
+            then = f"Airflow retries this step (after its last try: trigger the run again): it {again}, once one of its pods is ready"
+        elif scaling:
+            then = (
+                f"By hand: scale version {spec.baseline_version} up "
+                f"({deployments.scale_by_hand(spec.baseline_version, scaling)}: {SCALE_BY_HAND_KUBECTL}), wait for its "
+                f"pods to be ready, then trigger the run again: it {again}"
+            )
+        else:
+            then = f"By hand: once one of its pods is ready, trigger the run again: it {again}"
+        said = (
+            f"the routes are left as they are: version {routed} (the candidate of the run whose lease this run took "
+            f"over) keeps its share, for version {spec.baseline_version}, the baseline, "
+            f"{exc.routes_kept or 'was not made ready'}. {then} ({type(exc).__name__}: {str(exc)[:1000]})"
+        )
         if isinstance(exc, TRANSIENT):
             exc.args = (said,)
             raise
         raise AirflowFailException(said) from None
+    except AirflowFailException as exc:  # (no Deployment)
+        raise AirflowFailException(
+            f"the routes are left as they are: version {routed} (the candidate of the run whose lease this run took "
+            f"over) keeps its share: {exc}"
+        ) from None
 
 
 def build_plan(spec: RolloutSpec, sha256: str, build: BuildSettings) -> dict[str, Any]:
@@ -2066,6 +2086,59 @@ def scaled_from_0(
     return restoring, None
 
 
+def baseline_ready(
+    spec: RolloutSpec,
+    deployments: VersionDeployments,
+    serving: str,
+    kept: Callable[[int, bool], str],
+    reserve: int = 0,
+    taken: Callable[[], object] = lambda: None,
+    sized: Callable[[int], None] = lambda live: None,
+    wait: Callable[[], dict[str, float]] = dict,
+    unready: Callable[[str], str] | None = None,
+) -> tuple[int, BudgetNotApplied | None]:
+    """The gate before any traffic is routed back to the baseline (a restore's ``stable_back``, a
+    takeover's ``baseline_back``), as Argo Rollouts' dynamicStableScale scales the stable version
+    up before it shifts traffic: a baseline without a Deployment refused (AirflowFailException,
+    the routes left as they are); then ``taken`` (the lease held for the wait); one at 0 pods
+    scaled back (``scaled_from_0``: ``serving``, ``kept``, ``reserve``), one that runs pods handed
+    to ``sized`` (its count: a restore's scale-up, not waited for); then, whatever its count, one
+    of its pods ready (``wait_ready``, not strict: ready pods of any template count; ``wait()``,
+    its timing, asked once the scale is done), its first look the Deployment read here unless it
+    was scaled. Returns the count it was scaled back to, 0 where it was not, and the budget's
+    failure where it was scaled but its budget not applied (``scaled_from_0``). A RouterError of the
+    read or the wait raised as it came, its ``routes_kept`` set to ``unready(why)`` (where given
+    and the error has none): what the caller leaves, and why."""
+    from vision_rollout.mesh import RouterError
+
+    try:
+        baseline = deployments.deployment(spec.baseline_version)  # (its size, and the wait's first look at its pods)
+    except RouterError as exc:
+        if unready is not None and exc.routes_kept is None:
+            exc.routes_kept = unready("could not be read (whether it has a ready pod is unknown)")
+        raise
+    live = replicas_of(baseline)
+    if live is None:
+        raise AirflowFailException(
+            f"version {spec.baseline_version} has no Deployment: the routes stay as they are rather than "
+            "sending traffic to no pods"
+        )
+    taken()
+    restoring, budget = 0, None
+    if live == 0:  # (retired by a promotion cut short, left there by a failed scale or another manager)
+        restoring, budget = scaled_from_0(spec, deployments, serving, kept, reserve)
+    else:
+        sized(live)
+    try:
+        deployments.wait_ready(spec.baseline_version, 1, strict=False, live=None if restoring else baseline, **wait())
+    except RouterError as exc:
+        if unready is not None and exc.routes_kept is None:
+            came = f"was scaled back to {restoring} pods from 0" if restoring else f"runs {live} pods"
+            exc.routes_kept = unready(f"has no ready pod: it {came}, none of them ready")
+        raise
+    return restoring, budget
+
+
 @dataclass(frozen=True)
 class Finishing:
     """What ``finish`` read before ``stable_back``, neither done again there: ``routes``, the routes
@@ -2115,28 +2188,9 @@ def stable_back(
     floor_read = False  # (the baseline's HPA read for its held floor, ``held``: None where none is held)
     held: int | None = None
     if rerouted:
-        baseline = deployments.deployment(spec.baseline_version)  # (its size, and the wait's first look at its pods)
-        live = replicas_of(baseline)
-        if live is None:
-            raise AirflowFailException(
-                f"version {spec.baseline_version} has no Deployment: the routes stay as they are rather than "
-                "sending traffic to no pods"
-            )
-        if not quick:
-            hold(spec, run_id, hook, WAITING_STEP_S, rolling_back=True)  # for the waits
-        if live == 0:  # retired (a promotion cut short): back at the size that serves the traffic now
-            # its first ready pod takes the traffic: the rest may need the room the candidate's pods take;
-            # (the failure callback's: its apply read again only where the calls after the wait keep their time)
-            restoring, budget = scaled_from_0(
-                spec,
-                deployments,
-                spec.candidate_version,
-                lambda pods, maybe: unscaled_from_0(spec, deployments, routes, pods, maybe),  # (the failure callback's)
-                RESTORE_RETRY_CALLS + AFTER_WAIT_CALLS if quick else 0,
-            )
-            if budget is not None:  # (scaled: a budget never holds back a rollback, said beside it)
-                unscaled = Shortfall(budget, str(budget), retired=False)
-        else:
+
+        def sized(live: int) -> None:  # (a baseline that runs pods: scaled up where it serves with fewer)
+            nonlocal held, floor_read, unsized, unscaled
             # (the failure callback's: its reads here only where they leave the calls after the wait their time)
             if deployments.build.autoscaling:
                 read = not (quick and mesh.budget_left(1 + AFTER_WAIT_CALLS) < 0)
@@ -2169,16 +2223,36 @@ def stable_back(
                         kept = f"; {floor_left_held(deployments, spec.baseline_version, held)}" if held else ""
                         unscaled = Shortfall(exc, f"{what}: it serves with the pods it runs{kept}", retired=False)
                         log.warning("%s: it takes the traffic back first, with the pods it runs%s", what, kept)
-        seen = None if restoring else baseline  # (scaled from 0: its pods looked at again)
-        if quick:  # (its budget's cap bounds the wait: never the teardown's, whose baseline's pods may take minutes)
-            # (the calls after it kept their time; CALLBACK_CAP_S at most, finite without a budget too)
-            wait = max(min(mesh.budget_left(AFTER_WAIT_CALLS) - WAIT_POLL_S, CALLBACK_CAP_S), 0.0)
-            deployments.wait_ready(
-                spec.baseline_version, 1, timeout_s=wait, every_s=WAIT_POLL_S, strict=False, live=seen
-            )
+
+        # A baseline at 0 (retired by a promotion cut short) back at the size that serves the traffic now;
+        # its first ready pod takes the traffic: the rest may need the room the candidate's pods take;
+        # (the failure callback's: its apply read again only where the calls after the wait keep their time;
+        # its budget's cap bounds the wait: never the teardown's, whose baseline's pods may take minutes;
+        # the calls after it kept their time; CALLBACK_CAP_S at most, finite without a budget too)
+        restoring, budget = baseline_ready(
+            spec,
+            deployments,
+            spec.candidate_version,
+            lambda pods, maybe: unscaled_from_0(spec, deployments, routes, pods, maybe),  # (the failure callback's)
+            RESTORE_RETRY_CALLS + AFTER_WAIT_CALLS if quick else 0,
+            taken=(lambda: None) if quick else lambda: hold(spec, run_id, hook, WAITING_STEP_S, rolling_back=True),
+            sized=sized,
+            wait=(
+                (
+                    lambda: {
+                        "timeout_s": max(min(mesh.budget_left(AFTER_WAIT_CALLS) - WAIT_POLL_S, CALLBACK_CAP_S), 0.0),
+                        "every_s": WAIT_POLL_S,
+                    }
+                )
+                if quick
+                else dict
+            ),
+        )
+        if budget is not None:  # (scaled: a budget never holds back a rollback, said beside it)
+            unscaled = Shortfall(budget, str(budget), retired=False)
+        if quick:
             still_held(hook.model_lock(spec.model, spec.mesh), run_id, finishing.renewal if finishing else None)
         else:
-            deployments.wait_ready(spec.baseline_version, 1, strict=False, live=seen)
             hold(spec, run_id, hook, rolling_back=True)  # still this run's, after the wait
         router(spec, run_id, hook, only=spec.baseline_version).set_routes(spec.stable_policy())
         promotion_undone(spec, run_id, hook)

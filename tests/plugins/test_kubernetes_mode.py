@@ -1472,6 +1472,130 @@ def test_a_takeover_whose_scale_of_a_baseline_at_0_is_refused_leaves_the_routes_
     assert lease(fleet, "digits")["spec"]["holderIdentity"] == "run-a"
 
 
+def no_pod_of_version_1_ready(kube: FakeKubeAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Version 1's pods never ready (crash-looping, Pending), however many it runs; each wait for
+    them ends at once (deploy's clock moved on by each of its sleeps)."""
+    import time
+    from types import SimpleNamespace
+
+    from devstack.cluster import kube as fake_kube
+    from vision_rollout import deploy
+
+    all_ready = fake_kube._ready_status
+
+    def never_ready(obj: dict) -> dict:
+        status = all_ready(obj)
+        if obj["metadata"]["name"] == "digits-v1":
+            status["readyReplicas"] = status["availableReplicas"] = 0
+        return status
+
+    monkeypatch.setattr(fake_kube, "_ready_status", never_ready)
+    kube.touch("deployments", "models", "digits-v1", lambda d: d.update(status=never_ready(d)))
+    now = [0.0]
+    clock = SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    clock.monotonic, clock.sleep = (lambda: now[0]), (lambda s: now.__setitem__(0, now[0] + s))
+    monkeypatch.setattr(deploy, "time", clock)
+
+
+def takeover_left(fleet: FakeKubeAPI, run_id: str, kind: type[Exception] = AirflowFailException, **kwargs) -> str:
+    """``run_id`` takes run-a's lapsed lease over at 10% and is refused: the routes left as they
+    were, run-a's candidate not retired, the lease given back to run-a. What it said."""
+    expire(fleet)
+    with pytest.raises(kind) as failed:
+        steps.build_image({**PARAMS, "candidate_version": "3"}, run_id, **kwargs)
+    assert routes(fleet) == [("v1", 90), ("v2", 10)]
+    assert deployment(fleet, "2")["spec"]["replicas"] > 0  # (not retired)
+    assert lease(fleet, "digits")["spec"]["holderIdentity"] == "run-a"
+    said = str(failed.value)
+    assert "the routes are left as they are: version 2" in said
+    return said
+
+
+def test_a_takeover_moves_no_traffic_to_a_baseline_whose_pods_are_not_ready(fleet, monkeypatch):
+    """run-b takes over run-a's lapsed lease at 10%, version 1 running pods none of which is
+    ready: it moved 100% to version 1 at once (its count not 0, nothing waited for), then retired
+    run-a's candidate, the only version serving. As a restore, it waits for one of version 1's
+    pods; none ready, the routes stay, and it says so, without advice to scale what runs pods."""
+    built = steps.build_image(PARAMS, "run-a")
+    steps.deploy_candidate(PARAMS, pushed(built), "run-a")
+    steps.apply_weights(PARAMS, 0, "run-a", built)
+    no_pod_of_version_1_ready(fleet, monkeypatch)
+    said = takeover_left(fleet, "run-b")
+    assert "version 1, the baseline, has no ready pod: it runs 1 pods, none of them ready" in said
+    assert "0 of 1 pods ready" in said
+    assert "scale version 1 up" not in said
+    assert "once one of its pods is ready, trigger the run again" in said
+    assert deployment(fleet, "1")["spec"]["replicas"] == 1  # (not scaled)
+
+
+def test_a_takeover_tried_again_after_its_baseline_was_scaled_back_waits_for_its_pods_again(fleet, monkeypatch):
+    """run-b's takeover scales version 1 back from 0, none of its pods ready: refused, the routes
+    left. Triggered again (run-c), version 1's count is not 0: it moved 100% there without a wait.
+    It waits again, and is refused again; neither says to scale what was scaled."""
+    lapsed_at_stage_1_with_the_baseline_at_0(fleet)
+    no_pod_of_version_1_ready(fleet, monkeypatch)
+    said = takeover_left(fleet, "run-b")
+    assert "has no ready pod: it was scaled back to 2 pods from 0, none of them ready" in said
+    assert "scale version 1 up" not in said
+    assert deployment(fleet, "1")["spec"]["replicas"] == 2
+    said = takeover_left(fleet, "run-c")
+    assert "has no ready pod: it runs 2 pods, none of them ready" in said
+    assert "scale version 1 up" not in said
+
+
+def test_a_takeover_to_a_baseline_without_a_deployment_leaves_the_routes(fleet):
+    """Version 1's Deployment deleted while run-a's lease lapsed at 10%: run-b moved 100% to
+    no pods. It is refused as a restore is, the routes left as they are."""
+    lapsed_at_stage_1_with_the_baseline_at_0(fleet)
+    del fleet.objects[("deployments", "models", "digits-v1")]
+    said = takeover_left(fleet, "run-b")
+    assert "version 1 has no Deployment: the routes stay as they are rather than sending traffic to no pods" in said
+
+
+def test_a_takeover_whose_read_of_the_baseline_is_refused_says_so_not_the_routes(fleet, monkeypatch):
+    """The read of version 1's Deployment refused (403): it was said to be the routes that could
+    not be read or set."""
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import RouterError
+
+    lapsed_at_stage_1_with_the_baseline_at_0(fleet)
+
+    def refused(self, version):
+        raise RouterError(f"get deployments/digits-v{version}: 403 Forbidden")
+
+    monkeypatch.setattr(VersionDeployments, "deployment", refused)
+    said = takeover_left(fleet, "run-b")
+    assert "cannot be read or set" not in said
+    assert "version 1, the baseline, could not be read" in said
+    assert "get deployments/digits-v1: 403 Forbidden" in said
+
+
+def test_a_takeover_whose_wait_got_no_answer_is_retried_and_waits_again(fleet, monkeypatch):
+    """run-b's wait for version 1's pods, scaled back from 0, got no answer: its kind kept for
+    Airflow's retry, saying so. The retry found version 1's count not 0 and moved 100% to it,
+    none of its pods ready, without a wait. It waits again, and the routes stay."""
+    from vision_rollout import deploy, mesh
+
+    lapsed_at_stage_1_with_the_baseline_at_0(fleet)
+    no_pod_of_version_1_ready(fleet, monkeypatch)
+    wait_ready, waits = deploy.VersionDeployments.wait_ready, []
+
+    def unanswered_once(self, version, *args, **kwargs):
+        waits.append(version)
+        if len(waits) == 1:
+            raise mesh.ApiUnreachable("the Kubernetes API server did not answer GET deployments/digits-v1")
+        return wait_ready(self, version, *args, **kwargs)
+
+    monkeypatch.setattr(deploy.VersionDeployments, "wait_ready", unanswered_once)
+    said = takeover_left(fleet, "run-b", mesh.ApiUnreachable, retry_in_s=60)
+    assert "did not answer" in said
+    assert "Airflow retries this step" in said
+    assert "scale version 1 up" not in said
+    said = takeover_left(fleet, "run-b", AirflowFailException, retry_in_s=60)  # (Airflow's retry)
+    assert waits == ["1", "1"]
+    assert "has no ready pod: it runs 2 pods, none of them ready" in said
+
+
 def promotion_cut_short(
     fleet: FakeKubeAPI,
     monkeypatch: pytest.MonkeyPatch,
