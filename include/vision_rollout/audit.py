@@ -982,10 +982,20 @@ def attribution(
     such a copy with a primary it read that the next range's read, from ``CLOCK_SKEW_S`` before
     it, may not reach. An earlier range's: the records stamped before it, the shadow records of
     the items of primaries stamped before it, and those of no primary read stamped before
-    ``start``'s close. A shadow record stamped more than ``CLOCK_SKEW_S`` before every primary of
-    its item in the range, of a primary before it, is that one's (a request id a client sent
-    again: the earlier range paired it, and the later one's copy is lost, not paired twice). A
-    shadow record stamped within the range more than ``CLOCK_SKEW_S`` before
+    ``start``'s close. A request id a client sent again (a retry) has one copy of each request
+    at most, each its own request's, in whichever range (the earlier range paired its copy, and
+    the later one's is lost, not paired twice). The server's own mirror stamps its copy with
+    its primary's own stamp (``shadow_record``: the request's ``received_at``): a shadow record
+    stamped exactly as a primary of its item is that primary's, and so the range's or not as
+    that primary is. Istio's copy is stamped by the candidate's pod, its clock apart: one stamped
+    as no primary is the range's where stamped no earlier than the first of its item's primaries
+    in the range less ``CLOCK_SKEW_S`` (no copy of it can be stamped before); one stamped
+    earlier, of a primary before the range, stays that range's. A known limit behind Istio: a
+    retry sent within ``CLOCK_SKEW_S`` of its first request (up to twice that where the
+    candidate's pod's clock is ahead), over a range's end, has its copies told apart by nothing:
+    the first request's copy may be paired in the retry's range too (its own copy, if any, a
+    duplicate). A shadow
+    record stamped within the range more than ``CLOCK_SKEW_S`` before
     its end, of a primary stamped after it (the pods' clocks further apart), is the range's too:
     the next range's read, from ``CLOCK_SKEW_S`` before it, never sees it, and the pair was lost
     to both unseen; the range counts it a shadow record without its primary."""
@@ -996,13 +1006,21 @@ def attribution(
     closing = ~by_close & (time < pd.Timestamp(closes(end))).to_numpy()
     primary = (records["role"] == "primary").to_numpy()
     key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
-    # (of a primary of the range: stamped after the first of its item's, less the pods' clocks
-    # apart; one stamped earlier is an earlier request's whose id a client sent again, paired there)
+    # (the own mirror's copy: stamped as its primary, the range's where that primary is)
+    stamped = _stamped(records)
+    exact = ~primary & stamped.isin(stamped[primary])
+    # (else Istio's, of a primary of the range: stamped after the first of its item's, less the
+    # pods' clocks apart; one stamped earlier is an earlier request's whose id a client sent
+    # again, paired there)
     rows = np.flatnonzero(primary & inside & ~late)
     rows = rows[time.iloc[rows].argsort(kind="stable").to_numpy()]
     rows = rows[~key[rows].duplicated()]
     since = time.iloc[rows].set_axis(key[rows]).reindex(key).reset_index(drop=True)
-    ours = (time.reset_index(drop=True) >= since - pd.Timedelta(seconds=CLOCK_SKEW_S)).to_numpy()
+    ours = np.where(
+        exact,
+        stamped.isin(stamped[primary & inside & ~late]),
+        (time.reset_index(drop=True) >= since - pd.Timedelta(seconds=CLOCK_SKEW_S)).to_numpy(),
+    )
     theirs = key.isin(key[primary & ~inside])
     unpaired = ~primary & ~key.isin(key[primary])
     beyond = (time < pd.Timestamp(end - timedelta(seconds=CLOCK_SKEW_S))).to_numpy() & key.isin(

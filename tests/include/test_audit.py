@@ -2595,3 +2595,31 @@ def test_a_request_id_re_sent_in_the_next_hour_takes_no_copy_its_first_hour_pair
     nxt = audit(tmp_path / "log", end, end + timedelta(hours=1), "digits", earlier_hours=24)
     counted = (nxt.rows, nxt.copies_lost, nxt.duplicates, nxt.input_mismatch, nxt.late_earlier)
     assert (nxt.verdict, *counted) == ("inconclusive", 0, 50, 0, 0, 0), nxt.reasons
+
+
+@pytest.mark.parametrize("gap", [7, 45])
+@pytest.mark.parametrize("copied", ["first", "again"])
+def test_a_request_id_re_sent_seconds_later_in_the_next_hour_pairs_the_own_mirrors_copy_of_its_own_request(
+    tmp_path, gap, copied
+):
+    """A client's quick retry (the usual re-send: the same id and image seconds later) across the
+    hour's end, behind the server's own mirror: 20 requests answered 5 s before the hour's end,
+    sent again ``gap`` s later, in the next hour, only one of the two copied. A copy was taken for
+    the first of its id's primaries in the range it was stamped no more than ``CLOCK_SKEW_S``
+    after: the first requests' copies were paired in both hours (the next hour's 20 lost shown as
+    20 pairs), or the retries' in both (the hour's 20 lost shown as 20 pairs). The own mirror's
+    copy is stamped with its primary's own stamp (``shadow_record``: the request's
+    ``received_at``): it is that primary's, the one stamped as it is, in whichever hour."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    end = hour + timedelta(hours=1)
+    first = {i: end.timestamp() - 5 + 0.01 * i for i in range(20)}
+    again = {i: at + gap for i, at in first.items()}
+    pods_log(tmp_path, {"pod-a": ("primary", first)}, True, written=end.timestamp())
+    pods_log(tmp_path, {"pod-b": ("primary", again)}, True, written=end.timestamp() + gap + 5)
+    pod, copies = ("pod-a", first) if copied == "first" else ("pod-b", again)  # (stamped as their primaries)
+    pods_log(tmp_path, {pod: ("shadow", copies)}, written=max(copies.values()) + 2)
+    this = audit(tmp_path / "log", hour, end, "digits", earlier_hours=24)
+    nxt = audit(tmp_path / "log", end, end + timedelta(hours=1), "digits", earlier_hours=24)
+    paired = {"first": ((20, 0), (0, 20)), "again": ((0, 20), (20, 0))}[copied]
+    assert ((this.rows, this.copies_lost), (nxt.rows, nxt.copies_lost)) == paired, (this.reasons, nxt.reasons)
+    assert (this.late_records, nxt.late_earlier, this.duplicates, nxt.duplicates) == (0, 0, 0, 0)
