@@ -37,11 +37,12 @@ def _rollout_schema(name: str) -> dict[str, Any]:
 
 @dag(
     dag_id="shadow_audit",
-    # Three minutes past each hour: the hour's last records (the last copies, stamped by a shadow
-    # pod's clock ahead, that waited for idle time) are written by then but for the last file's
-    # write (audited_hour), so a scheduled run waits seconds at most; a run triggered by hand
-    # audits the last whole hour.
-    schedule="3 * * * *",
+    # Four minutes past each hour, the first whole minute after the hour's close (3 min 6 s:
+    # closes, copy_due) and its last file's write (audited_hour): the hour's last records (the
+    # last copies, stamped by a shadow pod's clock ahead, that waited for idle time) are written
+    # by then, so a scheduled run waits for nothing; a run triggered by hand audits the last
+    # whole hour, waiting what remains.
+    schedule="4 * * * *",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

@@ -602,13 +602,12 @@ def closes(end: datetime) -> datetime:
     """When a range ending at ``end`` closes: the last second a file of its records may be
     written (by its name, its pod's clock) by a pod that keeps the bounds: the copy of its last
     primary, stamped ``CLOCK_SKEW_S`` after the range by a shadow pod's clock, that waited
-    ``MAX_COPY_AGE_LIMIT_S`` for idle time there and was flushed within ``MAX_FLUSH_S`` (the
-    pods' clocks apart and a copy's wait, both: a pair split over the range's end is its
-    primary's range's, once); ``audited_hour`` waits for it. A record in a file written later is
-    late: not in the range's audit."""
-    from model_server.config import MAX_COPY_AGE_LIMIT_S, MAX_FLUSH_S
-
-    return end + timedelta(seconds=CLOCK_SKEW_S + MAX_COPY_AGE_LIMIT_S + MAX_FLUSH_S)
+    ``MAX_COPY_AGE_LIMIT_S`` for idle time there and was flushed within ``MAX_FLUSH_S`` of the
+    previous flush's write, its own write begun (``copy_due``, the one bound: the pods' clocks
+    apart and a copy's wait, both, so that a pair split over the range's end is its primary's
+    range's, once, and a copy ``copy_due`` holds due is never late); ``audited_hour`` waits for
+    it. A record in a file written later is late: not in the range's audit."""
+    return end + copy_due()
 
 
 def copy_due() -> timedelta:
@@ -619,7 +618,8 @@ def copy_due() -> timedelta:
     the record showing the log's now may be stamped by a clock that far ahead). A pod with
     nothing written over a longer stretch before a record another pod wrote is gone (or got no
     copy in it); primaries stamped that long before the newest record without their copies
-    show a mirror stopped, not copies on their way."""
+    show a mirror stopped, not copies on their way. A range closes this long after its end
+    (``closes``): a copy due is never late."""
     from model_server.config import MAX_COPY_AGE_LIMIT_S, MAX_FLUSH_S
     from vision_rollout.engine import WRITE_S
 

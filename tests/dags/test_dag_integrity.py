@@ -45,23 +45,25 @@ def test_model_rollout_has_the_seven_steps(dagbag):
 
 def test_the_hourly_audit_runs_once_its_hour_is_written(dagbag):
     """@hourly ran at the hour's end, while the writers still held its last minute of records:
-    each run waited minutes in a worker slot. Runs come three minutes past the hour, when the
-    previous clock hour's records (its last copies too, a shadow pod's clock ahead, a copy's wait
-    for idle time) are all written but for the last file's write: they wait for that alone
-    (``WRITE_S``, seconds)."""
-    from datetime import UTC, datetime
+    each run waited minutes in a worker slot. Runs come four minutes past the hour, the first
+    whole minute after the previous clock hour's close (``closes``: 3 min 6 s, ``copy_due``) and
+    its last file's write, when its records (its last copies too, a shadow pod's clock ahead, a
+    copy's wait for idle time) are all written: they wait for nothing; a minute earlier, they
+    would wait for the close."""
+    from datetime import UTC, datetime, timedelta
 
     from vision_rollout.audit import audited_hour
-    from vision_rollout.engine import WRITE_S
 
     dag = dagbag.dags["shadow_audit"]
-    assert dag.schedule == "3 * * * *"
-    run_at = datetime(2026, 12, 2, 10, 3, tzinfo=UTC)
+    assert dag.schedule == "4 * * * *"
+    run_at = datetime(2026, 12, 2, 10, 4, tzinfo=UTC)
     assert audited_hour(run_at, run_at) == (
         datetime(2026, 12, 2, 9, tzinfo=UTC),
         datetime(2026, 12, 2, 10, tzinfo=UTC),
-        WRITE_S,
+        0.0,
     )
+    earlier = run_at - timedelta(minutes=1)
+    assert audited_hour(earlier, earlier)[2] > 0
 
 
 def test_the_wait_reschedules_and_promotion_can_ask_a_reviewer(dagbag):

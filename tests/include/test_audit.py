@@ -2623,3 +2623,31 @@ def test_a_request_id_re_sent_seconds_later_in_the_next_hour_pairs_the_own_mirro
     paired = {"first": ((20, 0), (0, 20)), "again": ((0, 20), (20, 0))}[copied]
     assert ((this.rows, this.copies_lost), (nxt.rows, nxt.copies_lost)) == paired, (this.reasons, nxt.reasons)
     assert (this.late_records, nxt.late_earlier, this.duplicates, nxt.duplicates) == (0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("mirrored", [True, None])
+def test_a_copy_written_within_copy_due_of_the_hours_end_is_the_hours(tmp_path, mirrored):
+    """``copy_due`` (how long after its primary a live shadow pod may still not have written its
+    copy: the pods' clocks apart, a copy's wait for idle time, a flush interval after the previous
+    flush's write, its own write) allows a file named up to 186 s after the hour's end; the hour
+    closed at 180 s (``closes`` left out the two writes). The hour's last requests' copies, each
+    bound kept, in a file named 181 s after it were late to the hour (0 pairs, 50 late records) and
+    counted late again by the next hour (50 ``late_earlier``). A range closes ``copy_due`` after
+    its end, the one bound derived from the other."""
+    from model_server.config import MAX_COPY_AGE_LIMIT_S, MAX_FLUSH_S
+    from vision_rollout.audit import CLOCK_SKEW_S
+    from vision_rollout.engine import WRITE_S
+
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    end = hour + timedelta(hours=1)
+    assert closes(end) - end >= copy_due()
+    primaries = {i: end.timestamp() - 5 + 0.01 * i for i in range(50)}
+    copies = {i: at + CLOCK_SKEW_S for i, at in primaries.items()}  # (a shadow pod ahead)
+    written = max(copies.values()) + MAX_COPY_AGE_LIMIT_S + MAX_FLUSH_S + 2 * WRITE_S
+    assert datetime.fromtimestamp(written, UTC) - end <= copy_due()  # (due)
+    pods_log(tmp_path, {"primary-pod": ("primary", primaries)}, mirrored, written=end.timestamp())
+    pods_log(tmp_path, {"shadow-pod": ("shadow", copies)}, written=written)
+    this = audit(tmp_path / "log", hour, end, "digits", earlier_hours=24)
+    assert (this.verdict, this.rows, this.copies_lost, this.late_records) == ("pass", 50, 0, 0), this.reasons
+    nxt = audit(tmp_path / "log", end, end + timedelta(hours=1), "digits", earlier_hours=24)
+    assert (nxt.verdict, nxt.rows, nxt.shadow_without_primary, nxt.late_earlier) == ("skip", 0, 0, 0), nxt.reasons

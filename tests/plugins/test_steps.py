@@ -1840,7 +1840,8 @@ def test_an_audit_run_catches_up_the_hours_nobody_was_told_of(monkeypatch, tmp_p
 def test_an_hour_is_audited_once_its_last_records_can_be_written():
     """The scheduled run starts as its hour ends, while the replicas' writers still hold its last
     records (one flushes every 60 s at most, its clock up to 60 s behind; a copy waits up to 60 s
-    for idle time, on a shadow pod whose clock is up to 60 s ahead): they were in no audit."""
+    for idle time, on a shadow pod whose clock is up to 60 s ahead; a flush's write after the
+    previous one's, 3 s each: ``copy_due``, the hour's close): they were in no audit."""
     from datetime import UTC, datetime, timedelta, timezone
 
     import pendulum
@@ -1849,13 +1850,13 @@ def test_an_hour_is_audited_once_its_last_records_can_be_written():
 
     ten = datetime(2026, 3, 1, 10, tzinfo=UTC)
     nine = ten - timedelta(hours=1)
-    assert audited_hour(ten, ten + timedelta(seconds=3)) == (nine, ten, 180.0)
+    assert audited_hour(ten, ten + timedelta(seconds=3)) == (nine, ten, 186.0)
     assert audited_hour(ten, ten + timedelta(minutes=5)) == (nine, ten, 0.0)
     assert audited_hour(ten + timedelta(minutes=30), ten + timedelta(minutes=30)) == (nine, ten, 0.0)
     paris = datetime(2026, 3, 1, 11, 59, tzinfo=timezone(timedelta(hours=1)))  # 10:59 UTC
     assert audited_hour(paris, ten + timedelta(hours=1))[:2] == (nine, ten)
     # Airflow's data interval is pendulum's
-    assert audited_hour(pendulum.datetime(2026, 3, 1, 10, tz="UTC"), ten + timedelta(seconds=3)) == (nine, ten, 180.0)
+    assert audited_hour(pendulum.datetime(2026, 3, 1, 10, tz="UTC"), ten + timedelta(seconds=3)) == (nine, ten, 186.0)
     with pytest.raises(ValueError, match="timezone-aware"):
         audited_hour(datetime(2026, 3, 1, 10), ten)
 
