@@ -594,7 +594,8 @@ EARLIER_HOURS = 24  # how far back the hourly audit looks for records that came 
 MAX_AUDIT_BYTES = 4 * 1024**3
 # How long one audit's reads of the log may take together (listings and files begun until then):
 # a slow store or an hour of many files ran the task past any bound (the rollout's audit holds
-# the model's lease for ``LEASE_S`` + 600 s). What is left is named; the range is inconclusive.
+# the model's lease for ``LEASE_S`` beyond its wait for the copies and this: ``rollout_audit_s``).
+# What is left is named; the range is inconclusive.
 MAX_AUDIT_S = 480.0
 
 

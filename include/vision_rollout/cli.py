@@ -1241,17 +1241,18 @@ class _Lease:
                 raise
         return self
 
-    def renew(self, note: str | None = None) -> None:
-        """Renewed, with ``note`` (``rolloutctl status`` shows it); Aborted when the rollout was
+    def renew(self, note: str | None = None, seconds: int | None = None) -> None:
+        """Renewed, with ``note`` (``rolloutctl status`` shows it), for ``seconds`` (``LEASE_S``
+        where None); Aborted when the rollout was
         aborted (``rolloutctl abort``), or when nobody holds the lock any more (its file or
         folder removed): it rolls back, no other run's routes being at stake (a run starting
         meanwhile finds this one's routes and touches nothing). LockLost when another run holds it."""
-        from vision_rollout.locks import Aborted, LockLost
+        from vision_rollout.locks import LEASE_S, Aborted, LockLost
 
         if self.lock is None:
             return
         try:
-            held = self.lock.renew(self.holder, note=note)
+            held = self.lock.renew(self.holder, LEASE_S if seconds is None else seconds, note=note)
         except LockLost:
             if self.lock.holding() is None:
                 raise Aborted(f"aborted: the model's lock {self.lock.where} is gone, nobody holds it") from None
@@ -1323,9 +1324,10 @@ def _run(
         mirrors_candidate,
         preflight,
         rollout_audit,
+        rollout_audit_s,
     )
     from vision_rollout.folders import Folder
-    from vision_rollout.locks import Aborted
+    from vision_rollout.locks import LEASE_S, Aborted
     from vision_rollout.notify import (
         Message,
         SlackNotifier,
@@ -1426,7 +1428,10 @@ def _run(
             send(stage_message(spec, outcome.weight, outcome.verdict))
 
     def shadow_audit(start: float, end: float) -> Any:
-        """The DAG's shadow_consistency: the rollout's records, the spec's limits and mirror share."""
+        """The DAG's shadow_consistency: the rollout's records, the spec's limits and mirror share;
+        the model this run's over its wait for the copies and its reads (``rollout_audit_s``), and
+        for a lease's time beyond, as the DAG's step holds it."""
+        lease.renew("shadow audit: waiting for the last copies, then reading the log", LEASE_S + rollout_audit_s())
         result = rollout_audit(
             args.prediction_log,
             datetime.fromtimestamp(start, UTC),

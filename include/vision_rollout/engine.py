@@ -1532,6 +1532,17 @@ def rollout_audit(
     )
 
 
+def rollout_audit_s() -> int:
+    """The longest ``rollout_audit`` takes, in whole seconds: its wait for the copies
+    (``await_copies``: to the range's close, ``copy_due`` after its end, the range ending as it
+    starts) and its reads (``MAX_AUDIT_S``). A lease held across it (the DAG's
+    shadow_consistency, ``rolloutctl run``'s audit) is held for ``LEASE_S`` beyond it: the
+    report, and the next step's start."""
+    from vision_rollout.audit import MAX_AUDIT_S, copy_due
+
+    return math.ceil(copy_due().total_seconds() + MAX_AUDIT_S)
+
+
 # -- the whole rollout in one process (rolloutctl run) ---------------------------------------
 
 
@@ -1603,11 +1614,15 @@ class Rollout:
 
     def shadow_audit(self, start: float) -> AuditResult | None:
         """The audit of the records since ``start``; None when it could not run (the DAG's
-        shadow_consistency failing: its decision rolls back a rollout with a mirror)."""
+        shadow_consistency failing: its decision rolls back a rollout with a mirror). The lease's
+        word on the way (``LockLost``, ``Aborted``: the audit renews it first) is the run's, not
+        the audit's failure: raised."""
         if self.audit is None:
             return None
         try:
             return self.audit(start, self.clock())
+        except (LockLost, Aborted):
+            raise
         except Exception:
             log.exception("the shadow audit could not run")
             return None

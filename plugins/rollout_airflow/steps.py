@@ -1474,14 +1474,14 @@ def shadow_consistency(params: dict[str, Any], since: datetime, run_id: str) -> 
     """The shadow audit of the run's records up to the step's start, once the shadow copies of
     its last primaries are written (``await_copies``: until the range closes at most), where the
     mirror is still on (a run whose stable version took 100% back makes no more copies). The model
-    stays this run's meanwhile, and for the time the next task takes to start (the lease runs
-    out 300 s after its last renewal)."""
+    stays this run's meanwhile (``rollout_audit_s``: the longest wait and reads), and for the time
+    the next task takes to start (the lease runs out 300 s after its last renewal)."""
     from vision_rollout.audit import report_files, write_report
-    from vision_rollout.engine import rollout_audit
+    from vision_rollout.engine import rollout_audit, rollout_audit_s
 
     spec = spec_from(params)
     hook = serving()
-    hold(spec, run_id, hook, LEASE_S + 600)  # reading a long run's log takes a while
+    hold(spec, run_id, hook, LEASE_S + rollout_audit_s())  # the copies' wait and the log's reads take a while
     settings = hook.settings
     end = datetime.now(UTC)
     result = rollout_audit(

@@ -2191,6 +2191,59 @@ def test_a_run_cut_short_reports_with_the_chart_the_dags_teardown_would(tmp_path
         assert "chart" not in final
 
 
+def test_run_holds_the_models_lease_over_the_shadow_audits_longest_wait_and_reads(tmp_path, monkeypatch):
+    """rolloutctl run renewed its lease (``LEASE_S``, 300 s) at its last stage's end, and the
+    shadow audit then waited for the copies to the range's close (186 s) and read the log (up to
+    ``MAX_AUDIT_S``, 480 s): the lease ran out mid-audit, another run could take the model over,
+    and this one promoted on its routes. It is renewed before the audit for ``LEASE_S`` beyond
+    the longest wait and reads (``rollout_audit_s``, as the DAG's shadow_consistency holds it);
+    a lease lost meanwhile stops the run there, no route touched (the audit's failure is none of
+    it)."""
+    import argparse
+
+    from tests.include.test_engine import RecordingRouter
+    from vision_rollout import cli, engine
+    from vision_rollout.audit import MAX_AUDIT_S, AuditResult, closes
+    from vision_rollout.engine import StageState
+    from vision_rollout.gates import evaluate_gate
+    from vision_rollout.locks import LEASE_S
+    from vision_rollout.spec import RolloutSpec
+
+    spec = RolloutSpec.from_dict({"stages": [50, 100], "mirror_percent": 0})
+    passing = replace(evaluate_gate(samples(200)), decision="pass")
+    monkeypatch.setattr(engine, "StageJudge", lambda *a, **k: lambda w: StageState("pass", 2, 3, passing, "passed"))
+    monkeypatch.setattr(engine, "poke_interval", lambda spec: 0.0)
+    locks = tmp_path / "locks"
+    held = []
+
+    def audit(prediction_log, start, end, spec, mirroring):
+        held.append((FileLock("digits", locks).holding().seconds, (closes(end) - end).total_seconds()))
+        return AuditResult(spec.model, start.isoformat(), end.isoformat(), "skip", ["no records"])
+
+    monkeypatch.setattr(engine, "rollout_audit", audit)
+    args = argparse.Namespace(url="http://127.0.0.1:9", validation=tmp_path, prediction_log=str(tmp_path / "log"))
+    args.outbox = None
+    with cli._Lease(locks, spec.model) as lease:
+        assert cli._run(args, spec, RecordingRouter(), None, {}, lease, "") == 0
+    ((seconds, wait),) = held
+    assert seconds >= LEASE_S + wait + MAX_AUDIT_S, (seconds, wait)
+    # (lost before the audit: the run stops, the routes left to the run that holds the model)
+    router = RecordingRouter()
+    with cli._Lease(locks, spec.model) as lease:
+        real = lease.renew
+
+        def renew(note=None, seconds=LEASE_S):
+            if seconds > LEASE_S:
+                FileLock("digits", locks).release(lease.holder)
+                FileLock("digits", locks).acquire("another run")
+            return real(note) if seconds == LEASE_S else real(note, seconds)
+
+        monkeypatch.setattr(lease, "renew", renew)
+        with pytest.raises(cli.CommandError, match="another run"):
+            cli._run(args, spec, router, None, {}, lease, "")
+    assert router.history == [spec.policy_for_stage(w).to_dict() for w in (50, 100)]
+
+
 def _errors_report_signalled(tmp_path, monkeypatch, chart, send=None) -> tuple:
     """rolloutctl run cut short by an error once every stage passed (the admin API stopped
     answering before the promotion), its report's chart drawn by ``chart`` and, with ``send``,

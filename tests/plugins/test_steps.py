@@ -269,6 +269,39 @@ def test_the_shadow_audit_keeps_the_model_this_runs(monkeypatch, tmp_path):
         steps.shadow_consistency(PARAMS, since, "run-b")
 
 
+def test_the_lease_held_over_the_shadow_audit_covers_its_longest_wait_and_reads(monkeypatch, tmp_path):
+    """The step held the lease for ``LEASE_S`` + 600 s: the copies' wait to the range's close (120
+    s then) and the audit's reads (``MAX_AUDIT_S``), 600 s written out. The close moved (186 s
+    now): the wait and the reads took 666 s, and the lease, held for 900 s, left 234 s of its 300
+    for the report and the next task's start. It is held for ``LEASE_S`` beyond the longest wait
+    and reads (``rollout_audit_s``), derived from the close and ``MAX_AUDIT_S``."""
+    from vision_rollout import engine
+    from vision_rollout.audit import MAX_AUDIT_S, closes
+    from vision_rollout.locks import LEASE_S
+
+    extra = {"run_dir": str(tmp_path), "prediction_log": str(tmp_path / "log")}
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
+        json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": 9, "extra": extra}),
+    )
+    lock = steps.serving().model_lock("digits", "local")
+    lock.acquire("run-a", seconds=5)
+    held = []
+    real = engine.rollout_audit
+
+    def audit(prediction_log, start, end, spec, mirroring):
+        held.append(lock.holding().seconds)
+        return real(prediction_log, start, end, spec, mirroring)
+
+    monkeypatch.setattr(engine, "rollout_audit", audit)
+    end = datetime.now(UTC)
+    steps.shadow_consistency(PARAMS, end - timedelta(minutes=5), "run-a")
+    longest = (closes(end) - end).total_seconds() + MAX_AUDIT_S
+    (seconds,) = held
+    assert seconds >= LEASE_S + longest, (seconds, longest)
+    assert lock.holding().seconds == LEASE_S
+
+
 def test_the_shadow_audit_waits_for_the_copies_of_the_runs_last_primaries(monkeypatch, tmp_path):
     """The step audited up to its start, when the copies of the last requests were not written
     yet (the candidate's pod flushes every few seconds, after the baseline's wrote the primaries):
