@@ -1447,11 +1447,11 @@ def test_a_shadow_pod_gone_holds_the_wait_and_the_copies_test_back_no_longer(tmp
 
 def test_behind_istio_primaries_before_the_shadows_watermark_are_not_waited_for(tmp_path):
     """Behind Istio a mirror under 100% samples at random in Envoy: the primaries' records say
-    nothing of it (``mirrored`` null), and the rollout's audit waited out the range's close (about
-    two minutes) for the copies of every one of them, most never made. The candidate's pod has
-    written its copies up to a time (its watermark: its newest record, less its copies' longest
-    time in flight and its clock's lead on the primaries' as the pairs show it): a primary stamped
-    before that without a copy was not mirrored, and is not waited for."""
+    nothing of it (``mirrored`` null), and the rollout's audit waited out the range's close
+    (``closes``: ``copy_due``, 186 s) for the copies of every one of them, most never made. The
+    candidate's pod has written its copies up to a time (its watermark: its newest record, less
+    its copies' longest time in flight and its clock's lead on the primaries' as the pairs show
+    it): a primary stamped before that without a copy was not mirrored, and is not waited for."""
     now = time.time()
     end = datetime.fromtimestamp(now, UTC)
     primaries = [now - 60 + 0.5 * k for k in range(120)]  # up to the range's end, and on after it
