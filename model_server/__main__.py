@@ -86,8 +86,10 @@ def copy_age(text: str) -> float:
     return value
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="model-server", description=__doc__)
+def parser(kind: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The server's arguments, as ``parse_args`` reads them. ``kind``: the parser's class (the
+    one-machine stack's pods read a container's ``--admin-port`` with one whose ``error`` raises)."""
+    p = kind(prog="model-server", description=__doc__)
     p.add_argument("--repository", type=Path, required=True, help="model repository folder")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -292,6 +294,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="one JSON log line per inference (primary and shadow) with request and trace ids",
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = parser()
     args = p.parse_args(argv)
     if args.max_bodies_mb is not None and args.max_bodies_mb < args.max_body_mb:
         # Every body between the two would be refused 503 "retry shortly", and no retry fit.

@@ -59,6 +59,7 @@ container start, rotated at 10 MiB), served by the API server's log endpoint.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -80,10 +81,11 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from devstack.cluster.kube import FakeKubeAPI, now_rfc3339
 from devstack.processes import PORT_TRIES, PYTHONPATH, ROOT, free_port, port_holder, port_in_use, whose_port
+from model_server.__main__ import parser as server_parser
 
 log = logging.getLogger(__name__)
 
@@ -432,7 +434,8 @@ class PodRunner:
         labels = {**(template.get("metadata") or {}).get("labels", {}), "pod-template-hash": template_hash}
         port = free_port()
         args = (template["spec"].get("containers") or [{}])[0].get("args") or []
-        admin_port = _port_besides(port) if _admin_arg(args) else 0  # (none with no value: refused at its start)
+        # (none where the server refuses its value: its container refused at its start)
+        admin_port = _port_besides(port) if isinstance(_admin_arg(args), int) else 0
         name = f"{deployment}-{''.join(secrets.choice(NAME_CHARS) for _ in range(5))}"
         body = {
             "apiVersion": "v1",
@@ -624,9 +627,10 @@ class PodRunner:
             raise ContainerError(
                 "CreateContainerError", f"at most {MAX_ARGS} args of at most {MAX_ARG_CHARS} characters each"
             )
-        if _admin_arg(args) == "":  # (as the model server's own parse of its args would exit)
+        if isinstance(refused := _admin_arg(args), str):  # (as the model server's own parse of its args exits)
             raise ContainerError(
-                "CreateContainerError", f"pod {pod.namespace}/{pod.name}: its container's --admin-port has no value"
+                "CreateContainerError",
+                f"pod {pod.namespace}/{pod.name}: its container's args are refused by the model server: {refused}",
             )
         paths = {"/models": repository, "/tmp": pod.dir / "tmp", **self._volumes(pod)}  # noqa: S108 (the container path)
         argv = [*_translate(args, paths, self.gpu), "--host", "127.0.0.1", "--port", str(pod.port)]
@@ -1217,18 +1221,41 @@ def _port_besides(other: int) -> int:
     return port
 
 
-def _admin_arg(args: list[Any]) -> str | None:
-    """The value of a container's ``--admin-port`` (``--admin-port N`` or ``--admin-port=N``, the
-    first, as ``_translate`` drops it), as written; "" where it has none (the last arg,
-    ``--admin-port=``, or a flag after it, as argparse reads one: its container refused at its
-    start, no admin port); None without one.
+class _ArgsRefused(Exception):
+    """The model server's parser refused a container's args (its words: argparse's message)."""
+
+
+class _ServerArgs(argparse.ArgumentParser):
+    """The model server's parser, raising where it would exit: at a refusal (printing its usage)
+    or after its help (``-h``: printed by the server, not here; the runner is not to exit)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _ArgsRefused(message)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        raise _ArgsRefused(message or f"it exits ({status}) at its args")
+
+    def print_help(self, file: Any = None) -> None:
+        pass
+
+
+def _admin_arg(args: list[Any]) -> int | str | None:
+    """A container's ``--admin-port`` as its model server reads it: read by the server's own
+    parser (``model_server.__main__.parser``), so the last one given, an abbreviation
+    (``--admin-po 9000``) and either form (``--admin-port=9000``) as the server reads them. The
+    port (int); the parser's words (str) where it refuses the flag's value (none: the last arg,
+    ``--admin-port=``, a flag after it; or no integer), its container refused at its start, no
+    admin port; None without one (or where the parser stops at another arg before it, its
+    server exiting at its start).
     The one reading of it for ``_create``, ``_ports`` and ``_command``."""
-    args = [str(a) for a in args]
-    for arg, after in zip(args, [*args[1:], None], strict=True):
-        flag, sep, value = arg.partition("=")
-        if flag == "--admin-port":
-            return value if sep else after if after and not after.startswith("--") else ""
-    return None
+    read = argparse.Namespace()
+    try:  # (what is read before a refusal stays in ``read``: --repository missing is refused last)
+        server_parser(_ServerArgs).parse_known_args([str(a) for a in args], read)
+    except _ArgsRefused as refused:
+        if "--admin-port" in str(refused):
+            return str(refused)
+    admin = getattr(read, "admin_port", None)
+    return admin if isinstance(admin, int) else None
 
 
 def _ports(pod: Pod) -> list[tuple[str, int]]:
@@ -1237,7 +1264,10 @@ def _ports(pod: Pod) -> list[tuple[str, int]]:
     admin = _admin_arg(pod.container.get("args") or [])
     declared = pod.container.get("ports") or [{}]
     return [
-        (str(d.get("name", "")), pod.admin_port if admin and str(d.get("containerPort")) == admin else pod.port)
+        (
+            str(d.get("name", "")),
+            pod.admin_port if isinstance(admin, int) and str(d.get("containerPort")) == str(admin) else pod.port,
+        )
         for d in declared
     ]
 

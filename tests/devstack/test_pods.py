@@ -858,17 +858,86 @@ def test_the_admin_container_port_is_the_pods_admin_port_in_either_form_of_the_f
 
 
 @pytest.mark.parametrize(
-    "bare",
-    [["--admin-port"], ["--admin-port="], ["--admin-port", "--port", "8000"]],
-    ids=["last", "empty", "a-flag-next"],
+    ("args", "admin"),
+    [
+        (["--admin-port", "9001", "--admin-port", "9002"], 9002),
+        (["--admin-port=9001", "--admin-port", "9002"], 9002),
+        (["--admin-po", "9002"], 9002),
+        (["--admin-po=9002"], 9002),
+        (["--admin-port", "09002"], 9002),
+        (["--port", "9001"], None),
+    ],
+    ids=["twice", "twice-joined-first", "abbreviated", "abbreviated-joined", "leading-zero", "none"],
 )
-def test_an_admin_port_flag_with_no_value_is_refused_naming_the_pod_and_the_flag(tmp_path, monkeypatch, bare):
+def test_the_admin_port_is_read_as_the_model_server_reads_its_args(tmp_path, args, admin):
+    """``--admin-port`` given twice was read as the first (``--admin-port 9001 --admin-port
+    9002``: the containerPort 9001 taken for the admin one), where the server's argparse keeps
+    the last, 9002; and argparse's abbreviation ``--admin-po 9002``, which the server reads as
+    its admin port, was not seen at all: the pod got no admin port, and its server listened on
+    the container's 9002. The args are read by the model server's own parser."""
+    from devstack.cluster.pods import Pod, _admin_arg, _ports
+    from model_server.__main__ import parse_args
+
+    assert parse_args(["--repository", ".", *args]).admin_port == admin
+    assert _admin_arg(args) == admin
+    ports = [{"name": "http", "containerPort": 9001}, {"name": "admin", "containerPort": 9002}]
+    spec = {"containers": [{"name": "server", "args": args, "ports": ports}]}
+    pod = Pod("models", "digits-1", "digits", "h", {}, spec, tmp_path, port=41001, admin_port=41002)
+    assert _ports(pod) == [("http", 41001), ("admin", 41002 if admin else 41001)]
+
+
+def test_a_container_asking_the_server_for_its_help_is_read_without_ending_the_runner(capsys):
+    """The server's parser prints its help and exits at ``-h`` (or ``--he``): read here, it
+    neither prints nor exits; the admin port given before it is the one read."""
+    from devstack.cluster.pods import _admin_arg
+
+    assert _admin_arg(["--admin-port", "9002", "--he"]) == 9002
+    assert _admin_arg(["-h", "--admin-port", "9002"]) is None
+    assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize("form", ["twice", "abbreviated"])
+def test_a_pod_is_given_an_admin_port_for_a_flag_the_server_reads_as_one(tmp_path, monkeypatch, form):
+    """A container whose ``--admin-port`` was written abbreviated (``--admin-po``) got no admin
+    port of the pod's own: its server listened on the port written, every pod of the Deployment
+    on the same one. It gets one, as for ``--admin-port``, and its server is given it last."""
+    runner = PodRunner(FakeKubeAPI(kubelet=True), tmp_path / "cluster", {}, gpu=False)
+    monkeypatch.setattr(runner, "resolve", lambda image: tmp_path)  # (the image's repository)
+    deployment = render_deployment(TARGET, "digits", "2", IMAGE, None, CPU)
+    deployment["metadata"]["uid"] = "uid-2"
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    args = [str(a) for a in container["args"]]
+    at = args.index("--admin-port")
+    given = ["--admin-port", "9001", "--admin-port", "9002"] if form == "twice" else ["--admin-po", "9002"]
+    container["args"] = [*args[:at], *args[at + 2 :], *given]
+    runner._create(deployment, "h")
+    (pod,) = runner.pods.values()
+    assert pod.admin_port
+    monkeypatch.setattr(runner, "_volumes", lambda pod: {})  # (its Secrets' volumes: none here)
+    argv, _env = runner._command(pod)
+    assert argv[-2:] == ["--admin-port", str(pod.admin_port)]
+
+
+@pytest.mark.parametrize(
+    ("bare", "words"),
+    [
+        (["--admin-port"], "expected one argument"),
+        (["--admin-port="], "invalid int value: ''"),
+        (["--admin-port", "--port", "8000"], "expected one argument"),
+        (["--admin-port", "9001", "--admin-port"], "expected one argument"),
+        (["--admin-port", "nine"], "invalid int value: 'nine'"),
+    ],
+    ids=["last", "empty", "a-flag-next", "twice-the-last-bare", "no-integer"],
+)
+def test_an_admin_port_flag_with_no_value_is_refused_naming_the_pod_and_the_flag(tmp_path, monkeypatch, bare, words):
     """A bare ``--admin-port`` as the container's last arg: ``_create`` gave the pod an admin port
     (an arg of that name was enough) and ``_ports`` none (no value after it to match a
     containerPort), and the server ran with an admin port no target scraped. One reading of the
     args serves both: the pod has no admin port, and its container is refused at its start, the
     error naming the pod and the flag (the model server itself would exit at its args). A flag
-    after it is no value either (argparse: "expected one argument"), where it was taken for one."""
+    after it is no value either (argparse: "expected one argument"), where it was taken for one.
+    Given twice, the last bare, or a value that is no integer: the server exits at its args too,
+    and its container is refused in the words of the server's parser."""
     from devstack.cluster.pods import ADMIN_ANNOTATION, _ports
 
     runner = PodRunner(FakeKubeAPI(kubelet=True), tmp_path / "cluster", {}, gpu=False)
@@ -889,5 +958,5 @@ def test_an_admin_port_flag_with_no_value_is_refused_naming_the_pod_and_the_flag
     assert pod.proc is None
     assert pod.waiting == (
         "CreateContainerError",
-        f"pod models/{pod.name}: its container's --admin-port has no value",
+        f"pod models/{pod.name}: its container's args are refused by the model server: argument --admin-port: {words}",
     ), pod.waiting
