@@ -57,7 +57,7 @@ from model_server.errors import (
 from model_server.files import open_regular
 from model_server.metrics import VersionMetrics
 from model_server.preprocess import check_pixels, images_to_features
-from model_server.protocol import InferInput
+from model_server.protocol import InferInput, hex_value
 
 log = logging.getLogger(__name__)
 
@@ -275,18 +275,10 @@ def _hex_fault(written: str, conversion: str) -> str | None:
     """Why std::sto<conversion> fails on a hex float (its text after "0x", lowercase), or None:
     judged as a decimal one is, exactly and in linear time: its value is an odd integer times a
     power of two, compared with the type's bounds (multiples of powers of two too) by shifts."""
-    mantissa, _, exponent = written.partition("p")
-    whole, _, fraction = mantissa.partition(".")
-    digits = (whole + fraction).lstrip("0")
-    kept = digits.rstrip("0")
-    if not kept:
+    value = hex_value(written)
+    if value is None:
         return None  # 0, whatever its exponent
-    if len(exponent.lstrip("+-0")) > 20:  # past any range, or under it
-        return "is out of range"
-    significand = int(kept, 16)  # (a power-of-two base: int() reads any number of digits)
-    power = _integer(exponent) - 4 * len(fraction) + 4 * (len(digits) - len(kept))
-    zero_bits = (significand & -significand).bit_length() - 1
-    significand, power = significand >> zero_bits, power + zero_bits
+    significand, power = value  # (an exponent of more than 20 digits: past any range, or under it)
     bits, top, low = FLOAT_TYPES[conversion]
     high = significand.bit_length() - 1 + power  # 2**high <= value < 2**(high + 1)
     # Both bounds are (2**(bits+1) - 1) * 2**unit: the range's end (unit top - bits) and the

@@ -138,9 +138,18 @@ def _past_range(flat: list[Any], arr: np.ndarray, datatype: str, where: str, wri
     except RecursionError:  # (read again a few frames deeper than the body was: "inf" it is)
         text = repr(flat[i])
     raise InvalidInput(
-        f"{where}: element {i} ({text if len(text) <= 40 else repr(text[:40] + '...')}) is past the range of "
-        f"{datatype} (its largest magnitude is {np.finfo(arr.dtype).max:g})"
+        f"{where}: element {i} ({text if len(text) <= 40 else repr(text[:40] + '...')}) is past {_range(datatype)}"
     )
+
+
+def _range(datatype: str) -> str:
+    """A numeric datatype's range, as a number past it is refused: "the range of FP16 (its
+    largest magnitude is 65504)", "the range of INT8 (-128 to 127)"."""
+    dtype = np.dtype(DATATYPES[datatype])
+    if dtype.kind == "f":
+        return f"the range of {datatype} (its largest magnitude is {np.finfo(dtype).max:g})"
+    info = np.iinfo(dtype)
+    return f"the range of {datatype} ({info.min} to {info.max})"
 
 
 def _infinite_as_written(text: str) -> Any:
@@ -219,19 +228,62 @@ def _non_json_number(text: str, pos: int) -> tuple[int, str, str, tuple[str, str
 
 def _hex_advice(literal: str, datatype: Any) -> str:
     """How a hex literal in an input of ``datatype`` (as its JSON said it, if it did) is to be
-    written: only a form that datatype takes ("" where the datatype is not known)."""
+    written: only a form that datatype takes ("" where the datatype is not known). Its exact
+    value (``hex_value``; float.fromhex rounds to a double: 0x1.00000000000001p0, 1 + 2**-56,
+    is 1.0 there) is judged as its decimal would be: one past the datatype's range is told so,
+    in the words that decimal is refused with (no decimal is taken); a float datatype that
+    cannot hold it says what it rounds it to (as the server reads that decimal: a double, then
+    the datatype), the number to write to be read as sent."""
     if not isinstance(datatype, str) or datatype not in DATATYPES:
         return ""
     if datatype in ("BOOL", "BYTES"):
         return f": {datatype} data must be {'true/false' if datatype == 'BOOL' else 'JSON strings'}"
+    negative = literal.startswith("-")
+    value = hex_value(literal.lstrip("-")[2:].lower())
+    if value is None:  # 0
+        return ": write it in decimal"
+    significand, power = value
+    top = significand.bit_length() - 1 + power  # 2**top <= its magnitude < 2**(top + 1)
     if datatype.startswith(("INT", "UINT")):
-        try:
-            integral = float.fromhex(literal).is_integer()
-        except OverflowError:  # past a double's range: an integer (whether it fits is said then)
-            integral = True
-        if not integral:  # (0x1.4: 1.25, in decimal no integer either)
+        if power < 0:  # (an odd significand: 0x1.4 is 1.25, in decimal no integer either)
             return f": {datatype} data must be integers"
-    return ": write it in decimal"
+        info = np.iinfo(np.dtype(DATATYPES[datatype]))
+        integer = None if top > 64 else (-1 if negative else 1) * (significand << power)
+        if integer is None or not info.min <= integer <= info.max:
+            return f": it is past {_range(datatype)}"
+        return ": write it in decimal"
+    try:  # (its exponent far past a double's range or under it: not given to float.fromhex)
+        double = math.copysign(0.0, -negative) if top < -1100 else float.fromhex(literal) if top <= 1100 else math.inf
+    except OverflowError:  # (its value, or the double it rounds to, 2**1024 or more)
+        double = math.inf
+    with np.errstate(over="ignore"):
+        held = float(np.asarray(double, dtype=DATATYPES[datatype]))  # (as a decimal is read: a double, then it)
+    if not math.isfinite(held):
+        return f": it is past {_range(datatype)}"
+    numerator, denominator = held.as_integer_ratio()
+    numerator = abs(numerator)
+    zero_bits = (numerator & -numerator).bit_length() - 1
+    exact = numerator != 0 and (numerator >> zero_bits, zero_bits - denominator.bit_length() + 1) == value
+    return ": write it in decimal" if exact else f": write it in decimal ({datatype} rounds it to {held!r})"
+
+
+def hex_value(written: str) -> tuple[int, int] | None:
+    """A hex float's value (its text after "0x", lowercase, unsigned: "1.8p3"), exactly and in
+    linear time: an odd significand and the power of two that multiplies it; None for 0. An
+    exponent of more than 20 digits is taken as 10**21 (or -10**21): past every type's range,
+    or under it, its digits not read."""
+    mantissa, _, exponent = written.partition("p")
+    whole, _, fraction = mantissa.partition(".")
+    digits = (whole + fraction).lstrip("0")
+    kept = digits.rstrip("0")
+    if not kept:
+        return None
+    magnitude = exponent.lstrip("+-").lstrip("0")
+    scale = int(magnitude or "0") if len(magnitude) <= 20 else 10**21
+    significand = int(kept, 16)  # (a power-of-two base: int() reads any number of digits)
+    power = (-scale if exponent.startswith("-") else scale) - 4 * len(fraction) + 4 * (len(digits) - len(kept))
+    zero_bits = (significand & -significand).bit_length() - 1
+    return significand >> zero_bits, power + zero_bits
 
 
 def _taken(written: str, datatype: Any) -> bool:

@@ -139,6 +139,60 @@ def test_a_number_json_has_not_in_an_input_s_data_is_a_400_naming_it(server, num
     assert r.json()["error"] == f"input 'image': {needle}"
 
 
+FP16_PAST = "is past the range of FP16 (its largest magnitude is 65504)"
+
+
+@pytest.mark.parametrize(
+    ("datatype", "number", "advice"),
+    [
+        # Out of the datatype's range: written in decimal it would be refused too (as 70000 in FP16).
+        ("FP16", "0x1p16", f"it {FP16_PAST}"),  # 65536
+        ("FP16", "0x1.ffep15", f"it {FP16_PAST}"),  # 65520, which FP16 rounds to inf
+        ("FP16", "0x1.ffcp15", "write it in decimal"),  # 65504, its largest
+        ("FP32", "-0x1p128", "it is past the range of FP32 (its largest magnitude is 3.40282e+38)"),
+        ("FP64", "0x1p1024", "it is past the range of FP64 (its largest magnitude is 1.79769e+308)"),
+        ("FP64", "0x1p" + "9" * 30, "it is past the range of FP64 (its largest magnitude is 1.79769e+308)"),
+        ("INT8", "0x100", "it is past the range of INT8 (-128 to 127)"),
+        ("INT8", "-0x81", "it is past the range of INT8 (-128 to 127)"),
+        ("INT8", "-0x80", "write it in decimal"),
+        ("UINT8", "-0x1", "it is past the range of UINT8 (0 to 255)"),
+        ("INT64", "0x8000000000000000", "it is past the range of INT64 (-9223372036854775808 to 9223372036854775807)"),
+        ("UINT64", "0x1p64", "it is past the range of UINT64 (0 to 18446744073709551615)"),
+        ("UINT64", "0x1p" + "9" * 30, "it is past the range of UINT64 (0 to 18446744073709551615)"),
+        # More precision than the datatype holds: what it rounds to (float.fromhex's rounding too).
+        ("FP32", "0x1.000001p0", "write it in decimal (FP32 rounds it to 1.0)"),
+        ("FP32", "0x1.000003p0", "write it in decimal (FP32 rounds it to 1.000000238418579)"),
+        ("FP16", "0x1.001p0", "write it in decimal (FP16 rounds it to 1.0)"),
+        ("FP16", "-0x1p-30", "write it in decimal (FP16 rounds it to -0.0)"),
+        ("FP32", "0x1p-" + "9" * 30, "write it in decimal (FP32 rounds it to 0.0)"),
+        ("FP64", "0x1.00000000000001p0", "write it in decimal (FP64 rounds it to 1.0)"),
+        ("FP16", "0x1p-24", "write it in decimal"),  # (FP16's least subnormal: exact)
+        # 1 + 2**-56, which float.fromhex rounds to 1.0: no integer.
+        ("INT64", "0x1.00000000000001p0", "INT64 data must be integers"),
+    ],
+)
+def test_a_hex_literal_is_told_its_datatype_s_range_and_rounding(server, datatype, number, advice):
+    """A hex literal was told "write it in decimal" whatever its value: 0x100 in INT8 and 0x1p16
+    (65536) in FP16, whose decimals are refused as past the datatype's range; a hex float with
+    more precision than FP32 or FP16 holds, which the datatype rounds; and 0x1.00000000000001p0
+    in INT64, 1 + 2**-56, which float.fromhex rounded to 1.0 and took for an integer. A value
+    past the range is told it, in the words the server refuses its decimal with; one the
+    datatype rounds is told what it rounds to."""
+    body = f'{{"inputs": [{{"name": "image", "shape": [2], "datatype": "{datatype}", "data": [1, {number}]}}]}}'
+    r = post(server, "/v2/models/digits/infer", body)
+    assert r.status_code == 400, r.text
+    shown = number if len(number) <= 64 else number[:64] + "..."
+    assert r.json()["error"] == f"input 'image': element 1 ({shown}) is a hex literal, which JSON has not: {advice}"
+
+
+def test_a_decimal_past_fp16_s_range_is_refused_in_the_words_its_hex_literal_is_told(server):
+    """The words a hex literal past FP16's range is told are those its decimal is refused with."""
+    body = '{"inputs": [{"name": "image", "shape": [2], "datatype": "FP16", "data": [1, 65536]}]}'
+    r = post(server, "/v2/models/digits/infer", body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == f"input 'image': element 1 (65536) {FP16_PAST}"
+
+
 def test_bad_binary_framing(server, digit_images):
     img = digit_images[0][0]
     body, headers = image_body([img])

@@ -318,7 +318,11 @@ def test_a_hex_literal_in_json_data_is_refused_by_name(data, needle):
         ("UINT8", "[1, 0x1p-1, 0]", "UINT8 data must be integers"),
         ("INT32", "[1, -0x1F, 0]", "write it in decimal"),
         ("INT16", "[1, 0x1.8p3, 0]", "write it in decimal"),  # (12)
-        ("INT64", "[1, 0x" + "f" * 300 + ", 0]", "write it in decimal"),  # (past a double's range)
+        (
+            "INT64",
+            "[1, 0x" + "f" * 300 + ", 0]",
+            "it is past the range of INT64 (-9223372036854775808 to 9223372036854775807)",
+        ),
         ("FP32", "[1, 0x1.4, 0]", "write it in decimal"),
         ("FP64", "[1, 0x1F, 0]", "write it in decimal"),
     ],
