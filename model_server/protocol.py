@@ -837,9 +837,11 @@ def parse_json(
         raise InvalidInput(
             f"malformed JSON in request body: not UTF-8 (byte {exc.start}); JSON is sent as UTF-8"
         ) from None
-    constants: list[str] = []  # NaN, Infinity, -Infinity: read on (what follows told), then refused
+    # NaN, Infinity, -Infinity: read on where what follows may be told ("JSON then other bytes"),
+    # then refused; else refused where read (a 4 MiB part's early NaN read on cost a whole parse).
+    constants: list[str] = []
     try:
-        value = json.loads(text, parse_constant=constants.append)
+        value = json.loads(text, parse_constant=constants.append if then_more is not None else refuse_constant)
     except (ValueError, RecursionError) as exc:
         if then_more is not None and _json_then_more(text, exc):
             raise InvalidInput(then_more) from None

@@ -703,6 +703,28 @@ def test_a_number_json_has_not_after_long_data_reads_again_only_the_json_before_
     assert counted[1] < len(head) + 100, counted
 
 
+def test_an_early_nan_in_a_json_part_of_given_length_ends_its_parse(monkeypatch):
+    """A NaN early in a JSON part whose length the header gives was read on to the part's end
+    and refused then (a 4 MiB part: a whole parse), where nothing after it can change the
+    refusal (no "JSON then other bytes" to tell): the parse ends at the NaN."""
+    body = '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [3001], "data": [NaN, ' + "1.5, " * 3000 + "2]}]}"
+    ended: list[str] = []
+    raw_decode = json.JSONDecoder.raw_decode
+
+    def watching(self, s, idx=0):
+        try:
+            return raw_decode(self, s, idx)
+        except ValueError as exc:
+            ended.append(str(exc))
+            raise
+
+    monkeypatch.setattr(json.JSONDecoder, "raw_decode", watching)
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(body.encode(), str(len(body)))
+    assert refused.value.message == "malformed JSON in request body: NaN is not a JSON value"
+    assert ended == ["NaN is not a JSON value"], ended
+
+
 @pytest.mark.parametrize(
     ("data", "element"),
     [
