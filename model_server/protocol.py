@@ -176,8 +176,16 @@ LOOSE_NUMBER = re.compile(r"[+-]?+(?:[0-9]++(?:\.[0-9]*+)?|\.[0-9]++)(?:[eE][+-]
 LOOSE_PARTS = re.compile(r"([+-]?)([0-9]*+)(\.?)([0-9]*+)(.*)", re.DOTALL)  # sign, digits, point, digits, exponent
 NOT_BRACKETS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[^\[\]{}"]+')
 NUMBER_MARK = "-0.0E-0000000000"  # the number's stand-in: a number no client writes
-VALUE_LIST = re.compile(r":\s*+(\[)(\s*+\[)?")  # an object's value that is a list (of lists?)
+DATA_LIST = re.compile(r'"data"\s*+:\s*+(\[)(\s*+\[)?')  # a "data" member that is a list (of lists?)
 EMPTY_LIST = re.compile(r"\[\s*+\]")
+PLAIN_STRING = re.compile(r'"[^"\\]*+"')  # a string with no escape in it
+# A "data" member whose list holds numbers, true/false/null and lists of them alone, to
+# MAX_DIMS levels (no string, no object): its list, as an earlier input's is read again, empty.
+# Every run possessive, a match stopped at the first quote or brace: linear.
+_NUMBERS_LIST = r'\[[^\[\]"{}]*+\]'
+for _ in range(MAX_DIMS - 1):
+    _NUMBERS_LIST = r'\[(?:[^\[\]"{}]++|' + _NUMBERS_LIST + r")*+\]"
+NUMBERS_DATA = re.compile(r'("data"\s*+:\s*+)' + _NUMBERS_LIST)
 
 
 def _non_json_number(text: str, pos: int) -> tuple[int, str, str, tuple[str, str | None] | None] | None:
@@ -313,6 +321,10 @@ def _number_element(text: str, pos: int) -> str | None:
     counted = _elements_before(text, start)
     if counted is not None:  # the JSON before the list read again, closed after [stand-in]
         head, before = text[: counted[0] + 1], counted[1]
+    # Earlier inputs' data read again as empty lists, where numbers and lists alone: none of them
+    # is in the refusal's words (a 4 MiB earlier input parsed again cost twice the body's parse).
+    # A list closed before the number only: the one that holds it is not (in ``head``, whole).
+    head = NUMBERS_DATA.sub(r"\1[]", head)
     opened = []
     for bracket in NOT_BRACKETS.sub("", head):
         if bracket in "[{":
@@ -351,18 +363,29 @@ def _number_element(text: str, pos: int) -> str | None:
 
 def _elements_before(text: str, start: int) -> tuple[int, int] | None:
     """Where the list that holds the number at ``start`` opens, and the elements ``_flatten``
-    reads in it before the number, where that list is an object's value (an input's "data")
-    and holds nothing but numbers, true/false/null and lists of them (no string, no object):
-    counted, not parsed (a 4 MiB body's data parsed again cost twice its first parse): the
-    commas less the empty lists (each list closed holds one element more than its commas, unless
-    empty, and is itself an element of its list). Else None (the JSON before it read again whole)."""
-    colon = text.rfind(":", 0, start)
-    value = VALUE_LIST.match(text, colon) if colon >= 0 else None
-    if value is None:
-        return None
+    reads in it before the number, where that list is a "data" member's value (an input's) and
+    holds nothing but numbers, true/false/null, strings with no escape in them and lists of
+    them (no object): counted, not parsed (a 4 MiB body's data parsed again cost twice its first
+    parse): the commas less the empty lists (each list closed holds one element more than its
+    commas, unless empty, and is itself an element of its list), each string one element, what
+    it holds not read. Else None (the JSON before it read again whole)."""
+    key, value = start, None
+    # ("data" in quotes: a "data" key, a string "data" in the data, or a key ending in \"data: the
+    # parse of the JSON before the list then names the list only if it is inputs[-1]["data"].)
+    while value is None:
+        key = text.rfind('"data"', 0, key)
+        if key < 0:
+            return None
+        value = DATA_LIST.match(text, key)
     data = text[value.start(1) : start]
-    if data.rstrip()[-1] not in "[," or '"' in data or "{" in data or "}" in data:  # (the first: no
-        return None  # value's place, as "[1 .5": not parsed again, and then refused, read again whole)
+    if '"' in data:  # strings: each one element, what it holds not read (as "0")
+        data = PLAIN_STRING.sub("0", data) if "\\" not in data else data
+        if '"' in data:  # (an escape in one)
+            return None
+    # Past the list (a member after it, or an object in it), or no value's place (the last: as
+    # "[1 .5", not parsed again, and then refused): read again whole.
+    if ":" in data or "{" in data or "}" in data or data.rstrip()[-1] not in "[,":
+        return None
     if not value[2] and "[" in data[1:]:  # (a list whose first element is no list: _flatten leaves it)
         return None
     return value.start(1), data.count(",") - len(EMPTY_LIST.findall(data))

@@ -673,6 +673,9 @@ LONG_DATA = {  # an input's data before a number JSON has not, as written: the e
     "nested": ("[1.5, 2], [[3]], " * 1000 + "[4, ", 3001),
     "nested, empty lists": ("[[], [1.5]], [ ], [true, null], " * 1000 + "[[], ", 3000),
     "flat, spaced and broken": ("1.5 ,\n\t" * 3000, 3000),
+    # Strings (a BYTES input's, or one a client slipped in), what they hold no element or list.
+    "flat, a string first": ('"s", ' + "1.5, " * 3000, 3001),
+    "nested, strings holding commas and brackets": ('[1.5, "x,]"], [":[", "{"], ' * 1000 + "[4, ", 4001),
 }
 
 
@@ -701,6 +704,39 @@ def test_a_number_json_has_not_after_long_data_reads_again_only_the_json_before_
     assert counted[0] == len(body), counted
     assert len(counted) == 2, counted
     assert counted[1] < len(head) + 100, counted
+
+
+EARLIER_DATA = {  # an earlier input's data, as written, and its shape
+    "flat": (", ".join(["1.5"] * 3000), [3000]),
+    "nested": (", ".join(["[[1.5, 2], [true, null]]"] * 1000), [1000, 2, 2]),
+    "nested, empty lists and spaces": (", ".join(["[ [], [1e3 ,-2]\n]"] * 1000), [1000, 2]),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(EARLIER_DATA))
+def test_a_number_json_has_not_after_a_long_earlier_input_reads_again_only_its_own_input(shape, monkeypatch):
+    """A number JSON has not in an input after a 4 MiB one had the earlier input's data parsed
+    again (and its brackets read), 2 to 3 times the body's parse: an earlier input's data of
+    numbers and lists alone is read again as an empty list (it is none of the refusal's words)."""
+    data, dims = EARLIER_DATA[shape]
+    earlier = f'{{"name": "a", "datatype": "FP32", "shape": {dims}, "data": [{data}], "parameters": {{"p": "]"}}}}'
+    body = f'{{"inputs": [{earlier}, {{"name": "x", "datatype": "INT8", "shape": [3], "data": [1, 2, +3]}}]}}'
+    counted: list[int] = []
+    raw_decode = json.JSONDecoder.raw_decode
+
+    def counting(self, s, idx=0):
+        counted.append(len(s))
+        return raw_decode(self, s, idx)
+
+    monkeypatch.setattr(json.JSONDecoder, "raw_decode", counting)
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(body.encode(), None)
+    assert refused.value.message == (
+        "input 'x': element 2 (+3) is a number with a leading plus, which JSON has not: write it as 3"
+    )
+    assert counted[0] == len(body), counted
+    assert len(counted) == 2, counted
+    assert counted[1] < 300, counted
 
 
 def test_an_early_nan_in_a_json_part_of_given_length_ends_its_parse(monkeypatch):
@@ -734,6 +770,10 @@ def test_an_early_nan_in_a_json_part_of_given_length_ends_its_parse(monkeypatch)
         ("1, [2, 3], ", 2),  # (_flatten leaves data whose first element is no list as it is)
         ("[1, 2], 3, [4, ", 4),
         ("", 0),
+        # Strings a "data" key or a list seems to open in, and an escape in one (read again whole).
+        ('"a:[", "data", ', 2),
+        ('"\\"data\\": [", "b", ', 2),
+        ('"q\\\\", [1, 2], ', 2),
     ],
 )
 def test_a_number_json_has_not_after_other_data_is_named_by_its_element(data, element):
