@@ -64,7 +64,9 @@ class RouterError(Exception):
 
     release_by_hand: str | None = None
     routes_kept: str | None = None
-    maybe_written: bool = False  # (``settled``'s: its last write's answer left it unknown, never read back)
+    maybe_written: bool = (
+        False  # (``settled``'s: a write's answer left it unknown, and no read back found it not in place)
+    )
 
 
 class ApiUnreachable(RouterError):
@@ -1451,7 +1453,8 @@ def settled(
     than the reserve: in place, its answer; not, said in the error. Of a last write in doubt never
     read back (no ``read_back``, no time for it, its read failed) the error says it may have been
     served, and marks it (a RouterError) ``maybe_written``: the caller does not say it was not
-    written."""
+    written. So too a RouterError an attempt raises after a write in doubt (its read answered 500,
+    refused): raised as it came, saying the write in doubt may have been served, ``maybe_written``."""
     doubted = conflicts = 0
     failed: Exception | None = None  # the last attempt's failure (an Unsettled or a Conflicted)
     cut = False  # (the api_budget spent before the next attempt: the last write in doubt never read back)
@@ -1477,6 +1480,16 @@ def settled(
             failed, last, conflicts = exc, exc.error, conflicts + 1
             if n + 1 < tries:
                 log.info("%s; reading it again", last)
+        except RouterError as exc:  # (a read failed after a write in doubt: that write may have landed)
+            if doubted:
+                said = (
+                    "1 write whose answer left unknown whether it was served: it"
+                    if doubted == 1
+                    else f"{doubted} writes whose answers left unknown whether they were served: any"
+                )
+                exc.args = (f"{exc} (after {said} may have been served)",)
+                exc.maybe_written = True
+            raise
     read = False  # (the last write in doubt read back once, not in place)
     # (the last write in doubt, never read back: given up for the reserve, or its last try's)
     doubt = isinstance(failed, Unsettled) and not cut

@@ -1949,3 +1949,50 @@ def test_the_clients_retries_of_a_call_keep_the_time_reserved_for_the_calls_afte
             if reserve:  # (the 10 calls kept, each 1 s: the 8 s wait before a 6th try would have left 8 s)
                 assert mesh.budget_left(reserve) >= 0
     assert tries == [6, 5]  # (the waits between: 0, 1, 2, 4 s; the 8 s wait not begun)
+
+
+@pytest.mark.parametrize("then", ["GET 500", "GET refused"])
+def test_a_failure_after_a_write_in_doubt_keeps_maybe_written(then):
+    """``settled``: a write answered 500 (it may have landed), then the next try's read of the
+    object failed (answered 500 after the client's retries, or refused): that read's error was
+    raised as it came, not ``maybe_written``, and a restore's caller said "not scaled back" of a
+    baseline perhaps running its pods. A failure after any write in doubt keeps ``maybe_written``
+    and says the write in doubt may have been served."""
+    from vision_rollout import mesh
+
+    doubt = mesh.ApiFailed("apply Deployment digits-v1: 500 Internal Server Error", 500)
+    read = (
+        mesh.ApiFailed("GET Deployment digits-v1: 500 Internal Server Error", 500)
+        if then == "GET 500"
+        else RouterError("GET Deployment digits-v1: 403 Forbidden")
+    )
+    attempts: list[int] = []
+
+    def attempt(doubted: int) -> str:
+        attempts.append(doubted)
+        if not doubted:
+            raise mesh.Unsettled(doubt)
+        raise read
+
+    with pytest.raises(RouterError) as raised:
+        mesh.settled(attempt)
+    assert attempts == [0, 1]
+    assert raised.value is read
+    assert raised.value.maybe_written
+    assert str(raised.value).startswith("GET Deployment digits-v1: ")
+    assert "after 1 write whose answer left unknown whether it was served: it may have been served" in str(raised.value)
+
+
+def test_a_failure_with_no_write_in_doubt_before_it_is_not_maybe_written():
+    """The first try's read failing (no write sent) is raised as it came, not ``maybe_written``."""
+    from vision_rollout import mesh
+
+    read = mesh.ApiFailed("GET Deployment digits-v1: 500 Internal Server Error", 500)
+
+    def attempt(_: int) -> str:
+        raise read
+
+    with pytest.raises(RouterError) as raised:
+        mesh.settled(attempt)
+    assert not raised.value.maybe_written
+    assert str(raised.value) == "GET Deployment digits-v1: 500 Internal Server Error"
