@@ -43,6 +43,7 @@ from vision_rollout.mesh import (
     RouterError,
     api_error,
     api_message,
+    reading_back,
     rollouts_view,
     settled,
     unsettled,
@@ -705,14 +706,14 @@ class VersionDeployments:
         which only the rollout writes, a Deployment's fields may have other owners (an HPA,
         ``kubectl scale``); fighting them would undo their changes at every stage, so a conflict
         is reported instead. An apply whose answer left unknown whether it was served is read
-        back and applied again from what was read (``settled``: an apply of the rollout's own
-        fields, the same again where it was served); then its size (``_sized``)."""
+        back (``settled``): in place (``_apply``'s ``in_doubt``), done; else applied again from
+        what was read; then its size (``_sized``)."""
 
-        def attempt(_: int) -> Any:
+        def attempt(doubted: int) -> Any:
             source = self._live(version) or (self._live(like) if like is not None else None)
-            return self._apply(version, image, replicas, source, deployed=image)
+            return self._apply(version, image, replicas, source, deployed=image, in_doubt=doubted > 0)
 
-        return self._sized(version, replicas, settled(self.changes_noted(attempt), checks=False))
+        return self._sized(version, replicas, settled(self.changes_noted(attempt)))
 
     def _apply(
         self,
@@ -722,6 +723,7 @@ class VersionDeployments:
         source: Any,
         deployed: str | None = None,
         dry_run: bool = False,
+        in_doubt: bool = False,
     ) -> Any:
         """``apply``'s write of the Deployment (its answer, a V1Deployment; its size, ``_sized``,
         after it) with its pod template and its own settings from ``source`` (a V1Deployment
@@ -731,7 +733,12 @@ class VersionDeployments:
         (``TEMPLATE_ANNOTATION``). A template changed by hand since the last record keeps that
         record: re-applying it here (a scale) does not make the change the rollout's. ``dry_run``:
         the Deployment's apply sent as a dry run (``dryRun=All``: refused as it would be, nothing
-        stored), nothing else.
+        stored), nothing else. ``in_doubt``: after an apply whose answer left unknown whether it
+        was served (``settled``), ``source`` (the version's own Deployment) answered as it is, no
+        apply sent, where it holds what the apply sets: the pod template the server would hold
+        after it (a dry run's, unless the body's is the live one), the annotations it sends, and
+        without autoscaling ``replicas`` pods; under autoscaling the count is not checked (the HPA
+        may have moved it since; ``_sized`` sets its floor after).
 
         One write carries the template and its digest, so that a refused or unanswered apply
         leaves the Deployment and its record as they were (two writes, the first applied and the
@@ -778,10 +785,22 @@ class VersionDeployments:
             patch = self._apps().patch_namespaced_deployment
             return self._server_side_apply(patch, f"apply Deployment {self._name(version)}", body, read, **dry_run)
 
-        if deployed is not None and intact:  # (the template the rollout applies, with the server's defaults)
+        def held() -> Any:  # (the template the rollout applies, with the server's defaults)
             now = None if live is None else live["spec"]["template"]
-            template = now if now == body["spec"]["template"] else self._template(applied(dry_run="All"))
+            return now if now == body["spec"]["template"] else self._template(applied(dry_run="All"))
+
+        template = None
+        if deployed is not None and intact:
+            template = held()
             body["metadata"]["annotations"][TEMPLATE_ANNOTATION] = template_digest(template)
+        if in_doubt and live is not None and own and not dry_run:  # (the apply in doubt read back: ``settled``)
+            sets = body["metadata"].get("annotations") or {}
+            if (
+                template_digest(live["spec"]["template"]) == template_digest(template or held())
+                and all((meta.get("annotations") or {}).get(k) == v for k, v in sets.items())
+                and (autoscaled or replicas_of(source) == replicas)
+            ):
+                return source
         return applied(**({"dry_run": "All"} if dry_run else {}))
 
     def _server_side_apply(
@@ -803,7 +822,7 @@ class VersionDeployments:
         from kubernetes.client.exceptions import ApiException
 
         def sent(body: dict[str, Any], **force: bool) -> Any:
-            with unsettled():
+            with unsettled(dry_run=bool(options.get("dry_run"))):
                 try:
                     return patch(
                         body["metadata"]["name"],
@@ -925,6 +944,8 @@ class VersionDeployments:
                 body = with_live_metadata(body, live)  # another manager's labels stay its own
                 read = (live.get("metadata") or {}).get("resourceVersion")
             except ApiException as exc:
+                if exc.status != 404 and reading_back():  # (no read: the read back failed, not "not in place")
+                    raise refused(f"GET PodDisruptionBudget {name}", exc) from None
                 if exc.status != 404:
                     log.warning(
                         "%s; applied without its labels and annotations",
@@ -1370,23 +1391,19 @@ class VersionDeployments:
         without autoscaling, the Deployment's apply refused only for a ``spec.replicas`` another
         manager owns (KEDA, a ``kubectl scale``) is logged and the count set through the scale
         subresource (``_scale_subresource``), as ``kubectl scale`` does: a rollback's traffic waits on
-        those pods. An apply whose answer left unknown whether it was served: as ``apply``'s (``settled``)."""
+        those pods. An apply whose answer left unknown whether it was served: as ``apply``'s (``settled``;
+        ``_apply``'s ``in_doubt``: under autoscaling its count is not what is checked)."""
 
-        def attempt(_: int) -> Any:
+        def attempt(doubted: int) -> Any:
             live = self._live(version)
             if live is None:
                 return None
             image = str(_server_container(live.spec.template.spec.containers).image)
             deployed = (live.metadata.annotations or {}).get(IMAGE_ANNOTATION)
-            return self._apply(version, image, replicas, live, deployed, dry_run)
-
-        def in_place() -> Any:  # (the count is what a scale's apply changes; under autoscaling it sets none)
-            live = self._live(version)
-            return live if live is not None and replicas_of(live) == replicas else None
+            return self._apply(version, image, replicas, live, deployed, dry_run, in_doubt=doubted > 0)
 
         try:
-            read_back = None if dry_run or self.build.autoscaling else in_place
-            applied = settled(self.changes_noted(attempt), checks=False, read_back=read_back)
+            applied = settled(self.changes_noted(attempt))
         except (FieldsOwned, Contended) as exc:  # (Contended: its forced apply refused at each try)
             replicas_only = isinstance(exc, Contended) or all(
                 paths == [".spec.replicas"] for paths in exc.owned.values()

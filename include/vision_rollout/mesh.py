@@ -1411,12 +1411,30 @@ CONFLICT_PAUSE_S = (0.05, 0.25)
 WRITE_TRIES = 4  # ``settled``: a write whose outcome is unknown, read back and sent up to this many times
 
 
+class Withheld(Exception):
+    """A write of a ``settled`` attempt not sent: the attempt runs as its last write in doubt's
+    read back (``settled``), and found the object not holding what the write sets."""
+
+
+_READING_BACK: contextvars.ContextVar[bool] = contextvars.ContextVar("settled_read_back", default=False)
+
+
+def reading_back() -> bool:
+    """Whether a ``settled`` attempt runs as its last write in doubt's read back (its writes
+    withheld): a read it cannot do then fails the read back, not a write withheld."""
+    return _READING_BACK.get()
+
+
 @contextlib.contextmanager
-def unsettled() -> Iterator[None]:
+def unsettled(dry_run: bool = False) -> Iterator[None]:
     """Around one write of a ``settled`` attempt: its failure that leaves unknown whether the
     server served it (an error whose ``status`` is one of ``MAYBE_SERVED``: an ``ApiFailed``, a
     lease's ``LockError``; or no answer: ``ApiUnreachable``) raised as ``Unsettled``; anything
-    else as it came."""
+    else as it came. Where the attempt runs as ``settled``'s read back, the write is not sent:
+    ``Withheld``, at once. ``dry_run``: a write sent as a dry run (``dryRun=All``: nothing
+    stored), sent all the same."""
+    if _READING_BACK.get() and not dry_run:
+        raise Withheld
     try:
         yield
     except Exception as exc:
@@ -1425,12 +1443,7 @@ def unsettled() -> Iterator[None]:
         raise Unsettled(exc) from None
 
 
-def settled(
-    attempt: Callable[[int], T],
-    tries: int = WRITE_TRIES,
-    checks: bool = True,
-    read_back: Callable[[], T | None] | None = None,
-) -> T:
+def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool = True) -> T:
     """``attempt(n)`` (``n``: the writes in doubt before it), one read-modify-write: it reads the
     object and writes nothing where the object holds what the write sets already, else writes
     (its write in ``unsettled``); what it answers. A write whose outcome is unknown
@@ -1444,16 +1457,19 @@ def settled(
     tries in 1.5 ms), within the same tries; refused to the last, the mesh's write raises
     ``Contended``, which may be tried again. After ``tries`` the last failure raised (it names
     the call), with the tries and what failed them (an ``ApiUnreachable`` stays one).
-    ``checks``: whether an attempt's read finds the write in place and sends none, said in that
-    error (False: it writes again from what it read whatever it finds, an apply of the same
-    fields); each read back is logged where one follows. ``read_back``: one read of the object,
-    what ``attempt`` would answer where the write is in place, else None; a last write in doubt
-    (given up for the calls ``reserved``, its backoff too long for them; or its last try's) is
-    read back with it once, at once, where the ``api_budget`` keeps the time of one call more
-    than the reserve: in place, its answer; not, said in the error. Of a last write in doubt never
-    read back (no ``read_back``, no time for it, its read failed) the error says it may have been
-    served, and marks it (a RouterError) ``maybe_written``: the caller does not say it was not
-    written. So too a RouterError an attempt raises after a write in doubt (its read answered 500,
+    ``checks``: whether an attempt after a write in doubt (``n`` > 0) reads the object and sends
+    no write where it holds what the write sets (what it answers then is the write's), said in
+    that error (False: it writes again from what it read whatever it finds, a delete on
+    preconditions); each read back is logged where one follows. The read back is part of each
+    attempt so, no option of its caller: a last write in doubt (given up for the calls
+    ``reserved``, its backoff too long for them; or its last try's) is read back once, at once,
+    where ``checks`` and the ``api_budget`` keeps the time of one call more than the reserve, by
+    ``attempt`` run once more with its writes withheld (``unsettled`` raises ``Withheld`` in place
+    of each; a dry run's is sent): where it answers (its read found the write in place), that
+    answer; where a write was withheld (not in place), said in the error. Of a last write in doubt
+    never read back (``checks`` False, no time for it, its read failed) the error says it may have
+    been served, and marks it (a RouterError) ``maybe_written``: the caller does not say it was
+    not written. So too a RouterError an attempt raises after a write in doubt (its read answered 500,
     refused): raised as it came, saying the write in doubt may have been served, ``maybe_written``."""
     doubted = conflicts = 0
     failed: Exception | None = None  # the last attempt's failure (an Unsettled or a Conflicted)
@@ -1494,19 +1510,22 @@ def settled(
     # (the last write in doubt, never read back: given up for the reserve, or its last try's)
     doubt = isinstance(failed, Unsettled) and not cut
     unread = "not read back"  # (why, where it is not: after the last try)
-    if doubt and read_back is not None and budget_left(_RESERVE.get() + 1) < 0:
+    if doubt and checks and budget_left(_RESERVE.get() + 1) < 0:
         unread = "not read back, no time left for the read"
-    elif doubt and read_back is not None:
+    elif doubt and checks:
+        token = _READING_BACK.set(True)
         try:
-            back = read_back()
+            back = attempt(doubted)  # (its writes withheld: the read back)
+        except Withheld:
+            read = True
         except Exception as exc:  # (unread: its doubt said, the write's failure raised)
             log.warning("%s; its read back failed: %s", last, str(exc)[:300])
             unread = "its read back failed"
         else:
-            if back is not None:
-                log.info("%s; read back: in place", last)
-                return back
-            read = True
+            log.info("%s; read back: in place", last)
+            return back
+        finally:
+            _READING_BACK.reset(token)
     found = ", and each read back found it not in place" if checks else ""
     refused = "refused (409), the object written by another between its read and its write"
     if not conflicts:

@@ -1308,3 +1308,51 @@ def test_an_apply_conflict_past_the_messages_first_1000_characters_is_not_forced
         )
     assert raised.value.owned['"terraform"'] == [".spec.replicas"]
     assert forced == [False]
+
+
+@pytest.mark.parametrize("served", [True, False], ids=["served", "not-served"])
+@pytest.mark.parametrize("plural", ["horizontalpodautoscalers", "poddisruptionbudgets"])
+def test_an_hpa_or_budget_apply_whose_last_write_is_in_doubt_is_read_back_once(
+    kube_api, caplog, monkeypatch, plural, served
+):
+    """A version's HPA or PodDisruptionBudget apply answered 500 at each of its tries, the last one
+    served: its last write in doubt was never read back (only the Deployment's scale passed a
+    ``read_back``): the HPA's apply failed the scale and the budget's was logged ("a drain may take
+    its pods"), both saying the apply "may have been served", the object in place. The last write
+    in doubt is read back once by the apply's own attempt, its write withheld: in place, done; not
+    in place, said so ("read back once, not in place"), not "may have been served"."""
+    from tests.support import in_doubt_each_time
+    from vision_rollout import mesh
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.settings import BuildSettings
+
+    api, api_client = kube_api
+    monkeypatch.setattr(mesh.time, "sleep", lambda _: None)
+    build = BuildSettings(gpus=0, autoscaling=True, max_replicas=40)
+    versions = VersionDeployments(TARGET, "digits", mesh.with_retries(api_client), build)
+    versions.apply("2", "img:2", 1)
+    path = f"/{plural}/digits-v2"
+    before = len(api.requests)
+    in_doubt_each_time(api, "PATCH", path, 500, mesh.WRITE_TRIES, served)
+    try:
+        if served or plural == "poddisruptionbudgets":
+            versions.scale("2", 3)
+        else:
+            with pytest.raises(mesh.RouterError) as failed:
+                versions.scale("2", 3)
+    finally:
+        api.throttle, api.throttle_status, api.throttle_served, api.before_write = 0, 429, False, None
+        api.throttled_methods, api.throttled_path = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"}), None
+    patches = [r for r in api.requests[before:] if r["method"] == "PATCH" and r["path"].endswith(path)]
+    assert len([r for r in patches if "dryRun" not in r["query"]]) == mesh.WRITE_TRIES
+    live = api.objects[(plural, "models", "digits-v2")]["spec"]
+    if plural == "horizontalpodautoscalers":
+        assert live["minReplicas"] == (3 if served else 1)
+    else:
+        assert live == render_pdb(TARGET, "2", 3 if served else 1, True)["spec"]
+    said = caplog.text if plural == "poddisruptionbudgets" else ("" if served else str(failed.value))
+    assert "may have been served" not in said
+    if served:
+        assert "a drain may take its pods" not in caplog.text
+    else:
+        assert "; the last read back once, not in place)" in said

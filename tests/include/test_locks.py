@@ -689,8 +689,8 @@ def test_a_renewals_replace_answered_504_each_time_is_named_as_what_happened(kub
     """A renewal's replace answered 504 at each try, not served: the last try logged "reading it
     back" though nothing was read after it. It names the tries, the answers in doubt and each read
     back finding the renewal not in place (a renewal read back as it was sent is that renewal,
-    served: ``test_a_lease_write_served_and_answered_504_...``), and that the last, never read
-    back, may have been served; each read back is logged where one follows."""
+    served: ``test_a_lease_write_served_and_answered_504_...``), and the last read back once
+    (the renewal's attempt, its replace withheld); each read back is logged where one follows."""
     from vision_rollout.mesh import WRITE_TRIES
 
     fake, api_client = kube
@@ -707,9 +707,9 @@ def test_a_renewals_replace_answered_504_each_time_is_named_as_what_happened(kub
     assert str(failed.value).startswith("replace Lease ")
     assert str(failed.value).endswith(
         f"(tried {WRITE_TRIES} times: each answer left unknown whether the write was served, and each read "
-        "back found it not in place; the last may have been served: not read back)"
+        "back found it not in place; the last read back once, not in place)"
     )
-    assert [r["method"] for r in fake.requests[before:]] == ["GET", "PUT"] * WRITE_TRIES
+    assert [r["method"] for r in fake.requests[before:]] == ["GET", "PUT"] * WRITE_TRIES + ["GET"]
     assert sum("reading it back" in r.getMessage() for r in caplog.records) == WRITE_TRIES - 1
 
 
@@ -957,3 +957,40 @@ def test_a_lock_names_the_command_that_removes_it_by_hand(tmp_path):
     assert FileLock("digits", tmp_path / "run folder" / "locks").acquire("run-b").holder == "run-b"
     lease = LeaseLock("My_Model.v2", "vision", None)
     assert lease.by_hand == f"kubectl -n vision delete lease {lease_name('My_Model.v2')}"
+
+
+@pytest.mark.parametrize("served", [True, False], ids=["served", "not-served"])
+def test_a_renewals_last_write_in_doubt_is_read_back_once(kube, served):
+    """A renewal's replace answered 500 at each of its tries, the last one served: the last write
+    in doubt was never read back (a lease's ``settled`` had no ``read_back``) and the renewal
+    failed saying it "may have been served", the lease renewed. The last write in doubt is read
+    back once by the renewal's own attempt, its write withheld: in place, the renewal's; not in
+    place, said so ("read back once, not in place"), not "may have been served"."""
+    from tests.support import in_doubt_each_time
+    from vision_rollout.mesh import WRITE_TRIES
+
+    fake = kube[0]
+    clock = Clock()
+    lock = _doubted_lock(fake, clock)
+    lock.acquire("run-a")
+    clock.now += 10
+    before = len(fake.requests)
+    in_doubt_each_time(fake, "PUT", f"/leases/{lease_name('digits')}", 500, WRITE_TRIES, served)
+    try:
+        if served:
+            got = lock.renew("run-a", note="stage 1")
+        else:
+            with pytest.raises(LockError) as failed:
+                lock.renew("run-a", note="stage 1")
+    finally:
+        fake.throttle, fake.throttle_status, fake.throttle_served, fake.before_write = 0, 429, False, None
+        fake.throttled_methods, fake.throttled_path = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"}), None
+    assert [r["method"] for r in fake.requests[before:]].count("PUT") == WRITE_TRIES
+    if served:
+        assert (got.holder, got.note, micro_time(got.renewed)) == ("run-a", "stage 1", micro_time(clock.now))
+        assert lock.holding() == got
+    else:
+        said = str(failed.value)
+        assert said.endswith("; the last read back once, not in place)")
+        assert "may have been" not in said
+        assert lock.holding().note == ""

@@ -1823,6 +1823,36 @@ def test_a_pause_is_slept_where_only_the_unanswered_time_left_is_short(monkeypat
     assert slept == [0.5, 1.0, 2.0, 8.0]
 
 
+def _read_back_once(monkeypatch, error, found):
+    """mesh's clock and sleep faked, and a ``settled`` attempt whose write (in ``unsettled``) is
+    left in doubt (``error``) at each try; run as the read back (``reading_back``), it finds the
+    write in place (answers "written") where ``found`` is "in place", its read fails where it is
+    "read fails", else reaches its write (withheld). The pauses slept, the attempt, its tries'
+    arguments, the read backs."""
+    from types import SimpleNamespace
+
+    from vision_rollout import mesh
+
+    slept: list[float] = []
+    monkeypatch.setattr(mesh, "time", SimpleNamespace(monotonic=lambda: 0.0, sleep=slept.append))
+    attempts: list[int] = []
+    reads: list[str] = []
+
+    def attempt(doubted: int) -> str:
+        attempts.append(doubted)
+        if mesh.reading_back():
+            reads.append("read")
+            if found == "read fails":
+                raise mesh.ApiUnreachable("the Kubernetes API server did not answer GET /x")
+            if found == "in place":
+                return "written"
+        with mesh.unsettled():
+            raise error
+        return "not reached"
+
+    return slept, attempt, attempts, reads
+
+
 @pytest.mark.real_pauses  # (the pauses on the fake clock)
 @pytest.mark.parametrize("found", ["in place", "not in place", "no room"])
 def test_a_write_in_doubt_given_up_for_the_reserve_is_read_back_once_where_it_leaves_room(monkeypatch, found):
@@ -1830,28 +1860,23 @@ def test_a_write_in_doubt_given_up_for_the_reserve_is_read_back_once_where_it_le
     its backoff before the read back leaving the calls kept for after less than their time. It was
     given up unread, the caller told it failed though it may have been written (a restore said
     "not scaled" of a baseline scaled). Where the budget keeps one call more than the reserve (a
-    read is quicker than the backoff), the object is read back once (``read_back``): in place, the
-    write's; not, the failure says so; no room for it, the failure says the write may have been
-    written (``maybe_written``)."""
+    read is quicker than the backoff), the object is read back once (the attempt run again, its
+    write withheld): in place, the write's; not, the failure says so; no room for it, the failure
+    says the write may have been written (``maybe_written``)."""
     from vision_rollout import mesh
 
     timed_out = mesh.ApiFailed("apply Deployment digits-v1: 500 Internal Server Error", 500)
-    _, slept, in_doubt, attempts = _writes_in_doubt(monkeypatch, timed_out)
-    reads: list[str] = []
-
-    def read_back() -> str | None:
-        reads.append("read")
-        return "written" if found == "in place" else None
+    slept, in_doubt, attempts, reads = _read_back_once(monkeypatch, timed_out, found)
 
     with mesh.api_budget(30, 15, cap_s=20) as budget:
         budget.answer_s = 0.15  # (a read back: 0.15 s; the backoff before the next try: 0.5 s)
         with mesh.reserved(133 if found == "no room" else 132):  # (0.05 s left beyond the reserve, or 0.2 s)
             if found == "in place":
-                assert mesh.settled(in_doubt, read_back=read_back) == "written"
+                assert mesh.settled(in_doubt) == "written"
             else:
                 with pytest.raises(mesh.ApiFailed) as raised:
-                    mesh.settled(in_doubt, read_back=read_back)
-    assert attempts == [0]
+                    mesh.settled(in_doubt)
+    assert attempts == ([0] if found == "no room" else [0, 1])
     assert slept == []  # (no backoff: the read back at once)
     assert reads == ([] if found == "no room" else ["read"])
     if found == "not in place":
@@ -1864,37 +1889,32 @@ def test_a_write_in_doubt_given_up_for_the_reserve_is_read_back_once_where_it_le
 
 
 @pytest.mark.real_pauses  # (the pauses on the fake clock)
-@pytest.mark.parametrize("found", ["in place", "not in place", "no room", "no read_back", "read fails"])
+@pytest.mark.parametrize("found", ["in place", "not in place", "no room", "no checks", "read fails"])
 def test_a_write_in_doubt_at_its_last_try_is_read_back_once_or_said_maybe_written(monkeypatch, found):
     """``settled``: a write answered 500 at each of its tries (no reserve), the last one never read
     back, was raised saying "each read back found it not in place" and not ``maybe_written``: the
     caller took it for a write not made, where it may have been. The last write in doubt is read
-    back once, at once (``read_back``), where the ``api_budget`` keeps the time of one call: in
-    place, the write's answer; not, said so. Not read back (no ``read_back``, no time for it, its
-    read failed), the failure says it may have been served and is marked ``maybe_written``."""
+    back once, at once (the attempt run again, its write withheld), where the ``api_budget`` keeps
+    the time of one call: in place, the attempt's answer; not, said so. Not read back (an attempt
+    that does not check, ``checks`` False; no time for it; its read failed), the failure says it
+    may have been served and is marked ``maybe_written``."""
     from vision_rollout import mesh
 
     timed_out = mesh.ApiFailed("apply Deployment digits-v1: 500 Internal Server Error", 500)
-    _, slept, in_doubt, attempts = _writes_in_doubt(monkeypatch, timed_out)
-    reads: list[str] = []
-
-    def read_back() -> str | None:
-        reads.append("read")
-        if found == "read fails":
-            raise mesh.ApiUnreachable("the Kubernetes API server did not answer GET /x")
-        return "written" if found == "in place" else None
+    slept, in_doubt, attempts, reads = _read_back_once(monkeypatch, timed_out, found)
 
     with mesh.api_budget(30, 15, cap_s=20) as budget:
         budget.answer_s = 25.0 if found == "no room" else 0.15  # (no room: one call takes longer than is left)
-        back = None if found == "no read_back" else read_back
+        checks = found != "no checks"
         if found == "in place":
-            assert mesh.settled(in_doubt, read_back=back) == "written"
+            assert mesh.settled(in_doubt) == "written"
         else:
             with pytest.raises(mesh.ApiFailed) as raised:
-                mesh.settled(in_doubt, read_back=back)
-    assert attempts == [0, 1, 2, 3]
+                mesh.settled(in_doubt, checks=checks)
+    read = found not in ("no room", "no checks")
+    assert attempts == [0, 1, 2, 3] + ([4] if read else [])
     assert slept == [0.5, 1.0, 2.0]  # (the backoff before each try again; none before the read back)
-    assert reads == ([] if found in ("no room", "no read_back") else ["read"])
+    assert reads == (["read"] if read else [])
     if found == "in place":
         return
     said = str(raised.value)

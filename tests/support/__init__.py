@@ -667,3 +667,23 @@ def png_title(png: bytes) -> str:
     from PIL import Image
 
     return Image.open(io.BytesIO(png)).text["Title"]
+
+
+def in_doubt_each_time(api, method: str, path: str, answer: int | None, tries: int, served: bool) -> None:
+    """The next ``tries`` ``method`` requests on ``path`` to the fake API server (``FakeKubeAPI``)
+    answered ``answer`` (None: their connection closed), none served but the last where
+    ``served`` (served first, then answered so: the client cannot tell it from the others)."""
+    api.throttle, api.throttle_status, api.throttle_served = tries, answer, False
+    api.throttled_methods, api.throttled_path = frozenset({method}), path
+    seen = [0]
+
+    def count() -> None:  # (run as each write arrives, before it is served: ``before_write``)
+        record = api.requests[-1]
+        if record["method"] == method and record["path"].endswith(path):
+            seen[0] += 1
+            if seen[0] == tries:
+                api.throttle_served = served
+                return
+        api.before_write = count
+
+    api.before_write = count
