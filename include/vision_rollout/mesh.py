@@ -98,11 +98,13 @@ TRANSIENT = (ApiFailed, ApiUnreachable, Contended)  # what a retry of the call m
 
 class Unsettled(Exception):
     """A write whose answer left unknown whether the server served it (``unsettled``): ``error``,
-    what the call failed with. Raised inside a ``settled`` attempt only."""
+    what the call failed with; ``dry_run``: the write a dry run (nothing stored, whether served or
+    not). Raised inside a ``settled`` attempt only."""
 
-    def __init__(self, error: Exception) -> None:
+    def __init__(self, error: Exception, dry_run: bool = False) -> None:
         super().__init__(str(error))
         self.error = error
+        self.dry_run = dry_run
 
 
 class Conflicted(Exception):
@@ -1432,7 +1434,7 @@ def unsettled(dry_run: bool = False) -> Iterator[None]:
     lease's ``LockError``; or no answer: ``ApiUnreachable``) raised as ``Unsettled``; anything
     else as it came. Where the attempt runs as ``settled``'s read back, the write is not sent:
     ``Withheld``, at once. ``dry_run``: a write sent as a dry run (``dryRun=All``: nothing
-    stored), sent all the same."""
+    stored), sent all the same; its doubt is no write's (``Unsettled.dry_run``)."""
     if _READING_BACK.get() and not dry_run:
         raise Withheld
     try:
@@ -1440,7 +1442,7 @@ def unsettled(dry_run: bool = False) -> Iterator[None]:
     except Exception as exc:
         if not isinstance(exc, ApiUnreachable) and getattr(exc, "status", None) not in MAYBE_SERVED:
             raise
-        raise Unsettled(exc) from None
+        raise Unsettled(exc, dry_run) from None
 
 
 def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool = True) -> T:
@@ -1469,9 +1471,11 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
     answer; where a write was withheld (not in place), said in the error. Of a last write in doubt
     never read back (``checks`` False, no time for it, its read failed) the error says it may have
     been served, and marks it (a RouterError) ``maybe_written``: the caller does not say it was
-    not written. So too a RouterError an attempt raises after a write in doubt (its read answered 500,
+    not written. A dry run's doubt (``unsettled``'s ``dry_run``: nothing stored) is no write's:
+    not read back, said "a dry run, nothing written", not ``maybe_written`` unless a write before
+    it was in doubt. So too a RouterError an attempt raises after a write in doubt (its read answered 500,
     refused): raised as it came, saying the write in doubt may have been served, ``maybe_written``."""
-    doubted = conflicts = 0
+    doubted = conflicts = written = 0  # (written: the writes in doubt that were no dry run's)
     failed: Exception | None = None  # the last attempt's failure (an Unsettled or a Conflicted)
     cut = False  # (the api_budget spent before the next attempt: the last write in doubt never read back)
     kept = False  # (a read again after a Conflicted left out: the calls ``reserved`` for after keep their time)
@@ -1484,12 +1488,12 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
             tries, kept = n, True  # (after a 409, or a write in doubt: its backoff and read back left out)
             break
         if wait and not pause(wait):  # (the api_budget spent by the pause: the last failure raised)
-            tries, cut = n, isinstance(failed, Unsettled)
+            tries, cut = n, isinstance(failed, Unsettled) and not failed.dry_run
             break
         try:
             return attempt(doubted)
         except Unsettled as exc:
-            failed, last, doubted = exc, exc.error, doubted + 1
+            failed, last, doubted, written = exc, exc.error, doubted + 1, written + (not exc.dry_run)
             if n + 1 < tries:
                 log.warning("%s; reading it back", last)
         except Conflicted as exc:
@@ -1497,18 +1501,20 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
             if n + 1 < tries:
                 log.info("%s; reading it again", last)
         except RouterError as exc:  # (a read failed after a write in doubt: that write may have landed)
-            if doubted:
+            if written:
                 said = (
                     "1 write whose answer left unknown whether it was served: it"
-                    if doubted == 1
-                    else f"{doubted} writes whose answers left unknown whether they were served: any"
+                    if written == 1
+                    else f"{written} writes whose answers left unknown whether they were served: any"
                 )
                 exc.args = (f"{exc} (after {said} may have been served)",)
                 exc.maybe_written = True
             raise
     read = False  # (the last write in doubt read back once, not in place)
     # (the last write in doubt, never read back: given up for the reserve, or its last try's)
-    doubt = isinstance(failed, Unsettled) and not cut
+    dry = isinstance(failed, Unsettled) and failed.dry_run  # (the last a dry run's: nothing to read back)
+    wrote = isinstance(failed, Unsettled) and not dry  # (the last a write's in doubt)
+    doubt = wrote and not cut
     unread = "not read back"  # (why, where it is not: after the last try)
     if doubt and checks and budget_left(_RESERVE.get() + 1) < 0:
         unread = "not read back, no time left for the read"
@@ -1526,18 +1532,23 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
             return back
         finally:
             _READING_BACK.reset(token)
-    found = ", and each read back found it not in place" if checks else ""
+    found = ", and each read back found it not in place" if checks and written else ""
     refused = "refused (409), the object written by another between its read and its write"
+    sent = "write" if written else "dry run"
     if not conflicts:
-        why = f"each answer left unknown whether the write was served{found}"
+        why = f"each answer left unknown whether the {sent} was served{found}"
     elif not doubted:
         why = f"each {refused}"
     else:
-        found = ", each read back finding it not in place" if checks else ""
-        why = f"{conflicts} {refused}; {doubted} answers left unknown whether the write was served{found}"
+        found = ", each read back finding it not in place" if checks and written else ""
+        why = f"{conflicts} {refused}; {doubted} answers left unknown whether the {sent} was served{found}"
+    if dry and written:  # (an earlier write in doubt, the last a dry run's)
+        why = f"{why}; the last a dry run's, nothing written by it: an earlier write may have been served"
+    elif dry:
+        why = f"{why}; a dry run, nothing written"
     if kept and read:  # (read back once: not in place, whatever the checks)
         why = f"{why.replace(found, '')}; the last read back once, not in place"
-    elif kept and isinstance(failed, Unsettled):  # (no read back after the last write: it may have been served)
+    elif kept and wrote:  # (no read back after the last write: it may have been served)
         why = f"{why.replace(found, '')}; the last may have been served: not read back, the calls after it keep their time"
     elif kept:
         why = f"{why}; not read again: the calls after it keep their time"
@@ -1548,7 +1559,7 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
     if cut:  # (no read back after the last write: it may have been served)
         why = f"{why.replace(found, '')}; the last may have been served: not read back, the time allowed spent"
     last.args = (f"{last} (tried {tries} times: {why})",)
-    if isinstance(last, RouterError) and isinstance(failed, Unsettled) and not read:
+    if isinstance(last, RouterError) and ((wrote and not read) or (dry and written)):
         last.maybe_written = True
     raise last  # (its own kind: an ApiFailed, an ApiUnreachable, a Contended, a LockError)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from functools import partial
 from typing import Any
 
 import pytest
@@ -1356,3 +1357,46 @@ def test_an_hpa_or_budget_apply_whose_last_write_is_in_doubt_is_read_back_once(
         assert "a drain may take its pods" not in caplog.text
     else:
         assert "; the last read back once, not in place)" in said
+
+
+@pytest.mark.parametrize("plural", ["deployments", "horizontalpodautoscalers"])
+def test_a_dry_run_answered_500_each_time_is_not_said_to_have_been_served(kube_api, monkeypatch, plural):
+    """A dry run (``dryRun=All``: nothing stored) of the baseline's scale to 0 or of a floor's hold,
+    answered 500 at each try: its failure said the last "may have been served" and was marked
+    ``maybe_written``, and its last dry run was sent a fifth time as a "read back". A dry run
+    writes nothing: its doubt says so, it is not read back, never ``maybe_written``."""
+    from vision_rollout import mesh
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.settings import BuildSettings
+
+    api, api_client = kube_api
+    monkeypatch.setattr(mesh.time, "sleep", lambda _: None)
+    build = BuildSettings(gpus=0, autoscaling=plural == "horizontalpodautoscalers", max_replicas=40)
+    versions = VersionDeployments(TARGET, "digits", mesh.with_retries(api_client), build)
+    versions.apply("2", "img:2", 1)
+    if plural == "horizontalpodautoscalers":
+        api.touch("deployments", "models", "digits-v2", lambda o: o["spec"].update(replicas=4))  # (the HPA's)
+    before = len(api.requests)
+    api.throttle, api.throttle_status, api.throttle_served = 100, 500, False
+    api.throttled_methods, api.throttled_path = frozenset({"PATCH"}), f"/{plural}/digits-v2"
+    try:
+        dry_run = (
+            partial(versions.scale, "2", 0, dry_run=True)
+            if plural == "deployments"
+            else partial(versions.hold_floor, "2", dry_run=True)
+        )
+        with pytest.raises(mesh.ApiFailed) as failed:
+            dry_run()
+    finally:
+        api.throttle, api.throttle_status, api.throttled_path = 0, 429, None
+        api.throttled_methods = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+    said = str(failed.value)
+    assert "may have been" not in said
+    assert not failed.value.maybe_written
+    assert said.endswith(
+        f"(tried {mesh.WRITE_TRIES} times: each answer left unknown whether the dry run was served; a dry run, "
+        "nothing written)"
+    )
+    patches = [r for r in api.requests[before:] if r["method"] == "PATCH"]
+    assert len(patches) == mesh.WRITE_TRIES
+    assert all("dryRun" in r["query"] for r in patches)
