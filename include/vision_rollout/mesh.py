@@ -99,12 +99,14 @@ TRANSIENT = (ApiFailed, ApiUnreachable, Contended)  # what a retry of the call m
 class Unsettled(Exception):
     """A write whose answer left unknown whether the server served it (``unsettled``): ``error``,
     what the call failed with; ``dry_run``: the write a dry run (nothing stored, whether served or
-    not). Raised inside a ``settled`` attempt only."""
+    not); ``late``: its answer came before the write's end (``MAY_LAND``, or none), which may
+    still commit after it. Raised inside a ``settled`` attempt only."""
 
     def __init__(self, error: Exception, dry_run: bool = False) -> None:
         super().__init__(str(error))
         self.error = error
         self.dry_run = dry_run
+        self.late = isinstance(error, ApiUnreachable) or getattr(error, "status", None) in MAY_LAND
 
 
 class Conflicted(Exception):
@@ -1395,6 +1397,11 @@ def mirror_probes(percent: float, miss: float = 1e-6) -> int:
 # and a failed rollback is tried again by the teardown, then the failure callback.
 UNSERVED = frozenset({429, 503})
 MAYBE_SERVED = frozenset({500, 502, 504})
+# Of those, the answers sent before the write's end: the API server's own timeout (504: the
+# request goes on inside it) and a proxy's error (502: its upstream perhaps mid-write). Such a
+# write, like one left without an answer, may commit after it: a read back at once that finds it
+# not in place does not show it was not written (``settled``).
+MAY_LAND = frozenset({502, 504})
 READS = frozenset({"GET", "HEAD"})
 # Each call's time limit (connect, read) where the caller sets none: the kubernetes client sends
 # none of its own, and a connection the API server accepted and never answered (a hung server,
@@ -1473,7 +1480,11 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
     been served, and marks it (a RouterError) ``maybe_written``: the caller does not say it was
     not written. A dry run's doubt (``unsettled``'s ``dry_run``: nothing stored) is no write's:
     not read back, said "a dry run, nothing written", not ``maybe_written`` unless a write before
-    it was in doubt. So too a RouterError an attempt raises after a write in doubt (its read answered 500,
+    it was in doubt. A read back that finds the write not in place settles a 500 (the API server's
+    answer for the write, its handling over; an etcd timeout's 500, whose write may yet commit,
+    looks the same and is so taken): not written, not ``maybe_written``. After a 504, a 502 or no
+    answer (``MAY_LAND``: the answer came before the write's end, which may commit after it) it
+    shows nothing: said "not in place when read back: it may still land", ``maybe_written``. So too a RouterError an attempt raises after a write in doubt (its read answered 500,
     refused): raised as it came, saying the write in doubt may have been served, ``maybe_written``."""
     doubted = conflicts = written = 0  # (written: the writes in doubt that were no dry run's)
     failed: Exception | None = None  # the last attempt's failure (an Unsettled or a Conflicted)
@@ -1546,7 +1557,12 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
         why = f"{why}; the last a dry run's, nothing written by it: an earlier write may have been served"
     elif dry:
         why = f"{why}; a dry run, nothing written"
-    if kept and read:  # (read back once: not in place, whatever the checks)
+    late = (
+        read and isinstance(failed, Unsettled) and failed.late
+    )  # (not in place when read back, its answer a timeout's or none: it may land)
+    if late:
+        why = f"{why.replace(found, '') if kept else why}; the last not in place when read back: it may still land"
+    elif kept and read:  # (read back once: not in place, whatever the checks)
         why = f"{why.replace(found, '')}; the last read back once, not in place"
     elif kept and wrote:  # (no read back after the last write: it may have been served)
         why = f"{why.replace(found, '')}; the last may have been served: not read back, the calls after it keep their time"
@@ -1559,7 +1575,7 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
     if cut:  # (no read back after the last write: it may have been served)
         why = f"{why.replace(found, '')}; the last may have been served: not read back, the time allowed spent"
     last.args = (f"{last} (tried {tries} times: {why})",)
-    if isinstance(last, RouterError) and ((wrote and not read) or (dry and written)):
+    if isinstance(last, RouterError) and ((wrote and (late or not read)) or (dry and written)):
         last.maybe_written = True
     raise last  # (its own kind: an ApiFailed, an ApiUnreachable, a Contended, a LockError)
 

@@ -2016,3 +2016,36 @@ def test_a_failure_with_no_write_in_doubt_before_it_is_not_maybe_written():
         mesh.settled(attempt)
     assert not raised.value.maybe_written
     assert str(raised.value) == "GET Deployment digits-v1: 500 Internal Server Error"
+
+
+@pytest.mark.real_pauses  # (the pauses on the fake clock)
+@pytest.mark.parametrize("answer", [500, 502, 504, None], ids=["500", "502", "504", "no-answer"])
+def test_a_last_write_timed_out_and_not_in_place_when_read_back_may_still_land(monkeypatch, answer):
+    """``settled``: a write answered 504 (the API server's own timeout, the write still under way)
+    or 502 (a proxy's, its upstream perhaps mid-write) or not answered at all, at each try, its
+    last read back at once and not in place, was raised "read back once, not in place", not
+    ``maybe_written``: the caller said it was not written, where the write may commit after the
+    answer. After such an answer the read back proves nothing: "not in place when read back; it
+    may still land", ``maybe_written``. A 500 (the API server's answer for the write, its handling
+    over) is settled by the read back as before."""
+    from vision_rollout import mesh
+
+    error = (
+        mesh.ApiUnreachable("the Kubernetes API server did not answer PATCH /x")
+        if answer is None
+        else mesh.ApiFailed(f"apply Deployment digits-v1: {answer} Error", answer)
+    )
+    _, in_doubt, attempts, reads = _read_back_once(monkeypatch, error, "not in place")
+    with pytest.raises(mesh.RouterError) as raised:
+        mesh.settled(in_doubt)
+    assert attempts == [0, 1, 2, 3, 4]
+    assert reads == ["read"]
+    assert type(raised.value) is type(error)
+    said = str(raised.value)
+    if answer == 500:
+        assert said.endswith("; the last read back once, not in place)")
+        assert not raised.value.maybe_written
+    else:
+        assert said.endswith("; the last not in place when read back: it may still land)")
+        assert "read back once, not in place" not in said
+        assert raised.value.maybe_written
