@@ -1400,3 +1400,75 @@ def test_a_dry_run_answered_500_each_time_is_not_said_to_have_been_served(kube_a
     patches = [r for r in api.requests[before:] if r["method"] == "PATCH"]
     assert len(patches) == mesh.WRITE_TRIES
     assert all("dryRun" in r["query"] for r in patches)
+
+
+@pytest.mark.parametrize("served", [True, False], ids=["served", "not-served"])
+@pytest.mark.parametrize("change", ["count", "image"])
+def test_a_deployments_apply_whose_last_write_is_in_doubt_is_read_back_once(kube_api, monkeypatch, change, served):
+    """A version's Deployment applied with another count (a scale) or image, each apply answered
+    500, the last one served: read back once by the apply's own attempt, its write withheld, it
+    holds the template the server would hold after the apply (a dry run's), the annotations the
+    apply sends and the count asked: the apply's, done; not served, "read back once, not in
+    place", not ``maybe_written``."""
+    from tests.support import in_doubt_each_time
+    from vision_rollout import mesh
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.settings import BuildSettings
+
+    api, api_client = kube_api
+    monkeypatch.setattr(mesh.time, "sleep", lambda _: None)
+    versions = VersionDeployments(TARGET, "digits", mesh.with_retries(api_client), BuildSettings(gpus=0))
+    versions.apply("2", "img:2", 1)
+    path = "/deployments/digits-v2"
+    before = len(api.requests)
+    in_doubt_each_time(api, "PATCH", path, 500, mesh.WRITE_TRIES, served)
+    apply = partial(versions.scale, "2", 3) if change == "count" else partial(versions.apply, "2", "img:2b", 1)
+    try:
+        if served:
+            apply()
+        else:
+            with pytest.raises(mesh.ApiFailed) as failed:
+                apply()
+    finally:
+        api.throttle, api.throttle_status, api.throttle_served, api.before_write = 0, 429, False, None
+        api.throttled_methods, api.throttled_path = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"}), None
+    writes = [r for r in api.requests[before:] if r["method"] == "PATCH" and r["path"].endswith(path)]
+    assert len([r for r in writes if "dryRun" not in r["query"]]) == mesh.WRITE_TRIES
+    live = api.objects[("deployments", "models", "digits-v2")]
+    image = live["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert (live["spec"]["replicas"], image) == (
+        (3 if change == "count" and served else 1),
+        ("img:2b" if change == "image" and served else "img:2"),
+    )
+    if not served:
+        assert str(failed.value).endswith("; the last read back once, not in place)")
+        assert not failed.value.maybe_written
+
+
+def test_a_scale_under_autoscaling_in_doubt_is_found_in_place_whatever_count_the_hpa_set(kube_api, monkeypatch):
+    """Under autoscaling a scale's apply sets no count (the HPA's): its apply answered 500 is read
+    back in place where the Deployment holds the template and annotations the apply sends, at 5
+    pods (the HPA's) where 3 were asked: not sent again, the scale done (its HPA's floor at 3)."""
+    from tests.support import in_doubt_each_time
+    from vision_rollout import mesh
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.settings import BuildSettings
+
+    api, api_client = kube_api
+    monkeypatch.setattr(mesh.time, "sleep", lambda _: None)
+    build = BuildSettings(gpus=0, autoscaling=True, max_replicas=40)
+    versions = VersionDeployments(TARGET, "digits", mesh.with_retries(api_client), build)
+    versions.apply("2", "img:2", 1)
+    api.touch("deployments", "models", "digits-v2", lambda o: o["spec"].update(replicas=5))  # (the HPA's)
+    path = "/deployments/digits-v2"
+    before = len(api.requests)
+    in_doubt_each_time(api, "PATCH", path, 500, 1, False)
+    try:
+        versions.scale("2", 3)
+    finally:
+        api.throttle, api.throttle_status, api.before_write = 0, 429, None
+        api.throttled_methods, api.throttled_path = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"}), None
+    writes = [r for r in api.requests[before:] if r["method"] == "PATCH" and r["path"].endswith(path)]
+    assert len([r for r in writes if "dryRun" not in r["query"]]) == 1  # (the one in doubt: not sent again)
+    assert api.objects[("deployments", "models", "digits-v2")]["spec"]["replicas"] == 5
+    assert api.objects[("horizontalpodautoscalers", "models", "digits-v2")]["spec"]["minReplicas"] == 3

@@ -670,20 +670,20 @@ def png_title(png: bytes) -> str:
 
 
 def in_doubt_each_time(api, method: str, path: str, answer: int | None, tries: int, served: bool) -> None:
-    """The next ``tries`` ``method`` requests on ``path`` to the fake API server (``FakeKubeAPI``)
-    answered ``answer`` (None: their connection closed), none served but the last where
-    ``served`` (served first, then answered so: the client cannot tell it from the others)."""
-    api.throttle, api.throttle_status, api.throttle_served = tries, answer, False
+    """The next ``tries`` ``method`` requests on ``path`` to the fake API server (``FakeKubeAPI``),
+    dry runs (``dryRun``) left out, answered ``answer`` (None: their connection closed), none
+    served but the last where ``served`` (served first, then answered so: the client cannot tell
+    it from the others)."""
+    api.throttle, api.throttle_status, api.throttle_served = 0, answer, False
     api.throttled_methods, api.throttled_path = frozenset({method}), path
     seen = [0]
 
     def count() -> None:  # (run as each write arrives, before it is served: ``before_write``)
         record = api.requests[-1]
-        if record["method"] == method and record["path"].endswith(path):
-            seen[0] += 1
-            if seen[0] == tries:
-                api.throttle_served = served
-                return
-        api.before_write = count
+        doubted = record["method"] == method and record["path"].endswith(path) and "dryRun" not in record["query"]
+        seen[0] += doubted
+        api.throttle, api.throttle_served = int(doubted), served and seen[0] == tries
+        if seen[0] < tries:
+            api.before_write = count
 
     api.before_write = count
