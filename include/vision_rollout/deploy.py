@@ -1402,8 +1402,8 @@ class VersionDeployments:
             deployed = (live.metadata.annotations or {}).get(IMAGE_ANNOTATION)
             return self._apply(version, image, replicas, live, deployed, dry_run, in_doubt=doubted > 0)
 
-        try:
-            applied = settled(self.changes_noted(attempt))
+        try:  # (a dry run's attempts check nothing: ``_apply``'s ``in_doubt`` is a write's)
+            applied = settled(self.changes_noted(attempt), checks=not dry_run)
         except (FieldsOwned, Contended) as exc:  # (Contended: its forced apply refused at each try)
             replicas_only = isinstance(exc, Contended) or all(
                 paths == [".spec.replicas"] for paths in exc.owned.values()

@@ -1543,7 +1543,7 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
             return back
         finally:
             _READING_BACK.reset(token)
-    found = ", and each read back found it not in place" if checks and written else ""
+    found = ", and each read back found it not in place" if checks else ""
     refused = "refused (409), the object written by another between its read and its write"
     sent = "write" if written else "dry run"
     if not conflicts:
@@ -1551,7 +1551,7 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
     elif not doubted:
         why = f"each {refused}"
     else:
-        found = ", each read back finding it not in place" if checks and written else ""
+        found = ", each read back finding it not in place" if checks else ""
         why = f"{conflicts} {refused}; {doubted} answers left unknown whether the {sent} was served{found}"
     if dry and written:  # (an earlier write in doubt, the last a dry run's)
         why = f"{why}; the last a dry run's, nothing written by it: an earlier write may have been served"

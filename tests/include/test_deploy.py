@@ -1364,7 +1364,9 @@ def test_a_dry_run_answered_500_each_time_is_not_said_to_have_been_served(kube_a
     """A dry run (``dryRun=All``: nothing stored) of the baseline's scale to 0 or of a floor's hold,
     answered 500 at each try: its failure said the last "may have been served" and was marked
     ``maybe_written``, and its last dry run was sent a fifth time as a "read back". A dry run
-    writes nothing: its doubt says so, it is not read back, never ``maybe_written``."""
+    writes nothing: its doubt says so, it is not read back, never ``maybe_written``. (The HPA's
+    attempt reads it each time and finds the dry run's apply not in place: said; the Deployment's
+    checks nothing in a dry run.)"""
     from vision_rollout import mesh
     from vision_rollout.deploy import VersionDeployments
     from vision_rollout.settings import BuildSettings
@@ -1393,9 +1395,10 @@ def test_a_dry_run_answered_500_each_time_is_not_said_to_have_been_served(kube_a
     said = str(failed.value)
     assert "may have been" not in said
     assert not failed.value.maybe_written
+    found = ", and each read back found it not in place" if plural == "horizontalpodautoscalers" else ""
     assert said.endswith(
-        f"(tried {mesh.WRITE_TRIES} times: each answer left unknown whether the dry run was served; a dry run, "
-        "nothing written)"
+        f"(tried {mesh.WRITE_TRIES} times: each answer left unknown whether the dry run was served{found}; a dry "
+        "run, nothing written)"
     )
     patches = [r for r in api.requests[before:] if r["method"] == "PATCH"]
     assert len(patches) == mesh.WRITE_TRIES
