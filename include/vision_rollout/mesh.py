@@ -1478,14 +1478,15 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
     answer; where a write was withheld (not in place), said in the error. Of a last write in doubt
     never read back (``checks`` False, no time for it, its read failed) the error says it may have
     been served, and marks it (a RouterError) ``maybe_written``: the caller does not say it was
-    not written. A dry run's doubt (``unsettled``'s ``dry_run``: nothing stored) is no write's:
-    not read back, said "a dry run, nothing written", not ``maybe_written`` unless a write before
-    it was in doubt. A read back that finds the write not in place settles a 500 (the API server's
-    answer for the write, its handling over; an etcd timeout's 500, whose write may yet commit,
-    looks the same and is so taken): not written, not ``maybe_written``. After a 504, a 502 or no
-    answer (``MAY_LAND``: the answer came before the write's end, which may commit after it) it
-    shows nothing: said "not in place when read back: it may still land", ``maybe_written``. So too a RouterError an attempt raises after a write in doubt (its read answered 500,
-    refused): raised as it came, saying the write in doubt may have been served, ``maybe_written``."""
+    not written. So too a RouterError an attempt raises after a write in doubt (its read answered
+    500, refused): raised as it came, saying the write in doubt may have been served. A read back
+    that finds the write not in place settles a 500 (the API server's answer for the write, its
+    handling over; an etcd timeout's 500, whose write may yet commit, looks the same and is so
+    taken): not written, not ``maybe_written``. After a 504, a 502 or no answer (``MAY_LAND``: the
+    answer came before the write's end, which may commit after it) it shows nothing: said "not in
+    place when read back: it may still land", ``maybe_written``. A dry run's doubt (``unsettled``'s
+    ``dry_run``: nothing stored) is no write's: not read back, said "a dry run, nothing written",
+    not ``maybe_written`` unless a write before it was in doubt."""
     doubted = conflicts = written = 0  # (written: the writes in doubt that were no dry run's)
     failed: Exception | None = None  # the last attempt's failure (an Unsettled or a Conflicted)
     cut = False  # (the api_budget spent before the next attempt: the last write in doubt never read back)
