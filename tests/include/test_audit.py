@@ -2526,19 +2526,17 @@ def test_a_pair_split_over_the_hour_whose_copy_waited_for_idle_time_on_a_pod_ahe
 
 @pytest.mark.parametrize("after_close", [0, 1])
 def test_a_copy_split_over_the_hour_is_in_one_hours_figures_whenever_its_file_came(tmp_path, after_close):
-    """The copies of the hour's last requests, stamped past the hour, in a file named at the
-    hour's close are paired in that hour; a second later, they came after the hour's audit read
-    the log: the server's own mirror's copies are lost to that hour, whenever its audit runs, and
-    the next hour counts nothing of them (neither pairs, nor shadow records without their
-    primary, nor copies late). No pair is in no hour's figures, none in two."""
-    from vision_rollout.audit import CLOCK_SKEW_S
-
+    """The server's own mirror's copies of the hour's last requests (stamped as their primaries,
+    ``shadow_record``), in a file named at the hour's close, past its end, are paired in that
+    hour; a second later, they came after the hour's audit read the log: they are lost to that
+    hour, whenever its audit runs, and the next hour counts nothing of them (neither pairs, nor
+    shadow records without their primary, nor copies late). No pair is in no hour's figures,
+    none in two."""
     hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
     end = hour + timedelta(hours=1)
     primaries = {i: end.timestamp() - 5 + 0.01 * i for i in range(50)}
     pods_log(tmp_path, {"primary-pod": ("primary", primaries)}, True, written=end.timestamp())
-    copies = {i: at + CLOCK_SKEW_S for i, at in primaries.items()}
-    pods_log(tmp_path, {"shadow-pod": ("shadow", copies)}, written=closes(end).timestamp() + after_close)
+    pods_log(tmp_path, {"shadow-pod": ("shadow", primaries)}, written=closes(end).timestamp() + after_close)
     this = audit(tmp_path / "log", hour, end, "digits", earlier_hours=24)
     paired, lost = (50, 0) if after_close == 0 else (0, 50)
     assert (this.rows, this.copies_lost, this.primary_without_shadow, this.late_records) == (paired, lost, 0, 0)
@@ -2548,15 +2546,15 @@ def test_a_copy_split_over_the_hour_is_in_one_hours_figures_whenever_its_file_ca
 
 
 def test_the_hours_copies_past_its_end_take_no_read_nor_byte_budget_of_their_own(tmp_path, monkeypatch):
-    """The copies of a pair split over the hour are read in the hour's one read of the log, to
-    its close, held to the audit's one byte budget: no read of another hour, nor a budget again
-    for them."""
+    """The copies of a pair split over the hour (Istio's, stamped past it by a shadow pod ahead)
+    are read in the hour's one read of the log, to its close, held to the audit's one byte
+    budget: no read of another hour, nor a budget again for them."""
     from vision_rollout.audit import CLOCK_SKEW_S
 
     hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
     end = hour + timedelta(hours=1)
     primaries = {i: end.timestamp() - 5 + 0.01 * i for i in range(50)}
-    pods_log(tmp_path, {"primary-pod": ("primary", primaries)}, True, written=end.timestamp())
+    pods_log(tmp_path, {"primary-pod": ("primary", primaries)}, written=end.timestamp())
     copies = {i: at + CLOCK_SKEW_S for i, at in primaries.items()}
     pods_log(tmp_path, {"shadow-pod": ("shadow", copies)}, written=closes(end).timestamp())
     reads = []
@@ -2578,16 +2576,13 @@ def test_a_request_id_re_sent_in_the_next_hour_takes_no_copy_its_first_hour_pair
     next hour, and the server's own mirror's copies of those were lost. The next hour's read,
     from ``CLOCK_SKEW_S`` before it, held the first requests' copies, and took them for its own
     primaries' (any copy of an id it had a primary of): its 50 lost copies were shown as 50
-    pairs and 0 lost, each copy paired in both hours. A copy stamped more than ``CLOCK_SKEW_S``
-    before every primary of its id in a range is no copy of theirs: it stays its own hour's."""
-    from vision_rollout.audit import CLOCK_SKEW_S
-
+    pairs and 0 lost, each copy paired in both hours. The own mirror's copy is stamped as its
+    primary (``shadow_record``): it is that primary's, and stays its own hour's."""
     hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
     end = hour + timedelta(hours=1)
     first = {i: end.timestamp() - 5 + 0.01 * i for i in range(50)}
     pods_log(tmp_path, {"primary-pod": ("primary", first)}, True, written=end.timestamp())
-    copies = {i: at + CLOCK_SKEW_S for i, at in first.items()}  # (a pod ahead: stamped past the hour)
-    pods_log(tmp_path, {"shadow-pod": ("shadow", copies)}, written=max(copies.values()) + 5)
+    pods_log(tmp_path, {"shadow-pod": ("shadow", first)}, written=max(first.values()) + 5)
     again = {i: end.timestamp() + 600 + 0.01 * i for i in range(50)}  # (the same ids and images)
     pods_log(tmp_path, {"primary-pod-2": ("primary", again)}, True, written=end.timestamp() + 610)
     this = audit(tmp_path / "log", hour, end, "digits", earlier_hours=24)
