@@ -2279,6 +2279,20 @@ def test_a_retry_dates_a_stopped_mirror_as_the_first_audit_did(tmp_path):
     assert (again.verdict, again.mirror_stopped) == (first.verdict, first.mirror_stopped)
 
 
+def read_spy(monkeypatch: pytest.MonkeyPatch, *named: str) -> list[tuple]:
+    """Each ``predictionlog.read`` from now on, as it is called: its start, its end and the
+    keyword arguments ``named`` (None where not given), in a list; the read itself is made."""
+    reads: list[tuple] = []
+    real = predictionlog.read
+
+    def spy(uri, start, end, *args, **kwargs):
+        reads.append((start, end, *(kwargs.get(name) for name in named)))
+        return real(uri, start, end, *args, **kwargs)
+
+    monkeypatch.setattr(predictionlog, "read", spy)
+    return reads
+
+
 def test_the_primaries_of_copies_that_came_late_are_read_again_around_each_copy_only(tmp_path, monkeypatch):
     """The hourly audit reads again the primaries of the copies that came late to earlier hours
     (those their audit counted lost are no late record): it read the whole stretch from the
@@ -2291,14 +2305,7 @@ def test_the_primaries_of_copies_that_came_late_are_read_again_around_each_copy_
         pods_log(tmp_path, {f"p{k}": ("primary", {i: at + 3 * i for i in range(20)})}, True, written=at + 3000)
     stray = {100: (hour - timedelta(hours=22, minutes=50)).timestamp(), 101: (hour - timedelta(minutes=90)).timestamp()}
     pods_log(tmp_path, {"backlog": ("shadow", stray)}, written=hour.timestamp() + 600)
-    reads = []
-    real = predictionlog.read
-
-    def spy(uri, start, end, *args, **kwargs):
-        reads.append((start, end, kwargs.get("written_after")))
-        return real(uri, start, end, *args, **kwargs)
-
-    monkeypatch.setattr(predictionlog, "read", spy)
+    reads = read_spy(monkeypatch, "written_after")
     result = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits", earlier_hours=24)
     assert result.late_earlier == 2
     again = [(s, e) for s, e, after in reads[1:] if after is None]
@@ -2557,14 +2564,7 @@ def test_the_hours_copies_past_its_end_take_no_read_nor_byte_budget_of_their_own
     pods_log(tmp_path, {"primary-pod": ("primary", primaries)}, written=end.timestamp())
     copies = {i: at + CLOCK_SKEW_S for i, at in primaries.items()}
     pods_log(tmp_path, {"shadow-pod": ("shadow", copies)}, written=closes(end).timestamp())
-    reads = []
-    real = predictionlog.read
-
-    def spy(uri, start, stop, *args, **kwargs):
-        reads.append((start, stop, kwargs.get("max_bytes")))
-        return real(uri, start, stop, *args, **kwargs)
-
-    monkeypatch.setattr(predictionlog, "read", spy)
+    reads = read_spy(monkeypatch, "max_bytes")
     result = audit(tmp_path / "log", hour, end, "digits", max_bytes=10**8)
     assert (result.rows, result.copies_lost) == (50, 0)
     assert reads == [(hour - timedelta(seconds=CLOCK_SKEW_S), closes(end), 10**8)]
