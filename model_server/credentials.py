@@ -229,10 +229,13 @@ CLOSED_BRACKETED = _bracketed(4)
 # One not closed in a JSON string ('{"m": "api_key: [[ "}', or a string held in one, its quotes
 # escaped once) ends before the quote that closes that string (``_closes``), not escaped or escaped
 # once; a string in quotes in it (not so opened) is read whole, a backslash with the character it
-# escapes, so the masked JSON parses. Other quotes are its characters (a dict's repr cut short in
-# one of its strings).
+# escapes, so the masked JSON parses; so is a string of a repr in single quotes closed before what
+# closes one (a ",", ":", "]", "}", the text's end: ``_CLOSES``), a double quote in it none of the
+# JSON's ("token: ['a\",b', 'hunter2xyz'", json.dumps'd too, was masked to that quote only). Other
+# quotes are its characters (a dict's repr cut short in one of its strings).
+_REPR_STRING = _in_quotes("'", 0)
 _NOT_CLOSED = (
-    rf"[{{\[](?:\"(?!{_CLOSES})(?:[^\"\\\n]|\\.){{0,256}}+\""
+    rf"[{{\[](?:{_REPR_STRING}(?={_CLOSES})|\"(?!{_CLOSES})(?:[^\"\\\n]|\\.){{0,256}}+\""
     rf"|(?<!\\)\\\"(?!{_CLOSES_HELD_KEYLESS})(?:[^\"\\\n]|\\[^\"\n]){{0,256}}+\\\""
     rf"|\"(?!{_CLOSES})|(?:\\{{4}}){{0,16}}+\\\"(?!{_CLOSES_HELD_KEYLESS})"
     rf"|(?:\\{{4}}){{0,15}}+\\{{3}}\"|\\{{1,64}}+(?!\")|(?:\\\\){{1,32}}+(?=\")|[^\"\\]){{0,4095}}+"

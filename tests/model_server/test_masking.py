@@ -1645,8 +1645,9 @@ def test_a_dict_after_a_secret_key_not_closed_is_masked_to_the_records_end():
         record = f"{text}\n 'pw': 'Zq9Xw2Lk7Vb'}}"
         a, b = spans(record)[-1]
         assert (a, b) == (text.index(": ") + 2, len(record)), text
-    a, b = spans("token: {'a': " + "x" * 9000)[-1]
-    assert (a, b) == (7, 7 + 4096)
+    for quote in "'\"":  # (4,095 pieces after its "{", a string in quotes one piece, either quote)
+        a, b = spans(f"token: {{{quote}a{quote}: " + "x" * 9000)[-1]
+        assert (a, b) == (7, 7 + 4098), quote
 
 
 def test_fields_named_for_a_secret_are_masked_whole(keys):
@@ -4827,3 +4828,72 @@ def test_a_bracket_not_closed_after_a_key_in_a_json_string_is_masked_to_the_stri
     assert scrub(scrub(text)) == scrub(text)
     if text.startswith("{"):
         assert json.loads(scrub(text)).keys() == json.loads(text).keys()
+
+
+# --- Older leaks: brackets not closed, next lines, nested spelt lists; a key before blank runs ---
+
+
+def _dumped(text: str, depth: int) -> str:
+    """``text`` json.dumps'd ``depth`` times (a string held in a JSON string, and so on)."""
+    for _ in range(depth):
+        text = json.dumps(text)
+    return text
+
+
+def assert_nothing_left_at_depths(keys, text: str, secret: str, kept: str) -> None:
+    """``text``, held 0 to 3 JSON strings deep, masked and scrubbed: ``secret`` is in neither; up
+    to 2 deep each is still the JSON it was (read back as deep), and what it reads back to starts
+    with ``kept``. (A bracket not closed three strings deep is masked through the quotes that
+    close the strings holding it, as before: ``credentials._NOT_CLOSED`` reads a close escaped
+    once at most.)"""
+    ring = KeyRing(keys)
+    for depth in range(4):
+        held = _dumped(text, depth)
+        for out in (Masker(ring).mask_text(held, ring.key_for(None)), scrub(held)):
+            assert secret not in out, (depth, out)
+            if depth == 3:
+                continue
+            back = out
+            for _ in range(depth):
+                back = json.loads(back)
+            assert back.startswith(kept), (depth, out)
+
+
+@pytest.mark.parametrize(
+    ("text", "secret", "kept"),
+    [
+        ("token: ['a\",b', 'hunter2xyz'", "hunter2xyz", "token: "),
+        ("token: ['a\",b', 'hunter2xyz', 'next'", "hunter2xyz", "token: "),
+        ("password: {'a\": b': 'hunter2xyz'", "hunter2xyz", "password: "),
+        ("api_key: {'x': ['a\"', 'hunter2xyz'", "hunter2xyz", "api_key: "),
+        ("secret ['a\",b', 'hunter2xyz'", "hunter2xyz", "secret "),
+        ("token: ['it\\'s \"x\"', 'hunter2xyz'", "hunter2xyz", "token: "),
+    ],
+)
+def test_a_bracket_not_closed_holding_a_single_quoted_string_with_a_double_quote_is_masked_to_its_end(
+    keys, text, secret, kept
+):
+    """A bracket never closed after a key, holding a string of a Python repr in single quotes with
+    a double quote in it ("token: ['a\\",b', 'hunter2xyz'"), was masked to that double quote only
+    ("token: ***\\",b', 'hunter2xyz'"), the items after it in clear: a double quote before a ","
+    was read as the close of the JSON string holding the bracket. A string in single quotes closed
+    before a ",", ":", "]", "}" or the text's end is read whole there now (``credentials._in_quotes``),
+    the bracket masked to its end; held in JSON strings, to the end of the string that holds it."""
+    assert_nothing_left_at_depths(keys, text, secret, kept)
+    if text.startswith("token: ['a"):
+        assert scrub(text) == "token: ***"
+    record = json.dumps({"m": text, "n": 2})
+    assert json.loads(scrub(record))["n"] == 2
+
+
+# 1 MB texts hostile to the rules above, and the detectors that find something in each.
+OLDER_LEAKS_HOSTILE = {
+    "single quotes escaped in brackets not closed after keys": ("token: [" + "'a\\'" * 1_000 + "\n") * 250,
+    "single quotes before no close in brackets not closed after spaced keys": ("secret [" + "'a'x" * 1_000 + "\n")
+    * 250,
+}
+
+
+@pytest.mark.parametrize("shape", sorted(OLDER_LEAKS_HOSTILE))
+def test_the_older_leaks_rules_are_linear_on_hostile_text(shape):
+    assert {name for name, _ in find_sensitive(OLDER_LEAKS_HOSTILE[shape])} == {"secret"}  # each bracket, 4 KiB
