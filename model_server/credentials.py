@@ -394,7 +394,7 @@ _NAMED_AFTER = re.compile(
 # value: "db_password\\t=\\thunter2"): a value in quotes, a literal there
 # (detect-secrets' ``private_key "..."``: 'password "hunter2"', "my api key is 'AbC 12'"), or a
 # dict's or a list's repr closed ("password {'db': 'b3cret9'}", over lines too), or one not closed
-# whose first character is a quote, escaped once too ('token {\\"value\\": \\"eyJ...' in a JSON string:
+# whose first character (after blanks and line ends: ``_BEFORE_QUOTE``) is a quote, escaped too ('token {\\"value\\": \\"eyJ...' in a JSON string:
 # ``_NOT_CLOSED``, to the quote that ends that string; in plain text to its end); else
 # ("password hunter2", "the api key is AbC123...") a value of 6 characters or more that is no word
 # of prose, that is one holding a digit, a symbol other than . _ / - : ! ? or a capital after its
@@ -438,9 +438,13 @@ _OBJECT_NAMED = (
 # (An owner more than three blanks before "secret", a tab written escaped among them: "client
 # \\tsecret", is read with the match, ``o``, from its first letter: no object's name follows it.)
 _OWNED = rf"(?P<o>(?i:{'|'.join(_OWNERS)})(?:['\u2019]s)?{BLANK}{{1,64}}+(?=(?i:secret){BLANK}))?"
+# (Blanks and line ends, written escaped too, before that first quote, escaped as deep as it is
+# (``_ESCAPE``): "secret {\n'a': ...", a dict printed over lines and cut short, was left in clear;
+# up to 64, possessive.)
+_BEFORE_QUOTE = r"(?:[ \t\r\n]|\\{1,8}[nrt]){0,64}+"
 _SECRET_SPACED = re.compile(
     rf"{after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}{BLANK}{{1,64}}+(?:(?i:is){BLANK}{{1,64}}+)?(?:(?P<e>{_ESCAPE})?(?P<q>[\"']))?{_NO_MASKED_AFTER}"
-    rf"(?P<v>(?(q){_QUOTED}|(?:{CLOSED_BRACKETED}|(?=[{{\[]\\?[\"']){_NOT_CLOSED}|(?![:=]|{_SCHEME})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
+    rf"(?P<v>(?(q){_QUOTED}|(?:{CLOSED_BRACKETED}|(?=[{{\[]{_BEFORE_QUOTE}(?:{_ESCAPE})?[\"']){_NOT_CLOSED}|(?![:=]|{_SCHEME})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
     rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_RUN})))"
 )
 # A URL query's parameter (after "?" or "&") named for a secret, and also, there only, for a key, a signature or

@@ -4886,6 +4886,29 @@ def test_a_bracket_not_closed_holding_a_single_quoted_string_with_a_double_quote
     assert json.loads(scrub(record))["n"] == 2
 
 
+@pytest.mark.parametrize(
+    ("text", "secret", "kept"),
+    [
+        ("secret {\n'a': Hx7qZp2Wk9", "Hx7qZp2Wk9", "secret "),
+        ("secret [\n  'Hx7qZp2Wk9'", "Hx7qZp2Wk9", "secret "),
+        ("password { 'a': 'Hx7qZp2Wk9'", "Hx7qZp2Wk9", "password "),
+        ('token {\r\n  "a": "Hx7qZp2Wk9"', "Hx7qZp2Wk9", "token "),
+        ("api key {\n\n\t'a': 'Hx7qZp2Wk9', 'b': 'c'", "Hx7qZp2Wk9", "api key "),
+    ],
+)
+def test_a_spaced_key_before_a_bracket_not_closed_whose_first_quote_is_after_blanks_is_masked(keys, text, secret, kept):
+    """A key and blanks before a bracket never closed whose first quote is after a line end or
+    blanks ("secret {\\n'a': Hx7qZp2Wk9", a dict printed over lines and cut short) was logged and
+    sent to Slack in clear: the spaced rule read such a bracket only with a quote right after it
+    ("secret {'a': ..."). Blanks and line ends (written escaped too) before that quote are read now;
+    a bracket without a quote after them stays ("Unexpected token { in JSON")."""
+    assert_nothing_left_at_depths(keys, text, secret, kept)
+    ring = KeyRing(keys)
+    for same in ["SyntaxError: Unexpected token { in JSON at position 0", "secret {\n  name: x", "token [\n  1, 2"]:
+        assert scrub(same) == same
+        assert Masker(ring).mask_text(same, ring.key_for(None)) == same
+
+
 # 1 MB texts hostile to the rules above, and the detectors that find something in each.
 OLDER_LEAKS_HOSTILE = {
     "single quotes escaped in brackets not closed after keys": ("token: [" + "'a\\'" * 1_000 + "\n") * 250,
