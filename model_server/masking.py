@@ -341,11 +341,15 @@ _SPELT_EMAIL = _spelt_email(_NOT_PROSE_AT)
 # after an address that starts the value of an address's key (``_AFTER_ADDRESS_KEY``), or such an
 # item, an item after a "," or ";" (up to 64 blanks around it, quotes, a line end and its
 # indentation after it), or on the next line indented, is read as the first is (``_SPELT_ITEM``:
-# a field's value, "the" and a looking verb there an address's). Each separator bounded, each
+# a field's value, "the" and a looking verb there an address's); up to eight closing brackets
+# before the separator and eight opening ones after it, a list's nested in the field's ("to: [jane
+# at example dot org, [bob at the dot com]]" left bob's in clear). Each separator bounded, each
 # item read once after its separator (linear).
 _IN_ADDRESS_FIELD = re.compile(f"(?:{_AFTER_ADDRESS_KEY})")
 _ITEM_SEP = re.compile(
-    rf"{KEY_QUOTE}(?:[ \t]{{0,64}}+[,;][ \t]{{0,64}}+(?:{_BREAK}[ \t]{{0,64}}+)?+|[ \t]{{0,64}}+{_BREAK}[ \t]{{1,64}}+){KEY_QUOTE}"
+    rf"{KEY_QUOTE}(?:[ \t]{{0,64}}+\]){{0,8}}+"
+    rf"(?:[ \t]{{0,64}}+[,;][ \t]{{0,64}}+(?:{_BREAK}[ \t]{{0,64}}+)?+|[ \t]{{0,64}}+{_BREAK}[ \t]{{1,64}}+)"
+    rf"(?:\[[ \t]{{0,64}}+){{0,8}}+{KEY_QUOTE}"
 )
 _SPELT_ITEM = _spelt_email("(?P<f>)")
 # A local part before an "@" with blanks around it: none of what annotates a host in a log line

@@ -4909,6 +4909,36 @@ def test_a_spaced_key_before_a_bracket_not_closed_whose_first_quote_is_after_bla
         assert Masker(ring).mask_text(same, ring.key_for(None)) == same
 
 
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [
+        ("to: [jane at example dot org, [bob at the dot com]]", ["jane at example dot org", "bob at the dot com"]),
+        ("to: [[jane at example dot org], [bob at the dot com]]", ["jane at example dot org", "bob at the dot com"]),
+        ('cc: ["jane at the dot org", ["bob at the dot com"]]', ["jane at the dot org", "bob at the dot com"]),
+        (
+            "to: [jane at example dot org, [bob at the dot com, [carol at the dot io]]]",
+            ["jane at example dot org", "bob at the dot com", "carol at the dot io"],
+        ),
+        ("to: [jane at example dot org,\n  [bob at the dot com]]", ["jane at example dot org", "bob at the dot com"]),
+    ],
+)
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+def test_every_spelt_address_in_a_nested_bracketed_list_as_a_fields_value_is_masked(keys, text, values, depth):
+    """A spelt address in a list nested in a field's bracketed list ("to: [jane at example dot org,
+    [bob at the dot com]]") was logged in clear, every item after the first: an item's separator
+    was read between quotes and blanks only, never a bracket. Up to eight closing brackets before
+    the "," or ";" and eight opening ones after it (blanks after each) are read with it now, each
+    item masked, the brackets kept; under a word that is no address's key it stays a sentence.
+    (Items in quotes three strings deep are none as before: a key's value starts at most eight
+    quotes, blanks or brackets after its ":", ``masking._AFTER_ADDRESS_KEY``.)"""
+    if depth == 3 and '"' in text:
+        return
+    assert_masked_as(keys, _dumped(text, depth), values)
+    ring = KeyRing(keys)
+    same = _dumped("note: [jane at the dot org, [bob at the dot com]]", depth)
+    assert Masker(ring).mask_text(same, ring.key_for(None)) == same
+
+
 # 1 MB texts hostile to the rules above, and the detectors that find something in each.
 OLDER_LEAKS_HOSTILE = {
     "single quotes escaped in brackets not closed after keys": ("token: [" + "'a\\'" * 1_000 + "\n") * 250,
