@@ -322,8 +322,10 @@ def _value_named(group: str) -> str:
 # A plain value on the next lines, after a key and ":" with nothing after them but a comment
 # (``p``: "password:\n  hunter2"), or a YAML list's mark ("password: - \n  hunter2",
 # ``_MARK_AT_LINE_END``), is read so: its lines, more indented than the key's; its
-# first line none that is a mapping's key (a ":" before a space or its line's end:
-# "credentials:\n  username: bob") or a comment; a comment after the key ("# set by ops") is no
+# first line none that is a mapping's key (a ":" before a space or its line's end, no "," "[" "]"
+# "{" "}" or "#" before it: "credentials:\n  username: bob"; a line such as "abc123def, password
+# {'a': 'b'}", "hunter2 # note: x" or a flow mapping "{'user': ...}" is the value, left in clear
+# before) or a comment; a comment after the key ("# set by ops") is no
 # value where a line end follows it. Blank lines (blanks only) before its first line, any number,
 # as YAML allows them ("password:\n\n  hunter2"): possessive, each line's blanks bounded, read once
 # after the key (linear); a line end written escaped, the same each time.
@@ -335,7 +337,7 @@ _BLOCK_START = rf"{_BLOCK_INDICATOR}{_LINE_BREAK}"
 # read: a look behind of each width of them, tabs written escaped two characters each, before which
 # a ":", never the "=" or "," read before them)
 _AFTER_COLON = "(?:" + "|".join(rf"(?<=:[ \t\\tbf]{{{n}}})" for n in range(129)) + ")"
-_NO_KEY_LINE = r"(?!#|(?(x)[^\r\n\\\"]|[^\r\n]){0,4096}?:(?:[ \t]|\r?\n|\\|\"|\Z))"
+_NO_KEY_LINE = r"(?!#|(?(x)[^\r\n\\\",\[\]{}#]|[^\r\n,\[\]{}#]){0,4096}?:(?:[ \t]|\r?\n|\\|\"|\Z))"
 # A label in capitals ("Password:", ``c``: its first letter a capital, its second a small one)
 # with a line of words after it (letters only, one to three spaces apart, a "." or "!" at its
 # end) is a form's or a message's text: "Password:\n  required field missing" (a YAML key is

@@ -4939,6 +4939,31 @@ def test_every_spelt_address_in_a_nested_bracketed_list_as_a_fields_value_is_mas
     assert Masker(ring).mask_text(same, ring.key_for(None)) == same
 
 
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("password:\n  abc123def, password {'a': 'b'}x", "abc123def"),
+        ("password:\n  hunter2xyz # note: rotated", "hunter2xyz"),
+        ("password:\n  {'user': 'bob', 'pw': 'Hunter2xyz'}", "Hunter2xyz"),
+        ("token:\n  [abc123def, x]: y", "abc123def"),
+        ("db:\n  password:\n    abc123def, user: bob", "abc123def"),
+    ],
+)
+def test_a_value_on_the_next_line_holding_a_colon_after_a_flow_sign_or_a_comment_is_masked(keys, text, secret):
+    """A value on the line after its key whose line held a ":" and a blank after a ",", a bracket
+    or a comment's "#" ("password:\\n  abc123def, password {'a': 'b'}x", "password:\\n  hunter2xyz #
+    note: rotated", a flow mapping "password:\\n  {'user': ...}") was logged and sent to Slack in
+    clear: any ":" before a blank made the line a mapping's key. A key is read before such a ":" only
+    where no "," "[" "]" "{" "}" or "#" is before it on the line now; those lines are the value,
+    masked whole. A mapping's key stays ("credentials:\\n  username: bob")."""
+    assert_nothing_left_at_depths(keys, text, secret, text[: text.index("\n")])
+    assert scrub(text).endswith(" ***")
+    ring = KeyRing(keys)
+    for same in ["credentials:\n  username: bob", "password:\n  user name: bob", 'password:\n  "user": bob']:
+        assert scrub(same) == same
+        assert Masker(ring).mask_text(same, ring.key_for(None)) == same
+
+
 # 1 MB texts hostile to the rules above, and the detectors that find something in each.
 OLDER_LEAKS_HOSTILE = {
     "single quotes escaped in brackets not closed after keys": ("token: [" + "'a\\'" * 1_000 + "\n") * 250,
