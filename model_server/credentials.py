@@ -374,8 +374,15 @@ _KEYED_RUN = _cred_run("k", "kn", "kc")
 _PLACEHOLDER_WORDS = (
     rf"(?(pt)(?:{_WORD_GAP}(?!{DATE_OR_TIME}|\*{{3}}){NOT_MASKED}(?=[^\s\"'`,;&<>\\]){_KEYED_RUN}){{0,63}}+)"
 )
+# Where a keyed match may start, a look ahead tried first (a key then a megabyte of "\n \t" took
+# 6 s to mask: the key line's look behinds and the names were tried at every blank): the key
+# line's blanks, its list's mark and quote (``_KEY_LINE``, read as it reads them), then a name's
+# first character (``(?i)`` takes "\u0130", "\u0131", "\u017f" and "\u212a" for ASCII letters:
+# the class reads them too); or a bracket before it (``_PAIR_KEY``'s line end after it). Every
+# match starts where it holds, so it refuses no start the rule takes.
+_KEYED_START = r"(?=[ \t]{0,64}+(?:-[ ]{1,8}+)?[\"']?(?i:[a-z0-9])|(?<=[(\[]))"
 _SECRET_KEYED = re.compile(
-    rf"{_KEY_LINE}{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_NAMED_BY}"
+    rf"{_KEYED_START}{_KEY_LINE}{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_NAMED_BY}"
     rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:(?>{_QUOTED_KEY_SEP}|{KEY_QUOTE}{_KEY_SEP}){_MARK_AT_LINE_END}{LIST_MARK}|{_PAIR_SEP}"
     rf"|(?(nb){_VALUE_NAMED}|(?!)))|(?(nb){_COOKIE_ONE}{_COOKIE_NAMED}|(?!)))"
     rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME}){_BLOCK_HEAD}{_MARKED_VALUE}(?(h)|(?(q)|{PLACEHOLDER_THEN}))"
@@ -444,8 +451,8 @@ _OWNED = rf"(?P<o>(?i:{'|'.join(_OWNERS)})(?:['\u2019]s)?{BLANK}{{1,64}}+(?=(?i:
 # (``_ESCAPE``): "secret {\n'a': ...", a dict printed over lines and cut short, was left in clear;
 # up to 64, possessive.)
 _BEFORE_QUOTE = r"(?:[ \t\r\n]|\\{1,8}[nrt]){0,64}+"
-_SECRET_SPACED = re.compile(
-    rf"{after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}{BLANK}{{1,64}}+(?:(?i:is){BLANK}{{1,64}}+)?(?:(?P<e>{_ESCAPE})?(?P<q>[\"']))?{_NO_MASKED_AFTER}"
+_SECRET_SPACED = re.compile(  # (its match starts at an owner's or a name's first character: a look ahead first)
+    rf"(?=(?i:[a-z0-9])){after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}{BLANK}{{1,64}}+(?:(?i:is){BLANK}{{1,64}}+)?(?:(?P<e>{_ESCAPE})?(?P<q>[\"']))?{_NO_MASKED_AFTER}"
     rf"(?P<v>(?(q){_QUOTED}|(?:{CLOSED_BRACKETED}|(?=[{{\[]{_BEFORE_QUOTE}(?:{_ESCAPE})?[\"']){_NOT_CLOSED}|(?![:=]|{_SCHEME})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
     rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_RUN})))"
 )
