@@ -4964,25 +4964,15 @@ def test_a_value_on_the_next_line_holding_a_colon_after_a_flow_sign_or_a_comment
         assert Masker(ring).mask_text(same, ring.key_for(None)) == same
 
 
-def test_a_key_before_a_megabyte_of_line_ends_and_blanks_is_read_in_about_the_time_of_prose(keys):
+def test_a_key_before_a_megabyte_of_line_ends_and_blanks_holds_no_value(keys):
     """A key then a megabyte of line ends, spaces and tabs ("password:" and "\\n \\t" 333,333 times)
-    took about 6 s to mask, and with its scrub about 4 times as long as a megabyte of prose after
-    the same key: the secrets' keyed and spaced rules tried their look behinds and names at every
-    blank. A cheap look ahead at each start (``credentials._KEYED_START``: blanks, a list's mark or
-    a quote, then a name's first character, or a bracket before; the spaced rule's: a name's first
-    character) refuses a start where no key can begin: about a third of the prose's time now."""
-    masker = Masker(KeyRing(keys))
-
-    def took(text: str) -> float:
-        start = time.perf_counter()
-        masker.mask_text(text, None)
-        scrub(text)
-        return time.perf_counter() - start
-
+    holds no value: nothing is masked. (It took about 6 s to mask, the secrets' keyed and spaced
+    rules trying their look behinds and names at every blank; a cheap look ahead at each start,
+    ``credentials._KEYED_START`` and the spaced rule's, refuses a start where no key can begin.
+    Speed is not asserted here: a quadratic scan of it would run past pytest's timeout.)"""
     hostile = "password:" + "\n \t" * 333_333
-    prose = ("password:" + " the quick brown fox jumps over" * 33_334)[: len(hostile)]
-    times = [took(hostile) / took(prose) for _ in range(2)]
-    assert min(times) < 1.5, times
+    assert scrub(hostile) == hostile
+    assert Masker(KeyRing(keys)).mask_text(hostile, None) == hostile
 
 
 # 1 MB texts hostile to the rules above, and the detectors that find something in each.
