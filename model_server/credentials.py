@@ -466,12 +466,15 @@ _SECRET_SPACED = re.compile(  # (its match starts at an owner's or a name's firs
 # escaped ones closes the JSON string that holds the URL, and is never read as one of the run.
 # The value ends at a ":" before a blank, as a keyed one does (``_LAST_COLON``: "?token=abc123:
 # 500", an error's code after the URL, keeps its ":").
-# More such quotes than 64 fail closed: those past the 64th (4 KiB of them at most) are read with
-# the value, masked with it, where a value follows them (a run of quotes alone is none).
+# More such quotes than 64 fail closed: those past the 64th, however many, are read with the value,
+# masked with it, where a value follows them (a run of quotes alone is none). The value is read
+# whole, however long (a SAS signature, a presigned URL's: 256 characters at most left the rest in
+# clear), each character once: every repetition possessive, each look ahead bounded, and a match
+# started only after "?" or "&" and a key, so a run is read by one match (linear).
 _QUERY_SECRET = re.compile(
     rf"(?<=[?&]){_PREFIXES}(?i:{_CRED_WORDS}|key|sig|signature|auth)="
     rf"(?:(?P<qe>(?:{_ESCAPE})?)(?P<qq>[\"'])(?:(?P=qe)(?P=qq)){{0,63}}+)?+{NOT_MASKED}"
-    rf"(?P<v>(?(qq)(?:(?P=qe)(?P=qq)){{0,4096}}+)(?:{_NOT_ESCAPED_QUOTE}{_LAST_COLON}(?:[^\s&;#\"'`<>\\]|\\\\|\\)){{1,256}}+)"
+    rf"(?P<v>(?(qq)(?:(?P=qe)(?P=qq))*+)(?:{_NOT_ESCAPED_QUOTE}{_LAST_COLON}(?:[^\s&;#\"'`<>\\]|\\\\|\\))++)"
 )
 # A cookie header's value, all its pairs (their values in quotes too), to the end of the line (or
 # of its quotes: the string's, read as ``quoted`` reads it, its escapes whole); and so an

@@ -1441,6 +1441,8 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "words after placeholders after keys": ("password: none" + " a" * 400 + "\n") * 1_250,
     "escaped quotes after query parameters": ("&sig=" + '\\"' * 300 + " ") * 1_600,
     "quotes after query parameters": ("&sig=" + '"' * 70 + "'" * 70 + " ") * 6_900,
+    "a query value without end": "https://h/a?sig=" + "a" * 1_000_000,
+    "quotes without end after a query parameter": "https://h/a?sig=" + '"' * 1_000_000,
     "colons before blanks after keys": ("password=" + "a:" * 200 + " ") * 2_500,
     "quotes in brackets not closed after keys": ("token: [" + '"a' * 200 + '\\"b' * 200 + '" ' * 100 + "\n") * 830,
     "strings never closed in brackets not closed after keys": ("token: [" + ('"' + "a" * 255 + " ") * 16 + "\n") * 240,
@@ -1459,12 +1461,13 @@ FOUND_IN_SECRET_HOSTILE = {
     "slack prefixes": {"secret"},
     "spaced quoted names": {"secret"},  # each a value in quotes
     "escaped tabs after keys in quotes": {"secret"},  # each "1"
-    "backslashes after query parameters": {"secret"},  # each parameter's first 256
+    "backslashes after query parameters": {"secret"},  # each parameter's backslashes
     "escaped tabs after value keys in quotes": {"secret"},  # each "1"
     "placeholders before words after keys": {"secret"},  # each word after its placeholder
     "placeholder phrases before words after keys": {"secret"},  # each word after its phrase
     "dash runs before words after keys": {"secret"},  # each word after its dashes
     "words after placeholders after keys": {"secret"},  # the words after each placeholder
+    "a query value without end": {"secret"},  # whole
     "colons before blanks after keys": {"secret"},  # each value, its last ":" the text's
     "quotes in brackets not closed after keys": {"secret"},  # each bracket, to a quote before a blank
     "strings never closed in brackets not closed after keys": {"secret"},  # each bracket, 4 KiB
@@ -4538,9 +4541,10 @@ def test_a_query_parameter_after_five_quotes_or_more_is_masked(keys, quotes, dep
 def test_a_query_parameter_after_more_than_64_quotes_is_masked_with_the_quotes_past_them(keys, quotes, depth):
     """A URL query value after more than 64 quotes ('?sig=' and 65 quotes then 'abc123def', in a
     JSON string too) was left in clear: the query rule reads 64 quotes at most before the value,
-    and at the 65th no value started. It fails closed: the quotes past the 64th (4 KiB of them at
-    most), each the first's quote escaped as deep as it is, are read with the value and masked
-    with it; the 64 stay, and the JSON around it parses."""
+    and at the 65th no value started. It fails closed: the quotes past the 64th (however many:
+    ``test_a_query_value_is_masked_whole_however_long_and_after_however_many_quotes``), each the
+    first's quote escaped as deep as it is, are read with the value and masked with it; the 64
+    stay, and the JSON around it parses."""
     url = "https://acct.example.com/c/b?sig=" + '"' * quotes + "abc123def&sv=1"
     text = url
     for _ in range(depth):
@@ -4558,6 +4562,37 @@ def test_a_query_parameter_after_more_than_64_quotes_is_masked_with_the_quotes_p
         masked, scrubbed = json.loads(masked)["m"], json.loads(scrubbed)["m"]
     assert TOKEN_RE.sub("", masked) == head + "&sv=1"
     assert scrubbed == head + "***&sv=1"
+
+
+@pytest.mark.parametrize(("quotes", "length"), [(0, 257), (0, 300), (0, 5000), (64, 300), (4161, 9), (5000, 300)])
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_a_query_value_is_masked_whole_however_long_and_after_however_many_quotes(keys, quotes, length, depth):
+    """A URL query value longer than 256 characters ('?sig=' and a 300-character signature) was
+    masked to its 256th character only, the rest logged and sent to Slack in clear, and one after
+    more than 4,160 quotes (64 read before it, 4,096 with it) was left in clear whole. The value is
+    read whole, however long, after however many quotes (those past the 64th masked with it): one
+    token, the 64 quotes and "&sv=1" kept, the JSON around it parsed, a second scrub the same."""
+    secret = ("Zq9w" * length)[:length]
+    head = "https://acct.example.com/c/b?sig=" + '"' * min(quotes, 64)
+    text = head + '"' * max(quotes - 64, 0) + secret + "&sv=1"
+    for _ in range(depth):
+        text = json.dumps({"m": text})
+    ring = KeyRing(keys)
+    masked, scrubbed = Masker(ring).mask_text(text, ring.key_for(None)), scrub(text)
+    assert len(TOKEN_RE.findall(masked)) == 1, masked
+    assert scrub(scrubbed) == scrubbed
+    for _ in range(depth):
+        masked, scrubbed = json.loads(masked)["m"], json.loads(scrubbed)["m"]
+    assert TOKEN_RE.sub("", masked) == head + "&sv=1", masked
+    assert scrubbed == head + "***&sv=1"
+
+
+def test_a_query_value_of_a_megabyte_and_one_after_a_megabyte_of_quotes_are_masked_whole():
+    """A 1 MB query value, and a value after 1 MB of quotes, are masked whole, in a scan linear in
+    the text (each character read once by the one match: pytest's timeout bounds it)."""
+    head = "https://h/a?sig="
+    assert scrub(head + "Zq9w" * 250_000 + "&sv=1") == head + "***&sv=1"
+    assert scrub(head + '"' * 1_000_000 + "abc123def&sv=1") == head + '"' * 64 + "***&sv=1"
 
 
 @pytest.mark.parametrize(
