@@ -722,8 +722,8 @@ def baseline_back(spec: RolloutSpec, run_id: str, hook: ModelServerHook, routed:
     """Before a run that took the model over moves the traffic of ``routed`` (the candidate of
     the run it took it from) back to the baseline (``start_from_steady``): the gate a restore
     passes (``baseline_ready``): a baseline without a Deployment refused, one at 0 pods scaled
-    back (``scaled_from_0``), and, whatever its count (a try before this one may have scaled it
-    back, its pods may crash-loop or wait to be placed), one of its pods ready. Should any of it
+    back, and, whatever its count (a try before this one may have scaled it back, its pods may
+    crash-loop or wait to be placed), one of its pods ready. Should any of it
     fail, the routes are left as they are, none moved to a version without a ready pod, and the
     error says so, with what comes next: AirflowFailException, with what to do by hand (a scale
     only where the scale failed); a transient failure (``TRANSIENT``) raised as its own kind,
@@ -2047,45 +2047,6 @@ def unscaled_from_0(
     )
 
 
-def scaled_from_0(
-    spec: RolloutSpec,
-    deployments: VersionDeployments,
-    serving: str,
-    kept: Callable[[int, bool], str],
-    reserve: int = 0,
-) -> tuple[int, BudgetNotApplied | None]:
-    """The baseline at 0 pods (retired by a promotion cut short, left there by a restore whose
-    scale failed or by another manager) scaled back before any traffic is routed to it, as Argo
-    Rollouts' dynamicStableScale scales the stable version up before it shifts traffic: to the
-    pods that serve the traffic now, ``serving``'s (its size not read: logged, the build's count),
-    the build's count at least; its own HPA kept (another manager's, a Helm release's: refused,
-    logged, its pods back all the same: ``VersionDeployments.scale``'s ``rolling_back``);
-    ``reserve`` calls kept for after it (``mesh.reserved``). Returns that count, and the budget's
-    failure where the Deployment is at its count but its PodDisruptionBudget not applied (logged:
-    a budget never holds back the traffic's way back). The scale's RouterError is raised as it
-    came (its kind kept: a transient failure retried as ever), its ``routes_kept`` set to
-    ``kept(count, maybe_written)``: what the caller leaves, and why."""
-    from vision_rollout import mesh
-    from vision_rollout.mesh import RouterError
-
-    try:  # (the serving version's size only chooses how many: its read failed, the build's count)
-        pods = deployments.replicas(serving) or 0
-    except RouterError as exc:
-        pods = 0
-        log.warning("version %s's size was not read (%s)", serving, str(exc)[:500])
-    restoring = max(deployments.build.replicas, pods)
-    try:
-        with mesh.reserved(reserve):
-            deployments.scale(spec.baseline_version, restoring, spec.baseline_version, rolling_back=True)
-    except BudgetNotApplied as exc:  # (scaled: its budget said beside the rest)
-        log.warning("%s: it takes the traffic back all the same", exc)
-        return restoring, exc
-    except RouterError as exc:
-        exc.routes_kept = kept(restoring, exc.maybe_written)
-        raise
-    return restoring, None
-
-
 def baseline_ready(
     spec: RolloutSpec,
     deployments: VersionDeployments,
@@ -2101,14 +2062,21 @@ def baseline_ready(
     takeover's ``baseline_back``), as Argo Rollouts' dynamicStableScale scales the stable version
     up before it shifts traffic: a baseline without a Deployment refused (AirflowFailException,
     the routes left as they are); then ``taken`` (the lease held for the wait); one at 0 pods
-    scaled back (``scaled_from_0``: ``serving``, ``kept``, ``reserve``), one that runs pods handed
-    to ``sized`` (its count: a restore's scale-up, not waited for); then, whatever its count, one
-    of its pods ready (``wait_ready``, not strict: ready pods of any template count; ``wait()``,
-    its timing, asked once the scale is done), its first look the Deployment read here unless it
-    was scaled. Returns the count it was scaled back to, 0 where it was not, and the budget's
-    failure where it was scaled but its budget not applied (``scaled_from_0``). A RouterError of the
-    read or the wait raised as it came, its ``routes_kept`` set to ``unready(why)`` (where given
-    and the error has none): what the caller leaves, and why."""
+    (retired by a promotion cut short, left there by a restore whose scale failed or by another
+    manager) scaled back to the pods that serve the traffic now, ``serving``'s (its size not read:
+    logged, the build's count), the build's count at least, its own HPA kept (another manager's,
+    a Helm release's: refused, logged, its pods back all the same: ``VersionDeployments.scale``'s
+    ``rolling_back``), ``reserve`` calls kept for after it (``mesh.reserved``); one that runs pods
+    handed to ``sized`` (its count: a restore's scale-up, not waited for); then, whatever its
+    count, one of its pods ready (``wait_ready``, not strict: ready pods of any template count;
+    ``wait()``, its timing, asked once the scale is done), its first look the Deployment read here
+    unless it was scaled. Returns the count it was scaled back to, 0 where it was not, and the
+    budget's failure where the Deployment is at its count but its PodDisruptionBudget not applied
+    (logged: a budget never holds back the traffic's way back). The scale's RouterError is raised
+    as it came (its kind kept: a transient failure retried as ever), its ``routes_kept`` set to
+    ``kept(count, maybe_written)``; one of the read or the wait, its ``routes_kept`` set to
+    ``unready(why)`` (where given and the error has none): what the caller leaves, and why."""
+    from vision_rollout import mesh
     from vision_rollout.mesh import RouterError
 
     try:
@@ -2124,9 +2092,24 @@ def baseline_ready(
             "sending traffic to no pods"
         )
     taken()
-    restoring, budget = 0, None
+    restoring = 0
+    budget: BudgetNotApplied | None = None
     if live == 0:  # (retired by a promotion cut short, left there by a failed scale or another manager)
-        restoring, budget = scaled_from_0(spec, deployments, serving, kept, reserve)
+        try:  # (the serving version's size only chooses how many: its read failed, the build's count)
+            pods = deployments.replicas(serving) or 0
+        except RouterError as exc:
+            pods = 0
+            log.warning("version %s's size was not read (%s)", serving, str(exc)[:500])
+        restoring = max(deployments.build.replicas, pods)
+        try:
+            with mesh.reserved(reserve):
+                deployments.scale(spec.baseline_version, restoring, spec.baseline_version, rolling_back=True)
+        except BudgetNotApplied as exc:  # (scaled: its budget said beside the rest)
+            log.warning("%s: it takes the traffic back all the same", exc)
+            budget = exc
+        except RouterError as exc:
+            exc.routes_kept = kept(restoring, exc.maybe_written)
+            raise
     else:
         sized(live)
     try:
