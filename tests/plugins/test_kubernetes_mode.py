@@ -1027,16 +1027,24 @@ def test_deploy_candidate_run_again_mid_rollout_keeps_the_pods_serving_its_share
     assert deployment(kube, "2")["spec"]["replicas"] == 5
 
 
-def test_rollback_brings_the_baseline_back_before_routing_to_it(kube, monkeypatch, tmp_path):
-    """A run stopped after its baseline was scaled to 0 (its promotion failed halfway): the
-    rollback starts the baseline's pods, waits for them, routes, drains, and only then retires
-    the candidate."""
-    connect(monkeypatch, tmp_path, replicas=2)
+def baseline_at_0(kube: FakeKubeAPI, monkeypatch, tmp_path, serving: int = 2, **build):
+    """A promotion cut short after it retired the baseline: the connection with ``build`` settings,
+    the routes sending version 2 all of the traffic, run-1 holding the model's lease, version 1's
+    Deployment at 0 pods and version 2's at ``serving``. The model's VersionDeployments."""
+    connect(monkeypatch, tmp_path, **build)
     stable_virtual_service(kube, PARAMS, serving="2")  # promote had moved the routes
     take("run-1")
     deployments = steps.ModelServerHook().deployments("digits")
     deployments.apply("1", image("1"), replicas=0)
-    deployments.apply("2", image("2"), replicas=2)
+    deployments.apply("2", image("2"), replicas=serving)
+    return deployments
+
+
+def test_rollback_brings_the_baseline_back_before_routing_to_it(kube, monkeypatch, tmp_path):
+    """A run stopped after its baseline was scaled to 0 (its promotion failed halfway): the
+    rollback starts the baseline's pods, waits for them, routes, drains, and only then retires
+    the candidate."""
+    baseline_at_0(kube, monkeypatch, tmp_path, replicas=2)
     since = len(kube.requests)
     steps.restore_stable(PARAMS, "run-1")
     assert deployment(kube, "1")["spec"]["replicas"] == 2  # build.replicas
@@ -1062,12 +1070,7 @@ def test_a_baseline_at_0_whose_candidates_size_is_unread_is_brought_back_at_the_
     from vision_rollout.deploy import VersionDeployments
     from vision_rollout.mesh import RouterError
 
-    connect(monkeypatch, tmp_path, replicas=2)
-    stable_virtual_service(kube, PARAMS, serving="2")  # promote had moved the routes
-    take("run-1")
-    deployments = steps.ModelServerHook().deployments("digits")
-    deployments.apply("1", image("1"), replicas=0)
-    deployments.apply("2", image("2"), replicas=5)
+    baseline_at_0(kube, monkeypatch, tmp_path, serving=5, replicas=2)
     replicas, unread = VersionDeployments.replicas, []
 
     def candidates_unread(self, version):
@@ -2628,17 +2631,12 @@ def test_a_promotion_whose_report_was_not_sent_is_kept_and_the_run_fails(kube):
     assert steps.serving().model_lock("digits", "istio").holding() is None
 
 
-def test_a_rollback_after_a_refused_first_stage_leaves_the_version_serving_now(kube):
+def test_a_rollback_after_a_refused_first_stage_leaves_the_version_serving_now(kube, monkeypatch, tmp_path):
     """v2 serves (v1 retired by its promotion); a v3 rollout left on the form's baseline 1 is
     refused at stage 1, and the rollback that follows scales v3 down without touching the
     routes or bringing v1 back: production stays on v2."""
     params = {**PARAMS, "candidate_version": "3"}
-    stable_virtual_service(kube, params, serving="2")
-    deployments = steps.ModelServerHook().deployments("digits")
-    deployments.apply("1", image("1"), replicas=0)
-    deployments.apply("2", image("2"), replicas=2)
-    deployments.apply("3", image("3"), replicas=1)
-    take("run-1")
+    baseline_at_0(kube, monkeypatch, tmp_path).apply("3", image("3"), replicas=1)
     with pytest.raises(AirflowFailException, match="baseline version 1 has no pods"):
         steps.apply_weights(params, 0, "run-1", {"decision": "pass"})
     steps.restore_stable(params, "run-1")
@@ -4380,12 +4378,7 @@ def test_a_rollback_brings_a_retired_stable_version_back_though_its_hpa_is_anoth
     the HPA's refusal logged (Helm's fields left Helm's), and the traffic goes back once they are
     ready."""
 
-    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40, replicas=2)
-    stable_virtual_service(kube, PARAMS, serving="2")  # promote had moved the routes
-    take("run-1")
-    versions = steps.ModelServerHook().deployments("digits")
-    versions.apply("1", image("1"), replicas=0)
-    versions.apply("2", image("2"), replicas=3)
+    versions = baseline_at_0(kube, monkeypatch, tmp_path, serving=3, autoscaling=True, max_replicas=40, replicas=2)
     helms_hpa(kube, versions, 2)
     steps.restore_stable(PARAMS, "run-1")
     assert routes(kube) == [("v1", 100)]
