@@ -131,17 +131,21 @@ def test_integers_given_as_floats_are_the_runs_integers():
     assert spec.policy_for_stage(spec.stages[1]).to_dict()["route"][1] == {"version": "2", "weight": 25}
 
 
-def no_model_server(monkeypatch, tmp_path) -> None:
-    """The model server's connection names a port nothing listens on (any call to it fails), its
-    run folder ``tmp_path``."""
+def local_connection(monkeypatch, tmp_path, **extra) -> None:
+    """The ``model_server_default`` connection of a local-mode test: the model server at a port of
+    127.0.0.1 nothing listens on (any call to it fails), its run folder ``tmp_path``; ``extra``
+    settings added (a ``run_dir`` in its place)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed_port = sock.getsockname()[1]
-    extra = {"run_dir": str(tmp_path), "repository": str(tmp_path / "no-models")}
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
-        json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": closed_port, "extra": extra}),
-    )
+    conn = {"conn_type": "http", "host": "127.0.0.1", "port": closed_port, "extra": {"run_dir": str(tmp_path), **extra}}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+
+
+def no_model_server(monkeypatch, tmp_path) -> None:
+    """The model server's connection names a port nothing listens on (any call to it fails), its
+    run folder ``tmp_path``, its repository a folder that is not there."""
+    local_connection(monkeypatch, tmp_path, repository=str(tmp_path / "no-models"))
 
 
 def test_in_local_mode_a_second_run_of_a_model_touches_nothing(monkeypatch, tmp_path):
@@ -231,15 +235,7 @@ def test_a_failure_callback_without_the_runs_params_touches_nothing(monkeypatch,
     """Airflow calls a DAG's failure callback with only the DAG and the run id when it has no
     task instance to build the context from: the spec's defaults (digits, 2 against 1) are not
     that run's, and routing its model to them could put a retired version at 100%."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed_port = sock.getsockname()[1]
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
-        json.dumps(
-            {"conn_type": "http", "host": "127.0.0.1", "port": closed_port, "extra": {"run_dir": str(tmp_path)}}
-        ),
-    )
+    local_connection(monkeypatch, tmp_path)
     lock = steps.serving().model_lock("digits", "local")
     lock.acquire("run-a")  # a run of digits, 3 against 2, that failed mid-stage
     steps.restore_stable_on_failure({"dag": None, "run_id": "run-a", "reason": "task_failure"})
@@ -255,11 +251,7 @@ def test_the_shadow_audit_keeps_the_model_this_runs(monkeypatch, tmp_path):
 
     from vision_rollout.locks import LEASE_S
 
-    extra = {"run_dir": str(tmp_path), "prediction_log": str(tmp_path / "log")}
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
-        json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": 9, "extra": extra}),
-    )
+    local_connection(monkeypatch, tmp_path, prediction_log=str(tmp_path / "log"))
     lock = steps.serving().model_lock("digits", "local")
     lock.acquire("run-a", seconds=5)
     since = datetime.now(UTC) - timedelta(minutes=5)
@@ -279,11 +271,7 @@ def test_the_lease_held_over_the_shadow_audit_covers_its_longest_wait_and_reads(
     from vision_rollout.audit import MAX_AUDIT_S, closes
     from vision_rollout.locks import LEASE_S
 
-    extra = {"run_dir": str(tmp_path), "prediction_log": str(tmp_path / "log")}
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
-        json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": 9, "extra": extra}),
-    )
+    local_connection(monkeypatch, tmp_path, prediction_log=str(tmp_path / "log"))
     lock = steps.serving().model_lock("digits", "local")
     lock.acquire("run-a", seconds=5)
     held = []
@@ -314,11 +302,7 @@ def test_the_shadow_audit_waits_for_the_copies_of_the_runs_last_primaries(monkey
     import vision_rollout.audit  # noqa: F401  (imported before the copies' clock starts)
     from tests.support import shadow_log
 
-    extra = {"run_dir": str(tmp_path), "prediction_log": str(tmp_path / "log")}
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
-        json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": 9, "extra": extra}),
-    )
+    local_connection(monkeypatch, tmp_path, prediction_log=str(tmp_path / "log"))
     steps.serving().model_lock("digits", "local").acquire("run-a", seconds=5)
     now = time.time()
     shadow_log(tmp_path, 40, disagree=0.0, at=now - 3, roles=("primary",))
@@ -335,24 +319,16 @@ def test_the_shadow_audit_waits_for_the_copies_of_the_runs_last_primaries(monkey
     )
     (tmp_path / "b").mkdir()
     shadow_log(tmp_path / "b", 10, disagree=0.0, at=time.time() - 3, roles=("primary",))
-    extra["prediction_log"] = str(tmp_path / "b" / "log")
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
-        json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": 9, "extra": extra}),
-    )
+    local_connection(monkeypatch, tmp_path, prediction_log=str(tmp_path / "b" / "log"))
     began = time.monotonic()
     assert steps.shadow_consistency(PARAMS, datetime.now(UTC) - timedelta(minutes=5), "run-a")["verdict"] == "skip"
     assert time.monotonic() - began < 30
 
 
-def test_a_local_run_with_its_run_folder_in_an_object_store_fails_naming_the_extra(monkeypatch):
+def test_a_local_run_with_its_run_folder_in_an_object_store_fails_naming_the_extra(monkeypatch, tmp_path):
     """Mesh local keeps its lock file and the routes before a rollout on the machine's disk: a
     run folder in an object store fails the first step, touching nothing (no retry)."""
-    extra = {"run_dir": "s3://bucket/run?region=eu-west-1"}
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
-        json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": 9, "extra": extra}),
-    )
+    local_connection(monkeypatch, tmp_path, run_dir="s3://bucket/run?region=eu-west-1")
     with pytest.raises(AirflowFailException, match="run_dir must be a folder there, not an object store URI"):
         steps.build_image(PARAMS, "run-a")
     with pytest.raises(AirflowFailException, match="run_dir must be a folder there"):
@@ -1122,11 +1098,7 @@ def test_a_mirror_that_samples_no_probe_id_fails_with_a_reason(monkeypatch, tmp_
     monkeypatch.setattr(
         traffic, "bucket", lambda key: traffic.BUCKETS - 1 if key.startswith("mirror:") else real_bucket(key)
     )
-    extra = {"run_dir": str(tmp_path), "repository": str(models_dir)}
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
-        json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": 9, "extra": extra}),
-    )
+    local_connection(monkeypatch, tmp_path, repository=str(models_dir))
     params = {**PARAMS, "mirror_percent": 0.01}
     spec = steps.spec_from(params)
 
