@@ -2002,7 +2002,8 @@ def unscaled_from_0(
     deployments: VersionDeployments,
     routes: TrafficPolicy | None,
     pods: int,
-    maybe: bool = False,
+    maybe: bool,
+    run_dir: str,
 ) -> str:
     """What a restore whose scale of a baseline at 0 pods failed leaves (the routes not moved to
     no pods, as Argo Rollouts' dynamicStableScale scales the stable version up before it shifts
@@ -2012,7 +2013,10 @@ def unscaled_from_0(
     they are left; None: unread) are what a rollout against the baseline leaves mid-stage
     (``mesh.mid_rollout_against``, as ``start_from_steady``); else (a promotion cut short: the
     candidate at 100%) it refuses to start, and the report says how to put the baseline back by
-    hand: its scale (``scale_by_hand``), then the routes (``rolloutctl mesh apply``)."""
+    hand: its scale (``scale_by_hand``), then the routes (``rolloutctl mesh apply`` with what it
+    needs to work as written: ``run_dir``, the connection's, where it records the mirror's change,
+    without which it refuses routes that turn a mirror off; the model, whose record that is; the
+    target's root namespace and cluster domain, with which it renders the objects)."""
     from vision_rollout.mesh import mid_rollout_against
 
     kept = (
@@ -2034,7 +2038,10 @@ def unscaled_from_0(
             "rolloutctl mesh apply --backend istio --policy",
             file,
             *("--namespace", shlex.quote(target.namespace), "--service", shlex.quote(target.service)),
-            *("--name", shlex.quote(target.name), "--versions", spec.baseline_version, "--force"),
+            *("--name", shlex.quote(target.name), "--versions", spec.baseline_version),
+            *("--root-namespace", shlex.quote(target.root_namespace)),
+            *("--cluster-domain", shlex.quote(target.cluster_domain)),
+            *("--run-dir", shlex.quote(run_dir), "--model", shlex.quote(spec.model), "--force"),
         ]
     )
     return (
@@ -2216,7 +2223,7 @@ def stable_back(
             spec,
             deployments,
             spec.candidate_version,
-            lambda pods, maybe: unscaled_from_0(spec, deployments, routes, pods, maybe),  # (the failure callback's)
+            lambda pods, maybe: unscaled_from_0(spec, deployments, routes, pods, maybe, hook.settings.run_dir),
             RESTORE_RETRY_CALLS + AFTER_WAIT_CALLS if quick else 0,
             taken=(lambda: None) if quick else lambda: hold(spec, run_id, hook, WAITING_STEP_S, rolling_back=True),
             sized=sized,

@@ -3496,6 +3496,70 @@ def test_a_promotion_cut_short_whose_baseline_is_not_scaled_back_says_the_next_r
     assert routes(kube) == [("v2", 100)]
 
 
+@pytest.mark.real_pauses  # (the pauses on the fake clock)
+def test_the_by_hand_routes_of_a_baseline_not_scaled_back_apply_as_written_though_a_mirror_is_left(
+    kube, monkeypatch, tmp_path
+):
+    """Stage 2 at 60% with the mirror on, the baseline scaled to 0 meanwhile, the failure
+    callback's scale of it answered 500: the report gave, to send version 1 all of the traffic by
+    hand, "rolloutctl mesh apply --backend istio --policy digits-stable.json --namespace models
+    --service digits --name digits --versions 1 --force", which rolloutctl refused ("the policy
+    changes the mirror (50% to version 2, now none): give --run-dir ... nothing changed"), and
+    without --model would record the mirror under the VirtualService's name, not the model's.
+    The command gives the connection's run folder and the model, and the mesh's root namespace
+    and cluster domain: run as written (the CLI's own parser, against the API server), it puts
+    version 1 back at 100%, the mirror off and recorded off for model digits."""
+    import shlex
+
+    from kubernetes import client
+    from kubernetes.config import kube_config
+
+    from vision_rollout import cli
+    from vision_rollout.mirrors import mirror_log
+
+    params = {**PARAMS, "stages": [10, 60, 100], "mirror_percent": 50}
+    stable_virtual_service(kube, params)
+    take("run-1")
+    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
+    steps.apply_weights(params, 0, "run-1", {"decision": "pass"})
+    steps.apply_weights(params, 1, "run-1", {"decision": "pass"})
+    assert routes(kube) == [("v1", 40), ("v2", 60)]
+    apps = client.AppsV1Api(steps.serving().deployments("digits")._apps().api_client)
+    apps.patch_namespaced_deployment_scale(
+        "digits-v1", "models", {"spec": {"replicas": 0}}, field_manager="model-rollout"
+    )
+    kube.throttle, kube.throttle_status, kube.throttled_methods = 3, 500, frozenset({"PATCH"})
+    kube.throttled_path, kube.throttle_served = "/deployments/digits-v1", False
+    with pytest.MonkeyPatch.context() as clock:
+        fake_api_time(clock, 2.0)
+        steps.restore_stable_on_failure({"params": params, "run_id": "run-1"})
+    kube.throttle = 0
+    (report,) = [json.loads(p.read_text())["text"] for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    assert routes(kube) == [("v1", 40), ("v2", 60)]  # (as they were: no pods to send them to)
+    (apply,) = re.findall(r"echo [^;]*; (rolloutctl mesh apply .*?): --force while", report)
+    (echo,) = re.findall(r"(echo [^;]*);", report)
+    _, policy, into, file = shlex.split(echo)
+    assert into == ">"
+    words = shlex.split(apply)
+    assert words[:3] == ["rolloutctl", "mesh", "apply"]
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps(kube.kubeconfig("models")))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setattr(client.Configuration, "_default", client.Configuration._default)  # loading sets it
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+    (tmp_path / "operator").mkdir()
+    monkeypatch.chdir(tmp_path / "operator")
+    Path(file).write_text(policy + "\n")  # (what the echo writes)
+    assert cli.main(words[1:]) == 0  # (rolloutctl's own parser and command, against the API server)
+    assert routes(kube) == [("v1", 100)]
+    assert "mirror" not in kube.objects[("virtualservices", "models", "digits")]["spec"]["http"][-1]
+    last = mirror_log(Folder(str(tmp_path)), "digits").last()  # (recorded for the model, in the run folder)
+    assert last is not None
+    assert last.percent == 0
+    args = cli.parser().parse_args(words[1:])
+    assert (args.root_namespace, args.cluster_domain) == ("istio-system", "cluster.local")  # (the target's)
+
+
 def by_hand(command: str, kind: str, name: str) -> dict:
     """A command a report gives to change an object by hand (``shlex.split``): a merge patch of
     ``kind`` ``name`` in models under the rollout's field manager. Its patch."""
