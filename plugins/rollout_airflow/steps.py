@@ -769,7 +769,7 @@ def baseline_back(spec: RolloutSpec, run_id: str, hook: ModelServerHook, routed:
             exc.args = (said,)
             raise
         raise AirflowFailException(said) from None
-    except AirflowFailException as exc:  # (no Deployment)
+    except NoDeployment as exc:  # (a lost lease, ``hold``'s AirflowFailException, passes as it is)
         raise AirflowFailException(
             f"the routes are left as they are: version {routed} (the candidate of the run whose lease this run took "
             f"over) keeps its share: {exc}"
@@ -2054,6 +2054,12 @@ def unscaled_from_0(
     )
 
 
+class NoDeployment(AirflowFailException):
+    """``baseline_ready``'s refusal of a baseline without a Deployment (the routes left as they
+    are): its own kind, told from the other AirflowFailExceptions the gate lets through as they
+    are (``taken``'s: the lease lost, ``hold``'s)."""
+
+
 def baseline_ready(
     spec: RolloutSpec,
     deployments: VersionDeployments,
@@ -2067,8 +2073,8 @@ def baseline_ready(
 ) -> tuple[int, BudgetNotApplied | None]:
     """The gate before any traffic is routed back to the baseline (a restore's ``stable_back``, a
     takeover's ``baseline_back``), as Argo Rollouts' dynamicStableScale scales the stable version
-    up before it shifts traffic: a baseline without a Deployment refused (AirflowFailException,
-    the routes left as they are); then ``taken`` (the lease held for the wait); one at 0 pods
+    up before it shifts traffic: a baseline without a Deployment refused (``NoDeployment``, the
+    routes left as they are); then ``taken`` (the lease held for the wait); one at 0 pods
     (retired by a promotion cut short, left there by a restore whose scale failed or by another
     manager) scaled back to the pods that serve the traffic now, ``serving``'s (its size not read:
     logged, the build's count), the build's count at least, its own HPA kept (another manager's,
@@ -2094,7 +2100,7 @@ def baseline_ready(
         raise
     live = replicas_of(baseline)
     if live is None:
-        raise AirflowFailException(
+        raise NoDeployment(
             f"version {spec.baseline_version} has no Deployment: the routes stay as they are rather than "
             "sending traffic to no pods"
         )

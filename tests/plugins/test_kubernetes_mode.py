@@ -1555,6 +1555,33 @@ def test_a_takeover_to_a_baseline_without_a_deployment_leaves_the_routes(fleet):
     assert "version 1 has no Deployment: the routes stay as they are rather than sending traffic to no pods" in said
 
 
+def test_a_takeover_whose_lease_is_taken_during_its_gate_fails_as_a_lost_lease(fleet, monkeypatch):
+    """run-b takes over run-a's lapsed lease at 10%, version 1 at 0 pods; before its renewal for
+    the wait for version 1's pods, run-c takes the lease. The lost lease (AirflowFailException,
+    as every step says it) was caught as the gate's refusal of a baseline without a Deployment:
+    "the routes are left as they are: version 2 (the candidate of the run whose lease this run took
+    over) keeps its share: run 'run-b' does not hold model 'digits' ...". It passes through as it
+    is; nothing is scaled or routed, and run-c keeps the lease."""
+    from vision_rollout.deploy import VersionDeployments
+
+    lapsed_at_stage_1_with_the_baseline_at_0(fleet)
+    read = VersionDeployments.deployment
+
+    def taken_meanwhile(self, version):  # (the gate's read of version 1, just before its renewal)
+        fleet.touch("leases", "models", "rollout-digits", lambda obj: obj["spec"].update(holderIdentity="run-c"))
+        return read(self, version)
+
+    monkeypatch.setattr(VersionDeployments, "deployment", taken_meanwhile)
+    with pytest.raises(AirflowFailException) as failed:
+        steps.build_image({**PARAMS, "candidate_version": "3"}, "run-b")
+    said = str(failed.value)
+    assert said.startswith("run 'run-b' does not hold model 'digits'"), said
+    assert "the routes are left as they are" not in said
+    assert routes(fleet) == [("v1", 90), ("v2", 10)]
+    assert deployment(fleet, "1")["spec"]["replicas"] == 0
+    assert lease(fleet, "digits")["spec"]["holderIdentity"] == "run-c"
+
+
 def test_a_takeover_whose_read_of_the_baseline_is_refused_says_so_not_the_routes(fleet, monkeypatch):
     """The read of version 1's Deployment refused (403): it was said to be the routes that could
     not be read or set."""
