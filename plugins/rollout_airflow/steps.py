@@ -2129,8 +2129,10 @@ def baseline_ready(
         deployments.wait_ready(spec.baseline_version, 1, strict=False, live=None if restoring else baseline, **wait())
     except RouterError as exc:
         if unready is not None and exc.routes_kept is None:
-            came = f"was scaled back to {restoring} pods from 0" if restoring else f"runs {live} pods"
-            exc.routes_kept = unready(f"has no ready pod: it {came}, none of them ready")
+            pods = restoring or live
+            counted = f"{pods} pod" if pods == 1 else f"{pods} pods"
+            came = f"was scaled back to {counted} from 0" if restoring else f"runs {counted}"
+            exc.routes_kept = unready(f"has no ready pod: it {came}, {'not' if pods == 1 else 'none of them'} ready")
         raise
     return restoring, budget
 

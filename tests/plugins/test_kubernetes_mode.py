@@ -1524,7 +1524,7 @@ def test_a_takeover_moves_no_traffic_to_a_baseline_whose_pods_are_not_ready(flee
     steps.apply_weights(PARAMS, 0, "run-a", built)
     no_pod_of_version_1_ready(fleet, monkeypatch)
     said = takeover_left(fleet, "run-b")
-    assert "version 1, the baseline, has no ready pod: it runs 1 pods, none of them ready" in said
+    assert "version 1, the baseline, has no ready pod: it runs 1 pod, not ready" in said
     assert "0 of 1 pods ready" in said
     assert "scale version 1 up" not in said
     assert "once one of its pods is ready, trigger the run again" in said
