@@ -190,6 +190,11 @@ class Pod:
     terminating: bool = False
     term_at: float = 0.0  # when SIGTERM goes, once its preStop hook ran (0: sent)
     kill_at: float = 0.0
+    # its container's --admin-port as its server reads it (``_admin_arg``): read once, here
+    admin_arg: int | str | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.admin_arg = _admin_arg((self.spec.get("containers") or [{}])[0].get("args") or [])
 
     @property
     def container(self) -> dict[str, Any]:
@@ -433,10 +438,13 @@ class PodRunner:
         replica_set_uid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{owner['metadata'].get('uid')}/{template_hash}"))
         labels = {**(template.get("metadata") or {}).get("labels", {}), "pod-template-hash": template_hash}
         port = free_port()
-        args = (template["spec"].get("containers") or [{}])[0].get("args") or []
-        # (none where the server refuses its value: its container refused at its start)
-        admin_port = _port_besides(port) if isinstance(_admin_arg(args), int) else 0
         name = f"{deployment}-{''.join(secrets.choice(NAME_CHARS) for _ in range(5))}"
+        spec = {**template["spec"], "nodeName": "one-machine"}
+        pod = Pod(
+            namespace, name, deployment, template_hash, labels, spec, self.workdir / "pods" / namespace / name, port
+        )
+        # (none where the server refuses its value: its container refused at its start)
+        admin_port = pod.admin_port = _port_besides(port) if isinstance(pod.admin_arg, int) else 0
         body = {
             "apiVersion": "v1",
             "kind": "Pod",
@@ -458,20 +466,10 @@ class PodRunner:
                     }
                 ],
             },
-            "spec": {**template["spec"], "nodeName": "one-machine"},
+            "spec": spec,
         }
-        created = self.api.create("pods", namespace, body)
-        self.pods[(namespace, name)] = Pod(
-            namespace,
-            name,
-            deployment,
-            template_hash,
-            labels,
-            created["spec"],
-            self.workdir / "pods" / namespace / name,
-            port,
-            admin_port,
-        )
+        pod.spec = self.api.create("pods", namespace, body)["spec"]  # (the API's copy: the same args)
+        self.pods[(namespace, name)] = pod
 
     def _adopt_created_pods(self) -> None:
         """Pods created through the API (the KubernetesPodOperator's): builds, or refused."""
@@ -627,7 +625,7 @@ class PodRunner:
             raise ContainerError(
                 "CreateContainerError", f"at most {MAX_ARGS} args of at most {MAX_ARG_CHARS} characters each"
             )
-        if isinstance(refused := _admin_arg(args), str):  # (as the model server's own parse of its args exits)
+        if isinstance(refused := pod.admin_arg, str):  # (as the model server's own parse of its args exits)
             raise ContainerError(
                 "CreateContainerError",
                 f"pod {pod.namespace}/{pod.name}: its container's args are refused by the model server: {refused}",
@@ -1154,17 +1152,25 @@ def _translate(args: list[str], paths: Mapping[str, Path], gpu: bool) -> list[st
     """The container's args for a process here: container paths to the pod's folders, the
     address flags dropped (the runner gives its own), ``cuda`` to ``cpu`` without a GPU."""
     out: list[str] = []
-    rest = iter(args)
-    for arg in rest:
+    for arg in _without(args, ("--host", "--port", "--admin-port")):
         flag, sep, value = arg.partition("=")
-        if flag in ("--host", "--port", "--admin-port"):
-            if not sep:
-                next(rest, None)
-            continue
         if sep and flag.startswith("--"):
             out.append(f"{flag}={_arg_value(flag, value, paths, gpu)}")
         else:
             out.append(_arg_value(out[-1] if out else "", arg, paths, gpu))
+    return out
+
+
+def _without(args: list[str], flags: tuple[str, ...]) -> list[str]:
+    """The args without each of ``flags`` (``--port 8000`` or ``--port=8000``) and its value."""
+    out: list[str] = []
+    rest = iter(args)
+    for arg in rest:
+        flag, sep, _ = arg.partition("=")
+        if flag not in flags:
+            out.append(arg)
+        elif not sep:
+            next(rest, None)
     return out
 
 
@@ -1226,8 +1232,12 @@ class _ArgsRefused(Exception):
 
 
 class _ServerArgs(argparse.ArgumentParser):
-    """The model server's parser, raising where it would exit: at a refusal (printing its usage)
-    or after its help (``-h``: printed by the server, not here; the runner is not to exit)."""
+    """The model server's parser, raising where it would exit: at a flag's refusal (argparse's
+    ArgumentError, naming the flag), at another (printing its usage) or after its help (``-h``:
+    printed by the server, not here; the runner is not to exit)."""
+
+    def __init__(self, prog: str, description: str | None) -> None:
+        super().__init__(prog=prog, description=description, exit_on_error=False)
 
     def error(self, message: str) -> NoReturn:
         raise _ArgsRefused(message)
@@ -1242,18 +1252,21 @@ class _ServerArgs(argparse.ArgumentParser):
 def _admin_arg(args: list[Any]) -> int | str | None:
     """A container's ``--admin-port`` as its model server reads it: read by the server's own
     parser (``model_server.__main__.parser``), so the last one given, an abbreviation
-    (``--admin-po 9000``) and either form (``--admin-port=9000``) as the server reads them. The
-    port (int); the parser's words (str) where it refuses the flag's value (none: the last arg,
-    ``--admin-port=``, a flag after it; or no integer), its container refused at its start, no
-    admin port; None without one (or where the parser stops at another arg before it, its
-    server exiting at its start).
-    The one reading of it for ``_create``, ``_ports`` and ``_command``."""
+    (``--admin-po 9000``) and either form (``--admin-port=9000``) as the server reads them, in
+    the args the server is given (``--host`` and ``--port`` dropped: the runner gives its own,
+    and ``--port $(PORT)``, unexpanded here, is never read). The port (int); the parser's words
+    (str) where it refuses the flag's value (none: the last arg, ``--admin-port=``, a flag after
+    it; or no integer), its container refused at its start, no admin port; None without one (or
+    where the parser stops at another arg before it, its server exiting at its start).
+    Read once for a pod (``Pod.admin_arg``), for ``_create``, ``_ports`` and ``_command``."""
     read = argparse.Namespace()
     try:  # (what is read before a refusal stays in ``read``: --repository missing is refused last)
-        server_parser(_ServerArgs).parse_known_args([str(a) for a in args], read)
-    except _ArgsRefused as refused:
-        if "--admin-port" in str(refused):
+        server_parser(_ServerArgs).parse_known_args(_without([str(a) for a in args], ("--host", "--port")), read)
+    except argparse.ArgumentError as refused:
+        if refused.argument_name == "--admin-port":
             return str(refused)
+    except _ArgsRefused:
+        pass
     admin = getattr(read, "admin_port", None)
     return admin if isinstance(admin, int) else None
 
@@ -1261,7 +1274,7 @@ def _admin_arg(args: list[Any]) -> int | str | None:
 def _ports(pod: Pod) -> list[tuple[str, int]]:
     """The container's declared ports as this pod has them: its ``--admin-port``'s (``_admin_arg``)
     is the pod's admin port, every other the data port (no ``ports``: the data port, unnamed)."""
-    admin = _admin_arg(pod.container.get("args") or [])
+    admin = pod.admin_arg
     declared = pod.container.get("ports") or [{}]
     return [
         (

@@ -27,6 +27,7 @@ from devstack.cluster.install import apply_secret, pod_secrets
 from devstack.cluster.kube import WORKER_USER, FakeKubeAPI
 from devstack.cluster.pods import PodRunner, copy_build_sources, kill_orphans
 from devstack.processes import alive
+from model_server.__main__ import parser as server_parser
 from vision_rollout.deploy import VersionDeployments, render_deployment
 from vision_rollout.locks import FileLock
 from vision_rollout.mesh import IstioTarget
@@ -896,11 +897,23 @@ def test_a_container_asking_the_server_for_its_help_is_read_without_ending_the_r
     assert capsys.readouterr() == ("", "")
 
 
-@pytest.mark.parametrize("form", ["twice", "abbreviated"])
-def test_a_pod_is_given_an_admin_port_for_a_flag_the_server_reads_as_one(tmp_path, monkeypatch, form):
+@pytest.mark.parametrize(
+    "given",
+    [
+        ["--admin-port", "9001", "--admin-port", "9002"],
+        ["--admin-po", "9002"],
+        ["--port", "$(PORT)", "--admin-port", "9002"],
+        ["--port=", "--admin-po", "9002"],
+    ],
+    ids=["twice", "abbreviated", "after-an-unexpanded-port", "abbreviated-after-an-empty-port"],
+)
+def test_a_pod_is_given_an_admin_port_for_a_flag_the_server_reads_as_one(tmp_path, monkeypatch, given):
     """A container whose ``--admin-port`` was written abbreviated (``--admin-po``) got no admin
     port of the pod's own: its server listened on the port written, every pod of the Deployment
-    on the same one. It gets one, as for ``--admin-port``, and its server is given it last."""
+    on the same one. It gets one, as for ``--admin-port``, and its server is given it last.
+    A ``--port`` its server never sees (the runner drops it and gives its own) does not hide the
+    flag after it: ``$(PORT)`` left unexpanded (Kubernetes expands it) or ``--port=`` stopped the read
+    of the args there (argparse's refusal), and the pod got no admin port."""
     runner = PodRunner(FakeKubeAPI(kubelet=True), tmp_path / "cluster", {}, gpu=False)
     monkeypatch.setattr(runner, "resolve", lambda image: tmp_path)  # (the image's repository)
     deployment = render_deployment(TARGET, "digits", "2", IMAGE, None, CPU)
@@ -908,7 +921,6 @@ def test_a_pod_is_given_an_admin_port_for_a_flag_the_server_reads_as_one(tmp_pat
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     args = [str(a) for a in container["args"]]
     at = args.index("--admin-port")
-    given = ["--admin-port", "9001", "--admin-port", "9002"] if form == "twice" else ["--admin-po", "9002"]
     container["args"] = [*args[:at], *args[at + 2 :], *given]
     runner._create(deployment, "h")
     (pod,) = runner.pods.values()
@@ -918,14 +930,48 @@ def test_a_pod_is_given_an_admin_port_for_a_flag_the_server_reads_as_one(tmp_pat
     assert argv[-2:] == ["--admin-port", str(pod.admin_port)]
 
 
+def test_a_pods_admin_port_is_read_from_its_args_once(tmp_path, monkeypatch):
+    """The container's args were read by the server's parser (a few ms to build) at ``_create``,
+    again at each start (``_command``) and for every pod at each ``write_file_sd``, under the
+    runner's lock: read once, at ``_create``, and kept on the pod."""
+    from devstack.cluster import pods
+
+    built = []
+    monkeypatch.setattr(pods, "server_parser", lambda kind: built.append(kind) or server_parser(kind))
+    runner = PodRunner(FakeKubeAPI(kubelet=True), tmp_path / "cluster", {}, gpu=False)
+    monkeypatch.setattr(runner, "resolve", lambda image: tmp_path)  # (the image's repository)
+    monkeypatch.setattr(runner, "_volumes", lambda pod: {})  # (its Secrets' volumes: none here)
+    deployment = render_deployment(TARGET, "digits", "2", IMAGE, None, CPU)
+    deployment["metadata"]["uid"] = "uid-2"
+    runner._create(deployment, "h")
+    (pod,) = runner.pods.values()
+    runner._command(pod)
+    monkeypatch.setattr(pods.Pod, "running", True)
+    runner.write_file_sd(tmp_path / "sd.json")
+    runner.write_file_sd(tmp_path / "sd.json")
+    assert [t["targets"] for t in json.loads((tmp_path / "sd.json").read_text())] == [
+        [f"127.0.0.1:{pod.port}"],
+        [f"127.0.0.1:{pod.admin_port}"],
+    ]
+    assert len(built) == 1
+
+
+def test_an_admin_port_is_told_from_another_flag_s_refusal_by_the_flag_refused():
+    """A refusal of another flag whose value is the text ``--admin-port`` was taken for the admin
+    port's own (its words held "--admin-port"): the port read before it was lost."""
+    from devstack.cluster.pods import _admin_arg
+
+    assert _admin_arg(["--admin-port", "9001", "--shadow-queue=--admin-port"]) == 9001
+
+
 @pytest.mark.parametrize(
     ("bare", "words"),
     [
-        (["--admin-port"], "expected one argument"),
-        (["--admin-port="], "invalid int value: ''"),
-        (["--admin-port", "--port", "8000"], "expected one argument"),
-        (["--admin-port", "9001", "--admin-port"], "expected one argument"),
-        (["--admin-port", "nine"], "invalid int value: 'nine'"),
+        (["--admin-port"], "argument --admin-port: expected one argument"),
+        (["--admin-port="], "argument --admin-port: invalid int value: ''"),
+        (["--admin-port", "--port", "8000"], "argument --admin-port: expected one argument"),
+        (["--admin-port", "9001", "--admin-port"], "argument --admin-port: expected one argument"),
+        (["--admin-port", "nine"], "argument --admin-port: invalid int value: 'nine'"),
     ],
     ids=["last", "empty", "a-flag-next", "twice-the-last-bare", "no-integer"],
 )
@@ -958,5 +1004,5 @@ def test_an_admin_port_flag_with_no_value_is_refused_naming_the_pod_and_the_flag
     assert pod.proc is None
     assert pod.waiting == (
         "CreateContainerError",
-        f"pod models/{pod.name}: its container's args are refused by the model server: argument --admin-port: {words}",
+        f"pod models/{pod.name}: its container's args are refused by the model server: {words}",
     ), pod.waiting
