@@ -323,13 +323,18 @@ def pins(specs: list[str]) -> dict[str, int]:
     return pinned
 
 
+def admin_port_problem(admin_port: int) -> str | None:
+    """Why ``--admin-port`` is refused at the start (no TCP port one can listen on), or None."""
+    return None if 1 <= admin_port <= 65535 else f"--admin-port {admin_port} is not a TCP port (1 to 65535)"
+
+
 def listeners(host: str, port: int, admin_port: int | None) -> list[socket.socket]:
     """The bound sockets: the data port, and the admin port when given (ValueError or OSError
     naming a bad or busy port). Bound here rather than by uvicorn, which binds one."""
     if not 0 <= port <= 65535:
         raise ValueError(f"--port {port} is not a TCP port (0 to 65535)")
-    if admin_port is not None and not 1 <= admin_port <= 65535:
-        raise ValueError(f"--admin-port {admin_port} is not a TCP port (1 to 65535)")
+    if admin_port is not None and (problem := admin_port_problem(admin_port)):
+        raise ValueError(problem)
     if port == admin_port:
         raise ValueError(f"--admin-port {admin_port} is --port: give the admin API a port of its own")
     ports = [port] if admin_port is None else [port, admin_port]

@@ -85,6 +85,7 @@ from typing import IO, Any, NoReturn
 
 from devstack.cluster.kube import FakeKubeAPI, now_rfc3339
 from devstack.processes import PORT_TRIES, PYTHONPATH, ROOT, free_port, port_holder, port_in_use, whose_port
+from model_server.__main__ import admin_port_problem
 from model_server.__main__ import parser as server_parser
 
 log = logging.getLogger(__name__)
@@ -1257,7 +1258,8 @@ def _admin_arg(args: list[Any]) -> int | str | None:
     and ``--port $(PORT)``, unexpanded here, is never read). The port (int); the parser's words
     (str) where it refuses the flag's value (none: the last arg, ``--admin-port=``, a flag after
     it; or no integer), its container refused at its start, no admin port; None without one (or
-    where the parser stops at another arg before it, its server exiting at its start).
+    where the parser stops at another arg before it, its server exiting at its start). A port
+    the server refuses at its start (0, 70000) is refused in its words (``admin_port_problem``).
     Read once for a pod (``Pod.admin_arg``), for ``_create``, ``_ports`` and ``_command``."""
     read = argparse.Namespace()
     try:  # (what is read before a refusal stays in ``read``: --repository missing is refused last)
@@ -1268,7 +1270,9 @@ def _admin_arg(args: list[Any]) -> int | str | None:
     except _ArgsRefused:
         pass
     admin = getattr(read, "admin_port", None)
-    return admin if isinstance(admin, int) else None
+    if not isinstance(admin, int):
+        return None
+    return admin_port_problem(admin) or admin  # (a port the server refuses: 0, 70000)
 
 
 def _ports(pod: Pod) -> list[tuple[str, int]]:

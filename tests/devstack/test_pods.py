@@ -972,8 +972,11 @@ def test_an_admin_port_is_told_from_another_flag_s_refusal_by_the_flag_refused()
         (["--admin-port", "--port", "8000"], "argument --admin-port: expected one argument"),
         (["--admin-port", "9001", "--admin-port"], "argument --admin-port: expected one argument"),
         (["--admin-port", "nine"], "argument --admin-port: invalid int value: 'nine'"),
+        (["--admin-port", "70000"], "--admin-port 70000 is not a TCP port (1 to 65535)"),
+        (["--admin-port", "0"], "--admin-port 0 is not a TCP port (1 to 65535)"),
+        (["--admin-port=-5"], "--admin-port -5 is not a TCP port (1 to 65535)"),
     ],
-    ids=["last", "empty", "a-flag-next", "twice-the-last-bare", "no-integer"],
+    ids=["last", "empty", "a-flag-next", "twice-the-last-bare", "no-integer", "past-65535", "zero", "negative"],
 )
 def test_an_admin_port_flag_with_no_value_is_refused_naming_the_pod_and_the_flag(tmp_path, monkeypatch, bare, words):
     """A bare ``--admin-port`` as the container's last arg: ``_create`` gave the pod an admin port
@@ -983,7 +986,9 @@ def test_an_admin_port_flag_with_no_value_is_refused_naming_the_pod_and_the_flag
     error naming the pod and the flag (the model server itself would exit at its args). A flag
     after it is no value either (argparse: "expected one argument"), where it was taken for one.
     Given twice, the last bare, or a value that is no integer: the server exits at its args too,
-    and its container is refused in the words of the server's parser."""
+    and its container is refused in the words of the server's parser. A port the server refuses
+    (70000, 0, -5: "is not a TCP port") was taken: the pod was given an admin port, and its
+    server started to exit there; refused here in the server's own words."""
     from devstack.cluster.pods import ADMIN_ANNOTATION, _ports
 
     runner = PodRunner(FakeKubeAPI(kubelet=True), tmp_path / "cluster", {}, gpu=False)
