@@ -42,6 +42,9 @@ def shapes() -> dict[str, tuple[str, str, bool]]:
     flat = ", ".join(["1.5"] * n)
     nested = ", ".join(["[1.5]"] * (n // 2))
     last = '{"name": "x", "datatype": "FP32", "shape": [3], "data": [1.5, 2.5, NUMBER]}'
+    strings = ", ".join(['"data"'] * (SIZE // 8))  # strings "data" in the data (each once taken for a key)
+    keys = ", ".join(['"data": 1'] * (SIZE // 11))
+    objects = ", ".join(['{"data": [1, 2]}'] * (SIZE // 18))
     body = {
         "flat data, 01 last": f'{{"inputs": [{{"name": "x", "datatype": "FP32", "shape": [{n + 1}], "data": [{flat}, NUMBER]}}]}}',
         "nested data, 0x10 last": (
@@ -56,6 +59,20 @@ def shapes() -> dict[str, tuple[str, str, bool]]:
         "one string first in the data, 01 last": (
             f'{{"inputs": [{{"name": "x", "datatype": "FP32", "shape": [{n + 2}], "data": ["s", {flat}, NUMBER]}}]}}'
         ),
+        "strings 'data' in BYTES data, 01 last": (
+            f'{{"inputs": [{{"name": "b", "datatype": "BYTES", "shape": [{SIZE // 8 + 1}], "data": [{strings}, NUMBER]}}]}}'
+        ),
+        "an escape, strings 'data' in BYTES data, 01 last": (
+            f'{{"inputs": [{{"name": "b", "datatype": "BYTES", "shape": [1], "data": ["\\n", {strings}, NUMBER]}}]}}'
+        ),
+        "'data': 1 keys in parameters, then 0x10": (
+            f'{{"inputs": [{{"name": "a", "datatype": "FP32", "shape": [1], "parameters": {{{keys}}}, "data": [1]}}, '
+            '{"name": "b", "datatype": "FP32", "shape": [1], "data": [NUMBER]}]}'
+        ),
+        "objects {'data': [1, 2]} in earlier data, then 0x10": (
+            f'{{"inputs": [{{"name": "a", "datatype": "FP32", "shape": [1], "data": [{objects}]}}, '
+            '{"name": "b", "datatype": "FP32", "shape": [1], "data": [NUMBER]}]}'
+        ),
         "an early NaN, the header length given": (
             f'{{"inputs": [{{"name": "x", "datatype": "FP32", "shape": [{n + 1}], "data": [NUMBER, {flat}]}}]}}'
         ),
@@ -66,6 +83,8 @@ def shapes() -> dict[str, tuple[str, str, bool]]:
     out = {}
     for name, text in body.items():
         bad = "NaN" if "NaN" in name else "0x10" if "0x10" in name else "01"
+        assert "NUMBER" in text, name
+        assert len(text) < SIZE + 4096, name
         out[name] = (text.replace("NUMBER", bad), text.replace("NUMBER", "1.0"), "header length given" in name)
     return out
 

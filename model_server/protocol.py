@@ -177,6 +177,7 @@ LOOSE_PARTS = re.compile(r"([+-]?)([0-9]*+)(\.?)([0-9]*+)(.*)", re.DOTALL)  # si
 NOT_BRACKETS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[^\[\]{}"]+')
 NUMBER_MARK = "-0.0E-0000000000"  # the number's stand-in: a number no client writes
 DATA_LIST = re.compile(r'"data"\s*+:\s*+(\[)(\s*+\[)?')  # a "data" member that is a list (of lists?)
+DATA_LIST_REVERSED = re.compile(r'\[\s*+:\s*+"atad"')  # its start, in a text reversed: the last one first
 EMPTY_LIST = re.compile(r"\[\s*+\]")
 PLAIN_STRING = re.compile(r'"[^"\\]*+"')  # a string with no escape in it
 # A "data" member whose list holds numbers, true/false/null and lists of them alone, to
@@ -185,7 +186,7 @@ PLAIN_STRING = re.compile(r'"[^"\\]*+"')  # a string with no escape in it
 _NUMBERS_LIST = r'\[[^\[\]"{}]*+\]'
 for _ in range(MAX_DIMS - 1):
     _NUMBERS_LIST = r'\[(?:[^\[\]"{}]++|' + _NUMBERS_LIST + r")*+\]"
-NUMBERS_DATA = re.compile(r'("data"\s*+:\s*+)' + _NUMBERS_LIST)
+NUMBERS_DATA = re.compile(r'"data"\s*+:\s*+' + _NUMBERS_LIST)
 
 
 def _non_json_number(text: str, pos: int) -> tuple[int, str, str, tuple[str, str | None] | None] | None:
@@ -324,7 +325,7 @@ def _number_element(text: str, pos: int) -> str | None:
     # Earlier inputs' data read again as empty lists, where numbers and lists alone: none of them
     # is in the refusal's words (a 4 MiB earlier input parsed again cost twice the body's parse).
     # A list closed before the number only: the one that holds it is not (in ``head``, whole).
-    head = NUMBERS_DATA.sub(r"\1[]", head)
+    head = NUMBERS_DATA.sub('"data": []', head)  # (no group in it: each match not a Python call)
     opened = []
     for bracket in NOT_BRACKETS.sub("", head):
         if bracket in "[{":
@@ -369,14 +370,13 @@ def _elements_before(text: str, start: int) -> tuple[int, int] | None:
     parse): the commas less the empty lists (each list closed holds one element more than its
     commas, unless empty, and is itself an element of its list), each string one element, what
     it holds not read. Else None (the JSON before it read again whole)."""
-    key, value = start, None
-    # ("data" in quotes: a "data" key, a string "data" in the data, or a key ending in \"data: the
-    # parse of the JSON before the list then names the list only if it is inputs[-1]["data"].)
-    while value is None:
-        key = text.rfind('"data"', 0, key)
-        if key < 0:
-            return None
-        value = DATA_LIST.match(text, key)
+    # The last before the number, in one search of the text before it reversed (strings "data"
+    # in the data skipped as any other text). ("data" in quotes: a "data" key, or a key ending in
+    # \"data: the parse of the JSON before the list then names it only if it is inputs[-1]["data"].)
+    last = DATA_LIST_REVERSED.search(text[:start][::-1])
+    value = None if last is None else DATA_LIST.match(text, start - last.end())
+    if value is None:
+        return None
     data = text[value.start(1) : start]
     if '"' in data:  # strings: each one element, what it holds not read (as "0")
         data = PLAIN_STRING.sub("0", data) if "\\" not in data else data

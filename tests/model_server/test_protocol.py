@@ -739,6 +739,32 @@ def test_a_number_json_has_not_after_a_long_earlier_input_reads_again_only_its_o
     assert counted[1] < 300, counted
 
 
+@pytest.mark.parametrize("escape", ['"\\n", ', ""], ids=["an-escape-first", "none"])
+def test_the_data_list_before_a_number_json_has_not_is_found_in_one_pass(escape, monkeypatch):
+    """The "data" list that holds the number was looked for back from it one "data" at a time:
+    each string "data" in the data (``["\\n", "data", "data", ..., 01]``) was matched as a key
+    and refused, a pass each (600,000 in a 4 MiB body: twice the body's parse), and the list
+    was then given up on for the escape in it. It is found in one search."""
+    tried: list[int] = []
+
+    class Spy:
+        def match(self, text, pos):
+            tried.append(pos)
+            return DATA_LIST.match(text, pos)
+
+    DATA_LIST = protocol.DATA_LIST
+    monkeypatch.setattr(protocol, "DATA_LIST", Spy())
+    data = escape + '"data", ' * 1000
+    body = f'{{"inputs": [{{"name": "b", "datatype": "BYTES", "shape": [1002], "data": [{data}01]}}]}}'
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(body.encode(), None)
+    element = 1001 if escape else 1000
+    assert refused.value.message == (
+        f"input 'b': element {element} (01) is a number with a leading zero, which JSON has not"
+    ), refused.value.message
+    assert len(tried) <= 1, len(tried)
+
+
 def test_an_early_nan_in_a_json_part_of_given_length_ends_its_parse(monkeypatch):
     """A NaN early in a JSON part whose length the header gives was read on to the part's end
     and refused then (a 4 MiB part: a whole parse), where nothing after it can change the
