@@ -242,7 +242,8 @@ def _hex_advice(literal: str, datatype: Any) -> str:
     is 1.0 there) is judged as its decimal would be: one past the datatype's range is told so,
     in the words that decimal is refused with (no decimal is taken); a float datatype that
     cannot hold it says what it rounds it to (as the server reads that decimal: a double, then
-    the datatype), the number to write to be read as sent."""
+    the datatype), the number to write to be read as sent; one whose exact decimal is longer
+    than any double's (2**-1074's, the least) is told to write that number."""
     if not isinstance(datatype, str) or datatype not in DATATYPES:
         return ""
     if datatype in ("BOOL", "BYTES"):
@@ -273,7 +274,13 @@ def _hex_advice(literal: str, datatype: Any) -> str:
     numerator = abs(numerator)
     zero_bits = (numerator & -numerator).bit_length() - 1
     exact = numerator != 0 and (numerator >> zero_bits, zero_bits - denominator.bit_length() + 1) == value
-    return ": write it in decimal" if exact else f": write it in decimal ({datatype} rounds it to {held!r})"
+    if exact:
+        return ": write it in decimal"
+    if power < -1074:  # (its decimal has -power digits after the point: 10**21 for 0x1p-99...9)
+        return (
+            f": write it as {held!r}, the value {datatype} rounds it to (its exact decimal is longer than any double's)"
+        )
+    return f": write it in decimal ({datatype} rounds it to {held!r})"
 
 
 def hex_value(written: str) -> tuple[int, int] | None:

@@ -142,6 +142,9 @@ def test_a_number_json_has_not_in_an_input_s_data_is_a_400_naming_it(server, num
 FP16_PAST = "is past the range of FP16 (its largest magnitude is 65504)"
 
 
+LONGER = "(its exact decimal is longer than any double's)"
+
+
 @pytest.mark.parametrize(
     ("datatype", "number", "advice"),
     [
@@ -164,7 +167,10 @@ FP16_PAST = "is past the range of FP16 (its largest magnitude is 65504)"
         ("FP32", "0x1.000003p0", "write it in decimal (FP32 rounds it to 1.000000238418579)"),
         ("FP16", "0x1.001p0", "write it in decimal (FP16 rounds it to 1.0)"),
         ("FP16", "-0x1p-30", "write it in decimal (FP16 rounds it to -0.0)"),
-        ("FP32", "0x1p-" + "9" * 30, "write it in decimal (FP32 rounds it to 0.0)"),
+        # (an exact decimal longer than any double's, 10**30 digits: the value it rounds to instead)
+        ("FP32", "0x1p-" + "9" * 30, f"write it as 0.0, the value FP32 rounds it to {LONGER}"),
+        ("FP64", "-0x1.8p-2000", f"write it as -0.0, the value FP64 rounds it to {LONGER}"),
+        ("FP32", "0x1.000001p-1051", f"write it as 0.0, the value FP32 rounds it to {LONGER}"),
         ("FP64", "0x1.00000000000001p0", "write it in decimal (FP64 rounds it to 1.0)"),
         ("FP16", "0x1p-24", "write it in decimal"),  # (FP16's least subnormal: exact)
         # 1 + 2**-56, which float.fromhex rounds to 1.0: no integer.
@@ -177,7 +183,8 @@ def test_a_hex_literal_is_told_its_datatype_s_range_and_rounding(server, datatyp
     more precision than FP32 or FP16 holds, which the datatype rounds; and 0x1.00000000000001p0
     in INT64, 1 + 2**-56, which float.fromhex rounded to 1.0 and took for an integer. A value
     past the range is told it, in the words the server refuses its decimal with; one the
-    datatype rounds is told what it rounds to."""
+    datatype rounds is told what it rounds to; one whose exact decimal is longer than any
+    double's (0x1p-999...9: was "write it in decimal") is told to write what it rounds to."""
     body = f'{{"inputs": [{{"name": "image", "shape": [2], "datatype": "{datatype}", "data": [1, {number}]}}]}}'
     r = post(server, "/v2/models/digits/infer", body)
     assert r.status_code == 400, r.text
