@@ -270,11 +270,7 @@ def _hex_advice(literal: str, datatype: Any) -> str:
         held = float(np.asarray(double, dtype=DATATYPES[datatype]))  # (as a decimal is read: a double, then it)
     if not math.isfinite(held):
         return f": it is past {_range(datatype)}"
-    numerator, denominator = held.as_integer_ratio()
-    numerator = abs(numerator)
-    zero_bits = (numerator & -numerator).bit_length() - 1
-    exact = numerator != 0 and (numerator >> zero_bits, zero_bits - denominator.bit_length() + 1) == value
-    if exact:
+    if hex_value(abs(held).hex()[2:]) == value:  # (its exact value: 0.0's is None)
         return ": write it in decimal"
     if power < -1074:  # (its decimal has -power digits after the point: 10**21 for 0x1p-99...9)
         return (

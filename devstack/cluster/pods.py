@@ -1229,7 +1229,7 @@ def _port_besides(other: int) -> int:
 
 
 class _ArgsRefused(Exception):
-    """The model server's parser refused a container's args (its words: argparse's message)."""
+    """The model server's parser would exit here (a refusal other than a flag's, or its help)."""
 
 
 class _ServerArgs(argparse.ArgumentParser):
@@ -1241,10 +1241,10 @@ class _ServerArgs(argparse.ArgumentParser):
         super().__init__(prog=prog, description=description, exit_on_error=False)
 
     def error(self, message: str) -> NoReturn:
-        raise _ArgsRefused(message)
+        raise _ArgsRefused
 
     def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
-        raise _ArgsRefused(message or f"it exits ({status}) at its args")
+        raise _ArgsRefused
 
     def print_help(self, file: Any = None) -> None:
         pass
