@@ -89,6 +89,7 @@ class LockError(RuntimeError):
     ``status``: the Kubernetes API server's answer that failed it, where one did."""
 
     status: int | None = None
+    maybe_written: bool = False  # (``settled``'s: a write's answer left it unknown, and no read found it not in place)
 
 
 class ModelBusy(LockError):

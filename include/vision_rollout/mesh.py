@@ -1434,6 +1434,96 @@ def reading_back() -> bool:
     return _READING_BACK.get()
 
 
+def read_back_room() -> bool:
+    """Whether the ``api_budget`` in force keeps the time of one call more than the calls
+    ``reserved`` for after: a last write in doubt is read back only so (``settled``)."""
+    return budget_left(_RESERVE.get() + 1) >= 0
+
+
+def failed_call(exc: Exception) -> bool:
+    """Whether ``exc`` is a call's failure or refusal (a RouterError; a LockError with the API
+    server's ``status``), not what an attempt found (a lease another's now: ``LockLost``)."""
+    return isinstance(exc, RouterError) or getattr(exc, "status", None) is not None
+
+
+@dataclass
+class _Tries:
+    """What ``settled``'s tries met, its failure's message and ``maybe_written`` made from it once
+    (``failure``, ``after_doubt``)."""
+
+    checks: bool
+    doubted: int = 0  # (the answers that left unknown whether a write, or a dry run, was served)
+    written: int = 0  # (of those, the writes: no dry run's)
+    late: int = 0  # (of those writes, the ones answered before their end, ``Unsettled.late``: each may still land)
+    conflicts: int = 0  # (the writes refused, 409, for another's)
+    last: Unsettled | Conflicted | None = None  # (the last try's failure)
+    sent: bool = False  # (the attempt under way sent its write: its read found the writes in doubt not in place)
+    kept: bool = False  # (tries left out: the calls ``reserved`` for after keep their time)
+    unread: str = "not read back"  # (the last write in doubt: why it was not read back, or NOT_IN_PLACE)
+
+    NOT_IN_PLACE = ""
+
+    def after_doubt(self, exc: Exception) -> None:
+        """``exc``, a call's failure (``failed_call``) an attempt raised after writes in doubt, said
+        and marked ``maybe_written`` where one may have been served: not
+        where the attempt's read found them not in place and it sent its write (refused: a 500
+        settled), unless one was answered before its end (it may still land)."""
+        if not self.written or not failed_call(exc) or (self.checks and self.sent and not self.late):
+            return
+        said = (
+            "1 write whose answer left unknown whether it was served: it"
+            if self.written == 1
+            else f"{self.written} writes whose answers left unknown whether they were served: any"
+        )
+        exc.args = (f"{exc} (after {said} may have been served)",)
+        exc.maybe_written = True  # type: ignore[attr-defined]
+
+    def failure(self, tries: int) -> Exception:
+        """The last try's error, saying how many tries, what failed them and what is known of the
+        last write in doubt; ``maybe_written`` where a write may have been served."""
+        assert self.last is not None
+        last, error = self.last, self.last.error
+        dry = isinstance(last, Unsettled) and last.dry_run  # (the last a dry run's: nothing to read back)
+        wrote = isinstance(last, Unsettled) and not dry  # (the last a write's in doubt)
+        read = wrote and self.unread == self.NOT_IN_PLACE  # (read back once, not in place)
+        early = self.kept or self.unread.endswith("spent")  # (tries left out: no read after the last)
+        found = self.checks and not (early and wrote)  # (each write in doubt read again after it)
+        sent = "write" if self.written else "dry run"
+        refused = "refused (409), the object written by another between its read and its write"
+        if not self.conflicts:
+            why = f"each answer left unknown whether the {sent} was served"
+            why += ", and each read back found it not in place" if found else ""
+        elif not self.doubted:
+            why = f"each {refused}"
+        else:
+            why = f"{self.conflicts} {refused}; {self.doubted} answers left unknown whether the {sent} was served"
+            why += ", each read back finding it not in place" if found else ""
+        if dry:
+            why += (
+                "; the last a dry run's, nothing written by it: an earlier write may have been served"
+                if self.written
+                else "; a dry run, nothing written"
+            )
+        if read and isinstance(last, Unsettled) and last.late:
+            why += "; the last not in place when read back: it may still land"
+        elif read:
+            why += "; the last read back once, not in place"
+        elif wrote:
+            why += f"; the last may have been served: {self.unread}"
+        elif self.kept:
+            why += "; not read again: the calls after it keep their time"
+        landing = wrote and not (read and isinstance(last, Unsettled) and not last.late)  # (the last said so)
+        if self.late and not landing:  # (an earlier write answered before its end: what was read since shows nothing)
+            why += "; an earlier write answered before its end (a 502, a 504 or none) may still land"
+        error.args = (f"{error} (tried {tries} times: {why})",)
+        if hasattr(error, "maybe_written") and ((wrote and not read) or self.late or (dry and self.written)):
+            error.maybe_written = True
+        return error
+
+
+_TRIES: contextvars.ContextVar[_Tries | None] = contextvars.ContextVar("settled_tries", default=None)
+
+
 @contextlib.contextmanager
 def unsettled(dry_run: bool = False) -> Iterator[None]:
     """Around one write of a ``settled`` attempt: its failure that leaves unknown whether the
@@ -1444,6 +1534,9 @@ def unsettled(dry_run: bool = False) -> Iterator[None]:
     stored), sent all the same; its doubt is no write's (``Unsettled.dry_run``)."""
     if _READING_BACK.get() and not dry_run:
         raise Withheld
+    tried = _TRIES.get()
+    if tried is not None and not dry_run:
+        tried.sent = True
     try:
         yield
     except Exception as exc:
@@ -1469,116 +1562,82 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
     ``checks``: whether an attempt after a write in doubt (``n`` > 0) reads the object and sends
     no write where it holds what the write sets (what it answers then is the write's), said in
     that error (False: it writes again from what it read whatever it finds, a delete on
-    preconditions); each read back is logged where one follows. The read back is part of each
-    attempt so, no option of its caller: a last write in doubt (given up for the calls
-    ``reserved``, its backoff too long for them; or its last try's) is read back once, at once,
-    where ``checks`` and the ``api_budget`` keeps the time of one call more than the reserve, by
-    ``attempt`` run once more with its writes withheld (``unsettled`` raises ``Withheld`` in place
-    of each; a dry run's is sent): where it answers (its read found the write in place), that
-    answer; where a write was withheld (not in place), said in the error. Of a last write in doubt
-    never read back (``checks`` False, no time for it, its read failed) the error says it may have
-    been served, and marks it (a RouterError) ``maybe_written``: the caller does not say it was
-    not written. So too a RouterError an attempt raises after a write in doubt (its read answered
-    500, refused): raised as it came, saying the write in doubt may have been served. A read back
-    that finds the write not in place settles a 500 (the API server's answer for the write, its
-    handling over; an etcd timeout's 500, whose write may yet commit, looks the same and is so
-    taken): not written, not ``maybe_written``. After a 504, a 502 or no answer (``MAY_LAND``: the
-    answer came before the write's end, which may commit after it) it shows nothing: said "not in
-    place when read back: it may still land", ``maybe_written``. A dry run's doubt (``unsettled``'s
-    ``dry_run``: nothing stored) is no write's: not read back, said "a dry run, nothing written",
-    not ``maybe_written`` unless a write before it was in doubt."""
-    doubted = conflicts = written = 0  # (written: the writes in doubt that were no dry run's)
-    failed: Exception | None = None  # the last attempt's failure (an Unsettled or a Conflicted)
-    cut = False  # (the api_budget spent before the next attempt: the last write in doubt never read back)
-    kept = False  # (a read again after a Conflicted left out: the calls ``reserved`` for after keep their time)
-    for n in range(tries):
-        if isinstance(failed, Conflicted):
-            wait = random.uniform(*CONFLICT_PAUSE_S)  # noqa: S311 (a pause, no secret)
-        else:
-            wait = min(BACKOFF_S * 2 ** (n - 1), BACKOFF_MAX_S) if failed is not None else 0.0
-        if failed is not None and _RESERVE.get() and budget_left(_RESERVE.get()) < wait:
-            tries, kept = n, True  # (after a 409, or a write in doubt: its backoff and read back left out)
-            break
-        if wait and not pause(wait):  # (the api_budget spent by the pause: the last failure raised)
-            tries, cut = n, isinstance(failed, Unsettled) and not failed.dry_run
-            break
-        try:
-            return attempt(doubted)
-        except Unsettled as exc:
-            failed, last, doubted, written = exc, exc.error, doubted + 1, written + (not exc.dry_run)
-            if n + 1 < tries:
-                log.warning("%s; reading it back", last)
-        except Conflicted as exc:
-            failed, last, conflicts = exc, exc.error, conflicts + 1
-            if n + 1 < tries:
-                log.info("%s; reading it again", last)
-        except RouterError as exc:  # (a read failed after a write in doubt: that write may have landed)
-            if written:
-                said = (
-                    "1 write whose answer left unknown whether it was served: it"
-                    if written == 1
-                    else f"{written} writes whose answers left unknown whether they were served: any"
-                )
-                exc.args = (f"{exc} (after {said} may have been served)",)
-                exc.maybe_written = True
-            raise
-    read = False  # (the last write in doubt read back once, not in place)
-    # (the last write in doubt, never read back: given up for the reserve, or its last try's)
-    dry = isinstance(failed, Unsettled) and failed.dry_run  # (the last a dry run's: nothing to read back)
-    wrote = isinstance(failed, Unsettled) and not dry  # (the last a write's in doubt)
-    doubt = wrote and not cut
-    unread = "not read back"  # (why, where it is not: after the last try)
-    if doubt and checks and budget_left(_RESERVE.get() + 1) < 0:
-        unread = "not read back, no time left for the read"
-    elif doubt and checks:
-        token = _READING_BACK.set(True)
-        try:
-            back = attempt(doubted)  # (its writes withheld: the read back)
-        except Withheld:
-            read = True
-        except Exception as exc:  # (unread: its doubt said, the write's failure raised)
-            log.warning("%s; its read back failed: %s", last, str(exc)[:300])
-            unread = "its read back failed"
-        else:
-            log.info("%s; read back: in place", last)
-            return back
-        finally:
-            _READING_BACK.reset(token)
-    found = ", and each read back found it not in place" if checks else ""
-    refused = "refused (409), the object written by another between its read and its write"
-    sent = "write" if written else "dry run"
-    if not conflicts:
-        why = f"each answer left unknown whether the {sent} was served{found}"
-    elif not doubted:
-        why = f"each {refused}"
-    else:
-        found = ", each read back finding it not in place" if checks else ""
-        why = f"{conflicts} {refused}; {doubted} answers left unknown whether the {sent} was served{found}"
-    if dry and written:  # (an earlier write in doubt, the last a dry run's)
-        why = f"{why}; the last a dry run's, nothing written by it: an earlier write may have been served"
-    elif dry:
-        why = f"{why}; a dry run, nothing written"
-    late = (
-        read and isinstance(failed, Unsettled) and failed.late
-    )  # (not in place when read back, its answer a timeout's or none: it may land)
-    if late:
-        why = f"{why.replace(found, '') if kept else why}; the last not in place when read back: it may still land"
-    elif kept and read:  # (read back once: not in place, whatever the checks)
-        why = f"{why.replace(found, '')}; the last read back once, not in place"
-    elif kept and wrote:  # (no read back after the last write: it may have been served)
-        why = f"{why.replace(found, '')}; the last may have been served: not read back, the calls after it keep their time"
-    elif kept:
-        why = f"{why}; not read again: the calls after it keep their time"
-    elif read:  # (after the last try: read back once, not in place)
-        why = f"{why}; the last read back once, not in place"
-    elif doubt:  # (after the last try, never read back: it may have been served)
-        why = f"{why}; the last may have been served: {unread}"
-    if cut:  # (no read back after the last write: it may have been served)
-        why = f"{why.replace(found, '')}; the last may have been served: not read back, the time allowed spent"
-    last.args = (f"{last} (tried {tries} times: {why})",)
-    if isinstance(last, RouterError) and ((wrote and (late or not read)) or (dry and written)):
-        last.maybe_written = True
-    raise last  # (its own kind: an ApiFailed, an ApiUnreachable, a Contended, a LockError)
+    preconditions). The read back is part of each attempt so, no option of its caller: a last
+    write in doubt (given up for the calls ``reserved``, its backoff too long for them; or its
+    last try's) is read back once, at once, where ``checks``, by ``attempt`` run once more with
+    its writes withheld (``unsettled`` raises ``Withheld`` in place of each; a dry run's is
+    sent), where the ``api_budget`` keeps the time of one call more than the calls ``reserved``
+    (``read_back_room``): where it answers (its read found the write in
+    place), that answer; where a write was withheld (not in place), said in the error; where it
+    raises what is no call's failure (``failed_call``: a lease another's now, ``LockLost``),
+    that. Of a last write in
+    doubt never read back (``checks`` False, no time for it, its read failed) the error says it
+    may have been served, and marks it ``maybe_written`` (a RouterError, a LockError): the caller
+    does not say it was not written. So too a call's failure an attempt raises after a write in
+    doubt (its read answered 500, refused): raised as it came, saying the write in doubt may have been
+    served, unless the attempt's read found the write not in place and sent its own (refused,
+    say). A read that finds the write not in place settles a 500 (the API server's answer for the
+    write, its handling over; an etcd timeout's 500, whose write may yet commit, looks the same
+    and is so taken): not written, not ``maybe_written``. After a 504, a 502 or no answer
+    (``MAY_LAND``: the answer came before the write's end, which may commit after it) it shows
+    nothing: said "not in place when read back: it may still land" (or, of an earlier one, "an
+    earlier write ... may still land"), ``maybe_written``, whatever failed last. A dry run's doubt
+    (``unsettled``'s ``dry_run``: nothing stored) is no write's: not read back, said "a dry run,
+    nothing written", not ``maybe_written`` unless a write before it was in doubt."""
+    tried = _Tries(checks)
+    token = _TRIES.set(tried)
+    try:
+        for n in range(tries):
+            if isinstance(tried.last, Conflicted):
+                wait = random.uniform(*CONFLICT_PAUSE_S)  # noqa: S311 (a pause, no secret)
+            else:
+                wait = min(BACKOFF_S * 2 ** (n - 1), BACKOFF_MAX_S) if tried.last is not None else 0.0
+            if tried.last is not None and _RESERVE.get() and budget_left(_RESERVE.get()) < wait:
+                tries, tried.kept = n, True  # (after a 409, or a write in doubt: its backoff and read back left out)
+                tried.unread = "not read back, the calls after it keep their time"
+                break
+            if wait and not pause(wait):  # (the api_budget spent by the pause: the last failure raised)
+                tries, tried.unread = n, "not read back, the time allowed spent"
+                break
+            tried.sent = False
+            try:
+                return attempt(tried.doubted)
+            except Unsettled as exc:
+                tried.last, tried.doubted = exc, tried.doubted + 1
+                tried.written += not exc.dry_run
+                tried.late += exc.late and not exc.dry_run
+                if n + 1 < tries:
+                    log.warning("%s; %s", exc.error, "trying it again" if exc.dry_run else "reading it back")
+            except Conflicted as exc:
+                tried.last, tried.conflicts = exc, tried.conflicts + 1
+                if n + 1 < tries:
+                    log.info("%s; reading it again", exc.error)
+            except Exception as exc:  # (a read failed after a write in doubt: that write may have landed)
+                tried.after_doubt(exc)
+                raise
+        last = tried.last
+        if isinstance(last, Unsettled) and not last.dry_run and checks and not tried.unread.endswith("spent"):
+            if not read_back_room():
+                tried.unread = tried.unread if tried.kept else "not read back, no time left for the read"
+            else:
+                tried.sent, reading = False, _READING_BACK.set(True)
+                try:
+                    back = attempt(tried.doubted)  # (its writes withheld: the read back)
+                except Withheld:
+                    tried.unread = tried.NOT_IN_PLACE
+                except Exception as exc:
+                    if not failed_call(exc):  # (what the read found: a lease another's now, say)
+                        raise
+                    log.warning("%s; its read back failed: %s", last.error, str(exc)[:300])
+                    tried.unread = "its read back failed"
+                else:
+                    log.info("%s; read back: in place", last.error)
+                    return back
+                finally:
+                    _READING_BACK.reset(reading)
+        raise tried.failure(tries)  # (its own kind: an ApiFailed, an ApiUnreachable, a Contended, a LockError)
+    finally:
+        _TRIES.reset(token)
 
 
 def api_error(what: str, exc: Any) -> RouterError:

@@ -1475,3 +1475,42 @@ def test_a_scale_under_autoscaling_in_doubt_is_found_in_place_whatever_count_the
     assert len([r for r in writes if "dryRun" not in r["query"]]) == 1  # (the one in doubt: not sent again)
     assert api.objects[("deployments", "models", "digits-v2")]["spec"]["replicas"] == 5
     assert api.objects[("horizontalpodautoscalers", "models", "digits-v2")]["spec"]["minReplicas"] == 3
+
+
+def _answering(api: Any) -> None:
+    """The fake API server back to answering each request (``in_doubt_each_time``'s undone)."""
+    api.throttle, api.throttle_status, api.throttle_served, api.before_write = 0, 429, False, None
+    api.throttled_methods, api.throttled_path = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"}), None
+
+
+@pytest.mark.parametrize("first", [504, 502, None], ids=["504", "502", "no-answer"])
+def test_an_earlier_apply_answered_before_its_end_keeps_the_scale_maybe_written(kube_api, monkeypatch, first):
+    """A rollback's scale whose first apply was answered 504 (the API server's own timeout, the
+    write under way), 502 or not at all, then 500 at each try, none served: the last read back
+    not in place, the scale failed "the last read back once, not in place", not
+    ``maybe_written`` (only the last failure's answer was looked at), though that first apply may
+    still commit. An earlier write answered before its end is remembered: said ("an earlier write
+    answered before its end ... may still land"), ``maybe_written``."""
+    from tests.support import in_doubt_each_time
+    from vision_rollout import mesh
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.settings import BuildSettings
+
+    api, api_client = kube_api
+    monkeypatch.setattr(mesh.time, "sleep", lambda _: None)
+    versions = VersionDeployments(TARGET, "digits", mesh.with_retries(api_client), BuildSettings(gpus=0))
+    versions.apply("2", "img:2", 1)
+    path = "/deployments/digits-v2"
+    in_doubt_each_time(api, "PATCH", path, 500, mesh.WRITE_TRIES, False, first=first)
+    try:
+        with pytest.raises(mesh.ApiFailed) as failed:
+            versions.scale("2", 3, rolling_back=True)
+    finally:
+        _answering(api)
+    said = str(failed.value)
+    assert said.endswith(
+        "; the last read back once, not in place; an earlier write answered before its end (a 502, a 504 or none) "
+        "may still land)"
+    )
+    assert failed.value.maybe_written
+    assert api.objects[("deployments", "models", "digits-v2")]["spec"]["replicas"] == 1

@@ -995,3 +995,64 @@ def test_a_renewals_last_write_in_doubt_is_read_back_once(kube, served):
         assert said.endswith("; the last read back once, not in place)")
         assert "may have been" not in said
         assert lock.holding().note == ""
+
+
+def test_a_renewals_read_back_that_finds_the_lease_anothers_says_so(kube):
+    """A renewal's replace answered 500 at each try, another run taking the lease as the last one
+    failed: the read back read it (another's: ``LockLost``, what is so now) and ``settled``
+    took that for "its read back failed", raising the replace's 500 ``LockError`` saying it "may
+    have been served". The read back's definite answer is raised: ``LockLost``."""
+    from tests.support import in_doubt_each_time
+    from vision_rollout.mesh import WRITE_TRIES
+
+    fake = kube[0]
+    clock = Clock()
+    lock = _doubted_lock(fake, clock)
+    lock.acquire("run-a")
+    clock.now += 10
+    path = f"/leases/{lease_name('digits')}"
+    in_doubt_each_time(fake, "PUT", path, 500, WRITE_TRIES, False)
+    counted = fake.before_write
+    seen = [0]
+
+    def taken() -> None:  # (as the last replace arrives: run-b takes the lease)
+        seen[0] += fake.requests[-1]["method"] == "PUT"
+        counted()
+        if seen[0] == WRITE_TRIES:
+            fake.touch(
+                "leases", lock.namespace, lease_name("digits"), lambda o: o["spec"].update(holderIdentity="run-b")
+            )
+        else:
+            fake.before_write = taken
+
+    fake.before_write = taken
+    try:
+        with pytest.raises(LockError) as failed:
+            lock.renew("run-a", note="stage 1")
+    finally:
+        fake.throttle, fake.throttle_status, fake.throttle_served, fake.before_write = 0, 429, False, None
+        fake.throttled_methods, fake.throttled_path = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"}), None
+    assert type(failed.value) is LockLost
+    assert "read back failed" not in str(failed.value)
+    assert lock.holding().holder == "run-b"
+
+
+def test_a_lease_read_failing_after_a_replace_in_doubt_keeps_maybe_written():
+    """A replace answered 504, then the next try's read of the lease answered 500: that read's
+    ``LockError`` (no RouterError) was raised as it came, saying nothing of the replace in doubt.
+    As a RouterError's: "may have been served", ``maybe_written``."""
+    from vision_rollout import mesh
+
+    def attempt(doubted: int) -> None:
+        failed = LockError(f"{'GET' if doubted else 'replace'} Lease rollout-digits: {500 if doubted else 504}")
+        failed.status = 500 if doubted else 504
+        if doubted:
+            raise failed
+        with mesh.unsettled():
+            raise failed
+
+    with pytest.raises(LockError) as raised:
+        mesh.settled(attempt)
+    assert str(raised.value).startswith("GET Lease rollout-digits: 500 (after 1 write whose answer left unknown")
+    assert str(raised.value).endswith("it may have been served)")
+    assert raised.value.maybe_written

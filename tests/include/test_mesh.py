@@ -2049,3 +2049,69 @@ def test_a_last_write_timed_out_and_not_in_place_when_read_back_may_still_land(m
         assert said.endswith("; the last not in place when read back: it may still land)")
         assert "read back once, not in place" not in said
         assert raised.value.maybe_written
+
+
+@pytest.mark.real_pauses  # (the pauses on the fake clock)
+@pytest.mark.parametrize("ended", ["tries", "kept"])
+@pytest.mark.parametrize("answer", [500, 504])
+def test_a_write_answered_before_its_end_keeps_maybe_written_when_refused_409_after_it(monkeypatch, answer, ended):
+    """A write answered 504 (it may commit after the answer), then each try refused (409: the
+    object written between its read and its write, that very write perhaps): ``Contended`` was
+    raised not ``maybe_written``, only the last failure's answer looked at; so too where the tries
+    stopped for the calls ``reserved`` after. A write answered before its end is remembered: "an
+    earlier write ... may still land", ``maybe_written``. After a 500, each read found the write
+    not in place (settled): not ``maybe_written``, as before."""
+    from types import SimpleNamespace
+
+    from vision_rollout import mesh
+
+    monkeypatch.setattr(mesh, "time", SimpleNamespace(monotonic=lambda: 0.0, sleep=lambda _: None))
+    attempts: list[int] = []
+
+    def attempt(doubted: int) -> None:
+        attempts.append(doubted)
+        if len(attempts) == 1:
+            with mesh.unsettled():
+                raise mesh.ApiFailed(f"apply VirtualService digits: {answer}", answer)
+        if ended == "kept":
+            budget.answer_s = 0.1512  # (the reserve's 132 calls: 0.04 s left, less than any pause after a 409)
+        raise mesh.Conflicted(mesh.Contended("apply VirtualService digits: changed while applying"))
+
+    with mesh.api_budget(30, 15, cap_s=20) as budget, mesh.reserved(132 if ended == "kept" else 0):
+        with pytest.raises(mesh.Contended) as raised:
+            mesh.settled(attempt)
+    assert attempts == ([0, 1] if ended == "kept" else [0, 1, 1, 1])
+    said = str(raised.value)
+    assert ("not read again: the calls after it keep their time" in said) is (ended == "kept")
+    assert ("an earlier write answered before its end (a 502, a 504 or none) may still land" in said) is (answer == 504)
+    assert raised.value.maybe_written is (answer == 504)
+
+
+@pytest.mark.parametrize("answer", [500, 504])
+def test_a_write_refused_after_its_read_found_a_500s_write_not_in_place_is_not_maybe_written(answer):
+    """A write answered 500, the next try's read finding it not in place (which settles a 500),
+    then that try's write refused (422): raised "(after 1 write whose answer left unknown whether
+    it was served: it may have been served)", ``maybe_written``, though the read had settled it.
+    The refusal is raised as it came; after a 504 (the write may commit after its answer), as
+    before: said may have been served, ``maybe_written``."""
+    from vision_rollout import mesh
+
+    refusal = RouterError("apply Deployment digits-v2: 422 Unprocessable Entity")
+
+    def attempt(doubted: int) -> None:
+        with mesh.unsettled():  # (after the read: the write sent)
+            if doubted:
+                raise refusal
+            raise mesh.ApiFailed(f"apply Deployment digits-v2: {answer}", answer)
+
+    with pytest.raises(RouterError) as raised:
+        mesh.settled(attempt)
+    assert raised.value is refusal
+    if answer == 500:
+        assert str(raised.value) == "apply Deployment digits-v2: 422 Unprocessable Entity"
+        assert not raised.value.maybe_written
+    else:
+        assert str(raised.value).endswith(
+            "(after 1 write whose answer left unknown whether it was served: it may have been served)"
+        )
+        assert raised.value.maybe_written

@@ -669,11 +669,13 @@ def png_title(png: bytes) -> str:
     return Image.open(io.BytesIO(png)).text["Title"]
 
 
-def in_doubt_each_time(api, method: str, path: str, answer: int | None, tries: int, served: bool) -> None:
+def in_doubt_each_time(
+    api, method: str, path: str, answer: int | None, tries: int, served: bool, first: int | None = 0
+) -> None:
     """The next ``tries`` ``method`` requests on ``path`` to the fake API server (``FakeKubeAPI``),
-    dry runs (``dryRun``) left out, answered ``answer`` (None: their connection closed), none
-    served but the last where ``served`` (served first, then answered so: the client cannot tell
-    it from the others)."""
+    dry runs (``dryRun``) left out, answered ``answer`` (None: their connection closed), the first
+    ``first`` where given (0: ``answer`` too), none served but the last where ``served`` (served
+    first, then answered so: the client cannot tell it from the others)."""
     api.throttle, api.throttle_status, api.throttle_served = 0, answer, False
     api.throttled_methods, api.throttled_path = frozenset({method}), path
     seen = [0]
@@ -683,6 +685,7 @@ def in_doubt_each_time(api, method: str, path: str, answer: int | None, tries: i
         doubted = record["method"] == method and record["path"].endswith(path) and "dryRun" not in record["query"]
         seen[0] += doubted
         api.throttle, api.throttle_served = int(doubted), served and seen[0] == tries
+        api.throttle_status = first if seen[0] == 1 and first != 0 else answer
         if seen[0] < tries:
             api.before_write = count
 
