@@ -1425,6 +1425,12 @@ class Withheld(Exception):
     read back (``settled``), and found the object not holding what the write sets."""
 
 
+class ReadBackCut(Exception):
+    """A call of ``settled``'s read back not sent: it would leave the ``api_budget`` in force less
+    than the time of the calls ``reserved`` for after (``read_back_room``): the last write in doubt
+    not read back, said so."""
+
+
 _READING_BACK: contextvars.ContextVar[bool] = contextvars.ContextVar("settled_read_back", default=False)
 
 
@@ -1436,7 +1442,8 @@ def reading_back() -> bool:
 
 def read_back_room() -> bool:
     """Whether the ``api_budget`` in force keeps the time of one call more than the calls
-    ``reserved`` for after: a last write in doubt is read back only so (``settled``)."""
+    ``reserved`` for after: each call of a read back is sent only so (``ReadBackCut``), whatever
+    the attempt's reads (a Deployment's: its own, its ``like``'s, its template's dry run)."""
     return budget_left(_RESERVE.get() + 1) >= 0
 
 
@@ -1566,8 +1573,8 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
     write in doubt (given up for the calls ``reserved``, its backoff too long for them; or its
     last try's) is read back once, at once, where ``checks``, by ``attempt`` run once more with
     its writes withheld (``unsettled`` raises ``Withheld`` in place of each; a dry run's is
-    sent), where the ``api_budget`` keeps the time of one call more than the calls ``reserved``
-    (``read_back_room``): where it answers (its read found the write in
+    sent), each of its calls sent only where the ``api_budget`` keeps the time of the calls
+    ``reserved`` and one more (``read_back_room``): where it answers (its read found the write in
     place), that answer; where a write was withheld (not in place), said in the error; where it
     raises what is no call's failure (``failed_call``: a lease another's now, ``LockLost``),
     that. Of a last write in
@@ -1625,6 +1632,8 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
                     back = attempt(tried.doubted)  # (its writes withheld: the read back)
                 except Withheld:
                     tried.unread = tried.NOT_IN_PLACE
+                except ReadBackCut:
+                    tried.unread = tried.unread if tried.kept else "not read back, no time left for the read"
                 except Exception as exc:
                     if not failed_call(exc):  # (what the read found: a lease another's now, say)
                         raise
@@ -1844,6 +1853,8 @@ def with_retries(api_client: Any) -> Any:
 
         def request(self, method: str, url: str, *args: Any, _request_timeout: Any = None, **kwargs: Any) -> Any:
             timeout = _request_timeout or API_TIMEOUT_S
+            if _READING_BACK.get() and not read_back_room():  # (a read back's call: the reserve keeps its time)
+                raise ReadBackCut(f"{method.upper()} {urlsplit(url).path}")
             budget = _BUDGET.get()
             if budget is not None:
                 left = budget.left()

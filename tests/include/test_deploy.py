@@ -1514,3 +1514,63 @@ def test_an_earlier_apply_answered_before_its_end_keeps_the_scale_maybe_written(
     )
     assert failed.value.maybe_written
     assert api.objects[("deployments", "models", "digits-v2")]["spec"]["replicas"] == 1
+
+
+def _rollback_scale_reserved(api: Any, api_client: Any, monkeypatch: Any, cap: float) -> tuple[Exception, int, float]:
+    """Version 2's Deployment (another manager's container beside the rollout's: its read back
+    sends the template's dry run) scaled to 3 as a rollback's, under ``reserved(2)`` and an
+    ``api_budget`` of ``cap`` s on a clock of the fake server's requests (each call 1 s), each
+    apply answered 500: what failed it, the calls made, what the budget had left."""
+    from types import SimpleNamespace
+
+    from tests.support import in_doubt_each_time
+    from vision_rollout import mesh
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.settings import BuildSettings
+
+    api.objects.pop(("deployments", "models", "digits-v2"), None)
+    api.objects.pop(("poddisruptionbudgets", "models", "digits-v2"), None)
+    versions = VersionDeployments(TARGET, "digits", mesh.with_retries(api_client), BuildSettings(gpus=0))
+    versions.apply("2", "img:2", 1)
+    labels = {"app": "digits", "version": "2"}
+    containers = [{"name": "model-server", "image": "img:2"}, {"name": "log-shipper", "image": "fluent-bit:3"}]
+    body = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "digits-v2", "namespace": "models"},
+        "spec": {
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": {"containers": containers}},
+        },
+    }
+    client.AppsV1Api(api_client).patch_namespaced_deployment(
+        "digits-v2", "models", body, field_manager="platform", _content_type="application/apply-patch+yaml"
+    )
+    monkeypatch.setattr(mesh, "time", SimpleNamespace(monotonic=lambda: float(len(api.requests)), sleep=lambda _: None))
+    in_doubt_each_time(api, "PATCH", "/deployments/digits-v2", 500, mesh.WRITE_TRIES, False)
+    before = len(api.requests)
+    try:
+        with mesh.api_budget(1000, 10, cap_s=cap) as budget, mesh.reserved(2):
+            with pytest.raises(mesh.RouterError) as failed:
+                versions.scale("2", 3, rolling_back=True)
+            assert budget.answer_s == 1.0
+            left = budget.left()
+    finally:
+        _answering(api)
+    return failed.value, len(api.requests) - before, left
+
+
+def test_a_read_back_of_several_calls_leaves_the_reserved_calls_their_time(kube_api, monkeypatch):
+    """A rollback's scale under ``reserved(2)`` (the routes write and the lease's release after
+    it), each apply answered 500: its read back was let through where the budget kept the time
+    of one call more than the reserve, but the Deployment's makes two (its GET, the template's
+    dry run): the budget had left 1 s where the 2 calls reserved needed 2. Each call of a read
+    back is sent only where the reserve keeps its time after it (``read_back_room``): the dry
+    run not sent, the scale "may have been served: not read back", ``maybe_written``, 2 s left."""
+    api, api_client = kube_api
+    _, calls, _ = _rollback_scale_reserved(api, api_client, monkeypatch, cap=1000)  # (its read back: 2 calls)
+    cap = calls - 2 + 3  # (at the read back, the time of the reserve's 2 calls and 1 more)
+    failed, calls, left = _rollback_scale_reserved(api, api_client, monkeypatch, cap=cap)
+    assert left >= 2
+    assert "the last may have been served: not read back, no time left for the read" in str(failed)
+    assert failed.maybe_written
