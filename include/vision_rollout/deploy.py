@@ -611,7 +611,12 @@ class BudgetNotApplied(RouterError):
     """``release_floor``: the version's HPA applied, its floor released, but its
     PodDisruptionBudget not updated to match (``_apply_pdb``'s failure: no answer, or a refusal); or a
     rollback's ``scale``: the Deployment scaled, its budget not applied (``_budget_after_scale``). The
-    message says so, names the budget and what to set it to."""
+    message says so, names the budget and what to set it to, with the apply's error whole (what
+    ``settled`` found of it: "it may still land"), and ``maybe_written`` is the apply's."""
+
+    def __init__(self, message: str, failed: RouterError | None = None) -> None:
+        super().__init__(message)
+        self.maybe_written = bool(failed and failed.maybe_written)
 
 
 MERGE_PATCHED = frozenset({"HorizontalPodAutoscaler", "PodDisruptionBudget"})  # (no list merged by key)
@@ -909,8 +914,9 @@ class VersionDeployments:
             name = f"{self.target.namespace}/{self._name(version)}"
             raise BudgetNotApplied(
                 f"version {version}'s Deployment is scaled to {replicas} pods, but its PodDisruptionBudget {name} "
-                f"was not applied ({str(exc)[:500]}): {self._budget_advice(version, replicas)}; until then a node "
-                "drain follows the budget it had"
+                f"was not applied ({exc}): {self._budget_advice(version, replicas)}; until then a node "
+                "drain follows the budget it had",
+                exc,
             ) from exc
 
     def _apply_pdb(self, version: str, replicas: int, refusal_raised: bool = False) -> None:
@@ -1149,7 +1155,7 @@ class VersionDeployments:
                 {"spec": {"minReplicas": kept}, "metadata": {"annotations": annotations}},
             )
             exc.args = (  # (its budget too: released by hand, neither the floor's record nor a mark is left)
-                f"{str(exc)[:500]}; to release the floor by hand, its PodDisruptionBudget first: "
+                f"{exc}; to release the floor by hand, its PodDisruptionBudget first: "
                 f"{self._budget_advice(version, kept)}; then its HorizontalPodAutoscaler: {command}",
             )
             exc.release_by_hand = command  # (its apply's failure, not its read's: ``floor_unread``)
@@ -1161,9 +1167,10 @@ class VersionDeployments:
             raise BudgetNotApplied(
                 f"the floor the run held on version {version} is released (HorizontalPodAutoscaler "
                 f"{self.target.namespace}/{name} at minReplicas {kept}); PodDisruptionBudget "
-                f"{self.target.namespace}/{name} was not updated to match ({str(exc)[:500]}): "
+                f"{self.target.namespace}/{name} was not updated to match ({exc}): "
                 f"{self._budget_advice(version, kept)}; until then a node drain follows the budget of the floor "
-                "held; the model's next run applies it"
+                "held; the model's next run applies it",
+                exc,
             ) from exc
         self._clear_budget_mark(version, released, f"the floor on version {version} is released and its")
         return True
@@ -1213,8 +1220,9 @@ class VersionDeployments:
             name = self._name(version)
             raise BudgetNotApplied(
                 f"PodDisruptionBudget {self.target.namespace}/{name}, left not updated by a run, is still not "
-                f"updated to version {version}'s floor (minReplicas {floor}) ({str(exc)[:500]}): "
-                f"{self._budget_advice(version, floor)}; the model's next run tries again"
+                f"updated to version {version}'s floor (minReplicas {floor}) ({exc}): "
+                f"{self._budget_advice(version, floor)}; the model's next run tries again",
+                exc,
             ) from exc
         self._clear_budget_mark(version, hpa["spec"], f"version {version}'s")
         return True

@@ -1574,3 +1574,28 @@ def test_a_read_back_of_several_calls_leaves_the_reserved_calls_their_time(kube_
     assert left >= 2
     assert "the last may have been served: not read back, no time left for the read" in str(failed)
     assert failed.maybe_written
+
+
+def test_a_rollbacks_budget_apply_that_may_still_land_is_said_so_and_maybe_written(kube_api, monkeypatch):
+    """A rollback's scale whose PodDisruptionBudget apply got no answer at each try, the last not
+    in place when read back: its ``BudgetNotApplied`` cut the apply's error at 500 characters,
+    losing "it may still land", and was not ``maybe_written``, the apply's was. It keeps the
+    apply's error whole and its ``maybe_written``."""
+    from tests.support import in_doubt_each_time
+    from vision_rollout import mesh
+    from vision_rollout.deploy import BudgetNotApplied, VersionDeployments
+    from vision_rollout.settings import BuildSettings
+
+    api, api_client = kube_api
+    monkeypatch.setattr(mesh.time, "sleep", lambda _: None)
+    versions = VersionDeployments(TARGET, "digits", mesh.with_retries(api_client), BuildSettings(gpus=0))
+    versions.apply("2", "img:2", 1)
+    in_doubt_each_time(api, "PATCH", "/poddisruptionbudgets/digits-v2", None, mesh.WRITE_TRIES, False)
+    try:
+        with pytest.raises(BudgetNotApplied) as failed:
+            versions.scale("2", 3, rolling_back=True)
+    finally:
+        _answering(api)
+    assert "; the last not in place when read back: it may still land)" in str(failed.value)
+    assert failed.value.maybe_written
+    assert api.objects[("deployments", "models", "digits-v2")]["spec"]["replicas"] == 3
