@@ -1912,10 +1912,53 @@ def _class_count(*frames: pd.DataFrame) -> int:
     return n
 
 
+def _pairing(df: pd.DataFrame, code: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+    """``copy_of``'s rule, on ``df``'s key codes and stamps: each key's primary (its rows,
+    sorted by key), the primaries left out as its repeats, each record's primary, and which
+    are shadow records stamped exactly as a primary."""
+    import pandas as pd
+
+    is_primary = (df["role"] == "primary").to_numpy(bool)
+    stamp, _ = pd.factorize(pd.MultiIndex.from_arrays([code, t]))  # equal codes, equal key and stamp
+    exact = np.isin(stamp, stamp[~is_primary]) & is_primary  # (a primary a shadow record is stamped as)
+    rows = np.flatnonzero(is_primary)
+    chosen, repeats = _first(rows, code, t, (~exact).astype(np.int8))
+    of = np.full(len(df), -1, np.int64)
+    of[~is_primary] = _match(np.flatnonzero(~is_primary), chosen, code)
+    by_stamp = pd.Series(rows, index=stamp[rows])
+    by_stamp = by_stamp[~by_stamp.index.duplicated()]
+    own = ~is_primary & np.isin(stamp, stamp[rows])
+    of[own] = by_stamp.reindex(stamp[own]).to_numpy(np.int64)
+    of[rows] = rows
+    return chosen, repeats, of, own
+
+
+def copy_of(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The one rule pairing a copy with its primary (``shadow_pairs``, and the shadow audit's
+    ranges and copies): of ``df``'s records (primary and shadow, with ``model``,
+    ``request_id``, ``item`` and ``time``), which are each request's primary, and for each
+    record the row (position) of its primary, -1 where ``df`` holds none (a primary's: its
+    own), and which are shadow records stamped exactly as their primary.
+
+    The server's own mirror stamps its copy exactly as its primary (``shadow_record``: the
+    request's ``received_at``): a shadow record stamped exactly as a primary of its model,
+    request id and item is that primary's, whichever of the id's primaries it is (a client
+    sending an id again: the second request's copy is the second primary's, never the first's).
+    One stamped as none (Istio's, stamped by the candidate's pod, its clock apart) is the
+    request's primary's: of an id's primaries, the earliest a shadow record is stamped exactly
+    as, else the earliest; the others are its repeats."""
+    chosen, _, of, own = _pairing(df, _key_codes(df), _times(df))
+    first = np.zeros(len(df), bool)
+    first[chosen] = True
+    return first, of, own
+
+
 def shadow_pairs(df: pd.DataFrame, vectors: bool = True) -> pd.DataFrame:
     """Primary and shadow records paired by ``(model, request_id, item)``, in the columns the
     shadow audit consumes (``PAIR_COLUMNS``), one row per mirrored item whose primary succeeded
-    on another version than its shadow's, in time order.
+    on another version than its shadow's, in time order. Of a request id sent more than once,
+    the request paired and each copy's primary are ``copy_of``'s: the own mirror's copy of the
+    second request is compared with the second primary, the other primaries are ``duplicates``.
 
     ``primary_probs``/``shadow_probs`` are numpy vectors: ``probs`` when the log kept the whole
     vector, else rebuilt from the top-k (see ``_probability_matrix``). Without ``vectors``
@@ -1962,8 +2005,8 @@ def shadow_pairs(df: pd.DataFrame, vectors: bool = True) -> pd.DataFrame:
     paired; such records are counted in ``input_mismatch``, not as duplicates or self pairs. Of a
     key's other shadow records, the earliest whose digest equals the primary's is paired, else
     the earliest of those where either record has no digest (no input was decoded, or it could
-    not be hashed item by item: such a record pairs by key alone, unchecked); the rest are
-    ``duplicates``. Pairing works on row positions: each output column is taken from ``df`` once.
+    not be hashed item by item: such a record pairs by key alone, unchecked); the rest, and the
+    copies of the key's other primaries, are ``duplicates``. Pairing works on row positions: each output column is taken from ``df`` once.
     """
     import pandas as pd
 
@@ -1973,10 +2016,10 @@ def shadow_pairs(df: pd.DataFrame, vectors: bool = True) -> pd.DataFrame:
     dropped_rows = (df["outcome"] == "DROPPED").to_numpy()
     is_shadow = (df["role"] == "shadow").to_numpy()
     version, versions = pd.factorize(df["version"])  # -1: none
-    primary, dup_p = _first(np.flatnonzero((df["role"] == "primary").to_numpy()), code, t)
+    primary, dup_p, primary_of, _ = _pairing(df, code, t)  # (each request's primary; each copy's: copy_of)
     copies = np.flatnonzero(is_shadow & ~dropped_rows)
     digest, _ = pd.factorize(df["image_sha256"])  # equal codes, equal digests; -1: none
-    of = _match(copies, primary, code)  # each copy's primary, or -1
+    of = primary_of[copies]  # each copy's primary, or -1
     mine, theirs = digest[copies], np.where(of >= 0, digest[of], -1)
     compared = (mine >= 0) & (theirs >= 0)
     mismatch = compared & (mine != theirs)
@@ -1987,7 +2030,11 @@ def shadow_pairs(df: pd.DataFrame, vectors: bool = True) -> pd.DataFrame:
     self_copies, dup_self = _first(copies[own], code, t)
     unverified = np.ones(len(df), np.int8)  # a copy's rank among its key's copies (0 first)
     unverified[copies[compared & ~mismatch]] = 0
-    shadow, dup_s = _first(copies[~mismatch & ~own], code, t, unverified)
+    request = np.zeros(len(df), bool)
+    request[primary] = True
+    repeat = (of >= 0) & ~request[np.maximum(of, 0)]  # (a copy of a repeated request: no second pair)
+    shadow, dup_s = _first(copies[~mismatch & ~own & ~repeat], code, t, unverified)
+    dup_s += int((~mismatch & ~own & repeat).sum())
     p_all = primary
     s_of = _match(primary, shadow, code)
     p_pos, s_pos = primary[s_of >= 0], s_of[s_of >= 0]

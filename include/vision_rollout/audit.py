@@ -732,17 +732,16 @@ def share_at(times: pd.Series, shares: float | MirrorShares) -> np.ndarray:
     return np.where(np.isnan(both).all(axis=0), np.nan, np.nanmin(np.where(np.isnan(both), np.inf, both), axis=0))
 
 
-def other_input(records: pd.DataFrame, key: pd.MultiIndex, primary: np.ndarray) -> np.ndarray:
-    """Which of ``records`` are shadow records of another input than their primary's (both
-    digests known and unequal: ``shadow_pairs``' ``input_mismatch``), no copy of it; none
-    without an ``image_sha256`` column."""
+def other_input(records: pd.DataFrame, of: np.ndarray) -> np.ndarray:
+    """Which of ``records`` are shadow records of another input than their primary's (``of``:
+    ``copy_of``'s; both digests known and unequal: ``shadow_pairs``' ``input_mismatch``), no
+    copy of it; none without an ``image_sha256`` column."""
     if "image_sha256" not in records.columns:
         return np.zeros(len(records), bool)
-    digest = records["image_sha256"].astype(object)
-    of_primary = pd.Series(digest.to_numpy()[primary], index=key[primary])
-    theirs = of_primary[~of_primary.index.duplicated()].reindex(key).to_numpy()
-    mine = digest.to_numpy()
-    return ~primary & pd.notna(mine) & pd.notna(theirs) & (mine != theirs)
+    mine = records["image_sha256"].astype(object).to_numpy()
+    theirs = np.where(of >= 0, mine[np.maximum(of, 0)], None)
+    shadow = (records["role"] != "primary").to_numpy(bool)
+    return shadow & pd.notna(mine) & pd.notna(theirs) & (mine != theirs)
 
 
 def copy_check(
@@ -787,15 +786,18 @@ def copy_masks(
 
 
 def copy_keys(records: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Which of ``records`` (primary and shadow) are each request's first primary record,
-    which are copies (shadow records of their primary's input: one of another input,
-    ``other_input``, is none), and which have a copy."""
-    primary = (records["role"] == "primary").to_numpy(bool)
-    key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
-    copies = ~primary & ~other_input(records, key, primary)
-    first = primary.copy()
-    first[primary] = ~key[primary].duplicated()
-    return first, copies, key.isin(key[copies])
+    """Which of ``records`` (primary and shadow) are each request's primary record (``copy_of``:
+    of an id sent again, the one its copy was stamped as), which are copies (shadow records of
+    their primary's input: one of another input, ``other_input``, is none), and which
+    primaries have a copy (``copy_of``'s: the own mirror's copy of a request is its own
+    primary's, not that of another request under its id)."""
+    from model_server.predictionlog import copy_of
+
+    first, of, _ = copy_of(records)
+    copies = (records["role"] != "primary").to_numpy(bool) & ~other_input(records, of)
+    copied = np.zeros(len(records), bool)
+    copied[of[copies & (of >= 0)]] = True
+    return first, copies, copied
 
 
 def sampled_apart(records: pd.DataFrame, versions: Iterable[str], first: np.ndarray) -> np.ndarray:
@@ -888,7 +890,7 @@ def copies_pending(
     (``shadow_watermark``). Only that stretch is read, and only the records' keys, beginning no
     listing nor file after ``deadline`` (by ``clock``): ``end`` itself when it was not read whole
     by then (what is pending is not known: the last record may be)."""
-    from model_server.predictionlog import read
+    from model_server.predictionlog import copy_of, read
 
     start = end - (closes(end) - end)
     margin = timedelta(seconds=CLOCK_SKEW_S)
@@ -927,7 +929,7 @@ def copies_pending(
         may_be = may_be & (stamp >= watermark).to_numpy(bool)
     sampled = np.where(said.isna().to_numpy(bool), may_be, said.eq(True).to_numpy(bool))
     key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
-    copy = ~primary & ~other_input(records, key, primary)  # (one of another input is no copy)
+    copy = ~primary & ~other_input(records, copy_of(records)[1])  # (one of another input is no copy)
     if version:
         mirrored = (records["version"] == version).to_numpy(bool) & sampled
     else:  # (no version: those its server's own mirror said it sampled, and as a rollout's of its
@@ -1000,6 +1002,8 @@ def attribution(
     its end, of a primary stamped after it (the pods' clocks further apart), is the range's too:
     the next range's read, from ``CLOCK_SKEW_S`` before it, never sees it, and the pair was lost
     to both unseen; the range counts it a shadow record without its primary."""
+    from model_server.predictionlog import copy_of
+
     time = records["time"]
     inside = ((time >= pd.Timestamp(start)) & (time < pd.Timestamp(end))).to_numpy()
     before = (time < pd.Timestamp(start)).to_numpy()
@@ -1007,9 +1011,8 @@ def attribution(
     closing = ~by_close & (time < pd.Timestamp(closes(end))).to_numpy()
     primary = (records["role"] == "primary").to_numpy()
     key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
-    # (the own mirror's copy: stamped as its primary, the range's where that primary is)
-    stamped = _stamped(records)
-    exact = ~primary & stamped.isin(stamped[primary])
+    # (the own mirror's copy: stamped as its primary, the range's where that primary is: copy_of)
+    _, of, exact = copy_of(records)
     # (else Istio's, of a primary of the range: stamped after the first of its item's, less the
     # pods' clocks apart; one stamped earlier is an earlier request's whose id a client sent
     # again, paired there)
@@ -1019,7 +1022,7 @@ def attribution(
     since = time.iloc[rows].set_axis(key[rows]).reindex(key).reset_index(drop=True)
     ours = np.where(
         exact,
-        stamped.isin(stamped[primary & inside & ~late]),
+        (primary & inside & ~late)[np.maximum(of, 0)],
         (time.reset_index(drop=True) >= since - pd.Timedelta(seconds=CLOCK_SKEW_S)).to_numpy(),
     )
     theirs = key.isin(key[primary & ~inside])

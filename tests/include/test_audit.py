@@ -1337,11 +1337,14 @@ def pods_log(
     forged: dict[int, float] | None = None,
     model: str = "digits",
     written: float | None = None,
+    top: int = 3,
+    image: str | None = "img",
 ) -> Path:
     """A prediction log as Istio's pods leave it (``istio_log``): each of ``pods`` (replica ->
     its role and its records of ``model``, index -> stamp by its clock: a primary of request
     ``r<i>``, or its copy) written by its own writer, flushed once (again: another flush,
-    another file), at ``written`` (a ``time.time()``, by the files' names) where given."""
+    another file), at ``written`` (a ``time.time()``, by the files' names) where given. Each
+    record answers class ``top`` (0.91) of its image ``<image>-<i>`` (``image`` None: none)."""
     from unittest import mock
 
     from model_server.masking import KeyRing, Masker
@@ -1351,17 +1354,18 @@ def pods_log(
     keys = folder / "keys.json"
     keys.write_text(json.dumps({"default": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}))
     p = np.full((1, 10), 0.01, dtype=np.float32)
-    p[0, 3] = 0.91
+    p[0, top] = 0.91
     for replica, (role, stamps) in {**pods, "forger": ("shadow", forged or {})}.items():
         log = PredictionLog(folder / "log", Masker(KeyRing(keys)), replica=replica)
         for i, at in stamps.items():
             version = "1" if role == "primary" else "2"
-            image = np.array([f"{'forged' if replica == 'forger' else 'img'}-{i}".encode()], dtype=object)
+            name = "forged" if replica == "forger" else image
+            data = None if name is None else np.array([f"{name}-{i}".encode()], dtype=object)
             route = "route" if role == "primary" else "mirror"
             rid = f"r{i}"
             log.append(
                 Inference(
-                    at, model, version, role, route, rid, "0" * 32, "0" * 16, 3.0, "ok", p, image, True, {}
+                    at, model, version, role, route, rid, "0" * 32, "0" * 16, 3.0, "ok", p, data, True, {}
                 )._replace(mirrored=mirrored if role == "primary" else None)
             )
         with mock.patch.object(predictionlog, "time", _Clock(written)) if written else nullcontext():
@@ -2646,3 +2650,27 @@ def test_a_copy_written_within_copy_due_of_the_hours_end_is_the_hours(tmp_path, 
     assert (this.verdict, this.rows, this.copies_lost, this.late_records) == ("pass", 50, 0, 0), this.reasons
     nxt = audit(tmp_path / "log", end, end + timedelta(hours=1), "digits", earlier_hours=24)
     assert (nxt.verdict, nxt.rows, nxt.shadow_without_primary, nxt.late_earlier) == ("skip", 0, 0, 0), nxt.reasons
+
+
+@pytest.mark.parametrize("image", ["again", None])
+def test_an_id_sent_twice_in_an_hour_pairs_the_own_mirrors_copy_with_the_request_it_copied(tmp_path, image):
+    """A client reusing its request ids within an hour, behind the server's own mirror: 50
+    requests (images ``img-<i>``, answered class 3) sent again 30 s later under the same ids
+    (images ``again-<i>``, or none decoded, answered class 5), only the second requests copied
+    (stamped as their primaries, answered class 5). The copies were paired with the first
+    primaries, the earliest of their ids: of another image, the 50 copies were excluded as no
+    copy of their primary (0 pairs, 50 ``input_mismatch``, "skip"); without an image digest, each
+    copy's class 5 was compared with the first request's class 3 (0% agreement, "fail"). A copy
+    stamped exactly as a primary of its id is that primary's: 50 pairs, all agreeing, the first
+    requests the repeats."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    end = hour + timedelta(hours=1)
+    first = {i: hour.timestamp() + 600 + 0.01 * i for i in range(50)}
+    again = {i: at + 30 for i, at in first.items()}
+    pods_log(tmp_path, {"pod-a": ("primary", first)}, True, written=hour.timestamp() + 610)
+    pods_log(tmp_path, {"pod-b": ("primary", again)}, True, written=hour.timestamp() + 640, top=5, image=image)
+    pods_log(tmp_path, {"pod-b": ("shadow", again)}, written=hour.timestamp() + 642, top=5, image=image)
+    result = audit(tmp_path / "log", hour, end, "digits", earlier_hours=24)
+    shown = (result.verdict, result.rows, result.agreement, result.input_mismatch, result.copies_lost)
+    assert shown == ("pass", 50, 1.0, 0, 0), result.reasons
+    assert (result.duplicates, result.shadow_without_primary, result.primary_without_shadow) == (50, 0, 0)
