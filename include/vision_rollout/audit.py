@@ -1071,27 +1071,32 @@ def _kept(records: pd.DataFrame, keep: np.ndarray) -> pd.DataFrame:
 def lost_late(records: pd.DataFrame, close: Callable[[pd.Series], pd.Series]) -> np.ndarray:
     """Which of ``records`` (primary and shadow, read with ``written``) are copies written after
     their range's close (``close``: of their primaries' stamps) of a primary written by then that
-    the server's own mirror sampled (``mirrored`` true), no copy of it written by then (a
-    request's primary: the earliest stamped of those written by their close, whatever the
-    order the files were read in). A copy
+    the server's own mirror sampled (``mirrored`` true), no copy of it written by then (a copy's
+    primary: ``copy_of``'s, of the primaries written by their close, whatever the order the
+    files were read in: the one it is stamped as, else its request's earliest; a copy of
+    another request under its id, on time, does not make it the sampled one's). A copy
     is due by its range's close: that range's audit counts such a request lost whenever it runs
     (``copy_masks``), the one at the close and its retry alike; the copy is no late record
     besides, of that audit nor of a later one's ``late_earlier``."""
-    _, copies, _ = copy_keys(records)
-    key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
-    stamp = records["time"].to_numpy()
+    from model_server.predictionlog import copy_of
+
     # (what is not written late is on time, a file named without its written second too, as to ``_late``)
-    primary = (records["role"] == "primary") & ~(records["written"] > close(records["time"]))
-    rows = np.flatnonzero(primary.to_numpy(bool))
-    rows = rows[np.argsort(stamp[rows], kind="stable")]
-    first = np.zeros(len(records), bool)
-    first[rows[~key[rows].duplicated()]] = True
-    due = close(pd.Series(stamp[first], index=key[first])).reindex(key)
-    written = pd.Series(records["written"].to_numpy(), index=key)
-    late = (written > due).to_numpy(bool)
-    on_time = ~late
-    sampled = first & records["mirrored"].eq(True).to_numpy(bool)
-    return copies & late & key.isin(key[sampled & ~key.isin(key[copies & on_time])])
+    primary = (records["role"] == "primary").to_numpy(bool)
+    kept = ~primary | ~(records["written"] > close(records["time"])).to_numpy(bool)
+    read = _kept(records, kept)
+    _, copies, _ = copy_keys(read)
+    of = copy_of(read)[1]
+    rows = np.flatnonzero(copies & (of >= 0))
+    due = close(read["time"].iloc[of[rows]].reset_index(drop=True))
+    late = (read["written"].iloc[rows].reset_index(drop=True) > due).to_numpy(bool)
+    on_time = np.zeros(len(read), bool)
+    on_time[of[rows[~late]]] = True  # (primaries with a copy written by their close)
+    sampled = read["mirrored"].eq(True).to_numpy(bool)
+    lost = np.zeros(len(read), bool)
+    lost[rows[late & sampled[of[rows]] & ~on_time[of[rows]]]] = True
+    out = np.zeros(len(records), bool)
+    out[kept] = lost
+    return out
 
 
 # The columns ``lost_late`` reads of the records of earlier ranges that came late.

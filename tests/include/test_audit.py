@@ -2674,3 +2674,26 @@ def test_an_id_sent_twice_in_an_hour_pairs_the_own_mirrors_copy_with_the_request
     shown = (result.verdict, result.rows, result.agreement, result.input_mismatch, result.copies_lost)
     assert shown == ("pass", 50, 1.0, 0, 0), result.reasons
     assert (result.duplicates, result.shadow_without_primary, result.primary_without_shadow) == (50, 0, 0)
+
+
+def test_a_copy_lost_to_its_hour_is_no_late_record_of_the_next_though_its_id_was_sent_again_there(tmp_path):
+    """Behind the server's own mirror, 50 requests answered 100 s before the hour's end, their
+    copies written after its close (lost to the hour: its audit counts 50 copies lost), their
+    ids sent again 20 s into the next hour, those copies written on time. The next hour read the
+    stretch around each late copy again for its primary, and took a copy of the id on time (the
+    retry's) for the first request's: the lost copies were counted late too (50
+    ``late_earlier``), each in two hours' figures. A copy's primary is the one it is stamped as
+    (``copy_of``): the first requests had none on time, their copies were lost, and nothing more."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    end = hour + timedelta(hours=1)
+    first = {i: end.timestamp() - 100 + 0.01 * i for i in range(50)}
+    again = {i: end.timestamp() + 20 + 0.01 * i for i in range(50)}
+    pods_log(tmp_path, {"pod-a": ("primary", first)}, True, written=end.timestamp() - 90)
+    pods_log(tmp_path, {"pod-a": ("shadow", first)}, written=closes(end).timestamp() + 100)
+    pods_log(tmp_path, {"pod-b": ("primary", again)}, True, written=end.timestamp() + 25)
+    pods_log(tmp_path, {"pod-b": ("shadow", again)}, written=end.timestamp() + 30)
+    this = audit(tmp_path / "log", hour, end, "digits", earlier_hours=24)
+    assert (this.rows, this.copies_lost, this.late_records) == (0, 50, 0), this.reasons
+    nxt = audit(tmp_path / "log", end, end + timedelta(hours=1), "digits", earlier_hours=24)
+    counted = (nxt.verdict, nxt.rows, nxt.copies_lost, nxt.late_earlier, nxt.duplicates)
+    assert counted == ("pass", 50, 0, 0, 0), nxt.reasons
