@@ -980,12 +980,15 @@ def attribution(
     shadow records of their items (whenever stamped within the margins) but of those ``late``
     (written after the range closed: its audit at the close had not read them, and a retry
     attributes as it did): a pair is its primary's range's, once, whatever its shadow's pod's
-    clock said. A shadow record of an item of no primary read is the range's whose close it is
-    stamped by (from ``start``'s close to ``end``'s): each range reads to its close, and pairs
-    such a copy with a primary it read that the next range's read, from ``CLOCK_SKEW_S`` before
-    it, may not reach. An earlier range's: the records stamped before it, the shadow records of
-    the items of primaries stamped before it, and those of no primary read stamped before
-    ``start``'s close. A request id a client sent again (a retry) has one copy of each request
+    clock said. A shadow record of an item of no primary read is the range's whose close less
+    ``CLOCK_SKEW_S`` it is stamped by (from ``start``'s close to ``end``'s, each less that): each
+    range reads to its close, and pairs such a copy with a primary it read that the next range's
+    read, from ``CLOCK_SKEW_S`` before it, may not reach; one stamped in the close's last
+    ``CLOCK_SKEW_S`` may be of a primary stamped past the close (Istio's copy, by a shadow pod
+    behind), which the next range reads with it and pairs: the pair is its primary's range's,
+    once. An earlier range's: the records stamped before it, the shadow records of the items of
+    primaries stamped before it, and those of no primary read stamped before ``start``'s close
+    less ``CLOCK_SKEW_S``. A request id a client sent again (a retry) has one copy of each request
     at most, each its own request's, in whichever range (the earlier range paired its copy, and
     the later one's is lost, not paired twice). The server's own mirror stamps its copy with
     its primary's own stamp (``shadow_record``: the request's ``received_at``): a shadow record
@@ -1007,8 +1010,11 @@ def attribution(
     time = records["time"]
     inside = ((time >= pd.Timestamp(start)) & (time < pd.Timestamp(end))).to_numpy()
     before = (time < pd.Timestamp(start)).to_numpy()
-    by_close = (time < pd.Timestamp(closes(start))).to_numpy()
-    closing = ~by_close & (time < pd.Timestamp(closes(end))).to_numpy()
+    # (a shadow record of no primary read: the range's by its close less the pods' clocks apart,
+    # where its primary, stamped up to CLOCK_SKEW_S after it, is read with it)
+    skew = timedelta(seconds=CLOCK_SKEW_S)
+    by_close = (time < pd.Timestamp(closes(start) - skew)).to_numpy()
+    closing = ~by_close & (time < pd.Timestamp(closes(end) - skew)).to_numpy()
     primary = (records["role"] == "primary").to_numpy()
     key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
     # (the own mirror's copy: stamped as its primary, the range's where that primary is: copy_of)

@@ -2697,3 +2697,30 @@ def test_a_copy_lost_to_its_hour_is_no_late_record_of_the_next_though_its_id_was
     nxt = audit(tmp_path / "log", end, end + timedelta(hours=1), "digits", earlier_hours=24)
     counted = (nxt.verdict, nxt.rows, nxt.copies_lost, nxt.late_earlier, nxt.duplicates)
     assert counted == ("pass", 50, 0, 0, 0), nxt.reasons
+
+
+def test_behind_istio_a_pair_whose_primary_is_stamped_past_the_hours_close_counts_in_its_primarys_hour_only(
+    tmp_path,
+):
+    """Behind Istio, 50 requests stamped 5 s past the hour's close (``closes``), their copies
+    stamped 10 s earlier by a shadow pod behind, before the close, and written by it; and 5
+    shadow records of no request stamped in the close's last minute. The hour's read, to its
+    close, held the copies without their primaries: it counted 50 shadow records without their
+    primary (inconclusive), and the next hour paired the same 50: each pair in two hours'
+    figures. A pair is its primary's hour's: a shadow record of no primary read stamped within
+    ``CLOCK_SKEW_S`` of a range's close (its primary may be stamped past it) is the next
+    range's, which reads it and its primary; each record is counted in one hour."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    end = hour + timedelta(hours=1)
+    close = closes(end).timestamp()
+    primaries = {i: close + 5 + 0.01 * i for i in range(50)}
+    copies = {i: at - 10 for i, at in primaries.items()}
+    orphans = {100 + i: close - 30 + i for i in range(5)}
+    pods_log(tmp_path, {"shadow-pod": ("shadow", {**copies, **orphans})}, written=close)
+    pods_log(tmp_path, {"primary-pod": ("primary", primaries)}, written=close + 10)
+    this = audit(tmp_path / "log", hour, end, "digits", earlier_hours=24)
+    shown = (this.verdict, this.rows, this.shadow_without_primary, this.primary_without_shadow, this.late_records)
+    assert shown == ("skip", 0, 0, 0, 0), this.reasons
+    nxt = audit(tmp_path / "log", end, end + timedelta(hours=1), "digits", earlier_hours=24)
+    counted = (nxt.rows, nxt.agreement, nxt.shadow_without_primary, nxt.late_earlier, nxt.duplicates)
+    assert counted == (50, 1.0, 5, 0, 0), nxt.reasons
