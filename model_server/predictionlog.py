@@ -1920,7 +1920,10 @@ def _pairing(df: pd.DataFrame, code: np.ndarray, t: np.ndarray) -> tuple[np.ndar
 
     is_primary = (df["role"] == "primary").to_numpy(bool)
     stamp, _ = pd.factorize(pd.MultiIndex.from_arrays([code, t]))  # equal codes, equal key and stamp
-    exact = np.isin(stamp, stamp[~is_primary]) & is_primary  # (a primary a shadow record is stamped as)
+    # (a primary a copy that ran is stamped as: a dropped copy, stamped as the first attempt, does
+    # not make it the request compared over a retry whose copy ran)
+    ran = ~is_primary & ((df["outcome"] != "DROPPED").to_numpy(bool) if "outcome" in df.columns else True)
+    exact = np.isin(stamp, stamp[ran]) & is_primary
     rows = np.flatnonzero(is_primary)
     chosen, repeats = _first(rows, code, t, (~exact).astype(np.int8))
     of = np.full(len(df), -1, np.int64)
@@ -1945,8 +1948,9 @@ def copy_of(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     request id and item is that primary's, whichever of the id's primaries it is (a client
     sending an id again: the second request's copy is the second primary's, never the first's).
     One stamped as none (Istio's, stamped by the candidate's pod, its clock apart) is the
-    request's primary's: of an id's primaries, the earliest a shadow record is stamped exactly
-    as, else the earliest; the others are its repeats."""
+    request's primary's: of an id's primaries, the earliest a copy that ran (no ``DROPPED`` one:
+    the own mirror stamps a dropped copy as its primary too) is stamped exactly as, else the
+    earliest; the others are its repeats. A dropped copy is its primary's as a copy is."""
     chosen, _, of, own = _pairing(df, _key_codes(df), _times(df))
     first = np.zeros(len(df), bool)
     first[chosen] = True
@@ -2025,7 +2029,7 @@ def shadow_pairs(df: pd.DataFrame, vectors: bool = True) -> pd.DataFrame:
     mismatch = compared & (mine != theirs)
     own = ~mismatch & _same_version(copies, of, version)  # a copy of the mirror target's own primary
     lost = np.flatnonzero(is_shadow & dropped_rows)
-    lost_of = _match(lost, primary, code)
+    lost_of = primary_of[lost]  # (a dropped copy's primary: copy_of's, as a copy's)
     lost_own = _same_version(lost, lost_of, version)
     self_copies, dup_self = _first(copies[own], code, t)
     unverified = np.ones(len(df), np.int8)  # a copy's rank among its key's copies (0 first)

@@ -1339,12 +1339,14 @@ def pods_log(
     written: float | None = None,
     top: int = 3,
     image: str | None = "img",
+    outcome: str = "ok",
 ) -> Path:
     """A prediction log as Istio's pods leave it (``istio_log``): each of ``pods`` (replica ->
     its role and its records of ``model``, index -> stamp by its clock: a primary of request
     ``r<i>``, or its copy) written by its own writer, flushed once (again: another flush,
     another file), at ``written`` (a ``time.time()``, by the files' names) where given. Each
-    record answers class ``top`` (0.91) of its image ``<image>-<i>`` (``image`` None: none)."""
+    record answers class ``top`` (0.91) of its image ``<image>-<i>`` (``image`` None: none), or
+    none with ``outcome`` DROPPED (a copy the own mirror dropped)."""
     from unittest import mock
 
     from model_server.masking import KeyRing, Masker
@@ -1355,6 +1357,7 @@ def pods_log(
     keys.write_text(json.dumps({"default": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}))
     p = np.full((1, 10), 0.01, dtype=np.float32)
     p[0, top] = 0.91
+    answer = (None, outcome, None) if outcome == "DROPPED" else (3.0, outcome, p)
     for replica, (role, stamps) in {**pods, "forger": ("shadow", forged or {})}.items():
         log = PredictionLog(folder / "log", Masker(KeyRing(keys)), replica=replica)
         for i, at in stamps.items():
@@ -1364,9 +1367,9 @@ def pods_log(
             route = "route" if role == "primary" else "mirror"
             rid = f"r{i}"
             log.append(
-                Inference(
-                    at, model, version, role, route, rid, "0" * 32, "0" * 16, 3.0, "ok", p, data, True, {}
-                )._replace(mirrored=mirrored if role == "primary" else None)
+                Inference(at, model, version, role, route, rid, "0" * 32, "0" * 16, *answer, data, True, {})._replace(
+                    mirrored=mirrored if role == "primary" else None
+                )
             )
         with mock.patch.object(predictionlog, "time", _Clock(written)) if written else nullcontext():
             log.flush()
@@ -2697,6 +2700,29 @@ def test_a_copy_lost_to_its_hour_is_no_late_record_of_the_next_though_its_id_was
     nxt = audit(tmp_path / "log", end, end + timedelta(hours=1), "digits", earlier_hours=24)
     counted = (nxt.verdict, nxt.rows, nxt.copies_lost, nxt.late_earlier, nxt.duplicates)
     assert counted == ("pass", 50, 0, 0, 0), nxt.reasons
+
+
+def test_a_retry_whose_first_attempts_copy_was_dropped_compares_the_retrys_copy(tmp_path):
+    """Behind the server's own mirror under load: 300 requests whose shadow agrees, and 60
+    whose first attempt's copy was dropped (queue full) and whose client sent the id again 5 s
+    later; the retry's copy ran and answers class 5 (the primary: 3). The dropped copy, stamped
+    as the first attempt, made it the id's primary, and the retry's copy was left out as a
+    duplicate: ('pass', 300 pairs, agreement 1.0), a bad shadow passing. Only a copy that ran
+    makes its primary the one compared: 360 pairs, 60 disagreeing, "fail"."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    end = hour + timedelta(hours=1)
+    base = hour.timestamp() + 600
+    ok = {i: base + 0.1 * i for i in range(300)}
+    first = {i: base + 100 + 0.01 * i for i in range(300, 360)}
+    again = {i: at + 5 for i, at in first.items()}
+    pods_log(tmp_path, {"pod-a": ("primary", ok | first)}, True, written=base + 110)
+    pods_log(tmp_path, {"pod-b": ("primary", again)}, True, written=base + 115, image="again")
+    pods_log(tmp_path, {"shadow": ("shadow", ok)}, written=base + 120)
+    pods_log(tmp_path, {"shadow": ("shadow", first)}, written=base + 120, outcome="DROPPED")
+    pods_log(tmp_path, {"shadow": ("shadow", again)}, written=base + 120, top=5, image="again")
+    result = audit(tmp_path / "log", hour, end, "digits", earlier_hours=0)
+    assert (result.verdict, result.rows, result.agreement) == ("fail", 360, 300 / 360), result.reasons
+    assert (result.shadow_dropped, result.duplicates, result.input_mismatch, result.copies_lost) == (60, 60, 0, 0)
 
 
 def test_behind_istio_a_pair_whose_primary_is_stamped_past_the_hours_close_counts_in_its_primarys_hour_only(
