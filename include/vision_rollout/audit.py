@@ -756,7 +756,7 @@ def copy_masks(
     records: pd.DataFrame,
     versions: Iterable[str],
     watermark: pd.Timestamp | None = None,
-    came: np.ndarray | None = None,
+    keys: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[int, np.ndarray, np.ndarray]:
     """Of ``records`` (primary and shadow, with ``mirrored``, ``replica``, ``latency_ms``):
     the primaries the server's own mirror sampled (``mirrored`` true) without any shadow record,
@@ -767,13 +767,13 @@ def copy_masks(
     watermark (``shadow_watermark``: the stretch the copies show the mirror on and written; of
     ``records`` unless given, as of all the records read, past the range too), and how many of
     them have a copy (which of ``records``: the eligible, and those with a copy). Each request's
-    first primary record counts, once. ``came``: which of ``records`` have a copy in a file left
-    out of them (``audit``'s: written after the range closed, late): it came, counted late once,
-    neither lost nor missing (``audit`` gives none of a primary the server's own mirror sampled:
-    its copy was due by the close, ``lost_late``)."""
-    first, _, copied = copy_keys(records)
-    if came is not None:
-        copied = copied | came
+    primary record counts, once. ``keys``: ``copy_keys``' request primaries and those with a
+    copy, of ``records`` (else of ``records`` alone), as paired with copies left out of them
+    (``audit``'s: written after the range closed, late): a copy that came late is counted late
+    once, its primary neither lost nor missing, but one ``lost_late`` counts lost (due by the
+    close: of a primary the server's own mirror sampled) makes its primary lost here, the same
+    primary ``lost_late`` took (``copy_of`` on the same records)."""
+    first, _, copied = copy_keys(records) if keys is None else (keys[0], None, keys[1])  # (of records)
     lost = int((first & records["mirrored"].eq(True).to_numpy(bool) & ~copied).sum())
     unknown = sampled_apart(records, versions, first)
     watermark = shadow_watermark(records) if watermark is None else watermark
@@ -785,18 +785,19 @@ def copy_masks(
     return lost, eligible, copied
 
 
-def copy_keys(records: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def copy_keys(records: pd.DataFrame, counted: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Which of ``records`` (primary and shadow) are each request's primary record (``copy_of``:
     of an id sent again, the one its copy was stamped as), which are copies (shadow records of
     their primary's input: one of another input, ``other_input``, is none), and which
     primaries have a copy (``copy_of``'s: the own mirror's copy of a request is its own
-    primary's, not that of another request under its id)."""
+    primary's, not that of another request under its id), of the copies ``counted`` (all
+    unless given)."""
     from model_server.predictionlog import copy_of
 
     first, of, _ = copy_of(records)
     copies = (records["role"] != "primary").to_numpy(bool) & ~other_input(records, of)
     copied = np.zeros(len(records), bool)
-    copied[of[copies & (of >= 0)]] = True
+    copied[of[copies & (of >= 0) & (True if counted is None else counted)]] = True
     return first, copies, copied
 
 
@@ -1379,8 +1380,12 @@ def _audit_model(
     del in_time
     # (a copy written late came: late, not lost, but a copy of a primary the server's own mirror
     # sampled, due by the close: lost; marked within the range's own records: a request id an
-    # earlier range's primary had too is no copy of this range's)
-    with_copy = copy_keys(_kept(records, mine & ~lost))[2][~late[mine & ~lost]]
+    # earlier range's primary had too is no copy of this range's. Paired as lost_late pairs them,
+    # copy_of on the range's primaries written by the close and all its copies: a late copy it
+    # counts lost makes its own primary lost, once)
+    paired = mine & ~(late & (records["role"] == "primary").to_numpy(bool))
+    requests, _, copied = copy_keys(_kept(records, paired), ~lost[paired])
+    keys = requests[~late[paired]], copied[~late[paired]]
     # (shadow evidence written late: shadow records, primaries the server's own mirror sampled)
     late_copies = bool((mine & late & ((records["role"] == "shadow") | records["mirrored"].eq(True))).any())
     late_at = _mirrorable(_kept(records, mine & late))
@@ -1418,7 +1423,7 @@ def _audit_model(
         )
     result.late_earlier = late_earlier
     mirrored = pairs["primary_version"].unique() if len(pairs) else []
-    result.copies_lost, eligible, copied = copy_masks(records, mirrored, watermark, with_copy)
+    result.copies_lost, eligible, copied = copy_masks(records, mirrored, watermark, keys)
     share = np.zeros(0)
     if mirror_percent is not None and eligible.any():
         share = share_at(records["time"][eligible], mirror_percent)

@@ -2725,6 +2725,34 @@ def test_a_retry_whose_first_attempts_copy_was_dropped_compares_the_retrys_copy(
     assert (result.shadow_dropped, result.duplicates, result.input_mismatch, result.copies_lost) == (60, 60, 0, 0)
 
 
+@pytest.mark.parametrize("first_sampled", [False, True])
+def test_a_late_copy_of_an_id_sent_twice_is_counted_once_lost_paired_or_late(tmp_path, first_sampled):
+    """Behind the server's own mirror, 50 ids sent twice within the hour, 30 s apart, the
+    retries sampled; the first requests not sampled, the retries' copies written after the
+    close; or both sampled, the first requests' copies written after the close, the retries' on
+    time. ``lost_late`` took each late copy as its own request's (not late: lost), while
+    ``copy_masks`` counted lost only the id's earliest primary of the on-time records: the
+    copies were in no figure (('skip', 0 pairs, 0 lost, 0 late), and the next hour's
+    ``late_earlier`` 0). Both take a copy's primary from ``copy_of`` on the same records: the 50
+    late copies are lost, the on-time ones paired."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    end = hour + timedelta(hours=1)
+    base = hour.timestamp() + 600
+    late = closes(end).timestamp() + 100
+    first = {i: base + 0.01 * i for i in range(50)}
+    again = {i: at + 30 for i, at in first.items()}
+    pods_log(tmp_path, {"pod-a": ("primary", first)}, first_sampled, written=base + 40)
+    pods_log(tmp_path, {"pod-b": ("primary", again)}, True, written=base + 40, image="again")
+    if first_sampled:
+        pods_log(tmp_path, {"shadow": ("shadow", first)}, written=late)
+    pods_log(tmp_path, {"shadow2": ("shadow", again)}, written=late if not first_sampled else base + 45, image="again")
+    this = audit(tmp_path / "log", hour, end, "digits", earlier_hours=0)
+    counted = (this.verdict, this.rows, this.copies_lost, this.late_records)
+    assert counted == (("pass", 50, 50, 0) if first_sampled else ("inconclusive", 0, 50, 0)), this.reasons
+    nxt = audit(tmp_path / "log", end, end + timedelta(hours=1), "digits", earlier_hours=24)
+    assert (nxt.rows, nxt.copies_lost, nxt.late_earlier) == (0, 0, 0), nxt.reasons
+
+
 def test_behind_istio_a_pair_whose_primary_is_stamped_past_the_hours_close_counts_in_its_primarys_hour_only(
     tmp_path,
 ):
