@@ -1919,7 +1919,10 @@ def _pairing(df: pd.DataFrame, code: np.ndarray, t: np.ndarray) -> tuple[np.ndar
     import pandas as pd
 
     is_primary = (df["role"] == "primary").to_numpy(bool)
-    stamp, _ = pd.factorize(pd.MultiIndex.from_arrays([code, t]))  # equal codes, equal key and stamp
+    # (one int64 of key code and stamp code, both under the rows: a MultiIndex's factorize took
+    # 4.3 s of 6.5 s per million records)
+    at, _ = pd.factorize(t)
+    stamp, _ = pd.factorize(code * (int(at.max(initial=0)) + 1) + at)  # equal codes, equal key and stamp
     # (a primary a copy that ran is stamped as: a dropped copy, stamped as the first attempt, does
     # not make it the request compared over a retry whose copy ran)
     ran = ~is_primary & ((df["outcome"] != "DROPPED").to_numpy(bool) if "outcome" in df.columns else True)
