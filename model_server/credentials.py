@@ -232,8 +232,12 @@ CLOSED_BRACKETED = _bracketed(4)
 # escapes, so the masked JSON parses; so is a string of a repr in single quotes closed before what
 # closes one (a ",", ":", "]", "}", the text's end: ``_CLOSES``), a double quote in it none of the
 # JSON's ("token: ['a\",b', 'hunter2xyz'", json.dumps'd too, was masked to that quote only). Other
-# quotes are its characters (a dict's repr cut short in one of its strings).
-_REPR_STRING = _in_quotes("'", 0)
+# quotes are its characters (a dict's repr cut short in one of its strings). Such a string is read
+# so only where a double quote in it, before a single quote, is one that ends the bracket below
+# (``_ENDS``): else the bracket reads it as before 435fc6a ('password: {\'a\\": b\': \'\\"]\\"hunter2xyz'
+# in a JSON string, whose two escaped double quotes were read as a string, was masked to its "]").
+_ENDS = rf"(?<!\\)(?:(?:\\\\){{0,32}}+\"(?={_CLOSES})|\\(?:\\{{4}}){{0,16}}+\"(?={_CLOSES_HELD_KEYLESS}))"
+_REPR_STRING = rf"(?='[^'\n]{{0,256}}?{_ENDS})" + _in_quotes("'", 0)
 _NOT_CLOSED = (
     rf"[{{\[](?:{_REPR_STRING}(?={_CLOSES})|\"(?!{_CLOSES})(?:[^\"\\\n]|\\.){{0,256}}+\""
     rf"|(?<!\\)\\\"(?!{_CLOSES_HELD_KEYLESS})(?:[^\"\\\n]|\\[^\"\n]){{0,256}}+\\\""

@@ -4922,6 +4922,24 @@ def test_a_bracket_not_closed_holding_a_single_quoted_string_with_a_double_quote
 
 
 @pytest.mark.parametrize(
+    "text",
+    ["password: {'a\": b': '\"]\"hunter2xyz", "token: ['a\" b', '\"]\"hunter2xyz", "token: ['a\": b', '\"]hunter2xyz'"],
+)
+def test_a_single_quoted_string_whose_double_quote_ends_no_bracket_is_read_as_before_in_a_json_string(keys, text):
+    """A bracket never closed after a key in a JSON string, holding a string of a repr in single
+    quotes whose double quote is not before a "," "]" "}" or blanks, then a string not closed with
+    an escaped double quote before a "]" ('{"m": "password: {\\'a\\\\": b\\': \\'\\\\"]\\\\"hunter2xyz", "n": 1}'),
+    was masked to that "]", hunter2xyz left in clear; before 435fc6a the two escaped double quotes
+    were read as a string and the bracket masked to the JSON string's end. A string in single
+    quotes is read whole only where a double quote in it is one that ends the bracket now."""
+    ring = KeyRing(keys)
+    record = json.dumps({"m": text, "n": 1})
+    for out in (Masker(ring).mask_text(record, ring.key_for(None)), scrub(record)):
+        assert "hunter2xyz" not in out, out
+        assert json.loads(out)["n"] == 1, out
+
+
+@pytest.mark.parametrize(
     ("text", "secret", "kept"),
     [
         ("secret {\n'a': Hx7qZp2Wk9", "Hx7qZp2Wk9", "secret "),
