@@ -187,9 +187,10 @@ def _cred_run(*after_key: str) -> str:
 # after the value's own backslashes (a run of ``k`` and ``2k + 2`` more for each: ``quoted``'s
 # rule), its escapes in it; 256 characters at most, each repetition possessive. One not closed is
 # none (an apostrophe in a word): its quote is one of the text's characters.
-def _in_quotes(q: str, k: int) -> str:
+def _in_quotes(q: str, k: int, refused: str = "") -> str:
+    """That string; ``refused`` (a look ahead) refuses a character of it there, bare or escaped."""
     close = rf"(?:\\{{{2 * k + 2}}}){{0,8}}+\\{{{k}}}{q}"
-    return rf"\\{{{k}}}{q}(?:(?!{close})\\{{1,32}}+[^\n\\]|[^\n\\{q}]){{0,256}}+{close}"
+    return rf"\\{{{k}}}{q}(?:(?!{close})\\{{1,32}}+{refused}[^\n\\]|{refused}[^\n\\{q}]){{0,256}}+{close}"
 
 
 _IN_QUOTES = "(?>(?=[\\\\\"'])(?:" + "|".join(_in_quotes(q, k) for q in "\"'" for k in _DEPTHS) + "))"
@@ -236,8 +237,13 @@ CLOSED_BRACKETED = _bracketed(4)
 # so only where a double quote in it, before a single quote, is one that ends the bracket below
 # (``_ENDS``): else the bracket reads it as before 435fc6a ('password: {\'a\\": b\': \'\\"]\\"hunter2xyz'
 # in a JSON string, whose two escaped double quotes were read as a string, was masked to its "]").
+# Nor does it hold a double quote (bare or escaped) then a JSON separator (",", ":", "}", "]",
+# blanks) and what opens a JSON value (a quote, escaped too, a digit, "-", "{", "[", true, false,
+# null): that quote closes a JSON string, the single quote after it another's ('{"m": "token:
+# [\'a", "b\',c": 1}' was masked to '{"m": "token: ***": 1}', the JSON broken).
+_JSON_STRING_CLOSE = r"(?!\"(?:[ \t\r\n]|\\[nrt]){0,64}+[,:}\]](?:[ \t\r\n,:}\]]|\\[nrt]){0,64}+(?:\\{0,32}+\"|[-\d{\[]|true|false|null))"
 _ENDS = rf"(?<!\\)(?:(?:\\\\){{0,32}}+\"(?={_CLOSES})|\\(?:\\{{4}}){{0,16}}+\"(?={_CLOSES_HELD_KEYLESS}))"
-_REPR_STRING = rf"(?='[^'\n]{{0,256}}?{_ENDS})" + _in_quotes("'", 0)
+_REPR_STRING = rf"(?='[^'\n]{{0,256}}?{_ENDS})" + _in_quotes("'", 0, _JSON_STRING_CLOSE)
 _NOT_CLOSED = (
     rf"[{{\[](?:{_REPR_STRING}(?={_CLOSES})|\"(?!{_CLOSES})(?:[^\"\\\n]|\\.){{0,256}}+\""
     rf"|(?<!\\)\\\"(?!{_CLOSES_HELD_KEYLESS})(?:[^\"\\\n]|\\[^\"\n]){{0,256}}+\\\""

@@ -4922,6 +4922,40 @@ def test_a_bracket_not_closed_holding_a_single_quoted_string_with_a_double_quote
 
 
 @pytest.mark.parametrize(
+    ("record", "secret"),
+    [
+        ({"m": "token: ['a", "b',c": 1}, "['a"),
+        ({"m": "secret ['a", "b',c": 1}, "['a"),
+        ({"a": {"msg": "token: ['x"}, "b": "the users': y", "c": 1}, "['x"),
+    ],
+)
+def test_a_bracket_not_closed_in_a_json_string_reads_no_single_quoted_string_across_the_strings_close(
+    keys, record, secret
+):
+    """A bracket never closed after a key in a JSON string, a single quote in it, the next field of
+    the JSON holding a single quote before a "," ":" "]" or "}" ('{"m": "token: [\\'a", "b\\',c": 1}')
+    came out broken: the single-quoted string of a repr (``credentials._REPR_STRING``) was read
+    across the quote that closes the JSON string and the fields after it ('{"m": "token: ***": 1}';
+    '{"a": {"msg": "token: ***", "c": 1}', a "}" eaten). A double quote then a JSON separator and a
+    quote (a JSON string's close) ends such a string now: the masked JSON parses, its fields kept,
+    the secret masked; held in a JSON string once too."""
+    ring = KeyRing(keys)
+    for depth in range(2):
+        text = json.dumps(record)
+        if depth:
+            text = json.dumps({"x": text, "n": 2})
+        for out in (Masker(ring).mask_text(text, ring.key_for(None)), scrub(text)):
+            back = json.loads(out)
+            if depth:
+                assert back["n"] == 2, out
+                back = json.loads(back["x"])
+            assert secret not in out, (depth, out)
+            assert back.keys() == record.keys(), (depth, out)
+            for key in list(record)[1:]:
+                assert back[key] == record[key], (depth, out)
+
+
+@pytest.mark.parametrize(
     "text",
     ["password: {'a\": b': '\"]\"hunter2xyz", "token: ['a\" b', '\"]\"hunter2xyz", "token: ['a\": b', '\"]hunter2xyz'"],
 )
