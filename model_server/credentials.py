@@ -241,9 +241,11 @@ CLOSED_BRACKETED = _bracketed(4)
 # blanks) and what opens a JSON value (a quote, escaped too, a digit, "-", "{", "[", true, false,
 # null): that quote closes a JSON string, the single quote after it another's ('{"m": "token:
 # [\'a", "b\',c": 1}' was masked to '{"m": "token: ***": 1}', the JSON broken).
+# Nor does it open after a backslash (an escaped quote in a repr, never its opening: each of a
+# megabyte of them was read 256 characters on).
 _JSON_STRING_CLOSE = r"(?!\"(?:[ \t\r\n]|\\[nrt]){0,64}+[,:}\]](?:[ \t\r\n,:}\]]|\\[nrt]){0,64}+(?:\\{0,32}+\"|[-\d{\[]|true|false|null))"
 _ENDS = rf"(?<!\\)(?:(?:\\\\){{0,32}}+\"(?={_CLOSES})|\\(?:\\{{4}}){{0,16}}+\"(?={_CLOSES_HELD_KEYLESS}))"
-_REPR_STRING = rf"(?='[^'\n]{{0,256}}?{_ENDS})" + _in_quotes("'", 0, _JSON_STRING_CLOSE)
+_REPR_STRING = rf"(?<!\\)(?='[^'\n]{{0,256}}?{_ENDS})" + _in_quotes("'", 0, _JSON_STRING_CLOSE)
 _NOT_CLOSED = (
     rf"[{{\[](?:{_REPR_STRING}(?={_CLOSES})|\"(?!{_CLOSES})(?:[^\"\\\n]|\\.){{0,256}}+\""
     rf"|(?<!\\)\\\"(?!{_CLOSES_HELD_KEYLESS})(?:[^\"\\\n]|\\[^\"\n]){{0,256}}+\\\""

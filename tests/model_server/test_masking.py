@@ -5067,6 +5067,8 @@ OLDER_LEAKS_HOSTILE = {
     "single quotes escaped in brackets not closed after keys": ("token: [" + "'a\\'" * 1_000 + "\n") * 250,
     "single quotes before no close in brackets not closed after spaced keys": ("secret [" + "'a'x" * 1_000 + "\n")
     * 250,
+    "escaped single quotes after a single quote in brackets not closed after keys": ("token: ['" + "\\'" * 2_046 + "\n")
+    * 255,
 }
 
 
