@@ -234,9 +234,10 @@ CLOSED_BRACKETED = _bracketed(4)
 # closes one (a ",", ":", "]", "}", the text's end: ``_CLOSES``), a double quote in it none of the
 # JSON's ("token: ['a\",b', 'hunter2xyz'", json.dumps'd too, was masked to that quote only). Other
 # quotes are its characters (a dict's repr cut short in one of its strings). Such a string is read
-# so only where a double quote in it, before a single quote, is one that ends the bracket below
-# (``_ENDS``): else the bracket reads it as before 435fc6a ('password: {\'a\\": b\': \'\\"]\\"hunter2xyz'
-# in a JSON string, whose two escaped double quotes were read as a string, was masked to its "]").
+# so only where its first double quote, before a single quote, is one that ends the bracket below
+# (``_ENDS``), or it holds none (a piece, as in 435fc6a): else the bracket reads it as before
+# 435fc6a ('password: {\'a\\": b\': \'\\"]\\"hunter2xyz' in a JSON string, whose two escaped double
+# quotes were read as a string, was masked to its "]").
 # Nor does it hold a double quote (bare or escaped) then a JSON separator (",", ":", "}", "]",
 # blanks) and what opens a JSON value (a quote, escaped too, a digit, "-", "{", "[", true, false,
 # null): that quote closes a JSON string, the single quote after it another's ('{"m": "token:
@@ -245,7 +246,7 @@ CLOSED_BRACKETED = _bracketed(4)
 # megabyte of them was read 256 characters on).
 _JSON_STRING_CLOSE = r"(?!\"(?:[ \t\r\n]|\\[nrt]){0,64}+[,:}\]](?:[ \t\r\n,:}\]]|\\[nrt]){0,64}+(?:\\{0,32}+\"|[-\d{\[]|true|false|null))"
 _ENDS = rf"(?<!\\)(?:(?:\\\\){{0,32}}+\"(?={_CLOSES})|\\(?:\\{{4}}){{0,16}}+\"(?={_CLOSES_HELD_KEYLESS}))"
-_REPR_STRING = rf"(?<!\\)(?='[^'\n]{{0,256}}?{_ENDS})" + _in_quotes("'", 0, _JSON_STRING_CLOSE)
+_REPR_STRING = rf"(?<!\\)(?='[^'\n\"]{{0,256}}?(?:(?<!\\)'|{_ENDS}))" + _in_quotes("'", 0, _JSON_STRING_CLOSE)
 _NOT_CLOSED = (
     rf"[{{\[](?:{_REPR_STRING}(?={_CLOSES})|\"(?!{_CLOSES})(?:[^\"\\\n]|\\.){{0,256}}+\""
     rf"|(?<!\\)\\\"(?!{_CLOSES_HELD_KEYLESS})(?:[^\"\\\n]|\\[^\"\n]){{0,256}}+\\\""
