@@ -1050,8 +1050,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-# ``_signals_held``'s nesting, and the first signal held back within it (None: none).
-_HELD: dict[str, Any] = {"depth": 0, "pending": None}
+# ``_signals_held``'s nesting, the first signal held back within it (None: none), and the signal
+# that stopped the run (``_stopped_by_signals``; None: none yet).
+_HELD: dict[str, Any] = {"depth": 0, "pending": None, "received": None}
 
 
 @contextmanager
@@ -1083,13 +1084,13 @@ def _stopped_by_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received: list[int] = []
+    _HELD["received"] = None
 
     def handler(signum: int, frame: Any) -> None:
-        if received:
+        if _HELD["received"] is not None:
             print("rolloutctl run: putting the stable version back; wait for it", file=sys.stderr, flush=True)
             return
-        received.append(signum)
+        _HELD["received"] = signum
         if _HELD["depth"]:  # (a report being written: raised once it is, ``_signals_held``)
             _HELD["pending"] = signum
             return
@@ -1117,7 +1118,8 @@ def _stopped_by_signals() -> Iterator[None]:
         for sig, old in before.items():
             # Once stopped, a late signal (a second kill) would end the process by default with
             # its own code before the first one's is returned: ignored instead.
-            signal.signal(sig, signal.SIG_IGN if received else old)
+            signal.signal(sig, signal.SIG_IGN if _HELD["received"] is not None else old)
+        _HELD["received"] = None
 
 
 def _where_routes_are(router: Any, spec: Any) -> str:
@@ -1499,6 +1501,18 @@ def _run(
         print(f"ROLLED BACK: {exc}; {where}", flush=True)
         return 1
     except Exception as exc:
+        if (signum := _HELD["received"]) is not None and not isinstance(exc.__context__, Interrupted):
+            # The signal landed in the replay's HTTP client (gevent's hub), which came out with
+            # the error it left behind (a socket closed under the request: EBADF), not with the
+            # signal: the run was stopped by the signal, and the engine put the stable version back.
+            name = signal.Signals(signum).name
+            print(
+                f"rolloutctl run: stopped by {name}, which ended the rollout's step with: {_message(exc)}",
+                file=sys.stderr,
+            )
+            where = cut_short(f"rolloutctl run was stopped by {name}", signalled=True)
+            print(f"INTERRUPTED by {name}: {where}", flush=True)
+            return 128 + signum
         stopped = " (while stopping for a signal)" if isinstance(exc.__context__, Interrupted) else ""
         ended = f"the rollout failed{stopped}: {_message(exc)}"
         raise CommandError(f"{ended}; {cut_short('rolloutctl run: ' + ended)}") from None

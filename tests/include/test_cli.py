@@ -2021,6 +2021,54 @@ def test_run_stopped_by_a_signal_puts_the_stable_version_back(server_factory, re
     )
 
 
+def test_a_signal_the_replays_client_turned_into_an_error_ends_the_run_as_that_signal(tmp_path, monkeypatch, capsys):
+    """CI (session 40's landing): SIGTERM sent while the validation replay was sending landed in
+    gevent's hub, and the replay came out with "[Errno 9] Bad file descriptor", not with the
+    signal: the stable version was put back, but the run exited 4, "the rollout failed", its
+    report saying so. A run that a signal stopped ends as stopped by it: exit 128 + its number,
+    the last line and the report saying so, the error on stderr."""
+    import argparse
+    import errno
+    import signal
+
+    from tests.include.test_engine import RecordingRouter
+    from vision_rollout import cli, engine
+    from vision_rollout.folders import Folder
+    from vision_rollout.spec import RolloutSpec
+
+    def judge(window):
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except cli.Interrupted:  # (as the replay's client lost it)
+            pass
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    spec = RolloutSpec.from_dict({"stages": [50, 100], "mirror_percent": 0})
+    monkeypatch.setattr(engine, "StageJudge", lambda *a, **k: judge)
+    args = argparse.Namespace(url="http://127.0.0.1:9", validation=tmp_path, prediction_log=str(tmp_path))
+    args.outbox = Folder(str(tmp_path / "outbox"))
+    router = RecordingRouter()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with cli._stopped_by_signals():
+            code = cli._run(args, spec, router, None, {}, cli._Lease(None, spec.model), "")
+        ignored = signal.getsignal(signal.SIGTERM)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    out, err = capsys.readouterr()
+    assert code == 128 + signal.SIGTERM, err
+    assert out.strip().splitlines()[-1] == "INTERRUPTED by SIGTERM: version 1 takes 100% again"
+    assert "Bad file descriptor" in err
+    assert router.history[-1] == spec.stable_policy().to_dict()
+    [report] = (tmp_path / "outbox").glob("*.json")
+    assert json.loads(report.read_text())["text"].startswith(
+        "Rolled back digits v2: rolloutctl run was stopped by SIGTERM"
+    )
+    assert ignored is signal.SIG_IGN  # (a second kill waits for the restore, as before)
+    assert cli._HELD["received"] is None
+
+
 @pytest.mark.parametrize("restore_fails", [False, True])
 def test_run_cut_short_by_an_error_reports_what_serves(tmp_path, monkeypatch, restore_fails):
     """A rollout that failed on an error (a route not written, a lost lease) wrote no report to
