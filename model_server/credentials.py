@@ -137,11 +137,14 @@ _PATH_ESCAPE = r"\\\\|\\(?![\s\"'\\])"
 _LAST_COLON = r"(?!:(?:\s|\\[nrtbf]|\Z))"
 
 
+# A value not in quotes is read whole, however long (a JWT, a signed token after "Bearer ": 256
+# characters at most left the rest in clear), each character once: the run possessive, each look
+# ahead bounded, and a match started only after a key, so a run is read by one match (linear).
 def _run(chars: str) -> str:
     """A value not in quotes of ``chars`` and backslashes, to an escaped quote; a path's whole."""
     return (
-        rf"(?:{_DRIVE}(?:{_NOT_ESCAPED_QUOTE}{_LAST_COLON}(?:[{chars}]|{_PATH_ESCAPE})){{1,254}}"
-        rf"|(?:{_NOT_ESCAPED_QUOTE}{_LAST_COLON}(?:[{chars}]|{VALUE_ESCAPE})){{1,256}})"
+        rf"(?:{_DRIVE}(?:{_NOT_ESCAPED_QUOTE}{_LAST_COLON}(?:[{chars}]|{_PATH_ESCAPE}))++"
+        rf"|(?:{_NOT_ESCAPED_QUOTE}{_LAST_COLON}(?:[{chars}]|{VALUE_ESCAPE}))++)"
     )
 
 
@@ -213,8 +216,9 @@ _CLOSES, _CLOSES_HELD, _CLOSES_HELD_KEYLESS = _closes(""), _closes('|"'), _close
 # to the bracket of its kind that closes it (a "{" to a "}"), on its line or a later one (a dict
 # printed over lines: pprint, json.dumps(indent=2)), its strings whole, four deep at most, each
 # repetition possessive (no backtracking into a bracket: one scan); one not closed (a record cut
-# short, nested deeper, a bracket that closes another kind) fails closed: to the text's end, 4 KiB
-# at most, its later lines too (a dict over lines holds its secrets there).
+# short, nested deeper, a bracket that closes another kind) fails closed: to the text's end, however
+# long (``_NOT_CLOSED``: 4 KiB at most left the rest in clear), its later lines too (a dict over
+# lines holds its secrets there).
 def _bracketed(depth: int) -> str:
     """A bracket's repr, to the bracket that closes it, ``depth`` deep at most."""
     inner = (
@@ -251,7 +255,7 @@ _NOT_CLOSED = (
     rf"[{{\[](?:{_REPR_STRING}(?={_CLOSES})|\"(?!{_CLOSES})(?:[^\"\\\n]|\\.){{0,256}}+\""
     rf"|(?<!\\)\\\"(?!{_CLOSES_HELD_KEYLESS})(?:[^\"\\\n]|\\[^\"\n]){{0,256}}+\\\""
     rf"|\"(?!{_CLOSES})|(?:\\{{4}}){{0,16}}+\\\"(?!{_CLOSES_HELD_KEYLESS})"
-    rf"|(?:\\{{4}}){{0,15}}+\\{{3}}\"|\\{{1,64}}+(?!\")|(?:\\\\){{1,32}}+(?=\")|[^\"\\]){{0,4095}}+"
+    rf"|(?:\\{{4}}){{0,15}}+\\{{3}}\"|\\{{1,64}}+(?!\")|(?:\\\\){{1,32}}+(?=\")|[^\"\\])*+"
 )
 BRACKETED = rf"(?:{CLOSED_BRACKETED}|{_NOT_CLOSED})"
 # A Kubernetes object's name (DNS-1123: lower-case letters, digits, "-" and "."), one with a
@@ -503,7 +507,7 @@ _PARAM_IN_QUOTES = rf"(?<==){_IN_QUOTES}(?=[;,\s]|\\{{0,15}}[\"']|\Z)"
 _WHOLE_HEADER = re.compile(
     rf"{after_boundary('A-Za-z0-9-')}(?:{_COOKIE_ONE}(?P<p>(?i:s))?|(?i:(?:proxy-)?authorization)){KEY_QUOTE}{_KEY_SEP}"
     rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?!{_SCHEME})(?(p)(?=[{{\[]|{_COOKIE_PAIR}))"
-    rf"(?P<v>(?(q){quoted(4096)}|{BRACKETED})|{_NOT_ESCAPED_QUOTE}[^\s\"'<>](?:{_PARAM_IN_QUOTES}|[^\r\n\"'<>\\]|{_NOT_ESCAPED_QUOTE}\\){{0,4095}})"
+    rf"(?P<v>(?(q){quoted(4096)}|{BRACKETED})|{_NOT_ESCAPED_QUOTE}[^\s\"'<>](?:{_PARAM_IN_QUOTES}|[^\r\n\"'<>\\]|{_NOT_ESCAPED_QUOTE}\\)*+)"
 )
 # "cookie" or "cookies" then spaces and a pair ("cookie session=abc123", as free text writes it,
 # no ":"): its pairs apart by ";", to the first space after them (the prose after it stays). Up
@@ -516,16 +520,19 @@ _WHOLE_HEADER = re.compile(
 _COOKIE_SETTING = rf"{_COOKIE_PAIR}[A-Z]?[a-z]{{1,15}}+[.,!?)]{{0,2}}+(?:[\s\"'<>\\]|\Z)"
 # A pair's value in quotes, as RFC 6265 allows one ('session="abc123"'), those quotes escaped too
 # (a JSON string's: 'session=\\"abc123\\"'); a cookie's octets are no blank, quote, ";" or "\\".
-_COOKIE_PIECE = r"(?:[^\s\"'<>;\\]{1,4096}+(?:\"[^\s\";\\]{0,4096}+\"|\\\"[^\s\";\\]{0,4096}+\\\")|[^\s\"'<>;]{1,4096})"
+# Each piece is read whole, however long (4,096 characters at most left the rest in clear), as is
+# the value of a cookie or an authorization header (``_WHOLE_HEADER``): each run possessive.
+_COOKIE_PIECE = r"(?:[^\s\"'<>;\\]++(?:\"[^\s\";\\]*+\"|\\\"[^\s\";\\]*+\\\")|[^\s\"'<>;]++)"
 _COOKIE_SPACED = re.compile(
     rf"{after_boundary('A-Za-z0-9-')}{_COOKIE}{BLANK}{{1,64}}+{NOT_MASKED}(?={_COOKIE_PAIR})(?!{_COOKIE_SETTING})"
     rf"(?P<v>{_COOKIE_PIECE}(?:;[ \t]{{0,2}}{_COOKIE_PIECE}){{0,63}})"
 )
 # "Bearer <credential>" or "Basic <credential>" anywhere: a credential of 8 characters or more
-# that holds a capital, a digit or one of + / = (a lower-case word after "bearer" is prose).
+# that holds a capital, a digit or one of + / = (a lower-case word after "bearer" is prose), read
+# whole however long (2,048 characters at most left the rest in clear).
 _BEARER = re.compile(
     rf"{after_boundary('A-Za-z0-9')}(?i:bearer|basic)[ ]{{1,3}}{NOT_MASKED}"
-    r"(?P<v>(?=[a-z._~-]{0,2048}[A-Z0-9+/=])[A-Za-z0-9._~+/-]{8,2048}={0,2})"
+    r"(?P<v>(?=[a-z._~-]{0,2048}[A-Z0-9+/=])[A-Za-z0-9._~+/-]{8,}+={0,2})"
 )
 # A URL's password: "scheme://user:password@host" (``v``: the user stays readable); ``u``, its
 # whole user information, the user alone too ("https://<token>@host"), for a reader who shows none.

@@ -1449,6 +1449,7 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "quotes in brackets not closed after spaced keys": ("token [" + '"a' * 200 + '\\"b' * 200 + '" ' * 100 + "\n")
     * 830,
     "escaped colons in brackets not closed after spaced keys": ('token {\\"' + 'a\\":' * 300 + "\n") * 700,
+    "a cookie header without end": "Cookie: s=" + "a" * 1_000_000,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -1470,9 +1471,10 @@ FOUND_IN_SECRET_HOSTILE = {
     "a query value without end": {"secret"},  # whole
     "colons before blanks after keys": {"secret"},  # each value, its last ":" the text's
     "quotes in brackets not closed after keys": {"secret"},  # each bracket, to a quote before a blank
-    "strings never closed in brackets not closed after keys": {"secret"},  # each bracket, 4 KiB
+    "strings never closed in brackets not closed after keys": {"secret"},  # to the text's end
     "quotes in brackets not closed after spaced keys": {"secret"},  # each bracket, to a quote before a blank
     "escaped colons in brackets not closed after spaced keys": {"secret"},  # each bracket, to its line end
+    "a cookie header without end": {"secret"},  # whole
 }
 
 
@@ -1638,7 +1640,7 @@ def test_a_dict_after_a_secret_key_not_closed_is_masked_to_the_records_end():
     """A dict's repr cut short (a log line truncated), nested deeper than four or closed by a
     bracket of another kind: its "{" was all the keyed rule masked, its values stayed readable;
     then its line's end, and a dict over lines kept its later lines readable. It fails closed now:
-    to the record's end, 4 KiB at most."""
+    to the record's end, however long (4 KiB at most left the rest in clear)."""
     for text in [
         "token: {'a': 'b3cret9",
         "cookies: {'s': {'x': 'abc123XYZ'",
@@ -1648,9 +1650,9 @@ def test_a_dict_after_a_secret_key_not_closed_is_masked_to_the_records_end():
         record = f"{text}\n 'pw': 'Zq9Xw2Lk7Vb'}}"
         a, b = spans(record)[-1]
         assert (a, b) == (text.index(": ") + 2, len(record)), text
-    for quote in "'\"":  # (4,095 pieces after its "{", a string in quotes one piece, either quote)
-        a, b = spans(f"token: {{{quote}a{quote}: " + "x" * 9000)[-1]
-        assert (a, b) == (7, 7 + 4098), quote
+    for quote in "'\"":  # (a string in quotes after its "{", either quote)
+        text = f"token: {{{quote}a{quote}: " + "x" * 9000
+        assert spans(text)[-1] == (7, len(text)), quote
 
 
 def test_fields_named_for_a_secret_are_masked_whole(keys):
@@ -5074,4 +5076,82 @@ OLDER_LEAKS_HOSTILE = {
 
 @pytest.mark.parametrize("shape", sorted(OLDER_LEAKS_HOSTILE))
 def test_the_older_leaks_rules_are_linear_on_hostile_text(shape):
-    assert {name for name, _ in find_sensitive(OLDER_LEAKS_HOSTILE[shape])} == {"secret"}  # each bracket, 4 KiB
+    assert {name for name, _ in find_sensitive(OLDER_LEAKS_HOSTILE[shape])} == {
+        "secret"
+    }  # (the first bracket, to the text's end)
+
+
+@pytest.mark.parametrize(
+    ("head", "tail"),
+    [
+        ("password: ", ""),
+        ("api_key=", " model=resnet50"),
+        ("token: ", ", status=401"),
+        ("Authorization: Bearer ", ""),
+        ("password ", " (rotated)"),
+        ('{"password": "', '", "user": "bob"}'),
+        ("secret: '", "' ok"),
+    ],
+)
+@pytest.mark.parametrize("length", [257, 300, 5000])
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_a_keyed_value_is_masked_whole_however_long(keys, head, tail, length, depth):
+    """A value after a secret's key longer than 256 characters ('password: ' and 300 characters, a
+    JWT or a signed token after 'token: ' or 'Bearer ') was masked to its 256th character only, the
+    rest logged and sent to Slack in clear, as a URL query value was before f800306. The value
+    is read whole, however long: one token, the text around it kept, the JSON around it parsed,
+    a second scrub the same."""
+    secret = ("Zq9w-x7Kp" * length)[:length]
+    text = head + secret + tail
+    for _ in range(depth):
+        text = json.dumps({"m": text})
+    ring = KeyRing(keys)
+    masked, scrubbed = Masker(ring).mask_text(text, ring.key_for(None)), scrub(text)
+    assert len(TOKEN_RE.findall(masked)) == 1, masked
+    assert scrub(scrubbed) == scrubbed
+    for _ in range(depth):
+        masked, scrubbed = json.loads(masked)["m"], json.loads(scrubbed)["m"]
+    assert TOKEN_RE.sub("", masked) == head + tail, masked
+    assert scrubbed == head + "***" + tail
+
+
+def test_a_keyed_value_of_a_megabyte_is_masked_whole():
+    """A 1 MB value after a secret's key is masked whole, in a scan linear in the text (each
+    character read once by the one match: pytest's timeout bounds it)."""
+    assert scrub("password: " + "Zq9w" * 250_000 + " ok") == "password: *** ok"
+    assert scrub("password: " + "Zq9w" * 250_000) == "password: ***"
+    assert scrub("password: C:\\keys\\" + "Zq9w" * 250_000 + " done") == "password: *** done"  # (a path's, whole)
+
+
+@pytest.mark.parametrize(
+    ("head", "tail", "kept"),
+    [
+        ("Cookie: session=", "; theme=dark", "Cookie: ***"),  # (the header's whole value)
+        ("Set-Cookie: sid=", "; Path=/", "Set-Cookie: ***"),
+        ("cookie session=", "; theme=dark and more", "cookie *** and more"),
+        ("the call sent bearer ", " today", "the call sent bearer *** today"),
+        ('token: ["', "", "token: ***"),  # (a bracket not closed: to the text's end)
+        ('token: {"a": "', "", "token: ***"),  # (a string in it longer than a repr's, alike)
+    ],
+)
+@pytest.mark.parametrize("length", [4097, 9000])
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_a_cookie_a_bearer_token_or_a_bracket_is_masked_whole_however_long(keys, head, tail, kept, length, depth):
+    """A cookie header's value, a cookie's pair, a bearer token in prose and a bracket not closed
+    after a key were masked to their 4,096th (2,048th for the token) character only, the rest
+    logged and sent to Slack in clear. Each is read whole, however long: one token, the text
+    around it kept, the JSON around it parsed, a second scrub the same."""
+    secret = ("Zq9wx7Kp" * length)[:length]
+    text = head + secret + tail
+    for _ in range(depth):
+        text = json.dumps({"m": text, "n": "keep"})
+    ring = KeyRing(keys)
+    masked, scrubbed = Masker(ring).mask_text(text, ring.key_for(None)), scrub(text)
+    assert len(TOKEN_RE.findall(masked)) == 1, masked
+    assert scrub(scrubbed) == scrubbed
+    for _ in range(depth):
+        masked, scrubbed = json.loads(masked), json.loads(scrubbed)
+        assert masked["n"] == scrubbed["n"] == "keep"
+        masked, scrubbed = masked["m"], scrubbed["m"]
+    assert scrubbed == kept
+    assert TOKEN_RE.sub("***", masked) == kept, TOKEN_RE.sub("***", masked)
