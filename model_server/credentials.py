@@ -221,16 +221,30 @@ _CLOSES, _CLOSES_HELD, _CLOSES_HELD_KEYLESS = _closes(""), _closes('|"'), _close
 # lines holds its secrets there).
 def _bracketed(depth: int) -> str:
     """A bracket's repr, to the bracket that closes it, ``depth`` deep at most."""
-    inner = (
-        rf"(?:{_IN_QUOTES}|\\{{1,32}}+(?![\"'])|(?:\\\\){{1,16}}+(?=[\"'])|(?<!\\)\\'"
-        rf"|(?:\\\\){{1,16}}+\\[\"']|(?<!\\)\\\"(?!{_CLOSES_HELD})|[^{{}}\[\]\\\"]|\"(?!{_CLOSES})"
-        + (f"|{_bracketed(depth - 1)}" if depth > 1 else "")
-        + ")"
-    )
+    inner = _piece(depth)
     return rf"(?:\{{{inner}{{0,4094}}+\}}|\[{inner}{{0,4094}}+\])"
 
 
-CLOSED_BRACKETED = _bracketed(4)
+def _piece(depth: int, shut: str = "") -> str:
+    """A piece of a bracket's repr ``depth`` deep at most (``shut``: a character that is none)."""
+    return (
+        rf"(?:{_IN_QUOTES}|\\{{1,32}}+(?![\"'])|(?:\\\\){{1,16}}+(?=[\"'])|(?<!\\)\\'"
+        rf"|(?:\\\\){{1,16}}+\\[\"']|(?<!\\)\\\"(?!{_CLOSES_HELD})|[^{{}}\[\]{shut}\\\"]|\"(?!{_CLOSES})"
+        + (f"|{_bracketed(depth - 1)}" if depth > 1 else "")
+        + ")"
+    )
+
+
+# A tuple's repr as a value, its "(" before a string in quotes (escaped too, a bytes' "b'"):
+# "token: ('a', 'hunter2xyz')", "password: ('hunter2xyz',)", as Python prints a tuple (requests'
+# auth): its "(" was the value, its strings left in clear. To the ")" that closes it, as a list's
+# "]" closes one (a tuple in it is its characters); one not closed fails closed, as a bracket does.
+# (Blanks and line ends, written escaped too, before a bracket's first quote, escaped as deep as it
+# is (``_ESCAPE``): "secret {\n'a': ...", a dict printed over lines and cut short, was left in
+# clear; up to 64, possessive.)
+_BEFORE_QUOTE = r"(?:[ \t\r\n]|\\{1,8}[nrt]){0,64}+"
+_TUPLE_OPEN = rf"\((?={_BEFORE_QUOTE}b?(?:{_ESCAPE})?[\"'])"
+CLOSED_BRACKETED = rf"(?:{_bracketed(4)}|{_TUPLE_OPEN}{_piece(4, ')')}{{0,4094}}+\))"
 # One not closed in a JSON string ('{"m": "api_key: [[ "}', or a string held in one, its quotes
 # escaped once) ends before the quote that closes that string (``_closes``), not escaped or escaped
 # once; a string in quotes in it (not so opened) is read whole, a backslash with the character it
@@ -252,7 +266,7 @@ _JSON_STRING_CLOSE = r"(?!\"(?:[ \t\r\n]|\\[nrt]){0,64}+[,:}\]](?:[ \t\r\n,:}\]]
 _ENDS = rf"(?<!\\)(?:(?:\\\\){{0,32}}+\"(?={_CLOSES})|\\(?:\\{{4}}){{0,16}}+\"(?={_CLOSES_HELD_KEYLESS}))"
 _REPR_STRING = rf"(?<!\\)(?='[^'\n\"]{{0,256}}?(?:(?<!\\)'|{_ENDS}))" + _in_quotes("'", 0, _JSON_STRING_CLOSE)
 _NOT_CLOSED = (
-    rf"[{{\[](?:{_REPR_STRING}(?={_CLOSES})|\"(?!{_CLOSES})(?:[^\"\\\n]|\\.){{0,256}}+\""
+    rf"(?:[{{\[]|{_TUPLE_OPEN})(?:{_REPR_STRING}(?={_CLOSES})|\"(?!{_CLOSES})(?:[^\"\\\n]|\\.){{0,256}}+\""
     rf"|(?<!\\)\\\"(?!{_CLOSES_HELD_KEYLESS})(?:[^\"\\\n]|\\[^\"\n]){{0,256}}+\\\""
     rf"|\"(?!{_CLOSES})|(?:\\{{4}}){{0,16}}+\\\"(?!{_CLOSES_HELD_KEYLESS})"
     rf"|(?:\\{{4}}){{0,15}}+\\{{3}}\"|\\{{1,64}}+(?!\")|(?:\\\\){{1,32}}+(?=\")|[^\"\\])*+"
@@ -464,13 +478,9 @@ _OBJECT_NAMED = (
 # (An owner more than three blanks before "secret", a tab written escaped among them: "client
 # \\tsecret", is read with the match, ``o``, from its first letter: no object's name follows it.)
 _OWNED = rf"(?P<o>(?i:{'|'.join(_OWNERS)})(?:['\u2019]s)?{BLANK}{{1,64}}+(?=(?i:secret){BLANK}))?"
-# (Blanks and line ends, written escaped too, before that first quote, escaped as deep as it is
-# (``_ESCAPE``): "secret {\n'a': ...", a dict printed over lines and cut short, was left in clear;
-# up to 64, possessive.)
-_BEFORE_QUOTE = r"(?:[ \t\r\n]|\\{1,8}[nrt]){0,64}+"
 _SECRET_SPACED = re.compile(  # (its match starts at an owner's or a name's first character: a look ahead first)
     rf"(?=(?i:[a-z0-9])){after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}{BLANK}{{1,64}}+(?:(?i:is){BLANK}{{1,64}}+)?(?:(?P<e>{_ESCAPE})?(?P<q>[\"']))?{_NO_MASKED_AFTER}"
-    rf"(?P<v>(?(q){_QUOTED}|(?:{CLOSED_BRACKETED}|(?=[{{\[]{_BEFORE_QUOTE}(?:{_ESCAPE})?[\"']){_NOT_CLOSED}|(?![:=]|{_SCHEME})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
+    rf"(?P<v>(?(q){_QUOTED}|(?:{CLOSED_BRACKETED}|(?=[{{\[(]{_BEFORE_QUOTE}(?:{_ESCAPE})?[\"']){_NOT_CLOSED}|(?![:=]|{_SCHEME})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
     rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_RUN})))"
 )
 # A URL query's parameter (after "?" or "&") named for a secret, and also, there only, for a key, a signature or

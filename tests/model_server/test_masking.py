@@ -1449,6 +1449,8 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "quotes in brackets not closed after spaced keys": ("token [" + '"a' * 200 + '\\"b' * 200 + '" ' * 100 + "\n")
     * 830,
     "escaped colons in brackets not closed after spaced keys": ('token {\\"' + 'a\\":' * 300 + "\n") * 700,
+    "tuples not closed after keys": "token: ('a', " * 75_000,
+    "tuples not closed after spaced keys": ("password ('" + "a', '" * 700 + "\n") * 240,
     "a cookie header without end": "Cookie: s=" + "a" * 1_000_000,
 }
 FOUND_IN_SECRET_HOSTILE = {
@@ -1474,6 +1476,8 @@ FOUND_IN_SECRET_HOSTILE = {
     "strings never closed in brackets not closed after keys": {"secret"},  # to the text's end
     "quotes in brackets not closed after spaced keys": {"secret"},  # each bracket, to a quote before a blank
     "escaped colons in brackets not closed after spaced keys": {"secret"},  # each bracket, to its line end
+    "tuples not closed after keys": {"secret"},  # the first, to the text's end
+    "tuples not closed after spaced keys": {"secret"},  # the first, to the text's end
     "a cookie header without end": {"secret"},  # whole
 }
 
@@ -5155,3 +5159,37 @@ def test_a_cookie_a_bearer_token_or_a_bracket_is_masked_whole_however_long(keys,
         masked, scrubbed = masked["m"], scrubbed["m"]
     assert scrubbed == kept
     assert TOKEN_RE.sub("***", masked) == kept, TOKEN_RE.sub("***", masked)
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ("token: ('a', 'hunter2xyz')", "token: ***"),
+        ("credentials: ('admin', 'Hx7qZp2Wk9') sent", "credentials: *** sent"),
+        ("password: ('Hx7qZp2Wk9',)", "password: ***"),
+        ('password: ("Hx7qZp2Wk9", 2) next', "password: *** next"),
+        ("token: ( 'a', b'hunter2xyz' ) ok", "token: *** ok"),
+        ("password ('Hx7qZp2Wk9',) next", "password *** next"),  # (a spaced key's)
+        ("token: (\n  'a',\n  'Hx7qZp2Wk9',\n) done", "token: *** done"),  # (over lines, as black writes one)
+        ("password (\n'Hx7qZp2Wk9', 'a'", "password ***"),
+        ("password=('Hx7qZp2Wk9'", "password=***"),  # (not closed: to the text's end)
+        ("token: (optional) used", "token: *** used"),  # (no tuple: the run, as before)
+    ],
+)
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_a_tuple_after_a_secret_key_is_masked_whole(keys, text, kept, depth):
+    """A tuple's repr after a secret's key ("token: ('a', 'hunter2xyz')", requests' auth tuple
+    printed) had its "(" masked and its strings logged in clear. It is masked whole, to its ")":
+    one token, the text around it kept, the JSON around it parsed, a second scrub the same."""
+    for _ in range(depth):
+        text = json.dumps({"m": text, "n": "keep"})
+    ring = KeyRing(keys)
+    masked, scrubbed = Masker(ring).mask_text(text, ring.key_for(None)), scrub(text)
+    assert len(TOKEN_RE.findall(masked)) == 1, masked
+    assert scrub(scrubbed) == scrubbed
+    for _ in range(depth):
+        masked, scrubbed = json.loads(masked), json.loads(scrubbed)
+        assert masked["n"] == scrubbed["n"] == "keep"
+        masked, scrubbed = masked["m"], scrubbed["m"]
+    assert scrubbed == kept
+    assert TOKEN_RE.sub("***", masked) == kept, masked
