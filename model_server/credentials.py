@@ -140,11 +140,18 @@ _LAST_COLON = r"(?!:(?:\s|\\[nrtbf]|\Z))"
 # A value not in quotes is read whole, however long (a JWT, a signed token after "Bearer ": 256
 # characters at most left the rest in clear), each character once: the run possessive, each look
 # ahead bounded, and a match started only after a key, so a run is read by one match (linear).
+# A line end written escaped twice or deeper ("\\\\n": a record held in a JSON string held in
+# another) is a written backslash and a letter to a value's run; one before a secret's key and its
+# ":" or "=" ends the value there ("password: Tr0ub4dor\\\\ntoken: hunter2xyz" twice dumped
+# masked "Tr0ub4dor\\\\ntoken", leaving ": hunter2xyz" in clear), so the key's rule reads the next.
+_BREAK_THEN_KEY = rf"(?!\\{{2,15}}[rn](?:\\{{1,15}}[rn])*+[ \t]{{0,16}}+{_SECRET_NAME}{_KEY_SEP})"
+
+
 def _run(chars: str) -> str:
     """A value not in quotes of ``chars`` and backslashes, to an escaped quote; a path's whole."""
     return (
-        rf"(?:{_DRIVE}(?:{_NOT_ESCAPED_QUOTE}{_LAST_COLON}(?:[{chars}]|{_PATH_ESCAPE}))++"
-        rf"|(?:{_NOT_ESCAPED_QUOTE}{_LAST_COLON}(?:[{chars}]|{VALUE_ESCAPE}))++)"
+        rf"(?:{_DRIVE}(?:{_NOT_ESCAPED_QUOTE}{_LAST_COLON}{_BREAK_THEN_KEY}(?:[{chars}]|{_PATH_ESCAPE}))++"
+        rf"|(?:{_NOT_ESCAPED_QUOTE}{_LAST_COLON}{_BREAK_THEN_KEY}(?:[{chars}]|{VALUE_ESCAPE}))++)"
     )
 
 

@@ -5193,3 +5193,38 @@ def test_a_tuple_after_a_secret_key_is_masked_whole(keys, text, kept, depth):
         masked, scrubbed = masked["m"], scrubbed["m"]
     assert scrubbed == kept
     assert TOKEN_RE.sub("***", masked) == kept, masked
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ("password: Tr0ub4dor\ntoken: hunter2xyz", "password: ***\ntoken: ***"),
+        ("password: Tr0ub4dor\r\napi_key=Zq8Wv3Kx9 and more", "password: ***\r\napi_key=*** and more"),
+        ("token: Hx7qZp2Wk9\n  db_password = Tr0ub4dor", "token: ***\n  db_password = ***"),
+    ],
+)
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+def test_a_line_end_written_escaped_twice_ends_a_value_before_a_secrets_key(keys, text, kept, depth):
+    """A record held in a JSON string held in another ("password: Tr0ub4dor\\ntoken: hunter2xyz"
+    dumped twice) has its line end written "\\\\n": a value's run read it as a written backslash
+    and a letter, took "Tr0ub4dor\\\\ntoken" as the value and left ": hunter2xyz" in clear. Before a
+    secret's key and its ":" or "=", such a line end ends the value: each secret masked, the JSON
+    around them parsed, a second scrub the same."""
+    for _ in range(depth):
+        text = json.dumps(text)
+    ring = KeyRing(keys)
+    masked, scrubbed = Masker(ring).mask_text(text, ring.key_for(None)), scrub(text)
+    assert scrub(scrubbed) == scrubbed
+    for _ in range(depth):
+        masked, scrubbed = json.loads(masked), json.loads(scrubbed)
+    assert scrubbed == kept
+    assert TOKEN_RE.sub("***", masked) == kept, masked
+
+
+def test_a_line_end_written_escaped_twice_before_no_secrets_key_is_the_values():
+    """Twice dumped, a line end before no secret's key (the value's next line, a word ending in
+    "=", a tab written escaped first in it) is read with the value, as before: masked whole."""
+    for text in ["password: Tr0ub\n4dor==", "api_key=\tZq8Wv3Kx9=", "password: C:\\keys\\new user: bob"]:
+        dumped = json.dumps(json.dumps(text))
+        scrubbed = json.loads(json.loads(scrub(dumped)))
+        assert not {"4dor", "Zq8Wv3Kx9", "keys"} & set(re.findall(r"[A-Za-z0-9]+", scrubbed)), scrubbed
