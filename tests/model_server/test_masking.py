@@ -5085,6 +5085,22 @@ def test_the_older_leaks_rules_are_linear_on_hostile_text(shape):
     }  # (the first bracket, to the text's end)
 
 
+def masked_at_depth(keys, text: str, depth: int) -> tuple[str, str]:
+    """``text`` held ``depth`` JSON strings deep (``{"m": text, "n": "keep"}`` each), masked under
+    the default key and scrubbed: each parsed back, its "n" kept, a second scrub the same; the
+    two texts within, their tokens as "***"."""
+    for _ in range(depth):
+        text = json.dumps({"m": text, "n": "keep"})
+    ring = KeyRing(keys)
+    masked, scrubbed = Masker(ring).mask_text(text, ring.key_for(None)), scrub(text)
+    assert scrub(scrubbed) == scrubbed
+    for _ in range(depth):
+        masked, scrubbed = json.loads(masked), json.loads(scrubbed)
+        assert masked["n"] == scrubbed["n"] == "keep"
+        masked, scrubbed = masked["m"], scrubbed["m"]
+    return TOKEN_RE.sub("***", masked), scrubbed
+
+
 @pytest.mark.parametrize(
     ("head", "tail"),
     [
@@ -5106,17 +5122,7 @@ def test_a_keyed_value_is_masked_whole_however_long(keys, head, tail, length, de
     is read whole, however long: one token, the text around it kept, the JSON around it parsed,
     a second scrub the same."""
     secret = ("Zq9w-x7Kp" * length)[:length]
-    text = head + secret + tail
-    for _ in range(depth):
-        text = json.dumps({"m": text})
-    ring = KeyRing(keys)
-    masked, scrubbed = Masker(ring).mask_text(text, ring.key_for(None)), scrub(text)
-    assert len(TOKEN_RE.findall(masked)) == 1, masked
-    assert scrub(scrubbed) == scrubbed
-    for _ in range(depth):
-        masked, scrubbed = json.loads(masked)["m"], json.loads(scrubbed)["m"]
-    assert TOKEN_RE.sub("", masked) == head + tail, masked
-    assert scrubbed == head + "***" + tail
+    assert masked_at_depth(keys, head + secret + tail, depth) == (head + "***" + tail,) * 2
 
 
 def test_a_keyed_value_of_a_megabyte_is_masked_whole():
@@ -5146,19 +5152,7 @@ def test_a_cookie_a_bearer_token_or_a_bracket_is_masked_whole_however_long(keys,
     logged and sent to Slack in clear. Each is read whole, however long: one token, the text
     around it kept, the JSON around it parsed, a second scrub the same."""
     secret = ("Zq9wx7Kp" * length)[:length]
-    text = head + secret + tail
-    for _ in range(depth):
-        text = json.dumps({"m": text, "n": "keep"})
-    ring = KeyRing(keys)
-    masked, scrubbed = Masker(ring).mask_text(text, ring.key_for(None)), scrub(text)
-    assert len(TOKEN_RE.findall(masked)) == 1, masked
-    assert scrub(scrubbed) == scrubbed
-    for _ in range(depth):
-        masked, scrubbed = json.loads(masked), json.loads(scrubbed)
-        assert masked["n"] == scrubbed["n"] == "keep"
-        masked, scrubbed = masked["m"], scrubbed["m"]
-    assert scrubbed == kept
-    assert TOKEN_RE.sub("***", masked) == kept, TOKEN_RE.sub("***", masked)
+    assert masked_at_depth(keys, head + secret + tail, depth) == (kept, kept)
 
 
 @pytest.mark.parametrize(
@@ -5181,18 +5175,7 @@ def test_a_tuple_after_a_secret_key_is_masked_whole(keys, text, kept, depth):
     """A tuple's repr after a secret's key ("token: ('a', 'hunter2xyz')", requests' auth tuple
     printed) had its "(" masked and its strings logged in clear. It is masked whole, to its ")":
     one token, the text around it kept, the JSON around it parsed, a second scrub the same."""
-    for _ in range(depth):
-        text = json.dumps({"m": text, "n": "keep"})
-    ring = KeyRing(keys)
-    masked, scrubbed = Masker(ring).mask_text(text, ring.key_for(None)), scrub(text)
-    assert len(TOKEN_RE.findall(masked)) == 1, masked
-    assert scrub(scrubbed) == scrubbed
-    for _ in range(depth):
-        masked, scrubbed = json.loads(masked), json.loads(scrubbed)
-        assert masked["n"] == scrubbed["n"] == "keep"
-        masked, scrubbed = masked["m"], scrubbed["m"]
-    assert scrubbed == kept
-    assert TOKEN_RE.sub("***", masked) == kept, masked
+    assert masked_at_depth(keys, text, depth) == (kept, kept)
 
 
 @pytest.mark.parametrize(
@@ -5210,15 +5193,7 @@ def test_a_line_end_written_escaped_twice_ends_a_value_before_a_secrets_key(keys
     and a letter, took "Tr0ub4dor\\\\ntoken" as the value and left ": hunter2xyz" in clear. Before a
     secret's key and its ":" or "=", such a line end ends the value: each secret masked, the JSON
     around them parsed, a second scrub the same."""
-    for _ in range(depth):
-        text = json.dumps(text)
-    ring = KeyRing(keys)
-    masked, scrubbed = Masker(ring).mask_text(text, ring.key_for(None)), scrub(text)
-    assert scrub(scrubbed) == scrubbed
-    for _ in range(depth):
-        masked, scrubbed = json.loads(masked), json.loads(scrubbed)
-    assert scrubbed == kept
-    assert TOKEN_RE.sub("***", masked) == kept, masked
+    assert masked_at_depth(keys, text, depth) == (kept, kept)
 
 
 def test_a_line_end_written_escaped_twice_before_no_secrets_key_is_the_values():
