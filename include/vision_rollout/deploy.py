@@ -619,6 +619,13 @@ class BudgetNotApplied(RouterError):
         self.maybe_written = bool(failed and failed.maybe_written)
 
 
+class AutoscalingNotApplied(BudgetNotApplied):
+    """A rollback's ``scale`` under autoscaling: the Deployment scaled (its count set first,
+    through its scale subresource), then its HPA not read or not applied (a 500, a 403, no
+    answer: ``_autoscale``). Reported beside the rollback as a budget not applied is (the traffic
+    moves back all the same); ``maybe_written``, the HPA apply's."""
+
+
 MERGE_PATCHED = frozenset({"HorizontalPodAutoscaler", "PodDisruptionBudget"})  # (no list merged by key)
 
 
@@ -885,36 +892,39 @@ class VersionDeployments:
         version: str,
         replicas: int,
         applied: Any,
-        autoscaling: dict[str, Any] | None = None,
+        autoscaling_of: str | None = None,
         rolling_back: bool = False,
     ) -> dict[str, Any]:
         """After the Deployment's apply (``applied``: its answer), settled: under autoscaling, its
-        HPA and its count (``_autoscale``: ``autoscaling``, the HPA spec to take; ``rolling_back``,
-        an HPA apply refused logged); else its budget. The Deployment as applied, as a dict. Each
+        HPA and its count (``_autoscale``: ``autoscaling_of``, the version whose HPA spec to take;
+        ``rolling_back``, the count first, the HPA's failure after it reported); else its budget.
+        The Deployment as applied, as a dict. Each
         write settled on its own, none inside another's retry: the HPA's apply (itself settled)
         inside the Deployment's, sent round again by the scale patch's failure, made 16 HPA
         applies of a rollback's scale answered 500 each time."""
         if self.build.autoscaling:
-            self._autoscale(version, replicas, applied.spec.replicas or 0, autoscaling, rolling_back)
+            self._autoscale(version, replicas, applied.spec.replicas or 0, autoscaling_of, rolling_back)
         elif replicas > 0:  # (under an HPA, ``_apply_hpa`` sizes it by the HPA's floor)
             self._budget_after_scale(version, replicas, rolling_back)
         return dict(self._apps().api_client.sanitize_for_serialization(applied))
 
-    def _budget_after_scale(self, version: str, replicas: int, rolling_back: bool) -> None:
+    def _budget_after_scale(self, version: str, replicas: int, rolling_back: bool, floor: int | None = None) -> None:
         """The version's PodDisruptionBudget (``_apply_pdb``) once its Deployment is at ``replicas``
-        pods. ``rolling_back``: its failure (no answer) raised as ``BudgetNotApplied``, saying the
+        pods, for ``floor`` pods where given (under autoscaling, its HPA's floor), else ``replicas``.
+        ``rolling_back``: its failure (no answer) raised as ``BudgetNotApplied``, saying the
         Deployment is scaled and what to set the budget to by hand: a rollback's caller tells it from
         the scale's own failure (the routes move back all the same: a budget never holds back a
         rollback)."""
+        pods = replicas if floor is None else floor
         try:
-            self._apply_pdb(version, replicas)
+            self._apply_pdb(version, pods)
         except RouterError as exc:
             if not rolling_back:
                 raise
             name = f"{self.target.namespace}/{self._name(version)}"
             raise BudgetNotApplied(
                 f"version {version}'s Deployment is scaled to {replicas} pods, but its PodDisruptionBudget {name} "
-                f"was not applied ({exc}): {self._budget_advice(version, replicas)}; until then a node "
+                f"was not applied ({exc}): {self._budget_advice(version, pods)}; until then a node "
                 "drain follows the budget it had",
                 exc,
             ) from exc
@@ -1002,34 +1012,57 @@ class VersionDeployments:
         return dict(self._apps().api_client.sanitize_for_serialization(deployment.spec.template))
 
     def _autoscale(
-        self, version: str, replicas: int, live: int, like: dict[str, Any] | None = None, rolling_back: bool = False
+        self, version: str, replicas: int, live: int, autoscaling_of: str | None = None, rolling_back: bool = False
     ) -> None:
-        """Under an HPA: its floor is the stage's size (``_apply_hpa``); or, given ``like`` (an
-        HPA's spec), that HPA's bounds, metrics and behavior. An HPA does nothing for a Deployment at 0
-        (Kubernetes disables it there), and needs a sync period to reach a new floor, so the
-        count is also set through the scale subresource, as ``kubectl scale`` does, when it has
-        to grow from below ``replicas`` or go to 0; the HPA owns it from there. ``rolling_back``:
-        the HPA's apply refused (another manager's HPA, a Helm release's: its fields stay its
-        own) is logged and the pods are scaled all the same, which that HPA does not block: a
-        rollback's traffic waits on them, not on the floor. A scale whose answer left unknown
-        whether it was served is settled by reading the Deployment's ``spec.replicas`` back."""
-        if replicas > 0:
-            top = max(self.build.max_replicas or min(10 * replicas, MAX_REPLICAS), replicas)
-            spec = render_hpa(self.target, version, replicas, top, self.build.autoscaling_metrics)["spec"]
-            if like is not None:
-                taken = {k: like[k] for k in HPA_CARRIED if like.get(k) is not None}
-                spec = {**{k: v for k, v in spec.items() if k != "metrics"}, **taken}
+        """Under an HPA: its floor is the stage's size (``_apply_hpa``); or, given ``autoscaling_of``
+        (a version), that version's HPA's bounds, metrics and behavior (``_hpa_spec``). An HPA does
+        nothing for a Deployment at 0 (Kubernetes disables it there), and needs a sync period to
+        reach a new floor, so the count is also set through the scale subresource, as ``kubectl
+        scale`` does, when it has to grow from below ``replicas`` or go to 0; the HPA owns it from
+        there. ``rolling_back`` (to ``replicas`` > 0): the count first, then the HPA read and
+        applied, so that no failure of the HPA's holds back the pods a rollback's traffic waits on
+        (its scale failed, raised before the HPA is touched); the HPA's apply refused for fields
+        another manager owns (another manager's HPA, a Helm release's: its fields stay its own) is
+        logged, any other failure of its read or its apply (a 500, a 403, no answer) raised as
+        ``AutoscalingNotApplied``, its budget's no answer as ``BudgetNotApplied`` (``_budget_after_scale``):
+        the pods scaled, the caller moves the traffic and reports it beside. A scale whose answer
+        left unknown whether it was served is settled by reading the Deployment's ``spec.replicas`` back."""
+        if rolling_back and replicas > 0:
+            if live < replicas:
+                self._scale_subresource(version, replicas)
             try:
-                self._apply_hpa(version, spec)
-            except ApiUnreachable:
-                raise
-            except RouterError as exc:
-                if not rolling_back:
-                    raise
+                spec = self._hpa_spec(version, replicas, autoscaling_of)
+                self._apply_hpa(version, spec, budget=False)
+            except FieldsOwned as exc:
                 log.warning("%s; its pods are scaled to %d all the same, for the rollback", exc, replicas)
+                return
+            except RouterError as exc:
+                name = f"{self.target.namespace}/{self._name(version)}"
+                raise AutoscalingNotApplied(
+                    f"version {version}'s Deployment is scaled to {replicas} pods, but its HorizontalPodAutoscaler "
+                    f"{name} was not applied ({exc}): the HPA keeps the spec the API server holds, and scales the "
+                    "version from the pods it runs",
+                    exc,
+                ) from exc
+            self._budget_after_scale(version, replicas, rolling_back, int(spec.get("minReplicas") or 1))
+            return
+        if replicas > 0:
+            self._apply_hpa(version, self._hpa_spec(version, replicas, autoscaling_of))
         if replicas > 0 and live >= replicas:
             return
         self._scale_subresource(version, replicas)
+
+    def _hpa_spec(self, version: str, replicas: int, autoscaling_of: str | None) -> dict[str, Any]:
+        """The spec of the version's HPA for ``replicas`` pods (``render_hpa``: its floor); given
+        ``autoscaling_of`` (a version), that version's HPA's bounds, metrics and behavior
+        (``autoscaling``, read here; none live: the rendered one)."""
+        top = max(self.build.max_replicas or min(10 * replicas, MAX_REPLICAS), replicas)
+        spec = render_hpa(self.target, version, replicas, top, self.build.autoscaling_metrics)["spec"]
+        like = self.autoscaling(autoscaling_of) if autoscaling_of is not None else None
+        if like is not None:
+            taken = {k: like[k] for k in HPA_CARRIED if like.get(k) is not None}
+            spec = {**{k: v for k, v in spec.items() if k != "metrics"}, **taken}
+        return spec
 
     def _scale_subresource(self, version: str, replicas: int) -> None:
         """The Deployment's count set through its scale subresource, as ``kubectl scale`` does
@@ -1426,8 +1459,7 @@ class VersionDeployments:
         if applied is None:
             return False
         if not dry_run:
-            like = self.autoscaling(autoscaling_of) if autoscaling_of is not None and replicas > 0 else None
-            self._sized(version, replicas, applied, like, rolling_back)
+            self._sized(version, replicas, applied, autoscaling_of, rolling_back)
         return True
 
     def replicas_owners(self, version: str) -> list[str]:

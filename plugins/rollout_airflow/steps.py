@@ -143,8 +143,8 @@ FLOOR_CALLS = 7
 # Under autoscaling the callback scales the baseline up before its routes write (to the floor held,
 # else to its pods and the candidate's, which it reads first) only where the calls of that scale
 # leave the calls after the wait (AFTER_WAIT_CALLS) their time: the Deployment read, its apply
-# (a dry run of it first where its template changes), the HPA read for its bounds, read and
-# applied, the PodDisruptionBudget read and applied, the scale subresource patched. Unguarded,
+# (a dry run of it first where its template changes), the scale subresource patched, then the HPA
+# read for its bounds, read and applied, the PodDisruptionBudget read and applied. Unguarded,
 # at 3 s a call they cut the routes write at the cap (10% of the traffic left on the candidate),
 # at 2.5 s the lease's release. Not scaled, its HPA scales it as the traffic comes back (said so).
 SCALE_CALLS = 9
@@ -2077,15 +2077,17 @@ def baseline_ready(
     routes left as they are); then ``taken`` (the lease held for the wait); one at 0 pods
     (retired by a promotion cut short, left there by a restore whose scale failed or by another
     manager) scaled back to the pods that serve the traffic now, ``serving``'s (its size not read:
-    logged, the build's count), the build's count at least, its own HPA kept (another manager's,
-    a Helm release's: refused, logged, its pods back all the same: ``VersionDeployments.scale``'s
-    ``rolling_back``), ``reserve`` calls kept for after it (``mesh.reserved``); one that runs pods
+    logged, the build's count), the build's count at least, its count first, then its own HPA
+    kept (another manager's, a Helm release's: refused, logged, its pods back all the same; its
+    read or apply failed otherwise, ``AutoscalingNotApplied``, returned as a budget's failure is:
+    ``VersionDeployments.scale``'s ``rolling_back``), ``reserve`` calls kept for after it
+    (``mesh.reserved``); one that runs pods
     handed to ``sized`` (its count: a restore's scale-up, not waited for); then, whatever its
     count, one of its pods ready (``wait_ready``, not strict: ready pods of any template count;
     ``wait()``, its timing, asked once the scale is done), its first look the Deployment read here
     unless it was scaled. Returns the count it was scaled back to, 0 where it was not, and the
-    budget's failure where the Deployment is at its count but its PodDisruptionBudget not applied
-    (logged: a budget never holds back the traffic's way back). The scale's RouterError is raised
+    budget's failure where the Deployment is at its count but its PodDisruptionBudget or its HPA
+    not applied (logged: neither holds back the traffic's way back). The scale's RouterError is raised
     as it came (its kind kept: a transient failure retried as ever), its ``routes_kept`` set to
     ``kept(count, maybe_written)``; one of the read or the wait, its ``routes_kept`` set to
     ``unready(why)`` (where given and the error has none): what the caller leaves, and why."""
@@ -2215,6 +2217,9 @@ def stable_back(
                 if live < size:  # (not waited for; its HPA another manager's: refused, logged, scaled all the same)
                     try:
                         deployments.scale(spec.baseline_version, size, spec.baseline_version, rolling_back=True)
+                    except BudgetNotApplied as exc:  # (scaled, its HPA or its budget not applied: said beside the rest)
+                        log.warning("%s: it takes the traffic back all the same", exc)
+                        unscaled = Shortfall(exc, str(exc), retired=False)
                     except RouterError as exc:  # (it serves already: the traffic first, then the scale's failure)
                         what = f"version {spec.baseline_version} was not scaled to {size} pods ({str(exc)[:500]})"
                         # (its floor left held on purpose: its HPA scales it there as the traffic comes back)

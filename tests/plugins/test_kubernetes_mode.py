@@ -4412,7 +4412,10 @@ def test_a_rollbacks_scale_answered_500_each_time_sends_each_write_at_most_write
     4 scale patches and 4 Deployment applies, 17.5 s of backoff for one try of the teardown. Each
     write is now settled on its own: at most WRITE_TRIES of each, the scale's failure raised naming
     the call (Airflow's retry tries again), once the stable version's ready pods took the traffic
-    back (``test_under_autoscaling_a_rollback_moves_the_traffic_back_though_...``)."""
+    back (``test_under_autoscaling_a_rollback_moves_the_traffic_back_though_...``). A rollback sets
+    the count before it touches the HPA: the scale failed, the HPA is not applied (its floor held
+    stays held, as the failure says); the HPA's own apply answered 500 at each try is sent
+    WRITE_TRIES times (``test_a_rollback_to_a_baseline_at_0_under_autoscaling_is_not_held_back_...``)."""
     from vision_rollout.mesh import WRITE_TRIES, ApiFailed
 
     params = at_stage_1_autoscaled(kube, monkeypatch, tmp_path, 10)
@@ -4425,7 +4428,7 @@ def test_a_rollbacks_scale_answered_500_each_time_sends_each_write_at_most_write
         steps.restore_stable(params, "run-1")
     kube.throttle = 0
     sent = Counter(call for call in calls(kube, since) if call[0] == "PATCH")
-    assert sent[("PATCH", "horizontalpodautoscalers/digits-v1")] == WRITE_TRIES
+    assert sent[("PATCH", "horizontalpodautoscalers/digits-v1")] == 0  # (the count first: its failure raised)
     assert sent[("PATCH", "digits-v1/scale")] == WRITE_TRIES
     assert sent[("PATCH", "deployments/digits-v1")] == 1
     assert routes(kube) == [("v1", 100)]
@@ -4479,6 +4482,53 @@ def test_a_rollback_brings_a_retired_stable_version_back_though_its_hpa_is_anoth
     assert hpa(kube, "1")["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"  # (left Helm's)
     assert hpa(kube, "1")["spec"]["minReplicas"] == 2
     assert deployment(kube, "2")["spec"]["replicas"] == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "methods"),
+    [(500, {"GET", "PATCH"}), (500, {"PATCH"}), (None, {"GET", "PATCH"})],
+    ids=["read-500", "apply-500", "unanswered"],
+)
+def test_a_rollback_to_a_baseline_at_0_under_autoscaling_is_not_held_back_by_its_hpa(
+    kube, monkeypatch, tmp_path, caplog, status, methods
+):
+    """Under autoscaling, the stable version retired (at 0: a promotion cut short, its HPA at the
+    floor the run held, 6, its own 2), its HPA's read and apply answered 500 at each try (or its apply alone, or neither
+    answered): the rollback's scale of it read and applied its HPA before its count, raised there
+    with no pod started, and the routes stayed on the candidate, every retry the same. Its count
+    is set first (the scale subresource), then its HPA; the HPA's failure is raised once its ready
+    pod took the traffic back and the candidate is retired (``AutoscalingNotApplied``, as a budget
+    not applied is), each write to the HPA sent at most WRITE_TRIES times (its apply answered 500
+    each time: that many)."""
+    from vision_rollout.deploy import BudgetNotApplied
+    from vision_rollout.mesh import WRITE_TRIES, RouterError
+
+    versions = baseline_at_0(kube, monkeypatch, tmp_path, serving=3, autoscaling=True, max_replicas=40, replicas=2)
+    versions.apply("1", image("1"), replicas=2)  # its own HPA, floor 2
+    kube.scale("models", "digits-v1", 6, "kube-controller-manager")  # the HPA at a peak
+    assert versions.hold_floor("1") == 6  # the run's floor
+    versions.scale_to_zero("1")
+    assert (deployment(kube, "1")["spec"]["replicas"], hpa(kube, "1")["spec"]["minReplicas"]) == (0, 6)
+    since = len(kube.requests)
+    kube.throttle, kube.throttle_status, kube.throttled_methods = 10**6, status, frozenset(methods)
+    kube.throttled_path = "/horizontalpodautoscalers/digits-v1"
+    with pytest.raises(RouterError) as failed:
+        steps.restore_stable(PARAMS, "run-1")
+    kube.throttle = 0
+    assert routes(kube) == [("v1", 100)]
+    assert deployment(kube, "1")["spec"]["replicas"] == 3  # the candidate's pods, that served the traffic
+    assert deployment(kube, "2")["spec"]["replicas"] == 0  # retired all the same
+    said = str(failed.value)
+    assert isinstance(failed.value, BudgetNotApplied)
+    assert said.startswith(
+        "version 1's Deployment is scaled to 3 pods, but its HorizontalPodAutoscaler models/digits-v1 was not applied ("
+    )
+    assert "it takes the traffic back all the same" in caplog.text
+    done = calls(kube, since)
+    to_hpa = [i for i, call in enumerate(done) if call[1] == "horizontalpodautoscalers/digits-v1"]
+    assert done.index(("PATCH", "digits-v1/scale")) < to_hpa[0]
+    applies = Counter(done)[("PATCH", "horizontalpodautoscalers/digits-v1")]
+    assert applies == (WRITE_TRIES if methods == {"PATCH"} else 0)  # (its read failed: nothing to apply)
 
 
 def test_an_api_server_that_drops_its_connections_fails_the_step_naming_the_call(kube, monkeypatch):
