@@ -95,6 +95,11 @@ def candidate_replicas(baseline: int, weight: float, mirror_percent: float, floo
     return max(floor, math.ceil(baseline * load))
 
 
+def pod_count(pods: int) -> str:
+    """``pods`` said with its noun: "1 pod", "2 pods", "0 pods"."""
+    return f"{pods} pod" if pods == 1 else f"{pods} pods"
+
+
 def render_deployment(
     target: IstioTarget,
     model: str,
@@ -923,8 +928,8 @@ class VersionDeployments:
                 raise
             name = f"{self.target.namespace}/{self._name(version)}"
             raise BudgetNotApplied(
-                f"version {version}'s Deployment is scaled to {replicas} pods, but its PodDisruptionBudget {name} "
-                f"was not applied ({exc}): {self._budget_advice(version, pods)}; until then a node "
+                f"version {version}'s Deployment is scaled to {pod_count(replicas)}, but its PodDisruptionBudget "
+                f"{name} was not applied ({exc}): {self._budget_advice(version, pods)}; until then a node "
                 "drain follows the budget it had",
                 exc,
             ) from exc
@@ -1039,8 +1044,8 @@ class VersionDeployments:
             except RouterError as exc:
                 name = f"{self.target.namespace}/{self._name(version)}"
                 raise AutoscalingNotApplied(
-                    f"version {version}'s Deployment is scaled to {replicas} pods, but its HorizontalPodAutoscaler "
-                    f"{name} was not applied ({exc}): the HPA keeps the spec the API server holds, and scales the "
+                    f"version {version}'s Deployment is scaled to {pod_count(replicas)}, but its "
+                    f"HorizontalPodAutoscaler {name} was not applied ({exc}): the HPA keeps the spec the API server holds, and scales the "
                     "version from the pods it runs",
                     exc,
                 ) from exc
@@ -1703,8 +1708,9 @@ class VersionDeployments:
                     else f"after {timeout_s:g} s"
                 )
                 raise RouterError(
-                    f"Deployment {self._name(version)}: {ready} of {replicas} pods ready {when} "
-                    f"({updated} on its current template, {total - updated} older ones left)"
+                    f"Deployment {self._name(version)}: {ready} of {pod_count(replicas)} ready {when} "
+                    f"({updated} on its current template, {total - updated} older "
+                    f"{'one' if total - updated == 1 else 'ones'} left)"
                     + "".join(f"; {c}" for c in self._not_ready(version, status))
                 )
             time.sleep(every_s)

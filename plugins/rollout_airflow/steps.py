@@ -36,6 +36,7 @@ from vision_rollout.deploy import (
     BudgetNotApplied,
     candidate_replicas,
     deployment_name,
+    pod_count,
     replicas_of,
 )
 from vision_rollout.folders import WriteConflict
@@ -1993,8 +1994,8 @@ def unscaled(pods: int, maybe: bool = False) -> str:
     """What a failed scale of a version at 0 pods back to ``pods`` left: ``maybe``, its last
     write may have been written (``RouterError.maybe_written``), never read back."""
     if maybe:
-        return f"may have been scaled back to {pods} pods from 0 or not (its last write's answer left it unknown)"
-    return f"was not scaled back to {pods} pods from 0"
+        return f"may have been scaled back to {pod_count(pods)} from 0 or not (its last write's answer left it unknown)"
+    return f"was not scaled back to {pod_count(pods)} from 0"
 
 
 def unscaled_from_0(
@@ -2132,7 +2133,7 @@ def baseline_ready(
     except RouterError as exc:
         if unready is not None and exc.routes_kept is None:
             pods = restoring or live
-            counted = f"{pods} pod" if pods == 1 else f"{pods} pods"
+            counted = pod_count(pods)
             came = f"was scaled back to {counted} from 0" if restoring else f"runs {counted}"
             exc.routes_kept = unready(f"has no ready pod: it {came}, {'not' if pods == 1 else 'none of them'} ready")
         raise

@@ -293,7 +293,7 @@ def test_wait_ready_counts_no_pod_of_an_older_template():
         status = {"observedGeneration": 2, "replicas": 2, "updatedReplicas": 1, "readyReplicas": 1}
         api.set_status("deployments", "models", "digits-v2", status)
         with pytest.raises(
-            RouterError, match="1 of 1 pods ready after 0 s \\(1 on its current template, 1 older ones left\\)"
+            RouterError, match="1 of 1 pod ready after 0 s \\(1 on its current template, 1 older one left\\)"
         ):
             versions.wait_ready("2", 1, timeout_s=0, every_s=0)
         versions.wait_ready("2", 1, timeout_s=0, every_s=0, strict=False)  # a rollback: any ready pod serves
@@ -440,7 +440,7 @@ def test_pods_never_ready_are_reported_with_what_the_deployment_says_stops_them(
         "digits-v2",
         lambda d: d["status"].update(readyReplicas=0, availableReplicas=0, conditions=[failure]),
     )
-    with pytest.raises(RouterError, match="0 of 1 pods ready") as failed:
+    with pytest.raises(RouterError, match="0 of 1 pod ready") as failed:
         versions.wait_ready("2", 1, timeout_s=0)
     assert f"ReplicaFailure FailedCreate: {refusal}" in str(failed.value)
 
@@ -630,7 +630,7 @@ def test_a_deployment_past_its_progress_deadline_fails_the_wait_at_once(kube_api
 
     api.touch("deployments", "models", "digits-v2", exceeded)
     started = time.monotonic()
-    with pytest.raises(RouterError, match="0 of 1 pods ready") as failed:
+    with pytest.raises(RouterError, match="0 of 1 pod ready") as failed:
         versions.wait_ready("2", 1, timeout_s=60, every_s=0.05)
     assert time.monotonic() - started < 10
     assert f"Progressing ProgressDeadlineExceeded: {message}" in str(failed.value)
@@ -928,7 +928,7 @@ def test_pods_never_ready_are_reported_with_why_even_where_the_pods_cannot_be_re
     with pytest.raises(RouterError) as failed:
         versions.wait_ready("2", 1, timeout_s=0)
     said = str(failed.value)
-    assert "0 of 1 pods ready after 0 s" in said
+    assert "0 of 1 pod ready after 0 s" in said
     assert "; Available MinimumReplicasUnavailable: Deployment does not have minimum availability.; " in said
     assert "its pods not read (list pods app=digits,version=2: 403 Forbidden: pods is forbidden" in said
 

@@ -1525,7 +1525,7 @@ def test_a_takeover_moves_no_traffic_to_a_baseline_whose_pods_are_not_ready(flee
     no_pod_of_version_1_ready(fleet, monkeypatch)
     said = takeover_left(fleet, "run-b")
     assert "version 1, the baseline, has no ready pod: it runs 1 pod, not ready" in said
-    assert "0 of 1 pods ready" in said
+    assert "0 of 1 pod ready" in said
     assert "scale version 1 up" not in said
     assert "once one of its pods is ready, trigger the run again" in said
     assert deployment(fleet, "1")["spec"]["replicas"] == 1  # (not scaled)
@@ -4838,7 +4838,7 @@ def test_the_failure_callbacks_wait_for_a_pod_that_never_gets_ready_leaves_its_r
         clock = SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
         clock.monotonic, clock.sleep = (lambda: now[0]), (lambda s: now.__setitem__(0, now[0] + s))
         monkeypatch.setattr(deploy, "time", clock)
-        with pytest.raises(RouterError, match="0 of 1 pods ready after"):
+        with pytest.raises(RouterError, match="0 of 1 pod ready after"):
             steps.finish(PARAMS, "run-1", promoted=False, unload_candidate=False, quick=True)
     else:
         now, _tries = fake_api_time(monkeypatch, 3.0)
@@ -4846,7 +4846,7 @@ def test_the_failure_callbacks_wait_for_a_pod_that_never_gets_ready_leaves_its_r
         assert now[0] <= steps.CALLBACK_CAP_S
         (report,) = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
         assert report["text"].startswith("Stopped digits v2, routes not restored")
-        assert "Deployment digits-v1: 0 of 1 pods ready after" in report["text"]
+        assert "Deployment digits-v1: 0 of 1 pod ready after" in report["text"]
         assert "ApiUnreachable" not in report["text"]
     assert routes(kube) == [("v1", 90), ("v2", 10)]
 

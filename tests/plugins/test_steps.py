@@ -4180,3 +4180,12 @@ def test_a_report_told_during_the_run_logs_where_it_is(monkeypatch, caplog, sent
         steps.tell(steps.spec_from(PARAMS), None, "the request for approval")
     assert said in caplog.text
     assert ("in the outbox, " in caplog.text) == ("outbox" in sent)
+
+
+def test_a_baseline_not_scaled_back_to_one_pod_says_1_pod():
+    """What a restore whose scale of a baseline at 0 failed leaves (``unscaled``) said "was not
+    scaled back to 1 pods from 0" for a build of one pod. A count of one is said "1 pod"."""
+    assert steps.unscaled(1) == "was not scaled back to 1 pod from 0"
+    assert steps.unscaled(1, maybe=True).startswith("may have been scaled back to 1 pod from 0 or not (")
+    assert steps.unscaled(2) == "was not scaled back to 2 pods from 0"
+    assert steps.unscaled(2, maybe=True).startswith("may have been scaled back to 2 pods from 0 or not (")
