@@ -144,14 +144,18 @@ _LAST_COLON = r"(?!:(?:\s|\\[nrtbf]|\Z))"
 # another) is a written backslash and a letter to a value's run; one before a secret's key and its
 # ":" or "=" ends the value there ("password: Tr0ub4dor\\\\ntoken: hunter2xyz" twice dumped
 # masked "Tr0ub4dor\\\\ntoken", leaving ": hunter2xyz" in clear), so the key's rule reads the next.
-_BREAK_THEN_KEY = rf"(?!\\{{2,15}}[rn](?:\\{{1,15}}[rn])*+[ \t]{{0,16}}+{_SECRET_NAME}{_KEY_SEP})"
+# (Up to eight line ends, then blanks, tabs written escaped too: each look ahead bounded, or a
+# megabyte of them was read again from each backslash.)
+_BREAK_THEN_KEY = rf"(?!\\{{2,15}}[rn](?:\\{{1,15}}[rn]){{0,7}}+(?:[ \t]|\\{{1,15}}t){{0,16}}+{_SECRET_NAME}{_KEY_SEP})"
 
 
-def _run(chars: str) -> str:
-    """A value not in quotes of ``chars`` and backslashes, to an escaped quote; a path's whole."""
+def _run(chars: str, limit: int | None = None) -> str:
+    """A value not in quotes of ``chars`` and backslashes, to an escaped quote; a path's whole;
+    ``limit`` characters at most where given (a rule that needs more after the value)."""
+    times = "++" if limit is None else f"{{1,{limit}}}"
     return (
-        rf"(?:{_DRIVE}(?:{_NOT_ESCAPED_QUOTE}{_LAST_COLON}{_BREAK_THEN_KEY}(?:[{chars}]|{_PATH_ESCAPE}))++"
-        rf"|(?:{_NOT_ESCAPED_QUOTE}{_LAST_COLON}{_BREAK_THEN_KEY}(?:[{chars}]|{VALUE_ESCAPE}))++)"
+        rf"(?:{_DRIVE}(?:{_NOT_ESCAPED_QUOTE}{_LAST_COLON}{_BREAK_THEN_KEY}(?:[{chars}]|{_PATH_ESCAPE})){times}"
+        rf"|(?:{_NOT_ESCAPED_QUOTE}{_LAST_COLON}{_BREAK_THEN_KEY}(?:[{chars}]|{VALUE_ESCAPE})){times})"
     )
 
 
@@ -185,10 +189,10 @@ PLACEHOLDER_THEN = (
 _CRED_RUN = _run(_RUN_CHARS)  # a value not in quotes, to an escaped quote
 
 
-def _cred_run(*after_key: str) -> str:
+def _cred_run(*after_key: str, limit: int | None = None) -> str:
     """``_CRED_RUN``, to a "}" where any of the groups ``after_key`` (``_after_quoted_key``) is set."""
-    closed = _run(_RUN_CHARS + "}")
-    return "".join(f"(?({g}){closed}|" for g in after_key) + _CRED_RUN + ")" * len(after_key)
+    closed, run = _run(_RUN_CHARS + "}", limit), _run(_RUN_CHARS, limit)
+    return "".join(f"(?({g}){closed}|" for g in after_key) + run + ")" * len(after_key)
 
 
 # A string in quotes in a dict's or a list's repr, whole (a bracket in it is none of the
@@ -251,7 +255,9 @@ def _piece(depth: int, shut: str = "") -> str:
 # clear; up to 64, possessive.)
 _BEFORE_QUOTE = r"(?:[ \t\r\n]|\\{1,8}[nrt]){0,64}+"
 _TUPLE_OPEN = rf"\((?={_BEFORE_QUOTE}b?(?:{_ESCAPE})?[\"'])"
-CLOSED_BRACKETED = rf"(?:{_bracketed(4)}|{_TUPLE_OPEN}{_piece(4, ')')}{{0,4094}}+\))"
+# (64 pieces at most, a string in quotes one piece: each key's tuple not closed was read 4,094 pieces
+# on, over the keys after it; a longer one is read as one not closed.)
+CLOSED_BRACKETED = rf"(?:{_bracketed(4)}|{_TUPLE_OPEN}{_piece(4, ')')}{{0,64}}+\))"
 # One not closed in a JSON string ('{"m": "api_key: [[ "}', or a string held in one, its quotes
 # escaped once) ends before the quote that closes that string (``_closes``), not escaped or escaped
 # once; a string in quotes in it (not so opened) is read whole, a backslash with the character it
@@ -429,7 +435,9 @@ _SECRET_KEYED = re.compile(
 # A field "value" before the field that names it ({"value": "...", "name": "DB_PASSWORD"}: a
 # dict's keys in any order, as a JSON object may have them, json.dumps(sort_keys=True) too): its
 # value, in quotes or not, then the field "name", "key" or "header" whose value names a secret.
-_QUOTED_VALUE_KEY, _VALUE_RUN = _after_quoted_key("k"), _cred_run("k")
+# (Its value not in quotes, 256 characters at most: the field after it must follow, and a run read
+# to its end was read again from each "value:", a megabyte of them quadratic.)
+_QUOTED_VALUE_KEY, _VALUE_RUN = _after_quoted_key("k"), _cred_run("k", limit=256)
 _NAMED_AFTER = re.compile(
     rf"{after_boundary('A-Za-z0-9_')}(?i:value)(?>{_QUOTED_VALUE_KEY}|{KEY_QUOTE}{_COLON}){OPEN_QUOTE}{NOT_MASKED}"
     rf"(?P<v>(?(q){_QUOTED}|{_VALUE_RUN}))(?(q)(?(e)(?P=e))(?P=q)){_FIELD_SEP}"
@@ -539,7 +547,7 @@ _COOKIE_SETTING = rf"{_COOKIE_PAIR}[A-Z]?[a-z]{{1,15}}+[.,!?)]{{0,2}}+(?:[\s\"'<
 # (a JSON string's: 'session=\\"abc123\\"'); a cookie's octets are no blank, quote, ";" or "\\".
 # Each piece is read whole, however long (4,096 characters at most left the rest in clear), as is
 # the value of a cookie or an authorization header (``_WHOLE_HEADER``): each run possessive.
-_COOKIE_PIECE = r"(?:[^\s\"'<>;\\]++(?:\"[^\s\";\\]*+\"|\\\"[^\s\";\\]*+\\\")|[^\s\"'<>;]++)"
+_COOKIE_PIECE = r"(?:[^\s\"'<>;\\]++(?:\"[^\s\";\\]*+\"|\\\"[^\s\";\\]*+\\\")|(?:[^\s\"'<>;\\]|\\(?!\\{0,15}[\"']))++)"
 _COOKIE_SPACED = re.compile(
     rf"{after_boundary('A-Za-z0-9-')}{_COOKIE}{BLANK}{{1,64}}+{NOT_MASKED}(?={_COOKIE_PAIR})(?!{_COOKIE_SETTING})"
     rf"(?P<v>{_COOKIE_PIECE}(?:;[ \t]{{0,2}}{_COOKIE_PIECE}){{0,63}})"

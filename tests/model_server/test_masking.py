@@ -1452,6 +1452,9 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "tuples not closed after keys": "token: ('a', " * 75_000,
     "tuples not closed after spaced keys": ("password ('" + "a', '" * 700 + "\n") * 240,
     "a cookie header without end": "Cookie: s=" + "a" * 1_000_000,
+    "line ends written escaped twice after a key": "password: x" + "\\\\n" * 333_333,
+    "value keys after a spaced key": "password " + "value:." * 150_000,
+    "tuples of strings in double quotes after keys": "token: ('a\", " * 76_923,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -1479,6 +1482,8 @@ FOUND_IN_SECRET_HOSTILE = {
     "tuples not closed after keys": {"secret"},  # the first, to the text's end
     "tuples not closed after spaced keys": {"secret"},  # the first, to the text's end
     "a cookie header without end": {"secret"},  # whole
+    "line ends written escaped twice after a key": {"secret"},  # the value, its line ends
+    "tuples of strings in double quotes after keys": {"secret"},  # each key's "(", a tuple not closed
 }
 
 
@@ -5184,6 +5189,7 @@ def test_a_tuple_after_a_secret_key_is_masked_whole(keys, text, kept, depth):
         ("password: Tr0ub4dor\ntoken: hunter2xyz", "password: ***\ntoken: ***"),
         ("password: Tr0ub4dor\r\napi_key=Zq8Wv3Kx9 and more", "password: ***\r\napi_key=*** and more"),
         ("token: Hx7qZp2Wk9\n  db_password = Tr0ub4dor", "token: ***\n  db_password = ***"),
+        ("password: Tr0ub4dor\n\ttoken: hunter2xyz", "password: ***\n\ttoken: ***"),  # (a tab, escaped too)
     ],
 )
 @pytest.mark.parametrize("depth", [0, 1, 2, 3])
@@ -5203,3 +5209,11 @@ def test_a_line_end_written_escaped_twice_before_no_secrets_key_is_the_values():
         dumped = json.dumps(json.dumps(text))
         scrubbed = json.loads(json.loads(scrub(dumped)))
         assert not {"4dor", "Zq8Wv3Kx9", "keys"} & set(re.findall(r"[A-Za-z0-9]+", scrubbed)), scrubbed
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_a_cookie_pair_in_a_json_string_keeps_the_quote_that_closes_it(keys, depth):
+    """A cookie's pair after "cookie" in a string held in a JSON string ("cookie s=hunter2xyz"
+    dumped twice) had the backslash of the quote that closes that string read with the value:
+    '{"m": "\\"cookie ***"", ...}', the JSON broken. The value ends before it now."""
+    assert masked_at_depth(keys, json.dumps("cookie s=hunter2xyz"), depth - 1) == ('"cookie ***"',) * 2
