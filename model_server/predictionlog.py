@@ -1924,11 +1924,14 @@ def _pairing(df: pd.DataFrame, code: np.ndarray, t: np.ndarray) -> tuple[np.ndar
     at, _ = pd.factorize(t)
     stamp, _ = pd.factorize(code * (int(at.max(initial=0)) + 1) + at)  # equal codes, equal key and stamp
     # (a primary a copy that ran is stamped as: a dropped copy, stamped as the first attempt, does
-    # not make it the request compared over a retry whose copy ran)
-    ran = ~is_primary & ((df["outcome"] != "DROPPED").to_numpy(bool) if "outcome" in df.columns else True)
+    # not make it the request compared over a retry whose copy ran; nor does a copy that ran of an
+    # attempt that failed, its pair no comparison, over a retry that succeeded with its copy run)
+    outcome = df["outcome"] if "outcome" in df.columns else pd.Series("ok", index=df.index)
+    ran = ~is_primary & (outcome != "DROPPED").to_numpy(bool)
     exact = np.isin(stamp, stamp[ran]) & is_primary
+    failed = (outcome != "ok").to_numpy(bool)
     rows = np.flatnonzero(is_primary)
-    chosen, repeats = _first(rows, code, t, (~exact).astype(np.int8))
+    chosen, repeats = _first(rows, code, t, np.where(exact, failed.astype(np.int8), 2).astype(np.int8))
     of = np.full(len(df), -1, np.int64)
     of[~is_primary] = _match(np.flatnonzero(~is_primary), chosen, code)
     by_stamp = pd.Series(rows, index=stamp[rows])
@@ -1951,9 +1954,11 @@ def copy_of(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     request id and item is that primary's, whichever of the id's primaries it is (a client
     sending an id again: the second request's copy is the second primary's, never the first's).
     One stamped as none (Istio's, stamped by the candidate's pod, its clock apart) is the
-    request's primary's: of an id's primaries, the earliest a copy that ran (no ``DROPPED`` one:
-    the own mirror stamps a dropped copy as its primary too) is stamped exactly as, else the
-    earliest; the others are its repeats. A dropped copy is its primary's as a copy is."""
+    request's primary's: of an id's primaries, the earliest that succeeded (``outcome`` ok) and
+    that a copy that ran (no ``DROPPED`` one: the own mirror stamps a dropped copy as its primary
+    too) is stamped exactly as, else the earliest that failed and such a copy is stamped as (its
+    pair no comparison: ``primary_failed``), else the earliest; the others are its repeats. A
+    dropped copy is its primary's as a copy is."""
     chosen, _, of, own = _pairing(df, _key_codes(df), _times(df))
     first = np.zeros(len(df), bool)
     first[chosen] = True
@@ -2042,6 +2047,11 @@ def shadow_pairs(df: pd.DataFrame, vectors: bool = True) -> pd.DataFrame:
     repeat = (of >= 0) & ~request[np.maximum(of, 0)]  # (a copy of a repeated request: no second pair)
     shadow, dup_s = _first(copies[~mismatch & ~own & ~repeat], code, t, unverified)
     dup_s += int((~mismatch & ~own & repeat).sum())
+    # (an attempt that failed, its own mirror's copy run, beside a retry compared: its pair is
+    # no comparison, counted in primary_failed as a pair chosen is, not as a primary repeated and
+    # a copy repeated)
+    failed_repeats = len(np.unique(of[~mismatch & ~own & repeat & ~ok_rows[np.maximum(of, 0)]]))
+    dup_p, dup_s = dup_p - failed_repeats, dup_s - failed_repeats
     p_all = primary
     s_of = _match(primary, shadow, code)
     p_pos, s_pos = primary[s_of >= 0], s_of[s_of >= 0]
@@ -2062,7 +2072,7 @@ def shadow_pairs(df: pd.DataFrame, vectors: bool = True) -> pd.DataFrame:
         "shadow_without_primary": int((~np.isin(code[shadow], code[p_all])).sum()),
         "primary_without_shadow": int(np.isin(arm[lonely], np.unique(arm[p_pos])).sum()),
         "shadow_dropped": int(len(lost) - lost_own.sum()),
-        "primary_failed": int(failed.sum()),
+        "primary_failed": int(failed.sum()) + failed_repeats,
         "duplicates": dup_p + dup_s + dup_self,
         "input_mismatch": int(mismatch.sum()),
         "self_pairs": len(np.union1d(code[self_copies], code[lost[lost_own]])),

@@ -1346,7 +1346,8 @@ def pods_log(
     ``r<i>``, or its copy) written by its own writer, flushed once (again: another flush,
     another file), at ``written`` (a ``time.time()``, by the files' names) where given. Each
     record answers class ``top`` (0.91) of its image ``<image>-<i>`` (``image`` None: none), or
-    none with ``outcome`` DROPPED (a copy the own mirror dropped)."""
+    none with another ``outcome`` than ok (DROPPED: a copy the own mirror dropped; FAULT: a
+    request that failed)."""
     from unittest import mock
 
     from model_server.masking import KeyRing, Masker
@@ -1357,7 +1358,7 @@ def pods_log(
     keys.write_text(json.dumps({"default": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}))
     p = np.full((1, 10), 0.01, dtype=np.float32)
     p[0, top] = 0.91
-    answer = (None, outcome, None) if outcome == "DROPPED" else (3.0, outcome, p)
+    answer = (3.0, outcome, p) if outcome == "ok" else (None, outcome, None)
     for replica, (role, stamps) in {**pods, "forger": ("shadow", forged or {})}.items():
         log = PredictionLog(folder / "log", Masker(KeyRing(keys)), replica=replica)
         for i, at in stamps.items():
@@ -2723,6 +2724,34 @@ def test_a_retry_whose_first_attempts_copy_was_dropped_compares_the_retrys_copy(
     result = audit(tmp_path / "log", hour, end, "digits", earlier_hours=0)
     assert (result.verdict, result.rows, result.agreement) == ("fail", 360, 300 / 360), result.reasons
     assert (result.shadow_dropped, result.duplicates, result.input_mismatch, result.copies_lost) == (60, 60, 0, 0)
+
+
+def test_a_retry_whose_first_attempts_primary_failed_compares_the_retrys_copy(tmp_path):
+    """Behind the server's own mirror: 300 requests whose shadow agrees, and 60 whose first
+    attempt's primary failed (FAULT) while its copy ran, the client sending the id again 5 s
+    later; the retry succeeded (class 3) and its copy answers class 5. The failed attempt, its
+    copy stamped exactly as it and run, was taken for the id's primary: its pair was no
+    comparison (``primary_failed``) and the retry's copy was left out as a duplicate: ('pass',
+    300 pairs, agreement 1.0), a bad shadow passing. Of an id's primaries, one that succeeded
+    and whose copy ran is compared: 360 pairs, 60 disagreeing, "fail"; each failed attempt's
+    pair is ``primary_failed``, no duplicate."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    end = hour + timedelta(hours=1)
+    base = hour.timestamp() + 600
+    ok = {i: base + 0.1 * i for i in range(300)}
+    first = {i: base + 100 + 0.01 * i for i in range(300, 360)}
+    again = {i: at + 5 for i, at in first.items()}
+    pods_log(tmp_path, {"pod-a": ("primary", ok)}, True, written=base + 110)
+    pods_log(tmp_path, {"pod-a": ("primary", first)}, True, written=base + 111, outcome="FAULT")
+    pods_log(tmp_path, {"pod-b": ("primary", again)}, True, written=base + 115)
+    pods_log(tmp_path, {"shadow": ("shadow", ok)}, written=base + 120)
+    pods_log(tmp_path, {"shadow": ("shadow", first)}, written=base + 120, top=5)
+    pods_log(tmp_path, {"shadow": ("shadow", again)}, written=base + 121, top=5)
+    result = audit(tmp_path / "log", hour, end, "digits", earlier_hours=0)
+    assert (result.verdict, result.rows, result.agreement) == ("fail", 360, 300 / 360), result.reasons
+    assert (result.duplicates, result.input_mismatch, result.copies_lost, result.shadow_dropped) == (0, 0, 0, 0)
+    pairs = predictionlog.shadow_pairs(predictionlog.read(tmp_path / "log", hour, end))
+    assert (len(pairs), pairs.attrs["primary_failed"], pairs.attrs["duplicates"]) == (360, 60, 0)
 
 
 @pytest.mark.parametrize("first_sampled", [False, True])
