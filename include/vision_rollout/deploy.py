@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 
 from vision_rollout.mesh import (
     FIELD_MANAGER,
+    TRANSIENT,
     ApiUnreachable,
     Conflicted,
     Contended,
@@ -1434,30 +1435,53 @@ class VersionDeployments:
         scale from. Without that HPA, the stage's floor as ever. ``dry_run``: only whether the API
         server would take the Deployment's apply (RouterError naming what it refuses), nothing written.
         ``rolling_back``: its HPA's apply refused is logged, the pods scaled all the same (``_autoscale``);
-        without autoscaling, the Deployment's apply refused only for a ``spec.replicas`` another
-        manager owns (KEDA, a ``kubectl scale``) is logged and the count set through the scale
-        subresource (``_scale_subresource``), as ``kubectl scale`` does: a rollback's traffic waits on
-        those pods. An apply whose answer left unknown whether it was served: as ``apply``'s (``settled``;
-        ``_apply``'s ``in_doubt``: under autoscaling its count is not what is checked)."""
+        the Deployment's apply refused (fields another manager owns, such as a ``spec.replicas`` KEDA
+        or a ``kubectl scale`` set; a policy webhook added since that denies it; its forced apply
+        refused at each try, ``Contended``) is logged and the count set through the scale
+        subresource (``_scale_subresource``), as ``kubectl scale`` does, then its HPA or its budget as
+        after an apply: a rollback's traffic waits on those pods, which run the pod template the API
+        server holds, the version's own; that scale's failure is raised as its own kind, its message
+        the apply's refusal and its own. An apply that got no answer is raised as it came (the scale
+        subresource is the same server's). An apply whose answer left unknown whether it was served:
+        as ``apply``'s (``settled``; ``_apply``'s ``in_doubt``: under autoscaling its count is not what
+        is checked)."""
+        read: list[Any] = []  # (the last live Deployment read: its count, for a rollback's fallback)
 
         def attempt(doubted: int) -> Any:
             live = self._live(version)
             if live is None:
                 return None
+            read[:] = [live]
             image = str(_server_container(live.spec.template.spec.containers).image)
             deployed = (live.metadata.annotations or {}).get(IMAGE_ANNOTATION)
             return self._apply(version, image, replicas, live, deployed, dry_run, in_doubt=doubted > 0)
 
         try:  # (a dry run's attempts check nothing: ``_apply``'s ``in_doubt`` is a write's)
             applied = settled(self.changes_noted(attempt), checks=not dry_run)
-        except (FieldsOwned, Contended) as exc:  # (Contended: its forced apply refused at each try)
-            replicas_only = isinstance(exc, Contended) or all(
-                paths == [".spec.replicas"] for paths in exc.owned.values()
+        except RouterError as exc:  # (Contended: its forced apply refused at each try)
+            if (
+                not rolling_back
+                or dry_run
+                or not read
+                or (isinstance(exc, TRANSIENT) and not isinstance(exc, Contended))
+            ):
+                raise  # (no answer: the scale subresource is the same server's)
+            log.warning(
+                "%s; its pods are scaled to %d through its scale subresource instead, for the rollback (they run the "
+                "pod template the API server holds)",
+                exc,
+                replicas,
             )
-            if not rolling_back or dry_run or self.build.autoscaling or not replicas_only:
+            try:
+                if self.build.autoscaling:
+                    self._autoscale(version, replicas, read[0].spec.replicas or 0, autoscaling_of, rolling_back)
+                    return True
+                self._scale_subresource(version, replicas)
+            except BudgetNotApplied:  # (scaled: its HPA or its budget said beside the rollback, as ever)
                 raise
-            log.warning("%s; its pods are scaled to %d all the same, for the rollback", exc, replicas)
-            self._scale_subresource(version, replicas)
+            except RouterError as failed:  # (its own kind kept: a transient failure retried as ever)
+                failed.args = (f"{exc}; then through its scale subresource: {failed}",)
+                raise
             if replicas > 0:
                 self._budget_after_scale(version, replicas, rolling_back)
             return True

@@ -1458,7 +1458,8 @@ def test_a_takeover_whose_scale_of_a_baseline_at_0_is_refused_leaves_the_routes_
     from devstack.cluster.kube import APIError
 
     lapsed_at_stage_1_with_the_baseline_at_0(fleet)
-    refuse(fleet, ("PATCH", "/deployments/digits-v1", APIError(403, "Forbidden", "cannot patch deployments")))
+    forbidden = APIError(403, "Forbidden", "cannot patch deployments")  # (its Role: neither apply nor scale)
+    refuse(fleet, ("PATCH", "/deployments/digits-v1", forbidden), ("PATCH", "/deployments/digits-v1/scale", forbidden))
     with pytest.raises(AirflowFailException) as failed:
         steps.build_image({**PARAMS, "candidate_version": "3"}, "run-b")
     fleet.before_write = None
@@ -3935,28 +3936,70 @@ def test_under_autoscaling_a_rollback_moves_the_traffic_back_though_the_stable_v
     """Under autoscaling, the rollback scales the stable version back ahead of the traffic; its
     Deployment's apply refused (a policy webhook added since, denying it): the rollback stopped
     before the routes moved, every retry the same, and the candidate kept half of the traffic
-    though the stable version had 5 ready pods. The stable version serving, the traffic goes back
-    to it first; then the scale's refusal fails the step, naming it."""
+    though the stable version had 5 ready pods. Its count is set through its scale subresource
+    instead (which the webhook does not match), as the apply would have set it, the refusal logged,
+    and the traffic goes back; the HPA keeps its own floor."""
     from devstack.cluster.kube import APIError
-    from vision_rollout.mesh import RouterError
 
     params = at_stage_1_autoscaled(kube, monkeypatch, tmp_path, 10)
     steps.apply_weights(params, 1, "run-1", {"decision": "pass"})
     kube.scale("models", "digits-v1", 5, "kube-controller-manager")
-    refuse(
-        kube,
-        (
-            "PATCH",
-            "/deployments/digits-v1",
-            APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request'),
-        ),
-    )
-    with pytest.raises(RouterError, match=r'apply Deployment digits-v1: 400 .*admission webhook "policy.example.com"'):
-        steps.restore_stable(params, "run-1")
+    denied = APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request')
+    refuse(kube, ("PATCH", "/deployments/digits-v1", denied))
+    since = len(kube.requests)
+    steps.restore_stable(params, "run-1")
     kube.before_write = None
     assert routes(kube) == [("v1", 100)]
-    assert "version 1 was not scaled to 10 pods (apply Deployment digits-v1: 400" in caplog.text
-    assert "it takes the traffic back first" in caplog.text
+    assert deployment(kube, "1")["spec"]["replicas"] == 10
+    done = calls(kube, since)
+    assert done.index(("PATCH", "digits-v1/scale")) < done.index(("PATCH", "virtualservices/digits"))
+    assert 'apply Deployment digits-v1: 400 Bad Request: admission webhook "policy.example.com"' in caplog.text
+    assert "its pods are scaled to 10 through its scale subresource instead, for the rollback" in caplog.text
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 2  # its own floor kept
+    assert deployment(kube, "2")["spec"]["replicas"] == 0
+
+
+@pytest.mark.parametrize("autoscaling", [False, True], ids=["replicas", "autoscaling"])
+def test_a_rollback_to_a_baseline_at_0_whose_apply_a_webhook_denies_scales_it_back_through_its_scale_subresource(
+    kube, monkeypatch, tmp_path, caplog, autoscaling
+):
+    """The stable version retired (at 0: a promotion cut short), and a policy webhook added since
+    denies its Deployment's apply (the template the rollout re-applies with its count): the
+    rollback raised the refusal with no pod started, and the routes stayed on the candidate, every
+    retry the same. Its count is set through its scale subresource (the pods run the template the
+    API server holds), its HPA or its budget applied after it as ever, and the traffic goes back
+    once a pod is ready; the webhook's refusal is logged. Where the scale subresource is denied
+    too, the error says both, and the routes stay (no traffic to a version with no pods)."""
+    from devstack.cluster.kube import APIError
+    from vision_rollout.mesh import RouterError
+
+    build = {"autoscaling": True, "max_replicas": 40} if autoscaling else {}
+    versions = baseline_at_0(kube, monkeypatch, tmp_path, serving=3, replicas=2, **build)
+    denied = APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request')
+    refuse(kube, ("PATCH", "/deployments/digits-v1", denied))
+    since = len(kube.requests)
+    steps.restore_stable(PARAMS, "run-1")
+    kube.before_write = None
+    assert routes(kube) == [("v1", 100)]
+    assert deployment(kube, "1")["spec"]["replicas"] == 3  # the candidate's pods, that served the traffic
+    assert "its pods are scaled to 3 through its scale subresource instead, for the rollback" in caplog.text
+    assert 'admission webhook "policy.example.com" denied the request' in caplog.text
+    done = calls(kube, since)
+    scaled = done.index(("PATCH", "digits-v1/scale"))
+    assert scaled < done.index(("PATCH", "virtualservices/digits"))
+    assert ("PATCH", "poddisruptionbudgets/digits-v1") in done[scaled:]  # (its budget after the count, as ever)
+    # (its HPA read after the count and applied unless it holds the spec already)
+    assert (("GET", "horizontalpodautoscalers/digits-v1") in done[scaled:]) == autoscaling
+    assert deployment(kube, "2")["spec"]["replicas"] == 0
+
+    versions.scale_to_zero("1")  # (retired again; the scale subresource denied as well now)
+    refuse(kube, ("PATCH", "/deployments/digits-v1", denied), ("PATCH", "/deployments/digits-v1/scale", denied))
+    with pytest.raises(RouterError) as failed:
+        versions.scale("1", 3, "1", rolling_back=True)
+    kube.before_write = None
+    assert str(failed.value).startswith("apply Deployment digits-v1: 400")
+    assert "; then through its scale subresource: scale Deployment digits-v1: 400" in str(failed.value)
+    assert deployment(kube, "1")["spec"]["replicas"] == 0
 
 
 def refuse(kube: FakeKubeAPI, *rules: tuple[str, str, Exception]) -> None:
@@ -3987,21 +4030,16 @@ def ended(end: str, params: dict, caplog: pytest.LogCaptureFixture) -> str:
 
 def rollback_scale_refused(kube, monkeypatch, tmp_path) -> dict:
     """Under autoscaling, run-1 at its last stage with version 1 at 5 pods (its floor held at 10),
-    and every apply of version 1's Deployment refused (a policy webhook): a rollback's scale of
-    it to 10 fails, after which its ready pods take the traffic back. The run's params."""
+    and every apply of version 1's Deployment and every patch of its scale subresource refused (a
+    policy webhook on both): a rollback's scale of it to 10 fails, after which its ready pods take
+    the traffic back. The run's params."""
     from devstack.cluster.kube import APIError
 
     params = at_stage_1_autoscaled(kube, monkeypatch, tmp_path, 10)
     steps.apply_weights(params, 1, "run-1", {"decision": "pass"})
     kube.scale("models", "digits-v1", 5, "kube-controller-manager")
-    refuse(
-        kube,
-        (
-            "PATCH",
-            "/deployments/digits-v1",
-            APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request'),
-        ),
-    )
+    denied = APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request')
+    refuse(kube, ("PATCH", "/deployments/digits-v1", denied), ("PATCH", "/deployments/digits-v1/scale", denied))
     return params
 
 
@@ -4278,13 +4316,11 @@ def test_a_restore_whose_scale_is_refused_retires_the_candidate_all_the_same(kub
 
     if end == "candidate-refused":  # (its apply and its scale subresource's patch)
         forbidden = APIError(403, "Forbidden", 'deployments.apps "digits-v2" is forbidden')
+        denied = APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request')
         refuse(
             kube,
-            (
-                "PATCH",
-                "/deployments/digits-v1",
-                APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request'),
-            ),
+            ("PATCH", "/deployments/digits-v1", denied),
+            ("PATCH", "/deployments/digits-v1/scale", denied),
             ("PATCH", "/deployments/digits-v2", forbidden),
             ("PATCH", "/deployments/digits-v2/scale", forbidden),
         )
@@ -4329,14 +4365,11 @@ def test_a_restore_left_short_of_pods_whose_lease_release_fails_reports_both(kub
     from devstack.cluster.kube import APIError
 
     params = rollback_scale_refused(kube, monkeypatch, tmp_path)
-
+    denied = APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request')
     refuse(
         kube,
-        (
-            "PATCH",
-            "/deployments/digits-v1",
-            APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request'),
-        ),
+        ("PATCH", "/deployments/digits-v1", denied),
+        ("PATCH", "/deployments/digits-v1/scale", denied),
         (
             "DELETE",
             "/leases/rollout-digits",
