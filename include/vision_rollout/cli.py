@@ -162,6 +162,18 @@ def _folder(text: str) -> Any:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _names(text: str) -> list[str]:
+    """``--hosts``/``--gateways``: names separated by commas, as the connection's ``istio`` extra
+    holds them (``settings._NAMES``: 64 at most, 255 characters each); what Istio would refuse of
+    each is ``IstioTarget``'s to say."""
+    names = [n.strip() for n in text[: 64 * 257].split(",")]
+    if len(text) > 64 * 257 or len(names) > 64 or any(not n or len(n) > 255 for n in names):
+        raise argparse.ArgumentTypeError(
+            f"not up to 64 names of 1 to 255 characters separated by commas: {text[:80]!r}"
+        )
+    return names
+
+
 def _log_uri(text: str) -> str:
     """The prediction log: a folder that exists on this machine, or an object store URI without
     credentials. A mistyped folder read as an empty log: the audit said SKIP and exited 0."""
@@ -874,6 +886,8 @@ def cmd_mesh(args: argparse.Namespace) -> int:
                 args.namespace,
                 args.service,
                 args.name,
+                gateways=args.gateways,
+                hosts=args.hosts,
                 root_namespace=args.root_namespace,
                 cluster_domain=args.cluster_domain,
             )
@@ -2156,6 +2170,20 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--service")
     m.add_argument("--name")
     m.add_argument("--versions", help="subsets to declare, e.g. 1,2 (default: the policy's versions)")
+    m.add_argument(
+        "--gateways",
+        type=_names,
+        default=[],
+        help="--backend istio: the VirtualService's gateways, e.g. istio-ingress/models,mesh (the connection's "
+        "istio.gateways; default: none, the sidecars alone)",
+    )
+    m.add_argument(
+        "--hosts",
+        type=_names,
+        default=[],
+        help="--backend istio: the VirtualService's hosts, e.g. models.example.com (the connection's istio.hosts; "
+        "default: the Service's cluster name; apply keeps the live VirtualService's hosts then)",
+    )
     m.add_argument(
         "--root-namespace",
         default="istio-system",

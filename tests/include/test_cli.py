@@ -1549,6 +1549,33 @@ def test_mesh_render_declares_every_version_the_policy_routes_to(tmp_path, capsy
     assert (code, err.strip()) == (2, f"rolloutctl mesh: --policy {deep}: nested too deep to read")
 
 
+def test_mesh_render_takes_the_gateways_and_hosts_the_connection_names(tmp_path, capsys):
+    """The DAG's VirtualService has the connection's istio.gateways and istio.hosts (an ingress
+    gateway and a public host name); ``mesh render`` had no way to name them, so what it rendered
+    for review differed from what a rollout applies (the Service's cluster name alone, the
+    sidecars alone). ``--gateways`` and ``--hosts`` take them, checked as the connection's are:
+    a host Istio would refuse, or more than 64 names, is a usage error naming it."""
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"route": [{"version": "1", "weight": 75}, {"version": "2", "weight": 25}]}))
+    base = ["mesh", "render", "--backend", "istio", "--policy", str(policy)]
+    base += ["--namespace", "models", "--service", "digits", "--name", "digits"]
+    code, out, _ = run(capsys, *base, "--gateways", "istio-ingress/models, mesh", "--hosts", "digits.example.com")
+    assert code == 0
+    _, service = list(yaml.safe_load_all(out))
+    validate_istio(service)
+    assert service["spec"]["gateways"] == ["istio-ingress/models", "mesh"]
+    assert service["spec"]["hosts"] == ["digits.example.com"]
+    for option, value, words in [
+        ("--hosts", "digits.example.com,", "not up to 64 names"),
+        ("--hosts", ",".join(["h.example.com"] * 65), "not up to 64 names"),
+        ("--gateways", "no_such gateway", "istio gateway 'no_such gateway'"),
+        ("--hosts", "a..example.com", "istio host 'a..example.com'"),
+    ]:
+        code, out, err = run(capsys, *base, option, value)
+        assert (code, out) == (2, "")
+        assert words in err, (option, value, err)
+
+
 def test_mesh_render_takes_versions_of_up_to_19_digits_as_the_model_server_does(tmp_path, capsys):
     """``--versions`` took 9 digits at most, while the model server (as Triton) serves version
     folders up to int64's largest: a 10-digit version's subsets could not be declared. Each
