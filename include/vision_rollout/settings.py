@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import re
+import shlex
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -345,6 +346,14 @@ class ServingSettings:
     @property
     def run_folder(self) -> Folder:
         return Folder(self.run_dir)
+
+    @property
+    def run_dir_argument(self) -> str:
+        """The run folder as advice's ``rolloutctl ... --run-dir`` takes it, typed anywhere: a
+        folder's absolute path (the default ``run`` is the worker's working directory's, not the
+        reader's), shell-quoted."""
+        path = self.run_folder.path
+        return shlex.quote(str(path.absolute()) if path is not None else self.run_dir)
 
     @property
     def outbox(self) -> Folder:

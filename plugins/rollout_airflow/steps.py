@@ -544,7 +544,7 @@ def ended_refusal(spec: RolloutSpec, run_id: str, end: dict[str, Any]) -> None:
         f"this run ended ({what}: {str(end.get('done', ''))[:300]}); cleared tasks do not roll version "
         f"{spec.candidate_version} out again. This run touched nothing. To roll it out again, trigger a new run; "
         "to send the report again, clear notify alone (with its downstream); to test a stage afresh in this run, "
-        f"rolloutctl restart-stage --run-dir {serving().settings.run_folder} --model {spec.model} --run-id "
+        f"rolloutctl restart-stage --run-dir {serving().settings.run_dir_argument} --model {spec.model} --run-id "
         f"{run_id!r} --stage N --reason '...', then clear the run again"
     )
 
@@ -956,7 +956,7 @@ def stage_record_readable(spec: RolloutSpec, run_id: str, index: int, hook: Mode
     except RecordError as exc:
         raise AirflowFailException(
             f"{exc}. The file is left as it is, for inspection; to test stage {index + 1} afresh: rolloutctl "
-            f"restart-stage --run-dir {hook.settings.run_folder} --model {spec.model} --run-id {run_id!r} --stage "
+            f"restart-stage --run-dir {hook.settings.run_dir_argument} --model {spec.model} --run-id {run_id!r} --stage "
             f"{index + 1} --reason '...' (it keeps the file aside), then clear the stage's apply_mesh_weights"
         ) from None
 

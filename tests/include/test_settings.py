@@ -522,3 +522,22 @@ def test_a_guard_file_a_killed_removal_left_among_the_approval_counts_is_pruned(
     ]
     assert prune_runs(store, ["digits"], now - 30 * 86400, now)["approval counts"] == [f"digits/{guard.name}"]
     assert sorted(p.name for p in guard.parent.iterdir()) == ["notes.txt"]
+
+
+def test_the_run_folder_an_advice_names_is_absolute_and_shell_quoted(tmp_path, monkeypatch):
+    """A failure's advice (``rolloutctl restart-stage --run-dir ...``) named the run folder as the
+    connection holds it: the default ``run`` is the worker's working directory's, so the command
+    typed from anywhere else read another folder (or none); a path with a space split in two. It
+    is the absolute path, shell-quoted; an object store URI as it is."""
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    for run_dir, said in [
+        (None, str(tmp_path / "run")),
+        ("my runs", str(tmp_path / "my runs")),
+        (str(tmp_path / "a b"), str(tmp_path / "a b")),
+        ("s3://bucket/rollouts", "s3://bucket/rollouts"),
+    ]:
+        extra = {} if run_dir is None else {"run_dir": run_dir}
+        argument = ServingSettings.from_connection("http://127.0.0.1:8000", None, extra).run_dir_argument
+        assert shlex.split(argument) == [said]
