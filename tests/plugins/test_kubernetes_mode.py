@@ -2016,10 +2016,9 @@ def test_a_kept_promotion_whose_floor_apply_is_refused_says_the_hpa_keeps_the_fl
     HPA was read, so the report says it keeps the floor the run held, with the command that
     releases it by hand, not that it may hold one. Told from a failed read by the error's own mark
     (``RouterError.release_by_hand``), not by matching its text."""
-    from devstack.cluster.kube import APIError
 
     params = promotion_cut_short_at_4_pods(fleet, monkeypatch)
-    denied = APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request')
+    denied = webhook_denial()
     refuse(fleet, ("PATCH", "/horizontalpodautoscalers/digits-v1", denied))
     report, said = promotion_kept_told(end, params, caplog, tmp_path)
     fleet.before_write = None
@@ -3939,24 +3938,12 @@ def test_under_autoscaling_a_rollback_moves_the_traffic_back_though_the_stable_v
     though the stable version had 5 ready pods. Its count is set through its scale subresource
     instead (which the webhook does not match), as the apply would have set it, the refusal logged,
     and the traffic goes back; the HPA keeps its own floor."""
-    from devstack.cluster.kube import APIError
-
     params = at_stage_1_autoscaled(kube, monkeypatch, tmp_path, 10)
     steps.apply_weights(params, 1, "run-1", {"decision": "pass"})
     kube.scale("models", "digits-v1", 5, "kube-controller-manager")
-    denied = APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request')
-    refuse(kube, ("PATCH", "/deployments/digits-v1", denied))
-    since = len(kube.requests)
-    steps.restore_stable(params, "run-1")
-    kube.before_write = None
-    assert routes(kube) == [("v1", 100)]
-    assert deployment(kube, "1")["spec"]["replicas"] == 10
-    done = calls(kube, since)
-    assert done.index(("PATCH", "digits-v1/scale")) < done.index(("PATCH", "virtualservices/digits"))
+    restored_past_a_denial(kube, params, 10, caplog)
     assert 'apply Deployment digits-v1: 400 Bad Request: admission webhook "policy.example.com"' in caplog.text
-    assert "its pods are scaled to 10 through its scale subresource instead, for the rollback" in caplog.text
     assert hpa(kube, "1")["spec"]["minReplicas"] == 2  # its own floor kept
-    assert deployment(kube, "2")["spec"]["replicas"] == 0
 
 
 @pytest.mark.parametrize("autoscaling", [False, True], ids=["replicas", "autoscaling"])
@@ -3970,29 +3957,17 @@ def test_a_rollback_to_a_baseline_at_0_whose_apply_a_webhook_denies_scales_it_ba
     API server holds), its HPA or its budget applied after it as ever, and the traffic goes back
     once a pod is ready; the webhook's refusal is logged. Where the scale subresource is denied
     too, the error says both, and the routes stay (no traffic to a version with no pods)."""
-    from devstack.cluster.kube import APIError
     from vision_rollout.mesh import RouterError
 
     build = {"autoscaling": True, "max_replicas": 40} if autoscaling else {}
     versions = baseline_at_0(kube, monkeypatch, tmp_path, serving=3, replicas=2, **build)
-    denied = APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request')
-    refuse(kube, ("PATCH", "/deployments/digits-v1", denied))
-    since = len(kube.requests)
-    steps.restore_stable(PARAMS, "run-1")
-    kube.before_write = None
-    assert routes(kube) == [("v1", 100)]
-    assert deployment(kube, "1")["spec"]["replicas"] == 3  # the candidate's pods, that served the traffic
-    assert "its pods are scaled to 3 through its scale subresource instead, for the rollback" in caplog.text
-    assert 'admission webhook "policy.example.com" denied the request' in caplog.text
-    done = calls(kube, since)
-    scaled = done.index(("PATCH", "digits-v1/scale"))
-    assert scaled < done.index(("PATCH", "virtualservices/digits"))
-    assert ("PATCH", "poddisruptionbudgets/digits-v1") in done[scaled:]  # (its budget after the count, as ever)
+    after = restored_past_a_denial(kube, PARAMS, 3, caplog)  # (the candidate's pods, that served the traffic)
+    assert ("PATCH", "poddisruptionbudgets/digits-v1") in after  # (its budget after the count, as ever)
     # (its HPA read after the count and applied unless it holds the spec already)
-    assert (("GET", "horizontalpodautoscalers/digits-v1") in done[scaled:]) == autoscaling
-    assert deployment(kube, "2")["spec"]["replicas"] == 0
+    assert (("GET", "horizontalpodautoscalers/digits-v1") in after) == autoscaling
 
     versions.scale_to_zero("1")  # (retired again; the scale subresource denied as well now)
+    denied = webhook_denial()
     refuse(kube, ("PATCH", "/deployments/digits-v1", denied), ("PATCH", "/deployments/digits-v1/scale", denied))
     with pytest.raises(RouterError) as failed:
         versions.scale("1", 3, "1", rolling_back=True)
@@ -4000,6 +3975,32 @@ def test_a_rollback_to_a_baseline_at_0_whose_apply_a_webhook_denies_scales_it_ba
     assert str(failed.value).startswith("apply Deployment digits-v1: 400")
     assert "; then through its scale subresource: scale Deployment digits-v1: 400" in str(failed.value)
     assert deployment(kube, "1")["spec"]["replicas"] == 0
+
+
+def webhook_denial() -> Exception:
+    """A policy webhook's denial of a write, as the API server answers it (an ``APIError``)."""
+    from devstack.cluster.kube import APIError
+
+    return APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request')
+
+
+def restored_past_a_denial(kube: FakeKubeAPI, params: dict, pods: int, caplog: pytest.LogCaptureFixture) -> list:
+    """Run-1's rollback with every apply of version 1's Deployment denied (``webhook_denial``):
+    version 1 scaled to ``pods`` through its scale subresource before the routes move back to it,
+    said in the log, the candidate retired. The calls after that scale."""
+    refuse(kube, ("PATCH", "/deployments/digits-v1", webhook_denial()))
+    since = len(kube.requests)
+    steps.restore_stable(params, "run-1")
+    kube.before_write = None
+    assert routes(kube) == [("v1", 100)]
+    assert deployment(kube, "1")["spec"]["replicas"] == pods
+    assert f"its pods are scaled to {pods} through its scale subresource instead, for the rollback" in caplog.text
+    assert 'admission webhook "policy.example.com" denied the request' in caplog.text
+    done = calls(kube, since)
+    scaled = done.index(("PATCH", "digits-v1/scale"))
+    assert scaled < done.index(("PATCH", "virtualservices/digits"))
+    assert deployment(kube, "2")["spec"]["replicas"] == 0
+    return done[scaled:]
 
 
 def refuse(kube: FakeKubeAPI, *rules: tuple[str, str, Exception]) -> None:
@@ -4033,12 +4034,10 @@ def rollback_scale_refused(kube, monkeypatch, tmp_path) -> dict:
     and every apply of version 1's Deployment and every patch of its scale subresource refused (a
     policy webhook on both): a rollback's scale of it to 10 fails, after which its ready pods take
     the traffic back. The run's params."""
-    from devstack.cluster.kube import APIError
-
     params = at_stage_1_autoscaled(kube, monkeypatch, tmp_path, 10)
     steps.apply_weights(params, 1, "run-1", {"decision": "pass"})
     kube.scale("models", "digits-v1", 5, "kube-controller-manager")
-    denied = APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request')
+    denied = webhook_denial()
     refuse(kube, ("PATCH", "/deployments/digits-v1", denied), ("PATCH", "/deployments/digits-v1/scale", denied))
     return params
 
@@ -4316,7 +4315,7 @@ def test_a_restore_whose_scale_is_refused_retires_the_candidate_all_the_same(kub
 
     if end == "candidate-refused":  # (its apply and its scale subresource's patch)
         forbidden = APIError(403, "Forbidden", 'deployments.apps "digits-v2" is forbidden')
-        denied = APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request')
+        denied = webhook_denial()
         refuse(
             kube,
             ("PATCH", "/deployments/digits-v1", denied),
@@ -4365,7 +4364,7 @@ def test_a_restore_left_short_of_pods_whose_lease_release_fails_reports_both(kub
     from devstack.cluster.kube import APIError
 
     params = rollback_scale_refused(kube, monkeypatch, tmp_path)
-    denied = APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request')
+    denied = webhook_denial()
     refuse(
         kube,
         ("PATCH", "/deployments/digits-v1", denied),
