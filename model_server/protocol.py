@@ -431,6 +431,12 @@ def _json_tensor(
         with np.errstate(over="ignore" if floating else "raise", invalid="raise"):
             arr = np.asarray(flat, dtype=dtype)
     except (OverflowError, FloatingPointError, ValueError, TypeError) as exc:
+        if dtype.kind in "iu":  # (numpy's words named neither the element nor the range)
+            info = np.iinfo(dtype)
+            past = next((k for k, x in enumerate(flat) if not info.min <= x <= info.max), None)
+            if past is not None:
+                text = shown(repr(flat[past]))
+                raise InvalidInput(f"{where}: element {past} ({text}) is past {_range(datatype)}") from None
         raise InvalidInput(f"{where}: data does not fit {datatype}: {exc}") from None
     if floating:
         _past_range(flat, arr, datatype, where, written)

@@ -230,7 +230,16 @@ def test_bytes_tensor_framing_errors():
 @pytest.mark.parametrize(
     ("raw", "needle"),
     [
-        ({"name": "x", "datatype": "INT8", "shape": [1], "data": [1000]}, "does not fit INT8"),
+        (
+            {"name": "x", "datatype": "INT8", "shape": [1], "data": [1000]},
+            r"element 0 \(1000\) is past the range of INT8",
+        ),
+        (
+            {"name": "x", "datatype": "UINT64", "shape": [2], "data": [1, 2**64]},
+            rf"element 1 \({2**64}\) is past the range of UINT64 \(0 to {2**64 - 1}\)",
+        ),
+        ({"name": "x", "datatype": "UINT8", "shape": [2, 2], "data": [[1, 2], [3, -1]]}, r"element 3 \(-1\)"),
+        ({"name": "x", "datatype": "INT32", "shape": [1], "data": [-(2**31) - 1]}, r"\(-2147483648 to 2147483647\)"),
         ({"name": "x", "datatype": "INT32", "shape": [1], "data": [1.5]}, "must be integers"),
         ({"name": "x", "datatype": "FP32", "shape": [1], "data": ["1"]}, "must be numbers"),
         ({"name": "x", "datatype": "FP32", "shape": [1], "data": [True]}, "must be numbers"),
