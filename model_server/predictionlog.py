@@ -1912,10 +1912,90 @@ def _class_count(*frames: pd.DataFrame) -> int:
     return n
 
 
+# How many of a copy's key's primaries on each side in time (of its input) an Istio copy is
+# matched among, and how many rounds of matching are run: each round pairs one copy at least, the
+# nearest pair left; a hostile id sent thousands of times in a stretch stays linear. A copy left
+# unmatched is its request's primary's, as before (a duplicate where that primary has its own).
+_NEAR = 4
+_NEAR_ROUNDS = 8
+
+
+def _nearest(
+    copies: np.ndarray, primaries: np.ndarray, group: np.ndarray, t: np.ndarray, digest: np.ndarray | None = None
+) -> np.ndarray:
+    """For each of ``copies`` (rows), the one of ``primaries`` (rows) of its ``group`` nearest in
+    time ``t`` that no nearer copy took, or -1: each copy proposes to its nearest primary left,
+    each primary takes the nearest copy proposing, for ``_NEAR_ROUNDS`` rounds, among the
+    ``_NEAR`` primaries on each side of a copy. With ``digest``, only a pair where either has
+    none (-1) is matched."""
+    out = np.full(len(copies), -1, np.int64)
+    if len(copies) == 0 or len(primaries) == 0:
+        return out
+    primaries = primaries[np.lexsort((t[primaries], group[primaries]))]
+    group_p = group[primaries]
+    lo = np.searchsorted(group_p, group[copies], "left")
+    hi = np.searchsorted(group_p, group[copies], "right")
+    # (the common case, one copy and one primary of its group: no search)
+    _, index, count = np.unique(group[copies], return_inverse=True, return_counts=True)
+    alone = (hi - lo == 1) & (count[index] == 1)
+    if digest is not None:
+        alone &= (digest[primaries[np.minimum(lo, len(primaries) - 1)]] < 0) | (digest[copies] < 0)
+    out[alone] = primaries[lo[alone]]
+    some = np.flatnonzero(~alone & (hi > lo))
+    if len(some) == 0:
+        return out
+    # (the others: a copy's candidates, the primaries of its group nearest on each side; a
+    # group's primaries are sorted by time, and a copy's place among them is found on one int64
+    # of group and the times' rank, both under the rows)
+    mine, ours = copies[some], primaries[_spans(lo[some], hi[some])]
+    _, rank = np.unique(np.concatenate([t[ours], t[mine]]), return_inverse=True)
+    _, dense = np.unique(np.concatenate([group[ours], group[mine]]), return_inverse=True)
+    width = int(rank.max(initial=0)) + 1  # (dense and rank under the rows: no overflow)
+    key_p = dense[: len(ours)] * width + rank[: len(ours)]
+    key_c = dense[len(ours) :] * width + rank[len(ours) :]
+    at = np.searchsorted(key_p, key_c)
+    near = at[:, None] + np.arange(-_NEAR, _NEAR)[None, :]  # (candidates: positions in ours)
+    valid = (near >= 0) & (near < len(ours))
+    np.clip(near, 0, len(ours) - 1, out=near)
+    valid &= group[ours][near] == group[mine][:, None]
+    if digest is not None:
+        valid &= (digest[ours][near] < 0) | (digest[mine][:, None] < 0)
+    gap = np.where(valid, np.abs(t[ours][near] - t[mine][:, None]).astype(np.float64), np.inf)
+    taken = np.zeros(len(ours), bool)
+    chosen = np.full(len(mine), -1, np.int64)  # (positions in ours)
+    rows = np.arange(len(mine))
+    for _ in range(_NEAR_ROUNDS):
+        gap[taken[near]] = np.inf
+        gap[chosen >= 0] = np.inf
+        best = np.argmin(gap, axis=1)
+        dist = gap[rows, best]
+        wants = np.flatnonzero(np.isfinite(dist))
+        if len(wants) == 0:
+            break
+        pick, dist = near[wants, best[wants]], dist[wants]
+        first = np.lexsort((wants, dist, pick))  # (each primary: its nearest proposer, the earliest row)
+        keep = np.ones(len(first), bool)
+        keep[1:] = pick[first][1:] != pick[first][:-1]
+        won = first[keep]
+        chosen[wants[won]] = pick[won]
+        taken[pick[won]] = True
+    out[some[chosen >= 0]] = ours[chosen[chosen >= 0]]
+    return out
+
+
+def _spans(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The positions of the distinct spans ``[lo, hi)`` (one each of equal ones), in order."""
+    order = np.unique(np.stack([lo, hi], axis=1), axis=0)
+    lengths = order[:, 1] - order[:, 0]
+    starts = np.repeat(order[:, 0] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    return starts + np.arange(int(lengths.sum()))
+
+
 def _pairing(df: pd.DataFrame, code: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
     """``copy_of``'s rule, on ``df``'s key codes and stamps: each key's primary (its rows,
     sorted by key), the primaries left out as its repeats, each record's primary, and which
-    are shadow records stamped exactly as a primary."""
+    are shadow records paired with their own attempt's primary (stamped exactly as it, or
+    Istio's matched to it)."""
     import pandas as pd
 
     is_primary = (df["role"] == "primary").to_numpy(bool)
@@ -1923,23 +2003,47 @@ def _pairing(df: pd.DataFrame, code: np.ndarray, t: np.ndarray) -> tuple[np.ndar
     # 4.3 s of 6.5 s per million records)
     at, _ = pd.factorize(t)
     stamp, _ = pd.factorize(code * (int(at.max(initial=0)) + 1) + at)  # equal codes, equal key and stamp
-    # (a primary a copy that ran is stamped as: a dropped copy, stamped as the first attempt, does
-    # not make it the request compared over a retry whose copy ran; nor does a copy that ran of an
-    # attempt that failed, its pair no comparison, over a retry that succeeded with its copy run)
     outcome = df["outcome"] if "outcome" in df.columns else pd.Series("ok", index=df.index)
-    ran = ~is_primary & (outcome != "DROPPED").to_numpy(bool)
-    exact = np.isin(stamp, stamp[ran]) & is_primary
-    failed = (outcome != "ok").to_numpy(bool)
     rows = np.flatnonzero(is_primary)
-    chosen, repeats = _first(rows, code, t, np.where(exact, failed.astype(np.int8), 2).astype(np.int8))
-    of = np.full(len(df), -1, np.int64)
-    of[~is_primary] = _match(np.flatnonzero(~is_primary), chosen, code)
     by_stamp = pd.Series(rows, index=stamp[rows])
     by_stamp = by_stamp[~by_stamp.index.duplicated()]
     own = ~is_primary & np.isin(stamp, stamp[rows])
+    of = np.full(len(df), -1, np.int64)
     of[own] = by_stamp.reindex(stamp[own]).to_numpy(np.int64)
+    # (Istio's copies, stamped as no primary: each its own attempt's, the primary of its input
+    # nearest in time, one copy a primary, of those no own mirror's copy is stamped as; a primary
+    # without a copy is one the mirror did not sample. Of the input first, then where either
+    # record has no digest)
+    istio = np.flatnonzero((df["role"] == "shadow").to_numpy(bool) & ~own)
+    free = np.ones(len(df), bool)
+    free[of[own]] = False
+    # (the primaries such a copy may be of)
+    near = rows[free[rows] & np.isin(code[rows], code[istio])] if len(istio) else rows[:0]
+    digest = np.full(len(df), -1, np.int64)  # (-1: none)
+    if len(istio) and len(near) and "image_sha256" in df.columns:
+        some = np.concatenate([istio, near])
+        digest[some] = pd.factorize(df["image_sha256"].take(some))[0]
+    known = digest >= 0
+    both = code * (int(digest.max(initial=0)) + 1) + digest  # (key and input: < rows x rows, no overflow)
+    first = istio[known[istio]]
+    of[first] = _nearest(first, near[known[near]], both, t)
+    free[of[first][of[first] >= 0]] = False
+    rest = istio[of[istio] < 0]
+    of[rest] = _nearest(rest, near[free[near]], code, t, digest)
+    # (of an id's primaries the request compared: the earliest that succeeded and that a copy
+    # that ran is its own attempt's (a dropped copy does not make it the request compared over a
+    # retry whose copy ran), else the earliest that failed with such a copy (its pair no
+    # comparison), else the earliest that succeeded, else the earliest)
+    ran = ~is_primary & (of >= 0) & (outcome != "DROPPED").to_numpy(bool)
+    copied = np.zeros(len(df), bool)
+    copied[of[ran]] = True
+    failed = (outcome != "ok").to_numpy(bool).astype(np.int8)
+    chosen, repeats = _first(rows, code, t, np.where(copied, failed, 2 + failed).astype(np.int8))
+    paired = ~is_primary & (of >= 0)
+    left = ~is_primary & ~paired
+    of[left] = _match(np.flatnonzero(left), chosen, code)
     of[rows] = rows
-    return chosen, repeats, of, own
+    return chosen, repeats, of, paired
 
 
 def copy_of(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1947,18 +2051,24 @@ def copy_of(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ranges and copies): of ``df``'s records (primary and shadow, with ``model``,
     ``request_id``, ``item`` and ``time``), which are each request's primary, and for each
     record the row (position) of its primary, -1 where ``df`` holds none (a primary's: its
-    own), and which are shadow records stamped exactly as their primary.
+    own), and which are shadow records of their own attempt's primary.
 
     The server's own mirror stamps its copy exactly as its primary (``shadow_record``: the
     request's ``received_at``): a shadow record stamped exactly as a primary of its model,
     request id and item is that primary's, whichever of the id's primaries it is (a client
     sending an id again: the second request's copy is the second primary's, never the first's).
-    One stamped as none (Istio's, stamped by the candidate's pod, its clock apart) is the
-    request's primary's: of an id's primaries, the earliest that succeeded (``outcome`` ok) and
-    that a copy that ran (no ``DROPPED`` one: the own mirror stamps a dropped copy as its primary
-    too) is stamped exactly as, else the earliest that failed and such a copy is stamped as (its
-    pair no comparison: ``primary_failed``), else the earliest; the others are its repeats. A
-    dropped copy is its primary's as a copy is."""
+    One stamped as none (Istio's, stamped by the candidate's pod on arrival, its clock apart) is
+    its own attempt's too: Envoy mirrors each request as it sends it, so a copy is the primary of
+    its input (``image_sha256``; else one where either record has none) nearest in time to it,
+    each primary taking one copy at most, of those no own mirror's copy is stamped as (Istio
+    samples: a primary may have none, and a k-th copy is not the k-th request's). A copy no
+    primary is left for is the request's primary's (a duplicate there). The request's primary:
+    of an id's primaries, the earliest that succeeded (``outcome`` ok) with a copy that ran (no
+    ``DROPPED`` one: the own mirror stamps a dropped copy as its primary too) of its own, else
+    the earliest that failed with such a copy (its pair no comparison: ``primary_failed``), else
+    the earliest that succeeded, else the earliest; the others are its repeats. A dropped copy
+    is its primary's as a copy is. The third array says which shadow records are paired with
+    their own attempt's primary (stamped exactly as it, or Istio's matched to it)."""
     chosen, _, of, own = _pairing(df, _key_codes(df), _times(df))
     first = np.zeros(len(df), bool)
     first[chosen] = True
@@ -2015,10 +2125,11 @@ def shadow_pairs(df: pd.DataFrame, vectors: bool = True) -> pd.DataFrame:
     digest (``image_sha256``) differs from its primary's is not a copy of that primary (anyone
     who reaches the data port can send a ``-shadow`` Host with any request id) and is never
     paired; such records are counted in ``input_mismatch``, not as duplicates or self pairs. Of a
-    key's other shadow records, the earliest whose digest equals the primary's is paired, else
-    the earliest of those where either record has no digest (no input was decoded, or it could
-    not be hashed item by item: such a record pairs by key alone, unchecked); the rest, and the
-    copies of the key's other primaries, are ``duplicates``. Pairing works on row positions: each output column is taken from ``df`` once.
+    key's other shadow records, the primary's own attempt's (``copy_of``'s: of its input, else
+    one where either record has no digest: no input was decoded, or it could not be hashed item
+    by item, and such a record pairs by key alone, unchecked) is paired, else the earliest whose
+    digest equals the primary's, else the earliest of those where either has none; the rest,
+    and the copies of the key's other primaries, are ``duplicates``. Pairing works on row positions: each output column is taken from ``df`` once.
     """
     import pandas as pd
 
@@ -2028,7 +2139,7 @@ def shadow_pairs(df: pd.DataFrame, vectors: bool = True) -> pd.DataFrame:
     dropped_rows = (df["outcome"] == "DROPPED").to_numpy()
     is_shadow = (df["role"] == "shadow").to_numpy()
     version, versions = pd.factorize(df["version"])  # -1: none
-    primary, dup_p, primary_of, _ = _pairing(df, code, t)  # (each request's primary; each copy's: copy_of)
+    primary, dup_p, primary_of, paired = _pairing(df, code, t)  # (each request's primary; each copy's: copy_of)
     copies = np.flatnonzero(is_shadow & ~dropped_rows)
     digest, _ = pd.factorize(df["image_sha256"])  # equal codes, equal digests; -1: none
     of = primary_of[copies]  # each copy's primary, or -1
@@ -2040,8 +2151,10 @@ def shadow_pairs(df: pd.DataFrame, vectors: bool = True) -> pd.DataFrame:
     lost_of = primary_of[lost]  # (a dropped copy's primary: copy_of's, as a copy's)
     lost_own = _same_version(lost, lost_of, version)
     self_copies, dup_self = _first(copies[own], code, t)
-    unverified = np.ones(len(df), np.int8)  # a copy's rank among its key's copies (0 first)
-    unverified[copies[compared & ~mismatch]] = 0
+    # a copy's rank among its key's copies (0 first): its own attempt's (copy_of's), its input
+    # checked; one of no request's (an Istio copy no primary of its input was left for) after
+    unverified = np.where(paired, 0, 2).astype(np.int8)
+    unverified[copies[~(compared & ~mismatch)]] += 1
     request = np.zeros(len(df), bool)
     request[primary] = True
     repeat = (of >= 0) & ~request[np.maximum(of, 0)]  # (a copy of a repeated request: no second pair)

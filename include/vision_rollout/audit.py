@@ -991,17 +991,16 @@ def attribution(
     primaries stamped before it, and those of no primary read stamped before ``start``'s close
     less ``CLOCK_SKEW_S``. A request id a client sent again (a retry) has one copy of each request
     at most, each its own request's, in whichever range (the earlier range paired its copy, and
-    the later one's is lost, not paired twice). The server's own mirror stamps its copy with
-    its primary's own stamp (``shadow_record``: the request's ``received_at``): a shadow record
-    stamped exactly as a primary of its item is that primary's, and so the range's or not as
-    that primary is. Istio's copy is stamped by the candidate's pod, its clock apart: one stamped
-    as no primary is the range's where stamped no earlier than the first of its item's primaries
-    in the range less ``CLOCK_SKEW_S`` (no copy of it can be stamped before); one stamped
-    earlier, of a primary before the range, stays that range's. A known limit behind Istio: a
-    retry sent within ``CLOCK_SKEW_S`` of its first request (up to twice that where the
-    candidate's pod's clock is ahead), over a range's end, has its copies told apart by nothing:
-    the first request's copy may be paired in the retry's range too (its own copy, if any, a
-    duplicate). A shadow
+    the later one's is lost, not paired twice). A copy is its own attempt's primary's
+    (``copy_of``), and so the range's or not as that primary is: the server's own mirror stamps
+    its copy with its primary's own stamp (``shadow_record``: the request's ``received_at``);
+    Istio's copy, stamped by the candidate's pod, its clock apart, is the primary's of its input
+    nearest in time to it (one copy a primary). A copy no primary read is left for (of a
+    primary not read) is the range's where stamped no earlier than the first of its item's
+    primaries in the range less ``CLOCK_SKEW_S`` (no copy of it can be stamped before); one
+    stamped earlier, of a primary before the range, stays that range's. A known limit behind
+    Istio: a retry sent, with the same input, within twice the pods' clocks apart of its first
+    request may have the copies of the two swapped (each the other's nearest). A shadow
     record stamped within the range more than ``CLOCK_SKEW_S`` before
     its end, of a primary stamped after it (the pods' clocks further apart), is the range's too:
     the next range's read, from ``CLOCK_SKEW_S`` before it, never sees it, and the pair was lost
@@ -1018,17 +1017,18 @@ def attribution(
     closing = ~by_close & (time < pd.Timestamp(closes(end) - skew)).to_numpy()
     primary = (records["role"] == "primary").to_numpy()
     key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
-    # (the own mirror's copy: stamped as its primary, the range's where that primary is: copy_of)
-    _, of, exact = copy_of(records)
-    # (else Istio's, of a primary of the range: stamped after the first of its item's, less the
-    # pods' clocks apart; one stamped earlier is an earlier request's whose id a client sent
-    # again, paired there)
+    # (a copy of its own attempt, the own mirror's or Istio's: the range's where that primary
+    # is: copy_of)
+    _, of, own = copy_of(records)
+    # (else, of a primary of the range: stamped after the first of its item's, less the pods'
+    # clocks apart; one stamped earlier is an earlier request's whose id a client sent again,
+    # paired there)
     rows = np.flatnonzero(primary & inside & ~late)
     rows = rows[time.iloc[rows].argsort(kind="stable").to_numpy()]
     rows = rows[~key[rows].duplicated()]
     since = time.iloc[rows].set_axis(key[rows]).reindex(key).reset_index(drop=True)
     ours = np.where(
-        exact,
+        own,
         (primary & inside & ~late)[np.maximum(of, 0)],
         (time.reset_index(drop=True) >= since - pd.Timedelta(seconds=CLOCK_SKEW_S)).to_numpy(),
     )

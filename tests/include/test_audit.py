@@ -1827,7 +1827,9 @@ def test_a_request_id_reused_across_the_ranges_start_hides_no_lost_copy(tmp_path
     for over every record read, the earlier range's primaries too: where the earlier primary's
     pod was read first, its copy counted as the range's primary's (the server's mirror sampled
     it, no copy came), and the lost copy was hidden, by the pods' names alone. The copies are
-    marked within the range's own records: lost, whichever pod's files come first."""
+    marked within the range's own records: lost, whichever pod's files come first. The copy, of
+    the earlier request's input, is that request's (``copy_of``): late to the earlier range, no
+    record of another input in this one (it was counted in both)."""
     from model_server.masking import KeyRing, Masker
     from model_server.predictionlog import Inference, PredictionLog
 
@@ -1856,7 +1858,8 @@ def test_a_request_id_reused_across_the_ranges_start_hides_no_lost_copy(tmp_path
         writer.append(rec)
         writer.flush()
     result = audit(log, start, end, "digits")
-    assert (result.verdict, result.rows, result.input_mismatch, result.copies_lost) == ("pass", 200, 1, 1)
+    assert (result.verdict, result.rows, result.input_mismatch, result.copies_lost) == ("pass", 200, 0, 1)
+    assert audit(log, start - timedelta(minutes=5), start, "digits").late_records == 1
 
 
 def healthy_log(folder: Path, now: float, mirrored: bool | None, active: tuple[str, ...] = ("digits",)) -> Path:
@@ -2752,6 +2755,74 @@ def test_a_retry_whose_first_attempts_primary_failed_compares_the_retrys_copy(tm
     assert (result.duplicates, result.input_mismatch, result.copies_lost, result.shadow_dropped) == (0, 0, 0, 0)
     pairs = predictionlog.shadow_pairs(predictionlog.read(tmp_path / "log", hour, end))
     assert (len(pairs), pairs.attrs["primary_failed"], pairs.attrs["duplicates"]) == (360, 60, 0)
+
+
+@pytest.mark.parametrize("first_copy", ["disagrees", "failed"])
+def test_behind_istio_a_retry_whose_first_attempts_primary_failed_is_compared_with_its_own_copy(tmp_path, first_copy):
+    """Behind Istio (each copy stamped by the candidate's pod 0.5 s after its primary, as no
+    primary): 300 requests whose shadow agrees, and 60 whose first attempt's primary failed
+    (FAULT) while its copy ran, the client sending the id again 5 s later; the retry succeeded
+    (class 3). With the first attempt's copy answering class 5 and the retry's class 5 too (a
+    bad shadow), the failed attempt was taken for the id's primary (its pair no comparison) and
+    the retry's copy counted a duplicate: ('pass', 300 pairs, 1.0, 120 duplicates). With the
+    first attempt's copy failed as its primary did (FAULT, both cut by the client's timeout) and
+    the retry's copy agreeing, the same ('pass', 300 pairs, 120 duplicates); ranking the retry
+    first alone paired it with the failed copy: a good shadow failed on shadow errors. Each copy
+    is its own attempt's (its input's, nearest in time), and the retry, which succeeded, is
+    compared: 360 pairs, no duplicate, each failed attempt's pair in ``primary_failed``; "fail"
+    on 60 disagreements, or "pass" with no shadow error."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    end = hour + timedelta(hours=1)
+    base = hour.timestamp() + 600
+    ok = {i: base + 0.1 * i for i in range(300)}
+    first = {i: base + 100 + 0.01 * i for i in range(300, 360)}
+    again = {i: at + 5 for i, at in first.items()}
+    bad = first_copy == "disagrees"
+    pods_log(tmp_path, {"pod-a": ("primary", ok)}, written=base + 110)
+    pods_log(tmp_path, {"pod-a": ("primary", first)}, written=base + 111, outcome="FAULT")
+    pods_log(tmp_path, {"pod-b": ("primary", again)}, written=base + 115)
+    pods_log(tmp_path, {"shadow": ("shadow", {i: t + 0.5 for i, t in ok.items()})}, written=base + 120)
+    copies = {i: t + 0.5 for i, t in first.items()}
+    pods_log(
+        tmp_path, {"shadow": ("shadow", copies)}, written=base + 120, **({"top": 5} if bad else {"outcome": "FAULT"})
+    )
+    again_copies = {i: t + 0.5 for i, t in again.items()}
+    pods_log(tmp_path, {"shadow": ("shadow", again_copies)}, written=base + 121, top=5 if bad else 3)
+    result = audit(tmp_path / "log", hour, end, "digits", earlier_hours=0)
+    judged = (result.verdict, result.rows, result.agreement, result.shadow_errors, result.duplicates)
+    assert judged == (("fail", 360, 300 / 360, 0, 0) if bad else ("pass", 360, 1.0, 0, 0)), result.reasons
+    pairs = predictionlog.shadow_pairs(predictionlog.read(tmp_path / "log", hour, end))
+    assert (len(pairs), pairs.attrs["primary_failed"], pairs.attrs["duplicates"]) == (360, 60, 0)
+    assert pairs["shadow_error"].isna().all()
+    assert (pairs["time"].iloc[300:] > pd.Timestamp(base + 104, unit="s", tz="UTC")).all()  # (the retries)
+
+
+@pytest.mark.parametrize("first_copied", [False, True])
+def test_behind_istio_the_copy_of_an_id_sent_again_past_the_hour_is_its_retrys_hours_only(tmp_path, first_copied):
+    """Behind Istio, 50 ids sent before the hour's end (120 s before, not sampled; or 30 s before,
+    sampled, the copy agreeing but written after the hour's close) and again 10 s past it, the
+    retry's copy (1 s after it, written on time) disagreeing. The retry's copy, stamped within
+    the hour's margin, was paired with the first request in the hour too: ('fail', 50 pairs) for
+    the hour of a request whose copy was not made or agreed; and with the first copy read, the
+    next hour paired its retry with the first request's copy: ('pass', 50, 1.0), a bad shadow
+    passing. Each copy is its own attempt's (``copy_of``) and in that attempt's hour: the hour
+    has no pair, the next fails on its own 50, the first copies late to the hour."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    end = hour + timedelta(hours=1)
+    e = end.timestamp()
+    first = {i: e - (30 if first_copied else 120) + 0.01 * i for i in range(50)}
+    again = {i: e + 10 + 0.01 * i for i in range(50)}
+    pods_log(tmp_path, {"primary-pod": ("primary", first)}, written=e)
+    pods_log(tmp_path, {"primary-pod-2": ("primary", again)}, written=e + 15)
+    pods_log(tmp_path, {"shadow-pod-2": ("shadow", {i: t + 1 for i, t in again.items()})}, written=e + 16, top=5)
+    this = audit(tmp_path / "log", hour, end, "digits", earlier_hours=24)
+    if first_copied:
+        late = {i: t + 1 for i, t in first.items()}
+        pods_log(tmp_path, {"shadow-pod": ("shadow", late)}, written=closes(end).timestamp() + 60)
+    nxt = audit(tmp_path / "log", end, end + timedelta(hours=1), "digits", earlier_hours=24)
+    assert (this.rows, this.duplicates, this.input_mismatch) == (0, 0, 0), this.reasons
+    judged = (nxt.verdict, nxt.rows, nxt.agreement, nxt.duplicates, nxt.late_earlier)
+    assert judged == ("fail", 50, 0.0, 0, 50 if first_copied else 0), nxt.reasons
 
 
 @pytest.mark.parametrize("first_sampled", [False, True])

@@ -38,6 +38,7 @@ from model_server.predictionlog import (
     Inference,
     Label,
     PredictionLog,
+    copy_of,
     joined,
     read,
     shadow_pairs,
@@ -309,6 +310,43 @@ def test_records_without_an_input_digest_pair_by_key_and_a_matching_copy_goes_fi
     assert list(both["shadow_top1"]) == [3, 2]  # the matching copy's answer, not the 9s
     assert pairs.attrs["input_mismatch"] == 0
     assert pairs.attrs["duplicates"] == 2  # both's unchecked record
+
+
+def test_behind_istio_each_copy_is_its_own_attempts_whichever_attempts_the_mirror_sampled(tmp_path):
+    """Istio's copies are stamped by the candidate's pod (0.4 s after their primary here), as no
+    primary. ``sent``: one id sent three times, 5 s apart, the mirror sampling the second alone
+    (its copy answering 9s); ``retried``: an id whose first attempt failed (FAULT) on the primary
+    and on its copy, sent again 5 s later, both the retry and its copy answering. Each copy was
+    paired with the id's earliest primary: the sampled copy with the first request (another
+    request's answer), and the retry's with the failed attempt, its pair no comparison, the
+    retry's copy a duplicate. Each copy is its own attempt's, the primary of its input nearest
+    in time, one copy a primary (a k-th copy is not the k-th request's: the mirror samples)."""
+    w = writer(tmp_path)
+    t = time.time() - 60
+    for k in range(3):
+        w.append(primary("sent", when=t + 5 * k))
+    w.append(shadow("sent", when=t + 5.4, scores=np.eye(10, dtype=np.float32)[[9, 9]]))
+    w.append(primary("retried", when=t, outcome="FAULT"))
+    w.append(shadow("retried", when=t + 0.4, outcome="FAULT"))
+    w.append(primary("retried", when=t + 5))
+    w.append(shadow("retried", when=t + 5.4))
+    w.flush()
+    df = read(tmp_path / "log", *window())
+    pairs = shadow_pairs(df)
+    at = pd.Timestamp(t + 5, unit="s", tz="UTC").floor("us")
+    assert len(pairs) == 4
+    assert (pairs["time"].dt.floor("ms") == at.floor("ms")).all()
+    assert list(pairs.sort_values(["request_id", "item"])["shadow_top1"]) == [3, 2, 9, 9]
+    assert pairs["shadow_error"].isna().all()
+    # (the retried id's failed attempt, its pair no comparison; the sent id's other two requests)
+    assert (pairs.attrs["primary_failed"], pairs.attrs["duplicates"], pairs.attrs["input_mismatch"]) == (2, 4, 0)
+    first, of, paired = copy_of(df)
+    copies = (df["role"] == "shadow").to_numpy()
+    stamps = df["time"].to_numpy()
+    assert (np.abs(stamps[of[copies]] - stamps[copies]) < np.timedelta64(500, "ms")).all()
+    assert paired[copies].all()
+    assert (df["outcome"][first] == "ok").all()
+    assert first.sum() == 4
 
 
 def test_records_land_in_their_model_and_hour_and_only_those_folders_are_read(tmp_path):
