@@ -126,6 +126,9 @@ class AuditResult:
     # Records repeating an earlier one's key (a client re-sending its request id, a copy made
     # twice): the earliest is paired, the repeats are no second piece of evidence (left out).
     duplicates: int = 0
+    # Pairs whose primary failed (a request cut by the client's timeout, a fault; a retry's first
+    # attempt beside the retry compared): no answer to compare with, left out.
+    primary_failed: int = 0
     # Pairs whose shadow answered another dtype or shape of output than its primary (FP16 for
     # FP32, 12 classes for 10): disagreements and anomalies, no divergence computed on them.
     output_differs: int = 0
@@ -496,6 +499,7 @@ SUMMED = (
     "input_mismatch",
     "self_pairs",
     "duplicates",
+    "primary_failed",
     "output_differs",
     "primary_not_finite",
     "shadow_not_finite",
@@ -1407,6 +1411,7 @@ def _audit_model(
     result.input_mismatch = pairs.attrs["input_mismatch"]
     result.self_pairs = pairs.attrs["self_pairs"]
     result.duplicates = pairs.attrs["duplicates"]
+    result.primary_failed = pairs.attrs["primary_failed"]
     result.primary_not_finite = pairs.attrs["primary_not_finite"]
     result.late_records = int((mine & late & ~lost).sum())
     in_time_at = _mirrorable(records)
@@ -1866,6 +1871,7 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         f"- Shadow records not a mirror copy of their primary (another input, excluded): {result.input_mismatch}",
         f"- Items mirrored to the version that served them (no comparison, excluded): {result.self_pairs}",
         f"- Records repeating an earlier one's request id and item (not audited): {result.duplicates}",
+        f"- Pairs whose primary failed (no comparison, not audited): {result.primary_failed}",
         f"- Primary answers that were no finite distribution (NaN or Inf; no comparison, excluded): "
         f"{result.primary_not_finite}",
         f"- Shadow answers alone no finite distribution (anomalies, out of the agreement): {result.shadow_not_finite}",

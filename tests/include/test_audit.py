@@ -2794,6 +2794,11 @@ def test_behind_istio_a_retry_whose_first_attempts_primary_failed_is_compared_wi
     pairs = predictionlog.shadow_pairs(predictionlog.read(tmp_path / "log", hour, end))
     assert (len(pairs), pairs.attrs["primary_failed"], pairs.attrs["duplicates"]) == (360, 60, 0)
     assert pairs["shadow_error"].isna().all()
+    # (the failed attempts' pairs, no comparison, said as the repeats are)
+    files = report_files(result)
+    assert result.primary_failed == 60
+    assert "- Pairs whose primary failed (no comparison, not audited): 60" in files[REPORT].decode()
+    assert json.loads(files["summary.json"])["primary_failed"] == 60
     assert (pairs["time"].iloc[300:] > pd.Timestamp(base + 104, unit="s", tz="UTC")).all()  # (the retries)
 
 
