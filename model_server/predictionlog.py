@@ -1983,6 +1983,51 @@ def _nearest(
     return out
 
 
+# How far the clocks of two pods writing the log may differ (the audit's CLOCK_SKEW_S, the same
+# figure): an Istio copy's pod's clock offset, as measured, is bounded by it.
+CLOCK_SKEW_S = 60
+
+
+def _clock_offsets(
+    df: pd.DataFrame, copies: np.ndarray, primaries: np.ndarray, code: np.ndarray, t: np.ndarray, digest: np.ndarray
+) -> np.ndarray:
+    """For each of ``copies`` (Istio's, rows), how far ahead of the primaries' its pod's clock
+    is, in ``t``'s units (microseconds): the median of copy stamp less primary stamp over the
+    keys with one primary (of ``primaries``) and one of ``copies`` alone, of one input (equal
+    ``digest``), stamped no more than ``CLOCK_SKEW_S`` apart; one offset per candidate version
+    and pod (``version``, ``replica``, where the records name them), 0 where it has no such
+    pair."""
+    import pandas as pd
+
+    out = np.zeros(len(copies), np.int64)
+    if len(copies) == 0 or len(primaries) == 0:
+        return out
+    group = np.zeros(len(copies), np.int64)  # (the copy's model, version and pod, as one code)
+    for name in ("model", "version", "replica"):
+        if name in df.columns:
+            codes, uniques = pd.factorize(df[name].take(copies), use_na_sentinel=False)
+            group = group * (len(uniques) + 1) + codes
+    group = pd.factorize(group)[0]
+    primaries = primaries[np.argsort(code[primaries], kind="stable")]
+    keys, first, count = np.unique(code[primaries], return_index=True, return_counts=True)
+    mine, many = np.unique(code[copies], return_inverse=True, return_counts=True)[1:]
+    at = np.minimum(np.searchsorted(keys, code[copies]), len(keys) - 1)
+    alone = (keys[at] == code[copies]) & (count[at] == 1) & (many[mine] == 1)
+    alone &= digest[copies] == digest[primaries[first[at]]]
+    gap = t[copies] - t[primaries[first[at]]]
+    alone &= np.abs(gap) <= CLOCK_SKEW_S * 1_000_000
+    g, gap = group[alone], gap[alone]
+    order = np.lexsort((gap, g))
+    g, gap = g[order], gap[order]
+    n = np.bincount(g, minlength=int(group.max()) + 1)
+    start = np.concatenate([[0], np.cumsum(n)[:-1]])
+    has = n > 0
+    median = np.zeros(len(n), np.int64)
+    lower, upper = gap[start[has] + (n[has] - 1) // 2], gap[start[has] + n[has] // 2]
+    median[has] = lower + (upper - lower) // 2
+    return median[group]
+
+
 def _spans(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """The positions of the distinct spans ``[lo, hi)`` (one each of equal ones), in order."""
     order = np.unique(np.stack([lo, hi], axis=1), axis=0)
@@ -2025,11 +2070,16 @@ def _pairing(df: pd.DataFrame, code: np.ndarray, t: np.ndarray) -> tuple[np.ndar
         digest[some] = pd.factorize(df["image_sha256"].take(some))[0]
     known = digest >= 0
     both = code * (int(digest.max(initial=0)) + 1) + digest  # (key and input: < rows x rows, no overflow)
+    # (matched on the copies' stamps less their pod's clock offset, measured on the keys of one
+    # primary and one copy: a pod's clock off by more than half the gap between a failed attempt
+    # and its retry swapped the two's copies)
+    corrected = t.copy()
+    corrected[istio] -= _clock_offsets(df, istio, rows, code, t, digest)
     first = istio[known[istio]]
-    of[first] = _nearest(first, near[known[near]], both, t)
+    of[first] = _nearest(first, near[known[near]], both, corrected)
     free[of[first][of[first] >= 0]] = False
     rest = istio[of[istio] < 0]
-    of[rest] = _nearest(rest, near[free[near]], code, t, digest)
+    of[rest] = _nearest(rest, near[free[near]], code, corrected, digest)
     # (of an id's primaries the request compared: the earliest that succeeded and that a copy
     # that ran is its own attempt's (a dropped copy does not make it the request compared over a
     # retry whose copy ran), else the earliest that failed with such a copy (its pair no
@@ -2059,8 +2109,10 @@ def copy_of(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     sending an id again: the second request's copy is the second primary's, never the first's).
     One stamped as none (Istio's, stamped by the candidate's pod on arrival, its clock apart) is
     its own attempt's too: Envoy mirrors each request as it sends it, so a copy is the primary of
-    its input (``image_sha256``; else one where either record has none) nearest in time to it,
-    each primary taking one copy at most, of those no own mirror's copy is stamped as (Istio
+    its input (``image_sha256``; else one where either record has none) nearest in time to it
+    (its stamp less its pod's clock offset: the median, per candidate version and pod, of copy
+    less primary stamp over the keys of one primary and one copy of one input, within
+    ``CLOCK_SKEW_S``; 0 where none), each primary taking one copy at most, of those no own mirror's copy is stamped as (Istio
     samples: a primary may have none, and a k-th copy is not the k-th request's). A copy no
     primary is left for is the request's primary's (a duplicate there). The request's primary:
     of an id's primaries, the earliest that succeeded (``outcome`` ok) with a copy that ran (no

@@ -999,12 +999,13 @@ def attribution(
     (``copy_of``), and so the range's or not as that primary is: the server's own mirror stamps
     its copy with its primary's own stamp (``shadow_record``: the request's ``received_at``);
     Istio's copy, stamped by the candidate's pod, its clock apart, is the primary's of its input
-    nearest in time to it (one copy a primary). A copy no primary read is left for (of a
+    nearest in time to it, its pod's clock offset taken off (one copy a primary). A copy no primary read is left for (of a
     primary not read) is the range's where stamped no earlier than the first of its item's
     primaries in the range less ``CLOCK_SKEW_S`` (no copy of it can be stamped before); one
     stamped earlier, of a primary before the range, stays that range's. A known limit behind
     Istio: a retry sent, with the same input, within twice the pods' clocks apart of its first
-    request may have the copies of the two swapped (each the other's nearest). A shadow
+    request, the offset as measured taken off, may have the copies of the two swapped (each the
+    other's nearest). A shadow
     record stamped within the range more than ``CLOCK_SKEW_S`` before
     its end, of a primary stamped after it (the pods' clocks further apart), is the range's too:
     the next range's read, from ``CLOCK_SKEW_S`` before it, never sees it, and the pair was lost

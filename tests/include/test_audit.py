@@ -21,6 +21,7 @@ from model_server import predictionlog
 from tests.support import DataReads, SlowStore, shadow_log
 from vision_rollout.audit import (
     CHART,
+    CLOCK_SKEW_S,
     COPIES_ALPHA,
     COPIES_POLL_S,
     REPORT,
@@ -2800,6 +2801,61 @@ def test_behind_istio_a_retry_whose_first_attempts_primary_failed_is_compared_wi
     assert "- Pairs whose primary failed (no comparison, not audited): 60" in files[REPORT].decode()
     assert json.loads(files["summary.json"])["primary_failed"] == 60
     assert (pairs["time"].iloc[300:] > pd.Timestamp(base + 104, unit="s", tz="UTC")).all()  # (the retries)
+
+
+@pytest.mark.parametrize(
+    ("lag", "first_copy", "retry_top"),
+    [
+        (-0.15, None, 5),
+        (0.15, None, 5),
+        (0.15, "FAULT", 3),
+        (-0.15, "FAULT", 3),
+        (0.05, "FAULT", 3),
+        (0.15, "ok", 5),
+        (-0.15, "ok", 5),
+    ],
+)
+def test_behind_istio_a_retry_is_paired_with_its_own_copy_whichever_way_the_candidates_clock_is_off(
+    tmp_path, lag, first_copy, retry_top
+):
+    """Behind Istio, 300 requests whose shadow agrees and 60 whose first attempt failed (FAULT),
+    the client sending the id again 0.2 s later (the retry succeeded, class 3); the candidate's
+    pod stamps each copy by its clock, ``lag`` s off (0.15 s: more than half the gap). Matched
+    nearest in time on the stamps as written, the two copies of an id swapped: with the first
+    attempt's copy failed too (FAULT) and the retry's agreeing (a good shadow), the retry was
+    compared with the failed copy, ('fail', 360 pairs, 60 shadow errors); with the first
+    attempt unsampled and the retry's copy answering class 5 (a bad shadow) and the clock
+    behind, the retry's copy went to the failed attempt and nothing of those ids was compared,
+    ('pass', 300 pairs); with the first attempt's copy answering as the primary would have
+    (ok, class 3) and the retry's class 5, the retry was compared with the agreeing copy. The
+    copies' stamps are corrected by the clock's offset measured on the ids with one primary
+    and one copy of one input (the median, here ``lag``) before the matching: the bad shadow fails on 360 pairs (300/360), the good one passes on 360 with no
+    shadow error (its failed attempts' pairs ``primary_failed``)."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    end = hour + timedelta(hours=1)
+    base = hour.timestamp() + 600
+    ok = {i: base + 0.1 * i for i in range(300)}
+    first = {i: base + 100 + 0.5 * (i - 300) for i in range(300, 360)}
+    again = {i: at + 0.2 for i, at in first.items()}
+    pods_log(tmp_path, {"pod-a": ("primary", ok)}, written=base + 140)
+    pods_log(tmp_path, {"pod-a": ("primary", first)}, written=base + 141, outcome="FAULT")
+    pods_log(tmp_path, {"pod-b": ("primary", again)}, written=base + 145)
+    pods_log(tmp_path, {"shadow": ("shadow", {i: t + lag for i, t in ok.items()})}, written=base + 150)
+    if first_copy:
+        copies = {i: t + lag for i, t in first.items()}
+        pods_log(tmp_path, {"shadow": ("shadow", copies)}, written=base + 150, outcome=first_copy)
+    pods_log(
+        tmp_path, {"shadow": ("shadow", {i: t + lag for i, t in again.items()})}, written=base + 151, top=retry_top
+    )
+    result = audit(tmp_path / "log", hour, end, "digits", earlier_hours=0)
+    judged = (result.verdict, result.rows, result.agreement, result.shadow_errors, result.duplicates)
+    bad = retry_top != 3
+    # (the failed attempts: with no copy, each a repeat of its id; with its copy, a pair whose
+    # primary failed)
+    repeats = 0 if first_copy else 60
+    assert judged == (("fail", 360, 300 / 360, 0, repeats) if bad else ("pass", 360, 1.0, 0, 0)), result.reasons
+    assert result.primary_failed == 60 - repeats
+    assert predictionlog.CLOCK_SKEW_S == CLOCK_SKEW_S  # (the offset's bound: the audit's)
 
 
 @pytest.mark.parametrize("first_copied", [False, True])

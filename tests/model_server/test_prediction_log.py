@@ -1943,3 +1943,27 @@ def test_the_writer_names_each_kind_of_output_once_not_each_record(tmp_path):
     assert {kinds["r-0"], kinds["r-49"], kinds["swapped"], kinds["labels"]} == {"FP32[10]", "BYTES[1]"}
     assert kinds["labels"] == "BYTES[1]"
     assert predictionlog._kind.cache_info().misses == 3  # float32, its byte-swapped twin, the strings
+
+
+def test_behind_istio_pairs_stamped_further_apart_than_the_clocks_may_be_measure_no_clock_offset():
+    """The copies' stamps are corrected by their pod's clock offset, measured on the keys of one
+    primary and one copy of one input (their median), before the nearest-in-time matching; a
+    pair stamped more than ``CLOCK_SKEW_S`` apart is no measure of it (another request's copy,
+    a hostile stamp). 20 such keys, copies 100 s after their primary, and an id sent twice 1 s
+    apart, each attempt's copy 0.1 s after it: taken as an offset of 100 s, each copy's nearest
+    was the id's later attempt and the two swapped; each copy is its own attempt's."""
+    t0 = pd.Timestamp("2026-03-01T10:10:00Z")
+    rows = []
+    for i in range(20):
+        rows.append(("primary", f"r{i}", t0 + pd.Timedelta(seconds=i), f"img-{i}", "1", "primary-pod"))
+        rows.append(("shadow", f"r{i}", t0 + pd.Timedelta(seconds=i + 100), f"img-{i}", "2", "shadow-pod"))
+    for k in range(2):
+        at = t0 + pd.Timedelta(seconds=50 + k)
+        rows.append(("primary", "again", at, "img", "1", "primary-pod"))
+        rows.append(("shadow", "again", at + pd.Timedelta(seconds=0.1), "img", "2", "shadow-pod"))
+    df = pd.DataFrame(rows, columns=["role", "request_id", "time", "image_sha256", "version", "replica"])
+    df["model"], df["item"], df["outcome"] = "digits", 0, "ok"
+    _, of, paired = copy_of(df)
+    again = np.flatnonzero((df["request_id"] == "again").to_numpy())
+    assert list(of[again]) == [again[0], again[0], again[2], again[2]]
+    assert paired[again[1::2]].all()
