@@ -999,10 +999,11 @@ def attribution(
     (``copy_of``), and so the range's or not as that primary is: the server's own mirror stamps
     its copy with its primary's own stamp (``shadow_record``: the request's ``received_at``);
     Istio's copy, stamped by the candidate's pod, its clock apart, is the primary's of its input
-    nearest in time to it, its pod's clock offset taken off (one copy a primary). A copy no primary read is left for (of a
-    primary not read) is the range's where stamped no earlier than the first of its item's
-    primaries in the range less ``CLOCK_SKEW_S`` (no copy of it can be stamped before); one
-    stamped earlier, of a primary before the range, stays that range's. A known limit behind
+    nearest in time to it, its pod's clock offset taken off (one copy a primary). Istio's copy,
+    and a copy no primary read is left for (of a primary not read), is the range's where stamped
+    no earlier than the first of its item's primaries in the range less ``CLOCK_SKEW_S`` (no
+    copy of it can be stamped before; one read without its primary is matched to another
+    attempt's); one stamped earlier, of a primary before the range, stays that range's. A known limit behind
     Istio: a retry sent, with the same input, within twice the pods' clocks apart of its first
     request, the offset as measured taken off, may have the copies of the two swapped (each the
     other's nearest). A shadow
@@ -1032,11 +1033,14 @@ def attribution(
     rows = rows[time.iloc[rows].argsort(kind="stable").to_numpy()]
     rows = rows[~key[rows].duplicated()]
     since = time.iloc[rows].set_axis(key[rows]).reindex(key).reset_index(drop=True)
-    ours = np.where(
-        own,
-        (primary & inside & ~late)[np.maximum(of, 0)],
-        (time.reset_index(drop=True) >= since - pd.Timedelta(seconds=CLOCK_SKEW_S)).to_numpy(),
-    )
+    after = (time.reset_index(drop=True) >= since - pd.Timedelta(seconds=CLOCK_SKEW_S)).to_numpy()
+    # (Istio's copy, matched by time, is held to the same: one read without its primary, stamped
+    # more than CLOCK_SKEW_S before its id's first primary in the range, was matched to that
+    # primary, a retry, and counted in both ranges; the own mirror's, stamped as its primary,
+    # needs no such check)
+    stamped = time.to_numpy("datetime64[us]")
+    exact = own & (stamped == stamped[np.maximum(of, 0)])
+    ours = np.where(own, (primary & inside & ~late)[np.maximum(of, 0)] & (exact | after), after)
     theirs = key.isin(key[primary & ~inside])
     unpaired = ~primary & ~key.isin(key[primary])
     beyond = (time < pd.Timestamp(end - timedelta(seconds=CLOCK_SKEW_S))).to_numpy() & key.isin(

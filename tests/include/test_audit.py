@@ -2886,6 +2886,31 @@ def test_behind_istio_the_copy_of_an_id_sent_again_past_the_hour_is_its_retrys_h
     assert judged == ("fail", 50, 0.0, 0, 50 if first_copied else 0), nxt.reasons
 
 
+@pytest.mark.parametrize("earlier_hours", [0, 24])
+def test_behind_istio_a_copy_read_without_its_primary_is_not_its_retrys_in_the_next_hour(tmp_path, earlier_hours):
+    """Behind Istio, 50 ids sent 60.6 s before the hour's end, each copied (the candidate's pod
+    1 s ahead: the copy stamped 59.6 s before the end) and disagreeing, and sent again 5 s past
+    the end, not sampled. The next hour reads from ``CLOCK_SKEW_S`` before it: each copy, not
+    its primary. The copy, matched to its id's one primary read (the retry, nearest in time),
+    was put in the retry's hour without attribution's check that no copy of it can be stamped
+    more than ``CLOCK_SKEW_S`` before the id's first primary in the hour: the same 50 copies
+    compared in both hours, ('fail', 50) each. The check holds for Istio's copies matched by
+    time too (the own mirror's, stamped as their primary, need none): the hour fails on its
+    50, the next has no pair."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    end = hour + timedelta(hours=1)
+    e = end.timestamp()
+    first = {i: e - 60.6 + 0.01 * i for i in range(50)}
+    again = {i: e + 5 + 0.01 * i for i in range(50)}
+    pods_log(tmp_path, {"primary-pod": ("primary", first)}, written=e)
+    pods_log(tmp_path, {"primary-pod-2": ("primary", again)}, written=e + 15)
+    pods_log(tmp_path, {"shadow-pod": ("shadow", {i: t + 1 for i, t in first.items()})}, written=e + 16, top=5)
+    this = audit(tmp_path / "log", hour, end, "digits", earlier_hours=earlier_hours)
+    nxt = audit(tmp_path / "log", end, end + timedelta(hours=1), "digits", earlier_hours=earlier_hours)
+    assert (this.verdict, this.rows, this.agreement) == ("fail", 50, 0.0), this.reasons
+    assert (nxt.verdict, nxt.rows, nxt.duplicates, nxt.input_mismatch) == ("skip", 0, 0, 0), nxt.reasons
+
+
 @pytest.mark.parametrize("first_sampled", [False, True])
 def test_a_late_copy_of_an_id_sent_twice_is_counted_once_lost_paired_or_late(tmp_path, first_sampled):
     """Behind the server's own mirror, 50 ids sent twice within the hour, 30 s apart, the
