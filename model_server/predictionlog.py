@@ -2003,11 +2003,10 @@ def _clock_offsets(
     if len(copies) == 0 or len(primaries) == 0:
         return out
     group = np.zeros(len(copies), np.int64)  # (the copy's model, version and pod, as one code)
-    for name in ("model", "version", "replica"):
+    for name in ("model", "version", "replica"):  # (factorized at each step: under the rows, no overflow)
         if name in df.columns:
             codes, uniques = pd.factorize(df[name].take(copies), use_na_sentinel=False)
-            group = group * (len(uniques) + 1) + codes
-    group = pd.factorize(group)[0]
+            group = pd.factorize(group * (len(uniques) + 1) + codes)[0]
     primaries = primaries[np.argsort(code[primaries], kind="stable")]
     keys, first, count = np.unique(code[primaries], return_index=True, return_counts=True)
     mine, many = np.unique(code[copies], return_inverse=True, return_counts=True)[1:]
