@@ -237,13 +237,24 @@ def _bracketed(depth: int) -> str:
 
 
 def _piece(depth: int, shut: str = "") -> str:
-    """A piece of a bracket's repr ``depth`` deep at most (``shut``: a character that is none)."""
+    """A piece of a bracket's repr ``depth`` deep at most (``shut``: a character that is none; a
+    tuple's ")": a "(" in it is then a piece only where it opens no tuple, ``_tuple``)."""
+    tuple_open = rf"|{_tuple(depth - 1)}" if shut and depth > 1 else ""
     return (
         rf"(?:{_IN_QUOTES}|\\{{1,32}}+(?![\"'])|(?:\\\\){{1,16}}+(?=[\"'])|(?<!\\)\\'"
-        rf"|(?:\\\\){{1,16}}+\\[\"']|(?<!\\)\\\"(?!{_CLOSES_HELD})|[^{{}}\[\]{shut}\\\"]|\"(?!{_CLOSES})"
+        rf"|(?:\\\\){{1,16}}+\\[\"']|(?<!\\)\\\"(?!{_CLOSES_HELD}){tuple_open}"
+        + (rf"|\((?!{_TUPLE_HEAD})|[^{{}}\[\](){shut}\\\"]" if shut else r"|[^{}\[\]\\\"]")
+        + rf"|\"(?!{_CLOSES})"
         + (f"|{_bracketed(depth - 1)}" if depth > 1 else "")
         + ")"
     )
+
+
+def _tuple(depth: int) -> str:
+    """A tuple's repr, to the ")" that closes it, a tuple in it ``depth`` deep at most (64 pieces
+    at most, a string in quotes one piece: each key's tuple not closed was read 4,094 pieces on,
+    over the keys after it; a longer one is read as one not closed)."""
+    return rf"{_TUPLE_OPEN}{_piece(depth, ')')}{{0,64}}+\)"
 
 
 # A tuple's repr as a value, its "(" before a string in quotes (escaped too, a bytes' "b'"):
@@ -253,11 +264,25 @@ def _piece(depth: int, shut: str = "") -> str:
 # (Blanks and line ends, written escaped too, before a bracket's first quote, escaped as deep as it
 # is (``_ESCAPE``): "secret {\n'a': ...", a dict printed over lines and cut short, was left in
 # clear; up to 64, possessive.)
+# Its "(" before a dict's or a list's "{" or "[", or before a word (a number, None, True: up to 64
+# characters, no blank, quote, bracket or ",") and ",", opens one too, its strings after that first
+# item ("token: (1, 'hunter2xyz')", "token: ([1], 'hunter2xyz')"), and so does its "(" before a
+# tuple's "(" that opens one, four deep at most ("token: (('a', 'hunter2xyz'),)"): each had its "("
+# and what followed it to the first "," masked, its strings left in clear. A tuple in a tuple is
+# read to its own ")"; a "(" in one that opens none is one of its characters ("token: ((optional))"
+# is no tuple: the run, as before).
 _BEFORE_QUOTE = r"(?:[ \t\r\n]|\\{1,8}[nrt]){0,64}+"
-_TUPLE_OPEN = rf"\((?={_BEFORE_QUOTE}b?(?:{_ESCAPE})?[\"'])"
-# (64 pieces at most, a string in quotes one piece: each key's tuple not closed was read 4,094 pieces
-# on, over the keys after it; a longer one is read as one not closed.)
-CLOSED_BRACKETED = rf"(?:{_bracketed(4)}|{_TUPLE_OPEN}{_piece(4, ')')}{{0,64}}+\))"
+
+
+def _tuple_head(depth: int) -> str:
+    """What follows a tuple's "(": its first item's start, a tuple's ``depth`` deep at most."""
+    inner = rf"|\({_tuple_head(depth - 1)}" if depth > 1 else ""
+    return rf"{_BEFORE_QUOTE}(?:b?(?:{_ESCAPE})?[\"']|[{{\[]|[^\s()\[\]{{}}\"'\\,]{{1,64}}+[ \t]{{0,8}}+,{inner})"
+
+
+_TUPLE_HEAD = _tuple_head(4)
+_TUPLE_OPEN = rf"\((?={_TUPLE_HEAD})"
+CLOSED_BRACKETED = rf"(?:{_bracketed(4)}|{_tuple(4)})"
 # One not closed in a JSON string ('{"m": "api_key: [[ "}', or a string held in one, its quotes
 # escaped once) ends before the quote that closes that string (``_closes``), not escaped or escaped
 # once; a string in quotes in it (not so opened) is read whole, a backslash with the character it
@@ -449,7 +474,8 @@ _NAMED_AFTER = re.compile(
 # value: "db_password\\t=\\thunter2"): a value in quotes, a literal there
 # (detect-secrets' ``private_key "..."``: 'password "hunter2"', "my api key is 'AbC 12'"), or a
 # dict's or a list's repr closed ("password {'db': 'b3cret9'}", over lines too), or one not closed
-# whose first character (after blanks and line ends: ``_BEFORE_QUOTE``) is a quote, escaped too ('token {\\"value\\": \\"eyJ...' in a JSON string:
+# whose first character (after blanks and line ends: ``_BEFORE_QUOTE``) is a quote, escaped too, or a
+# tuple's that opens one (``_TUPLE_OPEN``: "password (1, 'hunter2xyz'") ('token {\\"value\\": \\"eyJ...' in a JSON string:
 # ``_NOT_CLOSED``, to the quote that ends that string; in plain text to its end); else
 # ("password hunter2", "the api key is AbC123...") a value of 6 characters or more that is no word
 # of prose, that is one holding a digit, a symbol other than . _ / - : ! ? or a capital after its
@@ -495,7 +521,7 @@ _OBJECT_NAMED = (
 _OWNED = rf"(?P<o>(?i:{'|'.join(_OWNERS)})(?:['\u2019]s)?{BLANK}{{1,64}}+(?=(?i:secret){BLANK}))?"
 _SECRET_SPACED = re.compile(  # (its match starts at an owner's or a name's first character: a look ahead first)
     rf"(?=(?i:[a-z0-9])){after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}{BLANK}{{1,64}}+(?:(?i:is){BLANK}{{1,64}}+)?(?:(?P<e>{_ESCAPE})?(?P<q>[\"']))?{_NO_MASKED_AFTER}"
-    rf"(?P<v>(?(q){_QUOTED}|(?:{CLOSED_BRACKETED}|(?=[{{\[(]{_BEFORE_QUOTE}(?:{_ESCAPE})?[\"']){_NOT_CLOSED}|(?![:=]|{_SCHEME})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
+    rf"(?P<v>(?(q){_QUOTED}|(?:{CLOSED_BRACKETED}|(?=[{{\[]{_BEFORE_QUOTE}(?:{_ESCAPE})?[\"']|{_TUPLE_OPEN}){_NOT_CLOSED}|(?![:=]|{_SCHEME})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
     rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_RUN})))"
 )
 # A URL query's parameter (after "?" or "&") named for a secret, and also, there only, for a key, a signature or

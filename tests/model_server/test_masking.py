@@ -1455,6 +1455,8 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "line ends written escaped twice after a key": "password: x" + "\\\\n" * 333_333,
     "value keys after a spaced key": "password " + "value:." * 150_000,
     "tuples of strings in double quotes after keys": "token: ('a\", " * 76_923,
+    "tuples of numbers after keys": "token: (1, " * 90_000,
+    "tuples in tuples not closed after spaced keys": ("password ((1, " + "'a', " * 300 + "\n") * 600,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -1484,6 +1486,8 @@ FOUND_IN_SECRET_HOSTILE = {
     "a cookie header without end": {"secret"},  # whole
     "line ends written escaped twice after a key": {"secret"},  # the value, its line ends
     "tuples of strings in double quotes after keys": {"secret"},  # each key's "(", a tuple not closed
+    "tuples of numbers after keys": {"secret"},  # the first, to the text's end
+    "tuples in tuples not closed after spaced keys": {"secret"},  # the first, to the text's end
 }
 
 
@@ -5180,6 +5184,32 @@ def test_a_tuple_after_a_secret_key_is_masked_whole(keys, text, kept, depth):
     """A tuple's repr after a secret's key ("token: ('a', 'hunter2xyz')", requests' auth tuple
     printed) had its "(" masked and its strings logged in clear. It is masked whole, to its ")":
     one token, the text around it kept, the JSON around it parsed, a second scrub the same."""
+    assert masked_at_depth(keys, text, depth) == (kept, kept)
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ("token: (('a', 'hunter2xyz'),)", "token: ***"),
+        ("token: (1, 'hunter2xyz')", "token: ***"),
+        ("token: (None, 'hunter2xyz') sent", "token: *** sent"),
+        ("password: (True, ('a', ('b', 'hunter2xyz'))) ok", "password: *** ok"),  # (three deep)
+        ("api_key=([1, 2], 'hunter2xyz'), next", "api_key=***, next"),
+        ("secret: ({'u': 1}, b'hunter2xyz')", "secret: ***"),
+        ("credentials: (-1.5, 'a', 'hunter2xyz')", "credentials: ***"),
+        ("password ((1, 'hunter2xyz'),) next", "password *** next"),  # (a spaced key's)
+        ("token: (\n  (\n    'a',\n    'hunter2xyz',\n  ),\n) done", "token: *** done"),  # (over lines)
+        ("token: ((optional)) used", "token: *** used"),  # (no tuple: the run, as before)
+    ],
+)
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_a_tuple_nested_or_first_holding_no_string_after_a_secret_key_is_masked_whole(keys, text, kept, depth):
+    """A tuple after a secret's key was read as one only where a quote followed its "(": a tuple
+    in it first ("token: (('a', 'hunter2xyz'),)") or a number, None or True first ("token: (1,
+    'hunter2xyz')") had "(" and what followed it to the first "," masked, the strings after it left
+    in clear. A tuple's "(" before a bracket, or before a word and ",", opens one, a tuple in it
+    (four deep at most) read to its own ")": masked whole, the JSON around it parsed, a second
+    scrub the same."""
     assert masked_at_depth(keys, text, depth) == (kept, kept)
 
 
