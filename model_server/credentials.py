@@ -199,12 +199,16 @@ def _cred_run(*after_key: str, limit: int | None = None) -> str:
 # structure's: "{'pw': 'Tr0ub}4dor9'}"), on its line: its opening quote escaped ``k`` deep (0, 1,
 # 3, 7 or 15 backslashes: a repr held in JSON strings), to the quote escaped as deep that closes it
 # after the value's own backslashes (a run of ``k`` and ``2k + 2`` more for each: ``quoted``'s
-# rule), its escapes in it; 256 characters at most, each repetition possessive. One not closed is
-# none (an apostrophe in a word): its quote is one of the text's characters.
+# rule), its escapes in it; however long, each repetition possessive (256 characters at most ended
+# a bracket's read at a longer one: 'credentials: {"a": "' and 300 characters, then '", "b":
+# "hunter2xyz"}' was masked to its first string, the fields after it in clear). One not closed is
+# none (an apostrophe in a word): its quote is one of the text's characters. Each read is linear:
+# a string's quote, escaped k deep, is the close of one so opened before it, so no two reads of
+# strings opened alike cover a character, and one not closed on its line fails at its line end.
 def _in_quotes(q: str, k: int, refused: str = "") -> str:
     """That string; ``refused`` (a look ahead) refuses a character of it there, bare or escaped."""
     close = rf"(?:\\{{{2 * k + 2}}}){{0,8}}+\\{{{k}}}{q}"
-    return rf"\\{{{k}}}{q}(?:(?!{close})\\{{1,32}}+{refused}[^\n\\]|{refused}[^\n\\{q}]){{0,256}}+{close}"
+    return rf"\\{{{k}}}{q}(?:(?!{close})\\{{1,32}}+{refused}[^\n\\]|{refused}[^\n\\{q}])*+{close}"
 
 
 _IN_QUOTES = "(?>(?=[\\\\\"'])(?:" + "|".join(_in_quotes(q, k) for q in "\"'" for k in _DEPTHS) + "))"
@@ -302,10 +306,10 @@ CLOSED_BRACKETED = rf"(?:{_bracketed(4)}|{_tuple(4)})"
 # megabyte of them was read 256 characters on).
 _JSON_STRING_CLOSE = r"(?!\"(?:[ \t\r\n]|\\[nrt]){0,64}+[,:}\]](?:[ \t\r\n,:}\]]|\\[nrt]){0,64}+(?:\\{0,32}+\"|[-\d{\[]|true|false|null))"
 _ENDS = rf"(?<!\\)(?:(?:\\\\){{0,32}}+\"(?={_CLOSES})|\\(?:\\{{4}}){{0,16}}+\"(?={_CLOSES_HELD_KEYLESS}))"
-_REPR_STRING = rf"(?<!\\)(?='[^'\n\"]{{0,256}}?(?:(?<!\\)'|{_ENDS}))" + _in_quotes("'", 0, _JSON_STRING_CLOSE)
+_REPR_STRING = rf"(?<!\\)(?='[^'\n\"]*?(?:(?<!\\)'|{_ENDS}))" + _in_quotes("'", 0, _JSON_STRING_CLOSE)
 _NOT_CLOSED = (
-    rf"(?:[{{\[]|{_TUPLE_OPEN})(?:{_REPR_STRING}(?={_CLOSES})|\"(?!{_CLOSES})(?:[^\"\\\n]|\\.){{0,256}}+\""
-    rf"|(?<!\\)\\\"(?!{_CLOSES_HELD_KEYLESS})(?:[^\"\\\n]|\\[^\"\n]){{0,256}}+\\\""
+    rf"(?:[{{\[]|{_TUPLE_OPEN})(?:{_REPR_STRING}(?={_CLOSES})|\"(?!{_CLOSES})(?:[^\"\\\n]|\\.)*+\""
+    rf"|(?<!\\)\\\"(?!{_CLOSES_HELD_KEYLESS})(?:[^\"\\\n]|\\[^\"\n])*+\\\""
     rf"|\"(?!{_CLOSES})|(?:\\{{4}}){{0,16}}+\\\"(?!{_CLOSES_HELD_KEYLESS})"
     rf"|(?:\\{{4}}){{0,15}}+\\{{3}}\"|\\{{1,64}}+(?!\")|(?:\\\\){{1,32}}+(?=\")|[^\"\\])*+"
 )

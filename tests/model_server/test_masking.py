@@ -1457,6 +1457,7 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "tuples of strings in double quotes after keys": "token: ('a\", " * 76_923,
     "tuples of numbers after keys": "token: (1, " * 90_000,
     "tuples in tuples not closed after spaced keys": ("password ((1, " + "'a', " * 300 + "\n") * 600,
+    "a string never closed before keys in brackets": 'token: ["' + "a token: [" * 100_000,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -1488,6 +1489,7 @@ FOUND_IN_SECRET_HOSTILE = {
     "tuples of strings in double quotes after keys": {"secret"},  # each key's "(", a tuple not closed
     "tuples of numbers after keys": {"secret"},  # the first, to the text's end
     "tuples in tuples not closed after spaced keys": {"secret"},  # the first, to the text's end
+    "a string never closed before keys in brackets": {"secret"},  # the first, to the text's end
 }
 
 
@@ -5210,6 +5212,30 @@ def test_a_tuple_nested_or_first_holding_no_string_after_a_secret_key_is_masked_
     in clear. A tuple's "(" before a bracket, or before a word and ",", opens one, a tuple in it
     (four deep at most) read to its own ")": masked whole, the JSON around it parsed, a second
     scrub the same."""
+    assert masked_at_depth(keys, text, depth) == (kept, kept)
+
+
+_LONG = "Zq9w" * 75  # (300 characters)
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ('credentials: {"a": "' + _LONG + '", "b": "hunter2xyz"}', "credentials: ***"),
+        ("credentials: (\"it's " + _LONG + "\", 'hunter2xyz')", "credentials: ***"),
+        ("token: ['" + _LONG * 17 + "', 'hunter2xyz'] sent", "token: *** sent"),  # (5,100 characters)
+        ('password: {"a": {"b": "' + _LONG + '"}, "c": "hunter2xyz"}, next', "password: ***, next"),
+        ('password {"a": "' + _LONG + '", "b": "hunter2xyz"} next', "password *** next"),  # (a spaced key's)
+        ('token: ["' + _LONG + '", "hunter2xyz"', "token: ***"),  # (not closed: to the text's end)
+    ],
+)
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_a_string_longer_than_256_characters_in_a_bracket_after_a_secret_key_is_read_past(keys, text, kept, depth):
+    """A string in quotes of more than 256 characters in a bracket or a tuple after a secret's key
+    ended the read: 'credentials: {"a": "' and 300 characters, then '", "b": "hunter2xyz"}' was
+    masked to 'credentials: ***", "b": "hunter2xyz"}', the fields after it in clear. A string in
+    it is read whole, however long, and the bracket after it: masked whole, the JSON around it
+    parsed, a second scrub the same."""
     assert masked_at_depth(keys, text, depth) == (kept, kept)
 
 
