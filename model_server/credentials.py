@@ -145,8 +145,14 @@ _LAST_COLON = r"(?!:(?:\s|\\[nrtbf]|\Z))"
 # ":" or "=" ends the value there ("password: Tr0ub4dor\\\\ntoken: hunter2xyz" twice dumped
 # masked "Tr0ub4dor\\\\ntoken", leaving ": hunter2xyz" in clear), so the key's rule reads the next.
 # (Up to eight line ends, then blanks, tabs written escaped too: each look ahead bounded, or a
-# megabyte of them was read again from each backslash.)
-_BREAK_THEN_KEY = rf"(?!\\{{2,15}}[rn](?:\\{{1,15}}[rn]){{0,7}}+(?:[ \t]|\\{{1,15}}t){{0,16}}+{_SECRET_NAME}{_KEY_SEP})"
+# megabyte of them was read again from each backslash.) A bracket, a list's mark or a quote,
+# escaped too, may come before the key, and a quote after it (up to 16 of them and the blanks:
+# "password: Tr0ub4dor\\\\n[token: hunter2xyz]" twice dumped masked "Tr0ub4dor\\\\n[token" and
+# left ": hunter2xyz]" in clear; "\\\\n{'api_key': ...", "\\\\n- secret: ..." alike).
+_BREAK_THEN_KEY = (
+    rf"(?!\\{{2,15}}[rn](?:\\{{1,15}}[rn]){{0,7}}+(?:[ \t\[{{(<*#>-]|\\{{1,15}}t|\\{{0,15}}[\"']){{0,16}}+"
+    rf"{_SECRET_NAME}{KEY_QUOTE}{_KEY_SEP})"
+)
 
 
 def _run(chars: str, limit: int | None = None) -> str:

@@ -1458,6 +1458,7 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "tuples of numbers after keys": "token: (1, " * 90_000,
     "tuples in tuples not closed after spaced keys": ("password ((1, " + "'a', " * 300 + "\n") * 600,
     "a string never closed before keys in brackets": 'token: ["' + "a token: [" * 100_000,
+    "escaped line ends and brackets after a key": "password: x" + ("\\\\n" + "[" * 16 + "{") * 55_000,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -1490,6 +1491,7 @@ FOUND_IN_SECRET_HOSTILE = {
     "tuples of numbers after keys": {"secret"},  # the first, to the text's end
     "tuples in tuples not closed after spaced keys": {"secret"},  # the first, to the text's end
     "a string never closed before keys in brackets": {"secret"},  # the first, to the text's end
+    "escaped line ends and brackets after a key": {"secret"},  # the value, to the text's end
 }
 
 
@@ -5246,6 +5248,10 @@ def test_a_string_longer_than_256_characters_in_a_bracket_after_a_secret_key_is_
         ("password: Tr0ub4dor\r\napi_key=Zq8Wv3Kx9 and more", "password: ***\r\napi_key=*** and more"),
         ("token: Hx7qZp2Wk9\n  db_password = Tr0ub4dor", "token: ***\n  db_password = ***"),
         ("password: Tr0ub4dor\n\ttoken: hunter2xyz", "password: ***\n\ttoken: ***"),  # (a tab, escaped too)
+        ("password: Tr0ub4dor\n[token: hunter2xyz]", "password: ***\n[token: ***"),  # (a bracket before the key)
+        ("password: Tr0ub4dor\n{'api_key': 'Zq8Wv3Kx9'}", "password: ***\n{'api_key': '***'}"),
+        ("password: Tr0ub4dor\n- secret: hunter2xyz", "password: ***\n- secret: ***"),  # (a list's mark)
+        ('token: Hx7qZp2Wk9\n"credentials": "hunter2xyz"', 'token: ***\n"credentials": "***"'),
     ],
 )
 @pytest.mark.parametrize("depth", [0, 1, 2, 3])
@@ -5254,7 +5260,9 @@ def test_a_line_end_written_escaped_twice_ends_a_value_before_a_secrets_key(keys
     dumped twice) has its line end written "\\\\n": a value's run read it as a written backslash
     and a letter, took "Tr0ub4dor\\\\ntoken" as the value and left ": hunter2xyz" in clear. Before a
     secret's key and its ":" or "=", such a line end ends the value: each secret masked, the JSON
-    around them parsed, a second scrub the same."""
+    around them parsed, a second scrub the same. So too where a bracket, a list's mark or a quote
+    comes before the key ("password: Tr0ub4dor\\n[token: hunter2xyz]" twice dumped left
+    ": hunter2xyz]" in clear)."""
     assert masked_at_depth(keys, text, depth) == (kept, kept)
 
 
