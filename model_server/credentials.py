@@ -174,7 +174,13 @@ _RUN_CHARS = r"^\s\"'`,;&<>\\"
 # "---": a table's empty cell) is one too.
 _WRITTEN_PLACEHOLDER = r"(?:\(not set\)|-{1,3}+|(?i:null|none|n/a))"
 PLACEHOLDER = rf"(?:{_WRITTEN_PLACEHOLDER}|\*{{3}})"
-NO_VALUE = rf"(?!{PLACEHOLDER}(?=[\s,;&)\]}}\"'<>]|\\[nrtbf]|\Z))"
+_VALUE_END = r"(?=[\s,;&)\]}\"'<>]|\\[nrtbf]|\Z)"
+# A mask's mark, and up to three of a sentence's ".", "!", "?" or ":" after it, before a value's end
+# or a quote or line end written escaped (any depth): the mask of a value that a bracket closed
+# ("password: ('hunter2xyz',)." scrubbed to "password: ***.", which scrubbed again gave "password:
+# ***"), no value, so a text scrubbed again stays as it is.
+_MASK_MARK = rf"\*{{3}}[.!?:]{{0,3}}+(?:{_VALUE_END}|(?=\\{{1,15}}[\"'nrtbf]))"
+NO_VALUE = rf"(?!{_WRITTEN_PLACEHOLDER}{_VALUE_END}|{_MASK_MARK})"
 # A placeholder then a word on its line ("password: none hunter2"): the placeholder stays, the word
 # is the value, as any word after a secret's key is (a date after it is the line's, a token the
 # mask's own). Not after a mask's mark: "***" is where a value was, the word after it the text's
@@ -531,7 +537,7 @@ _OBJECT_NAMED = (
 _OWNED = rf"(?P<o>(?i:{'|'.join(_OWNERS)})(?:['\u2019]s)?{BLANK}{{1,64}}+(?=(?i:secret){BLANK}))?"
 _SECRET_SPACED = re.compile(  # (its match starts at an owner's or a name's first character: a look ahead first)
     rf"(?=(?i:[a-z0-9])){after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}{BLANK}{{1,64}}+(?:(?i:is){BLANK}{{1,64}}+)?(?:(?P<e>{_ESCAPE})?(?P<q>[\"']))?{_NO_MASKED_AFTER}"
-    rf"(?P<v>(?(q){_QUOTED}|(?:{CLOSED_BRACKETED}|(?=[{{\[]{_BEFORE_QUOTE}(?:{_ESCAPE})?[\"']|{_TUPLE_OPEN}){_NOT_CLOSED}|(?![:=]|{_SCHEME})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
+    rf"(?P<v>(?(q){_QUOTED}|(?:{CLOSED_BRACKETED}|(?=[{{\[]{_BEFORE_QUOTE}(?:{_ESCAPE})?[\"']|{_TUPLE_OPEN}){_NOT_CLOSED}|(?![:=]|{_SCHEME}|{_MASK_MARK})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
     rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_RUN})))"
 )
 # A URL query's parameter (after "?" or "&") named for a secret, and also, there only, for a key, a signature or

@@ -5241,6 +5241,23 @@ def test_a_string_longer_than_256_characters_in_a_bracket_after_a_secret_key_is_
     assert masked_at_depth(keys, text, depth) == (kept, kept)
 
 
+@pytest.mark.parametrize("value", ["('hunter2xyz',)", "['hunter2xyz']", "{'a': 'hunter2xyz'}", '{"a": "hunter2xyz"}'])
+@pytest.mark.parametrize("end", [".", "!", "...", ":", "!\n"])
+@pytest.mark.parametrize("head", ["password: ", "api_key=", "token "])
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+def test_a_bracket_masked_before_a_sentences_end_is_masked_the_same_again(head, value, end, depth):
+    """A bracket masked before a "." was scrubbed again to less: "password: ('hunter2xyz',)." to
+    "password: ***." and that to "password: ***", the mask's mark and the "." read as a value. A
+    mask's mark and up to three of ".", "!", "?" or ":" before a value's end (a blank, the text's
+    end, a quote or a line end written escaped) is no value: scrubbed twice, as scrubbed once."""
+    text = head + value + end
+    for _ in range(depth):
+        text = json.dumps(text)
+    once = scrub(text)
+    assert "hunter2xyz" not in once
+    assert scrub(once) == once
+
+
 @pytest.mark.parametrize(
     ("text", "kept"),
     [
