@@ -88,16 +88,23 @@ _ESCAPED_BACKSLASH = r"(?:(?P=e)(?P=e)\\\\)"
 # escape's, a multiple of theirs), else it is one of the value's characters, an escape of its
 # own ("\\n", a quote of a string held in it); ``limit`` characters or escapes at most, each
 # repetition bounded and possessive.
-def quoted(limit: int) -> str:
-    """A string's value in quotes (after ``OPEN_QUOTE``), to its closing quote."""
+def quoted(limit: int | None) -> str:
+    """A string's value in quotes (after ``OPEN_QUOTE``), to its closing quote (however long where
+    ``limit`` is None)."""
+    times = "++" if limit is None else f"{{1,{limit}}}"
     own = rf"{_ESCAPED_BACKSLASH}{{0,16}}+(?:(?!(?P=e)(?P=q))\\{{1,31}}+[^\n\\]|(?!(?P=q))[^\n\\])"
     return (
-        rf"(?(e)(?:{own}|{_ESCAPED_BACKSLASH}{{1,16}}+(?=(?P=e)(?P=q))){{1,{limit}}}(?=(?P=e)(?P=q))"
-        rf"|(?:\\.|(?!(?P=q))[^\n\\]){{1,{limit}}}(?=(?P=q)))"
+        rf"(?(e)(?:{own}|{_ESCAPED_BACKSLASH}{{1,16}}+(?=(?P=e)(?P=q))){times}(?=(?P=e)(?P=q))"
+        rf"|(?:\\.|(?!(?P=q))[^\n\\]){times}(?=(?P=q)))"
     )
 
 
 _QUOTED = quoted(256)
+# A keyed value in quotes, however long: 256 characters at most left one longer to the run, which
+# stopped at its first blank ('password: "' and 300 characters, then ' hunter2xyz" ok' was
+# scrubbed to 'password: "*** hunter2xyz" ok'). A quote escaped as the opening one closes the
+# read, so no two reads of values opened alike cover a character (linear).
+_QUOTED_WHOLE = quoted(None)
 # A key's closing quote, escaped too; a string's opening quote, or a Python bytes' repr's
 # (botocore's headers: b'...'), not given back (its "b" no value of its own), escaped too (``e``).
 # (The masking's keyed rule takes its key's and value's quotes so too.)
@@ -471,7 +478,7 @@ _SECRET_KEYED = re.compile(
     rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:(?>{_QUOTED_KEY_SEP}|{KEY_QUOTE}{_KEY_SEP}){_MARK_AT_LINE_END}{LIST_MARK}|{_PAIR_SEP}"
     rf"|(?(nb){_VALUE_NAMED}|(?!)))|(?(nb){_COOKIE_ONE}{_COOKIE_NAMED}|(?!)))"
     rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME}){_BLOCK_HEAD}{_MARKED_VALUE}(?(h)|(?(q)|{PLACEHOLDER_THEN}))"
-    rf"(?P<v>(?(h){_BLOCK}|(?(q)|{NO_VALUE})(?:(?(q){_QUOTED}|(?:{BRACKETED}|{_KEYED_RUN}))|{_KEYED_RUN}){_PLACEHOLDER_WORDS})){_PAIR_END}"
+    rf"(?P<v>(?(h){_BLOCK}|(?(q)|{NO_VALUE})(?:(?(q){_QUOTED_WHOLE}|(?:{BRACKETED}|{_KEYED_RUN}))|{_KEYED_RUN}){_PLACEHOLDER_WORDS})){_PAIR_END}"
 )
 # A field "value" before the field that names it ({"value": "...", "name": "DB_PASSWORD"}: a
 # dict's keys in any order, as a JSON object may have them, json.dumps(sort_keys=True) too): its
@@ -537,7 +544,7 @@ _OBJECT_NAMED = (
 _OWNED = rf"(?P<o>(?i:{'|'.join(_OWNERS)})(?:['\u2019]s)?{BLANK}{{1,64}}+(?=(?i:secret){BLANK}))?"
 _SECRET_SPACED = re.compile(  # (its match starts at an owner's or a name's first character: a look ahead first)
     rf"(?=(?i:[a-z0-9])){after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}{BLANK}{{1,64}}+(?:(?i:is){BLANK}{{1,64}}+)?(?:(?P<e>{_ESCAPE})?(?P<q>[\"']))?{_NO_MASKED_AFTER}"
-    rf"(?P<v>(?(q){_QUOTED}|(?:{CLOSED_BRACKETED}|(?=[{{\[]{_BEFORE_QUOTE}(?:{_ESCAPE})?[\"']|{_TUPLE_OPEN}){_NOT_CLOSED}|(?![:=]|{_SCHEME}|{_MASK_MARK})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
+    rf"(?P<v>(?(q){_QUOTED_WHOLE}|(?:{CLOSED_BRACKETED}|(?=[{{\[]{_BEFORE_QUOTE}(?:{_ESCAPE})?[\"']|{_TUPLE_OPEN}){_NOT_CLOSED}|(?![:=]|{_SCHEME}|{_MASK_MARK})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
     rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_RUN})))"
 )
 # A URL query's parameter (after "?" or "&") named for a secret, and also, there only, for a key, a signature or

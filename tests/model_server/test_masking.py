@@ -5138,6 +5138,19 @@ def test_a_keyed_value_is_masked_whole_however_long(keys, head, tail, length, de
     assert masked_at_depth(keys, head + secret + tail, depth) == (head + "***" + tail,) * 2
 
 
+@pytest.mark.parametrize(
+    ("head", "tail"),
+    [('password: "', '" ok'), ("secret: '", "' ok"), ('password "', '" ok'), ('{"api_key": "', '", "user": "bob"}')],
+)
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_a_keyed_value_in_quotes_longer_than_256_characters_with_blanks_is_masked_whole(keys, head, tail, depth):
+    """A value in quotes after a secret's key longer than 256 characters was read by the run, which
+    stopped at its first blank: 'password: "' and 300 characters, then ' hunter2xyz" ok' was
+    scrubbed to 'password: "*** hunter2xyz" ok'. It is read to its closing quote, however long."""
+    secret = ("Zq9w x7Kp " * 40)[:300] + " hunter2xyz"
+    assert masked_at_depth(keys, head + secret + tail, depth) == (head + "***" + tail,) * 2
+
+
 def test_a_keyed_value_of_a_megabyte_is_masked_whole():
     """A 1 MB value after a secret's key is masked whole, in a scan linear in the text (each
     character read once by the one match: pytest's timeout bounds it)."""
