@@ -5230,6 +5230,26 @@ def test_a_tuple_nested_or_first_holding_no_string_after_a_secret_key_is_masked_
     assert masked_at_depth(keys, text, depth) == (kept, kept)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Reset your password (see, e.g., the docs) today.",
+        "the token (e.g., a JWT) expires",
+        "Reset your password (see, for details, the account settings page under security and login options, "
+        "then the section on devices and sessions) then log in.\nLine two stays readable.",
+    ],
+)
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_prose_in_parentheses_after_a_spaced_secret_key_stays_readable(keys, text, depth):
+    """A "(" before a word and a "," opens a tuple after a secret's key (``_TUPLE_HEAD``: "token:
+    (1, 'hunter2xyz')"); after a spaced key it took prose for one: "Reset your password (see,
+    e.g., the docs) today." was masked to "Reset your password *** today.", and a parenthesis of
+    more than 64 pieces, read as a tuple not closed, masked the rest of the text, its later lines
+    too. No repr prints a bare word first (None, True, False, nan and inf are read as tuples'
+    first items still): such prose is left as it is."""
+    assert masked_at_depth(keys, text, depth) == (text, text)
+
+
 _LONG = "Zq9w" * 75  # (300 characters)
 
 
