@@ -2707,6 +2707,17 @@ def test_a_copy_lost_to_its_hour_is_no_late_record_of_the_next_though_its_id_was
     assert counted == ("pass", 50, 0, 0, 0), nxt.reasons
 
 
+def retry_scene() -> tuple[datetime, datetime, float, dict[int, float], dict[int, float], dict[int, float]]:
+    """The retry tests' hour (10:00 to 11:00), its base stamp (10:10), and their requests' stamps:
+    300 that succeed (ids 0 to 299, 0.1 s apart), 60 first attempts (ids 300 to 359, 100 s on),
+    and those ids sent again 5 s after their first attempt."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    base = hour.timestamp() + 600
+    first = {i: base + 100 + 0.01 * i for i in range(300, 360)}
+    ok = {i: base + 0.1 * i for i in range(300)}
+    return hour, hour + timedelta(hours=1), base, ok, first, {i: at + 5 for i, at in first.items()}
+
+
 def test_a_retry_whose_first_attempts_copy_was_dropped_compares_the_retrys_copy(tmp_path):
     """Behind the server's own mirror under load: 300 requests whose shadow agrees, and 60
     whose first attempt's copy was dropped (queue full) and whose client sent the id again 5 s
@@ -2714,12 +2725,7 @@ def test_a_retry_whose_first_attempts_copy_was_dropped_compares_the_retrys_copy(
     as the first attempt, made it the id's primary, and the retry's copy was left out as a
     duplicate: ('pass', 300 pairs, agreement 1.0), a bad shadow passing. Only a copy that ran
     makes its primary the one compared: 360 pairs, 60 disagreeing, "fail"."""
-    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
-    end = hour + timedelta(hours=1)
-    base = hour.timestamp() + 600
-    ok = {i: base + 0.1 * i for i in range(300)}
-    first = {i: base + 100 + 0.01 * i for i in range(300, 360)}
-    again = {i: at + 5 for i, at in first.items()}
+    hour, end, base, ok, first, again = retry_scene()
     pods_log(tmp_path, {"pod-a": ("primary", ok | first)}, True, written=base + 110)
     pods_log(tmp_path, {"pod-b": ("primary", again)}, True, written=base + 115, image="again")
     pods_log(tmp_path, {"shadow": ("shadow", ok)}, written=base + 120)
@@ -2739,12 +2745,7 @@ def test_a_retry_whose_first_attempts_primary_failed_compares_the_retrys_copy(tm
     300 pairs, agreement 1.0), a bad shadow passing. Of an id's primaries, one that succeeded
     and whose copy ran is compared: 360 pairs, 60 disagreeing, "fail"; each failed attempt's
     pair is ``primary_failed``, no duplicate."""
-    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
-    end = hour + timedelta(hours=1)
-    base = hour.timestamp() + 600
-    ok = {i: base + 0.1 * i for i in range(300)}
-    first = {i: base + 100 + 0.01 * i for i in range(300, 360)}
-    again = {i: at + 5 for i, at in first.items()}
+    hour, end, base, ok, first, again = retry_scene()
     pods_log(tmp_path, {"pod-a": ("primary", ok)}, True, written=base + 110)
     pods_log(tmp_path, {"pod-a": ("primary", first)}, True, written=base + 111, outcome="FAULT")
     pods_log(tmp_path, {"pod-b": ("primary", again)}, True, written=base + 115)
@@ -2772,12 +2773,7 @@ def test_behind_istio_a_retry_whose_first_attempts_primary_failed_is_compared_wi
     is its own attempt's (its input's, nearest in time), and the retry, which succeeded, is
     compared: 360 pairs, no duplicate, each failed attempt's pair in ``primary_failed``; "fail"
     on 60 disagreements, or "pass" with no shadow error."""
-    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
-    end = hour + timedelta(hours=1)
-    base = hour.timestamp() + 600
-    ok = {i: base + 0.1 * i for i in range(300)}
-    first = {i: base + 100 + 0.01 * i for i in range(300, 360)}
-    again = {i: at + 5 for i, at in first.items()}
+    hour, end, base, ok, first, again = retry_scene()
     bad = first_copy == "disagrees"
     pods_log(tmp_path, {"pod-a": ("primary", ok)}, written=base + 110)
     pods_log(tmp_path, {"pod-a": ("primary", first)}, written=base + 111, outcome="FAULT")
