@@ -1555,8 +1555,17 @@ def _audit_model(
         )
     if result.duplicates:
         result.reasons.append(
-            f"{result.duplicates} records repeated the request id and item of an earlier one (a client "
-            "re-sending it, a copy made twice): the earliest compared, the repeats left out"
+            f"{result.duplicates} records repeated the request id and item of another (a client re-sending "
+            "it, a copy made twice): of each request id and item one request compared (the earliest that "
+            "succeeded with a copy of its own that ran, a retry where an earlier attempt failed or had none; "
+            "else the earliest with such a copy, else the earliest that succeeded, else the earliest), the "
+            "repeats left out"
+        )
+    if result.primary_failed:
+        result.reasons.append(
+            f"{result.primary_failed} pairs whose primary failed (the request answered with an error: its copy "
+            "no comparison), left out; of a request id sent again, a request that succeeded with a copy of its "
+            "own is compared"
         )
     result.reasons += copies_text(result)
     stopped = None

@@ -1179,7 +1179,7 @@ def test_records_repeating_a_request_id_are_counted_and_named_not_dropped_silent
     shadow_log(tmp_path, 200, disagree=0.5, seed=1)  # (the same request ids and images again)
     result = audit(log, *around_now(), "digits")
     assert (result.verdict, result.rows, result.duplicates) == ("pass", 200, 400)
-    assert any(r.startswith("400 records repeated the request id and item of an earlier one") for r in result.reasons)
+    assert any(r.startswith("400 records repeated the request id and item of another") for r in result.reasons)
     assert "- Records repeating an earlier one's request id and item (not audited): 400" in (
         report_files(result)[REPORT].decode()
     )
@@ -2960,3 +2960,48 @@ def test_behind_istio_a_pair_whose_primary_is_stamped_past_the_hours_close_count
     nxt = audit(tmp_path / "log", end, end + timedelta(hours=1), "digits", earlier_hours=24)
     counted = (nxt.rows, nxt.agreement, nxt.shadow_without_primary, nxt.late_earlier, nxt.duplicates)
     assert counted == (50, 1.0, 5, 0, 0), nxt.reasons
+
+
+@pytest.mark.parametrize("first_copy", [None, "FAULT"])
+def test_the_reasons_name_the_request_compared_of_an_id_sent_again_and_the_pairs_whose_primary_failed(
+    tmp_path, first_copy
+):
+    """Behind Istio (copies 0.15 s behind their primaries), 300 requests whose shadow agrees
+    and 60 whose first attempt failed (FAULT), sent again 0.2 s later; the retry succeeded and
+    its copy disagrees, the first attempt unsampled or its copy failed too. The retry is
+    compared (the earliest request that succeeded with a copy of its own), yet the reasons said
+    "60 records repeated ... the earliest compared, the repeats left out" of the unsampled
+    first attempts (the earlier ones, left out), and nothing of the 60 pairs whose primary
+    failed (in summary.json and report.md alone). The duplicates' reason says which request of
+    an id is compared; the pairs whose primary failed have a reason with their count."""
+    hour, end, base, ok, _, _ = retry_scene()
+    first = {i: base + 100 + 0.5 * (i - 300) for i in range(300, 360)}
+    again = {i: at + 0.2 for i, at in first.items()}
+    pods_log(tmp_path, {"pod-a": ("primary", ok)}, written=base + 140)
+    pods_log(tmp_path, {"pod-a": ("primary", first)}, written=base + 141, outcome="FAULT")
+    pods_log(tmp_path, {"pod-b": ("primary", again)}, written=base + 145)
+    pods_log(tmp_path, {"shadow": ("shadow", {i: t - 0.15 for i, t in ok.items()})}, written=base + 150)
+    if first_copy:
+        copies = {i: t - 0.15 for i, t in first.items()}
+        pods_log(tmp_path, {"shadow": ("shadow", copies)}, written=base + 150, outcome=first_copy)
+    retries = {i: t - 0.15 for i, t in again.items()}
+    pods_log(tmp_path, {"shadow": ("shadow", retries)}, written=base + 151, top=5)
+    result = audit(tmp_path / "log", hour, end, "digits", earlier_hours=0)
+    assert (result.verdict, result.rows, result.agreement) == ("fail", 360, 300 / 360), result.reasons
+    repeats = [r for r in result.reasons if "repeated the request id" in r]
+    failed = [r for r in result.reasons if "primary failed" in r]
+    assert not any("the earliest compared" in r for r in result.reasons), result.reasons
+    if first_copy is None:
+        assert (result.duplicates, result.primary_failed, failed) == (60, 0, []), result.reasons
+        assert repeats == [
+            "60 records repeated the request id and item of another (a client re-sending it, a copy made "
+            "twice): of each request id and item one request compared (the earliest that succeeded with a "
+            "copy of its own that ran, a retry where an earlier attempt failed or had none; else the earliest "
+            "with such a copy, else the earliest that succeeded, else the earliest), the repeats left out"
+        ]
+    else:
+        assert (result.duplicates, result.primary_failed, repeats) == (0, 60, []), result.reasons
+        assert failed == [
+            "60 pairs whose primary failed (the request answered with an error: its copy no comparison), "
+            "left out; of a request id sent again, a request that succeeded with a copy of its own is compared"
+        ]
