@@ -3005,3 +3005,35 @@ def test_the_reasons_name_the_request_compared_of_an_id_sent_again_and_the_pairs
             "60 pairs whose primary failed (the request answered with an error: its copy no comparison), "
             "left out; of a request id sent again, a request that succeeded with a copy of its own is compared"
         ]
+
+
+@pytest.mark.parametrize("first_copy", ["DROPPED", None])
+def test_an_id_whose_copies_all_dropped_is_its_retry_that_succeeded(tmp_path, first_copy):
+    """Behind the server's own mirror under load: 300 requests whose shadow agrees, and 60 ids
+    whose first attempt failed (FAULT), sent again 5 s later (the retry succeeded); no copy of
+    either attempt ran (both dropped, or the first not sampled and the retry's dropped). Of an
+    id's primaries the request is the one compared had its copy run: the earliest that succeeded
+    with a copy that ran, and where none ran, the earliest that succeeded (2 + failed in
+    ``copy_of``'s rank). Had the first attempt's copy run, the retry would still be compared
+    (a failed primary is no comparison); so the dropped copies cost the retry's comparison, and
+    the id counts once among the primaries a mirror could sample, as the request that succeeded
+    (the earliest attempt, failed, is none: the id was left out of them). This pins it: each
+    id's request is its retry, 360 primaries mirrorable, the dropped copies counted, the
+    failed attempts repeats (no pair whose primary failed)."""
+    hour, end, base, ok, first, again = retry_scene()
+    pods_log(tmp_path, {"pod-a": ("primary", ok)}, True, written=base + 110)
+    pods_log(tmp_path, {"pod-a": ("primary", first)}, True, written=base + 111, outcome="FAULT")
+    pods_log(tmp_path, {"pod-b": ("primary", again)}, True, written=base + 115)
+    pods_log(tmp_path, {"shadow": ("shadow", ok)}, written=base + 120)
+    if first_copy:
+        pods_log(tmp_path, {"shadow": ("shadow", first)}, written=base + 120, outcome=first_copy)
+    pods_log(tmp_path, {"shadow": ("shadow", again)}, written=base + 121, outcome="DROPPED")
+    records = predictionlog.read(tmp_path / "log", hour, end)
+    chosen, _, _ = predictionlog.copy_of(records)
+    retried = records["request_id"].isin([f"r{i}" for i in again]).to_numpy(bool)
+    assert (chosen & retried).sum() == 60
+    assert (records["outcome"][chosen & retried] == "ok").all()  # (each id's retry, not its failed attempt)
+    result = audit(tmp_path / "log", hour, end, "digits", earlier_hours=0)
+    counted = (result.verdict, result.rows, result.duplicates, result.primary_failed, result.shadow_dropped)
+    assert counted == ("pass", 300, 60, 0, 120 if first_copy else 60), result.reasons
+    assert result.primaries_mirrorable == 360
