@@ -1800,9 +1800,12 @@ def _take(series: pd.Series, rows: np.ndarray) -> pd.Series:
 
 
 def joined(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per served prediction (the earliest primary record of each key: a client that
-    re-sends a request id gets a second answer, not a second piece of evidence; the repeats are
-    counted in ``duplicate_primaries``), with its shadow's answer and its label when present.
+    """One row per served prediction (of each key's primary records the request ``copy_of``
+    compares: the earliest that succeeded with a copy of its own that ran, a retry where an
+    earlier attempt failed; a client that re-sends a request id gets a second answer, not a
+    second piece of evidence; the repeats are counted in ``duplicate_primaries``), with its
+    shadow's answer (its own copy's, ``copy_of``'s, else the key's earliest) and its label when
+    present.
 
     Pairs by ``(model, request_id, item)``; the shadow's columns are prefixed ``shadow_``
     (version, top1, top1_prob, probs, latency_ms, outcome: those the frame has) and the label
@@ -1814,15 +1817,26 @@ def joined(df: pd.DataFrame) -> pd.DataFrame:
     _need(df, [*KEY, "role"])
     code, t = _key_codes(df), _times(df)
     role = df["role"]
-    primary, duplicate_primaries = _first(np.flatnonzero((role == "primary").to_numpy()), code, t)
-    primary = np.sort(primary)  # in the frame's order
+    # (copy_of's pairing, on the primary and shadow records: the labels are no copies)
+    served = np.flatnonzero(role.isin(["primary", "shadow"]).to_numpy(bool))
+    both = df if len(served) == len(df) else df.take(served).reset_index(drop=True)
+    chosen, duplicate_primaries, of, own = _pairing(both, code[served], t[served])
+    primary = np.sort(served[chosen])  # in the frame's order
     is_shadow = (role == "shadow").to_numpy()
     if "outcome" in df.columns:
         is_shadow = is_shadow & (df["outcome"] != "DROPPED").to_numpy()
     shadow, _ = _first(np.flatnonzero(is_shadow), code, t)
+    # (a request's shadow: its own copy, else one of its key's left to it, the earliest)
+    compared = np.zeros(len(df), bool)
+    compared[primary] = True
+    of_served = np.full(len(df), -1, np.int64)
+    of_served[served] = np.where(of >= 0, served[np.maximum(of, 0)], -1)
+    theirs = np.flatnonzero(is_shadow & (of_served >= 0) & compared[np.maximum(of_served, 0)])
+    rank = np.ones(len(df), np.int8)
+    rank[served[own]] = 0
     labels, duplicate_labels = _first(np.flatnonzero((role == "label").to_numpy()), code, t)
     out = df.take(primary).reset_index(drop=True)
-    their_shadow = _match(primary, shadow, code)
+    their_shadow = _match(primary, _first(theirs, code, t, rank)[0], code)
     for c in ("version", "top1", "top1_prob", "probs", "latency_ms", "outcome"):
         if c in df.columns:
             out[f"shadow_{c}"] = _take(df[c], their_shadow)

@@ -1245,6 +1245,30 @@ def test_joined_pairs_primary_shadow_and_labels_and_reports_the_unmatched(tmp_pa
     assert list(lost["label"]) == [5]
 
 
+def test_joined_takes_the_request_copy_of_compares_of_an_id_sent_again(tmp_path):
+    """A client sent p-1 at t (the primary failed: FAULT, its own mirror's copy failed too) and
+    again 5 s later (answered, its copy answering class 2 for item 1), and labelled it. joined
+    took the id's earliest primary and earliest copy by key alone: the failed attempt with the
+    failed copy (outcome FAULT, no shadow answer), where ``copy_of`` compares the retry with its
+    own copy. joined takes ``copy_of``'s request and that request's own copy: the retry, its
+    copy's answers, the label; the failed attempt is the repeat counted."""
+    t = time.time()
+    w = writer(tmp_path)
+    w.append(primary("p-1", when=t, outcome="FAULT"))
+    w.append(shadow("p-1", when=t, outcome="FAULT"))
+    w.append(primary("p-1", when=t + 5))
+    w.append(shadow("p-1", when=t + 5))
+    w.append(Label(t + 10, "digits", None, "p-1", [3, 9], None))
+    w.flush()
+    j = joined(read(tmp_path / "log", *window())).sort_values("item")
+    assert list(j["outcome"]) == ["ok", "ok"]
+    assert list(j["shadow_outcome"]) == ["ok", "ok"]
+    assert list(j["shadow_top1"]) == [3, 2]
+    assert list(j["label"]) == [3, 9]
+    assert (j["time"] > pd.Timestamp(t + 4, unit="s", tz="UTC")).all()  # (the retry)
+    assert (j.attrs["duplicate_primaries"], j.attrs["unmatched_shadows"]) == (2, 0)
+
+
 metadata_values = st.lists(
     st.tuples(
         st.sampled_from(["x-meta-note", "x-meta-contact", "x-device-type", "x-tenant"]),
