@@ -934,7 +934,14 @@ def copies_pending(
         may_be = may_be & (stamp >= watermark).to_numpy(bool)
     sampled = np.where(said.isna().to_numpy(bool), may_be, said.eq(True).to_numpy(bool))
     key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
-    copy = ~primary & ~other_input(records, copy_of(records)[1])  # (one of another input is no copy)
+    _, of, own = copy_of(records)
+    copy = ~primary & ~other_input(records, of)  # (one of another input is no copy)
+    # (a primary with its own copy, copy_of's: of an id sent again, a copy of one attempt is none
+    # of the other's, whose copy may make it the request compared)
+    copied = np.zeros(len(records), bool)
+    copied[of[copy & own]] = True
+    stamped = _stamped(records)  # (primaries of one id stamped alike are told apart by nothing: one copied, all)
+    copied |= primary & stamped.isin(stamped[copied])
     if version:
         mirrored = (records["version"] == version).to_numpy(bool) & sampled
     else:  # (no version: those its server's own mirror said it sampled, and as a rollout's of its
@@ -943,7 +950,7 @@ def copies_pending(
         versions = pd.MultiIndex.from_frame(records[["model", "version"]].astype(object))
         shown = versions[primary & key.isin(key[copy])]
         mirrored = said.eq(True).to_numpy(bool) | (versions.isin(shown) & sampled)
-    lonely = recent & np.where(primary, mirrored & ~key.isin(key[copy]), ~key.isin(key[primary]))
+    lonely = recent & np.where(primary, mirrored & ~copied, ~key.isin(key[primary]))
     return stamp[lonely].max().to_pydatetime() if lonely.any() else None
 
 

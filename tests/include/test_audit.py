@@ -3037,3 +3037,25 @@ def test_an_id_whose_copies_all_dropped_is_its_retry_that_succeeded(tmp_path, fi
     counted = (result.verdict, result.rows, result.duplicates, result.primary_failed, result.shadow_dropped)
     assert counted == ("pass", 300, 60, 0, 120 if first_copy else 60), result.reasons
     assert result.primaries_mirrorable == 360
+
+
+def test_copies_pending_waits_for_the_copy_of_a_retry_whose_first_attempt_failed(tmp_path):
+    """Behind the server's own mirror, 50 ids whose first attempt failed (FAULT, its copy run
+    and written) 20 s before the range's end, sent again 10 s later (answered, sampled), the
+    retries' copies not yet written. copies_pending looked for a copy by key alone: each id had
+    one (the failed attempt's), so nothing was pending and the audit ran, comparing nothing of
+    those ids (the failed attempts' pairs ``primary_failed``); once the retries' copies came,
+    ``copy_of`` compares each retry with its own. A primary waits for its own copy
+    (``copy_of``'s): the retries are pending until their copies are written."""
+    end = datetime(2026, 3, 1, 11, tzinfo=UTC)
+    e = end.timestamp()
+    first = {i: e - 20 + 0.01 * i for i in range(50)}
+    again = {i: at + 10 for i, at in first.items()}
+    pods_log(tmp_path, {"pod-a": ("primary", first)}, True, written=e - 15, outcome="FAULT")
+    pods_log(tmp_path, {"shadow": ("shadow", first)}, written=e - 15, outcome="FAULT")
+    log = pods_log(tmp_path, {"pod-b": ("primary", again)}, True, written=e - 5)
+    newest = copies_pending(log, end, "digits", "1")
+    assert newest is not None
+    assert abs(newest.timestamp() - max(again.values())) < 1e-3  # (the newest retry)
+    pods_log(tmp_path, {"shadow": ("shadow", again)}, written=e + 1)
+    assert copies_pending(log, end, "digits", "1") is None
