@@ -221,6 +221,7 @@ class FeedbackStore:
         gigabytes. Its label still reaches the prediction log, under the label's X-Tenant."""
         if tenant is not None and len(tenant) > MAX_TENANT:
             return
+        tenant = tenant or None  # (an X-Tenant of "": none, as its token has it)
         now = self.clock()
         key = (model, request_id)
         with self._lock:
@@ -274,7 +275,7 @@ class FeedbackStore:
             )
         truth = [_label_index(v, rules) for v in values]
         key = (model, rid)
-        claimed = item.get("tenant", tenant)
+        claimed = item.get("tenant", tenant) or None  # ("": none, as the token has it)
         now = self.clock()
         with self._lock:
             self._evict(now)

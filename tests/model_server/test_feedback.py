@@ -563,6 +563,26 @@ def test_a_prediction_whose_tenant_is_no_labels_tenant_is_not_kept():
     assert store.label("digits", item, rules).matched
 
 
+def test_a_tenant_of_no_characters_is_no_tenant():
+    """A label whose ``tenant`` is "" (or whose request's X-Tenant is "") takes the token of no
+    tenant (the signer leaves an empty one out), but was logged with tenant "", beside the labels
+    with none: the gate, which bounds what one tenant's labels decide, counted one client that
+    never named a tenant as two sources. "" is none: the label's tenant and the answer's alike."""
+    from model_server.feedback import FeedbackStore, LabelRules
+
+    rules = LabelRules.of(None, (-1, 10), 64)
+    sign = FeedbackSigner(b"k" * 32)
+    store = FeedbackStore(sign, capacity=10)
+    for i, (served, item, header) in enumerate([(None, {"tenant": ""}, None), (None, {}, ""), ("", {}, None)]):
+        rid = f"r-{i}"
+        if served is not None:
+            store.record(rid, "digits", "1", [3], served)
+        labelled = {"request_id": rid, "label": 3, "token": sign.token("digits", rid), **item}
+        answer = store.label("digits", labelled, rules, accept_unmatched=True, tenant=header)
+        assert answer.tenant is None, (served, item, header)
+        assert answer.matched is (served is not None)
+
+
 def test_a_feedback_requests_x_tenant_is_bounded_as_a_labels_tenant(server_factory, repo_copy, tmp_path):
     """A label's ``tenant`` is at most 256 characters, but the feedback request's X-Tenant (the
     tenant of every label in it without one) was as long as the headers allow: ten lists of
