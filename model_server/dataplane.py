@@ -590,7 +590,10 @@ class DataPlane:
         With a prediction log every valid label is appended to it, also for a request this
         replica did not serve (another may have): ``matched_locally: false``. Without one, a
         request id not served here is refused (ModelNotFound). A request id labelled here
-        before is refused (Conflict), unless that label was neither matched nor logged.
+        before is refused (Conflict), unless that label was not kept: with a prediction log,
+        one it could not take (``logged: false``, its buffer full) may be sent again, and the
+        live view counts a label once it is kept (the gate reads the log: a label counted
+        there and refused at its resend reached no gate).
         """
         received_at = time.time() if received_at is None else received_at
         plog = self.prediction_log
@@ -602,8 +605,10 @@ class DataPlane:
             logged = plog is not None and plog.append(
                 Label(received_at, model, fb.version, fb.request_id, fb.truth, fb.tenant)
             )
-            if not logged and not fb.matched:  # kept nowhere: its sender may send it again
+            if plog is not None and not logged:  # kept nowhere: its sender may send it again
                 self.feedback_store.forget(model, fb.request_id)
+            else:
+                self.feedback_store.count(model, fb)
             return fb.answer(logged)
 
         if not isinstance(body, list):

@@ -233,10 +233,21 @@ class FeedbackStore:
             self._evict(now)
 
     def forget(self, model: str, request_id: str) -> None:
-        """Take back the mark of a label that was not matched here and could not be logged
-        either (the log's buffer was full): its sender may send it again."""
+        """Take back the mark of a label that could not be logged (the log's buffer was full):
+        its sender may send it again, matched here or not, and it is counted when it is kept."""
         with self._lock:
             self._labelled.pop((model, request_id), None)
+            served = self._served.get((model, request_id))
+            if served is not None:
+                served.labelled = False
+
+    @staticmethod
+    def count(model: str, fb: Feedback) -> None:
+        """Count a label kept (logged, or matched here without a log) in the live view:
+        ``feedback_total`` and ``feedback_correct_total`` of the version it judged."""
+        if fb.matched:
+            metrics.FEEDBACK.labels(model, fb.version).inc(len(fb.truth))
+            metrics.FEEDBACK_CORRECT.labels(model, fb.version).inc(fb.correct or 0)
 
     def label(
         self,
@@ -300,8 +311,6 @@ class FeedbackStore:
             metrics.FEEDBACK_UNMATCHED.labels(model, code).inc()
             return Feedback(rid, truth, claimed, matched=False, reason=why)
         correct = sum(int(t == p) for t, p in zip(truth, served.top1, strict=True))
-        metrics.FEEDBACK.labels(model, served.version).inc(len(truth))
-        metrics.FEEDBACK_CORRECT.labels(model, served.version).inc(correct)
         return Feedback(rid, truth, served.tenant, matched=True, version=served.version, correct=correct)
 
 

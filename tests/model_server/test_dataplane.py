@@ -449,6 +449,38 @@ def test_what_a_label_may_be_is_made_once_a_config_and_named_boundedly_in_errors
         repo.close_all()
 
 
+def test_a_label_the_log_could_not_take_may_be_sent_again_and_counts_once(tmp_path, repo):
+    """A label matched here while the prediction log's buffer was full was answered logged:
+    false and counted in feedback_total; its resend, once the buffer had room, was a 409: the
+    gate, which reads the log, never saw it, and the live view had counted it. It is not marked
+    nor counted until kept now: the resend is logged and counted once."""
+    from model_server import metrics
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode()}))
+    plog = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)), max_pending=1)
+    dp = data_plane(repo, plog)
+    rules = dp.label_rules("digits")
+    dp.feedback_store.record("req-1", "digits", "1", [3])
+    dp.feedback_store.record("req-2", "digits", "1", [4])
+    counted = lambda: metrics.FEEDBACK.labels("digits", "1")._value.get()  # noqa: E731
+    before = counted()
+    signer = dp.feedback_store.signer
+    first = dp.feedback("digits", {"request_id": "req-2", "label": 4, "token": signer.token("digits", "req-2")}, rules)
+    assert first["logged"] is True  # (the buffer's one place taken)
+    item = {"request_id": "req-1", "label": 3, "token": signer.token("digits", "req-1")}
+    full = dp.feedback("digits", item, rules)
+    assert (full["matched_locally"], full["logged"]) == (True, False)
+    assert counted() == before + 1  # req-2's only
+    assert plog.flush() == 1
+    again = dp.feedback("digits", item, rules)
+    assert (again["matched_locally"], again["logged"], again["correct"]) == (True, True, 1)
+    assert counted() == before + 2
+    with pytest.raises(Conflict):
+        dp.feedback("digits", item, rules)
+    assert plog.flush() == 1
+
+
 def test_a_label_is_a_class_of_the_model_and_a_request_has_at_most_its_largest_batch_of_them(tmp_path, repo):
     """A class index at or over the model's classes was taken, and counted as a wrong answer:
     one of 2**31 then failed the prediction log's whole flush, inferences and all (int32). A
