@@ -67,6 +67,17 @@ _KEY_SEP = rf"{BLANK}{{0,64}}+[:=]{BLANK}{{0,64}}+"
 # blanks after it are no piece of the value (a "-" alone is no value: ``NO_VALUE``).
 LIST_MARK = rf"(?:-{BLANK}{{1,64}}+)?+"
 _COLON = rf"{BLANK}{{0,64}}+:{BLANK}{{0,64}}+"
+# Markdown's marks around a key (a Slack text, a report): its closing "*", "_" (one to three: bold,
+# italic, both), "~~" or backtick ("*password*: ...", "**token**: ...", "`token`: ...",
+# "_api_key_: ..."); a bold ":" inside them, one or two marks after it before a blank ("*password:*
+# ...", never "***", a mask's mark: "api_key=*** next" scrubbed again stays); a table's "|" between
+# a key's cell and its value's ("| token | hunter2xyz |"), not before an empty cell ("| token | |").
+# Each was no key's end nor separator, and the value after it was logged in clear.
+_MD_CLOSE = r"(?:\*{1,3}+|_{1,3}+|~~|`)"
+_MD_KEY_SEP = (
+    rf"{_MD_CLOSE}?+{BLANK}{{0,64}}+(?:[:=](?:(?!\*{{3}})(?:\*{{1,2}}+|_{{1,2}}+)(?={BLANK}))?+"
+    rf"|\|(?!{BLANK}{{0,64}}+\|)){BLANK}{{0,64}}+"
+)
 
 
 # A quote's escape: a string held in a JSON string has its quotes escaped ('\\"'), one held in
@@ -110,6 +121,7 @@ _QUOTED_WHOLE = quoted(None)
 # (The masking's keyed rule takes its key's and value's quotes so too.)
 KEY_QUOTE = rf"(?:(?:{_ESCAPE})?[\"'])?"
 OPEN_QUOTE = rf"(?>(?:b?(?P<e>{_ESCAPE})?(?P<q>[\"']))?)"
+_OPEN_QUOTE_MD = rf"(?>(?:b?(?P<e>{_ESCAPE})?(?P<q>[\"'`]))?)"  # (a value in Markdown's backticks too)
 _NOT_ESCAPED_QUOTE = rf"(?!{_ESCAPE}[\"'])"  # (nor its escape's first backslashes: '\\\\\\"' stays whole)
 # A value's backslash: one written escaped ("\\\\", a pair whole: a run of them before a quote
 # never loses its parity), or one before no escape's letter; an escaped line end, tab, backspace
@@ -475,9 +487,9 @@ _PLACEHOLDER_WORDS = (
 _KEYED_START = r"(?=[ \t]{0,64}+(?:-[ ]{1,8}+)?[\"']?(?i:[a-z0-9])|(?<=[(\[]))"
 _SECRET_KEYED = re.compile(
     rf"{_KEYED_START}{_KEY_LINE}{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_NAMED_BY}"
-    rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:(?>{_QUOTED_KEY_SEP}|{KEY_QUOTE}{_KEY_SEP}){_MARK_AT_LINE_END}{LIST_MARK}|{_PAIR_SEP}"
+    rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:(?>{_QUOTED_KEY_SEP}|{KEY_QUOTE}{_MD_KEY_SEP}){_MARK_AT_LINE_END}{LIST_MARK}|{_PAIR_SEP}"
     rf"|(?(nb){_VALUE_NAMED}|(?!)))|(?(nb){_COOKIE_ONE}{_COOKIE_NAMED}|(?!)))"
-    rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME}){_BLOCK_HEAD}{_MARKED_VALUE}(?(h)|(?(q)|{PLACEHOLDER_THEN}))"
+    rf"{_OPEN_QUOTE_MD}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME}){_BLOCK_HEAD}{_MARKED_VALUE}(?(h)|(?(q)|{PLACEHOLDER_THEN}))"
     rf"(?P<v>(?(h){_BLOCK}|(?(q)|{NO_VALUE})(?:(?(q){_QUOTED_WHOLE}|(?:{BRACKETED}|{_KEYED_RUN}))|{_KEYED_RUN}){_PLACEHOLDER_WORDS})){_PAIR_END}"
 )
 # A field "value" before the field that names it ({"value": "...", "name": "DB_PASSWORD"}: a
@@ -548,7 +560,7 @@ _OWNED = rf"(?P<o>(?i:{'|'.join(_OWNERS)})(?:['\u2019]s)?{BLANK}{{1,64}}+(?=(?i:
 # Read as a tuple, it was masked, and one not closed within 64 pieces masked the rest of the text.
 _PROSE_PAREN = rf"\({_BEFORE_QUOTE}(?!(?:None|True|False|nan|inf)[ \t]{{0,8}}+,)[A-Za-z][^\s()\[\]{{}}\"'\\,]{{0,63}}+[ \t]{{0,8}}+,"
 _SECRET_SPACED = re.compile(  # (its match starts at an owner's or a name's first character: a look ahead first)
-    rf"(?=(?i:[a-z0-9])){after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}{BLANK}{{1,64}}+(?:(?i:is){BLANK}{{1,64}}+)?(?:(?P<e>{_ESCAPE})?(?P<q>[\"']))?{_NO_MASKED_AFTER}"
+    rf"(?=(?i:[a-z0-9])){after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}{_MD_CLOSE}?+{BLANK}{{1,64}}+(?:(?i:is){BLANK}{{1,64}}+)?(?:(?P<e>{_ESCAPE})?(?P<q>[\"'`]))?{_NO_MASKED_AFTER}"
     rf"(?P<v>(?(q){_QUOTED_WHOLE}|(?:(?!{_PROSE_PAREN}){CLOSED_BRACKETED}|(?!{_PROSE_PAREN})(?=[{{\[]{_BEFORE_QUOTE}(?:{_ESCAPE})?[\"']|{_TUPLE_OPEN}){_NOT_CLOSED}|(?![:=]|{_SCHEME}|{_MASK_MARK})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
     rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_RUN})))"
 )

@@ -1459,6 +1459,8 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "tuples in tuples not closed after spaced keys": ("password ((1, " + "'a', " * 300 + "\n") * 600,
     "a string never closed before keys in brackets": 'token: ["' + "a token: [" * 100_000,
     "escaped line ends and brackets after a key": "password: x" + ("\\\\n" + "[" * 16 + "{") * 55_000,
+    "table cells of keys": "| **token** " * 83_000,
+    "a backtick never closed after a markdown key": "*token*: `" + "a" * 1_000_000,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -1492,6 +1494,8 @@ FOUND_IN_SECRET_HOSTILE = {
     "tuples in tuples not closed after spaced keys": {"secret"},  # the first, to the text's end
     "a string never closed before keys in brackets": {"secret"},  # the first, to the text's end
     "escaped line ends and brackets after a key": {"secret"},  # the value, to the text's end
+    "table cells of keys": {"secret"},  # each key's value the next "**token**"
+    "a backtick never closed after a markdown key": {"secret"},  # the run after it, to the text's end
 }
 
 
@@ -5331,3 +5335,44 @@ def test_a_cookie_pair_in_a_json_string_keeps_the_quote_that_closes_it(keys, dep
     dumped twice) had the backslash of the quote that closes that string read with the value:
     '{"m": "\\"cookie ***"", ...}', the JSON broken. The value ends before it now."""
     assert masked_at_depth(keys, json.dumps("cookie s=hunter2xyz"), depth - 1) == ('"cookie ***"',) * 2
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ("*password*: hunter2xyz", "*password*: ***"),
+        ("**token**: hunter2xyz now", "**token**: *** now"),
+        ("`token`: hunter2xyz", "`token`: ***"),
+        ("_api_key_: hunter2xyz", "_api_key_: ***"),
+        ("| token | hunter2xyz |", "| token | *** |"),
+        ("| **secret** | hunter2xyz | ok |", "| **secret** | *** | ok |"),
+        ("*password:* hunter2xyz", "*password:* ***"),
+        ("**credentials:** hunter2xyz", "**credentials:** ***"),
+        ("password: `hunter2xyz` set", "password: `***` set"),
+        ("**password** hunter2xyz", "**password** ***"),  # (a spaced key's)
+        ("*authorization* 'hunter2xyz'", "*authorization* '***'"),
+    ],
+)
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_a_secret_key_in_markdown_names_its_value(keys, text, kept, depth):
+    """Markdown's marks around a secret's key (a Slack text, a report) hid the key from the rules:
+    "*password*: hunter2xyz", "**token**: hunter2xyz", "`token`: hunter2xyz", "_api_key_:
+    hunter2xyz" and a table's row "| token | hunter2xyz |" were logged and posted as they came. A
+    key's closing "*", "_" (one to three), "~~" or backtick, a bold ":" ("*password:*"), a table's
+    "|" between key and value, and a value in backticks are read now: masked, the JSON around them
+    parsed, a second scrub the same."""
+    assert masked_at_depth(keys, text, depth) == (kept, kept)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "the *token* expires today",
+        "| name | value |\n|------|-------|\n| model | resnet50 |",
+        "**Password** reset: see the docs",
+        "a -> b",
+        "`token_count`: 12",
+    ],
+)
+def test_markdown_without_a_secret_stays_readable(keys, text):
+    assert masked_at_depth(keys, text, 0) == (text, text)
