@@ -273,12 +273,13 @@ def _bracketed(depth: int) -> str:
 
 def _piece(depth: int, shut: str = "") -> str:
     """A piece of a bracket's repr ``depth`` deep at most (``shut``: a character that is none; a
-    tuple's ")": a "(" in it is then a piece only where it opens no tuple, ``_tuple``)."""
-    tuple_open = rf"|{_tuple(depth - 1)}" if shut and depth > 1 else ""
+    tuple's ")": a "(" in it then opens a group read to its own ")", ``depth - 1`` deep at most: a
+    call's arguments, a tuple, a parenthesis; where none may open, a "(" is no piece)."""
+    group = rf"|\({_piece(depth - 1, ')')}{{0,64}}+\)" if shut and depth > 1 else ""
     return (
         rf"(?:{_IN_QUOTES}|\\{{1,32}}+(?![\"'])|(?:\\\\){{1,16}}+(?=[\"'])|(?<!\\)\\'"
-        rf"|(?:\\\\){{1,16}}+\\[\"']|(?<!\\)\\\"(?!{_CLOSES_HELD}){tuple_open}"
-        + (rf"|\((?!{_TUPLE_HEAD})|[^{{}}\[\](){shut}\\\"]" if shut else r"|[^{}\[\]\\\"]")
+        rf"|(?:\\\\){{1,16}}+\\[\"']|(?<!\\)\\\"(?!{_CLOSES_HELD}){group}"
+        + (rf"|[^{{}}\[\](){shut}\\\"]" if shut else r"|[^{}\[\]\\\"]")
         + rf"|\"(?!{_CLOSES})"
         + (f"|{_bracketed(depth - 1)}" if depth > 1 else "")
         + ")"
@@ -304,18 +305,22 @@ def _tuple(depth: int) -> str:
 # item ("token: (1, 'hunter2xyz')", "token: ([1], 'hunter2xyz')"), and so does its "(" before a
 # tuple's "(" that opens one, four deep at most ("token: (('a', 'hunter2xyz'),)"): each had its "("
 # and what followed it to the first "," masked, its strings left in clear. A tuple in a tuple is
-# read to its own ")"; a "(" in one that opens none is one of its characters ("token: ((optional))"
-# is no tuple: the run, as before).
+# read to its own ")" ("token: ((optional))" is no tuple: the run, as before).
+# Its "(" opens one too before a call's name and "(" ("datetime.datetime(2024, 1, 1, 0, 0)",
+# "set()", "Decimal('1.5')"), an object's repr ("<Foo object at 0x7f>"), or an empty tuple, after
+# any number of "(" (up to 63): each was masked to its first ")" or ",", its strings after it left
+# in clear ("token: (datetime.datetime(2024, 1, 1, 0, 0), 'hunter2xyz')" to "token: ***, 1, 1, 0,
+# 0), 'hunter2xyz')"). In a tuple every "(" opens a group read to its ")" (``_piece``: "('a', (2),
+# 'hunter2xyz')" closed at "(2)"'s ")" before), four deep at most; one deeper is read as a tuple
+# not closed, to the text's end (fails closed).
 _BEFORE_QUOTE = r"(?:[ \t\r\n]|\\{1,8}[nrt]){0,64}+"
-
-
-def _tuple_head(depth: int) -> str:
-    """What follows a tuple's "(": its first item's start, a tuple's ``depth`` deep at most."""
-    inner = rf"|\({_tuple_head(depth - 1)}" if depth > 1 else ""
-    return rf"{_BEFORE_QUOTE}(?:b?(?:{_ESCAPE})?[\"']|[{{\[]|[^\s()\[\]{{}}\"'\\,]{{1,64}}+[ \t]{{0,8}}+,{inner})"
-
-
-_TUPLE_HEAD = _tuple_head(4)
+_FIRST_ITEM = (
+    rf"(?:b?(?:{_ESCAPE})?[\"']|[{{\[]|<[A-Za-z_]|[^\s()\[\]{{}}\"'\\,]{{1,64}}+[ \t]{{0,8}}+,"
+    r"|[A-Za-z_][A-Za-z0-9_.]{0,63}+\()"
+)
+_TUPLE_HEAD = (
+    rf"(?:(?:{_BEFORE_QUOTE}\(){{0,63}}+{_BEFORE_QUOTE}{_FIRST_ITEM}|(?:{_BEFORE_QUOTE}\(){{1,63}}+{_BEFORE_QUOTE}\))"
+)
 _TUPLE_OPEN = rf"\((?={_TUPLE_HEAD})"
 CLOSED_BRACKETED = rf"(?:{_bracketed(4)}|{_tuple(4)})"
 # One not closed in a JSON string ('{"m": "api_key: [[ "}', or a string held in one, its quotes

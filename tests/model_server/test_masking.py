@@ -1461,6 +1461,8 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "escaped line ends and brackets after a key": "password: x" + ("\\\\n" + "[" * 16 + "{") * 55_000,
     "table cells of keys": "| **token** " * 83_000,
     "a backtick never closed after a markdown key": "*token*: `" + "a" * 1_000_000,
+    "calls in tuples after keys": "token: (f(" + "g(1), " * 170_000,
+    "empty tuples after spaced keys": ("password ((), " + "(<a>, " * 300 + "\n") * 550,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -1496,6 +1498,8 @@ FOUND_IN_SECRET_HOSTILE = {
     "escaped line ends and brackets after a key": {"secret"},  # the value, to the text's end
     "table cells of keys": {"secret"},  # each key's value the next "**token**"
     "a backtick never closed after a markdown key": {"secret"},  # the run after it, to the text's end
+    "calls in tuples after keys": {"secret"},  # the tuple not closed, to the text's end
+    "empty tuples after spaced keys": {"secret"},  # the first tuple not closed, to the text's end
 }
 
 
@@ -5376,3 +5380,30 @@ def test_a_secret_key_in_markdown_names_its_value(keys, text, kept, depth):
 )
 def test_markdown_without_a_secret_stays_readable(keys, text):
     assert masked_at_depth(keys, text, 0) == (text, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ("token: (datetime.datetime(2024, 1, 1, 0, 0), 'hunter2xyz')", "token: ***"),
+        ("token: (<Foo object at 0x7f>, 'hunter2xyz') sent", "token: *** sent"),
+        ("token: ((), 'hunter2xyz')", "token: ***"),
+        ("password: (set(), 'hunter2xyz'), next", "password: ***, next"),
+        ("api_key=(Decimal('1.5'), 'hunter2xyz')", "api_key=***"),
+        ("token: ('a', (2), 'hunter2xyz') ok", "token: *** ok"),
+        ("secret: ('a', f(x, (y)), 'hunter2xyz')", "secret: ***"),
+        ("password ((), 'hunter2xyz') next", "password *** next"),  # (a spaced key's)
+        ("token: ((((('a', 'hunter2xyz'),),),),)", "token: ***"),  # (five deep: read as one not closed)
+        ("token: ((((((('a', 'hunter2xyz'),),),),),),)\nnext line", "token: ***"),  # (seven: to the text's end)
+    ],
+)
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_a_tuple_whose_first_item_is_a_call_a_repr_or_empty_after_a_secret_key_is_masked_whole(keys, text, kept, depth):
+    """A tuple after a secret's key opened only before a string, a bracket, a word and ",", or a
+    tuple so opened, and a "(" in it that opened none was one of its characters, its ")" taken for
+    the tuple's: "token: (datetime.datetime(2024, 1, 1, 0, 0), 'hunter2xyz')" was masked to
+    "token: ***, 1, 1, 0, 0), 'hunter2xyz')", and so were a first item that is an object's repr
+    ("<Foo object at 0x7f>"), an empty tuple or set ("()", "set()"), a call ("Decimal('1.5')"), a
+    "(" in it that opens no tuple ("('a', (2), 'hunter2xyz')") and tuples more than four deep. Each
+    is masked whole now, to its ")" (deeper than four: as a tuple not closed, to the text's end)."""
+    assert masked_at_depth(keys, text, depth) == (kept, kept)
