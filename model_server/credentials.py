@@ -490,12 +490,19 @@ _PLACEHOLDER_WORDS = (
 # the class reads them too); or a bracket before it (``_PAIR_KEY``'s line end after it). Every
 # match starts where it holds, so it refuses no start the rule takes.
 _KEYED_START = r"(?=[ \t]{0,64}+(?:-[ ]{1,8}+)?[\"']?(?i:[a-z0-9])|(?<=[(\[]))"
+# requests' auth tuple ("auth=('bob', 'hunter2xyz')"): "auth", a prefix's too ("proxy_auth"), names a
+# secret before a tuple or a list (elsewhere it names a scheme or a setting: "auth=basic", a Digest
+# header's field). A key's ":" or "=" at its line's end, then a tuple, a list or a dict at the next
+# line's start ("token:\n(b'x', 'hunter2xyz')"): the bracket is its value (the key's line end
+# stays; a mask's mark there is none: "token:\\n***", scrubbed again, stays). Each was left in clear.
+_AUTH_TUPLE = rf"|{_PREFIXES}(?i:auth){KEY_QUOTE}{_MD_KEY_SEP}(?={_TUPLE_OPEN}|\[)"
+_BREAK_THEN_BRACKET = rf"(?:{_LINE_BREAK}[ \t]{{0,64}}+(?={_TUPLE_OPEN}|[\[{{]|{_MASK_MARK}))?+"
 _SECRET_KEYED = re.compile(
     rf"{_KEYED_START}{_KEY_LINE}{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_NAMED_BY}"
     rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:(?>{_QUOTED_KEY_SEP}|{KEY_QUOTE}{_MD_KEY_SEP}){_MARK_AT_LINE_END}{LIST_MARK}|{_PAIR_SEP}"
-    rf"|(?(nb){_VALUE_NAMED}|(?!)))|(?(nb){_COOKIE_ONE}{_COOKIE_NAMED}|(?!)))"
+    rf"|(?(nb){_VALUE_NAMED}|(?!)))|(?(nb){_COOKIE_ONE}{_COOKIE_NAMED}|(?!)){_AUTH_TUPLE})"
     rf"{_OPEN_QUOTE_MD}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME}){_BLOCK_HEAD}{_MARKED_VALUE}(?(h)|(?(q)|{PLACEHOLDER_THEN}))"
-    rf"(?P<v>(?(h){_BLOCK}|(?(q)|{NO_VALUE})(?:(?(q){_QUOTED_WHOLE}|(?:{BRACKETED}|{_KEYED_RUN}))|{_KEYED_RUN}){_PLACEHOLDER_WORDS})){_PAIR_END}"
+    rf"(?(h)|(?(q)|(?(pt)|{_BREAK_THEN_BRACKET})))(?P<v>(?(h){_BLOCK}|(?(q)|{NO_VALUE})(?:(?(q){_QUOTED_WHOLE}|(?:{BRACKETED}|{_KEYED_RUN}))|{_KEYED_RUN}){_PLACEHOLDER_WORDS})){_PAIR_END}"
 )
 # A field "value" before the field that names it ({"value": "...", "name": "DB_PASSWORD"}: a
 # dict's keys in any order, as a JSON object may have them, json.dumps(sort_keys=True) too): its
@@ -564,8 +571,12 @@ _OWNED = rf"(?P<o>(?i:{'|'.join(_OWNERS)})(?:['\u2019]s)?{BLANK}{{1,64}}+(?=(?i:
 # (see, e.g., the docs) today.", "the token (e.g., a JWT) expires"): no repr prints a bare word first.
 # Read as a tuple, it was masked, and one not closed within 64 pieces masked the rest of the text.
 _PROSE_PAREN = rf"\({_BEFORE_QUOTE}(?!(?:None|True|False|nan|inf)[ \t]{{0,8}}+,)[A-Za-z][^\s()\[\]{{}}\"'\\,]{{0,63}}+[ \t]{{0,8}}+,"
+# An arrow between a secret's key and its value ("password -> hunter2xyz9", "token => hunter2xyz",
+# "→"), blanks around it or none, read as a spaced key's blanks are: its value so too (a word of
+# prose after it stays, "password -> reset"). Its value was left in clear.
+_ARROW = rf"{BLANK}{{0,64}}+(?:[-=]>|\u2192|\\{{1,15}}u2192){BLANK}{{0,64}}+"  # ("\u2192" written escaped too)
 _SECRET_SPACED = re.compile(  # (its match starts at an owner's or a name's first character: a look ahead first)
-    rf"(?=(?i:[a-z0-9])){after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}{_MD_CLOSE}?+{BLANK}{{1,64}}+(?:(?i:is){BLANK}{{1,64}}+)?(?:(?P<e>{_ESCAPE})?(?P<q>[\"'`]))?{_NO_MASKED_AFTER}"
+    rf"(?=(?i:[a-z0-9])){after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}{_MD_CLOSE}?+(?:{_ARROW}|{BLANK}{{1,64}}+(?:(?i:is){BLANK}{{1,64}}+)?)(?:(?P<e>{_ESCAPE})?(?P<q>[\"'`]))?{_NO_MASKED_AFTER}"
     rf"(?P<v>(?(q){_QUOTED_WHOLE}|(?:(?!{_PROSE_PAREN}){CLOSED_BRACKETED}|(?!{_PROSE_PAREN})(?=[{{\[]{_BEFORE_QUOTE}(?:{_ESCAPE})?[\"']|{_TUPLE_OPEN}){_NOT_CLOSED}|(?![:=]|{_SCHEME}|{_MASK_MARK})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
     rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_RUN})))"
 )

@@ -1463,6 +1463,8 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "a backtick never closed after a markdown key": "*token*: `" + "a" * 1_000_000,
     "calls in tuples after keys": "token: (f(" + "g(1), " * 170_000,
     "empty tuples after spaced keys": ("password ((), " + "(<a>, " * 300 + "\n") * 550,
+    "arrows after keys": "token => " * 110_000,
+    "line ends before tuples after keys": ("token=\n" + " " * 64 + "(('a', " * 20 + "\n") * 5_500,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -1500,6 +1502,7 @@ FOUND_IN_SECRET_HOSTILE = {
     "a backtick never closed after a markdown key": {"secret"},  # the run after it, to the text's end
     "calls in tuples after keys": {"secret"},  # the tuple not closed, to the text's end
     "empty tuples after spaced keys": {"secret"},  # the first tuple not closed, to the text's end
+    "line ends before tuples after keys": {"secret"},  # the first tuple not closed, to the text's end
 }
 
 
@@ -5407,3 +5410,34 @@ def test_a_tuple_whose_first_item_is_a_call_a_repr_or_empty_after_a_secret_key_i
     "(" in it that opens no tuple ("('a', (2), 'hunter2xyz')") and tuples more than four deep. Each
     is masked whole now, to its ")" (deeper than four: as a tuple not closed, to the text's end)."""
     assert masked_at_depth(keys, text, depth) == (kept, kept)
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ("requests.get(url, auth=('bob', 'hunter2xyz'))", "requests.get(url, auth=***)"),
+        ("proxy_auth: ['bob', 'hunter2xyz'] ok", "proxy_auth: *** ok"),
+        ("password -> hunter2xyz9", "password -> ***"),
+        ("token => hunter2xyz", "token => ***"),
+        ("api_key->'hunter2xyz' set", "api_key->'***' set"),
+        ("secret => ('a', 'hunter2xyz'), next", "secret => ***, next"),
+        ("token:\n(b'x', 'hunter2xyz')", "token:\n***"),
+        ("credentials =\n['bob', 'hunter2xyz']\nnext", "credentials =\n***\nnext"),
+    ],
+)
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_an_auth_tuple_an_arrow_or_a_line_end_before_a_secret_value_is_masked(keys, text, kept, depth):
+    """requests' auth tuple ("auth=('bob', 'hunter2xyz')"), an arrow between a secret's key and its
+    value ("password -> hunter2xyz9", "token => hunter2xyz") and a line end between a key's ":" and
+    a tuple or a list ("token:\\n(b'x', 'hunter2xyz')") left the value in clear. "auth" names a
+    secret before a tuple or a list; an arrow is read as a spaced key's blanks are (a word of prose
+    after it stays: "password -> reset"); a key's ":" or "=" at its line's end reads a tuple, a list
+    or a dict at the next line's start as its value."""
+    assert masked_at_depth(keys, text, depth) == (kept, kept)
+
+
+@pytest.mark.parametrize(
+    "text", ["a -> b", "password -> reset", "auth=basic", "the token => see below", "auth: ok", "authors: (a, b)"]
+)
+def test_arrows_and_auth_words_without_a_secret_stay_readable(keys, text):
+    assert masked_at_depth(keys, text, 0) == (text, text)
