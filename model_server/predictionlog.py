@@ -1749,9 +1749,17 @@ def _need(df: pd.DataFrame, columns: Iterable[str]) -> None:
         raise ValueError(f"the frame lacks column(s) {missing}: read them from the prediction log")
 
 
-def _key_codes(df: pd.DataFrame) -> np.ndarray:
+def key_codes(df: pd.DataFrame) -> np.ndarray:
     """An exact int64 code per (model, request_id, item): equal codes, equal keys. Joins run on
-    these (integer arrays), not on the string columns, to keep a million records' joins small."""
+    these (integer arrays), not on the string columns, to keep a million records' joins small.
+
+    Two tenants' requests under one request id (clients choosing their ids, one masking key for
+    both) are two requests: where a key's primary records carry more than one ``tenant`` (none
+    is one too), the tenant is part of its key, so that one tenant's label or copy is never
+    another's answer's. Elsewhere it is not: a label or a copy whose tenant column differs from
+    its one primary's (a masked tenant, its key rotated between the answer and the label, or the
+    candidate's pods masking under a Secret not yet synced) still joins it; under a shared id
+    such a one joins none and is counted unmatched (lost, never misjudged)."""
     import pandas as pd
 
     rid, _ = pd.factorize(df["request_id"], use_na_sentinel=False)
@@ -1759,7 +1767,21 @@ def _key_codes(df: pd.DataFrame) -> np.ndarray:
     item = df["item"].to_numpy(np.int64)
     items = int(item.max(initial=0)) + 1
     pair, _ = pd.factorize(rid.astype(np.int64) * items + item)  # < rows x items: no overflow
-    return pair.astype(np.int64) * (int(model.max(initial=0)) + 1) + model
+    code = pair.astype(np.int64) * (int(model.max(initial=0)) + 1) + model
+    if "tenant" not in df.columns or "role" not in df.columns or len(df) == 0:
+        return code
+    tenant, _ = pd.factorize(df["tenant"], use_na_sentinel=False)
+    primary = (df["role"] == "primary").to_numpy(bool)
+    if not primary.any() or (tenant[primary] == tenant[primary][0]).all():
+        return code  # (one tenant, or none: the common case, no work)
+    at, keys = pd.factorize(code[primary])
+    lo = np.full(len(keys), len(df), np.int64)
+    hi = np.full(len(keys), -1, np.int64)
+    np.minimum.at(lo, at, tenant[primary])
+    np.maximum.at(hi, at, tenant[primary])
+    shared = np.isin(code, keys[hi > lo])  # (the keys whose primaries carry two tenants or more)
+    split, _ = pd.factorize(code * (int(tenant.max()) + 2) + np.where(shared, tenant + 1, 0))  # < rows x rows
+    return split.astype(np.int64)
 
 
 def _times(df: pd.DataFrame) -> np.ndarray:
@@ -1815,7 +1837,7 @@ def joined(df: pd.DataFrame) -> pd.DataFrame:
     second label for the same item is counted in ``duplicate_labels`` and the earliest kept.
     """
     _need(df, [*KEY, "role"])
-    code, t = _key_codes(df), _times(df)
+    code, t = key_codes(df), _times(df)
     role = df["role"]
     # (copy_of's pairing, on the primary and shadow records: the labels are no copies)
     served = np.flatnonzero(role.isin(["primary", "shadow"]).to_numpy(bool))
@@ -1858,7 +1880,7 @@ def joined(df: pd.DataFrame) -> pd.DataFrame:
 def unmatched_labels(df: pd.DataFrame) -> pd.DataFrame:
     """Label records whose (model, request_id, item) matches no primary record in the frame."""
     _need(df, [*KEY, "role"])
-    code = _key_codes(df)
+    code = key_codes(df)
     role = df["role"]
     primary = code[(role == "primary").to_numpy()]
     lost = (role == "label").to_numpy() & ~np.isin(code, primary)
@@ -2134,7 +2156,7 @@ def copy_of(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     the earliest that succeeded, else the earliest; the others are its repeats. A dropped copy
     is its primary's as a copy is. The third array says which shadow records are paired with
     their own attempt's primary (stamped exactly as it, or Istio's matched to it)."""
-    chosen, _, of, own = _pairing(df, _key_codes(df), _times(df))
+    chosen, _, of, own = _pairing(df, key_codes(df), _times(df))
     first = np.zeros(len(df), bool)
     first[chosen] = True
     return first, of, own
@@ -2199,7 +2221,7 @@ def shadow_pairs(df: pd.DataFrame, vectors: bool = True) -> pd.DataFrame:
     import pandas as pd
 
     _need(df, [c for c in SHADOW_PAIR_COLUMNS if c not in ("probs", "topk_index", "topk_prob", "route", "output")])
-    code, t = _key_codes(df), _times(df)
+    code, t = key_codes(df), _times(df)
     ok_rows = (df["outcome"] == "ok").to_numpy()
     dropped_rows = (df["outcome"] == "DROPPED").to_numpy()
     is_shadow = (df["role"] == "shadow").to_numpy()

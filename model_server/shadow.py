@@ -49,9 +49,13 @@ def header_text(value: bytes) -> str:
 
 def request_metadata(headers: Mapping[str, str]) -> dict[str, str]:
     """The request metadata a prediction record keeps: user, device, tenant and any X-Meta-*
-    (``headers``: values decoded by ``header_text``)."""
+    (``headers``: values decoded by ``header_text``). An X-Tenant of no characters is none, as a
+    feedback token and a label have it: its records are masked under the default key and join
+    the labels of no tenant."""
     return {
-        k.lower(): v for k, v in headers.items() if k.lower() in METADATA_HEADERS or k.lower().startswith("x-meta-")
+        k.lower(): v
+        for k, v in headers.items()
+        if (k.lower() in METADATA_HEADERS or k.lower().startswith("x-meta-")) and (v or k.lower() != "x-tenant")
     }
 
 

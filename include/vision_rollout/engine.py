@@ -227,7 +227,9 @@ def stage_samples(
     if records.empty:
         return _empty_samples()
     t = _unix(records["time"])
-    records = records.assign(_at=available(records, settle_s))
+    from model_server.predictionlog import key_codes
+
+    records = records.assign(_at=available(records, settle_s), _key=key_codes(records))
     arms = {spec.baseline_version: "baseline", spec.candidate_version: "canary"}
     primary = records[
         (records["role"] == "primary")
@@ -280,12 +282,13 @@ def stage_samples(
 
 def _live_labels(records: pd.DataFrame, live: pd.DataFrame, model: str, until: float) -> pd.DataFrame:
     """The label of each live record, the tenant that sent it and when it is evidence (``label``,
-    ``tenant``, ``at``: ``available``'s), joined by request id and item, as the log's ``joined``
-    joins them: the earliest label received before ``until`` (a look's evidence is what was
-    logged before its time), on the earliest answer of its request id and item (a re-sent id is
-    a second answer, not a second piece of evidence): a second label sent to another replica
-    (each takes one) cannot override the first, a late poke judges a look on what it would have
-    seen on time, and one label of an id re-sent 20 times counts once."""
+    ``tenant``, ``at``: ``available``'s), joined by the log's key (``key_codes``: request id and
+    item, and the tenant where two tenants sent one id), as the log's ``joined`` joins them: the
+    earliest label received before ``until`` (a look's evidence is what was logged before its
+    time), on the earliest answer of its key (a re-sent id is a second answer, not a second piece
+    of evidence): a second label sent to another replica (each takes one) cannot override the
+    first, a late poke judges a look on what it would have seen on time, one label of an id
+    re-sent 20 times counts once, and one tenant's label never judges another's answer."""
     rows = records[(records["role"] == "label") & (records["model"] == model)]
     out = pd.DataFrame({"label": np.nan, "tenant": None, "at": np.nan}, index=live.index)
     if rows.empty or live.empty:
@@ -298,13 +301,13 @@ def _live_labels(records: pd.DataFrame, live: pd.DataFrame, model: str, until: f
         rows = rows.assign(tenant=None)
     first = (
         rows.sort_values("_t", kind="stable")
-        .drop_duplicates(["request_id", "item"], keep="first")
-        .set_index(["request_id", "item"])[["label", "tenant", "_t"]]
+        .drop_duplicates("_key", keep="first")
+        .set_index("_key")[["label", "tenant", "_t"]]
     )
     answered = live[(live["outcome"] == "ok") & (live["route"] != "version")]
     answered = answered.assign(_t=answered["_at"]).sort_values("_t", kind="stable")
-    answered = answered.drop_duplicates(["request_id", "item"], keep="first")
-    found = first.reindex(pd.MultiIndex.from_arrays([answered["request_id"], answered["item"]]))
+    answered = answered.drop_duplicates("_key", keep="first")
+    found = first.reindex(answered["_key"])
     out.loc[answered.index, "label"] = found["label"].to_numpy(dtype=float)
     out.loc[answered.index, "tenant"] = found["tenant"].astype(object).to_numpy()
     out.loc[answered.index, "at"] = found["_t"].to_numpy(dtype=float)

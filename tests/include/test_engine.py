@@ -1186,6 +1186,30 @@ def test_a_live_label_names_the_tenant_that_sent_it(tmp_path):
     assert samples.loc[samples["correct"].isna(), "labelled_by"].isna().all()
 
 
+def test_one_tenants_label_never_judges_another_tenants_answer_under_one_request_id(tmp_path):
+    """acme (on the baseline) and globex (on the canary) both sent request id order-7; globex
+    labelled its own answer (the canary's top-1, 1: correct). The gate joined labels by request
+    id and item alone, to the id's earliest answer: acme's baseline answer was judged by globex's
+    label and the canary's answer had none. Each tenant's label judges its own answer now."""
+    import time
+
+    from model_server.predictionlog import Label
+
+    t0 = time.time() - 300
+    window = StageWindow(0, 50, t0)
+    rows = [inference(t0 + 1 + i, v, f"{v}-{i}", 5.0) for i in range(20) for v in ("1", "2")]
+    rows += [
+        inference(t0 + 25, "1", "order-7", 5.0)._replace(metadata={"x-tenant": "acme"}),
+        inference(t0 + 25.05, "2", "order-7", 5.0)._replace(metadata={"x-tenant": "globex"}),
+        Label(t0 + 30, "digits", "2", "order-7", [1], "globex"),
+    ]
+    samples = stage_samples(logged(tmp_path, rows, t0), spec(), window, t0 + 150, IMAGES)
+    labelled = samples.dropna(subset=["correct"])
+    assert list(labelled["arm"]) == ["canary"]
+    assert list(labelled["labelled_by"]) == ["globex"]
+    assert list(labelled["correct"]) == [1.0]
+
+
 @pytest.mark.parametrize("latency", [np.inf, -np.inf, np.nan, -4.0, 0.0])
 def test_a_record_whose_latency_is_no_duration_is_no_latency_evidence(latency):
     """One record of the log with an Inf latency (a foreign or damaged file) made the stage's

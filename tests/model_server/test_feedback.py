@@ -583,6 +583,20 @@ def test_a_tenant_of_no_characters_is_no_tenant():
         assert answer.matched is (served is not None)
 
 
+def test_an_inference_whose_x_tenant_has_no_characters_is_logged_with_no_tenant():
+    """An inference's X-Tenant of "" was kept in its record's metadata: logged as tenant "" (a
+    token of "" where x-tenant is masked), while its label, its token and its feedback store have
+    none. Under a request id another tenant sent too, the label of the one without a tenant then
+    joined no answer. "" is none in the record too."""
+    from model_server.shadow import request_metadata
+
+    assert request_metadata({"X-Tenant": "", "X-User-Id": "u-1", "X-Meta-Note": ""}) == {
+        "x-user-id": "u-1",
+        "x-meta-note": "",
+    }
+    assert request_metadata({"x-tenant": "acme"}) == {"x-tenant": "acme"}
+
+
 def test_a_feedback_requests_x_tenant_is_bounded_as_a_labels_tenant(server_factory, repo_copy, tmp_path):
     """A label's ``tenant`` is at most 256 characters, but the feedback request's X-Tenant (the
     tenant of every label in it without one) was as long as the headers allow: ten lists of

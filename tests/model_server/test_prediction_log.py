@@ -1269,6 +1269,55 @@ def test_joined_takes_the_request_copy_of_compares_of_an_id_sent_again(tmp_path)
     assert (j.attrs["duplicate_primaries"], j.attrs["unmatched_shadows"]) == (2, 0)
 
 
+def test_two_tenants_sending_one_request_id_are_two_requests(tmp_path):
+    """Two clients (tenants acme and globex, one masking key) both sent request id order-7, 50 ms
+    apart. The log joined by (model, request id, item) alone: globex's label of its own answer
+    was joined to acme's (the id's earliest), acme's own label was counted a duplicate, and the
+    copy of globex's request was compared with acme's answer. Where a key's answers carry two
+    tenants, the tenant is part of the key: each label and copy joins its own tenant's answer; a
+    label of a third tenant joins none (counted). Where they carry one, a label's tenant does not
+    matter (a masked tenant changes with its key), as before."""
+    t = time.time()
+    w = writer(tmp_path)
+    acme, globex = {"x-tenant": "acme"}, {"x-tenant": "globex"}
+    w.append(primary("order-7", acme, when=t, scores=np.eye(10, dtype=np.float32)[[1, 1]]))
+    w.append(primary("order-7", globex, when=t + 0.05, scores=np.eye(10, dtype=np.float32)[[2, 2]]))
+    w.append(shadow("order-7", when=t + 0.05)._replace(metadata=globex))  # (the own mirror's, globex's)
+    w.append(Label(t + 1, "digits", None, "order-7", [2, 2], "globex"))
+    w.append(Label(t + 2, "digits", None, "order-7", [1, 1], "acme"))
+    w.append(Label(t + 3, "digits", None, "order-7", [5, 5], "initech"))
+    w.append(primary("alone", acme, when=t))
+    w.append(Label(t + 1, "digits", None, "alone", [3, 7], "acme-after-rotation"))
+    w.flush()
+    j = joined(read(tmp_path / "log", *window())).sort_values(["request_id", "tenant", "item"])
+    rows = j[j["request_id"] == "order-7"]
+    assert list(rows["tenant"]) == ["acme", "acme", "globex", "globex"]
+    assert list(rows["top1"]) == [1, 1, 2, 2]
+    assert list(rows["label"]) == [1, 1, 2, 2]  # each tenant's own label
+    assert rows["shadow_top1"].isna().tolist() == [True, True, False, False]  # the copy is globex's
+    assert list(j[j["request_id"] == "alone"]["label"]) == [3, 7]
+    assert (j.attrs["unmatched_labels"], j.attrs["duplicate_labels"], j.attrs["duplicate_primaries"]) == (2, 0, 0)
+
+
+def test_istios_copy_of_one_of_two_tenants_requests_under_one_id_is_that_tenants():
+    """Behind Istio (copies stamped by the candidate's pod), acme and globex sent order-7 2 ms
+    apart and the mirror sampled globex's only; its copy was stamped 0.5 ms after acme's answer.
+    ``copy_of`` paired it with acme's (the id's answer nearest in time): the audit compared
+    globex's copy with acme's answer. A copy is its own tenant's request's where an id's answers
+    carry two tenants."""
+    t0 = pd.Timestamp("2026-03-01T10:00:00Z")
+    frame = pd.DataFrame(
+        [
+            {"time": t0, "role": "primary", "version": "1", "tenant": "acme"},
+            {"time": t0 + pd.Timedelta(milliseconds=2), "role": "primary", "version": "1", "tenant": "globex"},
+            {"time": t0 + pd.Timedelta(microseconds=500), "role": "shadow", "version": "2", "tenant": "globex"},
+        ]
+    ).assign(model="digits", request_id="order-7", item=0, outcome="ok", image_sha256=None)
+    first, of, own = copy_of(frame)
+    assert first.tolist() == [True, True, False]  # two requests
+    assert (of[2], bool(own[2])) == (1, True)  # globex's copy of globex's
+
+
 metadata_values = st.lists(
     st.tuples(
         st.sampled_from(["x-meta-note", "x-meta-contact", "x-device-type", "x-tenant"]),
