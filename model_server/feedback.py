@@ -149,6 +149,7 @@ class Feedback:
     version: str | None = None
     correct: int | None = None
     reason: str | None = None  # why it was not matched here
+    why: str | None = None  # the same, as feedback_unmatched_total's reason: unknown, expired, evicted
 
     def answer(self, logged: bool) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -244,10 +245,13 @@ class FeedbackStore:
     @staticmethod
     def count(model: str, fb: Feedback) -> None:
         """Count a label kept (logged, or matched here without a log) in the live view:
-        ``feedback_total`` and ``feedback_correct_total`` of the version it judged."""
+        ``feedback_total`` and ``feedback_correct_total`` of the version it judged, else 1 in
+        ``feedback_unmatched_total`` of why it was not matched here."""
         if fb.matched:
             metrics.FEEDBACK.labels(model, fb.version).inc(len(fb.truth))
             metrics.FEEDBACK_CORRECT.labels(model, fb.version).inc(fb.correct or 0)
+        else:
+            metrics.FEEDBACK_UNMATCHED.labels(model, fb.why).inc()
 
     def label(
         self,
@@ -308,8 +312,7 @@ class FeedbackStore:
             if served is None:
                 code, why = self._why(key, now)
         if served is None:
-            metrics.FEEDBACK_UNMATCHED.labels(model, code).inc()
-            return Feedback(rid, truth, claimed, matched=False, reason=why)
+            return Feedback(rid, truth, claimed, matched=False, reason=why, why=code)
         correct = sum(int(t == p) for t, p in zip(truth, served.top1, strict=True))
         return Feedback(rid, truth, served.tenant, matched=True, version=served.version, correct=correct)
 

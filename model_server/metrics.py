@@ -195,9 +195,10 @@ FEEDBACK_CORRECT = Counter(
 )
 FEEDBACK_UNMATCHED = Counter(
     "feedback_unmatched_total",
-    "Labels accepted for a prediction this replica does not hold (unknown: served by another "
-    "replica, before a restart or never; expired; evicted: over --feedback-capacity): logged for "
-    "the reader's join, not in feedback_total",
+    "Labels the prediction log took for a prediction this replica does not hold (unknown: served "
+    "by another replica, before a restart or never; expired; evicted: over --feedback-capacity), "
+    "for the reader's join; not in feedback_total. A label the log could not take (its buffer "
+    "full) is not counted: its sender may send it again",
     ("model", "reason"),
 )
 PREDICTION_LOG_RECORDS = Counter(

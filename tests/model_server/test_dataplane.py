@@ -449,11 +449,14 @@ def test_what_a_label_may_be_is_made_once_a_config_and_named_boundedly_in_errors
         repo.close_all()
 
 
-def test_a_label_the_log_could_not_take_may_be_sent_again_and_counts_once(tmp_path, repo):
+@pytest.mark.parametrize("matched", [True, False], ids=["matched", "unmatched"])
+def test_a_label_the_log_could_not_take_may_be_sent_again_and_counts_once(tmp_path, repo, matched):
     """A label matched here while the prediction log's buffer was full was answered logged:
     false and counted in feedback_total; its resend, once the buffer had room, was a 409: the
     gate, which reads the log, never saw it, and the live view had counted it. It is not marked
-    nor counted until kept now: the resend is logged and counted once."""
+    nor counted until kept now: the resend is logged and counted once. A label not matched here
+    was counted in feedback_unmatched_total when refused and again when its resend was kept (2
+    for 1 in the log); it is counted when kept now, as a matched one."""
     from model_server import metrics
 
     keys = tmp_path / "keys.json"
@@ -461,23 +464,28 @@ def test_a_label_the_log_could_not_take_may_be_sent_again_and_counts_once(tmp_pa
     plog = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)), max_pending=1)
     dp = data_plane(repo, plog)
     rules = dp.label_rules("digits")
-    dp.feedback_store.record("req-1", "digits", "1", [3])
     dp.feedback_store.record("req-2", "digits", "1", [4])
-    counted = lambda: metrics.FEEDBACK.labels("digits", "1")._value.get()  # noqa: E731
+    if matched:
+        dp.feedback_store.record("req-1", "digits", "1", [3])
+        counter = metrics.FEEDBACK.labels("digits", "1")
+    else:  # served by another replica: unknown here
+        counter = metrics.FEEDBACK_UNMATCHED.labels("digits", "unknown")
+    counted = lambda: counter._value.get()  # noqa: E731
     before = counted()
     signer = dp.feedback_store.signer
     first = dp.feedback("digits", {"request_id": "req-2", "label": 4, "token": signer.token("digits", "req-2")}, rules)
     assert first["logged"] is True  # (the buffer's one place taken)
     item = {"request_id": "req-1", "label": 3, "token": signer.token("digits", "req-1")}
     full = dp.feedback("digits", item, rules)
-    assert (full["matched_locally"], full["logged"]) == (True, False)
-    assert counted() == before + 1  # req-2's only
+    assert (full["matched_locally"], full["logged"]) == (matched, False)
+    assert counted() == before + int(matched)  # req-2's only, matched
     assert plog.flush() == 1
     again = dp.feedback("digits", item, rules)
-    assert (again["matched_locally"], again["logged"], again["correct"]) == (True, True, 1)
-    assert counted() == before + 2
+    assert (again["matched_locally"], again["logged"], again.get("correct", 1)) == (matched, True, 1)
+    assert counted() == before + 1 + int(matched)
     with pytest.raises(Conflict):
         dp.feedback("digits", item, rules)
+    assert counted() == before + 1 + int(matched)
     assert plog.flush() == 1
 
 
