@@ -165,6 +165,8 @@ class DataPlane:
         self._label_rules: dict[str, tuple[ModelConfig, LabelRules]] = {}  # model -> of its config
         self.failures: dict[tuple[str, str], EveryInterval] = {}  # (model, version) -> its failure lines
         repo.on_version_gone.append(self._forget_failures)  # (a version unloaded: its entry goes)
+        if prediction_log is not None:  # a label the log dropped at its flush may be sent again
+            prediction_log.on_label_dropped = lambda label: feedback.forget(label.model, label.request_id)
 
     def _forget_failures(self, model: str, label: str) -> None:
         self.failures.pop((model, label), None)
@@ -591,9 +593,10 @@ class DataPlane:
         replica did not serve (another may have): ``matched_locally: false``. Without one, a
         request id not served here is refused (ModelNotFound). A request id labelled here
         before is refused (Conflict), unless that label was not kept: with a prediction log,
-        one it could not take (``logged: false``, its buffer full) may be sent again, and the
-        live view counts a label once it is kept (the gate reads the log: a label counted
-        there and refused at its resend reached no gate).
+        one it could not take (``logged: false``, its buffer full) or dropped at its flush (its
+        tenant's masking key unusable: ``on_label_dropped``) may be sent again. The live view
+        counts a label once the log queued it (the gate reads the log: a label counted there
+        and refused at its resend reached no gate); one dropped at the flush stays counted.
         """
         received_at = time.time() if received_at is None else received_at
         plog = self.prediction_log

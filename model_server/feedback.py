@@ -234,8 +234,9 @@ class FeedbackStore:
             self._evict(now)
 
     def forget(self, model: str, request_id: str) -> None:
-        """Take back the mark of a label that could not be logged (the log's buffer was full):
-        its sender may send it again, matched here or not, and it is counted when it is kept."""
+        """Take back the mark of a label the prediction log did not keep (its buffer was full,
+        or it dropped the label at its flush: its tenant's masking key unusable): its sender may
+        send it again, matched here or not."""
         with self._lock:
             self._labelled.pop((model, request_id), None)
             served = self._served.get((model, request_id))
@@ -244,7 +245,7 @@ class FeedbackStore:
 
     @staticmethod
     def count(model: str, fb: Feedback) -> None:
-        """Count a label kept (logged, or matched here without a log) in the live view:
+        """Count a label kept (queued by the log, or matched here without a log) in the live view:
         ``feedback_total`` and ``feedback_correct_total`` of the version it judged, else 1 in
         ``feedback_unmatched_total`` of why it was not matched here."""
         if fb.matched:

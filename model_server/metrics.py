@@ -189,16 +189,27 @@ HTTP_REFUSALS = Counter(
 )
 for _reason in ("over_limit", "pipelined", "at_accept", "body_budget"):
     HTTP_REFUSALS.labels(_reason)  # (each at 0 from the start: an alert's rate sees the first)
-FEEDBACK = Counter("feedback_total", "Labels received for served predictions", ("model", "version"))
+_KEPT = (
+    "counted when the prediction log queued it (without a log: when taken); one the log could not "
+    "take (its buffer full) is not, and may be sent again; one it dropped at its flush (its tenant's "
+    'masking key unusable: prediction_log_records_total{outcome="mask_unavailable"}) stays counted, '
+    "and may be sent again, counted again"
+)
+FEEDBACK = Counter(
+    "feedback_total",
+    f"Labels of predictions served here, by the version that served them: {_KEPT}",
+    ("model", "version"),
+)
 FEEDBACK_CORRECT = Counter(
-    "feedback_correct_total", "Labels that matched the served top-1 prediction", ("model", "version")
+    "feedback_correct_total",
+    f"Labels of feedback_total that matched the served top-1 prediction: {_KEPT}",
+    ("model", "version"),
 )
 FEEDBACK_UNMATCHED = Counter(
     "feedback_unmatched_total",
-    "Labels the prediction log took for a prediction this replica does not hold (unknown: served "
-    "by another replica, before a restart or never; expired; evicted: over --feedback-capacity), "
-    "for the reader's join; not in feedback_total. A label the log could not take (its buffer "
-    "full) is not counted: its sender may send it again",
+    "Labels for a prediction this replica does not hold (unknown: served by another replica, "
+    "before a restart or never; expired; evicted: over --feedback-capacity), for the log reader's "
+    f"join; not in feedback_total: {_KEPT}",
     ("model", "reason"),
 )
 PREDICTION_LOG_RECORDS = Counter(

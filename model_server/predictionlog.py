@@ -410,6 +410,9 @@ class PredictionLog:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="prediction-log", daemon=True)
         self._mask_cache = _MaskCache()  # (key id, whole, value) -> masked
+        # Told of each label dropped at a flush (its tenant's key unusable), from the writer's
+        # thread: the data plane takes back its mark, so that it may be sent again.
+        self.on_label_dropped: Callable[[Label], None] | None = None
         self._meta_cache = _MaskCache()  # (key id, metadata items) -> _MaskedMeta
         if self.local:
             Path(self.root).mkdir(parents=True, exist_ok=True)
@@ -531,6 +534,8 @@ class PredictionLog:
             metrics.PREDICTION_LOG_RECORDS.labels("mask_unavailable").inc(
                 len(rec.labels) if isinstance(rec, Label) else rec.items
             )
+            if isinstance(rec, Label) and self.on_label_dropped is not None:
+                self.on_label_dropped(rec)
         for t, recs in dropped.items():  # a line per tenant and flush, not per request: the error is the key's
             more = f" and {len(recs) - 1} more" if len(recs) > 1 else ""
             log.error("prediction log records of request %s%s dropped: %s", recs[0].request_id, more, keys[t])

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -613,3 +614,45 @@ def test_a_feedback_requests_x_tenant_is_bounded_as_a_labels_tenant(server_facto
     item = {"request_id": "r0", "label": 1, "token": sign.token("digits", "r0", tenant)}
     r = requests.post(f"{s.http}/v2/models/digits/feedback", json=item, headers={"X-Tenant": tenant}, timeout=10)
     assert r.status_code == 200, r.text
+
+
+def test_a_label_the_log_dropped_at_its_flush_may_be_sent_again(server_factory, repo_copy, tmp_path, digit_images):
+    """A label queued (answered logged: true) and dropped at the flush, its tenant's masking key
+    unusable, was in no log, and its resend was refused 409 "already has feedback": fixed, the
+    key took no label again. The writer takes a dropped label's mark back now: its resend, once
+    the key is usable, is logged (once: a third send is 409). The live view counted it when it
+    was queued: feedback_total counts both sends, prediction_log_records_total{outcome=
+    "mask_unavailable"} the one the log dropped (the metric's help says so)."""
+    key = lambda: base64.b64encode(os.urandom(32)).decode()  # noqa: E731
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"default": key(), "tenants": {"acme": "not-a-key"}}))
+    log = tmp_path / "predictions"
+    s = server_factory(
+        repo_copy,
+        *("--state-dir", str(tmp_path / "state"), "--prediction-log", str(log), "--mask-keys", str(keys)),
+        *("--prediction-log-flush-s", "0.1"),
+        token=TOKEN,
+    )
+    image, label = digit_images[0]
+    token = infer(s, image, {"X-Request-ID": "order-1", "X-Tenant": "acme"}).headers["X-Feedback-Token"]
+    item = {"request_id": "order-1", "label": label, "token": token}
+    r = requests.post(f"{s.http}/v2/models/digits/feedback", json=item, timeout=10)
+    assert r.status_code == 200, r.text
+    assert (r.json()["matched_locally"], r.json()["logged"]) == (True, True)  # queued
+    dropped = lambda: s.metric("prediction_log_records_total", outcome="mask_unavailable") or 0  # noqa: E731
+    deadline = time.monotonic() + 20
+    while dropped() < 2 and time.monotonic() < deadline:  # the inference's row and the label's
+        time.sleep(0.05)
+    assert dropped() == 2
+    keys.write_text(json.dumps({"default": key(), "tenants": {"acme": key()}}))  # the key fixed
+    time.sleep(1.5)  # (the key file is looked at again after a second)
+    r = requests.post(f"{s.http}/v2/models/digits/feedback", json=item, timeout=10)
+    assert r.status_code == 200, r.text
+    assert (r.json()["matched_locally"], r.json()["logged"], r.json()["correct"]) == (True, True, 1)
+    r = requests.post(f"{s.http}/v2/models/digits/feedback", json=item, timeout=10)
+    assert r.status_code == 409, r.text
+    assert s.metric("feedback_total", model="digits", version="1") == 2
+    s.stop()
+    rows = read(log, datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1))
+    assert rows["role"].tolist() == ["label"]  # the resend, once (the inference was dropped)
+    assert rows["label"].tolist() == [label]
