@@ -611,7 +611,7 @@ class DataPlane:
             if plog is not None and not logged:  # kept nowhere: its sender may send it again
                 self.feedback_store.forget(model, fb.request_id)
             else:
-                self.feedback_store.count(model, fb)
+                fb.count(model)
             return fb.answer(logged)
 
         if not isinstance(body, list):

@@ -151,6 +151,17 @@ class Feedback:
     reason: str | None = None  # why it was not matched here
     why: str | None = None  # the same, as feedback_unmatched_total's reason: unknown, expired, evicted
 
+    def count(self, model: str) -> None:
+        """Count this label, once kept (queued by the log, or matched here without a log), in
+        the live view: its items in ``feedback_total`` and its right ones in
+        ``feedback_correct_total`` of the version it judged, else 1 in
+        ``feedback_unmatched_total`` of why it was not matched here."""
+        if self.matched:
+            metrics.FEEDBACK.labels(model, self.version).inc(len(self.truth))
+            metrics.FEEDBACK_CORRECT.labels(model, self.version).inc(self.correct or 0)
+        else:
+            metrics.FEEDBACK_UNMATCHED.labels(model, self.why).inc()
+
     def answer(self, logged: bool) -> dict[str, Any]:
         out: dict[str, Any] = {
             "request_id": self.request_id,
@@ -242,17 +253,6 @@ class FeedbackStore:
             served = self._served.get((model, request_id))
             if served is not None:
                 served.labelled = False
-
-    @staticmethod
-    def count(model: str, fb: Feedback) -> None:
-        """Count a label kept (queued by the log, or matched here without a log) in the live view:
-        ``feedback_total`` and ``feedback_correct_total`` of the version it judged, else 1 in
-        ``feedback_unmatched_total`` of why it was not matched here."""
-        if fb.matched:
-            metrics.FEEDBACK.labels(model, fb.version).inc(len(fb.truth))
-            metrics.FEEDBACK_CORRECT.labels(model, fb.version).inc(fb.correct or 0)
-        else:
-            metrics.FEEDBACK_UNMATCHED.labels(model, fb.why).inc()
 
     def label(
         self,

@@ -267,6 +267,35 @@ def test_a_prediction_expires_after_its_ttl():
     assert late.reason == "expired: served 61 s ago, feedback is kept 60 s"
 
 
+def test_a_label_counts_when_it_is_counted_not_when_it_is_judged():
+    """The store judges a label and counts nothing (the data plane counts it once the log kept
+    it): the label counts itself, matched in feedback_total and feedback_correct_total of its
+    version (its items, the right ones), not matched 1 in feedback_unmatched_total of why."""
+    from model_server import metrics
+    from model_server.feedback import FeedbackStore, LabelRules
+
+    now = [1000.0]
+    store = FeedbackStore(FeedbackSigner(b"k" * 32), capacity=10, ttl_s=60, clock=lambda: now[0])
+    sign = FeedbackSigner(b"k" * 32)
+    store.record("r1", "counted", "2", [3, 5, 7])
+    store.record("r2", "counted", "2", [4])
+    total, correct = metrics.FEEDBACK.labels("counted", "2"), metrics.FEEDBACK_CORRECT.labels("counted", "2")
+    unmatched = {why: metrics.FEEDBACK_UNMATCHED.labels("counted", why) for why in ("unknown", "expired")}
+    values = lambda: (total._value.get(), correct._value.get(), *(c._value.get() for c in unmatched.values()))  # noqa: E731
+    before = values()
+    rules = LabelRules.of(None, (-1, 10), 64)
+    item = lambda rid, label: {"request_id": rid, "label": label, "token": sign.token("counted", rid)}  # noqa: E731
+    matched = store.label("counted", item("r1", [3, 6, 7]), rules)
+    now[0] += 61
+    late = store.label("counted", item("r2", 4), rules, accept_unmatched=True)
+    unknown = store.label("counted", item("r3", 1), rules, accept_unmatched=True)
+    assert values() == before
+    matched.count("counted")
+    late.count("counted")
+    unknown.count("counted")
+    assert [v - b for v, b in zip(values(), before, strict=True)] == [3, 2, 1, 1]
+
+
 def test_the_store_holds_at_most_its_capacity_in_items_not_requests():
     """A request of batch 64 keeps 64 top-1s: counted by requests, the default 200,000 of a
     model batching 1024 held 200 million items. Counted by items, the oldest requests go first."""
