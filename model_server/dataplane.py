@@ -165,8 +165,8 @@ class DataPlane:
         self._label_rules: dict[str, tuple[ModelConfig, LabelRules]] = {}  # model -> of its config
         self.failures: dict[tuple[str, str], EveryInterval] = {}  # (model, version) -> its failure lines
         repo.on_version_gone.append(self._forget_failures)  # (a version unloaded: its entry goes)
-        if prediction_log is not None:  # a label the log dropped at its flush may be sent again
-            prediction_log.on_label_dropped = lambda label: feedback.forget(label.model, label.request_id)
+        if prediction_log is not None:  # a label the log dropped at its flush (counted) may be sent again
+            prediction_log.on_label_dropped = lambda label: feedback.forget(label.model, label.request_id, counted=True)
 
     def _forget_failures(self, model: str, label: str) -> None:
         self.failures.pop((model, label), None)
@@ -596,7 +596,8 @@ class DataPlane:
         one it could not take (``logged: false``, its buffer full) or dropped at its flush (its
         tenant's masking key unusable: ``on_label_dropped``) may be sent again. The live view
         counts a label once the log queued it (the gate reads the log: a label counted there
-        and refused at its resend reached no gate); one dropped at the flush stays counted.
+        and refused at its resend reached no gate); one dropped at the flush stays counted,
+        and its resend is not counted again.
         """
         received_at = time.time() if received_at is None else received_at
         plog = self.prediction_log
@@ -609,7 +610,7 @@ class DataPlane:
                 Label(received_at, model, fb.version, fb.request_id, fb.truth, fb.tenant)
             )
             if plog is not None and not logged:  # kept nowhere: its sender may send it again
-                self.feedback_store.forget(model, fb.request_id)
+                self.feedback_store.forget(model, fb.request_id, counted=fb.counted)
             else:
                 fb.count(model)
             return fb.answer(logged)

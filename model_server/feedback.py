@@ -150,12 +150,16 @@ class Feedback:
     correct: int | None = None
     reason: str | None = None  # why it was not matched here
     why: str | None = None  # the same, as feedback_unmatched_total's reason: unknown, expired, evicted
+    counted: bool = False  # counted already: sent before, queued by the log and dropped at its flush
 
     def count(self, model: str) -> None:
         """Count this label, once kept (queued by the log, or matched here without a log), in
         the live view: its items in ``feedback_total`` and its right ones in
         ``feedback_correct_total`` of the version it judged, else 1 in
-        ``feedback_unmatched_total`` of why it was not matched here."""
+        ``feedback_unmatched_total`` of why it was not matched here; nothing when it was
+        ``counted`` already."""
+        if self.counted:
+            return
         if self.matched:
             metrics.FEEDBACK.labels(model, self.version).inc(len(self.truth))
             metrics.FEEDBACK_CORRECT.labels(model, self.version).inc(self.correct or 0)
@@ -179,8 +183,9 @@ class Feedback:
 class FeedbackStore:
     """The predictions this replica served, for their labels: at most ``capacity`` items (a
     request of batch 64 holds 64: the memory is the items'), each for ``ttl_s``; the ids recently
-    evicted (why, for the answer); and the ids labelled here (matched or not, for ``ttl_s``, at
-    most ``capacity``), which a second label finds taken."""
+    evicted (why, for the answer); the ids labelled here (matched or not, for ``ttl_s``, at most
+    ``capacity``), which a second label finds taken; and the ids whose label was counted and
+    then dropped by the log (alike), whose resend is not counted again."""
 
     def __init__(
         self,
@@ -197,6 +202,7 @@ class FeedbackStore:
         self._items = 0  # the served predictions' items, together
         self._gone: OrderedDict[Key, tuple[str, float]] = OrderedDict()  # evicted -> (expired | evicted, served at)
         self._labelled: OrderedDict[Key, float] = OrderedDict()  # labelled here -> when
+        self._counted: OrderedDict[Key, float] = OrderedDict()  # counted, then dropped by the log -> when
         self._lock = threading.Lock()
 
     def _evict(self, now: float) -> None:
@@ -213,9 +219,9 @@ class FeedbackStore:
             self._gone[key] = (why, oldest.at)
             if len(self._gone) > self.capacity:
                 self._gone.popitem(last=False)
-        labelled = self._labelled
-        while labelled and (len(labelled) > self.capacity or now - next(iter(labelled.values())) > self.ttl_s):
-            labelled.popitem(last=False)
+        for ids in (self._labelled, self._counted):
+            while ids and (len(ids) > self.capacity or now - next(iter(ids.values())) > self.ttl_s):
+                ids.popitem(last=False)
 
     def _why(self, key: Key, now: float) -> tuple[str, str]:
         """(metric label, sentence) of a request id not held here."""
@@ -244,11 +250,16 @@ class FeedbackStore:
             self._items += len(top1)
             self._evict(now)
 
-    def forget(self, model: str, request_id: str) -> None:
+    def forget(self, model: str, request_id: str, counted: bool = False) -> None:
         """Take back the mark of a label the prediction log did not keep (its buffer was full,
         or it dropped the label at its flush: its tenant's masking key unusable): its sender may
-        send it again, matched here or not."""
+        send it again, matched here or not; ``counted``: it was counted (queued, then dropped),
+        and its resend is not counted again."""
         with self._lock:
+            if counted:
+                now = self.clock()
+                self._counted[(model, request_id)] = now
+                self._evict(now)
             self._labelled.pop((model, request_id), None)
             served = self._served.get((model, request_id))
             if served is not None:
@@ -309,13 +320,16 @@ class FeedbackStore:
             if served is not None:
                 served.labelled = True
             self._labelled[key] = now
+            counted = self._counted.pop(key, None) is not None
             self._evict(now)
             if served is None:
                 code, why = self._why(key, now)
         if served is None:
-            return Feedback(rid, truth, claimed, matched=False, reason=why, why=code)
+            return Feedback(rid, truth, claimed, matched=False, reason=why, why=code, counted=counted)
         correct = sum(int(t == p) for t, p in zip(truth, served.top1, strict=True))
-        return Feedback(rid, truth, served.tenant, matched=True, version=served.version, correct=correct)
+        return Feedback(
+            rid, truth, served.tenant, matched=True, version=served.version, correct=correct, counted=counted
+        )
 
 
 def check_tenant(tenant: object, what: str) -> None:

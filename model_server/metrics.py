@@ -193,7 +193,7 @@ _KEPT = (
     "counted when the prediction log queued it (without a log: when taken); one the log could not "
     "take (its buffer full) is not, and may be sent again; one it dropped at its flush (its tenant's "
     'masking key unusable: prediction_log_records_total{outcome="mask_unavailable"}) stays counted, '
-    "and may be sent again, counted again"
+    "and may be sent again, not counted again (within --feedback-ttl-s)"
 )
 FEEDBACK = Counter(
     "feedback_total",
