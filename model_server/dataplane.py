@@ -166,7 +166,9 @@ class DataPlane:
         self.failures: dict[tuple[str, str], EveryInterval] = {}  # (model, version) -> its failure lines
         repo.on_version_gone.append(self._forget_failures)  # (a version unloaded: its entry goes)
         if prediction_log is not None:  # a label the log dropped at its flush (counted) may be sent again
-            prediction_log.on_label_dropped = lambda label: feedback.forget(label.model, label.request_id, counted=True)
+            prediction_log.on_label_dropped = lambda label: feedback.forget(
+                label.model, label.request_id, label.tenant, counted=True
+            )
 
     def _forget_failures(self, model: str, label: str) -> None:
         self.failures.pop((model, label), None)
@@ -610,7 +612,7 @@ class DataPlane:
                 Label(received_at, model, fb.version, fb.request_id, fb.truth, fb.tenant)
             )
             if plog is not None and not logged:  # kept nowhere: its sender may send it again
-                self.feedback_store.forget(model, fb.request_id, counted=fb.counted)
+                self.feedback_store.forget(model, fb.request_id, fb.tenant, counted=fb.counted)
             else:
                 fb.count(model)
             return fb.answer(logged)

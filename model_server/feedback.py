@@ -73,14 +73,22 @@ class FeedbackSigner:
         mac.update(f"{model}\n{request_id}".encode() + (f"\n{tenant}".encode() if tenant else b""))
         return base64.urlsafe_b64encode(mac.digest()[:18]).decode()
 
+    def valid(self, model: str, request_id: str, token: object, tenant: str | None = None) -> bool:
+        """Whether ``token`` is the one of (model, request id, tenant)."""
+        # (compare_digest takes ASCII text only: any other token, a lone surrogate too, matches none)
+        return (
+            isinstance(token, str)
+            and token.isascii()
+            and hmac.compare_digest(token, self.token(model, request_id, tenant))
+        )
+
     def check(self, model: str, request_id: str, token: object, tenant: str | None = None) -> None:
         if not isinstance(token, str) or not token:
             raise Unauthorized(
                 "feedback needs the 'token' its inference response carried (parameters.feedback_token, "
                 "or the X-Feedback-Token header)"
             )
-        # (compare_digest takes ASCII text only: any other token, a lone surrogate too, matches none)
-        if not (token.isascii() and hmac.compare_digest(token, self.token(model, request_id, tenant))):
+        if not self.valid(model, request_id, token, tenant):
             raise Unauthorized(
                 f"feedback token does not match request {shown(request_id)!r} of model '{model}' "
                 "(a label carries the tenant of its inference: its X-Tenant, as the label's 'tenant' "
@@ -135,7 +143,8 @@ class Served:
     labelled: bool = False
 
 
-Key = tuple[str, str]  # (model, request id)
+Key = tuple[str, str, str | None]  # (model, request id, tenant): two tenants' requests under one id are two
+MAX_TENANTS_PER_ID = 8  # the requests of one id kept here, each another tenant's
 
 
 @dataclass(frozen=True)
@@ -199,6 +208,7 @@ class FeedbackStore:
         self.capacity = capacity
         self.ttl_s = ttl_s
         self._served: OrderedDict[Key, Served] = OrderedDict()
+        self._tenants: dict[tuple[str, str], list[str | None]] = {}  # (model, request id) -> its tenants served
         self._items = 0  # the served predictions' items, together
         self._gone: OrderedDict[Key, tuple[str, float]] = OrderedDict()  # evicted -> (expired | evicted, served at)
         self._labelled: OrderedDict[Key, float] = OrderedDict()  # labelled here -> when
@@ -216,6 +226,10 @@ class FeedbackStore:
                 break
             self._served.popitem(last=False)
             self._items -= len(oldest.top1)
+            tenants = self._tenants[key[:2]]
+            tenants.remove(key[2])
+            if not tenants:
+                del self._tenants[key[:2]]
             self._gone[key] = (why, oldest.at)
             if len(self._gone) > self.capacity:
                 self._gone.popitem(last=False)
@@ -236,32 +250,41 @@ class FeedbackStore:
     def record(self, request_id: str, model: str, version: str, top1: list[int], tenant: str | None = None) -> None:
         """Keep a prediction for its label, unless its tenant (its X-Tenant, up to the headers'
         60 KiB) is longer than a label's ``tenant`` may be: kept an hour each, such tenants held
-        gigabytes. Its label still reaches the prediction log, under the label's X-Tenant."""
+        gigabytes. Its label still reaches the prediction log, under the label's X-Tenant. Two
+        tenants' requests under one id are two predictions (up to ``MAX_TENANTS_PER_ID``);
+        an id re-sent by its tenant keeps its first."""
         if tenant is not None and len(tenant) > MAX_TENANT:
             return
         tenant = tenant or None  # (an X-Tenant of "": none, as its token has it)
         now = self.clock()
-        key = (model, request_id)
+        key = (model, request_id, tenant)
         with self._lock:
             self._evict(now)
-            if key in self._served or len(top1) > self.capacity:  # a re-sent id keeps its first
-                return  # prediction and label; a batch above the capacity would evict all and itself
+            tenants = self._tenants.setdefault(key[:2], [])
+            # a re-sent id keeps its first prediction and label; a batch above the capacity would
+            # evict all and itself
+            if key in self._served or len(tenants) >= MAX_TENANTS_PER_ID or len(top1) > self.capacity:
+                if not tenants:
+                    del self._tenants[key[:2]]
+                return
+            tenants.append(tenant)
             self._served[key] = Served(model, version, top1, now, tenant)
             self._items += len(top1)
             self._evict(now)
 
-    def forget(self, model: str, request_id: str, counted: bool = False) -> None:
+    def forget(self, model: str, request_id: str, tenant: str | None, counted: bool = False) -> None:
         """Take back the mark of a label the prediction log did not keep (its buffer was full,
         or it dropped the label at its flush: its tenant's masking key unusable): its sender may
         send it again, matched here or not; ``counted``: it was counted (queued, then dropped),
-        and its resend is not counted again."""
+        and its resend is not counted again. ``tenant``: the label's (``Feedback.tenant``)."""
+        key = (model, request_id, tenant)
         with self._lock:
             if counted:
                 now = self.clock()
-                self._counted[(model, request_id)] = now
+                self._counted[key] = now
                 self._evict(now)
-            self._labelled.pop((model, request_id), None)
-            served = self._served.get((model, request_id))
+            self._labelled.pop(key, None)
+            served = self._served.get(key)
             if served is not None:
                 served.labelled = False
 
@@ -279,8 +302,10 @@ class FeedbackStore:
         A request this replica did not serve (or no longer remembers) raises 404, unless
         ``accept_unmatched`` (a prediction log will keep the label for the reader's join); its
         tenant is the item's ``tenant``, else ``tenant`` (the feedback request's X-Tenant), and
-        the token must be that tenant's (a served request's: its own tenant's), else 401. A
-        request id already labelled here, matched or not, raises 409.
+        the token must be that tenant's, else 401. A request served here is the one of the
+        label's tenant, else the one whose tenant its token names (a label need not name the
+        tenant of a request this replica served). A request already labelled here, matched or
+        not, raises 409.
         """
         if not isinstance(item, dict) or not isinstance(item.get("request_id"), str):
             raise InvalidInput("feedback needs {'request_id': str, 'label': int | str | [..], 'token': str}")
@@ -301,14 +326,17 @@ class FeedbackStore:
                 f"model '{model}' answers at most {rules.max_items} items a request"
             )
         truth = [_label_index(v, rules) for v in values]
-        key = (model, rid)
         claimed = item.get("tenant", tenant) or None  # ("": none, as the token has it)
+        token = item.get("token")
         now = self.clock()
         with self._lock:
             self._evict(now)
-            served = self._served.get(key)
-            # The token names the inference's tenant: the served one's here, else the label's word.
-            self.signer.check(model, rid, item.get("token"), claimed if served is None else served.tenant)
+            served = self._served.get((model, rid, claimed))
+            if served is None:  # (the token names the inference's tenant)
+                of = (t for t in self._tenants.get((model, rid), ()) if self.signer.valid(model, rid, token, t))
+                served = self._served.get((model, rid, next(of, claimed)))
+            key = (model, rid, claimed if served is None else served.tenant)
+            self.signer.check(model, rid, token, key[2])
             if served is None and not accept_unmatched:
                 raise ModelNotFound(f"request {shown(rid)!r}: {self._why(key, now)[1]}")
             if served is not None and len(truth) != len(served.top1):
