@@ -1318,6 +1318,47 @@ def test_istios_copy_of_one_of_two_tenants_requests_under_one_id_is_that_tenants
     assert (of[2], bool(own[2])) == (1, True)  # globex's copy of globex's
 
 
+def test_joined_takes_the_compared_requests_own_copy_else_its_earliest_copy_that_ran(tmp_path):
+    """Istio's copies come from a pod 43.6 s behind (its clock offset, measured on the ids of one
+    primary and one copy). ``own``: a copy stamped as its primary (the own mirror's, 3 and 2)
+    and a later Istio copy of it stamped 43.6 s before (9s): the own copy. ``dropped``: a copy
+    the own mirror dropped, and two Istio copies left to the request (5s, then 9s): the earliest
+    that ran. ``retried``: a failed attempt and its retry 5 s later, each with an Istio copy
+    (the retry's answering 7s): the retry and its own copy, not the copy nearest on the pod's
+    clock. A label of no request and a copy of none are counted."""
+    t = time.time() - 120
+    late, nines = -43.6, np.eye(10, dtype=np.float32)[[9, 9]]
+    w = writer(tmp_path)
+    for k in range(3):
+        w.append(primary(f"plain{k}", when=t + k))
+        w.append(shadow(f"plain{k}", when=t + k + late))
+    w.append(primary("own", when=t))
+    w.append(shadow("own", when=t + late, scores=nines))
+    w.append(shadow("own", when=t))
+    w.append(primary("dropped", when=t + 10))
+    w.append(shadow("dropped", when=t + 10, outcome="DROPPED"))
+    w.append(shadow("dropped", when=t + 10.6 + late, scores=nines))
+    w.append(shadow("dropped", when=t + 10 + late, scores=np.eye(10, dtype=np.float32)[[5, 5]]))
+    w.append(primary("retried", when=t + 20, outcome="FAULT"))
+    w.append(shadow("retried", when=t + 20 + late, outcome="FAULT"))
+    w.append(primary("retried", when=t + 25))
+    w.append(shadow("retried", when=t + 25 + late, scores=np.eye(10, dtype=np.float32)[[7, 7]]))
+    w.append(shadow("lost", when=t))
+    w.append(Label(t + 30, "digits", None, "retried", [1, 2], None))
+    w.append(Label(t + 30, "digits", None, "never", [4], None))
+    w.flush()
+    j = joined(read(tmp_path / "log", *window())).sort_values(["request_id", "item"])
+    plain = [f"plain{k}" for k in range(3) for _ in "ab"]
+    assert list(j["request_id"]) == ["dropped"] * 2 + ["own"] * 2 + plain + ["retried"] * 2
+    assert list(j["shadow_top1"]) == [5, 5, 3, 2, *[3, 2] * 3, 7, 7]
+    assert list(j["shadow_outcome"]) == ["ok"] * 12
+    assert list(j["outcome"]) == ["ok"] * 12
+    assert list(j["label"].fillna(-1)) == [-1] * 10 + [1, 2]
+    assert (j[j["request_id"] == "retried"]["time"] > pd.Timestamp(t + 24, unit="s", tz="UTC")).all()
+    counts = ("unmatched_labels", "unmatched_shadows", "duplicate_labels", "duplicate_primaries")
+    assert [j.attrs[k] for k in counts] == [1, 2, 0, 2]  # (lost: two items; retried's failed attempt)
+
+
 metadata_values = st.lists(
     st.tuples(
         st.sampled_from(["x-meta-note", "x-meta-contact", "x-device-type", "x-tenant"]),
