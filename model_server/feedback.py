@@ -9,20 +9,20 @@ With a prediction log, every valid label is also appended to the log, matched he
 request may have been served by another replica (or expired here), and the log's reader joins
 labels to predictions by request id across replicas (the earliest label of an item wins there).
 
-One label per request id and replica: a replica remembers the ids labelled on it (within the
+One label per request (request id and tenant) and replica: a replica remembers the requests labelled on it (within the
 feedback TTL and capacity), matched or not, and answers a second label 409, so that no client
 can flood the prediction log with labels of one id and crowd the gates' records out of it.
 
 A label needs the feedback token its inference response carried (``parameters.feedback_token``
 in the response, and the ``X-Feedback-Token`` header): an HMAC of the model, request id and
 tenant (X-Tenant) under a key every replica shares (``--feedback-key-file``, a Kubernetes
-Secret). Only a client that received the prediction can label it, and one request id takes one
-label: a re-sent inference with the same id keeps the first prediction and its label (another
-tenant's re-send gets another token). A replica that did not serve the request takes the
+Secret). Only a client that received the prediction can label it, and one request takes one
+label: a re-sent inference with the same id keeps the first prediction and its label; another
+tenant's request under the id is another request, with another token. A replica that did not serve the request takes the
 tenant from the label (its ``tenant``, else X-Tenant): the token holds it to the inference's,
 whose key masks the request id in the log (under another key the label would join nothing).
-Predictions are kept by (model, request id): a caller that forwards one X-Request-ID to two
-models labels each.
+Predictions are kept by (model, request id, tenant), up to ``MAX_TENANTS_PER_ID`` tenants an id:
+a caller that forwards one X-Request-ID to two models labels each.
 """
 
 from __future__ import annotations
@@ -302,10 +302,9 @@ class FeedbackStore:
         A request this replica did not serve (or no longer remembers) raises 404, unless
         ``accept_unmatched`` (a prediction log will keep the label for the reader's join); its
         tenant is the item's ``tenant``, else ``tenant`` (the feedback request's X-Tenant), and
-        the token must be that tenant's, else 401. A request served here is the one of the
-        label's tenant, else the one whose tenant its token names (a label need not name the
-        tenant of a request this replica served). A request already labelled here, matched or
-        not, raises 409.
+        the token must be that tenant's, else 401. A request served here is the one whose
+        tenant its token names, whatever the label says (it need not name it). A request already
+        labelled here, matched or not, raises 409.
         """
         if not isinstance(item, dict) or not isinstance(item.get("request_id"), str):
             raise InvalidInput("feedback needs {'request_id': str, 'label': int | str | [..], 'token': str}")
@@ -331,10 +330,10 @@ class FeedbackStore:
         now = self.clock()
         with self._lock:
             self._evict(now)
-            served = self._served.get((model, rid, claimed))
-            if served is None:  # (the token names the inference's tenant)
-                of = (t for t in self._tenants.get((model, rid), ()) if self.signer.valid(model, rid, token, t))
-                served = self._served.get((model, rid, next(of, claimed)))
+            # (the token names the inference's tenant: of the requests served here under the id,
+            # its tenant's; else the label's word, checked below)
+            mine = (t for t in self._tenants.get((model, rid), ()) if self.signer.valid(model, rid, token, t))
+            served = self._served.get((model, rid, next(mine, claimed)))
             key = (model, rid, claimed if served is None else served.tenant)
             self.signer.check(model, rid, token, key[2])
             if served is None and not accept_unmatched:

@@ -321,6 +321,7 @@ def test_two_tenants_requests_under_one_id_served_by_one_replica_are_two_predict
     store = FeedbackStore(sign, capacity=100)
     rules = LabelRules.of(None, (-1, 10), 64)
     store.record("order-7", "digits", "1", [1], "acme")
+    store.record("order-7", "digits", "1", [4], None)  # (a request naming no tenant under the id)
     store.record("order-7", "digits", "2", [2], "globex")
     store.record("order-7", "digits", "2", [5], "acme")  # (acme re-sent it: its first is kept)
     label = lambda of, **claim: {  # noqa: E731
