@@ -52,7 +52,7 @@ from model_server import metrics
 from model_server.config import MAX_FLUSH_S, MIN_FLUSH_S
 from model_server.errors import MaskingUnavailable
 from model_server.files import filesystem, list_folder, store_errors, write_private
-from model_server.masking import SUSPECT, SUSPECT_PARTS, Key, Masker
+from model_server.masking import SUSPECT, SUSPECT_PARTS, TOKEN_RE, Key, Masker
 from model_server.trace import item_hashes
 
 if TYPE_CHECKING:  # imported where a frame is made: the server's start does without it (about 1 s)
@@ -1759,12 +1759,16 @@ def key_codes(df: pd.DataFrame) -> np.ndarray:
     these (integer arrays), not on the string columns, to keep a million records' joins small.
 
     Two tenants' requests under one request id (clients choosing their ids, one masking key for
-    both) are two requests: where a key's primary records carry more than one ``tenant`` (none
-    is one too), the tenant is part of its key, so that one tenant's label or copy is never
-    another's answer's. Elsewhere it is not: a label or a copy whose tenant column differs from
-    its one primary's (a masked tenant, its key rotated between the answer and the label, or the
-    candidate's pods masking under a Secret not yet synced) still joins it; under a shared id
-    such a one joins none and is counted unmatched (lost, never misjudged)."""
+    both) are two requests: where a key's primary records carry two tenants or more (none is
+    one, and "" is none), the tenant is part of its key, so that one tenant's label or copy is
+    never another's answer's. A tenant masked (``--mask-header x-tenant``) is a token of its
+    masking key (``tok_<kid>_...``): equal tokens of one key are one tenant, but the tokens of
+    two keys cannot be compared (one client's, before and after a rotation; the candidate's pods
+    masking under a Secret not yet synced), so a key whose primaries carry tokens of two masking
+    keys is not split. Elsewhere a label's or a copy's tenant does not matter (it joins the
+    key's one request, as before); under a split key one of no primary's tenant joins none and
+    is counted unmatched (lost, never misjudged). A reader splits on what it read: a read that
+    holds one of two tenants' answers joins as if the id were the other's alone."""
     import pandas as pd
 
     rid, _ = pd.factorize(df["request_id"], use_na_sentinel=False)
@@ -1775,18 +1779,34 @@ def key_codes(df: pd.DataFrame) -> np.ndarray:
     code = pair.astype(np.int64) * (int(model.max(initial=0)) + 1) + model
     if "tenant" not in df.columns or "role" not in df.columns or len(df) == 0:
         return code
-    tenant, _ = pd.factorize(df["tenant"], use_na_sentinel=False)
-    primary = (df["role"] == "primary").to_numpy(bool)
-    if not primary.any() or (tenant[primary] == tenant[primary][0]).all():
+    tenant, kid = _tenant_codes(df["tenant"])
+    primary = np.flatnonzero((df["role"] == "primary").to_numpy(bool))
+    if not len(primary) or (tenant[primary] == tenant[primary][0]).all():
         return code  # (one tenant, or none: the common case, no work)
-    at, keys = pd.factorize(code[primary])
-    lo = np.full(len(keys), len(df), np.int64)
-    hi = np.full(len(keys), -1, np.int64)
-    np.minimum.at(lo, at, tenant[primary])
-    np.maximum.at(hi, at, tenant[primary])
-    shared = np.isin(code, keys[hi > lo])  # (the keys whose primaries carry two tenants or more)
-    split, _ = pd.factorize(code * (int(tenant.max()) + 2) + np.where(shared, tenant + 1, 0))  # < rows x rows
+    code = pd.factorize(code)[0].astype(np.int64)  # (< rows: the products below stay < rows x rows)
+
+    def several(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """The keys whose ``rows`` carry two ``values`` or more."""
+        pairs = pd.unique(code[rows] * (int(values.max()) + 2) + values[rows] + 1) // (int(values.max()) + 2)
+        return pairs[pd.Series(pairs).duplicated().to_numpy(bool)]
+
+    shared = np.isin(code, several(tenant, primary))
+    shared &= ~np.isin(code, several(kid, primary[kid[primary] >= 0]))  # (tokens of two keys: no telling)
+    split, _ = pd.factorize(code * (int(tenant.max()) + 2) + np.where(shared, tenant + 1, 0))
     return split.astype(np.int64)
+
+
+def _tenant_codes(tenant: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's tenant (-1: none; "" is none, as the writer has it since it is no tenant) and
+    the masking key of its token (-1: no token, a tenant in clear or none)."""
+    import pandas as pd
+
+    codes, uniques = pd.factorize(tenant)
+    names = np.asarray(uniques, dtype=object)
+    codes = np.where(np.isin(codes, np.flatnonzero(names == "")), -1, codes)
+    kids = [m.group(1) if isinstance(v, str) and (m := TOKEN_RE.fullmatch(v)) else None for v in names]
+    kid_of = np.append(pd.factorize(np.asarray(kids, dtype=object))[0], -1)  # (None: -1; a row of none: the last)
+    return codes.astype(np.int64), kid_of[codes].astype(np.int64)
 
 
 def _times(df: pd.DataFrame) -> np.ndarray:

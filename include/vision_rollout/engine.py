@@ -229,7 +229,9 @@ def stage_samples(
     t = _unix(records["time"])
     from model_server.predictionlog import key_codes
 
-    records = records.assign(_at=available(records, settle_s), _key=key_codes(records))
+    records = records.assign(_at=available(records, settle_s), _key=-1)
+    seen = (records["_at"] < until).to_numpy(bool)  # (keyed on what the look saw: ``_live_labels``)
+    records.loc[seen, "_key"] = key_codes(records[seen])
     arms = {spec.baseline_version: "baseline", spec.candidate_version: "canary"}
     primary = records[
         (records["role"] == "primary")
@@ -288,7 +290,9 @@ def _live_labels(records: pd.DataFrame, live: pd.DataFrame, model: str, until: f
     time), on the earliest answer of its key (a re-sent id is a second answer, not a second piece
     of evidence): a second label sent to another replica (each takes one) cannot override the
     first, a late poke judges a look on what it would have seen on time, one label of an id
-    re-sent 20 times counts once, and one tenant's label never judges another's answer."""
+    re-sent 20 times counts once, and one tenant's label never judges another's answer. The
+    key (``_key``) is ``key_codes``' on the records available before ``until``: a request that
+    another tenant sent under the id later does not change what a look judged."""
     rows = records[(records["role"] == "label") & (records["model"] == model)]
     out = pd.DataFrame({"label": np.nan, "tenant": None, "at": np.nan}, index=live.index)
     if rows.empty or live.empty:

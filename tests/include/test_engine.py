@@ -1210,6 +1210,32 @@ def test_one_tenants_label_never_judges_another_tenants_answer_under_one_request
     assert list(labelled["correct"]) == [1.0]
 
 
+def test_a_request_another_tenant_sends_under_an_id_later_does_not_change_a_look_judged(tmp_path):
+    """A look judges what was logged before its time: acme's answer to order-7 and its label (no
+    tenant named: one tenant's id joins its one answer) were the look's evidence; globex's
+    request under order-7 a minute after the look split the id by tenant, and the look judged
+    again had lost the label. The gate keys the records on what the look saw."""
+    import time
+
+    from model_server.predictionlog import Label
+
+    t0 = time.time() - 300
+    window = StageWindow(0, 50, t0)
+    rows = [inference(t0 + 1 + i, v, f"{v}-{i}", 5.0) for i in range(20) for v in ("1", "2")]
+    rows += [
+        inference(t0 + 25, "2", "order-7", 5.0)._replace(metadata={"x-tenant": "acme"}),
+        Label(t0 + 30, "digits", "2", "order-7", [1], None),
+    ]
+    look = t0 + 150
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    before = stage_samples(logged(tmp_path / "a", rows, t0), spec(), window, look, IMAGES)
+    rows.append(inference(t0 + 210, "1", "order-7", 5.0)._replace(metadata={"x-tenant": "globex"}))
+    after = stage_samples(logged(tmp_path / "b", rows, t0), spec(), window, look, IMAGES)
+    for samples in (before, after):
+        assert list(samples.dropna(subset=["correct"])["arm"]) == ["canary"]
+
+
 @pytest.mark.parametrize("latency", [np.inf, -np.inf, np.nan, -4.0, 0.0])
 def test_a_record_whose_latency_is_no_duration_is_no_latency_evidence(latency):
     """One record of the log with an Inf latency (a foreign or damaged file) made the stage's

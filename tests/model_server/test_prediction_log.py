@@ -1299,6 +1299,31 @@ def test_two_tenants_sending_one_request_id_are_two_requests(tmp_path):
     assert (j.attrs["unmatched_labels"], j.attrs["duplicate_labels"], j.attrs["duplicate_primaries"]) == (2, 0, 0)
 
 
+@pytest.mark.parametrize(
+    ("first", "again"),
+    [("tok_aaaaaaaa_bcdf", "tok_bbbbbbbb_bcdf"), ("", None)],
+    ids=["tokens-of-two-masking-keys", "empty-and-none"],
+)
+def test_one_client_re_sending_an_id_under_two_spellings_of_its_tenant_is_one_request(tmp_path, first, again):
+    """Masked tenants are tokens of their masking key: one client re-sending an id after a key
+    rotation (or to the candidate's pods masking under a Secret not yet synced) carries two
+    tokens, and an older pod logged an X-Tenant of "" where a newer one logs none. Read as two
+    tenants, the id was split: the label moved from the first answer to the re-send (the gate
+    judged the canary with it), the re-send no longer a repeat. Tokens of two keys cannot be
+    compared and "" is none: the key is not split, the label joins the first answer."""
+    t = time.time()
+    frame = pd.DataFrame(
+        [
+            {"time": t, "role": "primary", "top1": 1, "tenant": first},
+            {"time": t + 5, "role": "primary", "top1": 2, "tenant": again},
+            {"time": t + 10, "role": "label", "label": 1, "tenant": again},
+        ]
+    ).assign(model="digits", request_id="r-1", item=0, time=lambda d: pd.to_datetime(d["time"], unit="s", utc=True))
+    j = joined(frame)
+    assert (list(j["top1"]), list(j["label"])) == ([1], [1])
+    assert (j.attrs["duplicate_primaries"], j.attrs["unmatched_labels"]) == (1, 0)
+
+
 def test_istios_copy_of_one_of_two_tenants_requests_under_one_id_is_that_tenants():
     """Behind Istio (copies stamped by the candidate's pod), acme and globex sent order-7 2 ms
     apart and the mirror sampled globex's only; its copy was stamped 0.5 ms after acme's answer.
