@@ -52,7 +52,7 @@ from model_server import metrics
 from model_server.config import MAX_FLUSH_S, MIN_FLUSH_S
 from model_server.errors import MaskingUnavailable
 from model_server.files import filesystem, list_folder, store_errors, write_private
-from model_server.masking import SUSPECT, SUSPECT_PARTS, TOKEN_RE, Key, Masker
+from model_server.masking import SUSPECT, SUSPECT_PARTS, Key, Masker
 from model_server.trace import item_hashes
 
 if TYPE_CHECKING:  # imported where a frame is made: the server's start does without it (about 1 s)
@@ -1758,17 +1758,17 @@ def key_codes(df: pd.DataFrame) -> np.ndarray:
     """An exact int64 code per (model, request_id, item): equal codes, equal keys. Joins run on
     these (integer arrays), not on the string columns, to keep a million records' joins small.
 
-    Two tenants' requests under one request id (clients choosing their ids, one masking key for
-    both) are two requests: where a key's primary records carry two tenants or more (none is
-    one, and "" is none), the tenant is part of its key, so that one tenant's label or copy is
-    never another's answer's. A tenant masked (``--mask-header x-tenant``) is a token of its
-    masking key (``tok_<kid>_...``): equal tokens of one key are one tenant, but the tokens of
-    two keys cannot be compared (one client's, before and after a rotation; the candidate's pods
-    masking under a Secret not yet synced), so a key whose primaries carry tokens of two masking
-    keys is not split. Elsewhere a label's or a copy's tenant does not matter (it joins the
-    key's one request, as before); under a split key one of no primary's tenant joins none and
-    is counted unmatched (lost, never misjudged). A reader splits on what it read: a read that
-    holds one of two tenants' answers joins as if the id were the other's alone."""
+    Two tenants' requests under one request id (clients choosing their ids) are two requests:
+    where a key's primary records carry two tenants or more (none is one, and "" is none), the
+    tenant is part of its key, so that one tenant's label or copy joins its own tenant's answer.
+    Elsewhere a label's or a copy's tenant does not matter: it joins the key's one request, as
+    before. Under a split key, one of no primary's tenant joins none and is counted unmatched
+    (lost, not misjudged). What the tenant column cannot tell: a masked tenant
+    (``--mask-header x-tenant``) is a token of its masking key, so one client's re-send after a
+    key rotation (or to pods masking under a Secret not yet synced) is another tenant's request
+    (its label joins the answer of its own token, of the same input; its copy pairs with it);
+    and a reader keys on what it read (a read holding one of two tenants' answers joins the id
+    as that tenant's alone)."""
     import pandas as pd
 
     rid, _ = pd.factorize(df["request_id"], use_na_sentinel=False)
@@ -1779,34 +1779,26 @@ def key_codes(df: pd.DataFrame) -> np.ndarray:
     code = pair.astype(np.int64) * (int(model.max(initial=0)) + 1) + model
     if "tenant" not in df.columns or "role" not in df.columns or len(df) == 0:
         return code
-    tenant, kid = _tenant_codes(df["tenant"])
+    tenant = _tenant_codes(df["tenant"])
     primary = np.flatnonzero((df["role"] == "primary").to_numpy(bool))
     if not len(primary) or (tenant[primary] == tenant[primary][0]).all():
         return code  # (one tenant, or none: the common case, no work)
     code = pd.factorize(code)[0].astype(np.int64)  # (< rows: the products below stay < rows x rows)
 
-    def several(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """The keys whose ``rows`` carry two ``values`` or more."""
-        pairs = pd.unique(code[rows] * (int(values.max()) + 2) + values[rows] + 1) // (int(values.max()) + 2)
-        return pairs[pd.Series(pairs).duplicated().to_numpy(bool)]
-
-    shared = np.isin(code, several(tenant, primary))
-    shared &= ~np.isin(code, several(kid, primary[kid[primary] >= 0]))  # (tokens of two keys: no telling)
-    split, _ = pd.factorize(code * (int(tenant.max()) + 2) + np.where(shared, tenant + 1, 0))
+    tenants = int(tenant.max()) + 2
+    keys = pd.unique(code[primary] * tenants + tenant[primary] + 1) // tenants  # (a key a tenant of its primaries)
+    shared = np.isin(code, keys[pd.Series(keys).duplicated().to_numpy(bool)])  # (two tenants or more)
+    split, _ = pd.factorize(code * tenants + np.where(shared, tenant + 1, 0))
     return split.astype(np.int64)
 
 
-def _tenant_codes(tenant: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's tenant (-1: none; "" is none, as the writer has it since it is no tenant) and
-    the masking key of its token (-1: no token, a tenant in clear or none)."""
+def _tenant_codes(tenant: pd.Series) -> np.ndarray:
+    """Each row's tenant, -1 for none ("" is none, as the writer has it since it is no tenant)."""
     import pandas as pd
 
     codes, uniques = pd.factorize(tenant)
-    names = np.asarray(uniques, dtype=object)
-    codes = np.where(np.isin(codes, np.flatnonzero(names == "")), -1, codes)
-    kids = [m.group(1) if isinstance(v, str) and (m := TOKEN_RE.fullmatch(v)) else None for v in names]
-    kid_of = np.append(pd.factorize(np.asarray(kids, dtype=object))[0], -1)  # (None: -1; a row of none: the last)
-    return codes.astype(np.int64), kid_of[codes].astype(np.int64)
+    empty = np.flatnonzero(np.asarray(uniques, dtype=object) == "")
+    return np.where(np.isin(codes, empty), -1, codes).astype(np.int64)
 
 
 def _times(df: pd.DataFrame) -> np.ndarray:

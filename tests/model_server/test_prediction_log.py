@@ -1299,29 +1299,39 @@ def test_two_tenants_sending_one_request_id_are_two_requests(tmp_path):
     assert (j.attrs["unmatched_labels"], j.attrs["duplicate_labels"], j.attrs["duplicate_primaries"]) == (2, 0, 0)
 
 
-@pytest.mark.parametrize(
-    ("first", "again"),
-    [("tok_aaaaaaaa_bcdf", "tok_bbbbbbbb_bcdf"), ("", None)],
-    ids=["tokens-of-two-masking-keys", "empty-and-none"],
-)
-def test_one_client_re_sending_an_id_under_two_spellings_of_its_tenant_is_one_request(tmp_path, first, again):
-    """Masked tenants are tokens of their masking key: one client re-sending an id after a key
-    rotation (or to the candidate's pods masking under a Secret not yet synced) carries two
-    tokens, and an older pod logged an X-Tenant of "" where a newer one logs none. Read as two
-    tenants, the id was split: the label moved from the first answer to the re-send (the gate
-    judged the canary with it), the re-send no longer a repeat. Tokens of two keys cannot be
-    compared and "" is none: the key is not split, the label joins the first answer."""
+def test_an_id_re_sent_by_an_older_pods_tenant_of_no_characters_and_a_newer_pods_none_is_one_request():
+    """An older pod logged an X-Tenant of "" where a newer one logs none: read as two tenants, one
+    client's re-send across the two split its id, and its label moved from the first answer to
+    the re-send. "" is none when read too: one request, the label on the first answer."""
     t = time.time()
     frame = pd.DataFrame(
         [
-            {"time": t, "role": "primary", "top1": 1, "tenant": first},
-            {"time": t + 5, "role": "primary", "top1": 2, "tenant": again},
-            {"time": t + 10, "role": "label", "label": 1, "tenant": again},
+            {"time": t, "role": "primary", "top1": 1, "tenant": ""},
+            {"time": t + 5, "role": "primary", "top1": 2, "tenant": None},
+            {"time": t + 10, "role": "label", "label": 1, "tenant": None},
         ]
     ).assign(model="digits", request_id="r-1", item=0, time=lambda d: pd.to_datetime(d["time"], unit="s", utc=True))
     j = joined(frame)
     assert (list(j["top1"]), list(j["label"])) == ([1], [1])
     assert (j.attrs["duplicate_primaries"], j.attrs["unmatched_labels"]) == (1, 0)
+
+
+def test_two_tenants_masked_under_their_own_keys_sending_one_request_id_are_two_requests(tmp_path):
+    """With --mask-header x-tenant and a masking key per tenant, acme's and globex's requests
+    under order-7 carry tokens of two keys; globex's label joins globex's answer, not acme's."""
+    keys = keys_file(tmp_path, {t: base64.b64encode(os.urandom(32)).decode() for t in ("acme", "globex")})
+    w = PredictionLog(tmp_path / "log", Masker(KeyRing(keys), ["x-tenant"]), replica="test-1", compression=None)
+    t = time.time()
+    w.append(primary("order-7", {"x-tenant": "acme"}, when=t, scores=np.eye(10, dtype=np.float32)[[3, 3]]))
+    w.append(primary("order-7", {"x-tenant": "globex"}, when=t + 1, scores=np.eye(10, dtype=np.float32)[[7, 7]]))
+    w.append(Label(t + 2, "digits", None, "order-7", [7, 7], "globex"))
+    w.flush()
+    df = read(tmp_path / "log", *window())
+    assert df["tenant"].str.startswith("tok_").all()
+    j = joined(df).sort_values(["top1", "item"])
+    assert list(j["top1"]) == [3, 3, 7, 7]
+    assert j["label"].tolist()[2:] == [7, 7]
+    assert j["label"].isna().tolist()[:2] == [True, True]
 
 
 def test_istios_copy_of_one_of_two_tenants_requests_under_one_id_is_that_tenants():
