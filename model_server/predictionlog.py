@@ -1784,7 +1784,6 @@ def key_codes(df: pd.DataFrame) -> np.ndarray:
     if not len(primary) or (tenant[primary] == tenant[primary][0]).all():
         return code  # (one tenant, or none: the common case, no work)
     code = pd.factorize(code)[0].astype(np.int64)  # (< rows: the products below stay < rows x rows)
-
     tenants = int(tenant.max()) + 2
     keys = pd.unique(code[primary] * tenants + tenant[primary] + 1) // tenants  # (a key a tenant of its primaries)
     shared = np.isin(code, keys[pd.Series(keys).duplicated().to_numpy(bool)])  # (two tenants or more)
@@ -1895,7 +1894,7 @@ def joined(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def unmatched_labels(df: pd.DataFrame) -> pd.DataFrame:
-    """Label records whose (model, request_id, item) matches no primary record in the frame."""
+    """Label records whose key (``key_codes``: model, request_id, item) matches no primary record in the frame."""
     _need(df, [*KEY, "role"])
     code = key_codes(df)
     role = df["role"]

@@ -290,7 +290,7 @@ def _live_labels(records: pd.DataFrame, live: pd.DataFrame, model: str, until: f
     time), on the earliest answer of its key (a re-sent id is a second answer, not a second piece
     of evidence): a second label sent to another replica (each takes one) cannot override the
     first, a late poke judges a look on what it would have seen on time, one label of an id
-    re-sent 20 times counts once, and one tenant's label never judges another's answer. The
+    re-sent 20 times counts once, and one tenant's label does not judge another's answer. The
     key (``_key``) is ``key_codes``' on the records available before ``until``: a request that
     another tenant sent under the id later does not change what a look judged."""
     rows = records[(records["role"] == "label") & (records["model"] == model)]
