@@ -9,18 +9,20 @@ With a prediction log, every valid label is also appended to the log, matched he
 request may have been served by another replica (or expired here), and the log's reader joins
 labels to predictions by request id across replicas (the earliest label of an item wins there).
 
-One label per request (request id and tenant) and replica: a replica remembers the requests labelled on it (within the
-feedback TTL and capacity), matched or not, and answers a second label 409, so that no client
-can flood the prediction log with labels of one id and crowd the gates' records out of it.
+One label per request (request id and tenant) and replica: a replica remembers the requests
+labelled on it (within the feedback TTL and capacity), matched or not, and answers a second label
+409, so that no client can flood the prediction log with labels of one id and crowd the gates'
+records out of it.
 
 A label needs the feedback token its inference response carried (``parameters.feedback_token``
 in the response, and the ``X-Feedback-Token`` header): an HMAC of the model, request id and
 tenant (X-Tenant) under a key every replica shares (``--feedback-key-file``, a Kubernetes
 Secret). Only a client that received the prediction can label it, and one request takes one
 label: a re-sent inference with the same id keeps the first prediction and its label; another
-tenant's request under the id is another request, with another token. A replica that did not serve the request takes the
-tenant from the label (its ``tenant``, else X-Tenant): the token holds it to the inference's,
-whose key masks the request id in the log (under another key the label would join nothing).
+tenant's request under the id is another request, with another token. A replica that did not
+serve the request takes the tenant from the label (its ``tenant``, else X-Tenant): the token
+holds it to the inference's, whose key masks the request id in the log (under another key the
+label would join nothing).
 Predictions are kept by (model, request id, tenant), up to ``MAX_TENANTS_PER_ID`` tenants an id:
 a caller that forwards one X-Request-ID to two models labels each.
 """
