@@ -169,6 +169,7 @@ class DataPlane:
             prediction_log.on_label_dropped = lambda label: feedback.forget(
                 label.model, label.request_id, label.tenant, counted=True
             )
+            prediction_log.tag = feedback.signer.tag  # (whose request a record is, as its label's token says)
 
     def _forget_failures(self, model: str, label: str) -> None:
         self.failures.pop((model, label), None)

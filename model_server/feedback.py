@@ -70,10 +70,19 @@ class FeedbackSigner:
     def __init__(self, key: bytes):
         self._keyed = hmac.new(key, digestmod="sha256")  # copied per token: the key is set up once
 
-    def token(self, model: str, request_id: str, tenant: str | None = None) -> str:
+    def _digest(self, model: str, request_id: str, tenant: str | None) -> bytes:
         mac = self._keyed.copy()
         mac.update(f"{model}\n{request_id}".encode() + (f"\n{tenant}".encode() if tenant else b""))
-        return base64.urlsafe_b64encode(mac.digest()[:18]).decode()
+        return mac.digest()
+
+    def token(self, model: str, request_id: str, tenant: str | None = None) -> str:
+        return base64.urlsafe_b64encode(self._digest(model, request_id, tenant)[:18]).decode()
+
+    def tag(self, model: str, request_id: str, tenant: str | None = None) -> int:
+        """The prediction log's ``tenant_tag`` of (model, request id, tenant): 64 bits of the
+        token's HMAC that are not the token (no credential), equal wherever the feedback key is
+        (every replica, either version's pods), across masking keys and their rotations."""
+        return int.from_bytes(self._digest(model, request_id, tenant)[18:26], "big", signed=True)
 
     def valid(self, model: str, request_id: str, token: object, tenant: str | None = None) -> bool:
         """Whether ``token`` is the one of (model, request id, tenant)."""

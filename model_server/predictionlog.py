@@ -94,11 +94,16 @@ SCHEMA = pa.schema(
         # The first output as the model answered it: its datatype and the shape of an item
         # (``output_kind``: FP32[10]); the audit's pairs of another dtype or shape compare nothing.
         ("output", pa.string()),
+        # Whose request a record is, comparable across masking keys, their rotations and pods
+        # (``FeedbackSigner.tag``: 64 bits of the HMAC of model, request id and tenant under the
+        # feedback key every replica shares; its label's record carries the same). Null from a
+        # writer not told how (``PredictionLog.tag``) and in an older writer's file.
+        ("tenant_tag", pa.int64()),
     ]
 )
 # Columns added after the log's first files: a file without one is read with it null (as its
 # writer could not say), not skipped as of a wrong schema.
-LATER_COLUMNS = frozenset({"mirrored", "output"})
+LATER_COLUMNS = frozenset({"mirrored", "output", "tenant_tag"})
 ROLES = ("primary", "shadow", "label")
 REPLICA_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 KEY = ["model", "request_id", "item"]
@@ -123,6 +128,7 @@ SHADOW_PAIR_COLUMNS = [
     "user_id",
     "device_type",
     "tenant",
+    "tenant_tag",
     "meta",
     "output",
 ]
@@ -145,6 +151,7 @@ GATE_COLUMNS = [
     "image_sha256",
     "label",
     "tenant",
+    "tenant_tag",
 ]
 PAIR_COLUMNS = [
     "time",
@@ -413,6 +420,9 @@ class PredictionLog:
         # Told of each label dropped at a flush (its tenant's key unusable), from the writer's
         # thread: the data plane takes back its mark, so that it may be sent again.
         self.on_label_dropped: Callable[[Label], None] | None = None
+        # Each record's ``tenant_tag`` from its model, request id and tenant (the data plane's
+        # ``FeedbackSigner.tag``); None: the column is null.
+        self.tag: Callable[[str, str, str | None], int] | None = None
         self._meta_cache = _MaskCache()  # (key id, metadata items) -> _MaskedMeta
         if self.local:
             Path(self.root).mkdir(parents=True, exist_ok=True)
@@ -601,9 +611,19 @@ class PredictionLog:
             "meta": column([m[3] for m in meta], "meta"),
             "mirrored": column([r.mirrored for r in recs], "mirrored"),
             "output": column([output_kind(r.scores) for r in recs], "output"),
+            "tenant_tag": self._tags(recs, tenants, rep),
         }
         cols.update(self._output_columns(outputs, counts, starts, rows))
         return pa.table([cols[name] for name in SCHEMA.names], schema=SCHEMA)
+
+    def _tags(self, recs: Sequence[Inference | Label], tenants: list[str | None], rep: np.ndarray | None) -> pa.Array:
+        tag = self.tag
+        values = (
+            [None] * len(recs)
+            if tag is None
+            else [tag(r.model, r.request_id, t) for r, t in zip(recs, tenants, strict=True)]
+        )
+        return _column(values, "tenant_tag", rep)
 
     def _output_columns(
         self, outputs: list[np.ndarray | None], counts: np.ndarray, starts: np.ndarray, rows: int
@@ -687,6 +707,7 @@ class PredictionLog:
             "outcome": pa.array(["ok"] * rows, pa.string()),
             "label": pa.array(labels, pa.int32()),  # (safe: a value over int32 raises, never wraps)
             "tenant": column(tenant, "tenant"),
+            "tenant_tag": self._tags(recs, tenants, rep),
         }
         return pa.table(
             [cols.get(name, pa.nulls(rows, SCHEMA.field(name).type)) for name in SCHEMA.names], schema=SCHEMA
@@ -1759,16 +1780,17 @@ def key_codes(df: pd.DataFrame) -> np.ndarray:
     these (integer arrays), not on the string columns, to keep a million records' joins small.
 
     Two tenants' requests under one request id (clients choosing their ids) are two requests:
-    where a key's primary records carry two tenants or more (none is one, and "" is none), the
-    tenant is part of its key, so that one tenant's label or copy joins its own tenant's answer.
-    Elsewhere a label's or a copy's tenant does not matter: it joins the key's one request, as
-    before. Under a split key, one of no primary's tenant joins none and is counted unmatched
-    (lost, not misjudged). What the tenant column cannot tell: a masked tenant
-    (``--mask-header x-tenant``) is a token of its masking key, so one client's re-send after a
-    key rotation (or to pods masking under a Secret not yet synced) is another tenant's request
-    (its label joins the answer of its own token, of the same input; its copy pairs with it);
-    and a reader keys on what it read (a read holding one of two tenants' answers joins the id
-    as that tenant's alone)."""
+    where a key's primary records carry two requesters or more, the requester is part of its
+    key, so that one tenant's label or copy joins its own tenant's answer. Elsewhere a label's or
+    a copy's requester does not matter: it joins the key's one request, as before. Under a split
+    key, one of no primary's requester joins none and is counted unmatched (lost, not misjudged).
+    A requester is a record's ``tenant_tag`` (``FeedbackSigner.tag``: the same for one tenant's
+    request id on every pod sharing the feedback key, across masking keys and their rotations),
+    else, on a record without one (an older writer's), its tenant column ("" and none are one).
+    What that cannot tell: tags under two feedback keys (pods not sharing its file) are two
+    requesters, as a masked tenant under two masking keys is (``--mask-header x-tenant``: a
+    token of its key); and a reader keys on what it read (a read holding one of two tenants'
+    answers joins the id as that tenant's alone)."""
     import pandas as pd
 
     rid, _ = pd.factorize(df["request_id"], use_na_sentinel=False)
@@ -1777,27 +1799,43 @@ def key_codes(df: pd.DataFrame) -> np.ndarray:
     items = int(item.max(initial=0)) + 1
     pair, _ = pd.factorize(rid.astype(np.int64) * items + item)  # < rows x items: no overflow
     code = pair.astype(np.int64) * (int(model.max(initial=0)) + 1) + model
-    if "tenant" not in df.columns or "role" not in df.columns or len(df) == 0:
+    if "role" not in df.columns or len(df) == 0:
         return code
-    tenant = _tenant_codes(df["tenant"])
+    requester = _requester_codes(df)
+    if requester is None:
+        return code
     primary = np.flatnonzero((df["role"] == "primary").to_numpy(bool))
-    if not len(primary) or (tenant[primary] == tenant[primary][0]).all():
-        return code  # (one tenant, or none: the common case, no work)
+    if not len(primary) or (requester[primary] == requester[primary][0]).all():
+        return code  # (one requester, or none: the common case, no work)
     code = pd.factorize(code)[0].astype(np.int64)  # (< rows: the products below stay < rows x rows)
-    tenants = int(tenant.max()) + 2
-    keys = pd.unique(code[primary] * tenants + tenant[primary] + 1) // tenants  # (a key a tenant of its primaries)
-    shared = np.isin(code, keys[pd.Series(keys).duplicated().to_numpy(bool)])  # (two tenants or more)
-    split, _ = pd.factorize(code * tenants + np.where(shared, tenant + 1, 0))
+    requesters = int(requester.max()) + 2
+    keys = (
+        pd.unique(code[primary] * requesters + requester[primary] + 1) // requesters
+    )  # (a key a requester of its primaries)
+    shared = np.isin(code, keys[pd.Series(keys).duplicated().to_numpy(bool)])  # (two requesters or more)
+    split, _ = pd.factorize(code * requesters + np.where(shared, requester + 1, 0))
     return split.astype(np.int64)
 
 
-def _tenant_codes(tenant: pd.Series) -> np.ndarray:
-    """Each row's tenant, -1 for none ("" is none, as the writer has it since it is no tenant)."""
+def _requester_codes(df: pd.DataFrame) -> np.ndarray | None:
+    """Each row's requester (``key_codes``): a code of its ``tenant_tag``, else of its tenant
+    (-1 for none: "" is none, as the writer has it since it is no tenant), the two never equal;
+    None without either column."""
     import pandas as pd
 
-    codes, uniques = pd.factorize(tenant)
-    empty = np.flatnonzero(np.asarray(uniques, dtype=object) == "")
-    return np.where(np.isin(codes, empty), -1, codes).astype(np.int64)
+    tenant = None
+    if "tenant" in df.columns:
+        codes, uniques = pd.factorize(df["tenant"])
+        empty = np.flatnonzero(np.asarray(uniques, dtype=object) == "")
+        tenant = np.where(np.isin(codes, empty), -1, codes).astype(np.int64)
+    if "tenant_tag" not in df.columns:
+        return tenant
+    tags, uniques = pd.factorize(df["tenant_tag"])  # (-1: none)
+    if len(uniques) == 0:
+        return tenant
+    if tenant is None:
+        tenant = np.full(len(df), -1, np.int64)
+    return np.where(tags >= 0, tags, len(uniques) + 1 + tenant).astype(np.int64)
 
 
 def _times(df: pd.DataFrame) -> np.ndarray:

@@ -918,6 +918,7 @@ def copies_pending(
             "mirrored",
             "image_sha256",
             "tenant",  # (a request id two tenants sent is two requests: ``copy_of``)
+            "tenant_tag",
         ],
         roles=("primary", "shadow"),
         deadline=deadline,
@@ -1124,7 +1125,7 @@ def lost_late(records: pd.DataFrame, close: Callable[[pd.Series], pd.Series]) ->
 
 
 # The columns ``lost_late`` reads of the records of earlier ranges that came late.
-LOST_COLUMNS = ["time", "model", "request_id", "item", "role", "mirrored", "image_sha256", "tenant"]
+LOST_COLUMNS = ["time", "model", "request_id", "item", "role", "mirrored", "image_sha256", "tenant", "tenant_tag"]
 
 
 def _stamped(records: pd.DataFrame) -> pd.MultiIndex:

@@ -629,6 +629,45 @@ def test_a_label_carries_the_tenant_of_its_inference(server_factory, repo_copy, 
     assert j.loc[j["label"] != label, "tenant"].tolist() == ["globex"]
 
 
+def test_a_request_re_sent_to_a_pod_masking_its_tenant_under_another_key_is_one_request(
+    server_factory, repo_copy, tmp_path, digit_images
+):
+    """Pods a and b share the feedback key; b masks acme under a key a has not yet (a Secret not
+    yet synced, a rotation), with --mask-header x-tenant. acme sent order-9 to a, re-sent it to b
+    and labelled it at b. acme's masked tenant is two tokens: the log read the re-send as another
+    tenant's request (two answers, the label on the re-send's). Each record carries the tag of its
+    feedback token (the label's is its token's), the same on both pods: one request, its first
+    answer labelled, the re-send counted a duplicate."""
+    key = lambda: base64.b64encode(os.urandom(32)).decode()  # noqa: E731
+    shared = tmp_path / "feedback-key"
+    shared.write_text("a-feedback-secret-shared-by-the-replicas")
+    log, pods = tmp_path / "predictions", []
+    for pod in ("a", "b"):
+        keys = tmp_path / f"keys-{pod}.json"
+        keys.write_text(json.dumps({"default": key(), "tenants": {"acme": key()}}))
+        common = ("--prediction-log", str(log), "--mask-keys", str(keys), "--feedback-key-file", str(shared))
+        pods.append(server_factory(repo_copy, "--state-dir", str(tmp_path / pod), *common, "--mask-header", "x-tenant"))
+    a, b = pods
+    image, label = digit_images[0]
+    sent = {"X-Request-ID": "order-9", "X-Tenant": "acme"}
+    token = infer(a, image, sent).headers["X-Feedback-Token"]
+    assert infer(b, image, sent).headers["X-Feedback-Token"] == token
+    r = requests.post(
+        f"{b.http}/v2/models/digits/feedback",
+        json={"request_id": "order-9", "label": label, "token": token},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    a.stop()
+    b.stop()
+    df = read(log, datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1))
+    assert df["tenant"].nunique() == 2  # (acme, masked under two keys)
+    assert df["tenant_tag"].nunique() == 1
+    j = joined(df)
+    assert (len(j), j["label"].tolist(), j.attrs["duplicate_primaries"]) == (1, [label], 1)
+    assert j.attrs["unmatched_labels"] == 0
+
+
 def test_a_prediction_whose_tenant_is_no_labels_tenant_is_not_kept():
     """The store kept each prediction's X-Tenant for an hour, as long as the headers allow (60
     KiB): 3,000 requests held 176 MB more, the default capacity 12 GB. A prediction whose tenant

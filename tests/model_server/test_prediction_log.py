@@ -1334,6 +1334,41 @@ def test_two_tenants_masked_under_their_own_keys_sending_one_request_id_are_two_
     assert j["label"].isna().tolist()[:2] == [True, True]
 
 
+def test_one_clients_re_send_masked_under_another_key_is_one_request_by_its_tag(tmp_path):
+    """Two pods share the feedback key; pod b masks acme under a key pod a has not yet (a Secret
+    not yet synced, a rotation). acme sent order-7 to pod a, re-sent it to pod b, and labelled it;
+    globex sent order-7 to pod b and labelled its own. Its masked tenant is two tokens, so the log
+    read acme's re-send as a third tenant's request and acme's label joined the re-send's answer,
+    not the first. Each record's ``tenant_tag`` (the feedback signer's, the same on both pods) says
+    whose request it is: acme's two answers are one request (its re-send counted), its label
+    joins the first; globex's stays its own."""
+    signer = FeedbackSigner(b"k" * 32)
+    acme_a, acme_b, globex = (base64.b64encode(os.urandom(32)).decode() for _ in range(3))
+    pods = []
+    for pod, acme in (("a", acme_a), ("b", acme_b)):
+        (tmp_path / pod).mkdir()
+        keys = keys_file(tmp_path / pod, {"acme": acme, "globex": globex})
+        w = PredictionLog(tmp_path / "log", Masker(KeyRing(keys), ["x-tenant"]), replica=f"pod-{pod}", compression=None)
+        w.tag = signer.tag
+        pods.append(w)
+    a, b = pods
+    t, eye = time.time(), np.eye(10, dtype=np.float32)
+    a.append(primary("order-7", {"x-tenant": "acme"}, when=t, scores=eye[[3, 3]]))
+    b.append(primary("order-7", {"x-tenant": "acme"}, when=t + 1, scores=eye[[5, 5]]))
+    b.append(primary("order-7", {"x-tenant": "globex"}, when=t + 2, scores=eye[[7, 7]]))
+    b.append(Label(t + 3, "digits", None, "order-7", [3, 3], "acme"))
+    b.append(Label(t + 4, "digits", None, "order-7", [7, 7], "globex"))
+    a.flush()
+    b.flush()
+    df = read(tmp_path / "log", *window())
+    assert df["tenant_tag"].notna().all()
+    assert df["tenant"].nunique() == 3  # (acme's two tokens)
+    j = joined(df).sort_values(["top1", "item"])
+    assert list(j["top1"]) == [3, 3, 7, 7]  # acme's first answer, globex's
+    assert list(j["label"]) == [3, 3, 7, 7]
+    assert (j.attrs["duplicate_primaries"], j.attrs["unmatched_labels"]) == (2, 0)
+
+
 def test_istios_copy_of_one_of_two_tenants_requests_under_one_id_is_that_tenants():
     """Behind Istio (copies stamped by the candidate's pod), acme and globex sent order-7 2 ms
     apart and the mirror sampled globex's only; its copy was stamped 0.5 ms after acme's answer.
