@@ -596,11 +596,11 @@ class DataPlane:
         replica did not serve (another may have): ``matched_locally: false``. Without one, a
         request id not served here is refused (ModelNotFound). A request id labelled here
         before is refused (Conflict), unless that label was not kept: with a prediction log,
-        one it could not take (``logged: false``, its buffer full) or dropped at its flush (its
-        tenant's masking key unusable: ``on_label_dropped``) may be sent again. The live view
-        counts a label once the log queued it (the gate reads the log: a label counted there
-        and refused at its resend reached no gate); one dropped at the flush stays counted,
-        and its resend is not counted again.
+        one it could not take (``logged: false``, its buffer full) or lost at its flush (its
+        tenant's masking key unusable, its file not written: ``on_label_dropped``) may be sent
+        again. The live view counts a label once the log queued it (the gate reads the log: a
+        label counted there and refused at its resend reached no gate); one lost at the flush
+        stays counted, and its resend is not counted again.
         """
         received_at = time.time() if received_at is None else received_at
         plog = self.prediction_log

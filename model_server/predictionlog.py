@@ -417,8 +417,9 @@ class PredictionLog:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="prediction-log", daemon=True)
         self._mask_cache = _MaskCache()  # (key id, whole, value) -> masked
-        # Told of each label dropped at a flush (its tenant's key unusable), from the writer's
-        # thread: the data plane takes back its mark, so that it may be sent again.
+        # Told of each label lost at a flush (its tenant's key unusable, its table or file not
+        # written), from the writer's thread: the data plane takes back its mark, so that it may
+        # be sent again.
         self.on_label_dropped: Callable[[Label], None] | None = None
         # Each record's ``tenant_tag`` from its model, request id and tenant (the data plane's
         # ``FeedbackSigner.tag``); None: the column is null.
@@ -544,8 +545,8 @@ class PredictionLog:
             metrics.PREDICTION_LOG_RECORDS.labels("mask_unavailable").inc(
                 len(rec.labels) if isinstance(rec, Label) else rec.items
             )
-            if isinstance(rec, Label) and self.on_label_dropped is not None:
-                self.on_label_dropped(rec)
+            if isinstance(rec, Label):
+                self._lost([rec])
         for t, recs in dropped.items():  # a line per tenant and flush, not per request: the error is the key's
             more = f" and {len(recs) - 1} more" if len(recs) > 1 else ""
             log.error("prediction log records of request %s%s dropped: %s", recs[0].request_id, more, keys[t])
@@ -732,18 +733,28 @@ class PredictionLog:
                 folder = f"{self.root}/model={model}/dt={t:%Y-%m-%d}/hour={t:%H}"
                 inferences = [r for r in recs if type(r) is Inference]
                 labels = [r for r in recs if type(r) is Label]
-                parts = [
-                    part
-                    for part in (
-                        self._part(inferences, partial(self._inference_table, inferences, keys), folder),
-                        self._part(labels, partial(self._label_table, labels, keys), folder),
-                    )
-                    if part is not None
-                ]
+                answers = self._part(inferences, partial(self._inference_table, inferences, keys), folder)
+                labelled = self._part(labels, partial(self._label_table, labels, keys), folder)
+                parts = [part for part in (answers, labelled) if part is not None]
+                if labelled is None:
+                    self._lost(labels)  # (its table failed, or every key: each may be sent again)
+                    labels = []
+                else:  # (the labels its key kept, in their rows' order, after the answers' rows)
+                    labels = [r for r in labels if isinstance(keys[r.tenant], Key)]
                 if not parts:
                     continue
-                written += self._write(folder, pa.concat_tables(parts) if len(parts) > 1 else parts[0])
+                spans, row = [], 0 if answers is None else answers.num_rows
+                for r in labels:
+                    spans.append((row, row + len(r.labels), r))
+                    row += len(r.labels)
+                written += self._write(folder, pa.concat_tables(parts) if len(parts) > 1 else parts[0], spans)
             return written
+
+    def _lost(self, labels: Iterable[Label]) -> None:
+        """Tell the data plane of labels queued and not written (``on_label_dropped``)."""
+        if self.on_label_dropped is not None:
+            for label in labels:
+                self.on_label_dropped(label)
 
     @staticmethod
     def _part(
@@ -757,29 +768,31 @@ class PredictionLog:
             log.error("prediction log: %d records for %s not written: %s", len(recs), folder, exc)
             return None
 
-    def _encode(self, table: pa.Table) -> list[tuple[pa.Buffer, pa.Table]]:
+    def _encode(self, table: pa.Table, start: int = 0) -> list[tuple[pa.Buffer, pa.Table, int]]:
         """Parquet files of the table, each under MAX_FILE_BYTES and of a table under
-        MAX_TABLE_BYTES (split by rows when larger)."""
+        MAX_TABLE_BYTES (split by rows when larger), each with its first row's place."""
         if table.nbytes <= MAX_TABLE_BYTES or table.num_rows < 2:
             sink = pa.BufferOutputStream()
             pq.write_table(table, sink, compression=self.compression)
             buf = sink.getvalue()
             if buf.size <= MAX_FILE_BYTES or table.num_rows < 2:
-                return [(buf, table)]
+                return [(buf, table, start)]
         half = table.num_rows // 2
-        return self._encode(table.slice(0, half)) + self._encode(table.slice(half))
+        return self._encode(table.slice(0, half), start) + self._encode(table.slice(half), start + half)
 
-    def _write(self, folder: str, table: pa.Table) -> int:
+    def _write(self, folder: str, table: pa.Table, labels: Sequence[tuple[int, int, Label]] = ()) -> int:
         """The table's files in ``folder``; the rows written. A file that cannot be written loses
-        its own rows, counted; the others are written (and counted written: readers see them)."""
+        its own rows, counted; the others are written (and counted written: readers see them).
+        ``labels``: the rows (start, end) of each label; one that lost a row is ``_lost``."""
         try:
             files = self._encode(table)
         except Exception as exc:
             metrics.PREDICTION_LOG_RECORDS.labels("error").inc(table.num_rows)
             log.error("prediction log: %d rows for %s not encoded: %s", table.num_rows, folder, exc)
+            self._lost(label for _, _, label in labels)
             return 0
         written = 0
-        for buf, part in files:
+        for buf, part, start in files:
             # The UTC second of the write: every record in the file was received before it (read
             # prunes by it), by the clock that stamped them: never before the last of them, should
             # the clock have stepped back since (a file named earlier would be pruned from a range
@@ -796,6 +809,7 @@ class PredictionLog:
             except Exception as exc:
                 metrics.PREDICTION_LOG_RECORDS.labels("error").inc(part.num_rows)
                 log.error("prediction log write of %d rows in %s failed: %s", part.num_rows, folder, exc)
+                self._lost(label for first, end, label in labels if first < start + part.num_rows and end > start)
                 continue
             metrics.PREDICTION_LOG_FILES.inc()
             metrics.PREDICTION_LOG_RECORDS.labels("written").inc(part.num_rows)

@@ -489,6 +489,44 @@ def test_a_label_the_log_could_not_take_may_be_sent_again_and_counts_once(tmp_pa
     assert plog.flush() == 1
 
 
+@pytest.mark.parametrize("lost_at", ["write", "encode", "table"])
+def test_a_label_the_log_lost_at_its_write_may_be_sent_again_and_counts_once(tmp_path, repo, monkeypatch, lost_at):
+    """A label queued (answered logged: true, counted) whose file could not be written (a full
+    disk, a failed PUT), encoded, or whose table could not be made was in no log, and its resend
+    was refused 409 "already has feedback": the gate never saw it. The writer tells the data
+    plane of every label it lost, as of one its masking key dropped: the resend is logged, and
+    counted once (the first send was)."""
+    from model_server import predictionlog
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode()}))
+    plog = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)))
+    dp = data_plane(repo, plog)
+    rules = dp.label_rules("digits")
+    dp.feedback_store.record("req-1", "digits", "1", [3])
+    counted = metrics.FEEDBACK.labels("digits", "1")._value.get
+    before = counted()
+    item = {"request_id": "req-1", "label": 3, "token": dp.feedback_store.signer.token("digits", "req-1")}
+    assert dp.feedback("digits", item, rules)["logged"] is True
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as m:
+        where = {"write": (predictionlog, "write_private"), "encode": (predictionlog.pq, "write_table")}
+        m.setattr(*where.get(lost_at, (PredictionLog, "_label_table")), fails)
+        assert plog.flush() == 0
+    again = dp.feedback("digits", item, rules)
+    assert (again["matched_locally"], again["logged"], again["correct"]) == (True, True, 1)
+    assert counted() == before + 1
+    with pytest.raises(Conflict):
+        dp.feedback("digits", item, rules)
+    assert plog.flush() == 1
+    assert read(tmp_path / "log", datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(hours=1))[
+        "label"
+    ].tolist() == [3]
+
+
 def test_a_label_is_a_class_of_the_model_and_a_request_has_at_most_its_largest_batch_of_them(tmp_path, repo):
     """A class index at or over the model's classes was taken, and counted as a wrong answer:
     one of 2**31 then failed the prediction log's whole flush, inferences and all (int32). A

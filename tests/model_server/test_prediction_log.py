@@ -960,6 +960,36 @@ def test_a_flush_whose_second_file_fails_counts_the_first_written(tmp_path, monk
     assert records("error") - before_error == 1000 - on_disk
 
 
+def test_the_labels_of_a_file_that_fails_are_the_ones_told_lost(tmp_path, monkeypatch):
+    """A flush of answers and labels in several files, every second one failing: the writer
+    tells of each label that lost a row there (``on_label_dropped``: the data plane lets it be sent
+    again), and of none written."""
+    monkeypatch.setattr(predictionlog, "MAX_TABLE_BYTES", 32768)
+    w = writer(tmp_path)
+    lost: list[str] = []
+    w.on_label_dropped = lambda label: lost.append(label.request_id)
+    for i in range(300):
+        w.append(primary(f"r{i}"))
+        w.append(Label(time.time(), "digits", None, f"l{i}", [i % 10] * (2 + i % 7), None))
+    calls = []
+    real = predictionlog.write_private
+
+    def every_second_fails(path, data):
+        calls.append(path)
+        if len(calls) % 2 == 0:
+            raise OSError("No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(predictionlog, "write_private", every_second_fails)
+    w.flush()
+    df = read(tmp_path / "log", *window())
+    rows = df.loc[df["role"] == "label", "request_id"].value_counts()
+    short = {f"l{i}" for i in range(300) if rows.get(f"l{i}", 0) < 2 + i % 7}  # (a row or more not written)
+    assert len(calls) > 2
+    assert 0 < len(lost) < 300
+    assert sorted(lost) == sorted(short)
+
+
 def test_a_crash_mid_write_leaves_no_file(tmp_path, monkeypatch):
     w = writer(tmp_path)
     w.append(primary())
