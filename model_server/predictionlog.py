@@ -1801,10 +1801,11 @@ def key_codes(df: pd.DataFrame) -> np.ndarray:
     A requester is a record's ``tenant_tag`` (``FeedbackSigner.tag``: the same for one tenant's
     request id on every pod sharing the feedback key, across masking keys and their rotations),
     else, on a record without one (an older writer's), its tenant column ("" and none are one).
-    What that cannot tell: tags under two feedback keys (pods not sharing its file) are two
-    requesters, as a masked tenant under two masking keys is (``--mask-header x-tenant``: a
-    token of its key); and a reader keys on what it read (a read holding one of two tenants'
-    answers joins the id as that tenant's alone)."""
+    Where the primaries read carry one tenant column value (one tenant, one masking key: the
+    common case) no id is split and nothing more is done. What that cannot tell: tags under two
+    feedback keys (pods not sharing its file) are two requesters, as a masked tenant under two
+    masking keys is (``--mask-header x-tenant``: a token of its key); and a reader keys on what
+    it read (a read holding one of two tenants' answers joins the id as that tenant's alone)."""
     import pandas as pd
 
     rid, _ = pd.factorize(df["request_id"], use_na_sentinel=False)
@@ -1813,14 +1814,13 @@ def key_codes(df: pd.DataFrame) -> np.ndarray:
     items = int(item.max(initial=0)) + 1
     pair, _ = pd.factorize(rid.astype(np.int64) * items + item)  # < rows x items: no overflow
     code = pair.astype(np.int64) * (int(model.max(initial=0)) + 1) + model
-    if "role" not in df.columns or len(df) == 0:
+    if "tenant" not in df.columns or "role" not in df.columns or len(df) == 0:
         return code
-    requester = _requester_codes(df)
-    if requester is None:
-        return code
+    tenant = _tenant_codes(df["tenant"])
     primary = np.flatnonzero((df["role"] == "primary").to_numpy(bool))
-    if not len(primary) or (requester[primary] == requester[primary][0]).all():
-        return code  # (one requester, or none: the common case, no work)
+    if not len(primary) or (tenant[primary] == tenant[primary][0]).all():
+        return code  # (one tenant, or none: the common case, no work)
+    requester = _requester_codes(df, tenant)
     code = pd.factorize(code)[0].astype(np.int64)  # (< rows: the products below stay < rows x rows)
     requesters = int(requester.max()) + 2
     keys = (
@@ -1831,24 +1831,23 @@ def key_codes(df: pd.DataFrame) -> np.ndarray:
     return split.astype(np.int64)
 
 
-def _requester_codes(df: pd.DataFrame) -> np.ndarray | None:
-    """Each row's requester (``key_codes``): a code of its ``tenant_tag``, else of its tenant
-    (-1 for none: "" is none, as the writer has it since it is no tenant), the two never equal;
-    None without either column."""
+def _tenant_codes(tenant: pd.Series) -> np.ndarray:
+    """Each row's tenant, -1 for none ("" is none, as the writer has it since it is no tenant)."""
     import pandas as pd
 
-    tenant = None
-    if "tenant" in df.columns:
-        codes, uniques = pd.factorize(df["tenant"])
-        empty = np.flatnonzero(np.asarray(uniques, dtype=object) == "")
-        tenant = np.where(np.isin(codes, empty), -1, codes).astype(np.int64)
+    codes, uniques = pd.factorize(tenant)
+    empty = np.flatnonzero(np.asarray(uniques, dtype=object) == "")
+    return np.where(np.isin(codes, empty), -1, codes).astype(np.int64)
+
+
+def _requester_codes(df: pd.DataFrame, tenant: np.ndarray) -> np.ndarray:
+    """Each row's requester (``key_codes``): a code of its ``tenant_tag``, else of its
+    ``tenant`` (its code), the two never equal."""
+    import pandas as pd
+
     if "tenant_tag" not in df.columns:
         return tenant
     tags, uniques = pd.factorize(df["tenant_tag"])  # (-1: none)
-    if len(uniques) == 0:
-        return tenant
-    if tenant is None:
-        tenant = np.full(len(df), -1, np.int64)
     return np.where(tags >= 0, tags, len(uniques) + 1 + tenant).astype(np.int64)
 
 
