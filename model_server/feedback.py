@@ -79,10 +79,11 @@ class FeedbackSigner:
         return base64.urlsafe_b64encode(self._digest(model, request_id, tenant)[:18]).decode()
 
     def tag(self, model: str, request_id: str, tenant: str | None = None) -> int:
-        """The prediction log's ``tenant_tag`` of (model, request id, tenant): 64 bits of the
-        token's HMAC that are not the token (no credential), equal wherever the feedback key is
-        (every replica, either version's pods), across masking keys and their rotations."""
-        return int.from_bytes(self._digest(model, request_id, tenant)[18:26], "big", signed=True)
+        """The prediction log's ``tenant_tag`` of (model, request id, tenant): 53 bits of the
+        token's HMAC that are not the token (no credential; 53: exact as a reader's float64,
+        which a column with nulls becomes), equal wherever the feedback key is (every replica,
+        either version's pods), across masking keys and their rotations."""
+        return int.from_bytes(self._digest(model, request_id, tenant)[18:25], "big") >> 3
 
     def valid(self, model: str, request_id: str, token: object, tenant: str | None = None) -> bool:
         """Whether ``token`` is the one of (model, request id, tenant)."""

@@ -94,10 +94,12 @@ SCHEMA = pa.schema(
         # The first output as the model answered it: its datatype and the shape of an item
         # (``output_kind``: FP32[10]); the audit's pairs of another dtype or shape compare nothing.
         ("output", pa.string()),
-        # Whose request a record is, comparable across masking keys, their rotations and pods
-        # (``FeedbackSigner.tag``: 64 bits of the HMAC of model, request id and tenant under the
-        # feedback key every replica shares; its label's record carries the same). Null from a
-        # writer not told how (``PredictionLog.tag``) and in an older writer's file.
+        # Whose request a record is where its tenant is masked (a token of its masking key, that
+        # changes with the key), comparable across masking keys, their rotations and pods
+        # (``FeedbackSigner.tag``: 53 bits of the HMAC of model, request id and tenant under the
+        # feedback key every replica shares; its label's record carries the same). Null for a
+        # tenant written as it came or none, from a writer not told how (``PredictionLog.tag``)
+        # and in an older writer's file.
         ("tenant_tag", pa.int64()),
     ]
 )
@@ -545,8 +547,6 @@ class PredictionLog:
             metrics.PREDICTION_LOG_RECORDS.labels("mask_unavailable").inc(
                 len(rec.labels) if isinstance(rec, Label) else rec.items
             )
-            if isinstance(rec, Label):
-                self._lost([rec])
         for t, recs in dropped.items():  # a line per tenant and flush, not per request: the error is the key's
             more = f" and {len(recs) - 1} more" if len(recs) > 1 else ""
             log.error("prediction log records of request %s%s dropped: %s", recs[0].request_id, more, keys[t])
@@ -612,18 +612,25 @@ class PredictionLog:
             "meta": column([m[3] for m in meta], "meta"),
             "mirrored": column([r.mirrored for r in recs], "mirrored"),
             "output": column([output_kind(r.scores) for r in recs], "output"),
-            "tenant_tag": self._tags(recs, tenants, rep),
+            "tenant_tag": self._tags(recs, tenants, [m[2] for m in meta], rep),
         }
         cols.update(self._output_columns(outputs, counts, starts, rows))
         return pa.table([cols[name] for name in SCHEMA.names], schema=SCHEMA)
 
-    def _tags(self, recs: Sequence[Inference | Label], tenants: list[str | None], rep: np.ndarray | None) -> pa.Array:
+    def _tags(
+        self,
+        recs: Sequence[Inference | Label],
+        tenants: list[str | None],
+        masked: list[str | None],
+        rep: np.ndarray | None,
+    ) -> pa.Array:
+        """``tenant_tag`` where the tenant was written masked (a token of its key, that changes
+        with it); null where it was written as it came, or none (the same on every pod)."""
         tag = self.tag
-        values = (
-            [None] * len(recs)
-            if tag is None
-            else [tag(r.model, r.request_id, t) for r, t in zip(recs, tenants, strict=True)]
-        )
+        values = [
+            None if tag is None or m == t else tag(r.model, r.request_id, t)
+            for r, t, m in zip(recs, tenants, masked, strict=True)
+        ]
         return _column(values, "tenant_tag", rep)
 
     def _output_columns(
@@ -708,7 +715,7 @@ class PredictionLog:
             "outcome": pa.array(["ok"] * rows, pa.string()),
             "label": pa.array(labels, pa.int32()),  # (safe: a value over int32 raises, never wraps)
             "tenant": column(tenant, "tenant"),
-            "tenant_tag": self._tags(recs, tenants, rep),
+            "tenant_tag": self._tags(recs, tenants, tenant, rep),
         }
         return pa.table(
             [cols.get(name, pa.nulls(rows, SCHEMA.field(name).type)) for name in SCHEMA.names], schema=SCHEMA
@@ -736,11 +743,11 @@ class PredictionLog:
                 answers = self._part(inferences, partial(self._inference_table, inferences, keys), folder)
                 labelled = self._part(labels, partial(self._label_table, labels, keys), folder)
                 parts = [part for part in (answers, labelled) if part is not None]
-                if labelled is None:
-                    self._lost(labels)  # (its table failed, or every key: each may be sent again)
-                    labels = []
-                else:  # (the labels its key kept, in their rows' order, after the answers' rows)
-                    labels = [r for r in labels if isinstance(keys[r.tenant], Key)]
+                # (the labels its key kept, in their rows' order, after the answers' rows; the others,
+                # or all where its table failed, told lost: each once a flush, and may be sent again)
+                kept = [] if labelled is None else [r for r in labels if isinstance(keys[r.tenant], Key)]
+                self._lost(r for r in labels if labelled is None or not isinstance(keys[r.tenant], Key))
+                labels = kept
                 if not parts:
                     continue
                 spans, row = [], 0 if answers is None else answers.num_rows
@@ -791,7 +798,7 @@ class PredictionLog:
             log.error("prediction log: %d rows for %s not encoded: %s", table.num_rows, folder, exc)
             self._lost(label for _, _, label in labels)
             return 0
-        written = 0
+        written, lost = 0, set[int]()
         for buf, part, start in files:
             # The UTC second of the write: every record in the file was received before it (read
             # prunes by it), by the clock that stamped them: never before the last of them, should
@@ -809,11 +816,14 @@ class PredictionLog:
             except Exception as exc:
                 metrics.PREDICTION_LOG_RECORDS.labels("error").inc(part.num_rows)
                 log.error("prediction log write of %d rows in %s failed: %s", part.num_rows, folder, exc)
-                self._lost(label for first, end, label in labels if first < start + part.num_rows and end > start)
+                lost.update(
+                    i for i, (first, end, _) in enumerate(labels) if first < start + part.num_rows and end > start
+                )
                 continue
             metrics.PREDICTION_LOG_FILES.inc()
             metrics.PREDICTION_LOG_RECORDS.labels("written").inc(part.num_rows)
             written += part.num_rows
+        self._lost(labels[i][2] for i in sorted(lost))  # (once each, whatever the files it had rows in)
         return written
 
 
@@ -1798,14 +1808,15 @@ def key_codes(df: pd.DataFrame) -> np.ndarray:
     key, so that one tenant's label or copy joins its own tenant's answer. Elsewhere a label's or
     a copy's requester does not matter: it joins the key's one request, as before. Under a split
     key, one of no primary's requester joins none and is counted unmatched (lost, not misjudged).
-    A requester is a record's ``tenant_tag`` (``FeedbackSigner.tag``: the same for one tenant's
-    request id on every pod sharing the feedback key, across masking keys and their rotations),
-    else, on a record without one (an older writer's), its tenant column ("" and none are one).
-    Where the primaries read carry one tenant column value (one tenant, one masking key: the
-    common case) no id is split and nothing more is done. What that cannot tell: tags under two
-    feedback keys (pods not sharing its file) are two requesters, as a masked tenant under two
-    masking keys is (``--mask-header x-tenant``: a token of its key); and a reader keys on what
-    it read (a read holding one of two tenants' answers joins the id as that tenant's alone)."""
+    A requester is a record's tenant column ("" and none are one), two values being one where a
+    request's records carry both under one ``tenant_tag`` (``FeedbackSigner.tag``: the same for
+    one tenant's request id on every pod sharing the feedback key): a masked tenant
+    (``--mask-header x-tenant``) is a token of its masking key, and one client's re-send across
+    a key rotation is still one request. Where the primaries read carry one tenant column value
+    (the common case) no id is split and nothing more is done. What that cannot tell: a re-send
+    masked under another key by a pod of another feedback key (or of an older writer, without
+    tags) is another tenant's request; and a reader keys on what it read (a read holding one of
+    two tenants' answers joins the id as that tenant's alone)."""
     import pandas as pd
 
     rid, _ = pd.factorize(df["request_id"], use_na_sentinel=False)
@@ -1841,14 +1852,34 @@ def _tenant_codes(tenant: pd.Series) -> np.ndarray:
 
 
 def _requester_codes(df: pd.DataFrame, tenant: np.ndarray) -> np.ndarray:
-    """Each row's requester (``key_codes``): a code of its ``tenant_tag``, else of its
-    ``tenant`` (its code), the two never equal."""
+    """Each row's requester (``key_codes``): its tenant's code, two tenant column values one
+    request's records carry under one ``tenant_tag`` being one (one tenant masked under two
+    keys: a rotation, a pod's Secret not yet synced). A tag only joins tenant values, never
+    parts one: a tag of another feedback key, or none (an older writer's, an unmasked
+    tenant's), leaves the record its tenant's, as before tags."""
     import pandas as pd
 
     if "tenant_tag" not in df.columns:
         return tenant
-    tags, uniques = pd.factorize(df["tenant_tag"])  # (-1: none)
-    return np.where(tags >= 0, tags, len(uniques) + 1 + tenant).astype(np.int64)
+    tags, _ = pd.factorize(df["tenant_tag"])  # (-1: none)
+    has = tags >= 0
+    values = int(tenant.max()) + 2  # (tenant + 1: 0 for none, 1.. for the values)
+    pairs = pd.unique(tags[has].astype(np.int64) * values + tenant[has] + 1)  # (tag, tenant value)
+    pairs = pairs[pd.Series(pairs // values).duplicated(keep=False).to_numpy(bool)]  # (tags of two values)
+    if not len(pairs):
+        return tenant
+    tag_of, value_of = pd.factorize(pairs // values)[0], pairs % values
+    canon = np.arange(values)
+    for _ in range(64):  # (each value to the least one a tag links it to, until none moves)
+        low = np.full(int(tag_of.max()) + 1, values)
+        np.minimum.at(low, tag_of, canon[value_of])
+        moved = canon.copy()
+        np.minimum.at(moved, value_of, low[tag_of])
+        moved = moved[moved]
+        if (moved == canon).all():
+            break
+        canon = moved
+    return canon[tenant + 1] - 1
 
 
 def _times(df: pd.DataFrame) -> np.ndarray:
@@ -2287,7 +2318,14 @@ def shadow_pairs(df: pd.DataFrame, vectors: bool = True) -> pd.DataFrame:
     """
     import pandas as pd
 
-    _need(df, [c for c in SHADOW_PAIR_COLUMNS if c not in ("probs", "topk_index", "topk_prob", "route", "output")])
+    _need(
+        df,
+        [
+            c
+            for c in SHADOW_PAIR_COLUMNS
+            if c not in ("probs", "topk_index", "topk_prob", "route", "output", "tenant_tag")
+        ],
+    )
     code, t = key_codes(df), _times(df)
     ok_rows = (df["outcome"] == "ok").to_numpy()
     dropped_rows = (df["outcome"] == "DROPPED").to_numpy()

@@ -1399,6 +1399,63 @@ def test_one_clients_re_send_masked_under_another_key_is_one_request_by_its_tag(
     assert (j.attrs["duplicate_primaries"], j.attrs["unmatched_labels"]) == (2, 0)
 
 
+def test_a_tenant_written_as_it_came_has_no_tag(tmp_path):
+    """The tag is for a tenant written masked (a token that changes with its key); one written as
+    it came, or none, is the same on every pod: no tag, no HMAC a record on the writer's thread."""
+    signer = FeedbackSigner(b"k" * 32)
+    for masked in (["x-tenant"], []):
+        w = PredictionLog(
+            tmp_path / f"log{len(masked)}", Masker(KeyRing(keys_file(tmp_path)), masked), replica="t", compression=None
+        )
+        w.tag = signer.tag
+        w.append(primary("r-1", {"x-tenant": "acme"}))
+        w.append(primary("r-2"))
+        w.append(Label(time.time(), "digits", None, "r-1", [3, 7], "acme"))
+        w.flush()
+        df = read(tmp_path / f"log{len(masked)}", *window()).sort_values(["request_id", "role", "item"])
+        want = [signer.tag("digits", "r-1", "acme")] * 4 if masked else [None] * 4
+        assert [None if pd.isna(v) else int(v) for v in df["tenant_tag"]][:4] == want
+        assert df["tenant_tag"].isna().tolist()[4:] == [True, True]  # (r-2: no tenant)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["feedback key rotated", "label of an older writer", "copy of an older writer", "copy of another feedback key"],
+)
+def test_a_tag_joins_two_tenant_values_of_one_request_and_never_parts_one(case):
+    """Review s45-2: read as the requester, a tag parted what the tenant column joined: acme's
+    re-send to a pod of another feedback key (a rotation, pods without --feedback-key-file) was a
+    second request and acme's label moved to the re-send's answer (base: the first's); a label or
+    an Istio copy of an older writer (no tag), or a copy from a pod of another feedback key, joined
+    no answer on an id two tenants sent (base: its tenant's). A tag only joins two tenant values
+    (one tenant masked under two keys); otherwise the tenant column decides, as before tags."""
+    t0 = pd.Timestamp("2026-03-01T10:00:00Z")
+    at = lambda s: t0 + pd.Timedelta(seconds=s)  # noqa: E731
+    rows = [
+        {"time": at(0), "role": "primary", "version": "1", "tenant": "tok_a", "tenant_tag": 11.0, "top1": 3},
+        {"time": at(1), "role": "primary", "version": "1", "tenant": "tok_g", "tenant_tag": 21.0, "top1": 7},
+    ]
+    if case == "feedback key rotated":  # (acme's re-send, tagged under the new feedback key, labelled there)
+        rows.append(
+            {"time": at(2), "role": "primary", "version": "2", "tenant": "tok_a", "tenant_tag": 12.0, "top1": 5}
+        )
+        rows.append({"time": at(3), "role": "label", "tenant": "tok_a", "tenant_tag": 12.0, "label": 3})
+    elif case == "label of an older writer":
+        rows.append({"time": at(3), "role": "label", "tenant": "tok_a", "tenant_tag": np.nan, "label": 3})
+    else:
+        tag = np.nan if case == "copy of an older writer" else 13.0
+        rows.append({"time": at(0), "role": "shadow", "version": "2", "tenant": "tok_a", "tenant_tag": tag, "top1": 4})
+    frame = pd.DataFrame(rows).assign(model="digits", request_id="order-7", item=0, outcome="ok")
+    j = joined(frame).sort_values("time")
+    assert j["tenant"].tolist() == ["tok_a", "tok_g"]  # acme's first answer, globex's
+    if case.startswith("copy"):
+        assert j["shadow_top1"].tolist()[0] == 4
+        assert j.attrs["unmatched_shadows"] == 0
+    else:
+        assert j["label"].tolist()[0] == 3
+        assert j.attrs["unmatched_labels"] == 0
+
+
 def test_istios_copy_of_one_of_two_tenants_requests_under_one_id_is_that_tenants():
     """Behind Istio (copies stamped by the candidate's pod), acme and globex sent order-7 2 ms
     apart and the mirror sampled globex's only; its copy was stamped 0.5 ms after acme's answer.
