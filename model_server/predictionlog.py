@@ -743,11 +743,11 @@ class PredictionLog:
                 answers = self._part(inferences, partial(self._inference_table, inferences, keys), folder)
                 labelled = self._part(labels, partial(self._label_table, labels, keys), folder)
                 parts = [part for part in (answers, labelled) if part is not None]
-                # (the labels its key kept, in their rows' order, after the answers' rows; the others,
+                # (the labels its keys kept, in their rows' order after the answers' rows; the others,
                 # or all where its table failed, told lost: each once a flush, and may be sent again)
-                kept = [] if labelled is None else [r for r in labels if isinstance(keys[r.tenant], Key)]
-                self._lost(r for r in labels if labelled is None or not isinstance(keys[r.tenant], Key))
-                labels = kept
+                kept = [labelled is not None and isinstance(keys[r.tenant], Key) for r in labels]
+                self._lost(r for r, k in zip(labels, kept, strict=True) if not k)
+                labels = [r for r, k in zip(labels, kept, strict=True) if k]
                 if not parts:
                     continue
                 spans, row = [], 0 if answers is None else answers.num_rows
@@ -1834,9 +1834,8 @@ def key_codes(df: pd.DataFrame) -> np.ndarray:
     requester = _requester_codes(df, tenant)
     code = pd.factorize(code)[0].astype(np.int64)  # (< rows: the products below stay < rows x rows)
     requesters = int(requester.max()) + 2
-    keys = (
-        pd.unique(code[primary] * requesters + requester[primary] + 1) // requesters
-    )  # (a key a requester of its primaries)
+    # (a key a requester of its primaries)
+    keys = pd.unique(code[primary] * requesters + requester[primary] + 1) // requesters
     shared = np.isin(code, keys[pd.Series(keys).duplicated().to_numpy(bool)])  # (two requesters or more)
     split, _ = pd.factorize(code * requesters + np.where(shared, requester + 1, 0))
     return split.astype(np.int64)
@@ -2318,14 +2317,8 @@ def shadow_pairs(df: pd.DataFrame, vectors: bool = True) -> pd.DataFrame:
     """
     import pandas as pd
 
-    _need(
-        df,
-        [
-            c
-            for c in SHADOW_PAIR_COLUMNS
-            if c not in ("probs", "topk_index", "topk_prob", "route", "output", "tenant_tag")
-        ],
-    )
+    optional = ("probs", "topk_index", "topk_prob", "route", "output", "tenant_tag")
+    _need(df, [c for c in SHADOW_PAIR_COLUMNS if c not in optional])
     code, t = key_codes(df), _times(df)
     ok_rows = (df["outcome"] == "ok").to_numpy()
     dropped_rows = (df["outcome"] == "DROPPED").to_numpy()
