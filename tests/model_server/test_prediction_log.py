@@ -40,6 +40,7 @@ from model_server.predictionlog import (
     PredictionLog,
     copy_of,
     joined,
+    key_codes,
     read,
     shadow_pairs,
     unmatched_labels,
@@ -1454,6 +1455,36 @@ def test_a_tag_joins_two_tenant_values_of_one_request_and_never_parts_one(case):
     else:
         assert j["label"].tolist()[0] == 3
         assert j.attrs["unmatched_labels"] == 0
+
+
+@pytest.mark.parametrize("feedback_keys", [1, 2])
+def test_tags_split_masked_tenants_as_their_names_and_never_part_what_the_tenant_column_joins(feedback_keys):
+    """Random frames (5 ids, acme, globex, none or "", primaries, copies and labels), each record
+    masked under one of three masking keys. Under one feedback key, the split of masked tokens
+    with tags is the split of the tenants' names; under two, tags never part what the tokens
+    alone join."""
+    rng = np.random.default_rng(feedback_keys)
+
+    def same(a: np.ndarray, b: np.ndarray) -> bool:
+        return len(set(zip(a, b, strict=True))) == len(set(a)) == len(set(b))
+
+    for _ in range(300):
+        n = int(rng.integers(1, 40))
+        rid = rng.integers(0, 5, n).astype(str)
+        name = np.array(["acme", "globex", None, None], dtype=object)[rng.integers(0, 4, n)]
+        masking_key, feedback_key = rng.integers(0, 3, n), rng.integers(0, feedback_keys, n)
+        token = np.array([None if t is None else f"tok{k}_{t}" for t, k in zip(name, masking_key, strict=True)])
+        tag = [
+            np.nan if t is None else float(int(hashlib.sha256(f"{r} {t} {f}".encode()).hexdigest()[:13], 16))
+            for r, t, f in zip(rid, name, feedback_key, strict=True)
+        ]
+        frame = pd.DataFrame({"model": "m", "request_id": rid, "item": 0})
+        frame["role"] = np.array(["primary", "shadow", "label"])[rng.integers(0, 3, n)]
+        by_name, tagged = key_codes(frame.assign(tenant=name)), key_codes(frame.assign(tenant=token, tenant_tag=tag))
+        untagged = key_codes(frame.assign(tenant=token))
+        assert all(len(set(tagged[untagged == c])) == 1 for c in set(untagged))
+        if feedback_keys == 1:
+            assert same(by_name, tagged)
 
 
 def test_istios_copy_of_one_of_two_tenants_requests_under_one_id_is_that_tenants():
