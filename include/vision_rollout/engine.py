@@ -621,6 +621,10 @@ def judge_stage(
     n = need_n(verdict, spec, tuple(seen), reckoning)
     if n is None and any(c.name == "accuracy_paired" and c.decision == "wait" and c.ci is None for c in verdict.checks):
         need = "the paired accuracy check waits for a whole validation round answered by both versions."
+    elif n is None and any(
+        c.name == "accuracy_live" and c.decision == "wait" and c.blocks_pass for c in verdict.checks
+    ):
+        need = "two tenants' live labels are out of line with each other (the live accuracy check): a person's call."
     elif n is None:
         need = "the estimate sits on the margin; no sample size resolves it."
     else:

@@ -11,6 +11,7 @@ from scipy import stats
 
 from tests.support import samples
 from vision_rollout.gates import (
+    Check,
     GateConfig,
     GuardInputs,
     boundaries,
@@ -18,6 +19,7 @@ from vision_rollout.gates import (
     evaluate_gate,
     guard_checks,
     latency_check,
+    live_accuracy_check,
     look_information,
     nominal_alpha,
     paired_accuracy_check,
@@ -534,34 +536,132 @@ def test_an_equal_canary_with_batch_labels_fails_at_most_alpha_over_the_looks():
     assert fails / sims < cfg.alpha + 3 * math.sqrt(cfg.alpha * (1 - cfg.alpha) / sims)
 
 
-def test_one_tenant_sending_wrong_labels_does_not_roll_the_canary_back():
-    """A client holds the feedback token of each answer it got: one tenant labelling the canary's
-    answers wrong rolled back an equal canary alone. The check fails only if it fails without
-    each tenant's labels in turn; a drop every tenant sees still fails."""
-    rng = np.random.default_rng(5)
-    n = 4000
-    honest = pd.DataFrame(
-        {
-            "arm": np.repeat(["baseline", "canary"], n),
-            "latency_ms": 5.0,
-            "error": 0.0,
-            "correct": (rng.random(2 * n) < 0.96).astype(float),
-            "labelled_by": np.tile(["tenant-a", "tenant-b"], n),
-        }
+def tenant_labels(tenant: str | None, n: int, right: tuple[int, int], arms=("baseline", "canary")) -> pd.DataFrame:
+    """``n`` live labels per arm in ``arms`` sent by ``tenant``, ``right`` of them right (baseline,
+    canary), each its own request."""
+    return pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "arm": arm,
+                    "latency_ms": 5.0,
+                    "error": 0.0,
+                    "correct": (np.arange(n) < r).astype(float),
+                    "labelled_by": tenant,
+                }
+            )
+            for arm, r in zip(("baseline", "canary"), right, strict=True)
+            if arm in arms
+        ],
+        ignore_index=True,
     )
-    mallory = pd.DataFrame(
-        {"arm": "canary", "latency_ms": 5.0, "error": 0.0, "correct": 0.0, "labelled_by": ["mallory"] * 300}
-    )
-    v = evaluate_gate(pd.concat([honest, mallory], ignore_index=True))
-    live = next(c for c in v.checks if c.name == "accuracy_live")
-    assert live.decision == "wait", live.sentence
-    assert v.decision != "fail"
-    assert "without the labels of tenant 'mallory' (7% of the canary's)" in live.sentence
-    worse = honest.assign(correct=np.r_[honest["correct"][:n], (rng.random(n) < 0.90).astype(float)])
-    live = next(c for c in evaluate_gate(pd.concat([worse, mallory])).checks if c.name == "accuracy_live")
-    assert live.decision == "fail", live.sentence
-    alone = pd.concat([honest, mallory]).assign(labelled_by=None)  # one source: its labels decide
-    assert next(c for c in evaluate_gate(alone).checks if c.name == "accuracy_live").decision == "fail"
+
+
+def live(df: pd.DataFrame) -> tuple[str, Check]:
+    """The gate's decision on ``df`` and its live accuracy check."""
+    v = evaluate_gate(df)
+    return v.decision, next(c for c in v.checks if c.name == "accuracy_live")
+
+
+def test_tenants_whose_labels_agree_fail_a_canary_none_of_them_shows_worse_alone():
+    """The live check failed only where it failed without each tenant's labels in turn: two honest
+    tenants of a canary 2 pp worse, each too few alone to show it, promoted it (7 of 12 rollouts
+    of the procedure). Tenants whose drops agree decide together, as one source would."""
+    acme, globex = tenant_labels("acme", 800, (768, 752)), tenant_labels("globex", 800, (768, 752))
+    assert live(acme)[1].decision == live(globex)[1].decision == "wait"  # neither alone shows it
+    decision, check = live(pd.concat([acme, globex]))
+    assert (decision, check.decision) == ("fail", "fail"), check.sentence
+    assert "Judged without" not in check.sentence
+    assert "Held" not in check.sentence
+    five = pd.concat([tenant_labels(f"t{i}", 320, (307, 301)) for i in range(5)])
+    assert live(five)[1].decision == live(five.assign(labelled_by=None))[1].decision == "fail"
+
+
+def test_one_tenant_out_of_line_with_two_others_is_outvoted_either_way():
+    """A client holds the feedback token of each answer it got. One tenant labelling the canary's
+    answers wrong does not roll back an equal canary, and one labelling the baseline's answers
+    wrong (and the canary's right) does not hide a canary the others show worse: on main it did
+    (no fail; the check only ever left a tenant out where it failed)."""
+    equal = pd.concat([tenant_labels("acme", 2000, (1920, 1920)), tenant_labels("globex", 2000, (1920, 1920))])
+    for mallory, said in [
+        (tenant_labels("mallory", 300, (0, 0), arms=("canary",)), "labelled the canary's answers only"),
+        (tenant_labels("mallory", 300, (300, 0)), "saw a drop of +100.00 pp where the others saw +0.00 pp"),
+    ]:
+        decision, check = live(pd.concat([equal, mallory]))
+        assert decision != "fail"
+        assert check.decision != "fail", check.sentence
+        assert f"Judged without the labels of tenant 'mallory' (7% of the canary's labels), which {said}" in (
+            check.sentence
+        )
+        assert live(pd.concat([equal, mallory]).assign(labelled_by=None))[1].decision == "fail"  # one source decides
+    worse = pd.concat([tenant_labels("acme", 800, (768, 752)), tenant_labels("globex", 800, (768, 752))])
+    hiding = tenant_labels("mallory", 600, (0, 600))
+    assert live(pd.concat([worse, hiding]).assign(labelled_by=None))[1].decision != "fail"  # hidden as one source
+    decision, check = live(pd.concat([worse, hiding]))
+    assert (decision, check.decision) == ("fail", "fail"), check.sentence
+    assert "canary 94.00% (1504/1600) vs baseline 96.00% (1536/1600)" in check.sentence  # judged without it
+    assert "tenant 'mallory' (27% of the canary's labels), which saw a drop of -100.00 pp" in check.sentence
+
+
+def test_two_tenants_out_of_line_with_each_other_hold_the_stage():
+    """Two tenants, one seeing the canary 6 pp worse and the other equal: either one is lying or
+    the canary is worse on one tenant's images only, and two cannot tell which. The check holds
+    (nothing passes; the stage ends undecided) where either alone decides otherwise, naming the
+    drops; where both agree enough, or neither decides alone, every label decides."""
+    acme, globex = tenant_labels("acme", 2000, (1920, 1920)), tenant_labels("globex", 2000, (1920, 1800))
+    for pair in ([acme, globex], [globex, acme]):
+        decision, check = live(pd.concat(pair))
+        assert (decision, check.decision, check.blocks_pass) == ("wait", "wait", True), check.sentence
+        assert "Held, nothing passes: tenant" in check.sentence
+        assert "saw a drop of +6.00 pp where the other saw +0.00 pp" in check.sentence or (
+            "saw a drop of +0.00 pp where the other saw +6.00 pp" in check.sentence
+        )
+        assert check.ci is None  # no estimate more labels of the two resolve
+    slightly = tenant_labels("globex", 2000, (1920, 1900))  # 1 pp: not out of line with acme's
+    assert live(pd.concat([acme, slightly]))[1].blocks_pass is False
+
+
+def test_the_live_check_keeps_its_error_rate_with_tenants_and_their_power():
+    """Over 10 looks of clustered labels (requests of 8 images), a canary exactly at the margin
+    fails at most alpha with 2 and 5 honest tenants, as with one source; a canary 2 pp worse
+    fails about as often with tenants as with one source (on main, 2 tenants failed it in 3%
+    of these rollouts where one source failed it in 33%)."""
+    cfg, looks, requests, batch = GateConfig(), 10, 300, 8
+    rng = np.random.default_rng(3)
+    counts = {}
+    for drop, tenants, sims in [(cfg.accuracy_margin, 2, 200), (cfg.accuracy_margin, 5, 200), (0.02, 2, 80)]:
+        fails = {"tenants": 0, "one source": 0} if drop > cfg.accuracy_margin else {"tenants": 0}
+        for _ in range(sims):
+            y = [batch_requests(rng, requests, batch, 0.3, 0.96 - d) for d in (0.0, drop)]
+            by = [rng.integers(tenants, size=requests).astype(str) for _ in range(2)]
+            for how in fails:
+                for k in range(1, looks + 1):
+                    r = requests * k // looks
+                    df = pd.DataFrame(
+                        {
+                            "arm": np.repeat(["baseline", "canary"], r * batch),
+                            "correct": np.r_[y[0][:r].ravel(), y[1][:r].ravel()],
+                            "cluster": np.r_[np.repeat(np.arange(r), batch), np.repeat(np.arange(r) + requests, batch)],
+                            "labelled_by": np.r_[np.repeat(by[0][:r], batch), np.repeat(by[1][:r], batch)]
+                            if how == "tenants"
+                            else None,
+                        }
+                    )
+                    if live_accuracy_check(df, cfg, nominal_alpha(cfg.alpha, k, looks)).decision == "fail":
+                        fails[how] += 1
+                        break
+        counts[(drop, tenants)] = {how: n / sims for how, n in fails.items()}
+    bound = cfg.alpha + 3 * math.sqrt(cfg.alpha * (1 - cfg.alpha) / 200)
+    assert counts[(cfg.accuracy_margin, 2)]["tenants"] < bound, counts
+    assert counts[(cfg.accuracy_margin, 5)]["tenants"] < bound, counts
+    assert counts[(0.02, 2)]["tenants"] >= 0.8 * counts[(0.02, 2)]["one source"] > 0.15, counts
+
+
+def batch_requests(rng: np.random.Generator, requests: int, batch: int, rho: float, accuracy: float) -> np.ndarray:
+    """[requests, batch] correctness, a request's items sharing a beta effect of correlation ``rho``."""
+    s = (1 - rho) / rho
+    p = rng.beta(accuracy * s, (1 - accuracy) * s, requests)
+    return (rng.random((requests, batch)) < p[:, None]).astype(float)
 
 
 @pytest.mark.parametrize(
