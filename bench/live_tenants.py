@@ -305,7 +305,10 @@ def summarise(scenario: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     n = len(runs)
     promoted = sum(r["promoted"] for r in runs) / n
     live = {d: sum(r["live"] == d for r in runs) / n for d in ("fail", "wait", "info", "absent")}
+    # The rule before 2026-12-07 let a failure go without one tenant's labels ("Not failed: without the
+    # labels of tenant ..."); now one tenant's labels that change the decision hold the stage ("Held").
     exempt = [r for r in runs if r["sentence"] and "not failed:" in r["sentence"].lower()]
+    held = [r for r in runs if r["sentence"] and "Held, nothing passes" in r["sentence"]]
     failed = next((r for r in runs if r["live"] == "fail"), None)
     waited = next((r for r in runs if r["live"] == "wait"), None)
     rolled = [r for r in runs if not r["promoted"]]
@@ -321,15 +324,16 @@ def summarise(scenario: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "live_wait": live["wait"],
         "live_within_margin": live["info"],
         "live_absent": live["absent"],
-        # The current rule's wording of a failure it let go ("Not failed: without the labels of tenant ...").
-        "live_not_failed_one_tenant": len(exempt) / n,
+        "live_tenant_left_out": len(exempt) / n,
+        "live_held_by_two_tenants": len(held) / n,
         "rolled_back_not_by_live": sum(r["live"] != "fail" for r in rolled) / n,
         "labelled_seen": next((r["seen"] for r in runs if r["seen"]), None),
         "example_live_sentences": {
             "first_rollout": runs[0]["sentence"],
             "first_fail": failed["sentence"] if failed else None,
             "first_wait": waited["sentence"] if waited else None,
-            "first_not_failed_one_tenant": exempt[0]["sentence"] if exempt else None,
+            "first_tenant_left_out": exempt[0]["sentence"] if exempt else None,
+            "first_held": held[0]["sentence"] if held else None,
         },
         "example_rollback_reason": rolled[0]["reason"][:2000] if rolled else None,
     }
@@ -371,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{scenario:3s} {row['description']:62s} promoted {row['promoted']:.3f} rolled back "
             f"{row['rolled_back']:.3f} mean {row['mean_seconds']:5.0f} s | live check failed "
             f"{row['live_fail']:.3f} ended wait {row['live_wait']:.3f} within margin "
-            f"{row['live_within_margin']:.3f} (one-tenant 'Not failed' {row['live_not_failed_one_tenant']:.3f})",
+            f"{row['live_within_margin']:.3f} (a tenant left out {row['live_tenant_left_out']:.3f}, held {row['live_held_by_two_tenants']:.3f})",
             flush=True,
         )
     seconds = time.perf_counter() - start

@@ -619,12 +619,12 @@ def judge_stage(
             f"passed at look {judged} of {K}; baking until {bake:.0f} s under the hard guards{longer}",
         )
     n = need_n(verdict, spec, tuple(seen), reckoning)
-    if n is None and any(c.name == "accuracy_paired" and c.decision == "wait" and c.ci is None for c in verdict.checks):
-        need = "the paired accuracy check waits for a whole validation round answered by both versions."
+    if any(c.name == "accuracy_live" and c.decision == "wait" and c.blocks_pass for c in verdict.checks):
+        need = "the live accuracy check holds it: one tenant's labels decide it, and more labels do not resolve that."
     elif n is None and any(
-        c.name == "accuracy_live" and c.decision == "wait" and c.blocks_pass for c in verdict.checks
+        c.name == "accuracy_paired" and c.decision == "wait" and c.ci is None for c in verdict.checks
     ):
-        need = "two tenants' live labels are out of line with each other (the live accuracy check): a person's call."
+        need = "the paired accuracy check waits for a whole validation round answered by both versions."
     elif n is None:
         need = "the estimate sits on the margin; no sample size resolves it."
     else:

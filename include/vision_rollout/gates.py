@@ -804,27 +804,25 @@ def live_accuracy_check(labelled: pd.DataFrame, cfg: GateConfig, level: float) -
     no independent samples, and counting them as such understated the variance (an equal canary
     failed at 0.05 in 13 to 42% of rollouts with requests of 8 images).
 
-    One tenant's labels (``labelled_by``, the tenant that sent each label; none named is one
-    source) out of line with the others' do not decide alone: a client holds the token of each
-    answer it got, so one client could label the canary's answers wrong (rolling a good canary
-    back) or the baseline's (hiding a worse one). ``tenant_outlier`` measures each tenant's drop
-    against the others' (a difference of differences, each part's design effect); the one most
-    out of line, past a two-sided level of alpha split over the tenants (Bonferroni), is the
-    suspect. Where the decision without its labels is the one on all of them, or no tenant is
-    out of line, every label decides: two honest tenants of a canary 2 pp worse, each too few
-    alone to show it, fail it. Where it is not, a suspect out of line with two tenants or more is
-    outvoted (the check judged without its labels, naming it), and one of two tenants holds the
-    check (a "wait" that blocks a pass: the stage ends undecided unless a later look agrees)
-    naming both drops: two tenants cannot tell which of them is right (one sending wrong labels,
-    or a canary worse on one tenant's images only).
+    No one tenant's labels (``labelled_by``, the tenant that sent each label; none named is one
+    source) decide: a client holds the token of each answer it got, so one client could label
+    the canary's answers wrong (rolling a good canary back) or the baseline's (hiding a worse
+    one), and a moderate lie is no outlier: it reads as a canary worse on that tenant's images.
+    A decision on all the labels stands where it is the decision without each tenant's labels
+    in turn (fail, or not); where one tenant's labels change it, the check holds the stage (a
+    "wait" that blocks a pass: the stage ends undecided, and the run rolls back, unless a later
+    look decides without them) and names the tenant, its drop and the others'. So one tenant can
+    hold a rollout, never fail a canary the others do not show worse nor pass one they do; and
+    honest tenants of a canary 2 pp worse, each too few alone to show it, hold it (on main they
+    let it through: the check failed only where it failed without each tenant, and never held).
     Labels from a single source decide alone: the log cannot tell its senders apart."""
     unit = pd.factorize(labelled["cluster"])[0] if "cluster" in labelled else np.full(len(labelled), -1)
     alone = unit < 0  # no request named: a request of its own
     unit[alone] = unit.max(initial=-1) + 1 + np.arange(int(alone.sum()))
-    source = np.full(len(labelled), "(no tenant)", dtype=object)
+    source = np.full(len(labelled), None, dtype=object)  # (none named: one source of its own)
     if "labelled_by" in labelled:
         named = labelled["labelled_by"].notna().to_numpy()
-        source[named] = labelled["labelled_by"].to_numpy(object)[named]
+        source[named] = labelled["labelled_by"][named].astype(str).to_numpy(object)
     # A request's rows (arm and unit), in the order each first appears: its label sums, its source
     # that of its first row. Arrays, not a groupby: a simulation calls this thousands of times.
     canary = (labelled["arm"].to_numpy(object) == "canary").astype(np.intp)
@@ -832,90 +830,68 @@ def live_accuracy_check(labelled: pd.DataFrame, cfg: GateConfig, level: float) -
     first = np.unique(group, return_index=True)[1]
     correct = np.bincount(group, labelled["correct"].to_numpy(float))
     items = np.bincount(group).astype(float)
-    in_source, sources = pd.factorize(source[first])
+    in_source, sources = pd.factorize(source[first], use_na_sentinel=False)
     cell = canary[first] * len(sources) + in_source  # arm by source
     columns = (np.ones_like(items), correct, items, correct**2, correct * items, items**2)  # as cluster_sums
     sums = np.stack([np.bincount(cell, c, minlength=2 * len(sources)) for c in columns], axis=1)
     base, cand = sums.reshape(2, len(sources), len(columns))
     total_b, total_c = base.sum(axis=0), cand.sum(axis=0)
-    check = _live_check(total_b, total_c, cfg, level)
-    if len(sources) < 2:
-        return check
-    far = [tenant_outlier(base[i], cand[i], total_b - base[i], total_c - cand[i]) for i in range(len(sources))]
-    order = np.argsort(-np.abs(far), kind="stable")  # the tenant most out of line with the others first
-    if abs(far[order[0]]) <= stats.norm.isf(cfg.alpha / (2 * len(sources))):  # two-sided, Bonferroni
-        return check
-    for i in order[: 2 if len(sources) == 2 else 1]:  # (two tenants are as far out of line with each other)
-        rest_b, rest_c = total_b - base[i], total_c - cand[i]
-        rest = _live_check(rest_b, rest_c, cfg, level) if rest_b[2] > 0 and rest_c[2] > 0 else None
-        if (rest is not None and rest.decision == "fail") != (check.decision == "fail"):
-            break  # the decision without its labels is not the one on all of them
-    else:
-        return check
-    drop, others = _drop(base[i], cand[i]), _drop(rest_b, rest_c)
-    share = f"{100 * cand[i, 2] / cand[:, 2].sum():.0f}% of the canary's labels"
-    if drop is None or others is None:  # (the tenant's labels cover one arm: compared on it)
-        said = f"labelled the {'canary' if cand[i, 2] else 'baseline'}'s answers only, out of line with the others'"
-    else:
-        them = "the other" if len(sources) == 2 else "the others"
-        said = f"saw a drop of {100 * drop:+.2f} pp where {them} saw {100 * others:+.2f} pp"
-    who = f"tenant {str(sources[i])[:40]!r} ({share}), which {said}"
-    if rest is not None and len(sources) > 2:
-        why = "one tenant's labels out of line with two others or more do not decide"
-        return replace(rest, sentence=f"{rest.sentence} Judged without the labels of {who}: {why}.")
-    return replace(  # (no estimate to resolve: more labels of the two do not tell which is right)
-        check,
-        decision="wait",
-        blocks_pass=True,
-        ci=None,
-        mde=None,
-        sentence=f"{check.sentence} Held, nothing passes: {who}, and two tenants out of line with each other "
-        "cannot tell which is right (one sending wrong labels, or a canary worse on one tenant's images only).",
-    )
-
-
-def _live_check(base: np.ndarray, cand: np.ndarray, cfg: GateConfig, level: float) -> Check:
-    """The live accuracy check on each arm's summed ``cluster_sums``."""
-    effect = design_effect(base, cand)
-    return proportion_check(
+    effect = design_effect(total_b, total_c)
+    check = proportion_check(
         "accuracy_live",
         "Live accuracy from feedback",
         False,
-        int(base[1]),
-        int(base[2]),
-        int(cand[1]),
-        int(cand[2]),
+        int(total_b[1]),
+        int(total_b[2]),
+        int(total_c[1]),
+        int(total_c[2]),
         cfg.accuracy_margin,
         cfg,
         level,
         blocks_pass=False,
         design=(effect, effect),
     )
+    if len(sources) < 2:
+        return check
+    failed, z = check.decision == "fail", float(stats.norm.isf(level))
+    decides = [i for i in range(len(sources)) if _fails(total_b - base[i], total_c - cand[i], z, cfg) != failed]
+    if not decides:
+        return check
+    i = max(decides, key=lambda j: base[j, 2] + cand[j, 2])  # the one of the most labels
+    share = f"{100 * cand[i, 2] / total_c[2]:.0f}% of the canary's labels"
+    drop, others = _drop(base[i], cand[i]), _drop(total_b - base[i], total_c - cand[i])
+    if drop is None or others is None:
+        saw = f"labelled only the {'canary' if cand[i, 2] else 'baseline'}'s answers"
+    else:
+        saw = f"saw a drop of {100 * drop:+.2f} pp where the other{'' if len(sources) == 2 else 's'} saw {100 * others:+.2f} pp"
+    more = "" if len(decides) == 1 else f" (as without the labels of {len(decides) - 1} other tenant(s) in turn)"
+    who = "labels of no tenant" if pd.isna(sources[i]) else f"tenant {str(sources[i])[:40]!r}"
+    return replace(  # (no estimate to resolve: more labels do not say which tenant is right)
+        check,
+        decision="wait",
+        blocks_pass=True,
+        ci=None,
+        mde=None,
+        sentence=f"{check.sentence} Held, nothing passes: {who} ({share}) {saw}, and "
+        f"without its labels the canary {'is not' if failed else 'is'} shown worse{more}. One tenant's labels do "
+        "not decide (wrong labels sent, or a canary worse on that tenant's images only): unless a later look "
+        "decides without them, the stage ends undecided and the run rolls back.",
+    )
+
+
+def _fails(base: np.ndarray, cand: np.ndarray, z: float, cfg: GateConfig) -> bool:
+    """Whether the live check on these ``cluster_sums`` fails (its decision, without its p-value):
+    an arm without labels fails nothing."""
+    if base[2] <= 0 or cand[2] <= 0:
+        return False
+    e = design_effect(base, cand)
+    _, hi = newcombe(base[1] / e, base[2] / e, cand[1] / e, cand[2] / e, z)  # canary - baseline
+    return -hi > cfg.accuracy_margin  # the drop's lower bound above the margin
 
 
 def _drop(base: np.ndarray, cand: np.ndarray) -> float | None:
     """The accuracy drop (baseline - canary) of a part's ``cluster_sums``; None without both arms."""
     return None if base[2] <= 0 or cand[2] <= 0 else base[1] / base[2] - cand[1] / cand[2]
-
-
-def tenant_outlier(base_i: np.ndarray, cand_i: np.ndarray, base_r: np.ndarray, cand_r: np.ndarray) -> float:
-    """How far one tenant's accuracy drop lies above the rest's, in standard errors (its
-    ``cluster_sums`` per arm and the rest's): the difference of the differences (its baseline's
-    accuracy less the rest's, less the same of the canary's: a tenant whose images are harder on
-    both versions agrees) over its standard error, each part's binomial variance at the arm's
-    pooled accuracy (the null: one drop for all) times the part's design effect. An arm one part
-    did not label adds nothing: a tenant labelling the canary's answers only is compared on
-    them. 0 where no arm compares."""
-    z = var = 0.0
-    effects = design_effect(base_i, cand_i), design_effect(base_r, cand_r)
-    for sign, part_i, part_r in ((1.0, base_i, base_r), (-1.0, cand_i, cand_r)):
-        if part_i[2] > 0 and part_r[2] > 0:
-            p = (part_i[1] + part_r[1]) / (part_i[2] + part_r[2])
-            z += sign * (part_i[1] / part_i[2] - part_r[1] / part_r[2])
-            var += p * (1 - p) * (effects[0] / part_i[2] + effects[1] / part_r[2])
-    if var <= 0:
-        return 0.0 if z == 0 else math.copysign(math.inf, z)
-    return z / math.sqrt(var)
 
 
 def tango_z(b: int, c: int, n: int, d: float) -> float:

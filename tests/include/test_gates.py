@@ -563,78 +563,94 @@ def live(df: pd.DataFrame) -> tuple[str, Check]:
     return v.decision, next(c for c in v.checks if c.name == "accuracy_live")
 
 
-def test_tenants_whose_labels_agree_fail_a_canary_none_of_them_shows_worse_alone():
-    """The live check failed only where it failed without each tenant's labels in turn: two honest
-    tenants of a canary 2 pp worse, each too few alone to show it, promoted it (7 of 12 rollouts
-    of the procedure). Tenants whose drops agree decide together, as one source would."""
+def test_a_decision_one_tenants_labels_change_holds_the_stage():
+    """The live check failed only where it failed without each tenant's labels in turn, and never
+    held: two honest tenants of a canary 2 pp worse, each too few alone to show it, promoted it
+    (7 of 12 rollouts of the procedure). A decision one tenant's labels change now holds the
+    stage (nothing passes; undecided at its end, the run rolls back), naming the tenant; one
+    that stands without each tenant's labels is taken."""
     acme, globex = tenant_labels("acme", 800, (768, 752)), tenant_labels("globex", 800, (768, 752))
     assert live(acme)[1].decision == live(globex)[1].decision == "wait"  # neither alone shows it
+    assert live(pd.concat([acme, globex]).assign(labelled_by=None))[1].decision == "fail"  # one source
     decision, check = live(pd.concat([acme, globex]))
-    assert (decision, check.decision) == ("fail", "fail"), check.sentence
-    assert "Judged without" not in check.sentence
-    assert "Held" not in check.sentence
-    five = pd.concat([tenant_labels(f"t{i}", 320, (307, 301)) for i in range(5)])
-    assert live(five)[1].decision == live(five.assign(labelled_by=None))[1].decision == "fail"
+    assert (decision, check.decision, check.blocks_pass) == ("wait", "wait", True), check.sentence
+    assert "Held, nothing passes: tenant 'acme' (50% of the canary's labels) saw a drop of +2.00 pp where the " in (
+        check.sentence
+    )
+    assert "other saw +2.00 pp, and without its labels the canary is not shown worse" in check.sentence
+    assert check.ci is None  # no estimate more labels resolve
+    five = pd.concat([tenant_labels(f"t{i}", 600, (576, 564)) for i in range(5)])
+    decision, check = live(five)  # each four of them show it: it stands
+    assert (decision, check.decision, check.blocks_pass) == ("fail", "fail", False), check.sentence
 
 
-def test_one_tenant_out_of_line_with_two_others_is_outvoted_either_way():
-    """A client holds the feedback token of each answer it got. One tenant labelling the canary's
-    answers wrong does not roll back an equal canary, and one labelling the baseline's answers
-    wrong (and the canary's right) does not hide a canary the others show worse: on main it did
-    (no fail; the check only ever left a tenant out where it failed)."""
+def test_one_tenants_labels_neither_fail_a_canary_nor_hide_its_drop():
+    """A client holds the feedback token of each answer it got: one tenant labelling the canary's
+    answers wrong must not roll back an equal canary, and one labelling the baseline's answers
+    wrong (the canary's right) must not hide a canary the others show worse: on main it did (no
+    fail; the check left a tenant out only where it failed). A moderate lie is no outlier (it
+    reads as a canary worse on that tenant's images), so either holds the stage, named."""
     equal = pd.concat([tenant_labels("acme", 2000, (1920, 1920)), tenant_labels("globex", 2000, (1920, 1920))])
     for mallory, said in [
-        (tenant_labels("mallory", 300, (0, 0), arms=("canary",)), "labelled the canary's answers only"),
+        (tenant_labels("mallory", 300, (0, 0), arms=("canary",)), "labelled only the canary's answers"),
         (tenant_labels("mallory", 300, (300, 0)), "saw a drop of +100.00 pp where the others saw +0.00 pp"),
+        (tenant_labels("mallory", 1500, (1440, 1350)), "saw a drop of +6.00 pp where the others saw +0.00 pp"),
     ]:
+        assert live(pd.concat([equal, mallory]).assign(labelled_by=None))[1].decision == "fail"  # one source
         decision, check = live(pd.concat([equal, mallory]))
-        assert decision != "fail"
-        assert check.decision != "fail", check.sentence
-        assert f"Judged without the labels of tenant 'mallory' (7% of the canary's labels), which {said}" in (
+        assert (decision, check.decision, check.blocks_pass) == ("wait", "wait", True), check.sentence
+        assert "Held, nothing passes: tenant 'mallory' (" in check.sentence
+        assert f"of the canary's labels) {said}, and without its labels the canary is not shown worse" in (
             check.sentence
         )
-        assert live(pd.concat([equal, mallory]).assign(labelled_by=None))[1].decision == "fail"  # one source decides
     worse = pd.concat([tenant_labels("acme", 800, (768, 752)), tenant_labels("globex", 800, (768, 752))])
+    worse = pd.concat([worse, tenant_labels("initech", 800, (768, 752))])
     hiding = tenant_labels("mallory", 600, (0, 600))
+    assert live(worse)[1].decision == "fail"
     assert live(pd.concat([worse, hiding]).assign(labelled_by=None))[1].decision != "fail"  # hidden as one source
     decision, check = live(pd.concat([worse, hiding]))
-    assert (decision, check.decision) == ("fail", "fail"), check.sentence
-    assert "canary 94.00% (1504/1600) vs baseline 96.00% (1536/1600)" in check.sentence  # judged without it
-    assert "tenant 'mallory' (27% of the canary's labels), which saw a drop of -100.00 pp" in check.sentence
+    assert (decision, check.decision, check.blocks_pass) == ("wait", "wait", True), check.sentence
+    assert (
+        "tenant 'mallory' (20% of the canary's labels) saw a drop of -100.00 pp where the others saw +2.00 pp, and "
+        in (check.sentence)
+    )
+    assert "without its labels the canary is shown worse" in check.sentence
 
 
-def test_two_tenants_out_of_line_with_each_other_hold_the_stage():
-    """Two tenants, one seeing the canary 6 pp worse and the other equal: either one is lying or
-    the canary is worse on one tenant's images only, and two cannot tell which. The check holds
-    (nothing passes; the stage ends undecided) where either alone decides otherwise, naming the
-    drops; where both agree enough, or neither decides alone, every label decides."""
-    acme, globex = tenant_labels("acme", 2000, (1920, 1920)), tenant_labels("globex", 2000, (1920, 1800))
-    for pair in ([acme, globex], [globex, acme]):
-        decision, check = live(pd.concat(pair))
-        assert (decision, check.decision, check.blocks_pass) == ("wait", "wait", True), check.sentence
-        assert "Held, nothing passes: tenant" in check.sentence
-        assert "saw a drop of +6.00 pp where the other saw +0.00 pp" in check.sentence or (
-            "saw a drop of +0.00 pp where the other saw +6.00 pp" in check.sentence
-        )
-        assert check.ci is None  # no estimate more labels of the two resolve
-    slightly = tenant_labels("globex", 2000, (1920, 1900))  # 1 pp: not out of line with acme's
-    assert live(pd.concat([acme, slightly]))[1].blocks_pass is False
+def test_labels_of_no_tenant_are_one_source_apart_from_any_tenants_name():
+    """Labels naming no tenant are one source; a tenant named "(no tenant)" (what main called them)
+    or 1 and "1" are no others' labels."""
+    unnamed = tenant_labels(None, 800, (768, 752))
+    named = tenant_labels("(no tenant)", 800, (768, 752))
+    decision, check = live(pd.concat([unnamed, named]))
+    assert (decision, check.blocks_pass) == ("wait", True), check.sentence  # two sources, each too few alone
+    assert "labels of no tenant (50% of the canary's labels)" in check.sentence or (
+        "tenant '(no tenant)' (50% of the canary's labels)" in check.sentence
+    )
+    as_int = tenant_labels("1", 800, (768, 752)).assign(labelled_by=1)
+    assert live(pd.concat([as_int, tenant_labels("1", 800, (768, 752))]))[1].decision == "fail"  # one tenant
 
 
 def test_the_live_check_keeps_its_error_rate_with_tenants_and_their_power():
-    """Over 10 looks of clustered labels (requests of 8 images), a canary exactly at the margin
-    fails at most alpha with 2 and 5 honest tenants, as with one source; a canary 2 pp worse
-    fails about as often with tenants as with one source (on main, 2 tenants failed it in 3%
-    of these rollouts where one source failed it in 33%)."""
+    """Over 10 looks of clustered labels (requests of 8 images), honest tenants: a canary exactly
+    at the margin fails at most alpha with 2 and 5 tenants, and an equal one is held at its last
+    look in few rollouts; a canary 2 pp worse is failed or held (a rollback either way) about as
+    often as one source fails it (on main, 2 tenants failed it in 3% of these rollouts where one
+    source failed it in 33%, and held none)."""
     cfg, looks, requests, batch = GateConfig(), 10, 300, 8
     rng = np.random.default_rng(3)
     counts = {}
-    for drop, tenants, sims in [(cfg.accuracy_margin, 2, 200), (cfg.accuracy_margin, 5, 200), (0.02, 2, 80)]:
-        fails = {"tenants": 0, "one source": 0} if drop > cfg.accuracy_margin else {"tenants": 0}
+    for drop, tenants, sims in [
+        (cfg.accuracy_margin, 2, 200),
+        (cfg.accuracy_margin, 5, 200),
+        (0.0, 2, 100),
+        (0.02, 2, 80),
+    ]:
+        ended = {"tenants": [], "one source": []} if drop > cfg.accuracy_margin else {"tenants": []}
         for _ in range(sims):
             y = [batch_requests(rng, requests, batch, 0.3, 0.96 - d) for d in (0.0, drop)]
             by = [rng.integers(tenants, size=requests).astype(str) for _ in range(2)]
-            for how in fails:
+            for how, out in ended.items():
                 for k in range(1, looks + 1):
                     r = requests * k // looks
                     df = pd.DataFrame(
@@ -647,14 +663,19 @@ def test_the_live_check_keeps_its_error_rate_with_tenants_and_their_power():
                             else None,
                         }
                     )
-                    if live_accuracy_check(df, cfg, nominal_alpha(cfg.alpha, k, looks)).decision == "fail":
-                        fails[how] += 1
+                    check = live_accuracy_check(df, cfg, nominal_alpha(cfg.alpha, k, looks))
+                    if check.decision == "fail":
                         break
-        counts[(drop, tenants)] = {how: n / sims for how, n in fails.items()}
+                out.append("fail" if check.decision == "fail" else "held" if check.blocks_pass else "not")
+        counts[(drop, tenants)] = {
+            how: {d: out.count(d) / sims for d in ("fail", "held")} for how, out in ended.items()
+        }
     bound = cfg.alpha + 3 * math.sqrt(cfg.alpha * (1 - cfg.alpha) / 200)
-    assert counts[(cfg.accuracy_margin, 2)]["tenants"] < bound, counts
-    assert counts[(cfg.accuracy_margin, 5)]["tenants"] < bound, counts
-    assert counts[(0.02, 2)]["tenants"] >= 0.8 * counts[(0.02, 2)]["one source"] > 0.15, counts
+    assert counts[(cfg.accuracy_margin, 2)]["tenants"]["fail"] < bound, counts
+    assert counts[(cfg.accuracy_margin, 5)]["tenants"]["fail"] < bound, counts
+    assert counts[(0.0, 2)]["tenants"]["fail"] + counts[(0.0, 2)]["tenants"]["held"] <= 0.02, counts
+    worse = counts[(0.02, 2)]
+    assert worse["tenants"]["fail"] + worse["tenants"]["held"] >= 0.8 * worse["one source"]["fail"] > 0.15, counts
 
 
 def batch_requests(rng: np.random.Generator, requests: int, batch: int, rho: float, accuracy: float) -> np.ndarray:
