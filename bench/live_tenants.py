@@ -35,8 +35,8 @@ The records of a stage:
   "version"), ``--images`` images (1,000: 450 cannot show the 0.5 pp paired margin for a canary
   that answers them as the baseline does), the canary answering each as the baseline does.
 
-The live accuracy check is the only check that can tell the canaries apart: it can only fail a
-stage (a live accuracy within the margin does not hold or pass it), and at 100% the baseline
+The live accuracy check is the only check that can tell the canaries apart: it can fail a stage,
+or hold it where one tenant's labels decide (a live accuracy within the margin does not pass it), and at 100% the baseline
 takes no live traffic, so it judges the stages below 100% only. Per scenario, the share of
 rollouts promoted and rolled back, the mean seconds to the decision (promotion: the stages'
 bakes; rollback: the time of the look that failed or left the stage undecided), and the share
@@ -308,7 +308,7 @@ def summarise(scenario: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     # The rule before 2026-12-07 let a failure go without one tenant's labels ("Not failed: without the
     # labels of tenant ..."); now one tenant's labels that change the decision hold the stage ("Held").
     exempt = [r for r in runs if r["sentence"] and "not failed:" in r["sentence"].lower()]
-    held = [r for r in runs if r["sentence"] and "Held, nothing passes" in r["sentence"]]
+    held = [r for r in runs if r["sentence"] and "held, nothing passes" in r["sentence"]]
     failed = next((r for r in runs if r["live"] == "fail"), None)
     waited = next((r for r in runs if r["live"] == "wait"), None)
     rolled = [r for r in runs if not r["promoted"]]

@@ -619,8 +619,9 @@ def judge_stage(
             f"passed at look {judged} of {K}; baking until {bake:.0f} s under the hard guards{longer}",
         )
     n = need_n(verdict, spec, tuple(seen), reckoning)
-    if any(c.name == "accuracy_live" and c.decision == "wait" and c.blocks_pass for c in verdict.checks):
-        need = "the live accuracy check holds it: one tenant's labels decide it, and more labels do not resolve that."
+    live_held = any(c.name == "accuracy_live" and c.decision == "wait" and c.blocks_pass for c in verdict.checks)
+    if live_held:
+        need = "the live accuracy check holds it: one tenant's labels decide it (below)."
     elif n is None and any(
         c.name == "accuracy_paired" and c.decision == "wait" and c.ci is None for c in verdict.checks
     ):
@@ -630,7 +631,7 @@ def judge_stage(
     else:
         need = f"about {n} samples per arm would resolve it."
     if judged == K:
-        if short := short_of_traffic(spec, window, verdict, elapsed, arm_rate(current, window)):
+        if not live_held and (short := short_of_traffic(spec, window, verdict, elapsed, arm_rate(current, window))):
             return state("undecided", K, verdict, f"{short} {verdict.summary}")
         return state(
             "undecided",
@@ -638,9 +639,13 @@ def judge_stage(
             verdict,
             f"undecided at its last look ({K} of {K}, {elapsed:.0f} s into the stage): {need} {verdict.summary}",
         )
-    ahead = projection(spec, n, arm_rate(current, window), window.latency_from)
+    ahead = "" if live_held else projection(spec, n, arm_rate(current, window), window.latency_from)
     to = window.latency_carried_to(spec)
-    if to is not None and any(c.name == "latency_geomean" and c.decision == "wait" for c in verdict.checks):
+    if (
+        not live_held
+        and to is not None
+        and any(c.name == "latency_geomean" and c.decision == "wait" for c in verdict.checks)
+    ):
         ahead += f" Undecided at the last look, the latency comparison alone is carried to the {to}% stage."
     return state("waiting", judged, verdict, f"WAIT at look {judged} of {K}: {need}{ahead} {verdict.summary}")
 

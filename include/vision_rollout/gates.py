@@ -819,9 +819,9 @@ def live_accuracy_check(labelled: pd.DataFrame, cfg: GateConfig, level: float) -
     unit = pd.factorize(labelled["cluster"])[0] if "cluster" in labelled else np.full(len(labelled), -1)
     alone = unit < 0  # no request named: a request of its own
     unit[alone] = unit.max(initial=-1) + 1 + np.arange(int(alone.sum()))
-    source = np.full(len(labelled), None, dtype=object)  # (none named: one source of its own)
+    source = np.full(len(labelled), None, dtype=object)  # (none named, or "": one source of its own)
     if "labelled_by" in labelled:
-        named = labelled["labelled_by"].notna().to_numpy()
+        named = (labelled["labelled_by"].notna() & (labelled["labelled_by"] != "")).to_numpy()
         source[named] = labelled["labelled_by"][named].astype(str).to_numpy(object)
     # A request's rows (arm and unit), in the order each first appears: its label sums, its source
     # that of its first row. Arrays, not a groupby: a simulation calls this thousands of times.
@@ -858,24 +858,34 @@ def live_accuracy_check(labelled: pd.DataFrame, cfg: GateConfig, level: float) -
     if not decides:
         return check
     i = max(decides, key=lambda j: base[j, 2] + cand[j, 2])  # the one of the most labels
-    share = f"{100 * cand[i, 2] / total_c[2]:.0f}% of the canary's labels"
-    drop, others = _drop(base[i], cand[i]), _drop(total_b - base[i], total_c - cand[i])
-    if drop is None or others is None:
+    rest_b, rest_c = total_b - base[i], total_c - cand[i]
+    drop, others = _drop(base[i], cand[i]), _drop(rest_b, rest_c)
+    them = "the other" if len(sources) == 2 else "the others"
+    if drop is None:
         saw = f"labelled only the {'canary' if cand[i, 2] else 'baseline'}'s answers"
+    elif others is None:
+        saw = f"saw a drop of {100 * drop:+.2f} pp where {them} labelled only the {'canary' if rest_c[2] else 'baseline'}'s answers"
     else:
-        saw = f"saw a drop of {100 * drop:+.2f} pp where the other{'' if len(sources) == 2 else 's'} saw {100 * others:+.2f} pp"
+        saw = f"saw a drop of {100 * drop:+.2f} pp where {them} saw {100 * others:+.2f} pp"
     more = "" if len(decides) == 1 else f" (as without the labels of {len(decides) - 1} other tenant(s) in turn)"
     who = "labels of no tenant" if pd.isna(sources[i]) else f"tenant {str(sources[i])[:40]!r}"
-    return replace(  # (no estimate to resolve: more labels do not say which tenant is right)
+    share = 100 * cand[i, 2] / total_c[2]
+    rate_b, rate_c = total_b[1] / total_b[2], total_c[1] / total_c[2]
+    return replace(  # (no estimate to resolve, no test decided: more labels do not say which tenant is right)
         check,
         decision="wait",
         blocks_pass=True,
         ci=None,
         mde=None,
-        sentence=f"{check.sentence} Held, nothing passes: {who} ({share}) {saw}, and "
-        f"without its labels the canary {'is not' if failed else 'is'} shown worse{more}. One tenant's labels do "
-        "not decide (wrong labels sent, or a canary worse on that tenant's images only): unless a later look "
-        "decides without them, the stage ends undecided and the run rolls back.",
+        p_value=None,
+        sentence=f"Live accuracy from feedback: canary {100 * rate_c:.2f}% ({int(total_c[1])}/{int(total_c[2])}) vs "
+        f"baseline {100 * rate_b:.2f}% ({int(total_b[1])}/{int(total_b[2])}), drop {_signed(rate_b - rate_c, cfg.accuracy_margin)} pp: "
+        f"held, nothing passes: {who} ({share:.0f}% of the canary's labels) {saw}, and without its labels the canary "
+        f"{'is not' if failed else 'is'} shown worse than the {limit_percent(cfg.accuracy_margin)} pp margin at this look's "
+        f"level {level:.3g}{more}. One tenant's labels do not decide (wrong labels sent, or a canary worse on that "
+        "tenant's images only): unless a later look decides without them, the stage ends undecided and the run rolls "
+        "back. Check that tenant's labels (its feedback key or gateway identity can be revoked) and trigger the rollout "
+        "again.",
     )
 
 
@@ -1440,7 +1450,10 @@ def evaluate_gate(
         checks = [carried[0] if c is holding[0] else c for c in checks]
         decision = "pass"
     # A pass is the statistics' (the guards only could have failed it); a fail or wait names its cause.
-    ranked = sorted(checks, key=lambda c: c.name.startswith("guard_")) if decision == "pass" else checks
+    if decision == "pass":
+        ranked = sorted(checks, key=lambda c: c.name.startswith("guard_"))
+    else:  # (a hold first: the tenant it names leads the reason, whatever else waits)
+        ranked = sorted(checks, key=lambda c: not (c.name == "accuracy_live" and c.blocks_pass))
     reasons = [c.sentence for c in carried] + [c.sentence for c in ranked if c.decision == decision]
     reasons = reasons or [c.sentence for c in checks[:1]]
     summary = f"{decision.upper()} at look {look} of {looks} (latency's one-sided level {level:.4g}): " + " ".join(

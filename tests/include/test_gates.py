@@ -574,14 +574,30 @@ def test_a_decision_one_tenants_labels_change_holds_the_stage():
     assert live(pd.concat([acme, globex]).assign(labelled_by=None))[1].decision == "fail"  # one source
     decision, check = live(pd.concat([acme, globex]))
     assert (decision, check.decision, check.blocks_pass) == ("wait", "wait", True), check.sentence
-    assert "Held, nothing passes: tenant 'acme' (50% of the canary's labels) saw a drop of +2.00 pp where the " in (
+    assert "held, nothing passes: tenant 'acme' (50% of the canary's labels) saw a drop of +2.00 pp where the " in (
         check.sentence
     )
     assert "other saw +2.00 pp, and without its labels the canary is not shown worse" in check.sentence
     assert check.ci is None  # no estimate more labels resolve
+    assert check.p_value is None  # no test decided it: a p below the level no longer means a failure
+    assert "Check that tenant's labels (its feedback key or gateway identity can be revoked)" in check.sentence
     five = pd.concat([tenant_labels(f"t{i}", 600, (576, 564)) for i in range(5)])
     decision, check = live(five)  # each four of them show it: it stands
     assert (decision, check.decision, check.blocks_pass) == ("fail", "fail", False), check.sentence
+
+
+def test_a_hold_leads_the_gates_reason_whatever_else_waits():
+    """The verdict's summary keeps three waiting checks' sentences, in check order: with latency,
+    errors and OOM waiting, the live check's hold (the tenant it names) was cut from the reason
+    a rollback reports. A hold leads it."""
+    rng = np.random.default_rng(1)
+    df = pd.concat([tenant_labels("acme", 800, (768, 752)), tenant_labels("globex", 800, (768, 752))])
+    df = df.assign(latency_ms=rng.lognormal(1.5, 1.0, len(df)), error=(rng.random(len(df)) < 0.01) * 1.0, oom=0.0)
+    v = evaluate_gate(df)
+    waiting = [c.name for c in v.checks if c.decision == "wait" and c.blocks_pass]
+    assert waiting == ["latency_geomean", "errors", "oom", "accuracy_live"], waiting
+    assert v.summary.startswith("WAIT at look 1 of 1 (latency's one-sided level 0.05): Live accuracy from feedback:")
+    assert "held, nothing passes: tenant 'acme'" in v.summary
 
 
 def test_one_tenants_labels_neither_fail_a_canary_nor_hide_its_drop():
@@ -599,7 +615,7 @@ def test_one_tenants_labels_neither_fail_a_canary_nor_hide_its_drop():
         assert live(pd.concat([equal, mallory]).assign(labelled_by=None))[1].decision == "fail"  # one source
         decision, check = live(pd.concat([equal, mallory]))
         assert (decision, check.decision, check.blocks_pass) == ("wait", "wait", True), check.sentence
-        assert "Held, nothing passes: tenant 'mallory' (" in check.sentence
+        assert "held, nothing passes: tenant 'mallory' (" in check.sentence
         assert f"of the canary's labels) {said}, and without its labels the canary is not shown worse" in (
             check.sentence
         )
@@ -673,7 +689,8 @@ def test_the_live_check_keeps_its_error_rate_with_tenants_and_their_power():
     bound = cfg.alpha + 3 * math.sqrt(cfg.alpha * (1 - cfg.alpha) / 200)
     assert counts[(cfg.accuracy_margin, 2)]["tenants"]["fail"] < bound, counts
     assert counts[(cfg.accuracy_margin, 5)]["tenants"]["fail"] < bound, counts
-    assert counts[(0.0, 2)]["tenants"]["fail"] + counts[(0.0, 2)]["tenants"]["held"] <= 0.02, counts
+    equal = counts[(0.0, 2)]["tenants"]  # (held in about 3% of such rollouts: BENCHMARKS.md)
+    assert equal["fail"] + equal["held"] < cfg.alpha + 3 * math.sqrt(cfg.alpha * (1 - cfg.alpha) / 100), counts
     worse = counts[(0.02, 2)]
     assert worse["tenants"]["fail"] + worse["tenants"]["held"] >= 0.8 * worse["one source"]["fail"] > 0.15, counts
 
