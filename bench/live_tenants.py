@@ -59,7 +59,6 @@ Scenarios (the canary's live accuracy only differs; the attacker's labels are as
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import sys
 import time
@@ -97,8 +96,8 @@ class Tenant:
     favours: str | None = None  # an attacker: the version whose answers its labels call right
 
 
-def honest(n: int, drop: float, share: float = 1.0, start: int = 0) -> list[Tenant]:
-    return [Tenant(f"t{start + i}", share / n, drop) for i in range(n)]
+def honest(n: int, drop: float, share: float = 1.0) -> list[Tenant]:
+    return [Tenant(f"t{i}", share / n, drop) for i in range(n)]
 
 
 def attacked(n: int, drop: float, favours: str) -> list[Tenant]:
@@ -240,13 +239,10 @@ def check_records(
 # worker judges: the DAG keeps it in the stage's record for its next poke; the looks of every
 # rollout here see the same counts, so the levels of one are those of the next.
 RECKONED: dict[str, Any] = {}
-TAKES_RECKONED = "reckoned" in inspect.signature(judge_stage).parameters
 
 
 def judge(spec: RolloutSpec, window: StageWindow, records: pd.DataFrame, labels: dict[str, int], cfg: GateConfig):
     now = spec.max_stage_seconds + 10
-    if not TAKES_RECKONED:
-        return judge_stage(spec, window, records, labels, now, config=cfg)
     known = dict(RECKONED)
     state = judge_stage(spec, window, records, labels, now, config=cfg, reckoned=known)
     RECKONED.update(known)
@@ -396,7 +392,6 @@ def main(argv: list[str] | None = None) -> int:
             "validation_images": args.images,
             "sigma_log_latency": SIGMA,
             "all_items_logged": args.all_items,
-            "levels_reckoned_once": TAKES_RECKONED,
             "command": " ".join(["bench/live_tenants.py", *(argv if argv is not None else sys.argv[1:])]),
         },
         "run_seconds": round(seconds, 1),

@@ -619,7 +619,7 @@ def judge_stage(
             f"passed at look {judged} of {K}; baking until {bake:.0f} s under the hard guards{longer}",
         )
     n = need_n(verdict, spec, tuple(seen), reckoning)
-    live_held = any(c.name == "accuracy_live" and c.decision == "wait" and c.blocks_pass for c in verdict.checks)
+    live_held = any(c.held for c in verdict.checks)
     if live_held:
         need = "the live accuracy check holds it: one tenant's labels decide it (below)."
     elif n is None and any(

@@ -347,6 +347,11 @@ class Check:
     mde: float | None = None
     blocks_pass: bool = True  # must pass for the gate to pass (else it can only fail it)
 
+    @property
+    def held(self) -> bool:
+        """The live accuracy check holds the stage: one tenant's labels decide it (``live_accuracy_check``)."""
+        return self.name == "accuracy_live" and self.decision == "wait" and self.blocks_pass
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["ci"] = [x if math.isfinite(x) else None for x in self.ci] if self.ci else None  # JSON: no infinities
@@ -1453,7 +1458,7 @@ def evaluate_gate(
     if decision == "pass":
         ranked = sorted(checks, key=lambda c: c.name.startswith("guard_"))
     else:  # (a hold first: the tenant it names leads the reason, whatever else waits)
-        ranked = sorted(checks, key=lambda c: not (c.name == "accuracy_live" and c.blocks_pass))
+        ranked = sorted(checks, key=lambda c: not c.held)
     reasons = [c.sentence for c in carried] + [c.sentence for c in ranked if c.decision == decision]
     reasons = reasons or [c.sentence for c in checks[:1]]
     summary = f"{decision.upper()} at look {look} of {looks} (latency's one-sided level {level:.4g}): " + " ".join(
