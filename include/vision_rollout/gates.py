@@ -874,7 +874,9 @@ def live_accuracy_check(labelled: pd.DataFrame, cfg: GateConfig, level: float) -
         saw = f"saw a drop of {100 * drop:+.2f} pp where {them} saw {100 * others:+.2f} pp"
     more = "" if len(decides) == 1 else f" (as without the labels of {len(decides) - 1} other tenant(s) in turn)"
     who = "labels of no tenant" if pd.isna(sources[i]) else f"tenant {str(sources[i])[:40]!r}"
-    share = 100 * cand[i, 2] / total_c[2]
+    share = (base[i, 2] + cand[i, 2]) / (total_b[2] + total_c[2])  # (of both arms': one arm's only may decide)
+    shown = f"{100 * share:.0f}%"  # (never a rounded 0% or 100%: 99.8% is not all of them)
+    shown = "under 1%" if shown == "0%" and share else "over 99%" if shown == "100%" and share < 1 else shown
     rate_b, rate_c = total_b[1] / total_b[2], total_c[1] / total_c[2]
     return replace(  # (no estimate to resolve, no test decided: more labels do not say which tenant is right)
         check,
@@ -885,7 +887,7 @@ def live_accuracy_check(labelled: pd.DataFrame, cfg: GateConfig, level: float) -
         p_value=None,
         sentence=f"Live accuracy from feedback: canary {100 * rate_c:.2f}% ({int(total_c[1])}/{int(total_c[2])}) vs "
         f"baseline {100 * rate_b:.2f}% ({int(total_b[1])}/{int(total_b[2])}), drop {_signed(rate_b - rate_c, cfg.accuracy_margin)} pp: "
-        f"held, nothing passes: {who} ({share:.0f}% of the canary's labels) {saw}, and without its labels the canary "
+        f"held, nothing passes: {who} ({shown} of the labels) {saw}, and without its labels the canary "
         f"{'is not' if failed else 'is'} shown worse than the {limit_percent(cfg.accuracy_margin)} pp margin at this look's "
         f"level {level:.3g}{more}. One tenant's labels do not decide (wrong labels sent, or a canary worse on that "
         "tenant's images only): unless a later look decides without them, the stage ends undecided and the run rolls "

@@ -574,7 +574,7 @@ def test_a_decision_one_tenants_labels_change_holds_the_stage():
     assert live(pd.concat([acme, globex]).assign(labelled_by=None))[1].decision == "fail"  # one source
     decision, check = live(pd.concat([acme, globex]))
     assert (decision, check.decision, check.blocks_pass) == ("wait", "wait", True), check.sentence
-    assert "held, nothing passes: tenant 'acme' (50% of the canary's labels) saw a drop of +2.00 pp where the " in (
+    assert "held, nothing passes: tenant 'acme' (50% of the labels) saw a drop of +2.00 pp where the " in (
         check.sentence
     )
     assert "other saw +2.00 pp, and without its labels the canary is not shown worse" in check.sentence
@@ -584,6 +584,18 @@ def test_a_decision_one_tenants_labels_change_holds_the_stage():
     five = pd.concat([tenant_labels(f"t{i}", 600, (576, 564)) for i in range(5)])
     decision, check = live(five)  # each four of them show it: it stands
     assert (decision, check.decision, check.blocks_pass) == ("fail", "fail", False), check.sentence
+
+
+def test_a_held_tenants_share_of_the_labels_is_never_rounded_to_all_of_them():
+    """A tenant of 99.8% of the labels read "100% of the canary's labels": all of them, while another
+    tenant's labels are what holds it. Its share is of both arms' labels (one arm's only may decide)."""
+    decision, check = live(
+        pd.concat([tenant_labels("acme", 4990, (4790, 4540)), tenant_labels("globex", 10, (10, 10))])
+    )
+    assert (decision, check.blocks_pass) == ("wait", True), check.sentence
+    assert "tenant 'acme' (over 99% of the labels) saw a drop of +5.01 pp where the other saw +0.00 pp" in (
+        check.sentence
+    )
 
 
 def test_a_hold_leads_the_gates_reason_whatever_else_waits():
@@ -616,9 +628,7 @@ def test_one_tenants_labels_neither_fail_a_canary_nor_hide_its_drop():
         decision, check = live(pd.concat([equal, mallory]))
         assert (decision, check.decision, check.blocks_pass) == ("wait", "wait", True), check.sentence
         assert "held, nothing passes: tenant 'mallory' (" in check.sentence
-        assert f"of the canary's labels) {said}, and without its labels the canary is not shown worse" in (
-            check.sentence
-        )
+        assert f"of the labels) {said}, and without its labels the canary is not shown worse" in (check.sentence)
     worse = pd.concat([tenant_labels("acme", 800, (768, 752)), tenant_labels("globex", 800, (768, 752))])
     worse = pd.concat([worse, tenant_labels("initech", 800, (768, 752))])
     hiding = tenant_labels("mallory", 600, (0, 600))
@@ -626,9 +636,8 @@ def test_one_tenants_labels_neither_fail_a_canary_nor_hide_its_drop():
     assert live(pd.concat([worse, hiding]).assign(labelled_by=None))[1].decision != "fail"  # hidden as one source
     decision, check = live(pd.concat([worse, hiding]))
     assert (decision, check.decision, check.blocks_pass) == ("wait", "wait", True), check.sentence
-    assert (
-        "tenant 'mallory' (20% of the canary's labels) saw a drop of -100.00 pp where the others saw +2.00 pp, and "
-        in (check.sentence)
+    assert "tenant 'mallory' (20% of the labels) saw a drop of -100.00 pp where the others saw +2.00 pp, and " in (
+        check.sentence
     )
     assert "without its labels the canary is shown worse" in check.sentence
 
@@ -640,8 +649,8 @@ def test_labels_of_no_tenant_are_one_source_apart_from_any_tenants_name():
     named = tenant_labels("(no tenant)", 800, (768, 752))
     decision, check = live(pd.concat([unnamed, named]))
     assert (decision, check.blocks_pass) == ("wait", True), check.sentence  # two sources, each too few alone
-    assert "labels of no tenant (50% of the canary's labels)" in check.sentence or (
-        "tenant '(no tenant)' (50% of the canary's labels)" in check.sentence
+    assert "labels of no tenant (50% of the labels)" in check.sentence or (
+        "tenant '(no tenant)' (50% of the labels)" in check.sentence
     )
     as_int = tenant_labels("1", 800, (768, 752)).assign(labelled_by=1)
     assert live(pd.concat([as_int, tenant_labels("1", 800, (768, 752))]))[1].decision == "fail"  # one tenant
