@@ -33,7 +33,7 @@ from model_server.errors import (
     failure_reason,
     outcome_of,
 )
-from model_server.feedback import FeedbackStore, LabelRules, check_tenant
+from model_server.feedback import FeedbackStore, LabelRules, check_tenant, count_label
 from model_server.files import location
 from model_server.predictionlog import Inference, Label, PredictionLog, predicted_classes
 from model_server.protocol import (
@@ -165,9 +165,12 @@ class DataPlane:
         self._label_rules: dict[str, tuple[ModelConfig, LabelRules]] = {}  # model -> of its config
         self.failures: dict[tuple[str, str], EveryInterval] = {}  # (model, version) -> its failure lines
         repo.on_version_gone.append(self._forget_failures)  # (a version unloaded: its entry goes)
-        if prediction_log is not None:  # a label the log dropped at its flush (counted) may be sent again
-            prediction_log.on_label_dropped = lambda label: feedback.forget(
-                label.model, label.request_id, label.tenant, counted=True
+        if prediction_log is not None:
+            # A label the log lost at its flush (never counted) may be sent again; one written is
+            # counted in the live view, by the writer's thread (the counters are thread-safe).
+            prediction_log.on_label_dropped = lambda label: feedback.forget(label.model, label.request_id, label.tenant)
+            prediction_log.on_label_written = lambda label: count_label(
+                label.model, label.version, len(label.labels), label.correct, label.why
             )
             prediction_log.tag = feedback.signer.tag  # (whose request a record is, as its label's token says)
 
@@ -598,9 +601,10 @@ class DataPlane:
         before is refused (Conflict), unless that label was not kept: with a prediction log,
         one it could not take (``logged: false``, its buffer full) or lost at its flush (its
         tenant's masking key unusable, its file not written: ``on_label_dropped``) may be sent
-        again. The live view counts a label once the log queued it (the gate reads the log: a
-        label counted there and refused at its resend reached no gate); one lost at the flush
-        stays counted, and its resend is not counted again.
+        again. The live view counts a label once the log has written the file that holds it (the
+        labels the gates read), by the writer's thread: one the log could not take or lost is
+        never counted, and its resend, once written, is counted once. Without a log there is no
+        file to wait for: a label is counted when taken.
         """
         received_at = time.time() if received_at is None else received_at
         plog = self.prediction_log
@@ -610,12 +614,12 @@ class DataPlane:
         def one(item: Any) -> dict[str, Any]:
             fb = self.feedback_store.label(model, item, rules, accept_unmatched=plog is not None, tenant=tenant)
             logged = plog is not None and plog.append(
-                Label(received_at, model, fb.version, fb.request_id, fb.truth, fb.tenant)
+                Label(received_at, model, fb.version, fb.request_id, fb.truth, fb.tenant, fb.correct, fb.why)
             )
-            if plog is not None and not logged:  # kept nowhere: its sender may send it again
-                self.feedback_store.forget(model, fb.request_id, fb.tenant, counted=fb.counted)
-            else:
+            if plog is None:  # no file to wait for: counted when taken
                 fb.count(model)
+            elif not logged:  # kept nowhere: its sender may send it again (the writer counts what it wrote)
+                self.feedback_store.forget(model, fb.request_id, fb.tenant)
             return fb.answer(logged)
 
         if not isinstance(body, list):

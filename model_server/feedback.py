@@ -3,7 +3,10 @@
 Every successful primary inference of a classifier leaves (model, version, top-1 per item,
 tenant) under its request id in a bounded store with expiry; ``POST /v2/models/{m}/feedback``
 joins a label to it and counts ``feedback_total`` and ``feedback_correct_total`` per version,
-so live top-1 accuracy per version is one PromQL ratio: the live view of this replica.
+so live top-1 accuracy per version is one PromQL ratio: the live view of this replica. With a
+prediction log a label is counted once the writer has written the file that holds it (all its
+rows): the labels the log holds, which the gates read; one dropped or lost is never counted, and
+its resend, once written, is counted once. Without a log, when taken.
 
 With a prediction log, every valid label is also appended to the log, matched here or not: a
 request may have been served by another replica (or expired here), and the log's reader joins
@@ -171,21 +174,11 @@ class Feedback:
     correct: int | None = None
     reason: str | None = None  # why it was not matched here
     why: str | None = None  # the same, as feedback_unmatched_total's reason: unknown, expired, evicted
-    counted: bool = False  # counted already: sent before, queued by the log and dropped at its flush
 
     def count(self, model: str) -> None:
-        """Count this label, once kept (queued by the log, or matched here without a log), in
-        the live view: its items in ``feedback_total`` and its right ones in
-        ``feedback_correct_total`` of the version it judged, else 1 in
-        ``feedback_unmatched_total`` of why it was not matched here; nothing when it was
-        ``counted`` already."""
-        if self.counted:
-            return
-        if self.matched:
-            metrics.FEEDBACK.labels(model, self.version).inc(len(self.truth))
-            metrics.FEEDBACK_CORRECT.labels(model, self.version).inc(self.correct or 0)
-        else:
-            metrics.FEEDBACK_UNMATCHED.labels(model, self.why).inc()
+        """Count this label in the live view (``count_label``) as taken: where the server keeps
+        no prediction log (with one, the writer counts it once its file is written)."""
+        count_label(model, self.version if self.matched else None, len(self.truth), self.correct, self.why)
 
     def answer(self, logged: bool) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -201,12 +194,23 @@ class Feedback:
         return out
 
 
+def count_label(model: str, version: str | None, items: int, correct: int | None, why: str | None) -> None:
+    """Count one label in the live view: matched here (``version``, the one that served it),
+    its ``items`` in ``feedback_total`` and its ``correct`` ones in ``feedback_correct_total`` of
+    that version; else 1 in ``feedback_unmatched_total`` of ``why`` it was not matched here.
+    Thread-safe (the prediction log's writer counts what it wrote)."""
+    if version is not None:
+        metrics.FEEDBACK.labels(model, version).inc(items)
+        metrics.FEEDBACK_CORRECT.labels(model, version).inc(correct or 0)
+    else:
+        metrics.FEEDBACK_UNMATCHED.labels(model, why or "unknown").inc()
+
+
 class FeedbackStore:
     """The predictions this replica served, for their labels: at most ``capacity`` items (a
     request of batch 64 holds 64: the memory is the items'), each for ``ttl_s``; the ids recently
     evicted (why, for the answer); the ids labelled here (matched or not, for ``ttl_s``, at most
-    ``capacity``), which a second label finds taken; and the ids whose label was counted and
-    then dropped by the log (alike), whose resend is not counted again."""
+    ``capacity``), which a second label finds taken."""
 
     def __init__(
         self,
@@ -224,7 +228,6 @@ class FeedbackStore:
         self._items = 0  # the served predictions' items, together
         self._gone: OrderedDict[Key, tuple[str, float]] = OrderedDict()  # evicted -> (expired | evicted, served at)
         self._labelled: OrderedDict[Key, float] = OrderedDict()  # labelled here -> when
-        self._counted: OrderedDict[Key, float] = OrderedDict()  # counted, then dropped by the log -> when
         self._lock = threading.Lock()
 
     def _evict(self, now: float) -> None:
@@ -245,9 +248,9 @@ class FeedbackStore:
             self._gone[key] = (why, oldest.at)
             if len(self._gone) > self.capacity:
                 self._gone.popitem(last=False)
-        for ids in (self._labelled, self._counted):
-            while ids and (len(ids) > self.capacity or now - next(iter(ids.values())) > self.ttl_s):
-                ids.popitem(last=False)
+        ids = self._labelled
+        while ids and (len(ids) > self.capacity or now - next(iter(ids.values())) > self.ttl_s):
+            ids.popitem(last=False)
 
     def _why(self, key: Key, now: float) -> tuple[str, str]:
         """(metric label, sentence) of a request id not held here."""
@@ -284,17 +287,13 @@ class FeedbackStore:
             self._items += len(top1)
             self._evict(now)
 
-    def forget(self, model: str, request_id: str, tenant: str | None, counted: bool = False) -> None:
+    def forget(self, model: str, request_id: str, tenant: str | None) -> None:
         """Take back the mark of a label the prediction log did not keep (its buffer was full,
-        or it dropped the label at its flush: its tenant's masking key unusable): its sender may
-        send it again, matched here or not; ``counted``: it was counted (queued, then dropped),
-        and its resend is not counted again. ``tenant``: the label's (``Feedback.tenant``)."""
+        or it lost the label at its flush: its tenant's masking key unusable, its file not
+        written): its sender may send it again, matched here or not (it was not counted: the
+        log counts what it wrote). ``tenant``: the label's (``Feedback.tenant``)."""
         key = (model, request_id, tenant)
         with self._lock:
-            if counted:
-                now = self.clock()
-                self._counted[key] = now
-                self._evict(now)
             self._labelled.pop(key, None)
             served = self._served.get(key)
             if served is not None:
@@ -359,16 +358,13 @@ class FeedbackStore:
             if served is not None:
                 served.labelled = True
             self._labelled[key] = now
-            counted = self._counted.pop(key, None) is not None
             self._evict(now)
             if served is None:
                 code, why = self._why(key, now)
         if served is None:
-            return Feedback(rid, truth, claimed, matched=False, reason=why, why=code, counted=counted)
+            return Feedback(rid, truth, claimed, matched=False, reason=why, why=code)
         correct = sum(int(t == p) for t, p in zip(truth, served.top1, strict=True))
-        return Feedback(
-            rid, truth, served.tenant, matched=True, version=served.version, correct=correct, counted=counted
-        )
+        return Feedback(rid, truth, served.tenant, matched=True, version=served.version, correct=correct)
 
 
 def check_tenant(tenant: object, what: str) -> None:

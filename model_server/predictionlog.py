@@ -275,6 +275,11 @@ class Label(NamedTuple):
     request_id: str
     labels: Sequence[int]  # one per item
     tenant: str | None  # whose key masks the request id (the request's tenant)
+    # For the live view, counted once its rows are written (``on_label_written``), never written
+    # to the log: its items right against the top-1 served here (matched: with ``version``),
+    # else why it was not matched here (feedback_unmatched_total's reason).
+    correct: int | None = None
+    why: str | None = None
 
     @property
     def held(self) -> int:
@@ -423,6 +428,9 @@ class PredictionLog:
         # written), from the writer's thread: the data plane takes back its mark, so that it may
         # be sent again.
         self.on_label_dropped: Callable[[Label], None] | None = None
+        # Told of each label whose rows are all in files written (after the write or upload of the
+        # last of them), from the writer's thread, once: the data plane counts it in the live view.
+        self.on_label_written: Callable[[Label], None] | None = None
         # Each record's ``tenant_tag`` from its model, request id and tenant (the data plane's
         # ``FeedbackSigner.tag``); None: the column is null.
         self.tag: Callable[[str, str, str | None], int] | None = None
@@ -790,7 +798,8 @@ class PredictionLog:
     def _write(self, folder: str, table: pa.Table, labels: Sequence[tuple[int, int, Label]] = ()) -> int:
         """The table's files in ``folder``; the rows written. A file that cannot be written loses
         its own rows, counted; the others are written (and counted written: readers see them).
-        ``labels``: the rows (start, end) of each label; one that lost a row is ``_lost``."""
+        ``labels``: the rows (start, end) of each label; one that lost a row is ``_lost``, one
+        whose rows are all written is told written (``on_label_written``)."""
         try:
             files = self._encode(table)
         except Exception as exc:
@@ -824,6 +833,10 @@ class PredictionLog:
             metrics.PREDICTION_LOG_RECORDS.labels("written").inc(part.num_rows)
             written += part.num_rows
         self._lost(labels[i][2] for i in sorted(lost))  # (once each, whatever the files it had rows in)
+        if self.on_label_written is not None:  # (the others: every row of each in a file written)
+            for i, (_, _, label) in enumerate(labels):
+                if i not in lost:
+                    self.on_label_written(label)
         return written
 
 

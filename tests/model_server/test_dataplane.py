@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from model_server import metrics
+from model_server import metrics, predictionlog
 from model_server.admin import Admin
 from model_server.dataplane import DataPlane, InferResult, RequestContext, Route, shadow_record
 from model_server.errors import (
@@ -456,7 +456,7 @@ def test_a_label_the_log_could_not_take_may_be_sent_again_and_counts_once(tmp_pa
     gate, which reads the log, never saw it, and the live view had counted it. It is not marked
     nor counted until kept now: the resend is logged and counted once. A label not matched here
     was counted in feedback_unmatched_total when refused and again when its resend was kept (2
-    for 1 in the log); it is counted when kept now, as a matched one."""
+    for 1 in the log). Either is counted once its file is written now."""
     from model_server import metrics
 
     keys = tmp_path / "keys.json"
@@ -478,15 +478,16 @@ def test_a_label_the_log_could_not_take_may_be_sent_again_and_counts_once(tmp_pa
     item = {"request_id": "req-1", "label": 3, "token": signer.token("digits", "req-1")}
     full = dp.feedback("digits", item, rules)
     assert (full["matched_locally"], full["logged"]) == (matched, False)
-    assert counted() == before + int(matched)  # req-2's only, matched
+    assert counted() == before  # nothing written yet
     assert plog.flush() == 1
+    assert counted() == before + int(matched)  # req-2's only, matched, once written
     again = dp.feedback("digits", item, rules)
     assert (again["matched_locally"], again["logged"], again.get("correct", 1)) == (matched, True, 1)
-    assert counted() == before + 1 + int(matched)
+    assert counted() == before + int(matched)  # queued, not written yet
     with pytest.raises(Conflict):
         dp.feedback("digits", item, rules)
-    assert counted() == before + 1 + int(matched)
     assert plog.flush() == 1
+    assert counted() == before + 1 + int(matched)
 
 
 @pytest.mark.parametrize("lost_at", ["write", "encode", "table"])
@@ -494,8 +495,9 @@ def test_a_label_the_log_lost_at_its_write_may_be_sent_again_and_counts_once(tmp
     """A label queued (answered logged: true, counted) whose file could not be written (a full
     disk, a failed PUT), encoded, or whose table could not be made was in no log, and its resend
     was refused 409 "already has feedback": the gate never saw it. The writer tells the data
-    plane of every label it lost, as of one its masking key dropped: the resend is logged, and
-    counted once (the first send was)."""
+    plane of every label it lost, as of one its masking key dropped: the resend is logged. The
+    live view counted the lost send (no file held it), and not its resend; it counts a label once
+    its file is written now: the lost send never, the resend once."""
     from model_server import predictionlog
 
     keys = tmp_path / "keys.json"
@@ -504,10 +506,12 @@ def test_a_label_the_log_lost_at_its_write_may_be_sent_again_and_counts_once(tmp
     dp = data_plane(repo, plog)
     rules = dp.label_rules("digits")
     dp.feedback_store.record("req-1", "digits", "1", [3])
-    counted = metrics.FEEDBACK.labels("digits", "1")._value.get
+    total, correct = metrics.FEEDBACK.labels("digits", "1"), metrics.FEEDBACK_CORRECT.labels("digits", "1")
+    counted = lambda: (total._value.get(), correct._value.get())  # noqa: E731
     before = counted()
     item = {"request_id": "req-1", "label": 3, "token": dp.feedback_store.signer.token("digits", "req-1")}
     assert dp.feedback("digits", item, rules)["logged"] is True
+    assert counted() == before  # queued: counted once written
 
     def fails(*args: object, **kwargs: object) -> None:
         raise OSError("No space left on device")
@@ -516,15 +520,72 @@ def test_a_label_the_log_lost_at_its_write_may_be_sent_again_and_counts_once(tmp
         where = {"write": (predictionlog, "write_private"), "encode": (predictionlog.pq, "write_table")}
         m.setattr(*where.get(lost_at, (PredictionLog, "_label_table")), fails)
         assert plog.flush() == 0
+    assert counted() == before  # lost: never counted
     again = dp.feedback("digits", item, rules)
     assert (again["matched_locally"], again["logged"], again["correct"]) == (True, True, 1)
-    assert counted() == before + 1
     with pytest.raises(Conflict):
         dp.feedback("digits", item, rules)
+    assert counted() == before
     assert plog.flush() == 1
+    assert counted() == (before[0] + 1, before[1] + 1)  # the resend, written: once
     assert read(tmp_path / "log", datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(hours=1))[
         "label"
     ].tolist() == [3]
+
+
+@pytest.mark.parametrize("resent_to", ["after_the_ttl", "another_replica"])
+def test_a_label_lost_at_its_write_counts_once_in_all_wherever_and_whenever_it_is_resent(
+    tmp_path, repo, monkeypatch, resent_to
+):
+    """Review s44-2 M3: a label queued (counted) and lost at the write was remembered as counted
+    by its replica's store, for the feedback TTL and up to its capacity, so that its resend was
+    not counted again: re-sent after the TTL (the mark gone), or to another replica (another
+    store), it was counted twice, 2 for the 1 label the logs hold. Counted where its file is
+    written now, it counts once in all: the resend's, wherever and whenever it is written."""
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode()}))
+    now = [1000.0]
+    signer = FeedbackSigner(b"data-plane-test-key")
+    store = FeedbackStore(signer, ttl_s=60, clock=lambda: now[0])
+    plog = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)), replica="replica-a")
+    dp = DataPlane(repo, PolicyStore(None, on_change=metrics.show_traffic_policy), store, ShadowMirror(repo), plog)
+    rules = dp.label_rules("digits")
+    counters = [
+        metrics.FEEDBACK.labels("digits", "1"),
+        metrics.FEEDBACK_CORRECT.labels("digits", "1"),
+        *(metrics.FEEDBACK_UNMATCHED.labels("digits", why) for why in ("unknown", "expired", "evicted")),
+    ]
+    counted = lambda: [c._value.get() for c in counters]  # noqa: E731
+    before = counted()
+    store.record("req-m3", "digits", "1", [3])
+    item = {"request_id": "req-m3", "label": 3, "token": signer.token("digits", "req-m3")}
+    assert dp.feedback("digits", item, rules)["logged"] is True
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(predictionlog, "write_private", fails)
+        assert plog.flush() == 0
+    assert counted() == before  # lost: never counted
+    if resent_to == "after_the_ttl":
+        now[0] += 61  # the prediction and every mark of its label gone
+        there, log = dp, plog
+    else:  # a replica that never served it
+        log = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)), replica="replica-b")
+        there = data_plane(repo, log)
+    again = there.feedback("digits", item, rules)
+    assert (again["matched_locally"], again["logged"]) == (False, True)
+    assert log.flush() == 1
+    expected = [0, 0, 0, 0, 0]
+    expected[3 if resent_to == "after_the_ttl" else 2] = 1  # (unmatched: expired here, unknown there)
+    assert [c - b for c, b in zip(counted(), before, strict=True)] == expected
+    with pytest.raises(Conflict):
+        there.feedback("digits", item, rules)
+    assert log.flush() == 0
+    assert sum(c - b for c, b in zip(counted(), before, strict=True)) == 1  # once in all
+    rows = read(tmp_path / "log", datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(hours=1))
+    assert rows["label"].tolist() == [3]
 
 
 def test_a_label_is_a_class_of_the_model_and_a_request_has_at_most_its_largest_batch_of_them(tmp_path, repo):

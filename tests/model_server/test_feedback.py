@@ -16,7 +16,7 @@ import requests
 from devstack.loadgen import LoadConfig, run
 from model_server.feedback import FeedbackSigner, read_key
 from model_server.predictionlog import joined, read, unmatched_labels
-from tests.support import TOKEN, infer, put_policy
+from tests.support import TOKEN, infer, put_policy, settled
 
 pytestmark = pytest.mark.integration
 
@@ -71,8 +71,8 @@ def test_feedback_accuracy_equals_the_accuracy_of_what_was_served(server_factory
     assert stats.ok == 400
     assert stats.feedback_accepted == 400
     for version in ("1", "3"):
-        total = s.metric("feedback_total", model="digits", version=version)
-        correct = s.metric("feedback_correct_total", model="digits", version=version)
+        total = settled(s, "feedback_total", stats.served[version], model="digits", version=version)
+        correct = settled(s, "feedback_correct_total", stats.correct[version], model="digits", version=version)
         assert total == stats.served[version]
         assert correct == stats.correct[version]  # live accuracy == true accuracy of served answers
     # Wrong answers were served and labelled (v3 is 92% accurate: all of ~200 right has odds 1e-7),
@@ -141,7 +141,7 @@ def test_unknown_expired_duplicate_and_bad_feedback(server_factory, repo_copy, t
     assert r.status_code == 200
     assert r.json()["matched_locally"] is False  # still logged: the reader joins it
     assert "expired: evicted to keep the last 2 predicted items" in r.json()["reason"]
-    assert s.metric("feedback_total", model="digits", version="1") == 1  # the live view: req-a only
+    assert settled(s, "feedback_total", 1, model="digits", version="1") == 1  # the live view: req-a only
     s.stop()
     df = read(log, datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1))
     labels = df[df["role"] == "label"]
@@ -159,7 +159,7 @@ def test_feedback_lists_are_answered_item_by_item(server_factory, repo_copy, tmp
     r = feedback(s, [{"request_id": "one", "label": str(label)}, {"request_id": "two", "label": 1}], signer(tmp_path))
     assert r.status_code == 200
     assert [x["status"] for x in r.json()["results"]] == [200, 404]
-    assert s.metric("feedback_total", model="digits", version="1") == 1
+    assert settled(s, "feedback_total", 1, model="digits", version="1") == 1
 
 
 def test_feedback_lists_with_a_prediction_log_accept_unmatched_items(server_factory, repo_copy, tmp_path, digit_images):
@@ -170,7 +170,7 @@ def test_feedback_lists_with_a_prediction_log_accept_unmatched_items(server_fact
     results = feedback(s, body, signer(tmp_path)).json()["results"]
     assert [x["status"] for x in results] == [200, 200, 400]
     assert [x.get("matched_locally") for x in results[:2]] == [True, False]
-    assert s.metric("feedback_total", model="digits", version="1") == 1
+    assert settled(s, "feedback_total", 1, model="digits", version="1") == 1
 
 
 def test_labels_need_the_token_of_their_response(server_factory, repo_copy, tmp_path, digit_images):
@@ -192,7 +192,7 @@ def test_labels_need_the_token_of_their_response(server_factory, repo_copy, tmp_
         assert needle in r.json()["error"]
     assert (s.metric("feedback_total", model="digits", version="1") or 0) == 0
     assert feedback(s, {"request_id": "mine", "label": label, "token": token}).status_code == 200
-    assert s.metric("feedback_total", model="digits", version="1") == 1
+    assert settled(s, "feedback_total", 1, model="digits", version="1") == 1
 
 
 def test_an_answer_is_counted_and_can_be_labelled_the_moment_it_arrives_either_way(
@@ -220,7 +220,7 @@ def test_an_answer_is_counted_and_can_be_labelled_the_moment_it_arrives_either_w
         assert session.post(f"{s.http}/v2/models/digits/feedback", json=item, timeout=10).status_code == 200
         assert s.metric("nv_inference_request_success", model="digits", version="1") == n + 1  # and the first infer
         assert s.metric("model_server_routed_requests_total", model="digits", version="1", decided_by="route") == n + 1
-    assert s.metric("feedback_total", model="digits", version="1") == 2
+    assert settled(s, "feedback_total", 2, model="digits", version="1") == 2
 
 
 def test_a_re_sent_request_id_keeps_its_first_prediction_and_one_label(
@@ -237,7 +237,7 @@ def test_a_re_sent_request_id_keeps_its_first_prediction_and_one_label(
         token = infer(s, image, {"X-Request-ID": "again"}).headers["X-Feedback-Token"]
         statuses.append(feedback(s, {"request_id": "again", "label": label, "token": token}).status_code)
     assert statuses == [200, 409, 409, 409, 409]
-    assert s.metric("feedback_total", model="digits", version="1") == 1
+    assert settled(s, "feedback_total", 1, model="digits", version="1") == 1
     s.stop()
     df = read(log, datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1))
     assert (df["role"] == "primary").sum() == 5  # every answer is on record
@@ -268,9 +268,10 @@ def test_a_prediction_expires_after_its_ttl():
 
 
 def test_a_label_counts_when_it_is_counted_not_when_it_is_judged():
-    """The store judges a label and counts nothing (the data plane counts it once the log kept
-    it): the label counts itself, matched in feedback_total and feedback_correct_total of its
-    version (its items, the right ones), not matched 1 in feedback_unmatched_total of why."""
+    """The store judges a label and counts nothing (the prediction log's writer counts it once
+    written; without a log the data plane, when taken): the label counts itself, matched in
+    feedback_total and feedback_correct_total of its version (its items, the right ones), not
+    matched 1 in feedback_unmatched_total of why. The store keeps no mark of what was counted."""
     from model_server import metrics
     from model_server.feedback import FeedbackStore, LabelRules
 
@@ -294,16 +295,7 @@ def test_a_label_counts_when_it_is_counted_not_when_it_is_judged():
     late.count("counted")
     unknown.count("counted")
     assert [v - b for v, b in zip(values(), before, strict=True)] == [3, 2, 1, 1]
-    # Dropped by the log at its flush once counted: its resend counts nothing, even after the
-    # log's buffer refused it once more (the data plane gives its mark back as it was).
-    store.forget("counted", "r1", None, counted=True)
-    again = store.label("counted", item("r1", [3, 6, 7]), rules, accept_unmatched=True)  # (expired now)
-    assert again.counted
-    store.forget("counted", "r1", None, counted=again.counted)  # the buffer full
-    again = store.label("counted", item("r1", [3, 6, 7]), rules, accept_unmatched=True)  # (expired now)
-    again.count("counted")
-    assert [v - b for v, b in zip(values(), before, strict=True)] == [3, 2, 1, 1]
-    store.forget("counted", "r3", None)  # refused by a full buffer, never counted: its resend counts
+    store.forget("counted", "r3", None)  # not kept by the log, never counted: its resend counts
     store.label("counted", item("r3", 1), rules, accept_unmatched=True).count("counted")
     assert [v - b for v, b in zip(values(), before, strict=True)] == [3, 2, 2, 1]
 
@@ -424,9 +416,9 @@ def test_one_label_per_request_id_and_replica_matched_or_not(server_factory, rep
     infer(s, image, {"X-Request-ID": "last"})
     r = feedback(s, {"request_id": "evicted-unlabelled", "label": label}, sign)
     assert r.json()["matched_locally"] is False  # taken once, for the reader's join
-    assert s.metric("feedback_unmatched_total", model="digits", reason="unknown") == 3
-    assert s.metric("feedback_unmatched_total", model="digits", reason="evicted") == 1
-    assert s.metric("feedback_total", model="digits", version="1") == 2
+    assert settled(s, "feedback_unmatched_total", 3, model="digits", reason="unknown") == 3
+    assert settled(s, "feedback_unmatched_total", 1, model="digits", reason="evicted") == 1
+    assert settled(s, "feedback_total", 2, model="digits", version="1") == 2
     s.stop()
     df = read(log, datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1))
     labels = df[df["role"] == "label"]
@@ -453,7 +445,7 @@ def test_a_label_istio_mirrored_is_ignored(server_factory, repo_copy, tmp_path, 
     assert (s.metric("feedback_total", model="digits", version="1") or 0) == 0
     r = requests.post(url, json=item, timeout=10)  # the original, where it went
     assert r.json()["matched_locally"] is True
-    assert s.metric("feedback_total", model="digits", version="1") == 1
+    assert settled(s, "feedback_total", 1, model="digits", version="1") == 1
     s.stop()
     df = read(log, datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1))
     assert (df["role"] == "label").sum() == 1
@@ -482,7 +474,7 @@ def test_one_request_id_for_two_models_takes_a_label_for_each(server_factory, re
         assert r.status_code == 200, r.text
         answers[model] = r.json()
     assert all(a["matched_locally"] and a["correct"] == 1 for a in answers.values())
-    assert s.metric("feedback_total", model="digits_b", version="1") == 1
+    assert settled(s, "feedback_total", 1, model="digits_b", version="1") == 1
 
 
 def test_a_tenant_or_request_id_the_log_cannot_write_is_refused(server_factory, repo_copy, tmp_path):
@@ -528,7 +520,7 @@ def test_a_model_that_does_not_batch_takes_labels(server_factory, repo_copy, tmp
     assert r.status_code == 200, r.text
     assert r.json()["matched_locally"] is True, r.json()
     assert r.json()["correct"] == 1
-    assert s.metric("feedback_total", model="digits", version="1") == 1
+    assert settled(s, "feedback_total", 1, model="digits", version="1") == 1
     # Its answer has one row (the output's first dimension): one label a request, also for an id
     # this replica did not serve (it took 1,024, each a row of the log).
     r = feedback(s, {"request_id": "elsewhere", "label": [label, label]}, signer(tmp_path))
@@ -747,9 +739,9 @@ def test_a_label_the_log_dropped_at_its_flush_may_be_sent_again(server_factory, 
     key took no label again. The writer takes a dropped label's mark back now: its resend, once
     the key is usable, is logged (once: a third send is 409). The live view counted it when it
     was queued, and its resend again: 2 for 1 label, and a client re-sending once a flush while
-    the key was broken moved the live accuracy check as it liked. It counts once now: the first
-    send, which prediction_log_records_total{outcome="mask_unavailable"} says was dropped (the
-    metric's help says so)."""
+    the key was broken moved the live accuracy check as it liked. Then the first send stayed
+    counted and its resend was not (within the TTL, on this replica): counted though no file held
+    it. Now it is counted once its file is written: the dropped send never, the resend once."""
     key = lambda: base64.b64encode(os.urandom(32)).decode()  # noqa: E731
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"default": key(), "tenants": {"acme": "not-a-key"}}))
@@ -771,6 +763,8 @@ def test_a_label_the_log_dropped_at_its_flush_may_be_sent_again(server_factory, 
     while dropped() < 2 and time.monotonic() < deadline:  # the inference's row and the label's
         time.sleep(0.05)
     assert dropped() == 2
+    assert (s.metric("feedback_total", model="digits", version="1") or 0) == 0  # dropped: not counted
+    assert (s.metric("feedback_correct_total", model="digits", version="1") or 0) == 0
     keys.write_text(json.dumps({"default": key(), "tenants": {"acme": key()}}))  # the key fixed
     time.sleep(1.5)  # (the key file is looked at again after a second)
     r = requests.post(f"{s.http}/v2/models/digits/feedback", json=item, timeout=10)
@@ -778,8 +772,8 @@ def test_a_label_the_log_dropped_at_its_flush_may_be_sent_again(server_factory, 
     assert (r.json()["matched_locally"], r.json()["logged"], r.json()["correct"]) == (True, True, 1)
     r = requests.post(f"{s.http}/v2/models/digits/feedback", json=item, timeout=10)
     assert r.status_code == 409, r.text
-    assert s.metric("feedback_total", model="digits", version="1") == 1
-    assert s.metric("feedback_correct_total", model="digits", version="1") == 1
+    assert settled(s, "feedback_total", 1, model="digits", version="1") == 1
+    assert settled(s, "feedback_correct_total", 1, model="digits", version="1") == 1
     s.stop()
     rows = read(log, datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1))
     assert rows["role"].tolist() == ["label"]  # the resend, once (the inference was dropped)

@@ -16,6 +16,7 @@ import requests
 
 from devstack.processes import ModelServerProcess, start_model_server
 from model_server.predictionlog import GATE_COLUMNS, SHADOW_PAIR_COLUMNS, read, shadow_pairs
+from tests.support import settled
 from vision_rollout.audit import audit
 from vision_rollout.engine import StageWindow, stage_samples
 from vision_rollout.spec import RolloutSpec
@@ -100,7 +101,7 @@ def test_binary_nan_and_inf_are_answered_and_kept_out_of_every_statistic(tmp_pat
                 r = requests.post(f"{s.http}/v2/models/tiny/feedback", json=body, timeout=10)
                 assert r.status_code == 200, r.text
                 assert r.json()["correct"] == 0
-        assert s.metric("feedback_total", model="tiny", version="1") == 10
+        assert settled(s, "feedback_total", 10, model="tiny", version="1") == 10
         assert (s.metric("feedback_correct_total", model="tiny", version="1") or 0) == 0
     finally:
         s.stop()  # a clean stop flushes the log

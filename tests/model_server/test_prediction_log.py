@@ -45,7 +45,7 @@ from model_server.predictionlog import (
     shadow_pairs,
     unmatched_labels,
 )
-from tests.support import TOKEN, DataReads, infer, put_policy, sensitive_values
+from tests.support import TOKEN, DataReads, infer, put_policy, sensitive_values, settled
 from vision_rollout.audit import audit
 
 NOW = datetime.now(UTC)
@@ -964,11 +964,15 @@ def test_a_flush_whose_second_file_fails_counts_the_first_written(tmp_path, monk
 def test_the_labels_of_a_file_that_fails_are_the_ones_told_lost(tmp_path, monkeypatch):
     """A flush of answers and labels in several files, every second one failing: the writer
     tells of each label that lost a row there (``on_label_dropped``: the data plane lets it be sent
-    again), and of none written."""
+    again), and of none written; and of each label whose rows are all written, once
+    (``on_label_written``: the data plane counts it), whatever the files it had rows in. A label
+    cut at a file's edge, a row written and a row lost, is lost, not written: never both."""
     monkeypatch.setattr(predictionlog, "MAX_TABLE_BYTES", 32768)
     w = writer(tmp_path)
     lost: list[str] = []
+    written: list[str] = []
     w.on_label_dropped = lambda label: lost.append(label.request_id)
+    w.on_label_written = lambda label: written.append(label.request_id)
     for i in range(300):
         w.append(primary(f"r{i}"))
         w.append(Label(time.time(), "digits", None, f"l{i}", [i % 10] * (2 + i % 7), None))
@@ -989,6 +993,8 @@ def test_the_labels_of_a_file_that_fails_are_the_ones_told_lost(tmp_path, monkey
     assert len(calls) > 2
     assert 0 < len(lost) < 300
     assert sorted(lost) == sorted(short)
+    assert sorted(written) == sorted({f"l{i}" for i in range(300)} - short)  # each once
+    assert any(0 < rows.get(r, 0) for r in short)  # (a label cut at a file's edge: some rows written)
 
 
 def test_a_crash_mid_write_leaves_no_file(tmp_path, monkeypatch):
@@ -1860,8 +1866,12 @@ def test_two_replicas_share_one_log_and_the_reader_joins_across_them(
     )
     assert r.status_code == 200
     assert r.json()["matched_locally"] is False
+    # (each counts a label once its own writer wrote it: b's unmatched ones, then none matched)
+    assert (
+        settled(b, "feedback_unmatched_total", len(labelled) + 1, model="digits", reason="unknown") == len(labelled) + 1
+    )
     assert (b.metric("feedback_total", model="digits", version="1") or 0) == 0  # b's live view: its own
-    assert a.metric("feedback_total", model="digits", version="1") == 1
+    assert settled(a, "feedback_total", 1, model="digits", version="1") == 1
     assert wait_for(lambda: (a.metric("shadow_requests_total", model="digits", version="2", outcome="ok") or 0) == 12)
     assert wait_for(lambda: (b.metric("shadow_requests_total", model="digits", version="2", outcome="ok") or 0) == 8)
     a.stop()  # SIGTERM: each flushes what it holds

@@ -58,6 +58,19 @@ def put_policy(server, policy, token: str | None = TOKEN) -> requests.Response:
     return requests.put(f"{server.http}/v2/models/digits/traffic", json=policy, headers=headers, timeout=30)
 
 
+def settled(server, name: str, expected: float, timeout_s: float = 30.0, **labels: str) -> float | None:
+    """The sample ``name`` of ``server``'s /metrics once it is ``expected`` (absent as 0), else
+    as it is after ``timeout_s``: with a prediction log the live view counts a label once the
+    log's writer has written its file (the next flush, 2 s by default), so a test waits for it.
+    The deadline only bounds a failure: the caller asserts the value returned."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = server.metric(name, **labels)
+        if (value or 0) == expected or time.monotonic() >= deadline:
+            return value
+        time.sleep(0.05)
+
+
 def mirroring(server_factory, repository: Path, tmp_path: Path):
     """A server on ``repository`` (its state in ``tmp_path``) serving digits 1 and mirroring all
     of its traffic to version 2."""
