@@ -114,13 +114,13 @@ def canary_with_shadow(server: Any, repository: Path, prediction_log: Path, seco
         )
     )
     print(f"load generator: {stats.ok} of {stats.sent} requests answered, served by {dict(stats.served)}")
+    time.sleep(1.5)  # the log's writer flushes every 0.5 s: the live view counts a label once written
     for v in ("1", "2"):
         total = server.metric("feedback_total", model="digits", version=v) or 0
         correct = server.metric("feedback_correct_total", model="digits", version=v) or 0
         shadow = server.metric("shadow_requests_total", model="digits", version=v, outcome="ok") or 0
         live = f"{correct / total:.4f}" if total else "n/a"
         print(f"  version {v}: live accuracy from feedback {live} ({total:g} labels), shadow copies run {shadow:g}")
-    time.sleep(1.5)  # the prediction log's writer flushes every 0.5 s
     records = read(
         prediction_log, started, datetime.now(UTC), "digits", columns=SHADOW_PAIR_COLUMNS, roles=("primary", "shadow")
     )
