@@ -190,11 +190,12 @@ HTTP_REFUSALS = Counter(
 for _reason in ("over_limit", "pipelined", "at_accept", "body_budget"):
     HTTP_REFUSALS.labels(_reason)  # (each at 0 from the start: an alert's rate sees the first)
 _KEPT = (
-    "counted when the prediction log has written the file that holds it, all its rows (without a "
-    "log: when taken): the labels the log holds; one the log could not take (its buffer full) or "
-    "lost at its flush (its tenant's masking key unusable, its file not written: "
-    'prediction_log_records_total{outcome="mask_unavailable|error"}) is not counted, and may be '
-    "sent again: counted once written"
+    "counted when the prediction log has written all its rows (without a log: when taken); one "
+    "the log could not take (its buffer full) or lost at its flush (its tenant's masking key "
+    "unusable, its table or file not written: "
+    'prediction_log_records_total{outcome="mask_unavailable|error"}; a row of it lost is enough) '
+    "is not counted, and may be sent again: counted once written (its rows written before are "
+    "repeated; readers keep the earliest)"
 )
 FEEDBACK = Counter(
     "feedback_total",

@@ -473,7 +473,7 @@ class PredictionLog:
         while not self._stop.wait(self.flush_s):
             try:
                 self.flush()
-            except Exception:  # keep the writer alive; the rows of this flush are counted lost
+            except Exception:  # keep the writer alive (each step of a flush counts its own failures)
                 log.exception("prediction log flush failed")
 
     # -- the writer thread ------------------------------------------------------------------------
@@ -762,14 +762,32 @@ class PredictionLog:
                 for r in labels:
                     spans.append((row, row + len(r.labels), r))
                     row += len(r.labels)
-                written += self._write(folder, pa.concat_tables(parts) if len(parts) > 1 else parts[0], spans)
+                try:
+                    table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+                except Exception as exc:  # (its rows counted lost, its labels told: they may be sent again)
+                    rows = sum(part.num_rows for part in parts)
+                    metrics.PREDICTION_LOG_RECORDS.labels("error").inc(rows)
+                    log.error("prediction log: %d rows for %s not joined in one table: %s", rows, folder, exc)
+                    self._lost(labels)
+                    continue
+                written += self._write(folder, table, spans)
             return written
 
     def _lost(self, labels: Iterable[Label]) -> None:
         """Tell the data plane of labels queued and not written (``on_label_dropped``)."""
-        if self.on_label_dropped is not None:
-            for label in labels:
-                self.on_label_dropped(label)
+        self._tell(self.on_label_dropped, labels)
+
+    @staticmethod
+    def _tell(hook: Callable[[Label], None] | None, labels: Iterable[Label]) -> None:
+        """``hook`` of each label; one that raises is logged and the others told all the same (the
+        writer's flush goes on: a hook's failure must not lose the files after it)."""
+        if hook is None:
+            return
+        for label in labels:
+            try:
+                hook(label)
+            except Exception:  # (no request id in the line: the log masks them)
+                log.exception("prediction log: the data plane's hook for a label failed")
 
     @staticmethod
     def _part(
@@ -833,10 +851,7 @@ class PredictionLog:
             metrics.PREDICTION_LOG_RECORDS.labels("written").inc(part.num_rows)
             written += part.num_rows
         self._lost(labels[i][2] for i in sorted(lost))  # (once each, whatever the files it had rows in)
-        if self.on_label_written is not None:  # (the others: every row of each in a file written)
-            for i, (_, _, label) in enumerate(labels):
-                if i not in lost:
-                    self.on_label_written(label)
+        self._tell(self.on_label_written, (r for i, (_, _, r) in enumerate(labels) if i not in lost))  # (the others)
         return written
 
 

@@ -995,6 +995,48 @@ def test_the_labels_of_a_file_that_fails_are_the_ones_told_lost(tmp_path, monkey
     assert sorted(lost) == sorted(short)
     assert sorted(written) == sorted({f"l{i}" for i in range(300)} - short)  # each once
     assert any(0 < rows.get(r, 0) for r in short)  # (a label cut at a file's edge: some rows written)
+    monkeypatch.setattr(predictionlog, "write_private", real)
+    w.append(Label(time.time(), "digits", None, "next", [1], None))
+    w.flush()  # (a later write tells of its own labels only: none counted twice)
+    assert sorted(written) == sorted({f"l{i}" for i in range(300)} - short | {"next"})
+    assert sorted(lost) == sorted(short)
+
+
+def test_a_flush_that_fails_before_its_write_tells_its_labels_lost_and_writes_the_rest(tmp_path, monkeypatch):
+    """A failure no step of a flush counted (its answers' and labels' tables not joined) left its
+    labels told neither written nor lost (never counted in the live view, their resend refused
+    until the TTL) and their rows in no outcome; a hook of the data plane's that raised lost the
+    folders after it. Each group of a flush fails alone now, its labels told lost, its rows
+    counted; a hook's failure is logged."""
+    w = writer(tmp_path)
+    lost: list[str] = []
+    written: list[str] = []
+    w.on_label_dropped = lambda label: lost.append(label.request_id)
+
+    def count(label):
+        written.append(label.request_id)
+        if len(written) == 1:
+            raise RuntimeError("a counter failed")
+
+    w.on_label_written = count
+    now = time.time()
+    w.append(primary("p-old", when=now - 3600))
+    w.append(Label(now - 3600, "digits", "1", "old-hour", [3], None))
+    w.append(Label(now, "digits", "1", "this-hour", [4], None))
+    w.append(Label(now, "digits", "1", "this-hour-too", [5], None))
+    real = pa.concat_tables
+
+    def not_joined(*args, **kwargs):
+        raise pa.ArrowInvalid("Schema at index 1 was different")
+
+    monkeypatch.setattr(predictionlog.pa, "concat_tables", not_joined)
+    before = records("error")
+    w.flush()  # (the old hour's two tables not joined; this hour's one table needs no join)
+    assert (lost, written) == (["old-hour"], ["this-hour", "this-hour-too"])  # (the first count raised)
+    assert records("error") == before + 3  # (its answer's two rows, its label's one)
+    monkeypatch.setattr(predictionlog.pa, "concat_tables", real)
+    df = read(tmp_path / "log", *window(120))
+    assert sorted(df.loc[df["role"] == "label", "request_id"]) == ["this-hour", "this-hour-too"]
 
 
 def test_a_crash_mid_write_leaves_no_file(tmp_path, monkeypatch):
