@@ -453,7 +453,7 @@ _NO_KEY_LINE = r"(?!#|(?(x)[^\r\n\\\",\[\]{}#]|[^\r\n,\[\]{}#]){0,4096}?:(?:[ \t
 # in lower case: "password:\n  correct horse battery staple" is a value).
 _PROSE_LINE = r"[A-Za-z][a-z]{0,63}+(?:[ ]{1,3}[A-Za-z][a-z]{0,63}+){1,31}+[.!]?[ \t]{0,16}+(?:\r?\n|[\\\"']|\Z)"
 _BLOCK_HEAD = (
-    rf"(?:(?(ki)(?P<h>(?:{_BLOCK_INDICATOR}|(?(m)|{_AFTER_COLON})(?P<p>){_LINE_REST})(?:\r?\n|(?P<x>(?:\\{{1,8}}r)?\\{{1,8}}n))"
+    rf"(?:(?(ki)(?P<h>(?:(?(ar){_LINE_REST}|{_BLOCK_INDICATOR})|(?(m)|{_AFTER_COLON})(?P<p>){_LINE_REST})(?:\r?\n|(?P<x>(?:\\{{1,8}}r)?\\{{1,8}}n))"
     rf"(?(x)(?:[ \t]{{0,64}}+(?P=x))*+|(?:[ \t]{{0,64}}+\r?\n)*+)"
     rf"(?P<i>(?P=ki)(?(kd)[ ](?P=ks))[ \t]{{1,64}}+)(?=\S)(?(p){_NO_KEY_LINE}(?(c)(?!{_PROSE_LINE})))){NOT_MASKED}|(?!))"
     rf"|(?!{_BLOCK_START}|{_AFTER_COLON}#[ \t][^\r\n\\]{{0,256}}+{_LINE_BREAK}))"  # (a comment is no value)
@@ -497,12 +497,32 @@ _KEYED_START = r"(?=[ \t]{0,64}+(?:-[ ]{1,8}+)?[\"']?(?i:[a-z0-9])|(?<=[(\[]))"
 # stays; a mask's mark there is none: "token:\\n***", scrubbed again, stays). Each was left in clear.
 _AUTH_TUPLE = rf"|{_PREFIXES}(?i:auth){KEY_QUOTE}{_MD_KEY_SEP}(?={_TUPLE_OPEN}|\[)"
 _BREAK_THEN_BRACKET = rf"(?:{_LINE_BREAK}[ \t]{{0,64}}+(?={_TUPLE_OPEN}|[\[{{]|{_MASK_MARK}))?+"
+_ARROW_CHAR = r"(?:\u2192|\u21d2|\u27f9|\u27a1\ufe0f?+)"
+_ESCAPED_ARROW_CHAR = r"\\{1,15}u(?:2192|21[dD]2|27[fF]9|27[aA]1(?:\\{1,15}u[fF][eE]0[fF])?+)"
+
+
+def _arrow_mark(group: str = "") -> str:
+    """An arrow, ``group`` (a name) set where it is one of equals signs."""
+    equals = f"(?P<{group}>={{1,8}}+>)" if group else "={1,8}+>"
+    return rf"(?:(?::[ \t]{{0,3}}+)?+(?:-{{1,8}}+>|{equals}|~>)|{_ARROW_CHAR}|{_ESCAPED_ARROW_CHAR})"
+
+
+# An arrow at the end of a key's line ("password ->", "token ==>", ":=>", ": ->", "~>", "\u21d2":
+# ``_arrow_mark``; Ruby's hashes pretty-printed, a report's) is read as YAML's block indicator is
+# (``ar``): the lines after it more indented than the key's are the value, to a line less indented.
+# ("=>" is so already: the key's "=" and the indicator ">"; ":>" too.) An arrow is never a value's
+# first characters (``_NO_ARROW``: "password ==> hunter2xyz" was masked to "password =***>
+# hunter2xyz", the value in clear; the spaced rule reads it now), nor an arrow written escaped
+# twice ("token \\\\u21d2 ***" scrubbed again was "token *** ***"), nor, after a spaced key, a line
+# end written escaped twice (before an arrow's value on the next lines, json.dumps'd twice).
+_ARROW_AT_LINE_END = rf"(?(ki){BLANK}{{0,64}}+(?!=>)(?P<ar>){_arrow_mark()}(?={_LINE_REST}{_LINE_BREAK})|(?!))"
+_NO_ARROW = rf"(?!(?:-{{1,8}}+|={{1,8}}+|~)>|{_ESCAPED_ARROW_CHAR})"
 _SECRET_KEYED = re.compile(
     rf"{_KEYED_START}{_KEY_LINE}{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_NAMED_BY}"
-    rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:(?>{_QUOTED_KEY_SEP}|{KEY_QUOTE}{_MD_KEY_SEP}){_MARK_AT_LINE_END}{LIST_MARK}|{_PAIR_SEP}"
+    rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:(?>{_QUOTED_KEY_SEP}|{KEY_QUOTE}{_ARROW_AT_LINE_END}|{KEY_QUOTE}{_MD_KEY_SEP}){_MARK_AT_LINE_END}{LIST_MARK}|{_PAIR_SEP}"
     rf"|(?(nb){_VALUE_NAMED}|(?!)))|(?(nb){_COOKIE_ONE}{_COOKIE_NAMED}|(?!)){_AUTH_TUPLE})"
     rf"{_OPEN_QUOTE_MD}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME}){_BLOCK_HEAD}{_MARKED_VALUE}(?(h)|(?(q)|{PLACEHOLDER_THEN}))"
-    rf"(?(h)|(?(q)|(?(pt)|{_BREAK_THEN_BRACKET})))(?P<v>(?(h){_BLOCK}|(?(q)|{NO_VALUE})(?:(?(q){_QUOTED_WHOLE}|(?:{BRACKETED}|{_KEYED_RUN}))|{_KEYED_RUN}){_PLACEHOLDER_WORDS})){_PAIR_END}"
+    rf"(?(h)|(?(q)|(?(pt)|{_BREAK_THEN_BRACKET})))(?P<v>(?(h){_BLOCK}|(?(q)|{NO_VALUE}{_NO_ARROW})(?:(?(q){_QUOTED_WHOLE}|(?:{BRACKETED}|{_KEYED_RUN}))|{_KEYED_RUN}){_PLACEHOLDER_WORDS})){_PAIR_END}"
 )
 # A field "value" before the field that names it ({"value": "...", "name": "DB_PASSWORD"}: a
 # dict's keys in any order, as a JSON object may have them, json.dumps(sort_keys=True) too): its
@@ -573,11 +593,29 @@ _OWNED = rf"(?P<o>(?i:{'|'.join(_OWNERS)})(?:['\u2019]s)?{BLANK}{{1,64}}+(?=(?i:
 _PROSE_PAREN = rf"\({_BEFORE_QUOTE}(?!(?:None|True|False|nan|inf)[ \t]{{0,8}}+,)[A-Za-z][^\s()\[\]{{}}\"'\\,]{{0,63}}+[ \t]{{0,8}}+,"
 # An arrow between a secret's key and its value ("password -> hunter2xyz9", "token => hunter2xyz",
 # "→"), blanks around it or none, read as a spaced key's blanks are: its value so too (a word of
-# prose after it stays, "password -> reset"). Its value was left in clear.
-_ARROW = rf"{BLANK}{{0,64}}+(?:[-=]>|\u2192|\\{{1,15}}u2192){BLANK}{{0,64}}+"  # ("\u2192" written escaped too)
+# prose after it stays, "password -> reset"). Its value was left in clear. Longer arrows too, a
+# bounded run of up to 8 dashes or equals signs ("-->", "==>", "--->"), a ":" and up to 3 blanks
+# before one (":=>", Ruby's old hash; ": ->"), "~>", and "\u21d2", "\u27f9", "\u27a1" (an emoji
+# selector after it too) as "\u2192" is, each written escaped too ("\\u21d2"). ("|>" is none:
+# Elixir's and F#'s pipe, "token |> String.trim()", is code, no value after a key.) ``ea``: an arrow
+# of equals signs (Ruby's hash rocket, whose quoted values are values: ``_RENAMED``).
+_ARROW = rf"{BLANK}{{0,64}}+{_arrow_mark('ea')}{BLANK}{{0,64}}+"  # ("\u2192" written escaped too)
+# A key in quotes before an arrow ("'token' -> hunter2xyz", '"password" => "hunter2xyz"', Ruby's
+# hash), its quote escaped too; a key after a quote only before an arrow (``_ARROW``: else a
+# spaced key's blanks after it are a sentence's, "'token' expired"). After a key in quotes and an
+# arrow other than one of equals signs, a value in quotes that is a field's name is a rename's, no
+# secret ("Renamed field 'token' -> 'access_token'", "'password' → 'db.password'"): a key-like
+# name, one to eight words of lower-case letters joined by "_", "." or "-" (no digit, no capital:
+# a secret in quotes, "'token' -> 'hunter2xyz'", holds one; a word of prose, "'token' -> 'expired'",
+# is one too), or a secret's key alone ("'token' -> 'API_KEY'"). (A password of lower-case
+# letters alone so written stays readable, as it does after a spaced key: "password -> hunter".)
+# After "=>" (Ruby's hash: '{"password"=>"db_pass_prod"}') it is the value, masked.
+_KEY_CLOSE_QUOTE = rf"(?:(?P<kq>(?:{_ESCAPE})?[\"'])(?={BLANK}{{0,64}}+{_arrow_mark()}))"
+_FIELD_NAME = r"(?:[a-z]{1,32}+(?:[_.-][a-z]{1,32}+){0,7}+|(?i:" + _CRED_WORDS + "))"
+_RENAMED = r"(?(kq)(?(ea)|(?!" + _FIELD_NAME + r"(?(e)(?P=e))(?P=q))))"
 _SECRET_SPACED = re.compile(  # (its match starts at an owner's or a name's first character: a look ahead first)
-    rf"(?=(?i:[a-z0-9])){after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}{_MD_CLOSE}?+(?:{_ARROW}|{BLANK}{{1,64}}+(?:(?i:is){BLANK}{{1,64}}+)?)(?:(?P<e>{_ESCAPE})?(?P<q>[\"'`]))?{_NO_MASKED_AFTER}"
-    rf"(?P<v>(?(q){_QUOTED_WHOLE}|(?:(?!{_PROSE_PAREN}){CLOSED_BRACKETED}|(?!{_PROSE_PAREN})(?=[{{\[]{_BEFORE_QUOTE}(?:{_ESCAPE})?[\"']|{_TUPLE_OPEN}){_NOT_CLOSED}|(?![:=]|{_SCHEME}|{_MASK_MARK})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
+    rf"(?=(?i:[a-z0-9])){after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}(?:{_KEY_CLOSE_QUOTE}|{_MD_CLOSE})?+(?:{_ARROW}|(?(kq)(?!)){BLANK}{{1,64}}+(?:(?i:is){BLANK}{{1,64}}+)?)(?:(?P<e>{_ESCAPE})?(?P<q>[\"'`]))?{_NO_MASKED_AFTER}"
+    rf"(?P<v>(?(q){_RENAMED}{_QUOTED_WHOLE}|(?:(?!{_PROSE_PAREN}){CLOSED_BRACKETED}|(?!{_PROSE_PAREN})(?=[{{\[]{_BEFORE_QUOTE}(?:{_ESCAPE})?[\"']|{_TUPLE_OPEN}){_NOT_CLOSED}|(?![:=]|{_SCHEME}|{_MASK_MARK}|{_ESCAPED_ARROW_CHAR}|\\{{2,15}}[rn](?![A-Za-z0-9]))(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
     rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_RUN})))"
 )
 # A URL query's parameter (after "?" or "&") named for a secret, and also, there only, for a key, a signature or

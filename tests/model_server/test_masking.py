@@ -1464,6 +1464,8 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "calls in tuples after keys": "token: (f(" + "g(1), " * 170_000,
     "empty tuples after spaced keys": ("password ((), " + "(<a>, " * 300 + "\n") * 550,
     "arrows after keys": "token => " * 110_000,
+    "long arrows at key lines' ends": "  token ==>\n" * 90_000,
+    "values after arrows at key lines' ends": "password ->\n  a\n" * 70_000,
     "line ends before tuples after keys": ("token=\n" + " " * 64 + "(('a', " * 20 + "\n") * 5_500,
 }
 FOUND_IN_SECRET_HOSTILE = {
@@ -1503,6 +1505,7 @@ FOUND_IN_SECRET_HOSTILE = {
     "calls in tuples after keys": {"secret"},  # the tuple not closed, to the text's end
     "empty tuples after spaced keys": {"secret"},  # the first tuple not closed, to the text's end
     "line ends before tuples after keys": {"secret"},  # the first tuple not closed, to the text's end
+    "values after arrows at key lines' ends": {"secret"},  # each more indented line (an arrow's "==>" alone is none)
 }
 
 
@@ -5441,3 +5444,80 @@ def test_an_auth_tuple_an_arrow_or_a_line_end_before_a_secret_value_is_masked(ke
 )
 def test_arrows_and_auth_words_without_a_secret_stay_readable(keys, text):
     assert masked_at_depth(keys, text, 0) == (text, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ("password --> hunter2xyz9", "password --> ***"),
+        ("token ==> hunter2xyz", "token ==> ***"),
+        ("api_key ---> hunter2xyz next", "api_key ---> *** next"),
+        ("secret========>hunter2xyz", "secret========>***"),
+        ("token \u21d2 hunter2xyz", "token \u21d2 ***"),
+        ("token \u27f9 hunter2xyz", "token \u27f9 ***"),
+        ("token \u27a1 hunter2xyz", "token \u27a1 ***"),
+        ("token ~> hunter2xyz", "token ~> ***"),
+        ("token :=> hunter2xyz", "token :=> ***"),
+        ("password: -> hunter2xyz9", "password: -> ***"),
+        ("'token' -> hunter2xyz", "'token' -> ***"),
+        ("'token' -> 'hunter2xyz'", "'token' -> '***'"),
+        ('{"password"=>"db_pass_prod"}', '{"password"=>"***"}'),
+    ],
+)
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_a_longer_arrow_or_a_quoted_key_before_an_arrow_is_read_as_an_arrow(keys, text, kept, depth):
+    """An arrow between a secret's key and its value read "->", "=>" and "\u2192" only: a longer one
+    ("-->", "==>", up to 8 dashes or equals signs), "\u21d2", "\u27f9", "\u27a1" (written escaped
+    too: json.dumps writes them so), "~>", ":=>" and ": ->" left the value in clear ("token ==>
+    hunter2xyz" was masked to "token =***> hunter2xyz"), as did a key in quotes before one
+    ("'token' -> hunter2xyz", a Ruby hash's '"password"=>"..."'). Each is read as "->" is now."""
+    assert masked_at_depth(keys, text, depth) == (kept, kept)
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ("password ->\n  hunter2xyz9\nnext: 1", "password ->\n  ***\nnext: 1"),
+        ("  token ==>\n    abc def\n    ghi\n  user: bob", "  token ==>\n    ***\n  user: bob"),
+        ("password :=>\n  hunter2xyz", "password :=>\n  ***"),
+        ("password: ->\n  hunter2xyz", "password: ->\n  ***"),
+        ("'password' -->\n  hunter2xyz", "'password' -->\n  ***"),
+        ("token \u21d2\n  hunter2xyz", "token \u21d2\n  ***"),
+        ("password ~>\n\n  hunter2xyz\n  more\nnext", "password ~>\n\n  ***\nnext"),
+        (
+            "password =>\n  hunter2xyz\ntoken ->\n  hunter3xyz",
+            "password =>\n  ***\ntoken ->\n  ***",
+        ),  # ("=>" as before)
+    ],
+)
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_an_arrow_at_a_key_lines_end_reads_the_lines_more_indented_after_it(keys, text, kept, depth):
+    """An arrow at the end of a key's line (Ruby's hashes pretty-printed) left the value on the
+    next lines in clear ("password ->\n  hunter2xyz9"); only "=>" was read, as "=" and YAML's ">".
+    Each arrow there is read as the block indicator is: the lines more indented than the key's
+    are the value, to a line less indented."""
+    assert masked_at_depth(keys, text, depth) == (kept, kept)
+
+
+@pytest.mark.parametrize(
+    "prose",
+    [
+        "Renamed field 'token' -> 'access_token'",
+        "renamed 'password' \u2192 'db.password', 'secret' --> 'client-secret'",
+        "'token' -> 'expired'",
+        "'api_key' ~> 'API_KEY'",
+        "token |> String.trim()",
+        "'token' expired",
+        "password ---> reset",
+        "password ==> required",
+        "password ->\nnext: 1",
+        "password ---------> hunter2xyz",  # (nine dashes: no arrow this reads)
+    ],
+)
+def test_a_rename_a_pipe_or_prose_after_an_arrow_stays_readable(keys, prose):
+    """After a key in quotes and an arrow other than "=>", a key-like name in quotes (lower-case
+    words joined by "_", "." or "-", or a secret's key) is a rename's, no value; "|>" is a pipe; a
+    word of prose after an arrow stays. The secret on the line after it is masked."""
+    text = f"{prose}\n'password' --> 'hunter2xyz9'"
+    kept = f"{prose}\n'password' --> '***'"
+    assert masked_at_depth(keys, text, 0) == (kept, kept)
