@@ -513,8 +513,9 @@ def _arrow_mark(group: str = "") -> str:
 # ("=>" is so already: the key's "=" and the indicator ">"; ":>" too.) An arrow is never a value's
 # first characters (``_NO_ARROW``: "password ==> hunter2xyz" was masked to "password =***>
 # hunter2xyz", the value in clear; the spaced rule reads it now), nor an arrow written escaped
-# twice ("token \\\\u21d2 ***" scrubbed again was "token *** ***"), nor, after a spaced key, a line
-# end written escaped twice (before an arrow's value on the next lines, json.dumps'd twice).
+# twice ("token \\\\u21d2 ***" scrubbed again was "token *** ***"), nor, after a spaced key, line
+# ends written escaped twice before a blank (an arrow's value on the next lines, indented,
+# json.dumps'd twice: the run of escapes alone, read to the blank, was masked, the value not).
 _ARROW_AT_LINE_END = rf"(?(ki){BLANK}{{0,64}}+(?!=>)(?P<ar>){_arrow_mark()}(?={_LINE_REST}{_LINE_BREAK})|(?!))"
 _NO_ARROW = rf"(?!(?:-{{1,8}}+|={{1,8}}+|~)>|{_ESCAPED_ARROW_CHAR})"
 _SECRET_KEYED = re.compile(
@@ -615,7 +616,7 @@ _FIELD_NAME = r"(?:[a-z]{1,32}+(?:[_.-][a-z]{1,32}+){0,7}+|(?i:" + _CRED_WORDS +
 _RENAMED = r"(?(kq)(?(ea)|(?!" + _FIELD_NAME + r"(?(e)(?P=e))(?P=q))))"
 _SECRET_SPACED = re.compile(  # (its match starts at an owner's or a name's first character: a look ahead first)
     rf"(?=(?i:[a-z0-9])){after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}(?:{_KEY_CLOSE_QUOTE}|{_MD_CLOSE})?+(?:{_ARROW}|(?(kq)(?!)){BLANK}{{1,64}}+(?:(?i:is){BLANK}{{1,64}}+)?)(?:(?P<e>{_ESCAPE})?(?P<q>[\"'`]))?{_NO_MASKED_AFTER}"
-    rf"(?P<v>(?(q){_RENAMED}{_QUOTED_WHOLE}|(?:(?!{_PROSE_PAREN}){CLOSED_BRACKETED}|(?!{_PROSE_PAREN})(?=[{{\[]{_BEFORE_QUOTE}(?:{_ESCAPE})?[\"']|{_TUPLE_OPEN}){_NOT_CLOSED}|(?![:=]|{_SCHEME}|{_MASK_MARK}|{_ESCAPED_ARROW_CHAR}|\\{{2,15}}[rn](?![A-Za-z0-9]))(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
+    rf"(?P<v>(?(q){_RENAMED}{_QUOTED_WHOLE}|(?:(?!{_PROSE_PAREN}){CLOSED_BRACKETED}|(?!{_PROSE_PAREN})(?=[{{\[]{_BEFORE_QUOTE}(?:{_ESCAPE})?[\"']|{_TUPLE_OPEN}){_NOT_CLOSED}|(?![:=]|{_SCHEME}|{_MASK_MARK}|{_ESCAPED_ARROW_CHAR}|(?:\\{{2,15}}[rn]){{1,16}}+[ \t])(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
     rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_RUN})))"
 )
 # A URL query's parameter (after "?" or "&") named for a secret, and also, there only, for a key, a signature or
