@@ -513,11 +513,12 @@ def _arrow_mark(group: str = "") -> str:
 # ("=>" is so already: the key's "=" and the indicator ">"; ":>" too.) An arrow is never a value's
 # first characters (``_NO_ARROW``: "password ==> hunter2xyz" was masked to "password =***>
 # hunter2xyz", the value in clear; the spaced rule reads it now), nor an arrow written escaped
-# twice ("token \\\\u21d2 ***" scrubbed again was "token *** ***"), nor, after a spaced key, line
+# before a blank ("token \\\\u21d2 ***" scrubbed again was "token *** ***"; one before its value,
+# "password: \\\\u2192hunter2Xyz9" json.dumps'd twice, is read with it, masked), nor, after a spaced key, line
 # ends written escaped twice before a blank (an arrow's value on the next lines, indented,
 # json.dumps'd twice: the run of escapes alone, read to the blank, was masked, the value not).
 _ARROW_AT_LINE_END = rf"(?(ki){BLANK}{{0,64}}+(?!=>)(?P<ar>){_arrow_mark()}(?={_LINE_REST}{_LINE_BREAK})|(?!))"
-_NO_ARROW = rf"(?!(?:-{{1,8}}+|={{1,8}}+|~)>|{_ESCAPED_ARROW_CHAR})"
+_NO_ARROW = rf"(?!(?:-{{1,8}}+|={{1,8}}+|~)>|{_ESCAPED_ARROW_CHAR}(?:[ \t]|\Z))"
 _SECRET_KEYED = re.compile(
     rf"{_KEYED_START}{_KEY_LINE}{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_NAMED_BY}"
     rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:(?>{_QUOTED_KEY_SEP}|{KEY_QUOTE}{_ARROW_AT_LINE_END}|{KEY_QUOTE}{_MD_KEY_SEP}){_MARK_AT_LINE_END}{LIST_MARK}|{_PAIR_SEP}"

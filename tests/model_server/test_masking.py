@@ -5462,6 +5462,8 @@ def test_arrows_and_auth_words_without_a_secret_stay_readable(keys, text):
         ("'token' -> hunter2xyz", "'token' -> ***"),
         ("'token' -> 'hunter2xyz'", "'token' -> '***'"),
         ('{"password"=>"db_pass_prod"}', '{"password"=>"***"}'),
+        ("password: \u2192hunter2Xyz9", "password: ***"),  # (after ":" or "=", the arrow read with the value)
+        ("token = \u21d2hunter2Xyz9", "token = ***"),
     ],
 )
 @pytest.mark.parametrize("depth", [0, 1, 2])
@@ -5511,7 +5513,6 @@ def test_an_arrow_at_a_key_lines_end_reads_the_lines_more_indented_after_it(keys
         "password ---> reset",
         "password ==> required",
         "password ->\nnext: 1",
-        "password ---------> hunter2xyz",  # (nine dashes: no arrow this reads)
     ],
 )
 def test_a_rename_a_pipe_or_prose_after_an_arrow_stays_readable(keys, prose):
