@@ -601,9 +601,9 @@ class DataPlane:
         before is refused (Conflict), unless that label was not kept: with a prediction log,
         one it could not take (``logged: false``, its buffer full) or lost at its flush (its
         tenant's masking key unusable, its file not written: ``on_label_dropped``) may be sent
-        again. The live view counts a label once the log has written the file that holds it (the
-        labels the gates read), by the writer's thread: one the log could not take or lost is
-        never counted, and its resend, once written, is counted once. Without a log there is no
+        again. The live view counts a label once the log has written all its rows (the labels the
+        gates read), by the writer's thread: one the log could not take or lost (a row of it is
+        enough) is never counted, and its resend, once written, is counted once. Without a log there is no
         file to wait for: a label is counted when taken.
         """
         received_at = time.time() if received_at is None else received_at

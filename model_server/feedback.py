@@ -4,9 +4,9 @@ Every successful primary inference of a classifier leaves (model, version, top-1
 tenant) under its request id in a bounded store with expiry; ``POST /v2/models/{m}/feedback``
 joins a label to it and counts ``feedback_total`` and ``feedback_correct_total`` per version,
 so live top-1 accuracy per version is one PromQL ratio: the live view of this replica. With a
-prediction log a label is counted once the writer has written the file that holds it (all its
-rows): the labels the log holds, which the gates read; one dropped or lost is never counted, and
-its resend, once written, is counted once. Without a log, when taken.
+prediction log a label is counted once the writer has written all its rows (the labels the gates
+read); one dropped or lost (a row of it is enough) is never counted, and its resend, once
+written, is counted once. Without a log, when taken.
 
 With a prediction log, every valid label is also appended to the log, matched here or not: a
 request may have been served by another replica (or expired here), and the log's reader joins
