@@ -63,12 +63,8 @@ def settled(server, name: str, expected: float, timeout_s: float = 30.0, **label
     as it is after ``timeout_s``: with a prediction log the live view counts a label once the
     log's writer has written its file (the next flush, 2 s by default), so a test waits for it.
     The deadline only bounds a failure: the caller asserts the value returned."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = server.metric(name, **labels)
-        if (value or 0) == expected or time.monotonic() >= deadline:
-            return value
-        time.sleep(0.05)
+    server.wait_for(name, lambda: (server.metric(name, **labels) or 0) == expected, timeout_s, 0.05)
+    return server.metric(name, **labels)
 
 
 def mirroring(server_factory, repository: Path, tmp_path: Path):
