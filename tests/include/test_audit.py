@@ -2854,6 +2854,187 @@ def test_behind_istio_a_retry_is_paired_with_its_own_copy_whichever_way_the_cand
     assert predictionlog.CLOCK_SKEW_S == CLOCK_SKEW_S  # (the offset's bound: the audit's)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="Audit HIGH 2: each hour's read measures the pod's clock offset on its own records (open)",
+)
+@pytest.mark.parametrize(
+    ("lag", "gap", "other", "measured_in"),
+    [
+        (0.15, 0.2, 0.4, "before"),
+        (0.15, 0.2, 0.4, "after"),
+        (-0.15, 0.2, 0.0, "before"),
+        (-0.15, 0.2, 0.0, "after"),
+        (3.0, 4.0, 8.0, "after"),
+        (-3.0, 4.0, 0.0, "before"),
+    ],
+)
+def test_behind_istio_a_retry_across_the_hour_is_matched_to_one_attempt_whichever_hours_read_matches_it(
+    tmp_path, lag, gap, other, measured_in
+):
+    """Behind Istio, 50 ids whose first attempt failed (FAULT) just before the hour's end, sent
+    again ``gap`` s later, past it (the retry succeeded); only the retries copied, on a candidate
+    pod whose copies lag their primaries by ``lag`` s around the hour's end (more than half the
+    gap), as 40 ids of one primary and one copy within 30 s of the end show (20 each side). The
+    pod's 300 other pairs of the hour ``measured_in`` (before the end, or after) show ``lag`` too,
+    its 300 of the other hour ``other`` (its clock drifting). Each hour's read measures the pod's
+    offset on the records it read (``lag`` in one, ``other`` in the other) and matches a retry's
+    copy to another attempt than the other read does: on main each of the 50 pairs is counted in
+    both hours (rows 320 + 370, 50 ``primary_failed`` in the first) or in neither (320 + 320).
+    Right: every read that holds a copy matches it to the same attempt (the retry, its own), and
+    each pair is counted in one hour, the retry's: rows 320 and 370, none failed."""
+    from model_server.predictionlog import AUDIT_COLUMNS, copy_of, read
+
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    end = hour + timedelta(hours=1)
+    e = end.timestamp()
+    first = {i: e - gap / 2 - 0.001 * i for i in range(50)}
+    again = {i: t + gap for i, t in first.items()}
+    edge = {100 + i: e - 30 + 1.5 * i for i in range(40)}  # (one primary and one copy, around the end)
+    before = {200 + i: e - 1800 + 0.1 * i for i in range(300)}
+    after = {600 + i: e + 1800 + 0.1 * i for i in range(300)}
+    shifted = {h: 0.003 + (lag if h == measured_in else other) for h in ("before", "after")}
+    pods_log(tmp_path, {"primary-pod": ("primary", before)}, written=e - 1700)
+    pods_log(
+        tmp_path, {"shadow-pod": ("shadow", {i: t + shifted["before"] for i, t in before.items()})}, written=e - 1690
+    )
+    pods_log(tmp_path, {"primary-pod": ("primary", first)}, written=e, outcome="FAULT")
+    pods_log(tmp_path, {"primary-pod": ("primary", {**again, **edge})}, written=e + 10)
+    copies = {i: t + lag for i, t in {**again, **edge}.items()}
+    pods_log(tmp_path, {"shadow-pod": ("shadow", copies)}, written=e + 15)
+    pods_log(tmp_path, {"primary-pod": ("primary", after)}, written=e + 1900)
+    pods_log(
+        tmp_path, {"shadow-pod": ("shadow", {i: t + shifted["after"] for i, t in after.items()})}, written=e + 1910
+    )
+    this = audit(tmp_path / "log", hour, end, "digits", earlier_hours=24)
+    nxt = audit(tmp_path / "log", end, end + timedelta(hours=1), "digits", earlier_hours=24)
+    matched = []
+    for start in (hour, end):
+        records = read(
+            tmp_path / "log",
+            start - timedelta(seconds=CLOCK_SKEW_S),
+            closes(start + timedelta(hours=1)),
+            "digits",
+            columns=AUDIT_COLUMNS,
+            roles=("primary", "shadow"),
+        ).reset_index(drop=True)
+        of = copy_of(records)[1]
+        retried = np.flatnonzero(
+            (records["role"] == "shadow").to_numpy() & records["request_id"].isin([f"r{i}" for i in again]).to_numpy()
+        )
+        matched.append(
+            dict(zip(records["request_id"].iloc[retried], records["outcome"].iloc[of[retried]], strict=True))
+        )
+    counted = (this.rows + nxt.rows, this.primary_failed + nxt.primary_failed)
+    assert counted == (300 + 40 + 50 + 300, 0), (this.reasons, nxt.reasons)
+    # (per hour: the 20 edge ids before the end and the 300 before in the first; the 20 after,
+    # the 50 retries, all stamped past the end, and the 300 after in the second)
+    per_hour = ((this.rows, this.primary_failed), (nxt.rows, nxt.primary_failed))
+    assert per_hour == ((300 + 20, 0), (20 + 50 + 300, 0)), (this.reasons, nxt.reasons)
+    assert matched[0] == matched[1] == {f"r{i}": "ok" for i in again}
+
+
+def retries_at_a_steady_lag(
+    folder: Path, lag: float, gap: float, retry_at: float, edge_at: float, n_edge: int
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Behind Istio around 11:00 (``e``), a candidate pod whose clock lags the primaries' by
+    ``lag`` s all along (copies stamped ``lag + 0.003`` s after their primaries): 300 pairs at
+    10:30 and 300 at 11:30; 50 ids failed (FAULT) at ``e + retry_at`` and sent again ``gap`` s
+    later (the retry succeeded), only the retry copied; ``n_edge`` ids of one primary and one
+    copy from ``e + edge_at``, 1.5 s apart. The hourly audits of 10:00 and 11:00: each one's
+    (rows, primary_failed)."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    end = hour + timedelta(hours=1)
+    e = end.timestamp()
+    first = {i: e + retry_at - 0.001 * i for i in range(50)}
+    again = {i: t + gap for i, t in first.items()}
+    edge = {100 + i: e + edge_at + 1.5 * i for i in range(n_edge)}
+    before = {200 + i: e - 1800 + 0.1 * i for i in range(300)}
+    after = {600 + i: e + 1800 + 0.1 * i for i in range(300)}
+
+    def copied(stamps: dict[int, float]) -> dict[int, float]:
+        return {i: t + lag + 0.003 for i, t in stamps.items()}
+
+    pods_log(folder, {"primary-pod": ("primary", before)}, written=e - 1700)
+    pods_log(folder, {"shadow-pod": ("shadow", copied(before))}, written=e - 1690)
+    pods_log(folder, {"primary-pod": ("primary", first)}, written=e, outcome="FAULT")
+    pods_log(folder, {"primary-pod": ("primary", {**again, **edge})}, written=e + 10)
+    pods_log(folder, {"shadow-pod": ("shadow", copied({**again, **edge}))}, written=e + 15)
+    pods_log(folder, {"primary-pod": ("primary", after)}, written=e + 1900)
+    pods_log(folder, {"shadow-pod": ("shadow", copied(after))}, written=e + 1910)
+    this = audit(folder / "log", hour, end, "digits", earlier_hours=24)
+    nxt = audit(folder / "log", end, end + timedelta(hours=1), "digits", earlier_hours=24)
+    return (this.rows, this.primary_failed), (nxt.rows, nxt.primary_failed)
+
+
+@pytest.mark.parametrize(("lag", "gap"), [(-0.15, 0.2), (-3.0, 4.0)])
+def test_behind_istio_at_low_traffic_a_retry_across_the_hour_is_matched_by_the_pods_offset_over_the_hour(
+    tmp_path, lag, gap
+):
+    """Guards the low-traffic side of Audit HIGH 2: a candidate pod lagging ``lag`` s all along,
+    50 retries straddling 11:00 (failed ``gap / 2`` s before it, the retry ``gap / 2`` after,
+    only the retry copied) and no id of one primary and one copy in the minutes around the end.
+    Main measures the pod's offset on the whole hour's pairs and matches every copy to its retry
+    (rows 300 and 350, none failed); a fix measuring the offset per window of the read, with no
+    pair in the boundary window, must not take it as 0 there and match the 50 copies to the
+    failed attempts."""
+    counted = retries_at_a_steady_lag(tmp_path, lag, gap, retry_at=-gap / 2, edge_at=0.0, n_edge=0)
+    assert counted == ((300, 0), (50 + 300, 0))
+
+
+@pytest.mark.parametrize(
+    ("lag", "gap", "retry_at", "edge_at", "right"),
+    [
+        (-0.15, 0.2, -30.0, 5.0, ((300 + 50, 0), (40 + 300, 0))),
+        (-3.0, 4.0, -30.0, 5.0, ((300 + 50, 0), (40 + 300, 0))),
+        (-0.15, 0.2, 60.0, -59.0, ((300 + 40, 0), (50 + 300, 0))),
+    ],
+    ids=["retries-before-lag-0.15", "retries-before-lag-3", "retries-after-lag-0.15"],
+)
+def test_behind_istio_retries_near_the_hours_end_are_matched_though_its_clean_pairs_are_the_other_hours(
+    tmp_path, lag, gap, retry_at, edge_at, right
+):
+    """Guards the other side of Audit HIGH 2: a candidate pod lagging ``lag`` s all along, 50
+    retries ``gap`` s after a failed attempt (only the retry copied) in one hour's part of the
+    minutes around 11:00 (from 10:59:30, or from 11:01) and the 40 ids of one primary and one copy
+    there all in the other hour's part (from 11:00:05, or from 10:59:01). Main matches every copy
+    to its retry in the hour it is stamped in (rows as ``right``, none failed); a fix measuring
+    the offset per window of the read must not lose the retries to their failed attempts
+    because the window's clean pairs lie past the hour's edge."""
+    assert retries_at_a_steady_lag(tmp_path, lag, gap, retry_at, edge_at, n_edge=40) == right
+
+
+def test_behind_istio_the_rollout_audit_across_the_hour_matches_retries_by_the_pods_offset_over_its_range(tmp_path):
+    """Guards the rollout's audit over a range across an hour (10:50 to 11:10, as
+    ``rollout_audit`` reads it) against Audit HIGH 2's fix: a candidate pod lagging 0.15 s all
+    along, 120 ids of one primary and one copy at 10:50-10:58 and 11:04-11:10, 50 ids failed
+    from 11:01:00 and sent again 0.2 s later (only the retry copied), no clean pair in the minutes
+    around 11:00. Main measures the offset on the range's pairs and compares every retry: rows
+    170, none failed; a fix measuring it per window of the hourly reads must not do less."""
+    lag, gap = -0.15, 0.2
+    start = datetime(2026, 3, 1, 10, 50, tzinfo=UTC)
+    e = datetime(2026, 3, 1, 11, tzinfo=UTC).timestamp()
+    clean = {200 + i: e - 600 + 4 * i for i in range(60)} | {400 + i: e + 240 + 6 * i for i in range(60)}
+    first = {i: e + 60 + 1.0 * i for i in range(50)}
+    again = {i: t + gap for i, t in first.items()}
+
+    def copied(stamps: dict[int, float]) -> dict[int, float]:
+        return {i: t + lag for i, t in stamps.items()}
+
+    early = {i: t for i, t in clean.items() if t < e}
+    late = {i: t for i, t in clean.items() if t >= e}
+    pods_log(tmp_path, {"primary-pod": ("primary", early)}, written=e - 100)
+    pods_log(tmp_path, {"shadow-pod": ("shadow", copied(early))}, written=e - 99)
+    pods_log(tmp_path, {"primary-pod": ("primary", first)}, written=e + 120, outcome="FAULT")
+    pods_log(tmp_path, {"primary-pod": ("primary", again)}, written=e + 121)
+    pods_log(tmp_path, {"shadow-pod": ("shadow", copied(again))}, written=e + 122)
+    pods_log(tmp_path, {"primary-pod": ("primary", late)}, written=e + 600)
+    pods_log(tmp_path, {"shadow-pod": ("shadow", copied(late))}, written=e + 601)
+    result = audit(tmp_path / "log", start, start + timedelta(minutes=20), "digits", earlier_hours=0)
+    assert (result.rows, result.primary_failed) == (120 + 50, 0), result.reasons
+
+
 @pytest.mark.parametrize("first_copied", [False, True])
 def test_behind_istio_the_copy_of_an_id_sent_again_past_the_hour_is_its_retrys_hours_only(tmp_path, first_copied):
     """Behind Istio, 50 ids sent before the hour's end (120 s before, not sampled; or 30 s before,
