@@ -170,7 +170,7 @@ _LAST_COLON = r"(?!:(?:\s|\\[nrtbf]|\Z))"
 # left ": hunter2xyz]" in clear; "\\\\n{'api_key': ...", "\\\\n- secret: ..." alike).
 _BREAK_THEN_KEY = (
     rf"(?!\\{{2,15}}[rn](?:\\{{1,15}}[rn]){{0,7}}+(?:[ \t\[{{(<*#>-]|\\{{1,15}}t|\\{{0,15}}[\"']){{0,16}}+"
-    rf"{_SECRET_NAME}{KEY_QUOTE}{_KEY_SEP})"
+    rf"{_SECRET_NAME}(?:{_MD_CLOSE}|{KEY_QUOTE})(?:{_KEY_SEP}|{BLANK}))"
 )
 
 
@@ -453,7 +453,7 @@ _NO_KEY_LINE = r"(?!#|(?(x)[^\r\n\\\",\[\]{}#]|[^\r\n,\[\]{}#]){0,4096}?:(?:[ \t
 # in lower case: "password:\n  correct horse battery staple" is a value).
 _PROSE_LINE = r"[A-Za-z][a-z]{0,63}+(?:[ ]{1,3}[A-Za-z][a-z]{0,63}+){1,31}+[.!]?[ \t]{0,16}+(?:\r?\n|[\\\"']|\Z)"
 _BLOCK_HEAD = (
-    rf"(?:(?(ki)(?P<h>(?:(?(ar){_LINE_REST}|{_BLOCK_INDICATOR})|(?(m)|{_AFTER_COLON})(?P<p>){_LINE_REST})(?:\r?\n|(?P<x>(?:\\{{1,8}}r)?\\{{1,8}}n))"
+    rf"(?:(?(ki)(?P<h>(?:(?(ar){_LINE_REST}|{_BLOCK_INDICATOR})|(?(m)|{_AFTER_COLON})(?P<p>){_LINE_REST})(?:\r?\n|(?P<x>(?:\\{{1,8}}r)?(?P<xb>\\{{0,7}})\\n))"
     rf"(?(x)(?:[ \t]{{0,64}}+(?P=x))*+|(?:[ \t]{{0,64}}+\r?\n)*+)"
     rf"(?P<i>(?P=ki)(?(kd)[ ](?P=ks))[ \t]{{1,64}}+)(?=\S)(?(p){_NO_KEY_LINE}(?(c)(?!{_PROSE_LINE})))){NOT_MASKED}|(?!))"
     rf"|(?!{_BLOCK_START}|{_AFTER_COLON}#[ \t][^\r\n\\]{{0,256}}+{_LINE_BREAK}))"  # (a comment is no value)
@@ -471,7 +471,7 @@ _MARK_AT_LINE_END = (
     rf"(?=[ \t]{{0,16}}+(?:(?<=[ \t])#[^\r\n\\]{{0,256}}+)?{_LINE_BREAK}))?+"
 )
 _MARKED_VALUE = r"(?(h)|(?(m)(?!)))"
-_ESCAPED_LINE = rf"(?:(?!(?P=x))(?:[^\r\n\\\"]|{VALUE_ESCAPE})){{1,4096}}+"
+_ESCAPED_LINE = rf"(?:(?!(?P=x))(?:[^\r\n\\\"]|(?P=xb)(?P=xb)\\[\\\"]|(?!\\{{2,15}}\"){VALUE_ESCAPE})){{1,4096}}+"
 _BLOCK = (
     r"(?(x)"
     rf"{_ESCAPED_LINE}(?:(?:(?P=x)[ \t]{{0,64}}+(?=(?P=x))){{0,16}}+(?P=x)(?P=i){_ESCAPED_LINE}){{0,255}}+"
@@ -497,14 +497,15 @@ _KEYED_START = r"(?=[ \t]{0,64}+(?:-[ ]{1,8}+)?[\"']?(?i:[a-z0-9])|(?<=[(\[]))"
 # stays; a mask's mark there is none: "token:\\n***", scrubbed again, stays). Each was left in clear.
 _AUTH_TUPLE = rf"|{_PREFIXES}(?i:auth){KEY_QUOTE}{_MD_KEY_SEP}(?={_TUPLE_OPEN}|\[)"
 _BREAK_THEN_BRACKET = rf"(?:{_LINE_BREAK}[ \t]{{0,64}}+(?={_TUPLE_OPEN}|[\[{{]|{_MASK_MARK}))?+"
-_ARROW_CHAR = r"(?:\u2192|\u21d2|\u27f9|\u27a1\ufe0f?+)"
-_ESCAPED_ARROW_CHAR = r"\\{1,15}u(?:2192|21[dD]2|27[fF]9|27[aA]1(?:\\{1,15}u[fF][eE]0[fF])?+)"
+_ARROW_CHAR = r"(?:\u2192|\u21d2|\u27f6|\u27f9|\u2794|\u27a1\ufe0f?+)"
+_ESCAPED_ARROW_CHAR = r"\\{1,15}u(?:2192|21[dD]2|27[fF][69]|2794|27[aA]1(?:\\{1,15}u[fF][eE]0[fF])?+)"
 
 
-def _arrow_mark(group: str = "") -> str:
-    """An arrow, ``group`` (a name) set where it is one of equals signs."""
+def _arrow_mark(group: str = "", lead: str = "") -> str:
+    """An arrow, ``group`` (a name) set where it is one of equals signs; ``lead``, what may come
+    before an arrow character ("password: \u21d2 x": the spaced rule's)."""
     equals = f"(?P<{group}>={{1,8}}+>)" if group else "={1,8}+>"
-    return rf"(?:(?::[ \t]{{0,3}}+)?+(?:-{{1,8}}+>|{equals}|~>)|{_ARROW_CHAR}|{_ESCAPED_ARROW_CHAR})"
+    return rf"(?:(?::[ \t]{{0,3}}+)?+(?:-{{1,8}}+>|{equals}|~>)|{lead}(?:{_ARROW_CHAR}|{_ESCAPED_ARROW_CHAR}))"
 
 
 # An arrow at the end of a key's line ("password ->", "token ==>", ":=>", ": ->", "~>", "\u21d2":
@@ -512,13 +513,19 @@ def _arrow_mark(group: str = "") -> str:
 # (``ar``): the lines after it more indented than the key's are the value, to a line less indented.
 # ("=>" is so already: the key's "=" and the indicator ">"; ":>" too.) An arrow is never a value's
 # first characters (``_NO_ARROW``: "password ==> hunter2xyz" was masked to "password =***>
-# hunter2xyz", the value in clear; the spaced rule reads it now), nor an arrow written escaped
-# before a blank ("token \\\\u21d2 ***" scrubbed again was "token *** ***"; one before its value,
+# hunter2xyz", the value in clear; the spaced rule reads it now), nor an arrow character, written
+# escaped too, before a blank or a mask ("password: \u21d2 hunter2Xyz9" was masked to "password: ***
+# hunter2Xyz9": the spaced rule reads a key's ":" or "=" and the arrow after it, ``_ARROW_LEAD``;
+# "token \\\\u21d2 ***" scrubbed again was "token *** ***"; one before its value,
 # "password: \\\\u2192hunter2Xyz9" json.dumps'd twice, is read with it, masked), nor, after a spaced key, line
 # ends written escaped twice before a blank (an arrow's value on the next lines, indented,
 # json.dumps'd twice: the run of escapes alone, read to the blank, was masked, the value not).
-_ARROW_AT_LINE_END = rf"(?(ki){BLANK}{{0,64}}+(?!=>)(?P<ar>){_arrow_mark()}(?={_LINE_REST}{_LINE_BREAK})|(?!))"
-_NO_ARROW = rf"(?!(?:-{{1,8}}+|={{1,8}}+|~)>|{_ESCAPED_ARROW_CHAR}(?:[ \t]|\Z))"
+_ARROW_BLANK = rf"(?:{BLANK}|\\{{2,15}}t)"  # (after an arrow: a tab written escaped twice or deeper too)
+_ARROW_LEAD = rf"(?:[:=]{BLANK}{{0,64}}+)?+"  # (before an arrow character: "password: \u21d2 x", "token = \u2192 x")
+_ARROW_AT_LINE_END = (
+    rf"(?(ki){BLANK}{{0,64}}+(?!=>)(?P<ar>){_arrow_mark('', _ARROW_LEAD)}(?={_LINE_REST}{_LINE_BREAK})|(?!))"
+)
+_NO_ARROW = rf"(?!(?:-{{1,8}}+|={{1,8}}+|~)>|(?:{_ARROW_CHAR}|{_ESCAPED_ARROW_CHAR})(?:{_ARROW_BLANK}|\Z|\*{{3}}|{_LINE_BREAK}))"
 _SECRET_KEYED = re.compile(
     rf"{_KEYED_START}{_KEY_LINE}{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_NAMED_BY}"
     rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:(?>{_QUOTED_KEY_SEP}|{KEY_QUOTE}{_ARROW_AT_LINE_END}|{KEY_QUOTE}{_MD_KEY_SEP}){_MARK_AT_LINE_END}{LIST_MARK}|{_PAIR_SEP}"
@@ -597,11 +604,11 @@ _PROSE_PAREN = rf"\({_BEFORE_QUOTE}(?!(?:None|True|False|nan|inf)[ \t]{{0,8}}+,)
 # "→"), blanks around it or none, read as a spaced key's blanks are: its value so too (a word of
 # prose after it stays, "password -> reset"). Its value was left in clear. Longer arrows too, a
 # bounded run of up to 8 dashes or equals signs ("-->", "==>", "--->"), a ":" and up to 3 blanks
-# before one (":=>", Ruby's old hash; ": ->"), "~>", and "\u21d2", "\u27f9", "\u27a1" (an emoji
+# before one (":=>", Ruby's old hash; ": ->"), "~>", and "\u21d2", "\u27f6", "\u27f9", "\u2794", "\u27a1" (an emoji
 # selector after it too) as "\u2192" is, each written escaped too ("\\u21d2"). ("|>" is none:
 # Elixir's and F#'s pipe, "token |> String.trim()", is code, no value after a key.) ``ea``: an arrow
 # of equals signs (Ruby's hash rocket, whose quoted values are values: ``_RENAMED``).
-_ARROW = rf"{BLANK}{{0,64}}+{_arrow_mark('ea')}{BLANK}{{0,64}}+"  # ("\u2192" written escaped too)
+_ARROW = rf"{BLANK}{{0,64}}+{_arrow_mark('ea', _ARROW_LEAD)}{_ARROW_BLANK}{{0,64}}+(?P<aw>)"  # ("\u2192" written escaped too)
 # A key in quotes before an arrow ("'token' -> hunter2xyz", '"password" => "hunter2xyz"', Ruby's
 # hash), its quote escaped too; a key after a quote only before an arrow (``_ARROW``: else a
 # spaced key's blanks after it are a sentence's, "'token' expired"). After a key in quotes and an
@@ -612,12 +619,22 @@ _ARROW = rf"{BLANK}{{0,64}}+{_arrow_mark('ea')}{BLANK}{{0,64}}+"  # ("\u2192" wr
 # is one too), or a secret's key alone ("'token' -> 'API_KEY'"). (A password of lower-case
 # letters alone so written stays readable, as it does after a spaced key: "password -> hunter".)
 # After "=>" (Ruby's hash: '{"password"=>"db_pass_prod"}') it is the value, masked.
-_KEY_CLOSE_QUOTE = rf"(?:(?P<kq>(?:{_ESCAPE})?[\"'])(?={BLANK}{{0,64}}+{_arrow_mark()}))"
+_KEY_CLOSE_QUOTE = rf"(?:(?P<kq>(?:{_ESCAPE})?[\"'])(?={BLANK}{{0,64}}+{_arrow_mark('', _ARROW_LEAD)}))"
+_KEY_CLOSE = rf"(?:(?:{_ESCAPE})?[\"']|{_MD_CLOSE})?+"  # (a key's closing quote or Markdown)
 _FIELD_NAME = r"(?:[a-z]{1,32}+(?:[_.-][a-z]{1,32}+){0,7}+|(?i:" + _CRED_WORDS + "))"
 _RENAMED = r"(?(kq)(?(ea)|(?!" + _FIELD_NAME + r"(?(e)(?P=e))(?P=q))))"
+# A spaced key's value is never another secret's key before its own separator or arrow
+# ('passwd \u2192 "private_key" \u21d2 k3murfHm', "token -> **PASSWORD** ~> {x}"), nor one of
+# letters alone (its prefixes too) before a blank ('password: \u2192 PRIVATE_KEY "Zq9xW8vU7"'): read
+# as the first key's value, masked, it left the second's value in clear. The first key is left
+# without one. (A word with a digit before a blank is a value: "password is Hunter2_pwd ok".)
+_KEY_AS_VALUE = (
+    rf"(?![!#$%&(*+./:;<=>?@\[^_{{|}}~-]{{0,2}}+{_MD_CLOSE}?+{after_boundary('A-Za-z0-9')}(?:{_SECRET_NAME}{_KEY_CLOSE}{BLANK}{{0,64}}+(?:[:=]|{_arrow_mark()})"
+    rf"|(?<![A-Za-z0-9][_.-])(?:[A-Za-z]+[_.-]){{0,8}}(?i:{_CRED_WORDS}){_KEY_CLOSE}{BLANK}))"
+)
 _SECRET_SPACED = re.compile(  # (its match starts at an owner's or a name's first character: a look ahead first)
-    rf"(?=(?i:[a-z0-9])){after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}(?:{_KEY_CLOSE_QUOTE}|{_MD_CLOSE})?+(?:{_ARROW}|(?(kq)(?!)){BLANK}{{1,64}}+(?:(?i:is){BLANK}{{1,64}}+)?)(?:(?P<e>{_ESCAPE})?(?P<q>[\"'`]))?{_NO_MASKED_AFTER}"
-    rf"(?P<v>(?(q){_RENAMED}{_QUOTED_WHOLE}|(?:(?!{_PROSE_PAREN}){CLOSED_BRACKETED}|(?!{_PROSE_PAREN})(?=[{{\[]{_BEFORE_QUOTE}(?:{_ESCAPE})?[\"']|{_TUPLE_OPEN}){_NOT_CLOSED}|(?![:=]|{_SCHEME}|{_MASK_MARK}|{_ESCAPED_ARROW_CHAR}|(?:\\{{2,15}}[rn]){{1,16}}+[ \t])(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
+    rf"(?=(?i:[a-z0-9])){after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}(?:{_KEY_CLOSE_QUOTE}|{_MD_CLOSE})?+(?:{_ARROW}|(?(kq)(?!)){BLANK}{{1,64}}+(?:(?i:is){BLANK}{{1,64}}+)?)(?:(?P<e>{_ESCAPE})?(?P<q>[\"'`]))?{_NO_MASKED_AFTER}{_KEY_AS_VALUE}"
+    rf"(?P<v>(?(q){_RENAMED}{_QUOTED_WHOLE}|(?:(?!{_PROSE_PAREN}){CLOSED_BRACKETED}|(?!{_PROSE_PAREN})(?=[{{\[]{_BEFORE_QUOTE}(?:{_ESCAPE})?[\"']|{_TUPLE_OPEN}){_NOT_CLOSED}|(?!(?(aw)(?!)|[:=])|{_SCHEME}|{_MASK_MARK}|(?:{_ARROW_CHAR}|{_ESCAPED_ARROW_CHAR})(?:{_ARROW_BLANK}|\Z|{_MASK_MARK}|{_LINE_BREAK}|\\{{0,15}}[\"'])|(?:\\{{2,15}}[rn]){{1,16}}+[ \t])(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
     rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_RUN})))"
 )
 # A URL query's parameter (after "?" or "&") named for a secret, and also, there only, for a key, a signature or
@@ -651,8 +668,15 @@ _QUERY_SECRET = re.compile(
 # A pair's or a parameter's value in quotes (session="...", oauth_signature="..."), whole, as
 # far as the next pair (";", ",", a space) or the string that holds the header ends.
 _PARAM_IN_QUOTES = rf"(?<==){_IN_QUOTES}(?=[;,\s]|\\{{0,15}}[\"']|\Z)"
+# (an arrow between the name and its value too: "Cookie ==> sid=abc123XYZ9" was masked to "Cookie
+# =***> sid=abc123XYZ9", the "=" of the arrow read as its separator and the cookie left in clear;
+# after a name in quotes, Ruby's hash rocket only: '{"Cookie" => "sid=..."}', a rename's other arrows)
+_HEADER_SEP = (
+    rf"(?:(?:{KEY_QUOTE}{BLANK}{{0,64}}+={{1,8}}+>|{BLANK}{{0,64}}+{_arrow_mark()}){BLANK}{{0,64}}+(?!{_LINE_BREAK}|\s)"
+    rf"|{KEY_QUOTE}{_KEY_SEP}(?!={{0,7}}+>))"
+)
 _WHOLE_HEADER = re.compile(
-    rf"{after_boundary('A-Za-z0-9-')}(?:{_COOKIE_ONE}(?P<p>(?i:s))?|(?i:(?:proxy-)?authorization)){KEY_QUOTE}{_KEY_SEP}"
+    rf"{after_boundary('A-Za-z0-9-')}(?:{_COOKIE_ONE}(?P<p>(?i:s))?|(?i:(?:proxy-)?authorization)){_HEADER_SEP}"
     rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?!{_SCHEME})(?(p)(?=[{{\[]|{_COOKIE_PAIR}))"
     rf"(?P<v>(?(q){quoted(4096)}|{BRACKETED})|{_NOT_ESCAPED_QUOTE}[^\s\"'<>](?:{_PARAM_IN_QUOTES}|[^\r\n\"'<>\\]|{_NOT_ESCAPED_QUOTE}\\)*+)"
 )

@@ -2365,6 +2365,32 @@ def test_a_block_scalar_is_only_lines_more_indented_than_its_key(keys, text):
     assert spans(text) == []
 
 
+_BLOCK_QUOTED = [
+    ('password: |\n  "hunter2Xyz9"\nnext: 1', "password: |\n  ***\nnext: 1"),
+    (
+        'config:\n  token: >\n    "abc" "hunter2Xyz9" {"k": "v"}\n  user: bob',
+        "config:\n  token: >\n    ***\n  user: bob",
+    ),
+    ('password: |\n  "hunter2Xyz9"', "password: |\n  ***"),
+    ("password: |\n  hunter2Xyz9", "password: |\n  ***"),
+    ("password: |\n  C:\\tmp\\", "password: |\n  ***"),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "kept", "depth"),
+    [(text, kept, depth) for text, kept in _BLOCK_QUOTED for depth in (0, 1, 2, 3)],
+)
+def test_a_quoted_value_in_a_block_held_in_json_is_masked(keys, text, kept, depth):
+    """A block's line holding a double quote, json.dumps'd ('password: |\\n  \\"hunter2Xyz9\\"'),
+    was no block's line (an escaped quote ended it: the JSON string's end), and the secret was
+    logged in clear. A quote escaped as deep as the block's line ends are, or deeper, is one of
+    the line's characters; one escaped less still ends the string holding it, and the
+    backslashes of its escape are none of the value's (three deep, at a string's end, a pair of
+    them was masked with it: the JSON no longer parsed)."""
+    assert masked_at_depth(keys, text, depth) == (kept, kept)
+
+
 def test_every_masked_json_line_still_parses(keys):
     """A value not in quotes ran over a backslash before its string's closing quote, taking the
     escape's first backslash ("value: C:\\\\tmp\\\\" held in JSON): the quote left was escaped,
@@ -5473,6 +5499,55 @@ def test_a_longer_arrow_or_a_quoted_key_before_an_arrow_is_read_as_an_arrow(keys
     too: json.dumps writes them so), "~>", ":=>" and ": ->" left the value in clear ("token ==>
     hunter2xyz" was masked to "token =***> hunter2xyz"), as did a key in quotes before one
     ("'token' -> hunter2xyz", a Ruby hash's '"password"=>"..."'). Each is read as "->" is now."""
+    assert masked_at_depth(keys, text, depth) == (kept, kept)
+
+
+_SIGN_THEN_ARROW = [
+    ("password: \u21d2 hunter2Xyz9", "password: \u21d2 ***"),
+    ("token = \u2192 hunter2Xyz9", "token = \u2192 ***"),
+    ("api_key:  \u27f9  hunter2Xyz9", "api_key:  \u27f9  ***"),
+    ('passwd \u2192 "private_key" \u21d2 k3murfHm9', 'passwd \u2192 "private_key" \u21d2 ***'),
+    ("token -> **PASSWORD**  ~> {zxcvbnmasdfghjkl}", "token -> **PASSWORD**  ~> ***"),
+    ('passwd -> "token": k3murfHm9x', 'passwd -> "token": ***'),
+    ("secret --> @apiKey => new29yi2hkf8zeq", "secret --> @apiKey => ***"),
+    ("Cookie ==> sid=abc123XYZ9", "Cookie ==> ***"),
+    ("Authorization -> hunter2Xyz9", "Authorization -> ***"),
+    # (review s48-1: a key after an escaped arrow glued to it, a key of letters before a blank and
+    # its value, a line end written escaped twice before a spaced key: each key's value masked)
+    ("token \\\\u2192api_key:abc123XYZ", "token \\\\u2192***"),
+    ('password: \u2192 PRIVATE_KEY "Zq9xW8vU7"', 'password: \u2192 PRIVATE_KEY "***"'),
+    ("password: \u2192 hunter2Xyz9\\\\ntoken k3murfHm9", "password: \u2192 ***\\\\ntoken ***"),
+    ("password is Hunter2_pwd ok", "password is *** ok"),
+    ('"password": \u21d2 hunter2Xyz9', '"password": \u21d2 ***'),
+    ("password: \u27f6 hunter2Xyz9", "password: \u27f6 ***"),
+    # (review s48-2: a sigil before a key read as a value, Ruby's hash rocket after a header's name
+    # in quotes, many blanks between a key's "=" and an arrow)
+    ('{"Cookie" => "sid=abc123XYZ9"}', '{"Cookie" => "***"}'),
+    ("PASSWORD =    \u21d2 Hunter2Xyz9", "PASSWORD =    \u21d2 ***"),
+]
+# (a tab or a line end json.dumps'd once is "\\t", "\\n"; twice, "\\\\t" or "\\\\n" before a value is
+# read with it, masked, as on main)
+_TAB_THEN_ARROW = [
+    ("Password \t\u27f6 \t%private_key\t\u21d2 $NAR7VPjqUVSY", "Password \t\u27f6 \t%private_key\t\u21d2 ***"),
+    ("password = \u2192\n[hunter2Xyz9]", "password = \u2192\n***"),
+    ("api_key:\t\u27f9\thunter2Xyz9", "api_key:\t\u27f9\t***"),
+    ("password \u27a1\ufe0f\thunter2Xyz9", "password \u27a1\ufe0f\t***"),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "kept", "depth"),
+    [(text, kept, depth) for text, kept in _SIGN_THEN_ARROW for depth in (0, 1, 2)]
+    + [(text, kept, depth) for text, kept in _TAB_THEN_ARROW for depth in (0, 1)],
+)
+def test_an_arrow_after_a_keys_sign_and_a_key_after_an_arrow_are_read_as_such(keys, text, kept, depth):
+    """An arrow character after a key's ":" or "=" and a blank ("password: \u21d2 x") was read as
+    the keyed rule's value, masked, and the value after it left in clear; it is the spaced rule's
+    arrow now. A secret's key after an arrow, before its own separator or arrow ('passwd \u2192
+    "private_key" \u21d2 x'), was read as the first key's value, masked, and the second's value
+    left in clear: it is no value now, the second key's value is masked. A header's name before
+    an arrow ("Cookie ==> sid=..."): the arrow's "=" was its separator, the cookie left in clear.
+    An arrow character before an escaped tab was masked on a second scrub."""
     assert masked_at_depth(keys, text, depth) == (kept, kept)
 
 
