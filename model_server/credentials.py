@@ -161,8 +161,9 @@ _LAST_COLON = r"(?!:(?:\s|\\[nrtbf]|\Z))"
 # ahead bounded, and a match started only after a key, so a run is read by one match (linear).
 # A line end written escaped twice or deeper ("\\\\n": a record held in a JSON string held in
 # another) is a written backslash and a letter to a value's run; one before a secret's key and its
-# ":" or "=" ends the value there ("password: Tr0ub4dor\\\\ntoken: hunter2xyz" twice dumped
-# masked "Tr0ub4dor\\\\ntoken", leaving ": hunter2xyz" in clear), so the key's rule reads the next.
+# ":", "=" or a blank (a Markdown key's too: "\\\\n*password* ==> x") ends the value there
+# ("password: Tr0ub4dor\\\\ntoken: hunter2xyz" twice dumped masked "Tr0ub4dor\\\\ntoken", leaving
+# ": hunter2xyz" in clear), so the key's rule reads the next.
 # (Up to eight line ends, then blanks, tabs written escaped too: each look ahead bounded, or a
 # megabyte of them was read again from each backslash.) A bracket, a list's mark or a quote,
 # escaped too, may come before the key, and a quote after it (up to 16 of them and the blanks:
@@ -471,6 +472,11 @@ _MARK_AT_LINE_END = (
     rf"(?=[ \t]{{0,16}}+(?:(?<=[ \t])#[^\r\n\\]{{0,256}}+)?{_LINE_BREAK}))?+"
 )
 _MARKED_VALUE = r"(?(h)|(?(m)(?!)))"
+# A block's line held in a JSON string: no line end of its depth (``x``); a quote or a backslash
+# escaped as deep as its text is (``xb``, the line end's backslashes less one: twice, and one) is
+# one of its characters ('password: |\n  "hunter2Xyz9"' json.dumps'd: the escaped quote ended the
+# line, the secret in clear); a run of 2 to 15 backslashes before a quote is read by those alone,
+# so a string end's escape is never the value's (three deep, it took a pair of it: broken JSON).
 _ESCAPED_LINE = rf"(?:(?!(?P=x))(?:[^\r\n\\\"]|(?P=xb)(?P=xb)\\[\\\"]|(?!\\{{2,15}}\"){VALUE_ESCAPE})){{1,4096}}+"
 _BLOCK = (
     r"(?(x)"
@@ -514,8 +520,8 @@ def _arrow_mark(group: str = "", lead: str = "") -> str:
 # ("=>" is so already: the key's "=" and the indicator ">"; ":>" too.) An arrow is never a value's
 # first characters (``_NO_ARROW``: "password ==> hunter2xyz" was masked to "password =***>
 # hunter2xyz", the value in clear; the spaced rule reads it now), nor an arrow character, written
-# escaped too, before a blank or a mask ("password: \u21d2 hunter2Xyz9" was masked to "password: ***
-# hunter2Xyz9": the spaced rule reads a key's ":" or "=" and the arrow after it, ``_ARROW_LEAD``;
+# escaped too, before a blank, a line end or a mask ("password: \u21d2 hunter2Xyz9" was masked to
+# "password: *** hunter2Xyz9": the spaced rule reads a key's ":" or "=" and the arrow after it, ``_ARROW_LEAD``;
 # "token \\\\u21d2 ***" scrubbed again was "token *** ***"; one before its value,
 # "password: \\\\u2192hunter2Xyz9" json.dumps'd twice, is read with it, masked), nor, after a spaced key, line
 # ends written escaped twice before a blank (an arrow's value on the next lines, indented,
@@ -604,7 +610,8 @@ _PROSE_PAREN = rf"\({_BEFORE_QUOTE}(?!(?:None|True|False|nan|inf)[ \t]{{0,8}}+,)
 # "→"), blanks around it or none, read as a spaced key's blanks are: its value so too (a word of
 # prose after it stays, "password -> reset"). Its value was left in clear. Longer arrows too, a
 # bounded run of up to 8 dashes or equals signs ("-->", "==>", "--->"), a ":" and up to 3 blanks
-# before one (":=>", Ruby's old hash; ": ->"), "~>", and "\u21d2", "\u27f6", "\u27f9", "\u2794", "\u27a1" (an emoji
+# before one (":=>", Ruby's old hash; ": ->"), a ":" or "=" and blanks before an arrow character
+# ("password: \u21d2 x": ``_ARROW_LEAD``), "~>", and "\u21d2", "\u27f6", "\u27f9", "\u2794", "\u27a1" (an emoji
 # selector after it too) as "\u2192" is, each written escaped too ("\\u21d2"). ("|>" is none:
 # Elixir's and F#'s pipe, "token |> String.trim()", is code, no value after a key.) ``ea``: an arrow
 # of equals signs (Ruby's hash rocket, whose quoted values are values: ``_RENAMED``).
