@@ -677,14 +677,16 @@ _QUERY_SECRET = re.compile(
 _PARAM_IN_QUOTES = rf"(?<==){_IN_QUOTES}(?=[;,\s]|\\{{0,15}}[\"']|\Z)"
 # (an arrow between the name and its value too: "Cookie ==> sid=abc123XYZ9" was masked to "Cookie
 # =***> sid=abc123XYZ9", the "=" of the arrow read as its separator and the cookie left in clear;
-# after a name in quotes, Ruby's hash rocket only: '{"Cookie" => "sid=..."}', a rename's other arrows)
+# after a name in quotes, Ruby's hash rocket only: '{"Cookie" => "sid=..."}', a rename's other arrows;
+# after an arrow its scheme is read before the value, ``ha``: "Authorization \u2192 Digest x", where
+# the keyed rule, which reads one after ":", reads no arrow)
 _HEADER_SEP = (
-    rf"(?:(?:{KEY_QUOTE}{BLANK}{{0,64}}+={{1,8}}+>|{BLANK}{{0,64}}+{_arrow_mark()}){BLANK}{{0,64}}+(?!{_LINE_BREAK}|\s)"
+    rf"(?:(?:{KEY_QUOTE}{BLANK}{{0,64}}+={{1,8}}+>|{BLANK}{{0,64}}+{_arrow_mark()}){BLANK}{{0,64}}+(?!{_LINE_BREAK}|\s)(?P<ha>)"
     rf"|{KEY_QUOTE}{_KEY_SEP}(?!={{0,7}}+>))"
 )
 _WHOLE_HEADER = re.compile(
     rf"{after_boundary('A-Za-z0-9-')}(?:{_COOKIE_ONE}(?P<p>(?i:s))?|(?i:(?:proxy-)?authorization)){_HEADER_SEP}"
-    rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?!{_SCHEME})(?(p)(?=[{{\[]|{_COOKIE_PAIR}))"
+    rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?(ha)(?:{_SCHEME})?+|(?!{_SCHEME}))(?(p)(?=[{{\[]|{_COOKIE_PAIR}))"
     rf"(?P<v>(?(q){quoted(4096)}|{BRACKETED})|{_NOT_ESCAPED_QUOTE}[^\s\"'<>](?:{_PARAM_IN_QUOTES}|[^\r\n\"'<>\\]|{_NOT_ESCAPED_QUOTE}\\)*+)"
 )
 # "cookie" or "cookies" then spaces and a pair ("cookie session=abc123", as free text writes it,

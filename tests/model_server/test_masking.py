@@ -5523,6 +5523,8 @@ _SIGN_THEN_ARROW = [
     # (review s48-2: a sigil before a key read as a value, Ruby's hash rocket after a header's name
     # in quotes, many blanks between a key's "=" and an arrow)
     ('{"Cookie" => "sid=abc123XYZ9"}', '{"Cookie" => "***"}'),
+    ("Authorization \u2192 Digest hunter2Xyz9", "Authorization \u2192 Digest ***"),
+    ("Authorization ==> Negotiate YIIabc123XYZ", "Authorization ==> Negotiate ***"),
     ("PASSWORD =    \u21d2 Hunter2Xyz9", "PASSWORD =    \u21d2 ***"),
 ]
 # (a tab or a line end json.dumps'd once is "\\t", "\\n"; twice, "\\\\t" or "\\\\n" before a value is
