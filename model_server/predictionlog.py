@@ -1967,7 +1967,7 @@ def joined(df: pd.DataFrame) -> pd.DataFrame:
     # (copy_of's pairing, on the primary and shadow records: the labels are no copies)
     served = np.flatnonzero(role.isin(["primary", "shadow"]).to_numpy(bool))
     both = df if len(served) == len(df) else df.take(served).reset_index(drop=True)
-    chosen, duplicate_primaries, of, own = _pairing(both, code[served], t[served])
+    chosen, duplicate_primaries, of, own, _ = _pairing(both, code[served], t[served])
     primary = np.sort(served[chosen])  # in the frame's order
     is_shadow = (role == "shadow").to_numpy()
     if "outcome" in df.columns:
@@ -2149,43 +2149,97 @@ def _nearest(
 CLOCK_SKEW_S = 60
 
 
-def _clock_offsets(
-    df: pd.DataFrame, copies: np.ndarray, primaries: np.ndarray, code: np.ndarray, t: np.ndarray, digest: np.ndarray
-) -> np.ndarray:
-    """For each of ``copies`` (Istio's, rows), how far ahead of the primaries' its pod's clock
-    is, in ``t``'s units (microseconds): the median of copy stamp less primary stamp over the
-    keys with one primary (of ``primaries``) and one of ``copies`` alone, of one input (equal
-    ``digest``), stamped no more than ``CLOCK_SKEW_S`` apart; one offset per candidate version
-    and pod (``version``, ``replica``, where the records name them), 0 where it has no such
-    pair."""
-    import pandas as pd
+# The hourly audit's ranges (clock hours, UTC), each read from CLOCK_SKEW_S before its start to its
+# close, AUDIT_CLOSE_S after its end (the audit's ``copy_due``, the same figure): the windows a pod's
+# clock offset is measured in (``_offset_windows``).
+AUDIT_HOUR_S = 3600
+AUDIT_CLOSE_S = 186
+# A window's pairs a pod's offset there is measured on, at the least: with fewer (a quiet
+# stretch), its offset over the whole read (one pair, a retry's copy taken for a request of one,
+# would set it).
+MIN_OFFSET_PAIRS = 5
 
-    out = np.zeros(len(copies), np.int64)
+
+def _offset_windows(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For stamps ``t`` (microseconds), the window each is in and that window's close (the
+    latest written stamp, microseconds, of the records measured in it): of each clock hour's
+    end, the stretch two hours' reads both hold (``CLOCK_SKEW_S`` before it to its close,
+    ``AUDIT_CLOSE_S`` after it), closing at its close; and the rest of the hour after it, which
+    one hour's read alone holds, closing at that hour's close."""
+    hour, skew, close = AUDIT_HOUR_S * 1_000_000, CLOCK_SKEW_S * 1_000_000, AUDIT_CLOSE_S * 1_000_000
+    end = (t + skew) // hour * hour  # (the hour's end whose stretch, or the hour after whose rest, holds t)
+    inner = t >= end + close
+    return 2 * ((t + skew) // hour) + inner, end + close + np.where(inner, hour, 0)
+
+
+def _gap_medians(
+    copies: np.ndarray, primaries: np.ndarray, key: np.ndarray, t: np.ndarray, digest: np.ndarray, group: np.ndarray,
+    groups: int,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Of the keys (``key``, a code a row) with one of ``primaries`` and one of ``copies`` alone,
+    of one input (equal ``digest``), stamped no more than ``CLOCK_SKEW_S`` apart: per ``group``
+    (a code of ``groups``, one a copy), the median of copy less primary stamp, and how many."""
+    median, n = np.zeros(groups, np.int64), np.zeros(groups, np.int64)
     if len(copies) == 0 or len(primaries) == 0:
-        return out
-    group = np.zeros(len(copies), np.int64)  # (the copy's model, version and pod, as one code)
-    for name in ("model", "version", "replica"):  # (factorized at each step: under the rows, no overflow)
-        if name in df.columns:
-            codes, uniques = pd.factorize(df[name].take(copies), use_na_sentinel=False)
-            group = pd.factorize(group * (len(uniques) + 1) + codes)[0]
-    primaries = primaries[np.argsort(code[primaries], kind="stable")]
-    keys, first, count = np.unique(code[primaries], return_index=True, return_counts=True)
-    mine, many = np.unique(code[copies], return_inverse=True, return_counts=True)[1:]
-    at = np.minimum(np.searchsorted(keys, code[copies]), len(keys) - 1)
-    alone = (keys[at] == code[copies]) & (count[at] == 1) & (many[mine] == 1)
+        return median, n
+    primaries = primaries[np.argsort(key[primaries], kind="stable")]
+    keys, first, count = np.unique(key[primaries], return_index=True, return_counts=True)
+    mine, many = np.unique(key[copies], return_inverse=True, return_counts=True)[1:]
+    at = np.minimum(np.searchsorted(keys, key[copies]), len(keys) - 1)
+    alone = (keys[at] == key[copies]) & (count[at] == 1) & (many[mine] == 1)
     alone &= digest[copies] == digest[primaries[first[at]]]
     gap = t[copies] - t[primaries[first[at]]]
     alone &= np.abs(gap) <= CLOCK_SKEW_S * 1_000_000
     g, gap = group[alone], gap[alone]
     order = np.lexsort((gap, g))
     g, gap = g[order], gap[order]
-    n = np.bincount(g, minlength=int(group.max()) + 1)
+    n = np.bincount(g, minlength=groups)
     start = np.concatenate([[0], np.cumsum(n)[:-1]])
     has = n > 0
-    median = np.zeros(len(n), np.int64)
     lower, upper = gap[start[has] + (n[has] - 1) // 2], gap[start[has] + n[has] // 2]
     median[has] = lower + (upper - lower) // 2
-    return median[group]
+    return median, n
+
+
+def _clock_offsets(
+    df: pd.DataFrame, copies: np.ndarray, primaries: np.ndarray, code: np.ndarray, t: np.ndarray, digest: np.ndarray
+) -> np.ndarray:
+    """For each of ``copies`` (Istio's, rows), how far ahead of the primaries' its pod's clock
+    is, in ``t``'s units (microseconds): the median of copy stamp less primary stamp over the
+    keys with one primary (of ``primaries``) and one of ``copies`` alone, of one input (equal
+    ``digest``), stamped no more than ``CLOCK_SKEW_S`` apart (``_gap_medians``); one offset per
+    candidate version and pod (``version``, ``replica``, where the records name them) and window
+    of the copy's stamp (``_offset_windows``), measured on that window's records alone (both of
+    a pair stamped in it, a key alone among its records, those in files written by its close
+    where the records say when: ``written``). An hourly audit's read is whole windows (from
+    ``CLOCK_SKEW_S`` before its hour to its close), so the two hours' reads holding a copy
+    stamped around the hour's end correct it alike and match it to the same attempt of a
+    request id sent again, at the close or in a retry (an offset measured per read matched it to
+    the failed attempt in one hour and to the retry in the other: the pair counted in both hours
+    or in neither). A window with fewer than ``MIN_OFFSET_PAIRS`` such pairs of the pod (a quiet
+    stretch, or a read that holds it in part: a rollout's range) takes the pod's offset over all
+    ``df`` holds (0 where it has no such pair)."""
+    import pandas as pd
+
+    if len(copies) == 0 or len(primaries) == 0:
+        return np.zeros(len(copies), np.int64)
+    group = np.zeros(len(copies), np.int64)  # (the copy's model, version and pod, as one code)
+    for name in ("model", "version", "replica"):  # (factorized at each step: under the rows, no overflow)
+        if name in df.columns:
+            codes, uniques = pd.factorize(df[name].take(copies), use_na_sentinel=False)
+            group = pd.factorize(group * (len(uniques) + 1) + codes)[0]
+    whole = _gap_medians(copies, primaries, code, t, digest, group, int(group.max()) + 1)[0]
+    window, close = _offset_windows(t)
+    window = pd.factorize(window)[0]  # (under the rows: the codes below do not overflow)
+    cell, cells = pd.factorize(group * (int(window.max()) + 1) + window[copies])  # (the pod and window)
+    within = pd.factorize(code * (int(window.max()) + 1) + window)[0]  # (the key and window)
+    measured, measured_cell = copies, cell
+    if "written" in df.columns:  # (a file written after its window's close: not in every read holding it)
+        written = df["written"].to_numpy("datetime64[us]")
+        due = np.isnat(written) | (written.astype(np.int64) <= close)
+        measured, measured_cell, primaries = copies[due[copies]], cell[due[copies]], primaries[due[primaries]]
+    local, n = _gap_medians(measured, primaries, within, t, digest, measured_cell, len(cells))
+    return np.where(n[cell] >= MIN_OFFSET_PAIRS, local[cell], whole[group])
 
 
 def _spans(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -2196,11 +2250,13 @@ def _spans(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return starts + np.arange(int(lengths.sum()))
 
 
-def _pairing(df: pd.DataFrame, code: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+def _pairing(
+    df: pd.DataFrame, code: np.ndarray, t: np.ndarray
+) -> tuple[np.ndarray, int, np.ndarray, np.ndarray, np.ndarray]:
     """``copy_of``'s rule, on ``df``'s key codes and stamps: each key's primary (its rows,
-    sorted by key), the primaries left out as its repeats, each record's primary, and which
-    are shadow records paired with their own attempt's primary (stamped exactly as it, or
-    Istio's matched to it)."""
+    sorted by key), the primaries left out as its repeats, each record's primary, which are
+    shadow records paired with their own attempt's primary (stamped exactly as it, or Istio's
+    matched to it), and the stamps matched on (``MATCHED_TIME`` where ``df`` has it)."""
     import pandas as pd
 
     is_primary = (df["role"] == "primary").to_numpy(bool)
@@ -2233,8 +2289,11 @@ def _pairing(df: pd.DataFrame, code: np.ndarray, t: np.ndarray) -> tuple[np.ndar
     # (matched on the copies' stamps less their pod's clock offset, measured on the keys of one
     # primary and one copy: a pod's clock off by more than half the gap between a failed attempt
     # and its retry swapped the two's copies)
-    corrected = t.copy()
-    corrected[istio] -= _clock_offsets(df, istio, rows, code, t, digest)
+    if MATCHED_TIME in df.columns:  # (measured on the whole read a part of it was taken from)
+        corrected = df[MATCHED_TIME].to_numpy(np.int64)
+    else:
+        corrected = t.copy()
+        corrected[istio] -= _clock_offsets(df, istio, rows, code, t, digest)
     first = istio[known[istio]]
     of[first] = _nearest(first, near[known[near]], both, corrected)
     free[of[first][of[first] >= 0]] = False
@@ -2253,7 +2312,20 @@ def _pairing(df: pd.DataFrame, code: np.ndarray, t: np.ndarray) -> tuple[np.ndar
     left = ~is_primary & ~paired
     of[left] = _match(np.flatnonzero(left), chosen, code)
     of[rows] = rows
-    return chosen, repeats, of, paired
+    return chosen, repeats, of, paired, corrected
+
+
+# The column ``matched_times`` puts in a read: each record's stamp as ``copy_of`` matches it.
+MATCHED_TIME = "matched_time"
+
+
+def matched_times(df: pd.DataFrame) -> np.ndarray:
+    """Each of ``df``'s records' stamp as ``copy_of`` matches it (microseconds: an Istio copy's
+    less its pod's clock offset), measured on ``df`` whole. Put in ``df`` as ``MATCHED_TIME``, a
+    part of it taken (a range's records of a read with its margins) is matched as ``df`` is:
+    measured on a part, the offset is another where the part holds another window's share of the
+    pairs (a window it holds in part falls back to the part's offset)."""
+    return _pairing(df, key_codes(df), _times(df))[4]
 
 
 def copy_of(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -2270,9 +2342,10 @@ def copy_of(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     One stamped as none (Istio's, stamped by the candidate's pod on arrival, its clock apart) is
     its own attempt's too: Envoy mirrors each request as it sends it, so a copy is the primary of
     its input (``image_sha256``; else one where either record has none) nearest in time to it
-    (its stamp less its pod's clock offset: the median, per candidate version and pod, of copy
-    less primary stamp over the keys of one primary and one copy of one input, within
-    ``CLOCK_SKEW_S``; 0 where none), each primary taking one copy at most, of those no own mirror's copy is stamped as (Istio
+    (its stamp less its pod's clock offset: the median, per candidate version and pod and window
+    of the copy's stamp, of copy less primary stamp over the keys of one primary and one copy of
+    one input, within ``CLOCK_SKEW_S``, ``_clock_offsets``; ``MATCHED_TIME`` where ``df`` has
+    it, ``matched_times``), each primary taking one copy at most, of those no own mirror's copy is stamped as (Istio
     samples: a primary may have none, and a k-th copy is not the k-th request's). A copy no
     primary is left for is the request's primary's (a duplicate there). The request's primary:
     of an id's primaries, the earliest that succeeded (``outcome`` ok) with a copy that ran (no
@@ -2281,7 +2354,7 @@ def copy_of(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     the earliest that succeeded, else the earliest; the others are its repeats. A dropped copy
     is its primary's as a copy is. The third array says which shadow records are paired with
     their own attempt's primary (stamped exactly as it, or Istio's matched to it)."""
-    chosen, _, of, own = _pairing(df, key_codes(df), _times(df))
+    chosen, _, of, own, _ = _pairing(df, key_codes(df), _times(df))
     first = np.zeros(len(df), bool)
     first[chosen] = True
     return first, of, own
@@ -2352,7 +2425,7 @@ def shadow_pairs(df: pd.DataFrame, vectors: bool = True) -> pd.DataFrame:
     dropped_rows = (df["outcome"] == "DROPPED").to_numpy()
     is_shadow = (df["role"] == "shadow").to_numpy()
     version, versions = pd.factorize(df["version"])  # -1: none
-    primary, dup_p, primary_of, paired = _pairing(df, code, t)  # (each request's primary; each copy's: copy_of)
+    primary, dup_p, primary_of, paired, _ = _pairing(df, code, t)  # (each request's primary; each copy's: copy_of)
     copies = np.flatnonzero(is_shadow & ~dropped_rows)
     digest, _ = pd.factorize(df["image_sha256"])  # equal codes, equal digests; -1: none
     of = primary_of[copies]  # each copy's primary, or -1

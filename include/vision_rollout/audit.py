@@ -1316,7 +1316,14 @@ def _audit_model(
 ) -> tuple[AuditResult, float]:
     """``audit`` of ``model``, its reads begun by ``deadline`` (``max_seconds``: the bound
     named); and when its reads ended (by ``clock``)."""
-    from model_server.predictionlog import AUDIT_COLUMNS, pair_probabilities, read, shadow_pairs
+    from model_server.predictionlog import (
+        AUDIT_COLUMNS,
+        MATCHED_TIME,
+        matched_times,
+        pair_probabilities,
+        read,
+        shadow_pairs,
+    )
 
     margin = timedelta(seconds=CLOCK_SKEW_S)
     # (to the close: a copy written by then, stamped by a clock further ahead than the margin, is
@@ -1333,6 +1340,9 @@ def _audit_model(
         deadline=deadline,
         clock=clock,
     )
+    # (each copy matched to its primary as on the read whole, in every part of it taken below:
+    # the pods' clock offsets measured on a part, a copy was matched to another attempt there)
+    records[MATCHED_TIME] = matched_times(records)
     late = _late(records, closes(end))
     mine, earlier = attribution(records, start, end, late)
     # (copies due by their range's close that came later: lost to its audit, whenever it runs)

@@ -2854,11 +2854,6 @@ def test_behind_istio_a_retry_is_paired_with_its_own_copy_whichever_way_the_cand
     assert predictionlog.CLOCK_SKEW_S == CLOCK_SKEW_S  # (the offset's bound: the audit's)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Audit HIGH 2: each hour's read measures the pod's clock offset on its own records (open)",
-)
 @pytest.mark.parametrize(
     ("lag", "gap", "other", "measured_in"),
     [
@@ -2878,39 +2873,24 @@ def test_behind_istio_a_retry_across_the_hour_is_matched_to_one_attempt_whicheve
     pod whose copies lag their primaries by ``lag`` s around the hour's end (more than half the
     gap), as 40 ids of one primary and one copy within 30 s of the end show (20 each side). The
     pod's 300 other pairs of the hour ``measured_in`` (before the end, or after) show ``lag`` too,
-    its 300 of the other hour ``other`` (its clock drifting). Each hour's read measures the pod's
-    offset on the records it read (``lag`` in one, ``other`` in the other) and matches a retry's
-    copy to another attempt than the other read does: on main each of the 50 pairs is counted in
-    both hours (rows 320 + 370, 50 ``primary_failed`` in the first) or in neither (320 + 320).
-    Right: every read that holds a copy matches it to the same attempt (the retry, its own), and
-    each pair is counted in one hour, the retry's: rows 320 and 370, none failed."""
+    its 300 of the other hour ``other`` (its clock drifting). Each hour's read measured the pod's
+    offset on the records it read (``lag`` in one, ``other`` in the other) and matched a retry's
+    copy to another attempt than the other read did: each of the 50 pairs was counted in both
+    hours (rows 320 + 370, 50 ``primary_failed`` in the first) or in neither (320 + 320). The
+    offset is measured per window of the copy's stamp, on the window's records alone
+    (``_clock_offsets``: the minutes around the hour's end, which both reads hold whole), and
+    the audit matches its range's records as its read whole (``matched_times``): every read
+    that holds a copy matches it to the same attempt (the retry, its own), and each pair is
+    counted in one hour, the retry's: rows 320 and 370, none failed."""
     from model_server.predictionlog import AUDIT_COLUMNS, copy_of, read
 
-    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
-    end = hour + timedelta(hours=1)
-    e = end.timestamp()
-    first = {i: e - gap / 2 - 0.001 * i for i in range(50)}
-    again = {i: t + gap for i, t in first.items()}
-    edge = {100 + i: e - 30 + 1.5 * i for i in range(40)}  # (one primary and one copy, around the end)
-    before = {200 + i: e - 1800 + 0.1 * i for i in range(300)}
-    after = {600 + i: e + 1800 + 0.1 * i for i in range(300)}
-    shifted = {h: 0.003 + (lag if h == measured_in else other) for h in ("before", "after")}
-    pods_log(tmp_path, {"primary-pod": ("primary", before)}, written=e - 1700)
-    pods_log(
-        tmp_path, {"shadow-pod": ("shadow", {i: t + shifted["before"] for i, t in before.items()})}, written=e - 1690
-    )
-    pods_log(tmp_path, {"primary-pod": ("primary", first)}, written=e, outcome="FAULT")
-    pods_log(tmp_path, {"primary-pod": ("primary", {**again, **edge})}, written=e + 10)
-    copies = {i: t + lag for i, t in {**again, **edge}.items()}
-    pods_log(tmp_path, {"shadow-pod": ("shadow", copies)}, written=e + 15)
-    pods_log(tmp_path, {"primary-pod": ("primary", after)}, written=e + 1900)
-    pods_log(
-        tmp_path, {"shadow-pod": ("shadow", {i: t + shifted["after"] for i, t in after.items()})}, written=e + 1910
-    )
-    this = audit(tmp_path / "log", hour, end, "digits", earlier_hours=24)
-    nxt = audit(tmp_path / "log", end, end + timedelta(hours=1), "digits", earlier_hours=24)
+    hours_lag = (lag, other) if measured_in == "before" else (other, lag)
+    counted = retries_across_the_hour(tmp_path, lag, gap, -gap / 2, edge_at=-30.0, n_edge=40, hours_lag=hours_lag)
+    # (per hour: the 20 edge ids before the end and the 300 before in the first; the 20 after,
+    # the 50 retries, all stamped past the end, and the 300 after in the second)
+    assert counted == ((300 + 20, 0), (20 + 50 + 300, 0))
     matched = []
-    for start in (hour, end):
+    for start in (datetime(2026, 3, 1, 10, tzinfo=UTC), datetime(2026, 3, 1, 11, tzinfo=UTC)):
         records = read(
             tmp_path / "log",
             start - timedelta(seconds=CLOCK_SKEW_S),
@@ -2921,29 +2901,37 @@ def test_behind_istio_a_retry_across_the_hour_is_matched_to_one_attempt_whicheve
         ).reset_index(drop=True)
         of = copy_of(records)[1]
         retried = np.flatnonzero(
-            (records["role"] == "shadow").to_numpy() & records["request_id"].isin([f"r{i}" for i in again]).to_numpy()
+            (records["role"] == "shadow").to_numpy()
+            & records["request_id"].isin([f"r{i}" for i in range(50)]).to_numpy()
         )
         matched.append(
             dict(zip(records["request_id"].iloc[retried], records["outcome"].iloc[of[retried]], strict=True))
         )
-    counted = (this.rows + nxt.rows, this.primary_failed + nxt.primary_failed)
-    assert counted == (300 + 40 + 50 + 300, 0), (this.reasons, nxt.reasons)
-    # (per hour: the 20 edge ids before the end and the 300 before in the first; the 20 after,
-    # the 50 retries, all stamped past the end, and the 300 after in the second)
-    per_hour = ((this.rows, this.primary_failed), (nxt.rows, nxt.primary_failed))
-    assert per_hour == ((300 + 20, 0), (20 + 50 + 300, 0)), (this.reasons, nxt.reasons)
-    assert matched[0] == matched[1] == {f"r{i}": "ok" for i in again}
+    assert matched[0] == matched[1] == {f"r{i}": "ok" for i in range(50)}
+    # (the windows are the hourly audit's reads': from CLOCK_SKEW_S before each hour to its close)
+    assert (predictionlog.AUDIT_HOUR_S, predictionlog.AUDIT_CLOSE_S) == (3600, copy_due().total_seconds())
 
 
-def retries_at_a_steady_lag(
-    folder: Path, lag: float, gap: float, retry_at: float, edge_at: float, n_edge: int
+def copies_of(stamps: dict[int, float], lag: float) -> dict[int, float]:
+    """Istio's copies of primaries ``stamps`` (index -> stamp), stamped ``lag`` s after them."""
+    return {i: t + lag for i, t in stamps.items()}
+
+
+def retries_across_the_hour(
+    folder: Path,
+    lag: float,
+    gap: float,
+    retry_at: float,
+    edge_at: float,
+    n_edge: int,
+    hours_lag: tuple[float, float] | None = None,
 ) -> tuple[tuple[int, int], tuple[int, int]]:
     """Behind Istio around 11:00 (``e``), a candidate pod whose clock lags the primaries' by
-    ``lag`` s all along (copies stamped ``lag + 0.003`` s after their primaries): 300 pairs at
-    10:30 and 300 at 11:30; 50 ids failed (FAULT) at ``e + retry_at`` and sent again ``gap`` s
-    later (the retry succeeded), only the retry copied; ``n_edge`` ids of one primary and one
-    copy from ``e + edge_at``, 1.5 s apart. The hourly audits of 10:00 and 11:00: each one's
-    (rows, primary_failed)."""
+    ``lag`` s around it (copies stamped ``lag + 0.003`` s after their primaries): 300 pairs at
+    10:30 and 300 at 11:30, lagging ``hours_lag`` (each hour's; ``lag`` unless given); 50 ids
+    failed (FAULT) at ``e + retry_at`` and sent again ``gap`` s later (the retry succeeded), only
+    the retry copied; ``n_edge`` ids of one primary and one copy from ``e + edge_at``, 1.5 s
+    apart. The hourly audits of 10:00 and 11:00: each one's (rows, primary_failed)."""
     hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
     end = hour + timedelta(hours=1)
     e = end.timestamp()
@@ -2952,17 +2940,14 @@ def retries_at_a_steady_lag(
     edge = {100 + i: e + edge_at + 1.5 * i for i in range(n_edge)}
     before = {200 + i: e - 1800 + 0.1 * i for i in range(300)}
     after = {600 + i: e + 1800 + 0.1 * i for i in range(300)}
-
-    def copied(stamps: dict[int, float]) -> dict[int, float]:
-        return {i: t + lag + 0.003 for i, t in stamps.items()}
-
+    lag_before, lag_after = hours_lag or (lag, lag)
     pods_log(folder, {"primary-pod": ("primary", before)}, written=e - 1700)
-    pods_log(folder, {"shadow-pod": ("shadow", copied(before))}, written=e - 1690)
+    pods_log(folder, {"shadow-pod": ("shadow", copies_of(before, lag_before + 0.003))}, written=e - 1690)
     pods_log(folder, {"primary-pod": ("primary", first)}, written=e, outcome="FAULT")
     pods_log(folder, {"primary-pod": ("primary", {**again, **edge})}, written=e + 10)
-    pods_log(folder, {"shadow-pod": ("shadow", copied({**again, **edge}))}, written=e + 15)
+    pods_log(folder, {"shadow-pod": ("shadow", copies_of({**again, **edge}, lag + 0.003))}, written=e + 15)
     pods_log(folder, {"primary-pod": ("primary", after)}, written=e + 1900)
-    pods_log(folder, {"shadow-pod": ("shadow", copied(after))}, written=e + 1910)
+    pods_log(folder, {"shadow-pod": ("shadow", copies_of(after, lag_after + 0.003))}, written=e + 1910)
     this = audit(folder / "log", hour, end, "digits", earlier_hours=24)
     nxt = audit(folder / "log", end, end + timedelta(hours=1), "digits", earlier_hours=24)
     return (this.rows, this.primary_failed), (nxt.rows, nxt.primary_failed)
@@ -2975,12 +2960,27 @@ def test_behind_istio_at_low_traffic_a_retry_across_the_hour_is_matched_by_the_p
     """Guards the low-traffic side of Audit HIGH 2: a candidate pod lagging ``lag`` s all along,
     50 retries straddling 11:00 (failed ``gap / 2`` s before it, the retry ``gap / 2`` after,
     only the retry copied) and no id of one primary and one copy in the minutes around the end.
-    Main measures the pod's offset on the whole hour's pairs and matches every copy to its retry
-    (rows 300 and 350, none failed); a fix measuring the offset per window of the read, with no
-    pair in the boundary window, must not take it as 0 there and match the 50 copies to the
-    failed attempts."""
-    counted = retries_at_a_steady_lag(tmp_path, lag, gap, retry_at=-gap / 2, edge_at=0.0, n_edge=0)
+    The window around the end, with no pair, takes the pod's offset over the read
+    (``MIN_OFFSET_PAIRS``), not 0 (the 50 copies matched to the failed attempts): every copy is
+    matched to its retry (rows 300 and 350, none failed)."""
+    counted = retries_across_the_hour(tmp_path, lag, gap, retry_at=-gap / 2, edge_at=0.0, n_edge=0)
     assert counted == ((300, 0), (50 + 300, 0))
+
+
+def test_behind_istio_one_pair_in_the_minutes_around_the_hour_does_not_set_the_pods_offset_there(tmp_path):
+    """Guards Audit HIGH 2's windows: a candidate pod lagging 0.15 s all along, 50 retries
+    straddling 11:00 (only the retry copied) and one id in the minutes around the end whose
+    records there look a pair and are none: sent at 11:02:50 (not sampled) and again at 11:03:06.1,
+    past the window (its copy, 0.15 s behind, stamped in it). Taken alone, the window's offset
+    is 15.95 s, and the retries' copies go to the failed attempts (50 ``primary_failed``); a
+    window of fewer than ``MIN_OFFSET_PAIRS`` pairs takes the pod's offset over the read: every
+    retry compared in the next hour, and the id's copy with its second request."""
+    e = datetime(2026, 3, 1, 11, tzinfo=UTC).timestamp()
+    pods_log(tmp_path, {"primary-pod": ("primary", {999: e + 170})}, written=e + 180)
+    pods_log(tmp_path, {"primary-pod": ("primary", {999: e + 186.1})}, written=e + 181)
+    pods_log(tmp_path, {"shadow-pod": ("shadow", {999: e + 185.95})}, written=e + 182)
+    counted = retries_across_the_hour(tmp_path, -0.15, 0.2, retry_at=-0.1, edge_at=0.0, n_edge=0)
+    assert counted == ((300, 0), (50 + 1 + 300, 0))
 
 
 @pytest.mark.parametrize(
@@ -2998,11 +2998,12 @@ def test_behind_istio_retries_near_the_hours_end_are_matched_though_its_clean_pa
     """Guards the other side of Audit HIGH 2: a candidate pod lagging ``lag`` s all along, 50
     retries ``gap`` s after a failed attempt (only the retry copied) in one hour's part of the
     minutes around 11:00 (from 10:59:30, or from 11:01) and the 40 ids of one primary and one copy
-    there all in the other hour's part (from 11:00:05, or from 10:59:01). Main matches every copy
-    to its retry in the hour it is stamped in (rows as ``right``, none failed); a fix measuring
-    the offset per window of the read must not lose the retries to their failed attempts
-    because the window's clean pairs lie past the hour's edge."""
-    assert retries_at_a_steady_lag(tmp_path, lag, gap, retry_at, edge_at, n_edge=40) == right
+    there all in the other hour's part (from 11:00:05, or from 10:59:01). The window around the
+    end is measured on its pairs in both hours' reads, and the range's records are matched as
+    the read whole (``matched_times``; measured on the range's records alone, the window held no
+    pair, and the retries went to their failed attempts): every copy is matched to its retry in
+    the hour it is stamped in (rows as ``right``, none failed)."""
+    assert retries_across_the_hour(tmp_path, lag, gap, retry_at, edge_at, n_edge=40) == right
 
 
 def test_behind_istio_the_rollout_audit_across_the_hour_matches_retries_by_the_pods_offset_over_its_range(tmp_path):
@@ -3010,27 +3011,23 @@ def test_behind_istio_the_rollout_audit_across_the_hour_matches_retries_by_the_p
     ``rollout_audit`` reads it) against Audit HIGH 2's fix: a candidate pod lagging 0.15 s all
     along, 120 ids of one primary and one copy at 10:50-10:58 and 11:04-11:10, 50 ids failed
     from 11:01:00 and sent again 0.2 s later (only the retry copied), no clean pair in the minutes
-    around 11:00. Main measures the offset on the range's pairs and compares every retry: rows
-    170, none failed; a fix measuring it per window of the hourly reads must not do less."""
+    around 11:00. The window around 11:00, holding no pair, takes the pod's offset over the
+    range's read: every retry is compared, rows 170, none failed."""
     lag, gap = -0.15, 0.2
     start = datetime(2026, 3, 1, 10, 50, tzinfo=UTC)
     e = datetime(2026, 3, 1, 11, tzinfo=UTC).timestamp()
     clean = {200 + i: e - 600 + 4 * i for i in range(60)} | {400 + i: e + 240 + 6 * i for i in range(60)}
     first = {i: e + 60 + 1.0 * i for i in range(50)}
     again = {i: t + gap for i, t in first.items()}
-
-    def copied(stamps: dict[int, float]) -> dict[int, float]:
-        return {i: t + lag for i, t in stamps.items()}
-
     early = {i: t for i, t in clean.items() if t < e}
     late = {i: t for i, t in clean.items() if t >= e}
     pods_log(tmp_path, {"primary-pod": ("primary", early)}, written=e - 100)
-    pods_log(tmp_path, {"shadow-pod": ("shadow", copied(early))}, written=e - 99)
+    pods_log(tmp_path, {"shadow-pod": ("shadow", copies_of(early, lag))}, written=e - 99)
     pods_log(tmp_path, {"primary-pod": ("primary", first)}, written=e + 120, outcome="FAULT")
     pods_log(tmp_path, {"primary-pod": ("primary", again)}, written=e + 121)
-    pods_log(tmp_path, {"shadow-pod": ("shadow", copied(again))}, written=e + 122)
+    pods_log(tmp_path, {"shadow-pod": ("shadow", copies_of(again, lag))}, written=e + 122)
     pods_log(tmp_path, {"primary-pod": ("primary", late)}, written=e + 600)
-    pods_log(tmp_path, {"shadow-pod": ("shadow", copied(late))}, written=e + 601)
+    pods_log(tmp_path, {"shadow-pod": ("shadow", copies_of(late, lag))}, written=e + 601)
     result = audit(tmp_path / "log", start, start + timedelta(minutes=20), "digits", earlier_hours=0)
     assert (result.rows, result.primary_failed) == (120 + 50, 0), result.reasons
 
