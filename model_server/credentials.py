@@ -120,6 +120,7 @@ _QUOTED_WHOLE = quoted(None)
 # (botocore's headers: b'...'), not given back (its "b" no value of its own), escaped too (``e``).
 # (The masking's keyed rule takes its key's and value's quotes so too.)
 KEY_QUOTE = rf"(?:(?:{_ESCAPE})?[\"'])?"
+_KEY_CLOSE = rf"(?:(?:{_ESCAPE})?[\"']|{_MD_CLOSE})?+"  # (a key's closing quote or Markdown)
 OPEN_QUOTE = rf"(?>(?:b?(?P<e>{_ESCAPE})?(?P<q>[\"']))?)"
 _OPEN_QUOTE_MD = rf"(?>(?:b?(?P<e>{_ESCAPE})?(?P<q>[\"'`]))?)"  # (a value in Markdown's backticks too)
 _NOT_ESCAPED_QUOTE = rf"(?!{_ESCAPE}[\"'])"  # (nor its escape's first backslashes: '\\\\\\"' stays whole)
@@ -171,7 +172,7 @@ _LAST_COLON = r"(?!:(?:\s|\\[nrtbf]|\Z))"
 # left ": hunter2xyz]" in clear; "\\\\n{'api_key': ...", "\\\\n- secret: ..." alike).
 _BREAK_THEN_KEY = (
     rf"(?!\\{{2,15}}[rn](?:\\{{1,15}}[rn]){{0,7}}+(?:[ \t\[{{(<*#>-]|\\{{1,15}}t|\\{{0,15}}[\"']){{0,16}}+"
-    rf"{_SECRET_NAME}(?:{_MD_CLOSE}|{KEY_QUOTE})(?:{_KEY_SEP}|{BLANK}))"
+    rf"{_SECRET_NAME}{_KEY_CLOSE}(?:{_KEY_SEP}|{BLANK}))"
 )
 
 
@@ -627,7 +628,6 @@ _ARROW = rf"{BLANK}{{0,64}}+{_arrow_mark('ea', _ARROW_LEAD)}{_ARROW_BLANK}{{0,64
 # letters alone so written stays readable, as it does after a spaced key: "password -> hunter".)
 # After "=>" (Ruby's hash: '{"password"=>"db_pass_prod"}') it is the value, masked.
 _KEY_CLOSE_QUOTE = rf"(?:(?P<kq>(?:{_ESCAPE})?[\"'])(?={BLANK}{{0,64}}+{_arrow_mark('', _ARROW_LEAD)}))"
-_KEY_CLOSE = rf"(?:(?:{_ESCAPE})?[\"']|{_MD_CLOSE})?+"  # (a key's closing quote or Markdown)
 _FIELD_NAME = r"(?:[a-z]{1,32}+(?:[_.-][a-z]{1,32}+){0,7}+|(?i:" + _CRED_WORDS + "))"
 _RENAMED = r"(?(kq)(?(ea)|(?!" + _FIELD_NAME + r"(?(e)(?P=e))(?P=q))))"
 # A spaced key's value is never another secret's key before its own separator or arrow
@@ -821,6 +821,36 @@ _WORD_BITS = tuple((w, sum(1 << i for i, (_, words) in enumerate(_HINTED) if w i
 _BODY_LINE_BITS = 1 << PATTERNS.index(_PEM_BODY_LINE) | 1 << PATTERNS.index(_PEM_LAST_LINE)
 
 
+# A secret's value changed, as a plan or a diff writes it ('~ api_token = "abc123XYZ9" -> "Zq9xW8vU7k"',
+# Terraform's plan; "password: OldPass123 \u2192 NewPass456", a rotation's log): the value after the
+# arrow is the secret's new one, and was in clear. Read right after a value found (its closing
+# quote, escaped too, blanks, an arrow, blanks), in quotes to their close or not in quotes to a
+# blank, 256 characters at most, and again after it (a chain), 16 at most: each read bounded, so
+# linear. A placeholder, a mask's mark, a token or a tool's own words in parentheses ("(known after
+# apply)", "(sensitive value)") are no value.
+_CHANGED_TO = re.compile(
+    rf"(?:(?:{_ESCAPE})?[\"'`])?+{BLANK}{{0,64}}+{_arrow_mark()}{_ARROW_BLANK}{{0,64}}+{NO_VALUE}{_NO_MASKED_AFTER}"
+    rf"(?![(\[]){_OPEN_QUOTE_MD}{_KEY_AS_VALUE}(?P<v>(?(q){quoted(256)}|{_run(_RUN_CHARS, 256)}))"
+)
+_ARROWS = (">", "\u2192", "\u21d2", "\u27f6", "\u27f9", "\u2794", "\u27a1", "\\u2")  # (">": every arrow of signs)
+
+
+def changed_to(view: str, found: list[Span]) -> list[Span]:
+    """``found`` (spans of values in ``view``, in order, merged) and the new values written after
+    them (``_CHANGED_TO``), merged."""
+    if not found or not any(arrow in view for arrow in _ARROWS):
+        return found
+    more: list[Span] = []
+    for _, b in found:
+        for _ in range(16):
+            m = _CHANGED_TO.match(view, b)
+            if m is None or m.end("v") <= m.start("v"):
+                break
+            more.append(m.span("v"))
+            b = m.end("v")
+    return merge(found + more) if more else found
+
+
 @functools.cache  # (2**14 kinds of text at most)
 def _patterns(bits: int) -> tuple[re.Pattern[str], ...]:
     return tuple(pattern for i, pattern in enumerate(PATTERNS) if bits >> i & 1)
@@ -869,7 +899,7 @@ def spans(text: str, userinfo: bool = False) -> list[Span]:
                 for a, b in (m.span(_group(pattern, userinfo)) for m in pattern.finditer(seen[0]))
                 if a < b
             ]
-    return merge(found)
+    return changed_to(view, merge(found))
 
 
 def _group(pattern: re.Pattern[str], userinfo: bool) -> str | int:

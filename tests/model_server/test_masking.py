@@ -5556,6 +5556,32 @@ def test_an_arrow_after_a_keys_sign_and_a_key_after_an_arrow_are_read_as_such(ke
 @pytest.mark.parametrize(
     ("text", "kept"),
     [
+        ('      ~ api_token = "abc123XYZ9" -> "Zq9xW8vU7k"', '      ~ api_token = "***" -> "***"'),
+        ("rotated password: OldPass123 -> NewPass456", "rotated password: *** -> ***"),
+        ("token: abc123XYZ9 \u2192 Zq9xW8vU7k \u2192 k3murfHm9Q", "token: *** \u2192 *** \u2192 ***"),
+        ("{'password': 'a1b2c3d4' => 'z9y8x7w6'}", "{'password': '***' => '***'}"),
+        ("secret=abc123XYZ9  => `Zq9xW8vU7k` ok", "secret=***  => `***` ok"),
+        # (a tool's words in parentheses, a placeholder, a mask, another key's pair: no new value)
+        ('  ~ secret = "hunter2Xyz9" -> (known after apply)', '  ~ secret = "***" -> (known after apply)'),
+        ("password: hunter2Xyz9 -> null ok", "password: *** -> null ok"),
+        ("DB_PASSWORD=OldPass123 => DB_PASSWORD=NewPass456", "DB_PASSWORD=*** => DB_PASSWORD=***"),
+        ("token: abc123XYZ9 -> [FILTERED]", "token: *** -> [FILTERED]"),
+        ("status: ok -> failed", "status: ok -> failed"),
+    ],
+)
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_a_secrets_new_value_after_an_arrow_is_masked_as_its_old_one(keys, text, kept, depth):
+    """A secret's value changed, as Terraform's plan writes it ('~ api_token = "old" -> "new"') or
+    a rotation's log ("password: old -> new"): the old value was masked, the new one after the
+    arrow left in clear. The value after an arrow right after a value found is masked too, a
+    chain of them each; a tool's words in parentheses, a placeholder or another key's pair after
+    it are no value."""
+    assert masked_at_depth(keys, text, depth) == (kept, kept)
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
         ("password ->\n  hunter2xyz9\nnext: 1", "password ->\n  ***\nnext: 1"),
         ("  token ==>\n    abc def\n    ghi\n  user: bob", "  token ==>\n    ***\n  user: bob"),
         ("password :=>\n  hunter2xyz", "password :=>\n  ***"),
