@@ -226,6 +226,11 @@ PREDICTION_LOG_NOT_FINITE = Counter(
     "Inf input, or a model's overflow): written without a prediction, left out of the statistics",
 )
 PREDICTION_LOG_FILES = Counter("prediction_log_files_total", "Prediction log Parquet files written")
+PREDICTION_LOG_HELD = Gauge(
+    "prediction_log_held_records",
+    "Prediction log records the writer holds: appended, not yet written or dropped (a flush in progress included; "
+    "at max_pending, records are dropped)",
+)
 PREDICTION_LOG_FLUSH_SECONDS = Gauge(
     "prediction_log_flush_seconds",
     "Seconds between the prediction log's flushes: a record is in the log this long after it is made, and its write",

@@ -453,6 +453,7 @@ class PredictionLog:
             if len(self._pending) < self.max_pending and self._pending_bytes + size <= self.max_pending_bytes:
                 self._pending.append(record)
                 self._pending_bytes += size
+                metrics.PREDICTION_LOG_HELD.inc()
                 return True
         rows = record.items if isinstance(record, Inference) else len(record.labels)
         metrics.PREDICTION_LOG_RECORDS.labels("dropped").inc(rows)
@@ -737,41 +738,48 @@ class PredictionLog:
                 self._pending_bytes = 0
             if not batch:
                 return 0
-            groups: dict[tuple[str, int], list[Any]] = {}
-            for rec in batch:
-                # The hour of the microsecond the record stores, so the file's folder and its times agree.
-                groups.setdefault((rec.model, int(rec.received_at * 1_000_000) // 3_600_000_000), []).append(rec)
-            keys: dict[str | None, Key | MaskingUnavailable] = {}
-            written = 0
-            for (model, hour), recs in sorted(groups.items()):
-                t = datetime.fromtimestamp(hour * 3600, UTC)
-                folder = f"{self.root}/model={model}/dt={t:%Y-%m-%d}/hour={t:%H}"
-                inferences = [r for r in recs if type(r) is Inference]
-                labels = [r for r in recs if type(r) is Label]
-                answers = self._part(inferences, partial(self._inference_table, inferences, keys), folder)
-                labelled = self._part(labels, partial(self._label_table, labels, keys), folder)
-                parts = [part for part in (answers, labelled) if part is not None]
-                # (the labels its keys kept, in their rows' order after the answers' rows; the others,
-                # or all where its table failed, told lost: each once a flush, and may be sent again)
-                kept = [labelled is not None and isinstance(keys[r.tenant], Key) for r in labels]
-                self._lost(r for r, k in zip(labels, kept, strict=True) if not k)
-                labels = [r for r, k in zip(labels, kept, strict=True) if k]
-                if not parts:
-                    continue
-                spans, row = [], 0 if answers is None else answers.num_rows
-                for r in labels:
-                    spans.append((row, row + len(r.labels), r))
-                    row += len(r.labels)
-                try:
-                    table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
-                except Exception as exc:  # (its rows counted lost, its labels told: they may be sent again)
-                    rows = sum(part.num_rows for part in parts)
-                    metrics.PREDICTION_LOG_RECORDS.labels("error").inc(rows)
-                    log.error("prediction log: %d rows for %s not joined in one table: %s", rows, folder, exc)
-                    self._lost(labels)
-                    continue
-                written += self._write(folder, table, spans)
-            return written
+            try:
+                return self._write_batch(batch)
+            finally:  # (written or dropped: no longer held)
+                metrics.PREDICTION_LOG_HELD.dec(len(batch))
+
+    def _write_batch(self, batch: list[Inference | Label]) -> int:
+        """Write ``batch`` (``flush``'s, taken from the queue), a file an hour and model."""
+        groups: dict[tuple[str, int], list[Any]] = {}
+        for rec in batch:
+            # The hour of the microsecond the record stores, so the file's folder and its times agree.
+            groups.setdefault((rec.model, int(rec.received_at * 1_000_000) // 3_600_000_000), []).append(rec)
+        keys: dict[str | None, Key | MaskingUnavailable] = {}
+        written = 0
+        for (model, hour), recs in sorted(groups.items()):
+            t = datetime.fromtimestamp(hour * 3600, UTC)
+            folder = f"{self.root}/model={model}/dt={t:%Y-%m-%d}/hour={t:%H}"
+            inferences = [r for r in recs if type(r) is Inference]
+            labels = [r for r in recs if type(r) is Label]
+            answers = self._part(inferences, partial(self._inference_table, inferences, keys), folder)
+            labelled = self._part(labels, partial(self._label_table, labels, keys), folder)
+            parts = [part for part in (answers, labelled) if part is not None]
+            # (the labels its keys kept, in their rows' order after the answers' rows; the others,
+            # or all where its table failed, told lost: each once a flush, and may be sent again)
+            kept = [labelled is not None and isinstance(keys[r.tenant], Key) for r in labels]
+            self._lost(r for r, k in zip(labels, kept, strict=True) if not k)
+            labels = [r for r, k in zip(labels, kept, strict=True) if k]
+            if not parts:
+                continue
+            spans, row = [], 0 if answers is None else answers.num_rows
+            for r in labels:
+                spans.append((row, row + len(r.labels), r))
+                row += len(r.labels)
+            try:
+                table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+            except Exception as exc:  # (its rows counted lost, its labels told: they may be sent again)
+                rows = sum(part.num_rows for part in parts)
+                metrics.PREDICTION_LOG_RECORDS.labels("error").inc(rows)
+                log.error("prediction log: %d rows for %s not joined in one table: %s", rows, folder, exc)
+                self._lost(labels)
+                continue
+            written += self._write(folder, table, spans)
+        return written
 
     def _lost(self, labels: Iterable[Label]) -> None:
         """Tell the data plane of labels queued and not written (``on_label_dropped``)."""

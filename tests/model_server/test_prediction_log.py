@@ -1053,6 +1053,33 @@ def test_a_crash_mid_write_leaves_no_file(tmp_path, monkeypatch):
     assert records("error") == before + 2
 
 
+def test_the_records_the_writer_holds_are_a_gauge_until_written_or_lost(tmp_path, monkeypatch):
+    """``prediction_log_held_records``: the records appended and not yet written or dropped (a
+    flush in progress included: a label is counted in the live view at its write, after the
+    queue is taken), so that a reader of /metrics knows when every record appended is in the
+    log and counted (the tests' ``settled``); a flush that fails lets go of its records too, and
+    one refused by a full queue was never held."""
+
+    def held() -> float:
+        return REGISTRY.get_sample_value("prediction_log_held_records") or 0.0
+
+    w = writer(tmp_path, max_pending=3)
+    start = held()
+    during: list[float] = []
+    w.on_label_written = lambda label: during.append(held() - start)
+    for i in range(2):
+        assert w.append(primary(f"r-{i}"))
+    assert w.append(Label(time.time(), "digits", "1", "r-0", [3], None))
+    assert not w.append(primary("r-full"))  # (dropped: never held)
+    assert held() - start == 3
+    w.flush()
+    assert (during, held() - start) == ([3], 0)  # (held while its file was written)
+    w.append(primary("r-3"))
+    monkeypatch.setattr(predictionlog.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("disk pulled")))
+    assert w.flush() == 0
+    assert held() - start == 0
+
+
 def test_each_file_is_one_put_on_s3(s3, tmp_path):
     """A single PUT is atomic: the object exists whole or not at all (a multipart upload is too,
     but needs its completion; the writer uses neither partial writes nor multipart)."""

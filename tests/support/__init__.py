@@ -59,11 +59,18 @@ def put_policy(server, policy, token: str | None = TOKEN) -> requests.Response:
 
 
 def settled(server, name: str, expected: float, timeout_s: float = 30.0, **labels: str) -> float | None:
-    """The sample ``name`` of ``server``'s /metrics once it is ``expected`` (absent as 0), else
-    as it is after ``timeout_s``: with a prediction log the live view counts a label once the
-    log's writer has written its file (the next flush, 2 s by default), so a test waits for it.
-    The deadline only bounds a failure: the caller asserts the value returned."""
-    server.wait_for(name, lambda: (server.metric(name, **labels) or 0) == expected, timeout_s, 0.05)
+    """The sample ``name`` of ``server``'s /metrics once it is ``expected`` (absent as 0) and the
+    prediction log's writer holds no record (``prediction_log_held_records``: every record
+    appended before is written, and counted), else as it is after ``timeout_s``: the live view
+    counts a label once the writer has written its file (the next flush, 2 s by default), so a
+    test waits for it, and a count a later flush would add is in the value returned (waiting
+    for the value alone passed a test whose wrong count came a flush later). The deadline only
+    bounds a failure: the caller asserts the value returned."""
+
+    def done() -> bool:
+        return (server.metric(name, **labels) or 0) == expected and not server.metric("prediction_log_held_records")
+
+    server.wait_for(name, done, timeout_s, 0.05)
     return server.metric(name, **labels)
 
 
