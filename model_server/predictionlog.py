@@ -2218,15 +2218,19 @@ def _clock_offsets(
     ``digest``), stamped no more than ``CLOCK_SKEW_S`` apart (``_gap_medians``); one offset per
     candidate version and pod (``version``, ``replica``, where the records name them) and window
     of the copy's stamp (``_offset_windows``), measured on that window's records alone (both of
-    a pair stamped in it, a key alone among its records, those in files written by its close
-    where the records say when: ``written``). An hourly audit's read is whole windows (from
-    ``CLOCK_SKEW_S`` before its hour to its close), so the two hours' reads holding a copy
-    stamped around the hour's end correct it alike and match it to the same attempt of a
-    request id sent again, at the close or in a retry (an offset measured per read matched it to
+    a pair stamped in it, a key alone among its records and of no failed primary there, its
+    retry maybe past the window's edge, those in files written by its close where the records
+    say when: ``written``). An hourly audit's read is whole windows (from ``CLOCK_SKEW_S`` before
+    its hour to its close), so the two hours' reads holding a copy stamped around the hour's end
+    correct it alike, at the close or in a retry, and match it to the same attempt of a request
+    id sent again where both read that id's attempts (an offset measured per read matched it to
     the failed attempt in one hour and to the retry in the other: the pair counted in both hours
     or in neither). A window with fewer than ``MIN_OFFSET_PAIRS`` such pairs of the pod (a quiet
     stretch, or a read that holds it in part: a rollout's range) takes the pod's offset over all
-    ``df`` holds (0 where it has no such pair)."""
+    ``df`` holds, of the files written by their window's close (0 where it has no such pair).
+    Known limits: a clock stepped within a window is corrected by the window's one median; a
+    retry's copy whose first attempt lies just before a window, with the pod's clock ahead,
+    looks a pair there (enough of them, beside few real pairs, set the window's offset)."""
     import pandas as pd
 
     if len(copies) == 0 or len(primaries) == 0:
@@ -2236,17 +2240,20 @@ def _clock_offsets(
         if name in df.columns:
             codes, uniques = pd.factorize(df[name].take(copies), use_na_sentinel=False)
             group = pd.factorize(group * (len(uniques) + 1) + codes)[0]
-    whole = _gap_medians(copies, primaries, code, t, digest, group, int(group.max()) + 1)[0]
     window, close = _offset_windows(t)
     window = pd.factorize(window)[0]  # (under the rows: the codes below do not overflow)
     cell, cells = pd.factorize(group * (int(window.max()) + 1) + window[copies])  # (the pod and window)
     within = pd.factorize(code * (int(window.max()) + 1) + window)[0]  # (the key and window)
-    measured, measured_cell = copies, cell
+    measured = np.ones(len(copies), bool)
     if "written" in df.columns:  # (a file written after its window's close: not in every read holding it)
         written = df["written"].to_numpy("datetime64[us]")
         due = np.isnat(written) | (written.astype(np.int64) <= close)
-        measured, measured_cell, primaries = copies[due[copies]], cell[due[copies]], primaries[due[primaries]]
-    local, n = _gap_medians(measured, primaries, within, t, digest, measured_cell, len(cells))
+        measured, primaries = due[copies], primaries[due[primaries]]
+    whole = _gap_medians(copies[measured], primaries, code, t, digest, group[measured], int(group.max()) + 1)[0]
+    if "outcome" in df.columns:  # (a key whose attempt failed in the window: its retry may lie past its edge)
+        failed = primaries[(df["outcome"].to_numpy(object)[primaries] != "ok")]
+        measured &= ~np.isin(within[copies], within[failed])
+    local, n = _gap_medians(copies[measured], primaries, within, t, digest, cell[measured], len(cells))
     return np.where(n[cell] >= MIN_OFFSET_PAIRS, local[cell], whole[group])
 
 
@@ -2331,8 +2338,8 @@ def matched_times(df: pd.DataFrame) -> np.ndarray:
     """Each of ``df``'s records' stamp as ``copy_of`` matches it (microseconds: an Istio copy's
     less its pod's clock offset), measured on ``df`` whole. Put in ``df`` as ``MATCHED_TIME``, a
     part of it taken (a range's records of a read with its margins) is matched as ``df`` is:
-    measured on a part, the offset is another where the part holds another window's share of the
-    pairs (a window it holds in part falls back to the part's offset)."""
+    measured on a part, a window's offset is the part's pairs' (none there: the part's offset
+    over all it holds), another where the part holds another share of the window's pairs."""
     return _pairing(df, key_codes(df), _times(df))[4]
 
 

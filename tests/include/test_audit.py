@@ -2983,6 +2983,63 @@ def test_behind_istio_one_pair_in_the_minutes_around_the_hour_does_not_set_the_p
     assert counted == ((300, 0), (50 + 1 + 300, 0))
 
 
+def test_behind_istio_retries_across_the_close_of_the_minutes_around_the_hour_do_not_set_the_pods_offset(tmp_path):
+    """Review s49-1: a candidate pod 3 s behind all along, 20 pairs at 11:00:30, and 50 ids failed
+    2 s before 11:03:06 (the close of the minutes around the hour that both hours' reads hold) and
+    sent again 4 s later, past it, only the retry copied: each retry's copy (3 s behind) is stamped
+    before the close, its primary after. In the window each id looked one primary and one copy, 50
+    against 20, and set the pod's offset there (-7 s): the retries went to their failed attempts,
+    (320, 50) in the second hour. A key whose primary failed in the window is left out of its
+    measure (its retry may lie past the window's edge): every retry compared, none failed."""
+    e = datetime(2026, 3, 1, 11, tzinfo=UTC).timestamp()
+    close = e + 186
+    first = {i: close - 2 - 0.001 * i for i in range(50)}
+    again = {i: t + 4 for i, t in first.items()}
+    edge = {100 + i: e + 30 + 1.5 * i for i in range(20)}
+    before = {200 + i: e - 1800 + 0.1 * i for i in range(300)}
+    after = {600 + i: e + 1800 + 0.1 * i for i in range(300)}
+    for stamps, written, outcome in ((before, e - 1700, "ok"), (edge, e + 100, "ok"), (first, close, "FAULT")):
+        pods_log(tmp_path, {"primary-pod": ("primary", stamps)}, written=written, outcome=outcome)
+    for stamps, written in ((before, e - 1690), (edge, e + 101), (again, close), (after, e + 1910)):
+        pods_log(tmp_path, {"shadow-pod": ("shadow", copies_of(stamps, -3.0 + 0.003))}, written=written)
+    pods_log(tmp_path, {"primary-pod": ("primary", again)}, written=e + 200)
+    pods_log(tmp_path, {"primary-pod": ("primary", after)}, written=e + 1900)
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    counted = [
+        audit(tmp_path / "log", h, h + timedelta(hours=1), "digits", earlier_hours=24)
+        for h in (hour, hour + timedelta(hours=1))
+    ]
+    assert [(a.rows, a.primary_failed) for a in counted] == [(300, 0), (20 + 50 + 300, 0)]
+
+
+def test_behind_istio_an_hours_audit_run_again_after_late_files_matches_its_copies_as_at_the_close(tmp_path):
+    """Review s49-1: a candidate pod 0.15 s behind, 20 pairs at 10:50, 50 retries straddling 11:00
+    (only the retry copied) and no pair in the minutes around it (the window takes the pod's
+    offset over the read). A file written at 11:10, after 10:00's close, holds 30 pairs of
+    10:20 whose copies lead by 0.15 s. Run again after it came (an Airflow retry), the hour's audit
+    measured the pod's offset with the late file's pairs (+0.15 s: the retries to their failed
+    attempts, 50 failed) where the audit at the close had not: the fallback is measured on the
+    files written by their window's close too, and the audit run again counts as at the close."""
+    e = datetime(2026, 3, 1, 11, tzinfo=UTC).timestamp()
+    first = {i: e - 0.1 - 0.001 * i for i in range(50)}
+    again = {i: t + 0.2 for i, t in first.items()}
+    ontime = {200 + i: e - 600 + 1.0 * i for i in range(20)}
+    late = {400 + i: e - 2400 + 1.0 * i for i in range(30)}
+    after = {600 + i: e + 1800 + 0.1 * i for i in range(300)}
+    pods_log(tmp_path, {"primary-pod": ("primary", ontime)}, written=e - 500)
+    pods_log(tmp_path, {"primary-pod": ("primary", first)}, written=e + 1, outcome="FAULT")
+    pods_log(tmp_path, {"primary-pod": ("primary", again)}, written=e + 2)
+    pods_log(tmp_path, {"primary-pod": ("primary", after)}, written=e + 1900)
+    for stamps, written in ((ontime, e - 499), (again, e + 3), (after, e + 1910)):
+        pods_log(tmp_path, {"shadow-pod": ("shadow", copies_of(stamps, -0.15))}, written=written)
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    at_close = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits")
+    pods_log(tmp_path, {"primary-pod": ("primary", late)}, written=e + 600)
+    pods_log(tmp_path, {"shadow-pod": ("shadow", copies_of(late, 0.15))}, written=e + 601)
+    again_later = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits")
+    assert (at_close.rows, at_close.primary_failed) == (again_later.rows, again_later.primary_failed) == (20, 0)
+
+
 @pytest.mark.parametrize(
     ("lag", "gap", "retry_at", "edge_at", "right"),
     [
