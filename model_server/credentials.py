@@ -824,13 +824,18 @@ _BODY_LINE_BITS = 1 << PATTERNS.index(_PEM_BODY_LINE) | 1 << PATTERNS.index(_PEM
 # A secret's value changed, as a plan or a diff writes it ('~ api_token = "abc123XYZ9" -> "Zq9xW8vU7k"',
 # Terraform's plan; "password: OldPass123 \u2192 NewPass456", a rotation's log): the value after the
 # arrow is the secret's new one, and was in clear. Read right after a value found (its closing
-# quote, escaped too, blanks, an arrow, blanks), in quotes to their close or not in quotes to a
-# blank, 256 characters at most, and again after it (a chain), 16 at most: each read bounded, so
-# linear. A placeholder, a mask's mark, a token or a tool's own words in parentheses ("(known after
-# apply)", "(sensitive value)") are no value.
+# quote, escaped too, blanks, an arrow, blanks), in quotes to their close (however long; a quote
+# before a blank, ",", ":" or a bracket's close, or one closed before a word's character, is a
+# JSON string's end, none: '{"m": "token=x ->", "n": ...}' kept its structure) or not in quotes
+# to a blank, and again after it (a chain, however long: each character read once). A
+# placeholder, a mask's mark, a token, a bracket ("(known after apply)", "[FILTERED]", a dict), a
+# number alone ("-> 200 OK", a status), a date or time, a line end, or another secret's key are no
+# value; arrows in a row are one, and a scheme before the value is kept ("Bearer x -> Bearer y").
 _CHANGED_TO = re.compile(
-    rf"(?:(?:{_ESCAPE})?[\"'`])?+{BLANK}{{0,64}}+{_arrow_mark()}{_ARROW_BLANK}{{0,64}}+{NO_VALUE}{_NO_MASKED_AFTER}"
-    rf"(?![(\[]){_OPEN_QUOTE_MD}{_KEY_AS_VALUE}(?P<v>(?(q){quoted(256)}|{_run(_RUN_CHARS, 256)}))"
+    rf"(?:(?:{_ESCAPE})?[\"'`])?+(?:{BLANK}{{0,64}}+{_arrow_mark()}{_ARROW_BLANK}{{0,64}}+){{1,4}}+(?:{_SCHEME})?+"
+    rf"{NO_VALUE}{_NO_MASKED_AFTER}(?![(\[{{<]|\\{{1,15}}[rn]){_OPEN_QUOTE_MD}{_KEY_AS_VALUE}"
+    rf"(?P<v>(?(q)(?![\s,:\]}}]){_QUOTED_WHOLE}|(?![0-9]{{1,4}}+{_VALUE_END})(?!{DATE_OR_TIME}){_CRED_RUN}))"
+    rf"(?(q)(?(e)(?P=e))(?P=q)(?![A-Za-z0-9_]))"
 )
 _ARROWS = (">", "\u2192", "\u21d2", "\u27f6", "\u27f9", "\u2794", "\u27a1", "\\u2")  # (">": every arrow of signs)
 
@@ -841,13 +846,16 @@ def changed_to(view: str, found: list[Span]) -> list[Span]:
     if not found or not any(arrow in view for arrow in _ARROWS):
         return found
     more: list[Span] = []
+    reach = -1
     for _, b in found:
-        for _ in range(16):
-            m = _CHANGED_TO.match(view, b)
-            if m is None or m.end("v") <= m.start("v"):
+        if b <= reach:  # (read already by the chain of a value before it: each character read once)
+            continue
+        while m := _CHANGED_TO.match(view, b):  # (a chain, however long)
+            if m.end("v") <= m.start("v"):
                 break
             more.append(m.span("v"))
             b = m.end("v")
+        reach = b
     return merge(found + more) if more else found
 
 

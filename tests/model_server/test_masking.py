@@ -5567,6 +5567,15 @@ def test_an_arrow_after_a_keys_sign_and_a_key_after_an_arrow_are_read_as_such(ke
         ("DB_PASSWORD=OldPass123 => DB_PASSWORD=NewPass456", "DB_PASSWORD=*** => DB_PASSWORD=***"),
         ("token: abc123XYZ9 -> [FILTERED]", "token: *** -> [FILTERED]"),
         ("status: ok -> failed", "status: ok -> failed"),
+        # (review s49-2: a JSON string's end after an arrow is no quote of a value; a value however
+        # long; a chain however long; a status; a scheme; arrows in a row)
+        ('{"m": "token=abc123XYZ9 ->", "n": "keep"}', '{"m": "token=*** ->", "n": "keep"}'),
+        ("secret: abc123XYZ9 -> " + "A" * 300 + "TAIL", "secret: *** -> ***"),
+        ('secret: "abc123XYZ9" -> "' + "A" * 300 + '"', 'secret: "***" -> "***"'),
+        ("password: a1b2c3 " + "".join(f"-> v{i:02d}xYz9Q " for i in range(20)), "password: *** " + "-> *** " * 20),
+        ("GET /x?token=abc123XYZ9 -> 200 OK", "GET /x?token=*** -> 200 OK"),
+        ("Authorization: Bearer abc123XYZ9 -> Bearer Zq9xW8vU7k", "Authorization: Bearer *** -> Bearer ***"),
+        ("password: abc123XYZ9 \u2192 \u2192 Zq9xW8vU7k", "password: *** \u2192 \u2192 ***"),
     ],
 )
 @pytest.mark.parametrize("depth", [0, 1, 2])
