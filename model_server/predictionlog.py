@@ -1975,7 +1975,7 @@ def joined(df: pd.DataFrame) -> pd.DataFrame:
     # (copy_of's pairing, on the primary and shadow records: the labels are no copies)
     served = np.flatnonzero(role.isin(["primary", "shadow"]).to_numpy(bool))
     both = df if len(served) == len(df) else df.take(served).reset_index(drop=True)
-    chosen, duplicate_primaries, of, own, _ = _pairing(both, code[served], t[served])
+    chosen, duplicate_primaries, of, own = _pairing(both, code[served], t[served])
     primary = np.sort(served[chosen])  # in the frame's order
     is_shadow = (role == "shadow").to_numpy()
     if "outcome" in df.columns:
@@ -2265,13 +2265,14 @@ def _spans(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return starts + np.arange(int(lengths.sum()))
 
 
-def _pairing(
+def _stamps(
     df: pd.DataFrame, code: np.ndarray, t: np.ndarray
-) -> tuple[np.ndarray, int, np.ndarray, np.ndarray, np.ndarray]:
-    """``copy_of``'s rule, on ``df``'s key codes and stamps: each key's primary (its rows,
-    sorted by key), the primaries left out as its repeats, each record's primary, which are
-    shadow records paired with their own attempt's primary (stamped exactly as it, or Istio's
-    matched to it), and the stamps matched on (``MATCHED_TIME`` where ``df`` has it)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``_pairing``'s first part, on ``df``'s key codes and stamps: which records are primaries,
+    each own mirror's copy's primary (stamped exactly as it; -1 for the others), Istio's copies
+    (stamped as no primary) and the primaries they may be of (rows), each of those's input (a
+    code, -1 for none and for the other records), and the stamps matched on (``MATCHED_TIME``
+    where ``df`` has it)."""
     import pandas as pd
 
     is_primary = (df["role"] == "primary").to_numpy(bool)
@@ -2279,17 +2280,12 @@ def _pairing(
     # 4.3 s of 6.5 s per million records)
     at, _ = pd.factorize(t)
     stamp, _ = pd.factorize(code * (int(at.max(initial=0)) + 1) + at)  # equal codes, equal key and stamp
-    outcome = df["outcome"] if "outcome" in df.columns else pd.Series("ok", index=df.index)
     rows = np.flatnonzero(is_primary)
     by_stamp = pd.Series(rows, index=stamp[rows])
     by_stamp = by_stamp[~by_stamp.index.duplicated()]
     own = ~is_primary & np.isin(stamp, stamp[rows])
     of = np.full(len(df), -1, np.int64)
     of[own] = by_stamp.reindex(stamp[own]).to_numpy(np.int64)
-    # (Istio's copies, stamped as no primary: each its own attempt's, the primary of its input
-    # nearest in time, one copy a primary, of those no own mirror's copy is stamped as; a primary
-    # without a copy is one the mirror did not sample. Of the input first, then where either
-    # record has no digest)
     istio = np.flatnonzero((df["role"] == "shadow").to_numpy(bool) & ~own)
     free = np.ones(len(df), bool)
     free[of[own]] = False
@@ -2299,8 +2295,6 @@ def _pairing(
     if len(istio) and len(near) and "image_sha256" in df.columns:
         some = np.concatenate([istio, near])
         digest[some] = pd.factorize(df["image_sha256"].take(some))[0]
-    known = digest >= 0
-    both = code * (int(digest.max(initial=0)) + 1) + digest  # (key and input: < rows x rows, no overflow)
     # (matched on the copies' stamps less their pod's clock offset, measured on the keys of one
     # primary and one copy: a pod's clock off by more than half the gap between a failed attempt
     # and its retry swapped the two's copies)
@@ -2309,6 +2303,26 @@ def _pairing(
     else:
         corrected = t.copy()
         corrected[istio] -= _clock_offsets(df, istio, rows, code, t, digest)
+    return is_primary, of, istio, near, digest, corrected
+
+
+def _pairing(df: pd.DataFrame, code: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+    """``copy_of``'s rule, on ``df``'s key codes and stamps: each key's primary (its rows,
+    sorted by key), the primaries left out as its repeats, each record's primary, and which are
+    shadow records paired with their own attempt's primary (stamped exactly as it, or Istio's
+    matched to it)."""
+    import pandas as pd
+
+    is_primary, of, istio, near, digest, corrected = _stamps(df, code, t)
+    outcome = df["outcome"] if "outcome" in df.columns else pd.Series("ok", index=df.index)
+    rows = np.flatnonzero(is_primary)
+    # (Istio's copies: each its own attempt's, the primary of its input nearest in time, one copy
+    # a primary, of those no own mirror's copy is stamped as; a primary without a copy is one the
+    # mirror did not sample. Of the input first, then where either record has no digest)
+    free = np.ones(len(df), bool)
+    free[of[~is_primary & (of >= 0)]] = False
+    known = digest >= 0
+    both = code * (int(digest.max(initial=0)) + 1) + digest  # (key and input: < rows x rows, no overflow)
     first = istio[known[istio]]
     of[first] = _nearest(first, near[known[near]], both, corrected)
     free[of[first][of[first] >= 0]] = False
@@ -2327,7 +2341,7 @@ def _pairing(
     left = ~is_primary & ~paired
     of[left] = _match(np.flatnonzero(left), chosen, code)
     of[rows] = rows
-    return chosen, repeats, of, paired, corrected
+    return chosen, repeats, of, paired
 
 
 # The column ``matched_times`` puts in a read: each record's stamp as ``copy_of`` matches it.
@@ -2340,7 +2354,7 @@ def matched_times(df: pd.DataFrame) -> np.ndarray:
     part of it taken (a range's records of a read with its margins) is matched as ``df`` is:
     measured on a part, a window's offset is the part's pairs' (none there: the part's offset
     over all it holds), another where the part holds another share of the window's pairs."""
-    return _pairing(df, key_codes(df), _times(df))[4]
+    return _stamps(df, key_codes(df), _times(df))[5]
 
 
 def copy_of(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -2369,7 +2383,7 @@ def copy_of(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     the earliest that succeeded, else the earliest; the others are its repeats. A dropped copy
     is its primary's as a copy is. The third array says which shadow records are paired with
     their own attempt's primary (stamped exactly as it, or Istio's matched to it)."""
-    chosen, _, of, own, _ = _pairing(df, key_codes(df), _times(df))
+    chosen, _, of, own = _pairing(df, key_codes(df), _times(df))
     first = np.zeros(len(df), bool)
     first[chosen] = True
     return first, of, own
@@ -2440,7 +2454,7 @@ def shadow_pairs(df: pd.DataFrame, vectors: bool = True) -> pd.DataFrame:
     dropped_rows = (df["outcome"] == "DROPPED").to_numpy()
     is_shadow = (df["role"] == "shadow").to_numpy()
     version, versions = pd.factorize(df["version"])  # -1: none
-    primary, dup_p, primary_of, paired, _ = _pairing(df, code, t)  # (each request's primary; each copy's: copy_of)
+    primary, dup_p, primary_of, paired = _pairing(df, code, t)  # (each request's primary; each copy's: copy_of)
     copies = np.flatnonzero(is_shadow & ~dropped_rows)
     digest, _ = pd.factorize(df["image_sha256"])  # equal codes, equal digests; -1: none
     of = primary_of[copies]  # each copy's primary, or -1
