@@ -199,8 +199,9 @@ _VALUE_END = r"(?=[\s,;&)\]}\"'<>]|\\[nrtbf]|\Z)"
 # A mask's mark, and up to three of a sentence's ".", "!", "?" or ":" after it, before a value's end
 # or a quote or line end written escaped (any depth): the mask of a value that a bracket closed
 # ("password: ('hunter2xyz',)." scrubbed to "password: ***.", which scrubbed again gave "password:
-# ***"), no value, so a text scrubbed again stays as it is.
-_MASK_MARK = rf"\*{{3}}[.!?:]{{0,3}}+(?:{_VALUE_END}|(?=\\{{1,15}}[\"'nrtbf]))"
+# ***"), no value, so a text scrubbed again stays as it is; and before an arrow glued to it
+# ("password: ***->***", ``changed_to``).
+_MASK_MARK = rf"\*{{3}}[.!?:]{{0,3}}+(?:{_VALUE_END}|(?=\\{{1,15}}[\"'nrtbf]|[-=]{{1,8}}+>))"
 NO_VALUE = rf"(?!{_WRITTEN_PLACEHOLDER}{_VALUE_END}|{_MASK_MARK})"
 # A placeholder then a word on its line ("password: none hunter2"): the placeholder stays, the word
 # is the value, as any word after a secret's key is (a date after it is the line's, a token the
@@ -831,6 +832,12 @@ _BODY_LINE_BITS = 1 << PATTERNS.index(_PEM_BODY_LINE) | 1 << PATTERNS.index(_PEM
 # placeholder, a mask's mark, a token, a bracket ("(known after apply)", "[FILTERED]", a dict), a
 # number alone ("-> 200 OK", a status), a date or time, a line end, or another secret's key are no
 # value; arrows in a row are one, and a scheme before the value is kept ("Bearer x -> Bearer y").
+# An arrow glued to the value ("hunter2->Tr0ub4dor", "Authorization: a -> b": the header's value
+# read to the ">") is read from its "-" or "=" in the value. After no value, a placeholder (no
+# value: "null", "n/a", '""', "(sensitive value)") is read as one where a secret's key is before it
+# ('~ password = null -> "s3cr3t"', Terraform's plan of a value first set: the new one was in clear):
+# the text with each placeholder before an arrow written as letters (``_EMPTY_THEN_ARROW``), the
+# values found there that end where one did start a chain.
 _CHANGED_TO = re.compile(
     rf"(?:(?:{_ESCAPE})?[\"'`])?+(?:{BLANK}{{0,64}}+{_arrow_mark()}{_ARROW_BLANK}{{0,64}}+){{1,4}}+(?:{_SCHEME})?+"
     rf"{NO_VALUE}{_NO_MASKED_AFTER}(?![(\[{{<]|\\{{1,15}}[rn]){_OPEN_QUOTE_MD}{_KEY_AS_VALUE}"
@@ -840,23 +847,52 @@ _CHANGED_TO = re.compile(
 _ARROWS = (">", "\u2192", "\u21d2", "\u27f6", "\u27f9", "\u2794", "\u27a1", "\\u2")  # (">": every arrow of signs)
 
 
+_EMPTY_THEN_ARROW = re.compile(
+    rf"(?<![A-Za-z0-9_/-])(?:{_WRITTEN_PLACEHOLDER}|(?P<e>{_ESCAPE})?(?P<q>[\"'])(?(e)(?P=e))(?P=q)|\((?i:sensitive(?: value)?)\))"
+    rf"(?=(?:(?:{_ESCAPE})?[\"'`])?+{BLANK}{{0,64}}+{_arrow_mark()})"
+)
+
+
+def _before_arrow(view: str, a: int, b: int) -> int:
+    """Where the value ``view[a:b]`` ends before an arrow read in it ("a->b": its "-"; a header's
+    value, read to the ">": "a -", its blank too), else ``b``."""
+    if view.startswith(">", b):
+        value = view[a:b].rstrip("-=")
+        if b - a - len(value) <= 8 and (value := value.rstrip(" \t")):
+            return a + len(value)
+    return b
+
+
 def changed_to(view: str, found: list[Span]) -> list[Span]:
     """``found`` (spans of values in ``view``, in order, merged) and the new values written after
     them (``_CHANGED_TO``), merged."""
-    if not found or not any(arrow in view for arrow in _ARROWS):
+    if not any(arrow in view for arrow in _ARROWS):
         return found
+    starts = found
+    if empty := [m.span() for m in _EMPTY_THEN_ARROW.finditer(view)]:
+        pieces, end = [], 0
+        for a, b in empty:
+            pieces += [view[end:a], "x" * (b - a)]
+            end = b
+        filled = "".join(pieces) + view[end:]
+        ends = {b for _, b in empty}
+        starts = sorted(found + [(a, b) for a, b in spans(filled, chained=False) if b in ends])
     more: list[Span] = []
+    cut: dict[Span, int] = {}  # (a value found, where it ends before an arrow read in it)
     reach = -1
-    for _, b in found:
+    for a, b in starts:
         if b <= reach:  # (read already by the chain of a value before it: each character read once)
             continue
+        if (end := _before_arrow(view, a, b)) != b:
+            cut[a, b] = end
+        b = end
         while m := _CHANGED_TO.match(view, b):  # (a chain, however long)
             if m.end("v") <= m.start("v"):
                 break
-            more.append(m.span("v"))
-            b = m.end("v")
+            b = _before_arrow(view, *m.span("v"))
+            more.append((m.start("v"), b))
         reach = b
-    return merge(found + more) if more else found
+    return merge([(a, cut.get((a, b), b)) for a, b in found] + more) if more or cut else found
 
 
 @functools.cache  # (2**14 kinds of text at most)
@@ -892,9 +928,10 @@ def patterns_for(text: str, low: str, words: bool = True) -> tuple[re.Pattern[st
     return _patterns(bits)
 
 
-def spans(text: str, userinfo: bool = False) -> list[Span]:
+def spans(text: str, userinfo: bool = False, chained: bool = True) -> list[Span]:
     """Where the credentials in ``text`` are, in order, overlapping ones merged; with
-    ``userinfo``, a URL's whole user information (its user too) rather than its password."""
+    ``userinfo``, a URL's whole user information (its user too) rather than its password; with
+    ``chained``, the new values written after them (``changed_to``) too."""
     found: list[Span] = []
     view, seen = as_seen(text), shown(text)  # (a tab as a space, a control sequence's final byte ends a word)
     for pattern in patterns_for(text, lower(text)):
@@ -907,7 +944,7 @@ def spans(text: str, userinfo: bool = False) -> list[Span]:
                 for a, b in (m.span(_group(pattern, userinfo)) for m in pattern.finditer(seen[0]))
                 if a < b
             ]
-    return changed_to(view, merge(found))
+    return changed_to(view, merge(found)) if chained else merge(found)
 
 
 def _group(pattern: re.Pattern[str], userinfo: bool) -> str | int:

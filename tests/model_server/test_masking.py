@@ -1558,6 +1558,11 @@ SECRET_GROWING = {
     "block scalars after keys": ("", "token: |\n  a\n"),
     "a block scalar's lines without end": ("password: |\n", "  a\n"),
     "a block scalar's long lines": ("password: >-\n ", "a" * 5000 + "\n "),
+    "placeholders before arrows after keys": ("", "password: null -> "),
+    "empty quotes before arrows": ("", '"" -> '),
+    "escaped empty quotes before arrows after keys": ("", 'token: \\"\\" => '),
+    "arrows glued to values after keys": ("", "token: a->"),
+    "a chain of glued arrows after a key": ("token: a", "->a"),
     "block indicators without lines": ("", "token: >-\n"),
     "keys over mapping lines": ("", "token:\n  a: b\n"),
     "a plain value on the next line without end": ("password:\n  ", "a"),
@@ -5576,6 +5581,16 @@ def test_an_arrow_after_a_keys_sign_and_a_key_after_an_arrow_are_read_as_such(ke
         ("GET /x?token=abc123XYZ9 -> 200 OK", "GET /x?token=*** -> 200 OK"),
         ("Authorization: Bearer abc123XYZ9 -> Bearer Zq9xW8vU7k", "Authorization: Bearer *** -> Bearer ***"),
         ("password: abc123XYZ9 \u2192 \u2192 Zq9xW8vU7k", "password: *** \u2192 \u2192 ***"),
+        # (a placeholder before the arrow: Terraform's plan of a value first set; an arrow glued
+        # to the value, or read in it: a header's value is read to the ">")
+        ('  ~ password = null -> "Zq9xW8vU7k"', '  ~ password = null -> "***"'),
+        ('  ~ db_password = "" -> "Zq9xW8vU7k"', '  ~ db_password = "" -> "***"'),
+        ("api_key: n/a \u2192 Zq9xW8vU7k \u2192 k3murfHm9Q", "api_key: n/a \u2192 *** \u2192 ***"),
+        ("{'secret': None => 'Zq9xW8vU7k'}", "{'secret': None => '***'}"),
+        ("password: abc123XYZ9->Zq9xW8vU7k", "password: ***->***"),
+        ("Authorization: abc123XYZ9 -> Zq9xW8vU7k", "Authorization: *** -> ***"),
+        ("Cookie: sid=abc123XYZ9 => sid=Zq9xW8vU7k", "Cookie: *** => ***"),
+        ("status: null -> active, user: none -> bob, token: null -> [FILTERED]",) * 2,
     ],
 )
 @pytest.mark.parametrize("depth", [0, 1, 2])
@@ -5584,7 +5599,9 @@ def test_a_secrets_new_value_after_an_arrow_is_masked_as_its_old_one(keys, text,
     a rotation's log ("password: old -> new"): the old value was masked, the new one after the
     arrow left in clear. The value after an arrow right after a value found is masked too, a
     chain of them each; a tool's words in parentheses, a placeholder or another key's pair after
-    it are no value."""
+    it are no value. After a secret's key and a placeholder (no value: a value first set), the
+    value after the arrow was in clear, and so after an arrow glued to the value or read in it
+    (a header's value, to the ">")."""
     assert masked_at_depth(keys, text, depth) == (kept, kept)
 
 
