@@ -834,8 +834,9 @@ _BODY_LINE_BITS = 1 << PATTERNS.index(_PEM_BODY_LINE) | 1 << PATTERNS.index(_PEM
 # value; arrows in a row are one, and a scheme before the value is kept ("Bearer x -> Bearer y").
 # An arrow glued to the value ("hunter2->Tr0ub4dor", "Authorization: a -> b": the header's value
 # read to the ">") is read from its "-" or "=" in the value. After no value, a placeholder (no
-# value: "null", "n/a", '""', "(sensitive value)") is read as one where a secret's key is before it
-# ('~ password = null -> "s3cr3t"', Terraform's plan of a value first set: the new one was in clear):
+# value: "null", "n/a", '""', "(sensitive value)", a mask's "***") is read as one where a secret's
+# key is before it ('~ password = null -> "s3cr3t"', Terraform's plan of a value first set; "***
+# -> new", a CI log's mask of the old one: the new one was in clear):
 # the text with each placeholder before an arrow written as letters (``_EMPTY_THEN_ARROW``), the
 # values found there that end where one did start a chain.
 _CHANGED_TO = re.compile(
@@ -848,35 +849,39 @@ _ARROWS = (">", "\u2192", "\u21d2", "\u27f6", "\u27f9", "\u2794", "\u27a1", "\\u
 
 
 _EMPTY_THEN_ARROW = re.compile(
-    rf"(?<![A-Za-z0-9_/-])(?:{_WRITTEN_PLACEHOLDER}|(?P<e>{_ESCAPE})?(?P<q>[\"'])(?(e)(?P=e))(?P=q)|\((?i:sensitive(?: value)?)\))"
+    rf"(?:(?<![A-Za-z0-9_/-])|(?<=\\[tn]))(?:{PLACEHOLDER}|(?P<e>{_ESCAPE})?(?P<q>[\"'])(?(e)(?P=e))(?P=q)|\((?i:sensitive(?: value)?)\))"
     rf"(?=(?:(?:{_ESCAPE})?[\"'`])?+{BLANK}{{0,64}}+{_arrow_mark()})"
 )
 
 
 def _before_arrow(view: str, a: int, b: int) -> int:
-    """Where the value ``view[a:b]`` ends before an arrow read in it ("a->b": its "-"; a header's
-    value, read to the ">": "a -", its blank too), else ``b``."""
-    if view.startswith(">", b):
-        value = view[a:b].rstrip("-=")
+    """Where the value ``view[a:b]`` ends before an arrow read in it ("a->b": its "-", one sign's
+    run: "dGVzdA==->x" keeps its "=="; a header's value, read to the ">": "a -", its blank too),
+    else ``b``."""
+    if view.startswith(">", b) and b > a and view[b - 1] in "-=":
+        value = view[a:b].rstrip(view[b - 1])
         if b - a - len(value) <= 8 and (value := value.rstrip(" \t")):
             return a + len(value)
     return b
 
 
-def changed_to(view: str, found: list[Span]) -> list[Span]:
-    """``found`` (spans of values in ``view``, in order, merged) and the new values written after
+def changed_to(text: str, found: list[Span]) -> list[Span]:
+    """``found`` (spans of values in ``text``, in order, merged) and the new values written after
     them (``_CHANGED_TO``), merged."""
-    if not any(arrow in view for arrow in _ARROWS):
+    if not any(arrow in text for arrow in _ARROWS):
         return found
+    view = as_seen(text)  # (as ``spans`` reads it: the same positions)
     starts = found
     if empty := [m.span() for m in _EMPTY_THEN_ARROW.finditer(view)]:
         pieces, end = [], 0
         for a, b in empty:
-            pieces += [view[end:a], "x" * (b - a)]
+            pieces += [text[end:a], "x" * (b - a)]
             end = b
-        filled = "".join(pieces) + view[end:]
+        filled = "".join(pieces) + text[end:]  # (the text's: ``spans`` reads it as it reads the text)
         ends = {b for _, b in empty}
-        starts = sorted(found + [(a, b) for a, b in spans(filled, chained=False) if b in ends])
+        starts = sorted(
+            found + [(a, b) for a, b in spans(filled, chained=False) if _before_arrow(filled, a, b) in ends]
+        )
     more: list[Span] = []
     cut: dict[Span, int] = {}  # (a value found, where it ends before an arrow read in it)
     reach = -1
@@ -944,7 +949,7 @@ def spans(text: str, userinfo: bool = False, chained: bool = True) -> list[Span]
                 for a, b in (m.span(_group(pattern, userinfo)) for m in pattern.finditer(seen[0]))
                 if a < b
             ]
-    return changed_to(view, merge(found)) if chained else merge(found)
+    return changed_to(text, merge(found)) if chained else merge(found)
 
 
 def _group(pattern: re.Pattern[str], userinfo: bool) -> str | int:

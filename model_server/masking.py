@@ -1054,7 +1054,7 @@ class Masker:
         no token for a value, and the secret after it ("credentials=AKIA...:wJalr...") stayed."""
         keyed = sum(1 for d in detectors if d.name == "secret" or d.pattern is _KEYED)  # (they come first)
         found = credentials.merge([span for d in detectors[:keyed] for span in d.spans(text)])
-        text = self._tokens(text, key, credentials.changed_to(as_seen(text), found))
+        text = self._tokens(text, key, credentials.changed_to(text, found))
         for detector in detectors[keyed:]:
             text = self._tokens(text, key, detector.spans(text))
         return text

@@ -5591,6 +5591,12 @@ def test_an_arrow_after_a_keys_sign_and_a_key_after_an_arrow_are_read_as_such(ke
         ("Authorization: abc123XYZ9 -> Zq9xW8vU7k", "Authorization: *** -> ***"),
         ("Cookie: sid=abc123XYZ9 => sid=Zq9xW8vU7k", "Cookie: *** => ***"),
         ("status: null -> active, user: none -> bob, token: null -> [FILTERED]",) * 2,
+        # (review s50-1: a header's empty value; an arrow glued to a placeholder; a mask's mark as
+        # the old value, a CI log's; base64's padding before "->")
+        ('Authorization: "" -> Zq9xW8vU7k', 'Authorization: "" -> ***'),
+        ('password: ""->Zq9xW8vU7k', 'password: ""->***'),
+        ("password: *** -> Zq9xW8vU7k", "password: *** -> ***"),
+        ("api_key: dGVzdA==->bmV3a2V5Xy9", "api_key: ***->***"),
     ],
 )
 @pytest.mark.parametrize("depth", [0, 1, 2])
@@ -5603,6 +5609,18 @@ def test_a_secrets_new_value_after_an_arrow_is_masked_as_its_old_one(keys, text,
     value after the arrow was in clear, and so after an arrow glued to the value or read in it
     (a header's value, to the ">")."""
     assert masked_at_depth(keys, text, depth) == (kept, kept)
+
+
+def test_a_new_value_after_a_placeholder_is_masked_on_a_coloured_line(keys):
+    """A line with a colour code before the key (a coloured log's level, Terraform's coloured
+    plan): the placeholder was read as the text is seen, its colour codes' ends changed, and the
+    new value after it left in clear (review s50-1)."""
+    for text in (
+        "\x1b[32mINFO\x1b[0m password: null -> Zq9xW8vU7k",
+        '  \x1b[33m~\x1b[0m password = "" -> "Zq9xW8vU7k"',
+    ):
+        kept = text.replace("Zq9xW8vU7k", "***")
+        assert masked_at_depth(keys, text, 0) == (kept, kept)
 
 
 @pytest.mark.parametrize(
