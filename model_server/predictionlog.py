@@ -2163,9 +2163,8 @@ CLOCK_SKEW_S = 60
 AUDIT_HOUR_S = 3600
 AUDIT_CLOSE_S = 186
 # A window's pairs a pod's offset there is measured on, at the least: with fewer (a quiet
-# stretch), its offset over the whole read, as a line through it (one pair, a retry's copy taken
-# for a request of one, would set it); and a half's of the read's pairs the line's slope is
-# measured on (``_drift_lines``).
+# stretch), its offset over the whole read (one pair, a retry's copy taken for a request of one,
+# would set it).
 MIN_OFFSET_PAIRS = 5
 
 
@@ -2181,14 +2180,16 @@ def _offset_windows(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return 2 * ((t + skew) // hour) + inner, end + close + np.where(inner, hour, 0)
 
 
-def _gaps(
-    copies: np.ndarray, primaries: np.ndarray, key: np.ndarray, t: np.ndarray, digest: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Which of ``copies`` are of a key (``key``, a code a row) with one of ``primaries`` and the
-    copy alone, of one input (equal ``digest``), stamped no more than ``CLOCK_SKEW_S`` apart; and
-    their copy less primary stamps."""
+def _gap_medians(
+    copies: np.ndarray, primaries: np.ndarray, key: np.ndarray, t: np.ndarray, digest: np.ndarray, group: np.ndarray,
+    groups: int,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Of the keys (``key``, a code a row) with one of ``primaries`` and one of ``copies`` alone,
+    of one input (equal ``digest``), stamped no more than ``CLOCK_SKEW_S`` apart: per ``group``
+    (a code of ``groups``, one a copy), the median of copy less primary stamp, and how many."""
+    median, n = np.zeros(groups, np.int64), np.zeros(groups, np.int64)
     if len(copies) == 0 or len(primaries) == 0:
-        return np.zeros(len(copies), bool), np.zeros(0, np.int64)
+        return median, n
     primaries = primaries[np.argsort(key[primaries], kind="stable")]
     keys, first, count = np.unique(key[primaries], return_index=True, return_counts=True)
     mine, many = np.unique(key[copies], return_inverse=True, return_counts=True)[1:]
@@ -2197,12 +2198,7 @@ def _gaps(
     alone &= digest[copies] == digest[primaries[first[at]]]
     gap = t[copies] - t[primaries[first[at]]]
     alone &= np.abs(gap) <= CLOCK_SKEW_S * 1_000_000
-    return alone, gap[alone]
-
-
-def _medians(g: np.ndarray, gap: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per group (``g``, a code of ``groups`` a gap), the median of ``gap``, and how many."""
-    median = np.zeros(groups, np.int64)
+    g, gap = group[alone], gap[alone]
     order = np.lexsort((gap, g))
     g, gap = g[order], gap[order]
     n = np.bincount(g, minlength=groups)
@@ -2213,35 +2209,13 @@ def _medians(g: np.ndarray, gap: np.ndarray, groups: int) -> tuple[np.ndarray, n
     return median, n
 
 
-def _drift_lines(
-    g: np.ndarray, at: np.ndarray, gap: np.ndarray, groups: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per group (``g``, a code of ``groups`` a pair), the line of ``gap`` over ``at`` (a
-    clock's drift), robust to outliers: through the medians of each half of its pairs in time
-    (Tukey's resistant line, of two groups): its level at ``centre`` and its slope. Of fewer
-    than ``MIN_OFFSET_PAIRS`` pairs a half, level the median of all, slope 0."""
-    level, n = _medians(g, gap, groups)
-    slope, centre = np.zeros(groups), np.zeros(groups, np.int64)
-    order = np.lexsort((at, g))
-    g, at, gap = g[order], at[order], gap[order]
-    start = np.concatenate([[0], np.cumsum(n)])
-    for k in np.flatnonzero(n >= 2 * MIN_OFFSET_PAIRS):
-        half = n[k] // 2
-        early, late = slice(start[k], start[k] + half), slice(start[k + 1] - half, start[k + 1])
-        t1, t2 = np.median(at[early]), np.median(at[late])
-        if t2 > t1:
-            m1, m2 = np.median(gap[early]), np.median(gap[late])
-            slope[k], centre[k], level[k] = (m2 - m1) / (t2 - t1), round((t1 + t2) / 2), round((m1 + m2) / 2)
-    return level, slope, centre
-
-
 def _clock_offsets(
     df: pd.DataFrame, copies: np.ndarray, primaries: np.ndarray, code: np.ndarray, t: np.ndarray, digest: np.ndarray
 ) -> np.ndarray:
     """For each of ``copies`` (Istio's, rows), how far ahead of the primaries' its pod's clock
     is, in ``t``'s units (microseconds): the median of copy stamp less primary stamp over the
     keys with one primary (of ``primaries``) and one of ``copies`` alone, of one input (equal
-    ``digest``), stamped no more than ``CLOCK_SKEW_S`` apart (``_gaps``); one offset per
+    ``digest``), stamped no more than ``CLOCK_SKEW_S`` apart (``_gap_medians``); one offset per
     candidate version and pod (``version``, ``replica``, where the records name them) and window
     of the copy's stamp (``_offset_windows``), measured on that window's records alone (both of
     a pair stamped in it, a key alone among its records and of no failed primary there, its
@@ -2253,10 +2227,7 @@ def _clock_offsets(
     the failed attempt in one hour and to the retry in the other: the pair counted in both hours
     or in neither). A window with fewer than ``MIN_OFFSET_PAIRS`` such pairs of the pod (a quiet
     stretch, or a read that holds it in part: a rollout's range) takes the pod's offset over all
-    ``df`` holds, of the files written by their window's close, as a line through the read at
-    the copy's stamp (``_drift_lines``: a clock's drift, seconds over hours on a quiet model, is
-    one; its median where the read has fewer than twice ``MIN_OFFSET_PAIRS`` such pairs, 0 where
-    it has none).
+    ``df`` holds, of the files written by their window's close (0 where it has no such pair).
     Known limits: a clock stepped within a window is corrected by the window's one median; a
     retry's copy whose first attempt lies just before a window, with the pod's clock ahead,
     looks a pair there (enough of them, beside few real pairs, set the window's offset)."""
@@ -2278,16 +2249,12 @@ def _clock_offsets(
         written = df["written"].to_numpy("datetime64[us]")
         due = np.isnat(written) | (written.astype(np.int64) <= close)
         measured, primaries = due[copies], primaries[due[primaries]]
-    alone, gap = _gaps(copies[measured], primaries, code, t, digest)
-    level, slope, centre = _drift_lines(group[measured][alone], t[copies[measured][alone]], gap, int(group.max()) + 1)
-    whole = level[group] + np.round(slope[group] * (t[copies] - centre[group])).astype(np.int64)
-    whole = np.clip(whole, -CLOCK_SKEW_S * 1_000_000, CLOCK_SKEW_S * 1_000_000)  # (past its pairs: within the bound)
+    whole = _gap_medians(copies[measured], primaries, code, t, digest, group[measured], int(group.max()) + 1)[0]
     if "outcome" in df.columns:  # (a key whose attempt failed in the window: its retry may lie past its edge)
         failed = primaries[(df["outcome"].to_numpy(object)[primaries] != "ok")]
         measured &= ~np.isin(within[copies], within[failed])
-    alone, gap = _gaps(copies[measured], primaries, within, t, digest)
-    local, n = _medians(cell[measured][alone], gap, len(cells))
-    return np.where(n[cell] >= MIN_OFFSET_PAIRS, local[cell], whole)
+    local, n = _gap_medians(copies[measured], primaries, within, t, digest, cell[measured], len(cells))
+    return np.where(n[cell] >= MIN_OFFSET_PAIRS, local[cell], whole[group])
 
 
 def _spans(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
