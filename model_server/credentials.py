@@ -835,10 +835,10 @@ _BODY_LINE_BITS = 1 << PATTERNS.index(_PEM_BODY_LINE) | 1 << PATTERNS.index(_PEM
 # An arrow glued to the value ("hunter2->Tr0ub4dor", "Authorization: a -> b": the header's value
 # read to the ">") is read from its "-" or "=" in the value. After no value, a placeholder (no
 # value: "null", "n/a", '""', "(sensitive value)", a mask's "***") is read as one where a secret's
-# key is before it ('~ password = null -> "s3cr3t"', Terraform's plan of a value first set; "***
-# -> new", a CI log's mask of the old one: the new one was in clear):
-# the text with each placeholder before an arrow written as letters (``_EMPTY_THEN_ARROW``), the
-# values found there that end where one did start a chain.
+# key is before it ('~ password = null -> "s3cr3t"', Terraform's plan of a value first set; "*** ->
+# new", a CI log's mask of the old one: the new one was in clear): the text with each placeholder
+# before an arrow written as letters (``_EMPTY_THEN_ARROW``), the values found there that end where
+# one did start a chain.
 _CHANGED_TO = re.compile(
     rf"(?:(?:{_ESCAPE})?[\"'`])?+(?:{BLANK}{{0,64}}+{_arrow_mark()}{_ARROW_BLANK}{{0,64}}+){{1,4}}+(?:{_SCHEME})?+"
     rf"{NO_VALUE}{_NO_MASKED_AFTER}(?![(\[{{<]|\\{{1,15}}[rn]){_OPEN_QUOTE_MD}{_KEY_AS_VALUE}"
