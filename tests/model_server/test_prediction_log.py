@@ -1855,15 +1855,19 @@ def test_killed_server_leaves_only_complete_files(server_factory, repo_copy, tmp
     s = mirroring_server(server_factory, repo_copy, tmp_path, flush="0.01")
     for i in range(150):
         infer(s, digit_images[i % 50][0])
+    # (a busy machine's writer may lag the requests: the kill waits for its first file, then lands
+    # while it writes more)
+    assert wait_for(lambda: any(log_dir.rglob("part-*.parquet")), timeout=120), "the writer wrote nothing"
+    for i in range(50):
+        infer(s, digit_images[i][0])
     s.proc.send_signal(signal.SIGKILL)  # no clean shutdown: whatever was mid-write stays mid-write
     s.proc.wait(timeout=10)
     found = list(log_dir.rglob("part-*.parquet"))
-    assert found
     for f in found:
         assert pq.read_table(f).num_rows > 0  # every visible file is complete
     df = read(log_dir, NOW - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1))
     assert df.attrs["skipped_files"] == 0
-    assert 0 < (df["role"] == "primary").sum() <= 150
+    assert 0 < (df["role"] == "primary").sum() <= 200
 
 
 @pytest.mark.integration
