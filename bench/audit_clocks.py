@@ -12,12 +12,14 @@ before to 4 min after 11:00), the scene's kind its pods' hardest; single request
 rate (0.005, 0.02 or 0.1 a second), each copied; one to three bursts of 5 to 40 failed requests
 retried 0.2 to 8 s later, centred on the hour's end, a minute before it, or the next hour's close
 (AUDIT_CLOSE_S after it), the copy of each the retry's or the failed attempt's. Files of a minute's records, written a second or two
-after it, as the pods' writers flush; read by ``audit`` over 10:00-11:00 and 11:00-12:00.
+after it, as the pods' writers flush; read by ``audit`` as the hourly DAG does (10:00-11:00 and
+11:00-12:00) and as a rollout's shadow check does (its range: 10:50-11:10).
 
-Right: a copied retry is a row of its retry's hour; a copied failed attempt, a ``primary_failed``
-of its hour. A scene is exact when both hours' two counts are. Prints, per clock kind, the scenes,
-the exact ones and the counts off (the sum over scenes of |got - right|, rows and failed, against
-the right totals), and writes ``bench/results/audit-clocks.json``.
+Right: a copied retry is a row of its retry's stamp's range; a copied failed attempt, a
+``primary_failed`` of its attempt's. A scene is exact when its ranges' two counts are. Prints, per
+way of reading and clock kind, the scenes, the exact ones and the counts off (the sum over scenes
+of |got - right|, rows and failed, against the right totals), and writes
+``bench/results/audit-clocks.json``.
 """
 
 from __future__ import annotations
@@ -48,12 +50,17 @@ HOUR = datetime(2026, 3, 1, 10, tzinfo=UTC)
 END = (HOUR + timedelta(hours=1)).timestamp()  # 11:00, the hour's end the scenes are around
 T0, T1 = END - 3600 + 120, END + 3600 - 180  # (the stretch the single requests fall in)
 KINDS = ("steady", "drift", "step")
+READS = {  # (the ranges each way of reading audits)
+    "hourly": [(HOUR, HOUR + timedelta(hours=1)), (HOUR + timedelta(hours=1), HOUR + timedelta(hours=2))],
+    "rollout": [(HOUR + timedelta(minutes=50), HOUR + timedelta(minutes=70))],
+}
 
 
-def scene(seed: int) -> tuple[dict[str, Any], list[list[int]], str]:
+def scene(seed: int) -> tuple[dict[str, Any], list[tuple[float, int]], str]:
     """The records (``ok``, ``fault``: primaries, index -> stamp; ``copies``: pod -> index ->
-    stamp by its clock), the right counts per hour (rows, primary_failed) and the pods' hardest
-    clock kind (a step's over a drift's over a steady one's)."""
+    stamp by its clock), what each copy counts as where (its attempt's stamp and 0, a row, or 1,
+    a ``primary_failed``) and the pods' hardest clock kind (a step's over a drift's over a steady
+    one's)."""
     rng = np.random.default_rng(seed)
     pods = ["shadow-a", "shadow-b"][: int(rng.integers(1, 3))]
     clocks = {
@@ -69,14 +76,14 @@ def scene(seed: int) -> tuple[dict[str, Any], list[list[int]], str]:
         return a if t < at else b
 
     records: dict[str, Any] = {"ok": {}, "fault": {}, "copies": {p: {} for p in pods}}
-    right = [[0, 0], [0, 0]]
+    counts: list[tuple[float, int]] = []
     i = 0
     rate = float(rng.choice([0.005, 0.02, 0.1]))
     for t in np.sort(rng.uniform(T0, T1, rng.poisson(rate * (T1 - T0)))):
         p = pods[int(rng.integers(len(pods)))]
         records["ok"][i] = t
         records["copies"][p][i] = t + lag(p, t) + rng.uniform(-0.002, 0.002)
-        right[int(t >= END)][0] += 1
+        counts.append((t, 0))
         i += 1
     for _ in range(int(rng.integers(1, 4))):
         centre = float(rng.choice([END - 60, END, END + predictionlog.AUDIT_CLOSE_S])) + rng.uniform(-3, 3)
@@ -88,9 +95,9 @@ def scene(seed: int) -> tuple[dict[str, Any], list[list[int]], str]:
             records["fault"][i], records["ok"][i] = first, first + gap
             at = first + gap if copied_retry else first
             records["copies"][p][i] = at + lag(p, at) + rng.uniform(-0.002, 0.002)
-            right[int(at >= END)][0 if copied_retry else 1] += 1
+            counts.append((at, 0 if copied_retry else 1))
             i += 1
-    return records, right, max((clocks[p][0] for p in pods), key=KINDS.index)
+    return records, counts, max((clocks[p][0] for p in pods), key=KINDS.index)
 
 
 @contextmanager
@@ -134,29 +141,41 @@ def write(folder: Path, keys: Path, records: dict[str, Any]) -> None:
                 log.flush()
 
 
-def run(seeds: range) -> dict[str, Any]:
-    by_kind: dict[str, dict[str, Any]] = {}
+def run(seeds: range) -> dict[str, dict[str, Any]]:
+    by_read: dict[str, dict[str, Any]] = {read: {} for read in READS}
     for seed in seeds:
-        records, right, kind = scene(seed)
+        records, counts, kind = scene(seed)
         with tempfile.TemporaryDirectory() as tmp:
             keys = Path(tmp) / "keys.json"
             create_key_file(keys)
             write(Path(tmp) / "log", keys, records)
-            got = []
-            for h in (HOUR, HOUR + timedelta(hours=1)):
-                a = audit(Path(tmp) / "log", h, h + timedelta(hours=1), "digits", earlier_hours=1)
-                got.append([a.rows, a.primary_failed])
-        row = by_kind.setdefault(
-            kind, {"scenes": 0, "exact": 0, "rows": 0, "rows_off": 0, "failed": 0, "failed_off": 0, "wrong_seeds": []}
-        )
-        row["scenes"] += 1
-        row["exact"] += got == right
-        if got != right:
-            row["wrong_seeds"].append(seed)
-        for j, name in ((0, "rows"), (1, "failed")):
-            row[name] += sum(r[j] for r in right)
-            row[f"{name}_off"] += sum(abs(g[j] - r[j]) for g, r in zip(got, right, strict=True))
-    return by_kind
+            for read, ranges in READS.items():
+                got, right = [], []
+                for start, end in ranges:
+                    a = audit(Path(tmp) / "log", start, end, "digits", earlier_hours=1)
+                    got.append([a.rows, a.primary_failed])
+                    within = [j for at, j in counts if start.timestamp() <= at < end.timestamp()]
+                    right.append([within.count(0), within.count(1)])
+                row = by_read[read].setdefault(
+                    kind,
+                    {
+                        "scenes": 0,
+                        "exact": 0,
+                        "rows": 0,
+                        "rows_off": 0,
+                        "failed": 0,
+                        "failed_off": 0,
+                        "wrong_seeds": [],
+                    },
+                )
+                row["scenes"] += 1
+                row["exact"] += got == right
+                if got != right:
+                    row["wrong_seeds"].append(seed)
+                for j, name in ((0, "rows"), (1, "failed")):
+                    row[name] += sum(r[j] for r in right)
+                    row[f"{name}_off"] += sum(abs(g[j] - r[j]) for g, r in zip(got, right, strict=True))
+    return by_read
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,13 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=80)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "audit-clocks.json")
     args = ap.parse_args(argv)
-    by_kind = run(range(args.seeds))
-    print(f"{'clocks':<14} {'scenes':>6} {'exact':>6} {'rows off':>14} {'failed off':>14}")
-    for kind, r in sorted(by_kind.items()):
-        print(
-            f"{kind:<14} {r['scenes']:>6} {r['exact']:>6} {r['rows_off']:>6} of {r['rows']:<6} {r['failed_off']:>5} of {r['failed']:<6}"
-        )
-    write_result(args.out, "audit_clocks", {"seeds": args.seeds, "by_clocks": by_kind})
+    by_read = run(range(args.seeds))
+    print(f"{'read':<8} {'clocks':<8} {'scenes':>6} {'exact':>6} {'rows off':>14} {'failed off':>14}")
+    for read, by_kind in by_read.items():
+        for kind, r in sorted(by_kind.items()):
+            print(
+                f"{read:<8} {kind:<8} {r['scenes']:>6} {r['exact']:>6} {r['rows_off']:>6} of {r['rows']:<6} "
+                f"{r['failed_off']:>5} of {r['failed']:<6}"
+            )
+    write_result(args.out, "audit_clocks", {"seeds": args.seeds, "by_read_and_clocks": by_read})
     return 0
 
 

@@ -2163,9 +2163,12 @@ CLOCK_SKEW_S = 60
 AUDIT_HOUR_S = 3600
 AUDIT_CLOSE_S = 186
 # A window's pairs a pod's offset there is measured on, at the least: with fewer (a quiet
-# stretch), its offset over the whole read (one pair, a retry's copy taken for a request of one,
-# would set it).
+# stretch), its offset over the whole read, as a line through it where its pairs lie on one (one
+# pair, a retry's copy taken for a request of one, would set it); and a third's of the read's
+# pairs that line is measured on, its outer thirds' medians DRIFT_SPAN_S apart at the least
+# (``_drift_lines``).
 MIN_OFFSET_PAIRS = 5
+DRIFT_SPAN_S = 600
 
 
 def _offset_windows(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -2180,16 +2183,14 @@ def _offset_windows(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return 2 * ((t + skew) // hour) + inner, end + close + np.where(inner, hour, 0)
 
 
-def _gap_medians(
-    copies: np.ndarray, primaries: np.ndarray, key: np.ndarray, t: np.ndarray, digest: np.ndarray, group: np.ndarray,
-    groups: int,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Of the keys (``key``, a code a row) with one of ``primaries`` and one of ``copies`` alone,
-    of one input (equal ``digest``), stamped no more than ``CLOCK_SKEW_S`` apart: per ``group``
-    (a code of ``groups``, one a copy), the median of copy less primary stamp, and how many."""
-    median, n = np.zeros(groups, np.int64), np.zeros(groups, np.int64)
+def _gaps(
+    copies: np.ndarray, primaries: np.ndarray, key: np.ndarray, t: np.ndarray, digest: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which of ``copies`` are of a key (``key``, a code a row) with one of ``primaries`` and the
+    copy alone, of one input (equal ``digest``), stamped no more than ``CLOCK_SKEW_S`` apart; and
+    their copy less primary stamps."""
     if len(copies) == 0 or len(primaries) == 0:
-        return median, n
+        return np.zeros(len(copies), bool), np.zeros(0, np.int64)
     primaries = primaries[np.argsort(key[primaries], kind="stable")]
     keys, first, count = np.unique(key[primaries], return_index=True, return_counts=True)
     mine, many = np.unique(key[copies], return_inverse=True, return_counts=True)[1:]
@@ -2198,15 +2199,54 @@ def _gap_medians(
     alone &= digest[copies] == digest[primaries[first[at]]]
     gap = t[copies] - t[primaries[first[at]]]
     alone &= np.abs(gap) <= CLOCK_SKEW_S * 1_000_000
-    g, gap = group[alone], gap[alone]
-    order = np.lexsort((gap, g))
-    g, gap = g[order], gap[order]
+    return alone, gap[alone]
+
+
+def _medians(g: np.ndarray, values: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per group (``g``, a code of ``groups`` a value), the median of ``values`` (integers,
+    rounded down), and how many."""
+    median = np.zeros(groups, np.int64)
+    order = np.lexsort((values, g))
+    g, values = g[order], values[order]
     n = np.bincount(g, minlength=groups)
     start = np.concatenate([[0], np.cumsum(n)[:-1]])
     has = n > 0
-    lower, upper = gap[start[has] + (n[has] - 1) // 2], gap[start[has] + n[has] // 2]
+    lower, upper = values[start[has] + (n[has] - 1) // 2], values[start[has] + n[has] // 2]
     median[has] = lower + (upper - lower) // 2
     return median, n
+
+
+def _drift_lines(
+    g: np.ndarray, at: np.ndarray, gap: np.ndarray, groups: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per group (``g``, a code of ``groups`` a pair), the line of ``gap`` over ``at`` (a clock's
+    drift), robust to outliers: Tukey's resistant line, through the medians of the first and the
+    last third of its pairs in time; its level at ``centre`` and its slope. Where the pairs are
+    fewer than three times ``MIN_OFFSET_PAIRS``, the outer thirds' medians less than
+    ``DRIFT_SPAN_S`` apart (a burst's jitter is no drift), or the middle third's median further
+    from the line than a quarter of its rise over the outer two (a step, or mis-pairs in one
+    third: no line): level the median of all, slope 0."""
+    level, n = _medians(g, gap, groups)
+    slope, centre = np.zeros(groups), np.zeros(groups, np.int64)
+    many = np.flatnonzero(n >= 3 * MIN_OFFSET_PAIRS)
+    if len(many) == 0:
+        return level, slope, centre
+    order = np.lexsort((at, g))
+    g, at, gap = g[order], at[order], gap[order]
+    start, third = np.concatenate([[0], np.cumsum(n)[:-1]]), n // 3
+    rank = np.arange(len(g)) - start[g]
+    part = 3 * g + (rank >= third[g]) + (rank >= n[g] - third[g])  # (the pair's group and third)
+    m1, mm, m3 = _medians(part, gap, 3 * groups)[0].reshape(groups, 3)[many].T
+    lo = (start + np.array([[0], [1], [0]]) * third + np.array([[0], [0], [1]]) * (n - third))[:, many]
+    size = np.stack([third, n - 2 * third, third])[:, many]
+    lower, upper = at[lo + (size - 1) // 2], at[lo + size // 2]  # (each third's, in time order)
+    t1, tm, t3 = lower + (upper - lower) // 2
+    span, rise = t3 - t1, m3 - m1
+    line = m1 + rise * (tm - t1) / np.maximum(span, 1)
+    fits = (span >= DRIFT_SPAN_S * 1_000_000) & (np.abs(mm - line) <= np.abs(rise) / 4)
+    k = many[fits]
+    slope[k], centre[k], level[k] = rise[fits] / span[fits], (t1 + t3)[fits] // 2, (m1 + m3)[fits] // 2
+    return level, slope, centre
 
 
 def _clock_offsets(
@@ -2215,7 +2255,7 @@ def _clock_offsets(
     """For each of ``copies`` (Istio's, rows), how far ahead of the primaries' its pod's clock
     is, in ``t``'s units (microseconds): the median of copy stamp less primary stamp over the
     keys with one primary (of ``primaries``) and one of ``copies`` alone, of one input (equal
-    ``digest``), stamped no more than ``CLOCK_SKEW_S`` apart (``_gap_medians``); one offset per
+    ``digest``), stamped no more than ``CLOCK_SKEW_S`` apart (``_gaps``); one offset per
     candidate version and pod (``version``, ``replica``, where the records name them) and window
     of the copy's stamp (``_offset_windows``), measured on that window's records alone (both of
     a pair stamped in it, a key alone among its records and of no failed primary there, its
@@ -2227,7 +2267,9 @@ def _clock_offsets(
     the failed attempt in one hour and to the retry in the other: the pair counted in both hours
     or in neither). A window with fewer than ``MIN_OFFSET_PAIRS`` such pairs of the pod (a quiet
     stretch, or a read that holds it in part: a rollout's range) takes the pod's offset over all
-    ``df`` holds, of the files written by their window's close (0 where it has no such pair).
+    ``df`` holds, of the files written by their window's close, as a line through the read at
+    the copy's stamp where its pairs lie on one (``_drift_lines``: a clock drifting seconds over
+    hours on a quiet model; the median of its pairs where they do not, 0 where it has none).
     Known limits: a clock stepped within a window is corrected by the window's one median; a
     retry's copy whose first attempt lies just before a window, with the pod's clock ahead,
     looks a pair there (enough of them, beside few real pairs, set the window's offset)."""
@@ -2249,12 +2291,16 @@ def _clock_offsets(
         written = df["written"].to_numpy("datetime64[us]")
         due = np.isnat(written) | (written.astype(np.int64) <= close)
         measured, primaries = due[copies], primaries[due[primaries]]
-    whole = _gap_medians(copies[measured], primaries, code, t, digest, group[measured], int(group.max()) + 1)[0]
+    alone, gap = _gaps(copies[measured], primaries, code, t, digest)
+    level, slope, centre = _drift_lines(group[measured][alone], t[copies[measured][alone]], gap, int(group.max()) + 1)
+    whole = level[group] + np.round(slope[group] * (t[copies] - centre[group])).astype(np.int64)
+    whole = np.clip(whole, -CLOCK_SKEW_S * 1_000_000, CLOCK_SKEW_S * 1_000_000)  # (past its pairs: within the bound)
     if "outcome" in df.columns:  # (a key whose attempt failed in the window: its retry may lie past its edge)
         failed = primaries[(df["outcome"].to_numpy(object)[primaries] != "ok")]
         measured &= ~np.isin(within[copies], within[failed])
-    local, n = _gap_medians(copies[measured], primaries, within, t, digest, cell[measured], len(cells))
-    return np.where(n[cell] >= MIN_OFFSET_PAIRS, local[cell], whole[group])
+    alone, gap = _gaps(copies[measured], primaries, within, t, digest)
+    local, n = _medians(cell[measured][alone], gap, len(cells))
+    return np.where(n[cell] >= MIN_OFFSET_PAIRS, local[cell], whole)
 
 
 def _spans(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:

@@ -3089,6 +3089,79 @@ def test_behind_istio_the_rollout_audit_across_the_hour_matches_retries_by_the_p
     assert (result.rows, result.primary_failed) == (120 + 50, 0), result.reasons
 
 
+def quiet_hours(
+    folder: Path, lag: Callable[[float], float], sent: np.ndarray, k: int, failed_at: float, gap: float
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Behind Istio around 11:00 (``e``), a quiet model: requests at ``e + sent`` (s), each copied;
+    ``k`` ids failed (FAULT) at ``e + failed_at`` and sent again ``gap`` s later, only the retry
+    copied; the candidate pod's clock ``lag(t)`` s off at ``t`` (copies 3 ms after their
+    primaries besides). The hourly audits of 10:00 and 11:00, each one's (rows, primary_failed),
+    and the right ones (each request a row of its hour, each retry of its own)."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    e = hour.timestamp() + 3600
+    first = {i: e + failed_at - 0.001 * i for i in range(k)}
+    again = {i: t + gap for i, t in first.items()}
+    pods_log(folder, {"primary-pod": ("primary", first)}, written=e + failed_at + 1, outcome="FAULT")
+    for stamps in ({100 + i: e + s for i, s in enumerate(sent) if s < 0}, again, {
+        100 + i: e + s for i, s in enumerate(sent) if s >= 0
+    }):  # fmt: skip
+        written = max(stamps.values()) + 5
+        pods_log(folder, {"primary-pod": ("primary", stamps)}, written=written)
+        pods_log(
+            folder, {"shadow-pod": ("shadow", {i: t + lag(t) + 0.003 for i, t in stamps.items()})}, written=written
+        )
+    counted = [
+        audit(folder / "log", h, h + timedelta(hours=1), "digits", earlier_hours=24)
+        for h in (hour, hour + timedelta(hours=1))
+    ]
+    retried_after = failed_at + gap >= 0
+    right = [(int((sent < 0).sum()) + k * (not retried_after), 0), (int((sent >= 0).sum()) + k * retried_after, 0)]
+    return [(a.rows, a.primary_failed) for a in counted], right
+
+
+EVERY_2_MIN = np.arange(-3570, 3480, 120.0)  # (10:00:30 to 11:56:30: two in the minutes around 11:00)
+
+
+def test_behind_istio_on_a_quiet_model_a_drifting_clock_is_followed_to_the_hours_end(tmp_path):
+    """A candidate pod whose clock drifts from 3 s ahead at 10:00 to 3 s behind at 12:00 (right at
+    11:00), on a quiet model (a request every 2 min): 20 ids failed at 10:59:59.9 and sent again
+    0.2 s later, only the retry copied. The minutes around 11:00 hold no pair, and take the pod's
+    offset over each hour's read: its median there (+1.5 s in 10:00's, -1.5 s in 11:00's) sent
+    the copies to the failed attempts in one hour and to the retries in the other: counted in both.
+    Read as a line through the read (``_drift_lines``), the offset at 11:00 is right in both."""
+    counted, right = quiet_hours(tmp_path, lambda t: -3.0 * (t % 7200 - 3600) / 3600, EVERY_2_MIN, 20, -0.1, 0.2)
+    assert right == [(30, 0), (29 + 20, 0)]
+    assert counted == right
+
+
+STEPPED = datetime(2026, 3, 1, 10, 20, tzinfo=UTC).timestamp()
+BURSTS = np.concatenate([-1800 + 0.02 * np.arange(20), 1800 + 0.02 * np.arange(20)])  # (10:30 and 11:30)
+
+
+@pytest.mark.parametrize(
+    ("lag", "sent", "failed_at", "gap"),
+    [
+        # right, then 0.3 s behind from 10:20 (NTP): the pairs lie on no line (the middle third's
+        # median off the line through the outer two's), 10:00's read is bent
+        (lambda t: -0.3 if t >= STEPPED else 0.0, EVERY_2_MIN, -0.1, 0.2),
+        # 0.5 s behind and jittering by 1 ms: a burst of 20 copies a half hour, 0.4 s long, is too
+        # short a stretch to measure a drift on
+        (lambda t: -0.5 + (0.001 if t % 60 < 0.2 else -0.001), BURSTS, 60.0, 1.0),
+    ],
+    ids=["clock-stepped-mid-read", "bursts-jittering"],
+)
+def test_behind_istio_on_a_quiet_model_a_clock_that_does_not_drift_is_not_read_as_drifting(
+    tmp_path, lag, sent, failed_at, gap
+):
+    """Review s50-2's counter-cases to a line through the read: a clock stepped within it, and
+    1 ms of jitter in a short burst, read as steep drifts, sent retries' copies to their failed
+    attempts (a line of two halves). Where the pairs lie on no line, or span too short a stretch
+    to measure one (``_drift_lines``), the pod's offset is their median: every retry compared in
+    its hour."""
+    counted, right = quiet_hours(tmp_path, lag, sent, 20, failed_at, gap)
+    assert counted == right
+
+
 @pytest.mark.parametrize("first_copied", [False, True])
 def test_behind_istio_the_copy_of_an_id_sent_again_past_the_hour_is_its_retrys_hours_only(tmp_path, first_copied):
     """Behind Istio, 50 ids sent before the hour's end (120 s before, not sampled; or 30 s before,
