@@ -11,6 +11,7 @@ never a secret again.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import re
 
@@ -848,9 +849,16 @@ _CHANGED_TO = re.compile(
 _ARROWS = (">", "\u2192", "\u21d2", "\u27f6", "\u27f9", "\u2794", "\u27a1", "\\u2")  # (">": every arrow of signs)
 
 
-_EMPTY_THEN_ARROW = re.compile(
-    rf"(?:(?<![A-Za-z0-9_/-])|(?<=\\[tn]))(?:{PLACEHOLDER}|(?P<e>{_ESCAPE})?(?P<q>[\"'])(?(e)(?P=e))(?P=q)|\((?i:sensitive(?: value)?)\))"
-    rf"(?=(?:(?:{_ESCAPE})?[\"'`])?+{BLANK}{{0,64}}+{_arrow_mark()})"
+_EMPTY = (  # (a phrase's word after it too: "none set -> x", "not set -> x")
+    rf"(?:(?<![A-Za-z0-9_/-])|(?<=\\[tn]))(?:(?:{PLACEHOLDER}|(?i:not)(?={_WORD_GAP}{_PHRASE_WORD}))(?:{_WORD_GAP}{_PHRASE_WORD}[.!]?+)?+"
+    rf"|(?P<e>{_ESCAPE})?(?P<q>[\"'])(?(e)(?P=e))(?P=q)|\((?i:sensitive(?: value)?)\))"
+)
+_THEN_ARROW = rf"(?=(?:(?:{_ESCAPE})?[\"'`])?+{BLANK}{{0,64}}+{_arrow_mark()})"
+_EMPTY_THEN_ARROW = re.compile(_EMPTY + _THEN_ARROW)
+# A placeholder between two arrows in a chain ("old -> null -> new": unset, then set again): the
+# chain goes on after it.
+_THROUGH_EMPTY = re.compile(
+    rf"(?:(?:{_ESCAPE})?[\"'`])?+{BLANK}{{0,64}}+{_arrow_mark()}{_ARROW_BLANK}{{0,64}}+{_EMPTY}{_THEN_ARROW}"
 )
 
 
@@ -870,6 +878,11 @@ def changed_to(text: str, found: list[Span]) -> list[Span]:
     them (``_CHANGED_TO``), merged."""
     if not any(arrow in text for arrow in _ARROWS):
         return found
+    if (seen := shown(text)) is not None:  # (as a terminal shows it too: an arrow in colour, "x \x1b[33m->\x1b[0m y")
+        where = seen[1]
+        read = [(bisect.bisect_left(where, a), bisect.bisect_left(where, b)) for a, b in found]
+        chained = changed_to(seen[0], [(a, b) for a, b in read if a < b])
+        found = merge(found + [shown_back(where, a, b) for a, b in chained])
     view = as_seen(text)  # (as ``spans`` reads it: the same positions)
     starts = found
     if empty := [m.span() for m in _EMPTY_THEN_ARROW.finditer(view)]:
@@ -891,7 +904,10 @@ def changed_to(text: str, found: list[Span]) -> list[Span]:
         if (end := _before_arrow(view, a, b)) != b:
             cut[a, b] = end
         b = end
-        while m := _CHANGED_TO.match(view, b):  # (a chain, however long)
+        while m := _THROUGH_EMPTY.match(view, b) or _CHANGED_TO.match(view, b):  # (a chain, however long)
+            if m.re is _THROUGH_EMPTY:
+                b = m.end()
+                continue
             if m.end("v") <= m.start("v"):
                 break
             b = _before_arrow(view, *m.span("v"))

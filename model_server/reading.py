@@ -30,8 +30,14 @@ _JSON_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u([0-9a-fA-F]{4})")
 
 
 def _unescape_json(m: re.Match[str]) -> str:
+    """The character of a "\\u" escape; a lone surrogate and a control character stay escaped,
+    a quote and a backslash written escaped as JSON writes them: the text written normalised (a
+    value found) holds JSON still ("\\u001b[31m" decoded was a raw ESC in a JSON string, the
+    line no JSON), and a control sequence is read in either form (``shown``)."""
     code = int(m.group(2), 16)
-    return m.group(0) if 0xD800 <= code <= 0xDFFF else m.group(1) + chr(code)  # a lone surrogate stays escaped
+    if 0xD800 <= code <= 0xDFFF or code < 0x20 or 0x7F <= code <= 0x9F:
+        return m.group(0)
+    return m.group(1) + ("\\" if code in (0x22, 0x5C) else "") + chr(code)
 
 
 def normalise(text: str) -> str:

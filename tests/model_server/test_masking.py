@@ -1563,6 +1563,9 @@ SECRET_GROWING = {
     "escaped empty quotes before arrows after keys": ("", 'token: \\"\\" => '),
     "arrows glued to values after keys": ("", "token: a->"),
     "a chain of glued arrows after a key": ("token: a", "->a"),
+    "placeholders in a chain after a key": ("token: a", " -> null"),
+    "phrases in a chain after a key": ("token: a", " -> none set -> a"),
+    "arrows in colour after a key": ("token: a", " \x1b[33m->\x1b[0m a"),
     "block indicators without lines": ("", "token: >-\n"),
     "keys over mapping lines": ("", "token:\n  a: b\n"),
     "a plain value on the next line without end": ("password:\n  ", "a"),
@@ -5597,6 +5600,12 @@ def test_an_arrow_after_a_keys_sign_and_a_key_after_an_arrow_are_read_as_such(ke
         ('password: ""->Zq9xW8vU7k', 'password: ""->***'),
         ("password: *** -> Zq9xW8vU7k", "password: *** -> ***"),
         ("api_key: dGVzdA==->bmV3a2V5Xy9", "api_key: ***->***"),
+        # (a placeholder inside the chain, unset then set again; a placeholder's phrase before the
+        # arrow)
+        ("password: hunter2xy -> null -> Zq9xW8vU7k", "password: *** -> null -> ***"),
+        ('token: abc123XYZ9 => "" => Zq9xW8vU7k', 'token: *** => "" => ***'),
+        ("password: none set -> Zq9xW8vU7k", "password: none set -> ***"),
+        ("password: a1b2c3d4e -> not set -> Zq9xW8vU7k", "password: *** -> not set -> ***"),
     ],
 )
 @pytest.mark.parametrize("depth", [0, 1, 2])
@@ -5618,9 +5627,26 @@ def test_a_new_value_after_a_placeholder_is_masked_on_a_coloured_line(keys):
     for text in (
         "\x1b[32mINFO\x1b[0m password: null -> Zq9xW8vU7k",
         '  \x1b[33m~\x1b[0m password = "" -> "Zq9xW8vU7k"',
+        "\x1b[32mpassword\x1b[0m: hunter2xy \x1b[33m->\x1b[0m Zq9xW8vU7k",  # (the arrow in colour)
+        "password: hunter2xy \x1b[2m\u2192\x1b[22m Zq9xW8vU7k",
     ):
-        kept = text.replace("Zq9xW8vU7k", "***")
-        assert masked_at_depth(keys, text, 0) == (kept, kept)
+        kept = text.replace("Zq9xW8vU7k", "***").replace("hunter2xy", "***")
+        for depth in (0, 1):  # (a JSON string's "\u001b" stays escaped: the line still parses)
+            assert masked_at_depth(keys, text, depth) == (kept, kept)
+
+
+def test_a_json_line_written_normalised_is_json_still(keys):
+    """A JSON log line whose secret shows only once normalised (percent-encoded) is written
+    normalised; its escapes of control characters ("\\u001b" of a colour code) were decoded with
+    the rest, raw in the JSON string, and the line no JSON. They stay escaped, and a quote or a
+    backslash written "\\u0022", "\\u005c" is written escaped as JSON writes it."""
+    ring = KeyRing(keys)
+    line = '{"msg": "\\u001b[31mERROR\\u001b[0m login?password%3Dhunter2xyz \\u0022q\\u005c\\u0022\\u000a", "n": 1}'
+    for out in (Masker(ring).mask_text(line, ring.key_for(None)), scrub(line)):
+        msg = json.loads(out)["msg"]
+        assert "hunter2xyz" not in out
+        assert msg.startswith("\x1b[31mERROR\x1b[0m login?password=")
+        assert msg.endswith(' "q\\"\n')
 
 
 @pytest.mark.parametrize(
