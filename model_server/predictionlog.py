@@ -2218,19 +2218,22 @@ def _medians(g: np.ndarray, values: np.ndarray, groups: int) -> tuple[np.ndarray
 
 def _drift_lines(
     g: np.ndarray, at: np.ndarray, gap: np.ndarray, groups: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per group (``g``, a code of ``groups`` a pair), the line of ``gap`` over ``at`` (a clock's
     drift), robust to outliers: Tukey's resistant line, through the medians of the first and the
-    last third of its pairs in time; its level at ``centre`` and its slope. Where the pairs are
-    fewer than three times ``MIN_OFFSET_PAIRS``, the outer thirds' medians less than
-    ``DRIFT_SPAN_S`` apart (a burst's jitter is no drift), or the middle third's median further
-    from the line than a quarter of its rise over the outer two (a step, or mis-pairs in one
-    third: no line): level the median of all, slope 0."""
+    last third of its pairs in time; its level at ``centre``, its slope, and how far from its
+    centre it is followed (``reach``: twice the span of those medians, not far past its pairs;
+    flat beyond). Where the pairs are fewer than three times ``MIN_OFFSET_PAIRS``, the outer
+    thirds' medians less than ``DRIFT_SPAN_S`` apart (a burst's jitter is no drift), the middle
+    third's median in time outside the middle half of that span (pairs in two bursts: a step
+    between them passes for a line), or its median gap further from the line than a quarter of
+    its rise over the outer two (a step, or mis-pairs in one third): no line, level the median
+    of all, slope 0 (review s51-1)."""
     level, n = _medians(g, gap, groups)
-    slope, centre = np.zeros(groups), np.zeros(groups, np.int64)
+    slope, centre, reach = np.zeros(groups), np.zeros(groups, np.int64), np.zeros(groups, np.int64)
     many = np.flatnonzero(n >= 3 * MIN_OFFSET_PAIRS)
     if len(many) == 0:
-        return level, slope, centre
+        return level, slope, centre, reach
     order = np.lexsort((at, g))
     g, at, gap = g[order], at[order], gap[order]
     start, third = np.concatenate([[0], np.cumsum(n)[:-1]]), n // 3
@@ -2243,10 +2246,12 @@ def _drift_lines(
     t1, tm, t3 = lower + (upper - lower) // 2
     span, rise = t3 - t1, m3 - m1
     line = m1 + rise * (tm - t1) / np.maximum(span, 1)
-    fits = (span >= DRIFT_SPAN_S * 1_000_000) & (np.abs(mm - line) <= np.abs(rise) / 4)
+    inner = (4 * (tm - t1) > span) & (4 * (t3 - tm) > span)
+    fits = (span >= DRIFT_SPAN_S * 1_000_000) & inner & (np.abs(mm - line) <= np.abs(rise) / 4)
     k = many[fits]
     slope[k], centre[k], level[k] = rise[fits] / span[fits], (t1 + t3)[fits] // 2, (m1 + m3)[fits] // 2
-    return level, slope, centre
+    reach[k] = 2 * span[fits]
+    return level, slope, centre, reach
 
 
 def _clock_offsets(
@@ -2292,8 +2297,11 @@ def _clock_offsets(
         due = np.isnat(written) | (written.astype(np.int64) <= close)
         measured, primaries = due[copies], primaries[due[primaries]]
     alone, gap = _gaps(copies[measured], primaries, code, t, digest)
-    level, slope, centre = _drift_lines(group[measured][alone], t[copies[measured][alone]], gap, int(group.max()) + 1)
-    whole = level[group] + np.round(slope[group] * (t[copies] - centre[group])).astype(np.int64)
+    level, slope, centre, reach = _drift_lines(
+        group[measured][alone], t[copies[measured][alone]], gap, int(group.max()) + 1
+    )
+    along = np.clip(t[copies] - centre[group], -reach[group], reach[group])
+    whole = level[group] + np.round(slope[group] * along).astype(np.int64)
     whole = np.clip(whole, -CLOCK_SKEW_S * 1_000_000, CLOCK_SKEW_S * 1_000_000)  # (past its pairs: within the bound)
     if "outcome" in df.columns:  # (a key whose attempt failed in the window: its retry may lie past its edge)
         failed = primaries[(df["outcome"].to_numpy(object)[primaries] != "ok")]

@@ -3136,28 +3136,34 @@ def test_behind_istio_on_a_quiet_model_a_drifting_clock_is_followed_to_the_hours
 
 STEPPED = datetime(2026, 3, 1, 10, 20, tzinfo=UTC).timestamp()
 BURSTS = np.concatenate([-1800 + 0.02 * np.arange(20), 1800 + 0.02 * np.arange(20)])  # (10:30 and 11:30)
+BURSTS_BESIDE_A_STEP = np.concatenate(
+    [-3300 + 5.0 * np.arange(10), -1800 + 5.0 * np.arange(20), 1800 + 5.0 * np.arange(10)]
+)
 
 
 @pytest.mark.parametrize(
     ("lag", "sent", "failed_at", "gap"),
     [
-        # right, then 0.3 s behind from 10:20 (NTP): the pairs lie on no line (the middle third's
+        # right, then 0.5 s ahead from 10:20 (NTP): the pairs lie on no line (the middle third's
         # median off the line through the outer two's), 10:00's read is bent
-        (lambda t: -0.3 if t >= STEPPED else 0.0, EVERY_2_MIN, -0.1, 0.2),
+        (lambda t: 0.5 if t >= STEPPED else 0.0, EVERY_2_MIN, -0.1, 0.2),
+        # the same step 0.3 s ahead between bursts at 10:05, 10:30 and 11:30: the middle third's
+        # median time beside the last's, where a step passes for a line
+        (lambda t: 0.3 if t >= STEPPED else 0.0, BURSTS_BESIDE_A_STEP, -0.1, 0.5),
         # 0.5 s behind and jittering by 1 ms: a burst of 20 copies a half hour, 0.4 s long, is too
         # short a stretch to measure a drift on
         (lambda t: -0.5 + (0.001 if t % 60 < 0.2 else -0.001), BURSTS, 60.0, 1.0),
     ],
-    ids=["clock-stepped-mid-read", "bursts-jittering"],
+    ids=["clock-stepped-mid-read", "clock-stepped-between-bursts", "bursts-jittering"],
 )
 def test_behind_istio_on_a_quiet_model_a_clock_that_does_not_drift_is_not_read_as_drifting(
     tmp_path, lag, sent, failed_at, gap
 ):
-    """Review s50-2's counter-cases to a line through the read: a clock stepped within it, and
-    1 ms of jitter in a short burst, read as steep drifts, sent retries' copies to their failed
-    attempts (a line of two halves). Where the pairs lie on no line, or span too short a stretch
-    to measure one (``_drift_lines``), the pod's offset is their median: every retry compared in
-    its hour."""
+    """Reviews s50-2's and s51-1's counter-cases to a line through the read: a clock stepped
+    within it (between two bursts too), and 1 ms of jitter in a short burst, read as steep
+    drifts, sent retries' copies to their failed attempts. Where the pairs lie on no line, or
+    span too short a stretch to measure one, or lie in two bursts (``_drift_lines``), the pod's
+    offset is their median: every retry compared in its hour."""
     counted, right = quiet_hours(tmp_path, lag, sent, 20, failed_at, gap)
     assert counted == right
 
