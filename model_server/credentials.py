@@ -15,7 +15,7 @@ import bisect
 import functools
 import re
 
-from model_server.reading import as_seen, holds_value, normalise, shown, shown_back
+from model_server.reading import as_seen, escape_controls, holds_value, normalise, shown, shown_back
 
 Span = tuple[int, int]
 
@@ -881,8 +881,15 @@ def changed_to(text: str, found: list[Span]) -> list[Span]:
     if (seen := shown(text)) is not None:  # (as a terminal shows it too: an arrow in colour, "x \x1b[33m->\x1b[0m y")
         where = seen[1]
         read = [(bisect.bisect_left(where, a), bisect.bisect_left(where, b)) for a, b in found]
-        chained = changed_to(seen[0], [(a, b) for a, b in read if a < b])
-        found = merge(found + [shown_back(where, a, b) for a, b in chained])
+        back = [shown_back(where, a, b) for a, b in _chained(seen[0], [(a, b) for a, b in read if a < b])]
+        # (once, that view as it is: a sequence its own removal shows is none; and no span against a
+        # backslash, which splits an escape's run: "\\\\e[0m" one string deeper is no sequence)
+        found = merge(found + [(a, b) for a, b in back if text[b - 1] != "\\" and text[a - 1 : a] != "\\"])
+    return _chained(text, found)
+
+
+def _chained(text: str, found: list[Span]) -> list[Span]:
+    """``changed_to`` of ``text`` as it is seen (``as_seen``), not as a terminal shows it."""
     view = as_seen(text)  # (as ``spans`` reads it: the same positions)
     starts = found
     if empty := [m.span() for m in _EMPTY_THEN_ARROW.finditer(view)]:
@@ -989,11 +996,12 @@ def scrub(text: str, mark: str = "***") -> str:
     (``https://***@host``): for a reader who needs none of it (a Slack report). Text that holds
     one once read as a person reads it (``password%3Dhunter2``, ``api\u00a0key ...``) is
     written so (``normalise``), as the masking writes it."""
-    folded = normalise(text)
+    came, folded = text, normalise(text)
     if folded != text and spans(folded, userinfo=True):
         text = folded
     pieces, end = [], 0
     for a, b in spans(text, userinfo=True):
         pieces += [text[end:a], mark]
         end = b
-    return "".join(pieces) + text[end:] if pieces else text
+    scrubbed = "".join(pieces) + text[end:] if pieces else text
+    return escape_controls(scrubbed, came) if text is folded else scrubbed

@@ -64,7 +64,7 @@ from model_server.credentials import (
     quoted,
 )
 from model_server.errors import MaskingUnavailable, json_refusal
-from model_server.reading import as_seen, holds_value, normalise, shown, shown_back
+from model_server.reading import as_seen, escape_controls, holds_value, normalise, shown, shown_back
 
 log = logging.getLogger(__name__)
 
@@ -1034,7 +1034,7 @@ class Masker:
         if hints == _NOTHING:
             return text
         detectors = _by_hints(hints)
-        folded = normalise(text)
+        came, folded = text, normalise(text)
         if folded != text:
             folded_detectors = _detectors(folded)
             if any(d.search(folded) for d in folded_detectors):
@@ -1042,7 +1042,7 @@ class Masker:
         masked = self._mask_raw(text, key, detectors)
         if any(d.search(r) for r in _legacy_readings(masked) for d in _detectors(r)):
             return "<masked>" if key is None else self.token(text, key)
-        return masked
+        return escape_controls(masked, came) if text is folded else masked
 
     def _mask_raw(self, text: str, key: Key | None, detectors: tuple[Detector, ...]) -> str:
         """``text``'s values (those of ``detectors``, the ones that may match it) as tokens. The

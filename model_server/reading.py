@@ -30,14 +30,27 @@ _JSON_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u([0-9a-fA-F]{4})")
 
 
 def _unescape_json(m: re.Match[str]) -> str:
-    """The character of a "\\u" escape; a lone surrogate and a control character stay escaped,
-    a quote and a backslash written escaped as JSON writes them: the text written normalised (a
-    value found) holds JSON still ("\\u001b[31m" decoded was a raw ESC in a JSON string, the
-    line no JSON), and a control sequence is read in either form (``shown``)."""
+    """The character of a "\\u" escape; a lone surrogate stays escaped, a quote and a backslash
+    are written escaped as JSON writes them (the text written normalised, a value found, holds
+    JSON still; ``escape_controls`` for the control characters)."""
     code = int(m.group(2), 16)
-    if 0xD800 <= code <= 0xDFFF or code < 0x20 or 0x7F <= code <= 0x9F:
+    if 0xD800 <= code <= 0xDFFF:
         return m.group(0)
     return m.group(1) + ("\\" if code in (0x22, 0x5C) else "") + chr(code)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str, came: str) -> str:
+    """``text`` (``came`` normalised, its values masked) with each control character that
+    ``came`` did not hold raw as a JSON "\\u" escape again: a JSON line's "\\u001b[31m",
+    "\\u000a" decoded to be read was a raw ESC or line end in its string when written
+    normalised, the line no JSON."""
+    if not _CONTROL.search(text):
+        return text
+    raw = set(_CONTROL.findall(came))
+    return _CONTROL.sub(lambda m: m.group(0) if m.group(0) in raw else f"\\u{ord(m.group(0)):04x}", text)
 
 
 def normalise(text: str) -> str:

@@ -5635,6 +5635,45 @@ def test_a_new_value_after_a_placeholder_is_masked_on_a_coloured_line(keys):
             assert masked_at_depth(keys, text, depth) == (kept, kept)
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        "password:\\u000a  hunter2xyz",
+        "password:\\u000d\\u000a  hunter2xyz",
+        '{"m": "aws_secret_access_key\\u0009=\\u0009wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "n": 1}',
+        '{"m": "password\\u0009hunter2xyz", "n": 1}',
+        '{"m": "token: abc123XYZ9 -> Zq9xW8vU7k\\u001b[0m", "n": 1}',
+    ],
+)
+def test_a_value_after_an_escaped_control_character_is_masked_and_the_line_json_still(keys, line):
+    """Review s51-2: a line end or tab written as a JSON "\\u" escape is read decoded (kept
+    escaped, "password:\\u000a  hunter2xyz" left its value in clear), and written escaped again
+    where the text is written normalised: a JSON line parses, nothing of the value in it."""
+    ring = KeyRing(keys)
+    for out in (Masker(ring).mask_text(line, ring.key_for(None)), scrub(line)):
+        assert not re.search(r"hunter2xyz|wJalr|Zq9x|[\x00-\x1f]", out), out
+        if line.startswith("{"):
+            assert json.loads(out)["n"] == 1
+
+
+def test_control_sequences_that_their_removal_shows_are_read_once(keys):
+    """Review s51-2: each sequence removed from a text showed another ("\x1b\x1b[0m[0m"), and
+    the chain's reading of the text as a terminal shows it read that view again, and again: a
+    RecursionError at 1,100 of them. The view is read once."""
+    ring = KeyRing(keys)
+    text = "password: hunter2xy -> Zq9xW8vU7k " + "\x1b" * 5000 + "[0m" * 5000
+    for out in (Masker(ring).mask_text(text, ring.key_for(None)), scrub(text)):
+        assert "hunter2xy" not in out
+        assert "Zq9xW8vU7k" not in out
+
+
+def test_an_escaped_backslash_before_a_sequences_letters_is_no_sequence(keys):
+    """Review s51-2: one JSON string deeper, "\\\\e[0m" is an escaped backslash and "e[0m",
+    no sequence; the chain's spans read it as one and split the backslashes' run: the inner
+    line no JSON."""
+    assert masked_at_depth(keys, "password: a -> b\\e[0m", 2) == ("password: *** -> ***",) * 2
+
+
 def test_a_json_line_written_normalised_is_json_still(keys):
     """A JSON log line whose secret shows only once normalised (percent-encoded) is written
     normalised; its escapes of control characters ("\\u001b" of a colour code) were decoded with
