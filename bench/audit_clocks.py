@@ -156,18 +156,8 @@ def run(seeds: range) -> dict[str, dict[str, Any]]:
                     got.append([a.rows, a.primary_failed])
                     within = [j for at, j in counts if start.timestamp() <= at < end.timestamp()]
                     right.append([within.count(0), within.count(1)])
-                row = by_read[read].setdefault(
-                    kind,
-                    {
-                        "scenes": 0,
-                        "exact": 0,
-                        "rows": 0,
-                        "rows_off": 0,
-                        "failed": 0,
-                        "failed_off": 0,
-                        "wrong_seeds": [],
-                    },
-                )
+                counters = dict.fromkeys(("scenes", "exact", "rows", "rows_off", "failed", "failed_off"), 0)
+                row = by_read[read].setdefault(kind, {**counters, "wrong_seeds": []})
                 row["scenes"] += 1
                 row["exact"] += got == right
                 if got != right:

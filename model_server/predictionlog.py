@@ -2240,10 +2240,7 @@ def _drift_lines(
     rank = np.arange(len(g)) - start[g]
     part = 3 * g + (rank >= third[g]) + (rank >= n[g] - third[g])  # (the pair's group and third)
     m1, mm, m3 = _medians(part, gap, 3 * groups)[0].reshape(groups, 3)[many].T
-    lo = np.stack([start, start + third, start + n - third])[:, many]  # (each third's first pair and size)
-    size = np.stack([third, n - 2 * third, third])[:, many]
-    lower, upper = at[lo + (size - 1) // 2], at[lo + size // 2]  # (each third's, in time order)
-    t1, tm, t3 = lower + (upper - lower) // 2
+    t1, tm, t3 = _medians(part, at, 3 * groups)[0].reshape(groups, 3)[many].T
     span, rise = t3 - t1, m3 - m1
     line = m1 + rise * ((tm - t1) / np.maximum(span, 1))
     inner = (4 * (tm - t1) > span) & (4 * (t3 - tm) > span)

@@ -3102,9 +3102,9 @@ def quiet_hours(
     first = {i: e + failed_at - 0.001 * i for i in range(k)}
     again = {i: t + gap for i, t in first.items()}
     pods_log(folder, {"primary-pod": ("primary", first)}, written=e + failed_at + 1, outcome="FAULT")
-    for stamps in ({100 + i: e + s for i, s in enumerate(sent) if s < 0}, again, {
-        100 + i: e + s for i, s in enumerate(sent) if s >= 0
-    }):  # fmt: skip
+    before = {100 + i: e + s for i, s in enumerate(sent) if s < 0}
+    after = {100 + i: e + s for i, s in enumerate(sent) if s >= 0}
+    for stamps in (before, again, after):
         written = max(stamps.values()) + 5
         pods_log(folder, {"primary-pod": ("primary", stamps)}, written=written)
         pods_log(
