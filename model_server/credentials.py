@@ -15,7 +15,7 @@ import bisect
 import functools
 import re
 
-from model_server.reading import as_seen, escape_controls, holds_value, normalise, shown, shown_back
+from model_server.reading import as_seen, holds_value, normalise, shown, shown_back, write_normalised
 
 Span = tuple[int, int]
 
@@ -124,6 +124,10 @@ KEY_QUOTE = rf"(?:(?:{_ESCAPE})?[\"'])?"
 _KEY_CLOSE = rf"(?:(?:{_ESCAPE})?[\"']|{_MD_CLOSE})?+"  # (a key's closing quote or Markdown)
 OPEN_QUOTE = rf"(?>(?:b?(?P<e>{_ESCAPE})?(?P<q>[\"']))?)"
 _OPEN_QUOTE_MD = rf"(?>(?:b?(?P<e>{_ESCAPE})?(?P<q>[\"'`]))?)"  # (a value in Markdown's backticks too)
+# A quote before ",", ":" or a bracket's close after a key is a JSON string's end, no value's
+# opening ('{"msg": "token: ", "n": 1}': ", " was masked, the line no JSON; "Enter password:"}').
+# (A value's own first "," or "}" stays one: '{"password": ",Hunter2"}'.)
+_STRING_END_NOT = rf"(?![,:][ ]{{0,8}}+(?:{_ESCAPE})?[\"']|[\]}}](?:[ ]{{0,8}}+[,\]}}]|\Z|(?:{_ESCAPE})?[\"']))"
 _NOT_ESCAPED_QUOTE = rf"(?!{_ESCAPE}[\"'])"  # (nor its escape's first backslashes: '\\\\\\"' stays whole)
 # A value's backslash: one written escaped ("\\\\", a pair whole: a run of them before a quote
 # never loses its parity), or one before no escape's letter; an escaped line end, tab, backspace
@@ -172,7 +176,7 @@ _LAST_COLON = r"(?!:(?:\s|\\[nrtbf]|\Z))"
 # "password: Tr0ub4dor\\\\n[token: hunter2xyz]" twice dumped masked "Tr0ub4dor\\\\n[token" and
 # left ": hunter2xyz]" in clear; "\\\\n{'api_key': ...", "\\\\n- secret: ..." alike).
 _BREAK_THEN_KEY = (
-    rf"(?!\\{{2,15}}[rn](?:\\{{1,15}}[rn]){{0,7}}+(?:[ \t\[{{(<*#>-]|\\{{1,15}}t|\\{{0,15}}[\"']){{0,16}}+"
+    rf"(?!(?<!\\)\\{{2,15}}[rnt](?:\\{{1,15}}[rn]){{0,7}}+(?:[ \t\[{{(<*#>-]|\\{{1,15}}t|\\{{0,15}}[\"']){{0,16}}+"
     rf"{_SECRET_NAME}{_KEY_CLOSE}(?:{_KEY_SEP}|{BLANK}))"
 )
 
@@ -193,16 +197,20 @@ _RUN_CHARS = r"^\s\"'`,;&<>\\"
 # ("api_key=" and 37 spaces then "model=resnet50", a line of pairs in columns) is masked still: it
 # is as often the key's own value ("api_key=      key=sk-proj-..."), and so is one of other words
 # ("password:" and 9 spaces then "16 bytes": its "16"). A run of up to three dashes ("-", "--",
-# "---": a table's empty cell) is one too.
+# "---": a table's empty cell) is one too. A value ends before a quote or a line end written
+# escaped at any depth ('-> null\\"' two strings deep: the "null" was read as a value).
 _WRITTEN_PLACEHOLDER = r"(?:\(not set\)|-{1,3}+|(?i:null|none|n/a))"
 PLACEHOLDER = rf"(?:{_WRITTEN_PLACEHOLDER}|\*{{3}})"
-_VALUE_END = r"(?=[\s,;&)\]}\"'<>]|\\[nrtbf]|\Z)"
+_VALUE_END = r"(?=[\s,;&)\]}\"'<>]|\\{1,15}[\"'nrtbf]|\Z)"
 # A mask's mark, and up to three of a sentence's ".", "!", "?" or ":" after it, before a value's end
 # or a quote or line end written escaped (any depth): the mask of a value that a bracket closed
 # ("password: ('hunter2xyz',)." scrubbed to "password: ***.", which scrubbed again gave "password:
 # ***"), no value, so a text scrubbed again stays as it is; and before an arrow glued to it
-# ("password: ***->***", ``changed_to``).
-_MASK_MARK = rf"\*{{3}}[.!?:]{{0,3}}+(?:{_VALUE_END}|(?=\\{{1,15}}[\"'nrtbf]|[-=]{{1,8}}+>))"
+# ("password: ***->***", ``changed_to``), or an encoded quote or backslash (a text written
+# normalised keeps them encoded, one before it too: "password: ***%22", scrubbed again, was
+# "password: ***"; "token=%22***%22", "token=***").
+_HELD_QUOTE = r"(?:%22|%5[cC]|&quot;|&#92;)"  # (as ``reading.write_normalised`` writes them)
+_MASK_MARK = rf"{_HELD_QUOTE}?+\*{{3}}[.!?:]{{0,3}}+{_HELD_QUOTE}{{0,8}}+(?:{_VALUE_END}|(?=[-=]{{1,8}}+>))"
 NO_VALUE = rf"(?!{_WRITTEN_PLACEHOLDER}{_VALUE_END}|{_MASK_MARK})"
 # A placeholder then a word on its line ("password: none hunter2"): the placeholder stays, the word
 # is the value, as any word after a secret's key is (a date after it is the line's, a token the
@@ -540,7 +548,7 @@ _SECRET_KEYED = re.compile(
     rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:(?>{_QUOTED_KEY_SEP}|{KEY_QUOTE}{_ARROW_AT_LINE_END}|{KEY_QUOTE}{_MD_KEY_SEP}){_MARK_AT_LINE_END}{LIST_MARK}|{_PAIR_SEP}"
     rf"|(?(nb){_VALUE_NAMED}|(?!)))|(?(nb){_COOKIE_ONE}{_COOKIE_NAMED}|(?!)){_AUTH_TUPLE})"
     rf"{_OPEN_QUOTE_MD}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME}){_BLOCK_HEAD}{_MARKED_VALUE}(?(h)|(?(q)|{PLACEHOLDER_THEN}))"
-    rf"(?(h)|(?(q)|(?(pt)|{_BREAK_THEN_BRACKET})))(?P<v>(?(h){_BLOCK}|(?(q)|{NO_VALUE}{_NO_ARROW})(?:(?(q){_QUOTED_WHOLE}|(?:{BRACKETED}|{_KEYED_RUN}))|{_KEYED_RUN}){_PLACEHOLDER_WORDS})){_PAIR_END}"
+    rf"(?(h)|(?(q)|(?(pt)|{_BREAK_THEN_BRACKET})))(?P<v>(?(h){_BLOCK}|(?(q)|{NO_VALUE}{_NO_ARROW})(?:(?(q){_STRING_END_NOT}{_QUOTED_WHOLE}|(?:{BRACKETED}|{_KEYED_RUN}))|{_KEYED_RUN}){_PLACEHOLDER_WORDS})){_PAIR_END}"
 )
 # A field "value" before the field that names it ({"value": "...", "name": "DB_PASSWORD"}: a
 # dict's keys in any order, as a JSON object may have them, json.dumps(sort_keys=True) too): its
@@ -641,10 +649,41 @@ _KEY_AS_VALUE = (
     rf"(?![!#$%&(*+./:;<=>?@\[^_{{|}}~-]{{0,2}}+{_MD_CLOSE}?+{after_boundary('A-Za-z0-9')}(?:{_SECRET_NAME}{_KEY_CLOSE}{BLANK}{{0,64}}+(?:[:=]|{_arrow_mark()})"
     rf"|(?<![A-Za-z0-9][_.-])(?:[A-Za-z]+[_.-]){{0,8}}(?i:{_CRED_WORDS}){_KEY_CLOSE}{BLANK}))"
 )
+# A Markdown key's separator before an arrow ("*password:* \u21d2 x", "| password | \u2192 x", a
+# table's cells): read as the key's close, the arrow after it is the spaced rule's (the keyed rule
+# reads the separator, then no value where an arrow starts one). And a verb of a value's state
+# after the key, as "is" ("the password was x", "token set to x", "password changed to x", a
+# ":" after it too), its words apart by blanks.
+_MD_BEFORE_ARROW = (
+    rf"(?:(?:{_MD_CLOSE}?+{BLANK}{{0,64}}+:(?:\*{{1,2}}+|_{{1,2}}+)|{BLANK}{{0,64}}+\|)"
+    rf"(?={BLANK}{{0,64}}+{_arrow_mark('', _ARROW_LEAD)}))?+"
+)
+# A word of prose, no value: one in capitals ("INVALID.") or of lower-case letters, a capital
+# first or none, and ". _ / : ! ? -" alone ("reset", "Secret", "api.example.com"), an escaped
+# quote, line end or tab after it too ('expired\\"', its JSON string's end two strings deep;
+# "reset\\nnext": each was masked there; a backslash before anything else, or first, is a
+# value's sign: "token is \\\\tZq9x..."); or shorter than 6.
+_NO_PROSE = (
+    rf"(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
+    rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}(?:[^\sa-z._/:!?\"'`,;&<>\\-]|(?<![A-Za-z])\\(?!\\{{0,15}}[\"'])|\\(?!\\{{0,15}}[\"'nrtbf])))"
+    rf"(?={_CRED_CHAR}{{6}})"
+)
+# ("from" before a value, then "to" and another that is no word of prose, in quotes or not:
+# "changed password from x to y", ``_FROM_TO``; "token from GitHub to cache" stays)
+_NAME_LIKE = (  # (a version, an address, a region, a host's or a pod's name: "v1.2.3", "us-east-1", "pod/api-7f9c")
+    r"(?:v?[0-9]{1,9}(?:\.[0-9]{1,9}){1,3}|[a-z0-9]{1,64}(?:[-./][a-z0-9]{1,64}){1,8})(?=[\s,;\"'`]|\\|\Z)"
+)
+_FROM_THEN_TO = (
+    rf"from(?={BLANK}{{1,64}}+(?!{_NAME_LIKE})(?:[^\s\\]|\\(?![tbf])){{1,256}}+{BLANK}{{1,64}}+(?i:to){BLANK}{{1,64}}+"
+    rf"(?:(?:{_ESCAPE})?[\"'`]|(?!{_NAME_LIKE}){_NO_PROSE}))"
+)
+_STATE_VERB = (
+    rf"(?i:is{BLANK}{{1,8}}+now|is|was|(?:set|changed|reset){BLANK}{{1,8}}+to"
+    rf"|(?:changed{BLANK}{{1,8}}+)?{_FROM_THEN_TO})(?::(?={BLANK}))?+"
+)
 _SECRET_SPACED = re.compile(  # (its match starts at an owner's or a name's first character: a look ahead first)
-    rf"(?=(?i:[a-z0-9])){after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}(?:{_KEY_CLOSE_QUOTE}|{_MD_CLOSE})?+(?:{_ARROW}|(?(kq)(?!)){BLANK}{{1,64}}+(?:(?i:is){BLANK}{{1,64}}+)?)(?:(?P<e>{_ESCAPE})?(?P<q>[\"'`]))?{_NO_MASKED_AFTER}{_KEY_AS_VALUE}"
-    rf"(?P<v>(?(q){_RENAMED}{_QUOTED_WHOLE}|(?:(?!{_PROSE_PAREN}){CLOSED_BRACKETED}|(?!{_PROSE_PAREN})(?=[{{\[]{_BEFORE_QUOTE}(?:{_ESCAPE})?[\"']|{_TUPLE_OPEN}){_NOT_CLOSED}|(?!(?(aw)(?!)|[:=])|{_SCHEME}|{_MASK_MARK}|(?:{_ARROW_CHAR}|{_ESCAPED_ARROW_CHAR})(?:{_ARROW_BLANK}|\Z|{_MASK_MARK}|{_LINE_BREAK}|\\{{0,15}}[\"'])|(?:\\{{2,15}}[rn]){{1,16}}+[ \t])(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
-    rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_RUN})))"
+    rf"(?=(?i:[a-z0-9])){after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}(?:{_KEY_CLOSE_QUOTE}|{_MD_CLOSE})?+(?:{_MD_BEFORE_ARROW}{_ARROW}|(?(kq)(?!)){BLANK}{{1,64}}+(?:{_STATE_VERB}{BLANK}{{1,64}}+)?)(?:(?P<e>{_ESCAPE})?(?P<q>[\"'`]))?{_NO_MASKED_AFTER}{_KEY_AS_VALUE}"
+    rf"(?P<v>(?(q){_STRING_END_NOT}{_RENAMED}{_QUOTED_WHOLE}|(?:(?!{_PROSE_PAREN}){CLOSED_BRACKETED}|(?!{_PROSE_PAREN})(?=[{{\[]{_BEFORE_QUOTE}(?:{_ESCAPE})?[\"']|{_TUPLE_OPEN}){_NOT_CLOSED}|(?!(?(aw)(?!)|[:=])|{_SCHEME}|{_MASK_MARK}|(?:{_ARROW_CHAR}|{_ESCAPED_ARROW_CHAR})(?:{_ARROW_BLANK}|\Z|{_MASK_MARK}|{_LINE_BREAK}|\\{{0,15}}[\"'])|(?:\\{{2,15}}[rn]){{1,16}}+[ \t])(?!{DATE_OR_TIME}){_NO_PROSE}{_CRED_RUN})))"
 )
 # A URL query's parameter (after "?" or "&") named for a secret, and also, there only, for a key, a signature or
 # auth (``?key=``, ``&sig=`` of a SAS URL, ``X-Goog-Signature=``).
@@ -840,12 +879,22 @@ _BODY_LINE_BITS = 1 << PATTERNS.index(_PEM_BODY_LINE) | 1 << PATTERNS.index(_PEM
 # new", a CI log's mask of the old one: the new one was in clear): the text with each placeholder
 # before an arrow written as letters (``_EMPTY_THEN_ARROW``), the values found there that end where
 # one did start a chain.
-_CHANGED_TO = re.compile(
-    rf"(?:(?:{_ESCAPE})?[\"'`])?+(?:{BLANK}{{0,64}}+{_arrow_mark()}{_ARROW_BLANK}{{0,64}}+){{1,4}}+(?:{_SCHEME})?+"
-    rf"{NO_VALUE}{_NO_MASKED_AFTER}(?![(\[{{<]|\\{{1,15}}[rn]){_OPEN_QUOTE_MD}{_KEY_AS_VALUE}"
-    rf"(?P<v>(?(q)(?![\s,:\]}}]){_QUOTED_WHOLE}|(?![0-9]{{1,4}}+{_VALUE_END})(?!{DATE_OR_TIME}){_CRED_RUN}))"
-    rf"(?(q)(?(e)(?P=e))(?P=q)(?![A-Za-z0-9_]))"
-)
+def _changed(sep: str, plain: str = "") -> re.Pattern[str]:
+    """A new value after a value's close and ``sep``; one not in quotes ``plain`` too."""
+    return re.compile(
+        rf"(?:(?:{_ESCAPE})?[\"'`])?+{sep}(?:{_SCHEME})?+"
+        rf"{NO_VALUE}{_NO_MASKED_AFTER}(?![(\[{{<]|\\{{1,15}}[rn]){_OPEN_QUOTE_MD}{_KEY_AS_VALUE}"
+        rf"(?P<v>(?(q)(?![\s,:\]}}]){_QUOTED_WHOLE}|{plain}(?![0-9]{{1,4}}+{_VALUE_END})(?!{DATE_OR_TIME}){_CRED_RUN}))"
+        rf"(?(q)(?(e)(?P=e))(?P=q)(?![A-Za-z0-9_]))"
+    )
+
+
+_CHANGED_TO = _changed(rf"(?:{BLANK}{{0,64}}+{_arrow_mark()}{_ARROW_BLANK}{{0,64}}+){{1,4}}+")
+# A value after "from" (a spaced key's: "password from x to y", as prose writes a change): the
+# value after "to" is the new one, where no word of prose.
+_FROM_TO = _changed(rf"{BLANK}{{1,64}}+(?i:to){BLANK}{{1,64}}+", f"(?!{_NAME_LIKE}){_NO_PROSE}")
+_FROM = re.compile("(?i:from)")
+_AFTER_FROM = re.compile(rf"(?<![A-Za-z])(?i:from){BLANK}{{1,64}}+(?:(?:{_ESCAPE})?[\"'`])?\Z")
 _ARROWS = (">", "\u2192", "\u21d2", "\u27f6", "\u27f9", "\u2794", "\u27a1", "\\u2")  # (">": every arrow of signs)
 
 
@@ -875,8 +924,8 @@ def _before_arrow(view: str, a: int, b: int) -> int:
 
 def changed_to(text: str, found: list[Span]) -> list[Span]:
     """``found`` (spans of values in ``text``, in order, merged) and the new values written after
-    them (``_CHANGED_TO``), merged."""
-    if not any(arrow in text for arrow in _ARROWS):
+    them (``_CHANGED_TO``; after "from", ``_FROM_TO``), merged."""
+    if not any(arrow in text for arrow in _ARROWS) and not (found and _FROM.search(text)):
         return found
     if (seen := shown(text)) is not None:  # (as a terminal shows it too: an arrow in colour, "x \x1b[33m->\x1b[0m y")
         where = seen[1]
@@ -911,6 +960,9 @@ def _chained(text: str, found: list[Span]) -> list[Span]:
         if (end := _before_arrow(view, a, b)) != b:
             cut[a, b] = end
         b = end
+        if _AFTER_FROM.search(view, max(a - 80, 0), a) and (m := _FROM_TO.match(view, b)) and m.end("v") > m.start("v"):
+            more.append(m.span("v"))
+            b = m.end("v")
         while m := _THROUGH_EMPTY.match(view, b) or _CHANGED_TO.match(view, b):  # (a chain, however long)
             if m.re is _THROUGH_EMPTY:
                 b = m.end()
@@ -996,12 +1048,18 @@ def scrub(text: str, mark: str = "***") -> str:
     (``https://***@host``): for a reader who needs none of it (a Slack report). Text that holds
     one once read as a person reads it (``password%3Dhunter2``, ``api\u00a0key ...``) is
     written so (``normalise``), as the masking writes it."""
-    came, folded = text, normalise(text)
+    folded = normalise(text)
     if folded != text and spans(folded, userinfo=True):
-        text = folded
+        return write_normalised(
+            text, folded, lambda t, w: _scrubbed(t, w, mark), lambda t: bool(spans(t, userinfo=True))
+        )
+    return _scrubbed(text, text, mark)
+
+
+def _scrubbed(text: str, written: str, mark: str) -> str:
+    """``written`` (``text``'s length) with each span of a credential in ``text`` as ``mark``."""
     pieces, end = [], 0
     for a, b in spans(text, userinfo=True):
-        pieces += [text[end:a], mark]
+        pieces += [written[end:a], mark]
         end = b
-    scrubbed = "".join(pieces) + text[end:] if pieces else text
-    return escape_controls(scrubbed, came) if text is folded else scrubbed
+    return "".join(pieces) + written[end:] if pieces else written

@@ -64,7 +64,7 @@ from model_server.credentials import (
     quoted,
 )
 from model_server.errors import MaskingUnavailable, json_refusal
-from model_server.reading import as_seen, escape_controls, holds_value, normalise, shown, shown_back
+from model_server.reading import as_seen, holds_value, normalise, shown, shown_back, write_normalised
 
 log = logging.getLogger(__name__)
 
@@ -831,6 +831,11 @@ def _detectors(text: str) -> tuple[Detector, ...]:
 _LEGACY_CHARSETS = ("utf-8", "gb18030", "shift_jis", "euc_kr", "big5")
 
 
+def _finds(text: str) -> bool:
+    """Whether a detector finds a value in ``text``."""
+    return any(d.search(text) for d in _detectors(text))
+
+
 def _legacy_readings(text: str) -> list[str]:
     """``text``'s bytes read in each of ``_LEGACY_CHARSETS`` that takes them, normalised, where
     ``text`` is what Latin-1 makes of bytes beyond ASCII (none above U+00FF); else none."""
@@ -1033,39 +1038,47 @@ class Masker:
         hints = _hints(text)
         if hints == _NOTHING:
             return text
-        detectors = _by_hints(hints)
-        came, folded = text, normalise(text)
-        if folded != text:
-            folded_detectors = _detectors(folded)
-            if any(d.search(folded) for d in folded_detectors):
-                text, detectors = folded, folded_detectors  # masked whole: a value half in escapes is one value
-        masked = self._mask_raw(text, key, detectors)
-        if any(d.search(r) for r in _legacy_readings(masked) for d in _detectors(r)):
+        folded = normalise(text)
+        if folded != text and _finds(folded):  # (masked whole: a value half in escapes is one value)
+            masked = write_normalised(text, folded, lambda t, w: self._mask_raw(t, key, _detectors(t), w))
+            text = folded
+        else:
+            masked = self._mask_raw(text, key, _by_hints(hints))
+        if any(_finds(r) for r in _legacy_readings(masked)):
             return "<masked>" if key is None else self.token(text, key)
-        return escape_controls(masked, came) if text is folded else masked
+        return masked
 
-    def _mask_raw(self, text: str, key: Key | None, detectors: tuple[Detector, ...]) -> str:
+    def _mask_raw(self, text: str, key: Key | None, detectors: tuple[Detector, ...], written: str | None = None) -> str:
         """``text``'s values (those of ``detectors``, the ones that may match it) as tokens. The
         values after a key (secrets, identity numbers) are found together in the text as it came,
         overlapping ones merged (as ``credentials.scrub`` finds them), and masked once; then each
         detector of shapes in turn, on the text with their tokens (an address is no piece of a
         URL's password: "bob@example.com:s3cret@host"). Masked one after another, a shorter value
         found first (an AWS key id, a JWT) was a token before the keyed rule read it, which takes
-        no token for a value, and the secret after it ("credentials=AKIA...:wJalr...") stayed."""
+        no token for a value, and the secret after it ("credentials=AKIA...:wJalr...") stayed.
+        ``written``: the text written in the place of ``text`` (of its length: its characters
+        that ``reading.write_normalised`` holds), masked at the same spans, else ``text``."""
+        written = text if written is None else written
         keyed = sum(1 for d in detectors if d.name == "secret" or d.pattern is _KEYED)  # (they come first)
         found = credentials.merge([span for d in detectors[:keyed] for span in d.spans(text)])
-        text = self._tokens(text, key, credentials.changed_to(text, found))
+        text, written = self._tokens(text, written, key, credentials.changed_to(text, found))
         for detector in detectors[keyed:]:
-            text = self._tokens(text, key, detector.spans(text))
-        return text
+            text, written = self._tokens(text, written, key, detector.spans(text))
+        return written
 
-    def _tokens(self, text: str, key: Key | None, spans: Iterable[Span]) -> str:
-        """``text`` with each of ``spans`` (in order, none overlapping) as its token."""
-        pieces, end = [], 0
+    def _tokens(self, text: str, written: str, key: Key | None, spans: Iterable[Span]) -> tuple[str, str]:
+        """``text`` and ``written`` with each of ``spans`` of ``text`` (in order, none overlapping)
+        as its token."""
+        read, pieces, end = [], [], 0
         for a, b in spans:
-            pieces += [text[end:a], "<masked>" if key is None else self.token(text[a:b], key)]
+            token = "<masked>" if key is None else self.token(text[a:b], key)
+            read += [text[end:a], token]
+            pieces += [written[end:a], token]
             end = b
-        return "".join(pieces) + text[end:] if pieces else text
+        if not read:
+            return text, written
+        text = "".join(read) + text[end:]
+        return text, text if written is text else "".join(pieces) + written[end:]
 
     def mask_fields(self, fields: dict[str, str], tenant: str | None) -> dict[str, str]:
         """Configured names masked whole, every other value and every name by the detectors."""

@@ -9,6 +9,7 @@ import html
 import re
 import unicodedata
 import urllib.parse
+from collections.abc import Callable
 
 # Every Unicode decimal digit to its ASCII digit (Arabic-Indic, Devanagari, full-width, ...),
 # every dash to "-": after NFKC, which takes full-width forms (U+FF20, U+FF10) to ASCII. The
@@ -58,25 +59,91 @@ def normalise(text: str) -> str:
     decoded (twice-encoded too, three rounds at most), NFKC, every digit and dash in ASCII,
     invisible format characters dropped. Linear in the text (NFKC expands a character 18-fold at most)."""
     for _ in range(3):
-        decoded = html.unescape(_JSON_ESCAPE.sub(_unescape_json, urllib.parse.unquote(text, errors="replace")))
+        decoded = _decoded(text)
         if decoded == text:
             break
         text = decoded
     return unicodedata.normalize("NFKC", text).translate(_FOLD)
 
 
+def _decoded(text: str) -> str:
+    return html.unescape(_JSON_ESCAPE.sub(_unescape_json, urllib.parse.unquote(text, errors="replace")))
+
+
+# A quote's or a backslash's encoding of a URL or of HTML ("%22", "&quot;", "&#92;"): read
+# decoded and, where the text is written normalised, written encoded (decoded in a JSON string, a
+# quote ended the string and a backslash escaped what followed: the JSON line was broken). Each
+# is held by a private-use character while the rest is decoded, one of the same length as the
+# character it is read as: a span read is the same span written.
+_ENCODED_QUOTE = re.compile(
+    r"(%22)|(%5[cC])|(&(?:quot|QUOT);?|&#0*34(?:;|(?![0-9]))|&#[xX]0*22(?:;|(?![0-9A-Fa-f])))"
+    r"|(&bsol;|&#0*92(?:;|(?![0-9]))|&#[xX]0*5[cC](?:;|(?![0-9A-Fa-f])))"
+)
+_HOLDERS = "\ue000\ue001\ue002\ue003"  # (by the group of ``_ENCODED_QUOTE`` it holds)
+_READ_HELD = str.maketrans(dict(zip(_HOLDERS, '"\\"\\', strict=True)))
+_WRITE_HELD = str.maketrans(dict(zip(_HOLDERS, ("%22", "%5C", "&quot;", "&#92;"), strict=True)))
+
+
+def _held_quotes(text: str) -> tuple[str, str] | None:
+    """``text`` normalised as it is read (its encoded quotes and backslashes decoded too) and as
+    it is written (each of them held: ``_WRITE_HELD`` writes it encoded), of the same length;
+    None where it holds none (twice-encoded too: "%2522"), or holds a holder (none could be told
+    apart)."""
+    if ("%" not in text and "&" not in text) or any(h in text for h in _HOLDERS):
+        return None
+    held = 0
+    for _ in range(3):
+        text, count = _ENCODED_QUOTE.subn(lambda m: _HOLDERS[(m.lastindex or 1) - 1], text)
+        decoded = _decoded(text)
+        held += count
+        if sum(map(decoded.count, _HOLDERS)) != held:  # (one decoded from an escape)
+            return None
+        if decoded == text:
+            break
+        text = decoded
+    if not held:
+        return None
+    written = unicodedata.normalize("NFKC", text).translate(_FOLD)
+    return written.translate(_READ_HELD), written
+
+
+def write_normalised(
+    came: str, folded: str, mask: Callable[[str, str], str], finds: Callable[[str], bool] | None = None
+) -> str:
+    """``came`` (``folded``: it normalised, where a value is found) written normalised, its values
+    masked (``mask``: the text as read and as written, of one length, to the text written with
+    the spans of its values masked): its encoded quotes and backslashes written encoded where
+    that, read normalised, is ``folded`` masked and, read as it is, holds no value ``finds``
+    finds, where given (scrubbed again, it stays as it is); else as ``folded`` writes them. Each control
+    character it did not hold raw escaped again (``escape_controls``). Known limit: an encoded
+    quote or backslash two JSON strings deep or more, decoded beside the escape that ends its
+    string, reads that string's end as a value's character (the line may break, as where it
+    is written decoded)."""
+    masked = mask(folded, folded)
+    if (held := _held_quotes(came)) is not None:
+        kept = mask(*held).translate(_WRITE_HELD)
+        if normalise(kept) == masked and not (finds and finds(kept)):
+            masked = kept
+    return escape_controls(masked, came)
+
+
 # A terminal's control sequence (ECMA-48's CSI: ESC and "[", or the one byte 0x9B; parameter
 # bytes 0x30-0x3F, intermediate bytes 0x20-0x2F, then its final byte 0x40-0x7E), its introducer
 # raw or written escaped ("\\x1b[", "\\033[", "\\u001b[", "\\e[", "\\x9b"): a reader never sees
-# it. Each run possessive, starting only at an introducer: linear in the text.
+# it. Each run possessive, starting only at an introducer: linear in the text. An escaped
+# introducer with its whole run of backslashes (up to 16; one more each string deeper: a JSON line's
+# "\\u001b[33m" in another's string is "\\\\u001b[33m"), never from inside one: a sequence's
+# span after a backslash of its run split the escape (the arrow between two, after a backslash,
+# was no arrow: the new value was left in clear).
 # Any other escape sequence (ECMA-35: ESC, intermediate bytes 0x20-0x2F, a final byte; a
 # character set's choice "\x1b(B", which ``tput sgr0`` writes, a DCS's or an OSC's introducer
 # "\x1bP", "\x1b]" and its end "\x1b\\"), its ESC raw or written escaped: its final byte too
 # ends the word before it. Without intermediates, a final byte of a digit only where one is a
 # sequence ("\x1b7", "\x1b8": a cursor's save and restore), so "\x1b4155552671" keeps its digits.
+_ESCAPED = r"(?<!\\)\\{1,16}+"
 _CSI = re.compile(
-    r"(?P<s>(?:(?:\x1b|\\(?:x1[bB]|033|u001[bB]|e))\[|\x9b|\\(?:x9[bB]|u009[bB]))[0-?]*+[ -/]*+)[@-~]"
-    r"|(?:(?:\x1b|\\(?:x1[bB]|033|u001[bB]))(?:[ -/]++(?=[0-~])|(?=[78=>@-~])))."
+    rf"(?P<s>(?:(?:\x1b|{_ESCAPED}(?:x1[bB]|033|u001[bB]|e))\[|\x9b|{_ESCAPED}(?:x9[bB]|u009[bB]))[0-?]*+[ -/]*+)[@-~]"
+    rf"|(?:(?:\x1b|{_ESCAPED}(?:x1[bB]|033|u001[bB]))(?:[ -/]++(?=[0-~])|(?=[78=>@-~])))."
 )
 
 

@@ -731,7 +731,7 @@ def test_a_json_log_line_keeps_its_fields_whatever_a_value_decodes_to(keys):
     assert (fields["request_id"], fields["status"], fields["n"]) == ("mine", 400, [1, None])
     assert sorted(fields) == ["error", "n", "request_id", "status"]
     assert "13800138000" not in record.getMessage()
-    assert fields["error"].startswith('unknown input(s) [\'x", "status": 200')  # (its own text, decoded)
+    assert fields["error"].startswith("unknown input(s) ['x%22, %22status%22: 200")  # (its own text, as it came)
     assert "tok_" in fields["error"]
     brace = logging.LogRecord("t", logging.INFO, __file__, 1, "{not json} 13800138000", None, None)
     assert masking.filter(brace)
@@ -1566,6 +1566,12 @@ SECRET_GROWING = {
     "placeholders in a chain after a key": ("token: a", " -> null"),
     "phrases in a chain after a key": ("token: a", " -> none set -> a"),
     "arrows in colour after a key": ("token: a", " \x1b[33m->\x1b[0m a"),
+    "escaped sequences' backslash runs": ("token: a", " \\\\u001b[33m->" + "\\" * 20),
+    "table cells of keys before arrows": ("", "| password | \u2192"),
+    "Markdown keys before arrows": ("", "*token:* "),
+    "verbs of state after keys": ("", "password was set to "),
+    "changes from a value to another": ("", "token from aB3xxxxx to "),
+    "encoded quotes": ("password: a", "%22&quot;%5C&#92;%2522"),
     "block indicators without lines": ("", "token: >-\n"),
     "keys over mapping lines": ("", "token:\n  a: b\n"),
     "a plain value on the next line without end": ("password:\n  ", "a"),
@@ -5474,10 +5480,45 @@ def test_an_auth_tuple_an_arrow_or_a_line_end_before_a_secret_value_is_masked(ke
 
 
 @pytest.mark.parametrize(
-    "text", ["a -> b", "password -> reset", "auth=basic", "the token => see below", "auth: ok", "authors: (a, b)"]
+    "text",
+    [
+        "a -> b",
+        "password -> reset",
+        "auth=basic",
+        "the token => see below",
+        "auth: ok",
+        "authors: (a, b)",
+        "| password | -> | reset |",
+        "the password was reset by admin",
+        "token set to expire in 3600s",
+        "password changed to meet policy",
+        "api key rotated to KMS",
+        "password was 12 characters",
+    ],
 )
 def test_arrows_and_auth_words_without_a_secret_stay_readable(keys, text):
     assert masked_at_depth(keys, text, 0) == (text, text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "password reset\nnext line",
+        "the token expired",
+        "fetched token from GitHub to cache",
+        "loaded the token from vault to env",
+        "migrated token from v1.2.3 to v2.0.0",  # (a version, an address, a region: no value)
+        "token from 10.0.0.1 to 10.0.0.2",
+        "moved token from us-east-1 to eu-west-1",
+        "the password was reset by admin",
+    ],
+)
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+def test_a_word_of_prose_after_a_secrets_key_stays_readable_at_every_depth(keys, text, depth):
+    """Review s51-2: a word of prose after a spaced key before a quote or a line end written
+    escaped (a JSON string's end two strings deep or more: 'the token expired\\"') was read as a
+    value, its backslash taken for a value's sign, and masked."""
+    assert masked_at_depth(keys, text, depth) == (text, text)
 
 
 @pytest.mark.parametrize(
@@ -5534,6 +5575,16 @@ _SIGN_THEN_ARROW = [
     ("Authorization \u2192 Digest hunter2Xyz9", "Authorization \u2192 Digest ***"),
     ("Authorization ==> Negotiate YIIabc123XYZ", "Authorization ==> Negotiate ***"),
     ("PASSWORD =    \u21d2 Hunter2Xyz9", "PASSWORD =    \u21d2 ***"),
+    # (review s51-2: a Markdown key's separator, a table's cell, before an arrow; a verb of state)
+    ("*password:* \u21d2 hunter2Xyz9", "*password:* \u21d2 ***"),
+    ("**token:** -> hunter2Xyz9 ok", "**token:** -> *** ok"),
+    ("| password | \u2192 hunter2Xyz9 |", "| password | \u2192 *** |"),
+    ("| **api_key** | => hunter2Xyz9 |", "| **api_key** | => *** |"),
+    ("the password was hunter2Xyz9", "the password was ***"),
+    ("token set to hunter2Xyz9 by ops", "token set to *** by ops"),
+    ("api key changed to Zq9xW8vU7k", "api key changed to ***"),
+    ("changed password from hunter2Xyz9 to Zq9xW8vU7k", "changed password from *** to ***"),
+    ('password changed from "hunter2xyz" to "correct horse"', 'password changed from "***" to "***"'),
 ]
 # (a tab or a line end json.dumps'd once is "\\t", "\\n"; twice, "\\\\t" or "\\\\n" before a value is
 # read with it, masked, as on main)
@@ -5542,6 +5593,9 @@ _TAB_THEN_ARROW = [
     ("password = \u2192\n[hunter2Xyz9]", "password = \u2192\n***"),
     ("api_key:\t\u27f9\thunter2Xyz9", "api_key:\t\u27f9\t***"),
     ("password \u27a1\ufe0f\thunter2Xyz9", "password \u27a1\ufe0f\t***"),
+    # (review s52-2: a verb's or "from"'s words apart by tabs)
+    ("password from hunter2xy\tto\tZq9xW8vU7k", "password from ***\tto\t***"),
+    ("token\tis\tnow\tZq9xW8vU7k", "token\tis\tnow\t***"),
 ]
 
 
@@ -5606,9 +5660,12 @@ def test_an_arrow_after_a_keys_sign_and_a_key_after_an_arrow_are_read_as_such(ke
         ('token: abc123XYZ9 => "" => Zq9xW8vU7k', 'token: *** => "" => ***'),
         ("password: none set -> Zq9xW8vU7k", "password: none set -> ***"),
         ("password: a1b2c3d4e -> not set -> Zq9xW8vU7k", "password: *** -> not set -> ***"),
+        # (review s51-2: a placeholder last, before a quote escaped twice or deeper, is none)
+        ("token: hunter2xyz1 -> null -> n/a", "token: *** -> null -> n/a"),
+        ("\x1b[32mINFO\x1b[0m password: null -> null",) * 2,
     ],
 )
-@pytest.mark.parametrize("depth", [0, 1, 2])
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
 def test_a_secrets_new_value_after_an_arrow_is_masked_as_its_old_one(keys, text, kept, depth):
     """A secret's value changed, as Terraform's plan writes it ('~ api_token = "old" -> "new"') or
     a rotation's log ("password: old -> new"): the old value was masked, the new one after the
@@ -5623,16 +5680,21 @@ def test_a_secrets_new_value_after_an_arrow_is_masked_as_its_old_one(keys, text,
 def test_a_new_value_after_a_placeholder_is_masked_on_a_coloured_line(keys):
     """A line with a colour code before the key (a coloured log's level, Terraform's coloured
     plan): the placeholder was read as the text is seen, its colour codes' ends changed, and the
-    new value after it left in clear (review s50-1)."""
+    new value after it left in clear (review s50-1). Two strings deep and more, an escaped
+    sequence's run of backslashes was split, the arrow after one of them no arrow (review s51-2),
+    and so a sequence written escaped ("\\x1b[", "\\033[") one string deep."""
     for text in (
         "\x1b[32mINFO\x1b[0m password: null -> Zq9xW8vU7k",
         '  \x1b[33m~\x1b[0m password = "" -> "Zq9xW8vU7k"',
         "\x1b[32mpassword\x1b[0m: hunter2xy \x1b[33m->\x1b[0m Zq9xW8vU7k",  # (the arrow in colour)
         "password: hunter2xy \x1b[2m\u2192\x1b[22m Zq9xW8vU7k",
+        "token=hunter2xy \x1b[1m=>\x1b(B\x1b[m Zq9xW8vU7k",
+        "password: hunter2xy \\x1b[33m->\\x1b[0m Zq9xW8vU7k",
+        "password: hunter2xy \\033[33m->\\e[0m Zq9xW8vU7k",
     ):
         kept = text.replace("Zq9xW8vU7k", "***").replace("hunter2xy", "***")
-        for depth in (0, 1):  # (a JSON string's "\u001b" stays escaped: the line still parses)
-            assert masked_at_depth(keys, text, depth) == (kept, kept)
+        for depth in (0, 1, 2, 3):  # (a JSON string's "\u001b" stays escaped: the line still parses)
+            assert masked_at_depth(keys, text, depth) == (kept, kept), depth
 
 
 @pytest.mark.parametrize(
@@ -5654,6 +5716,66 @@ def test_a_value_after_an_escaped_control_character_is_masked_and_the_line_json_
         assert not re.search(r"hunter2xyz|wJalr|Zq9x|[\x00-\x1f]", out), out
         if line.startswith("{"):
             assert json.loads(out)["n"] == 1
+
+
+@pytest.mark.parametrize(
+    ("line", "kept"),
+    [
+        ("q=%22x%22 password: hunter2xyz", "q=%22x%22 password: ***"),
+        ("q=&quot;x&quot; password: hunter2xyz", "q=&quot;x&quot; password: ***"),
+        ("dir=C:%5Cdata password: hunter2xyz", "dir=C:%5Cdata password: ***"),
+        ("dir=C:&#92;data password: hunter2xyz", "dir=C:&#92;data password: ***"),
+        ("body=%7B%22password%22%3A%22hunter2xyz%22%7D", "body={%22password%22:%22***%22}"),
+        ("&quot;password&quot;: &quot;hunter2xyz&quot;", "&quot;password&quot;: &quot;***&quot;"),
+        ("%2522password%2522:%2522hunter2xyz%2522", "%22password%22:%22***%22"),
+        ("token%3D%22abc%5C%22def123XYZ%22", "token=%22***%22"),
+        ("password: hunter2xyz%22", "password: ***%22"),  # (scrubbed again, the same)
+        ("q=%22x&#34;&#x22;&#345; password: hunter2xyz", "q=%22x&quot;&quot;\u0159 password: ***"),
+    ],
+)
+def test_a_quote_or_backslash_decoded_to_be_read_is_written_encoded_and_the_line_json_still(keys, line, kept):
+    """Review s51-2: a quote or a backslash of a URL's or HTML's encoding ("%22", "&quot;",
+    "%5C") in a JSON string was decoded where the text was written normalised (a value found
+    once read so): the string ended early, the line was no JSON. Written encoded now, what the
+    text reads the same, at every depth."""
+    for depth in (1, 2, 3):
+        assert masked_at_depth(keys, line, depth) == (kept, kept)
+    ring = KeyRing(keys)
+    for out in (Masker(ring).mask_text(line, ring.key_for(None)), scrub(line)):
+        assert not re.search("hunter2xyz|def123", out), out
+
+
+@pytest.mark.parametrize(
+    "text", ["password: hunter2xyz\tpassword: Zq9xW8vU7k", "password: hunter2xyz\x1b[0m\tpassword: Zq9xW8vU7k"]
+)
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+def test_a_value_ends_at_a_tab_before_another_key_at_every_depth(keys, text, depth):
+    """Review s52-1: two strings deep, a tab is a backslash pair and a "t", which a value read
+    on, the next key with it, and that key's value was left in clear (where a colour code's run
+    was split, its odd backslash had ended the first value): a tab escaped at any depth before
+    a secret's key ends a value now, as a line end does."""
+    kept = "password: ***\tpassword: ***"  # (the colour code after a value masked with it)
+    assert masked_at_depth(keys, text, depth) == (kept, kept)
+
+
+@pytest.mark.parametrize("text", ["token: ", "password:", "Enter password: ", "api_key=", "the token "])
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_a_secrets_key_at_a_json_strings_end_reads_no_value(keys, text, depth):
+    """Review s52-2: a key at its JSON string's end (a prompt, "Enter password:") took the
+    quote that ends the string for its value's opening one, and masked the line's structure
+    after it (', "n": ...'): the line was no JSON. A quote before ",", ":" or a bracket's close
+    is a string's end now; a value's own first "," stays one."""
+    assert masked_at_depth(keys, text, depth) == (text, text)
+    assert masked_at_depth(keys, '{"password": ",Hunter2x"}', depth) == ('{"password": "***"}',) * 2
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+def test_a_value_after_a_mask_mark_and_an_encoded_quote_is_masked(keys, depth):
+    """Review s52-2: a mask's mark with an encoded quote after it is no value (a text written
+    normalised keeps its quotes encoded: "password: ***%22", scrubbed again, stays), but one
+    before a value's characters was taken for a mark, the value left in clear."""
+    assert masked_at_depth(keys, "password: ***%22Secret9xyz", depth) == ("password: ***",) * 2
+    assert masked_at_depth(keys, "password: ***%22", depth) == ("password: ***%22",) * 2
 
 
 def test_control_sequences_that_their_removal_shows_are_read_once(keys):
