@@ -670,9 +670,9 @@ _NO_PROSE = (
 )
 # ("from" before a value, then "to" and another that is no word of prose, in quotes or not:
 # "changed password from x to y", ``_FROM_TO``; "token from GitHub to cache" stays)
-_NAME_LIKE = (  # (a version, an address, a region, a host's or a pod's name: "v1.2.3", "us-east-1", "pod/api-7f9c")
-    r"(?:v?[0-9]{1,9}(?:\.[0-9]{1,9}){1,3}|[a-z0-9]{1,64}(?:[-./][a-z0-9]{1,64}){1,8})(?=[\s,;\"'`]|\\|\Z)"
-)
+# (a version, an address, a region, a host's or a pod's name: "v1.2.3", "us-east-1", "pod/api-7f9c";
+# none of a piece longer than 12, as a key's random part is: "sk-live-4eC39HqLyjWDarjtT1zdp7dc")
+_NAME_LIKE = r"(?:v?[0-9]{1,9}(?:\.[0-9]{1,9}){1,3}|[a-z0-9]{1,12}(?:[-./][a-z0-9]{1,12}){1,8})(?=[\s,;\"'`]|\\|\Z)"
 _FROM_THEN_TO = (
     rf"from(?={BLANK}{{1,64}}+(?!{_NAME_LIKE})(?:[^\s\\]|\\(?![tbf])){{1,256}}+{BLANK}{{1,64}}+(?i:to){BLANK}{{1,64}}+"
     rf"(?:(?:{_ESCAPE})?[\"'`]|(?!{_NAME_LIKE}){_NO_PROSE}))"
@@ -909,6 +909,12 @@ _EMPTY_THEN_ARROW = re.compile(_EMPTY + _THEN_ARROW)
 _THROUGH_EMPTY = re.compile(
     rf"(?:(?:{_ESCAPE})?[\"'`])?+{BLANK}{{0,64}}+{_arrow_mark()}{_ARROW_BLANK}{{0,64}}+{_EMPTY}{_THEN_ARROW}"
 )
+# A placeholder after a secret's key and "from" ("password changed from *** to x", a CI log's mask
+# of the old value; "from null to x"): read as a value found there, so the one after "to" is.
+_FROM_EMPTY = re.compile(
+    rf"(?<![A-Za-z0-9_]){_SECRET_NAME}{_KEY_CLOSE}(?:{BLANK}{{1,8}}+(?i:changed|was|is))?+{BLANK}{{1,8}}+(?i:from)"
+    rf"{BLANK}{{1,64}}+(?P<p>{_EMPTY})(?={BLANK}{{1,64}}+(?i:to){BLANK})"
+)
 
 
 def _before_arrow(view: str, a: int, b: int) -> int:
@@ -925,7 +931,7 @@ def _before_arrow(view: str, a: int, b: int) -> int:
 def changed_to(text: str, found: list[Span]) -> list[Span]:
     """``found`` (spans of values in ``text``, in order, merged) and the new values written after
     them (``_CHANGED_TO``; after "from", ``_FROM_TO``), merged."""
-    if not any(arrow in text for arrow in _ARROWS) and not (found and _FROM.search(text)):
+    if not any(arrow in text for arrow in _ARROWS) and not _FROM.search(text):
         return found
     if (seen := shown(text)) is not None:  # (as a terminal shows it too: an arrow in colour, "x \x1b[33m->\x1b[0m y")
         where = seen[1]
@@ -948,9 +954,10 @@ def _chained(text: str, found: list[Span]) -> list[Span]:
             end = b
         filled = "".join(pieces) + text[end:]  # (the text's: ``spans`` reads it as it reads the text)
         ends = {b for _, b in empty}
-        starts = sorted(
-            found + [(a, b) for a, b in spans(filled, chained=False) if _before_arrow(filled, a, b) in ends]
-        )
+        starts = found + [(a, b) for a, b in spans(filled, chained=False) if _before_arrow(filled, a, b) in ends]
+    if _FROM.search(view):
+        starts = starts + [m.span("p") for m in _FROM_EMPTY.finditer(view)]
+    starts = sorted(starts)
     more: list[Span] = []
     cut: dict[Span, int] = {}  # (a value found, where it ends before an arrow read in it)
     reach = -1

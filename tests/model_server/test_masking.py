@@ -1571,6 +1571,7 @@ SECRET_GROWING = {
     "Markdown keys before arrows": ("", "*token:* "),
     "verbs of state after keys": ("", "password was set to "),
     "changes from a value to another": ("", "token from aB3xxxxx to "),
+    "changes from a placeholder": ("", "password from null to "),
     "encoded quotes": ("password: a", "%22&quot;%5C&#92;%2522"),
     "block indicators without lines": ("", "token: >-\n"),
     "keys over mapping lines": ("", "token:\n  a: b\n"),
@@ -5585,6 +5586,9 @@ _SIGN_THEN_ARROW = [
     ("api key changed to Zq9xW8vU7k", "api key changed to ***"),
     ("changed password from hunter2Xyz9 to Zq9xW8vU7k", "changed password from *** to ***"),
     ('password changed from "hunter2xyz" to "correct horse"', 'password changed from "***" to "***"'),
+    # (review s52-2: "from" a placeholder or a mask's mark, a CI log's)
+    ("password changed from *** to Zq9xW8vU7k", "password changed from *** to ***"),
+    ("changed token from null to abc123XYZ9 ok", "changed token from null to *** ok"),
 ]
 # (a tab or a line end json.dumps'd once is "\\t", "\\n"; twice, "\\\\t" or "\\\\n" before a value is
 # read with it, masked, as on main)
