@@ -668,11 +668,11 @@ _NO_PROSE = (
     rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}(?:[^\sa-z._/:!?\"'`,;&<>\\-]|(?<![A-Za-z])\\(?!\\{{0,15}}[\"'])|\\(?!\\{{0,15}}[\"'nrtbf])))"
     rf"(?={_CRED_CHAR}{{6}})"
 )
-# ("from" before a value, then "to" and another that is no word of prose, in quotes or not:
-# "changed password from x to y", ``_FROM_TO``; "token from GitHub to cache" stays)
-# (a version, an address, a region, a host's or a pod's name: "v1.2.3", "us-east-1", "pod/api-7f9c";
-# none of a piece longer than 12, as a key's random part is: "sk-live-4eC39HqLyjWDarjtT1zdp7dc")
+# A version, an address, a region, a host's or a pod's name ("v1.2.3", "us-east-1", "pod/api-7f9c";
+# none of a piece longer than 12, as a key's random part is: "sk-live-4eC39HqLyjWDarjtT1zdp7dc").
 _NAME_LIKE = r"(?:v?[0-9]{1,9}(?:\.[0-9]{1,9}){1,3}|[a-z0-9]{1,12}(?:[-./][a-z0-9]{1,12}){1,8})(?=[\s,;\"'`]|\\|\Z)"
+# "from" before a value, then "to" and another that is no word of prose nor ``_NAME_LIKE``, in
+# quotes or not ("changed password from x to y", ``_FROM_TO``; "token from GitHub to cache" stays).
 _FROM_THEN_TO = (
     rf"from(?={BLANK}{{1,64}}+(?!{_NAME_LIKE})(?:[^\s\\]|\\(?![tbf])){{1,256}}+{BLANK}{{1,64}}+(?i:to){BLANK}{{1,64}}+"
     rf"(?:(?:{_ESCAPE})?[\"'`]|(?!{_NAME_LIKE}){_NO_PROSE}))"
