@@ -397,6 +397,8 @@ def _elements_before(text: str, start: int) -> tuple[int, int] | None:
 def _json_tensor(
     raw: dict[str, Any], datatype: str, shape: tuple[int, ...], where: str, written: Callable[[int], str]
 ) -> np.ndarray:
+    if not isinstance(raw["data"], list):  # (as Triton: '"data": 1' is no tensor's data, [1] is)
+        raise InvalidInput(f"{where}: Unable to parse 'data': attempt to access JSON non-array as array")
     flat = _flatten(raw["data"])
     expected = _num_elements(shape)
     if len(flat) != expected:

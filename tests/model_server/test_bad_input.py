@@ -292,7 +292,7 @@ def test_out_of_bounds_shapes_counts_and_flags_are_400s_naming_them(server, digi
         header = json.dumps({"inputs": [tensor], **extra}).encode()
         return header + blob, {"Inference-Header-Content-Length": str(len(header))}
 
-    def as_json(shape: list[int], data: list, **extra) -> tuple[bytes, dict[str, str]]:
+    def as_json(shape: list[int], data: object, **extra) -> tuple[bytes, dict[str, str]]:
         return json.dumps(
             {"inputs": [{"name": "image", "datatype": "BYTES", "shape": shape, "data": data}], **extra}
         ).encode(), {}
@@ -307,6 +307,7 @@ def test_out_of_bounds_shapes_counts_and_flags_are_400s_naming_them(server, digi
         (binary([1] * 70, one), "at most 32 dimensions"),
         (as_json([0, 2**62, 8], []), "at most 32 dimensions"),
         (as_json([1], ["\ud800"]), "not valid Unicode"),
+        (as_json([1], "x"), "Unable to parse 'data': attempt to access JSON non-array as array"),  # (as Triton)
         (
             binary([1], one, outputs=[{"name": "probabilities", "parameters": {"binary_data": "false"}}]),
             "true or false",
