@@ -673,8 +673,9 @@ _NO_PROSE = (
 _NAME_LIKE = r"(?:v?[0-9]{1,9}(?:\.[0-9]{1,9}){1,3}|[a-z0-9]{1,12}(?:[-./][a-z0-9]{1,12}){1,8})(?=[\s,;\"'`]|\\|\Z)"
 # "from" before a value, then "to" and another that is no word of prose nor ``_NAME_LIKE``, in
 # quotes or not ("changed password from x to y", ``_FROM_TO``; "token from GitHub to cache" stays).
+_TO = rf"{BLANK}{{1,64}}+(?i:to){BLANK}{{1,64}}+"  # (the "to" of "from x to y")
 _FROM_THEN_TO = (
-    rf"from(?={BLANK}{{1,64}}+(?!{_NAME_LIKE})(?:[^\s\\]|\\(?![tbf])){{1,256}}+{BLANK}{{1,64}}+(?i:to){BLANK}{{1,64}}+"
+    rf"from(?={BLANK}{{1,64}}+(?!{_NAME_LIKE})(?:[^\s\\]|\\(?![tbf])){{1,256}}+{_TO}"
     rf"(?:(?:{_ESCAPE})?[\"'`]|(?!{_NAME_LIKE}){_NO_PROSE}))"
 )
 _STATE_VERB = (
@@ -892,7 +893,7 @@ def _changed(sep: str, plain: str = "") -> re.Pattern[str]:
 _CHANGED_TO = _changed(rf"(?:{BLANK}{{0,64}}+{_arrow_mark()}{_ARROW_BLANK}{{0,64}}+){{1,4}}+")
 # A value after "from" (a spaced key's: "password from x to y", as prose writes a change): the
 # value after "to" is the new one, where no word of prose.
-_FROM_TO = _changed(rf"{BLANK}{{1,64}}+(?i:to){BLANK}{{1,64}}+", f"(?!{_NAME_LIKE}){_NO_PROSE}")
+_FROM_TO = _changed(_TO, f"(?!{_NAME_LIKE}){_NO_PROSE}")
 _FROM = re.compile("(?i:from)")
 _AFTER_FROM = re.compile(rf"(?<![A-Za-z])(?i:from){BLANK}{{1,64}}+(?:(?:{_ESCAPE})?[\"'`])?\Z")
 _ARROWS = (">", "\u2192", "\u21d2", "\u27f6", "\u27f9", "\u2794", "\u27a1", "\\u2")  # (">": every arrow of signs)
@@ -913,7 +914,7 @@ _THROUGH_EMPTY = re.compile(
 # of the old value; "from null to x"): read as a value found there, so the one after "to" is.
 _FROM_EMPTY = re.compile(
     rf"(?<![A-Za-z0-9_]){_SECRET_NAME}{_KEY_CLOSE}(?:{BLANK}{{1,8}}+(?i:changed|was|is))?+{BLANK}{{1,8}}+(?i:from)"
-    rf"{BLANK}{{1,64}}+(?P<p>{_EMPTY})(?={BLANK}{{1,64}}+(?i:to){BLANK})"
+    rf"{BLANK}{{1,64}}+(?P<p>{_EMPTY})(?={_TO})"
 )
 
 
