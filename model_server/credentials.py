@@ -673,17 +673,27 @@ _NO_PROSE = (
 _NAME_LIKE = r"(?:v?[0-9]{1,9}(?:\.[0-9]{1,9}){1,3}|[a-z0-9]{1,12}(?:[-./][a-z0-9]{1,12}){1,8})(?=[\s,;\"'`]|\\|\Z)"
 # "from" before a value, then "to" and another that is no word of prose nor ``_NAME_LIKE``, in
 # quotes or not ("changed password from x to y", ``_FROM_TO``; "token from GitHub to cache" stays).
-_TO = rf"{BLANK}{{1,64}}+(?i:to){BLANK}{{1,64}}+"  # (the "to" of "from x to y")
+_TO = rf"{BLANK}{{1,64}}+(?i:in)?+(?i:to):?+{BLANK}{{1,64}}+"  # (the "to" of "from x to y", "into", "to:")
 _FROM_THEN_TO = (
-    rf"from(?={BLANK}{{1,64}}+(?!{_NAME_LIKE})(?:[^\s\\]|\\(?![tbf])){{1,256}}+{_TO}"
+    rf"from(?=:?+{BLANK}{{1,64}}+(?!{_NAME_LIKE})(?:[^\s\\]|\\(?![tbf])){{1,256}}+{_TO}"
     rf"(?:(?:{_ESCAPE})?[\"'`]|(?!{_NAME_LIKE}){_NO_PROSE}))"
 )
+_FROM_VERB = "(?i:changed|was|is)"  # (a verb before "from": "password was from x to y")
 _STATE_VERB = (
     rf"(?i:is{BLANK}{{1,8}}+now|is|was|(?:set|changed|reset){BLANK}{{1,8}}+to"
-    rf"|(?:changed{BLANK}{{1,8}}+)?{_FROM_THEN_TO})(?::(?={BLANK}))?+"
+    rf"|(?:{_FROM_VERB}{BLANK}{{1,8}}+)?{_FROM_THEN_TO})(?::(?={BLANK}))?+"
 )
+# Whose secret it is, between its key and its separator or verb ("password for bob: x", "the API
+# key for user 'acme' is x", "token of svc-a changed from x to y"): a user's or an account's name,
+# in quotes or not, 64 characters at most. (Read as a spaced key's: a word of prose after it stays,
+# "password for bob: expired".)
+_WHOM = (
+    rf"(?i:for|of){BLANK}{{1,8}}+(?:(?i:user|account|service|the){BLANK}{{1,8}}+)?"
+    rf"(?:(?:{_ESCAPE})?[\"'`])?[\w.@+-]{{1,64}}+(?:(?:{_ESCAPE})?[\"'`])?"
+)
+_STATED = rf"(?:(?:{_WHOM}{BLANK}{{0,8}}+[:=]|(?:{_WHOM}{BLANK}{{1,8}}+)?{_STATE_VERB}){BLANK}{{1,64}}+)?"
 _SECRET_SPACED = re.compile(  # (its match starts at an owner's or a name's first character: a look ahead first)
-    rf"(?=(?i:[a-z0-9])){after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}(?:{_KEY_CLOSE_QUOTE}|{_MD_CLOSE})?+(?:{_MD_BEFORE_ARROW}{_ARROW}|(?(kq)(?!)){BLANK}{{1,64}}+(?:{_STATE_VERB}{BLANK}{{1,64}}+)?)(?:(?P<e>{_ESCAPE})?(?P<q>[\"'`]))?{_NO_MASKED_AFTER}{_KEY_AS_VALUE}"
+    rf"(?=(?i:[a-z0-9])){after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}(?:{_KEY_CLOSE_QUOTE}|{_MD_CLOSE})?+(?:{_MD_BEFORE_ARROW}{_ARROW}|(?(kq)(?!)){BLANK}{{1,64}}+{_STATED})(?:(?P<e>{_ESCAPE})?(?P<q>[\"'`]))?{_NO_MASKED_AFTER}{_KEY_AS_VALUE}"
     rf"(?P<v>(?(q){_STRING_END_NOT}{_RENAMED}{_QUOTED_WHOLE}|(?:(?!{_PROSE_PAREN}){CLOSED_BRACKETED}|(?!{_PROSE_PAREN})(?=[{{\[]{_BEFORE_QUOTE}(?:{_ESCAPE})?[\"']|{_TUPLE_OPEN}){_NOT_CLOSED}|(?!(?(aw)(?!)|[:=])|{_SCHEME}|{_MASK_MARK}|(?:{_ARROW_CHAR}|{_ESCAPED_ARROW_CHAR})(?:{_ARROW_BLANK}|\Z|{_MASK_MARK}|{_LINE_BREAK}|\\{{0,15}}[\"'])|(?:\\{{2,15}}[rn]){{1,16}}+[ \t])(?!{DATE_OR_TIME}){_NO_PROSE}{_CRED_RUN})))"
 )
 # A URL query's parameter (after "?" or "&") named for a secret, and also, there only, for a key, a signature or
@@ -895,7 +905,7 @@ _CHANGED_TO = _changed(rf"(?:{BLANK}{{0,64}}+{_arrow_mark()}{_ARROW_BLANK}{{0,64
 # value after "to" is the new one, where no word of prose.
 _FROM_TO = _changed(_TO, f"(?!{_NAME_LIKE}){_NO_PROSE}")
 _FROM = re.compile("(?i:from)")
-_AFTER_FROM = re.compile(rf"(?<![A-Za-z])(?i:from){BLANK}{{1,64}}+(?:(?:{_ESCAPE})?[\"'`])?\Z")
+_AFTER_FROM = re.compile(rf"(?<![A-Za-z])(?i:from):?+{BLANK}{{1,64}}+(?:(?:{_ESCAPE})?[\"'`])?\Z")
 _ARROWS = (">", "\u2192", "\u21d2", "\u27f6", "\u27f9", "\u2794", "\u27a1", "\\u2")  # (">": every arrow of signs)
 
 
@@ -913,7 +923,7 @@ _THROUGH_EMPTY = re.compile(
 # A placeholder after a secret's key and "from" ("password changed from *** to x", a CI log's mask
 # of the old value; "from null to x"): read as a value found there, so the one after "to" is.
 _FROM_EMPTY = re.compile(
-    rf"(?<![A-Za-z0-9_]){_SECRET_NAME}{_KEY_CLOSE}(?:{BLANK}{{1,8}}+(?i:changed|was|is))?+{BLANK}{{1,8}}+(?i:from)"
+    rf"(?<![A-Za-z0-9_]){_SECRET_NAME}{_KEY_CLOSE}(?:{BLANK}{{1,8}}+{_WHOM})?(?:{BLANK}{{1,8}}+{_FROM_VERB})?+{BLANK}{{1,8}}+(?i:from):?+"
     rf"{BLANK}{{1,64}}+(?P<p>{_EMPTY})(?={_TO})"
 )
 
@@ -968,9 +978,10 @@ def _chained(text: str, found: list[Span]) -> list[Span]:
         if (end := _before_arrow(view, a, b)) != b:
             cut[a, b] = end
         b = end
-        if _AFTER_FROM.search(view, max(a - 80, 0), a) and (m := _FROM_TO.match(view, b)) and m.end("v") > m.start("v"):
-            more.append(m.span("v"))
-            b = m.end("v")
+        if _AFTER_FROM.search(view, max(a - 80, 0), a):
+            while (m := _FROM_TO.match(view, b)) and m.end("v") > m.start("v"):  # ("from x to y to z")
+                more.append(m.span("v"))
+                b = m.end("v")
         while m := _THROUGH_EMPTY.match(view, b) or _CHANGED_TO.match(view, b):  # (a chain, however long)
             if m.re is _THROUGH_EMPTY:
                 b = m.end()

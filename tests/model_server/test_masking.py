@@ -1572,6 +1572,8 @@ SECRET_GROWING = {
     "verbs of state after keys": ("", "password was set to "),
     "changes from a value to another": ("", "token from aB3xxxxx to "),
     "changes from a placeholder": ("", "password from null to "),
+    "owners between keys and verbs": ("", "password for 'a' changed from "),
+    "owners before separators": ("", "token of user a: "),
     "encoded quotes": ("password: a", "%22&quot;%5C&#92;%2522"),
     "block indicators without lines": ("", "token: >-\n"),
     "keys over mapping lines": ("", "token:\n  a: b\n"),
@@ -5512,6 +5514,11 @@ def test_arrows_and_auth_words_without_a_secret_stay_readable(keys, text):
         "token from 10.0.0.1 to 10.0.0.2",
         "moved token from us-east-1 to eu-west-1",
         "the password was reset by admin",
+        "password for bob: expired",
+        "password for the database was reset by admin",
+        "token for service set to expire in 3600s",
+        "password for bob changed from v1.2.3 to v2.0.0",
+        "token moved from vault into env",
     ],
 )
 @pytest.mark.parametrize("depth", [0, 1, 2, 3])
@@ -5589,6 +5596,18 @@ _SIGN_THEN_ARROW = [
     # (review s52-2: "from" a placeholder or a mask's mark, a CI log's)
     ("password changed from *** to Zq9xW8vU7k", "password changed from *** to ***"),
     ("changed token from null to abc123XYZ9 ok", "changed token from null to *** ok"),
+    # (whose secret it is between the key and its separator or verb; "into", "from: x to: y", a
+    # change of more than one step: each new value was in clear)
+    ("Password for bob: Hunter2xyzQ", "Password for bob: ***"),
+    ("API key for acme = sk-live-4eC39HqLyjWDarjtT1zdp7dc", "API key for acme = ***"),
+    ("the password of user 'bob' was hunter2Xyz9", "the password of user 'bob' was ***"),
+    ("token for svc-a.prod is now Zq9xW8vU7k ok", "token for svc-a.prod is now *** ok"),
+    ("password for bob changed from hunter2Xyz9 to Zq9xW8vU7k", "password for bob changed from *** to ***"),
+    ("password for bob changed from *** to Zq9xW8vU7k", "password for bob changed from *** to ***"),
+    ("password changed from hunter2Xyz9 into Zq9xW8vU7k", "password changed from *** into ***"),
+    ("token changed from: hunter2Xyz9 to: Zq9xW8vU7k", "token changed from: *** to: ***"),
+    ("password was from hunter2Xyz9 to Zq9xW8vU7k to k3murfHm9Q", "password was from *** to *** to ***"),
+    ("password changed from hunter2Xyz9 to Zq9xW8vU7k to fix login", "password changed from *** to *** to fix login"),
 ]
 # (a tab or a line end json.dumps'd once is "\\t", "\\n"; twice, "\\\\t" or "\\\\n" before a value is
 # read with it, masked, as on main)
