@@ -585,6 +585,8 @@ def judge_stage(
         # stage, as one without data does: its last look read "wait" for the guard alone, and the
         # stage ended undecided on a spike the guard allows.
         why = " ".join(c.sentence for c in held)
+        if rest := [c.sentence for c in verdict.checks if c.decision == "wait" and c.blocks_pass and c not in held]:
+            why += " Waiting beside it: " + " ".join(rest[:3])  # (else the guard alone was named)
         if elapsed >= spec.max_stage_seconds:
             return state("undecided", K, verdict, f"undecided: the stage ended ({elapsed:.0f} s) while {why}")
         return state("waiting", K, verdict, f"holding at look {K} of {K}: {why}")

@@ -1916,6 +1916,16 @@ def test_a_p99_excursion_under_way_at_the_last_look_holds_the_stage_not_rolls_it
     over = judge_stage(s, WINDOW, log, IMAGES, now + s.max_stage_seconds, GuardInputs(p99_series_ms=late))
     assert over.status == "undecided"
     assert "Canary P99 is 90.0 ms" in over.reason
+    assert "Waiting beside it" not in over.reason  # (nothing else waits)
+    # A check that waits beside the guard is named too (the reason named the guard alone: the
+    # excursion's end left a stage still undecided that its report had not said was).
+    fine = spec(latency_margin=0.01)  # (finer than this traffic resolves)
+    both = judge_stage(fine, WINDOW, log, IMAGES, now + fine.max_stage_seconds, GuardInputs(p99_series_ms=late))
+    assert both.status == "undecided"
+    latency = next(c for c in both.verdict.checks if c.name == "latency_geomean")
+    assert latency.decision == "wait"
+    assert "Canary P99 is 90.0 ms" in both.reason
+    assert f"Waiting beside it: {latency.sentence}" in both.reason
 
 
 def test_a_guard_file_a_killed_removal_left_does_not_keep_a_stage_cache_folder(tmp_path):
