@@ -363,6 +363,12 @@ class IstioTarget:
     def host(self) -> str:
         return f"{self.service}.{self.namespace}.svc.{self.cluster_domain}"
 
+    def is_own(self, host: object) -> bool:
+        """Whether ``host`` names the target's Service, as Istio reads a route's host in the
+        VirtualService's namespace: a short name too ("digits", "digits.models")."""
+        ns = f"{self.service}.{self.namespace}"
+        return isinstance(host, str) and host.lower() in (self.service, ns, f"{ns}.svc", self.host)
+
 
 # -- sticky assignment in the mesh -----------------------------------------------------------
 #
@@ -1028,16 +1034,42 @@ class IstioRouter:
         """The target's object of ``plural`` (or ``name`` in ``namespace``), None when there is none."""
         from kubernetes.client.exceptions import ApiException
 
+        own = name is None
         name = name or self.target.name
         version = "v1alpha3" if plural == "envoyfilters" else "v1"
         try:
-            return self._api().get_namespaced_custom_object(
+            live = self._api().get_namespaced_custom_object(
                 "networking.istio.io", version, namespace or self.target.namespace, plural, name
             )
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise api_error(f"GET {plural}/{name}", exc) from None
+        if own and (other := self._other_service(plural, live)):
+            raise RouterError(
+                f"{ISTIO_KINDS[plural]} {self.target.namespace}/{name} is {other}'s, not Service {self.target.host}'s "
+                "(two models given one VirtualService: give each its own istio.name, in models.<model>.istio): "
+                "the rollout reads and writes no other Service's routes"
+            )
+        return live
+
+    def _other_service(self, plural: str, live: Any) -> str | None:
+        """The host of another Service that the target's VirtualService routes or mirrors HTTP
+        requests to, or its DestinationRule is for; None when none is (a shape the rollout does
+        not read is refused where it is read)."""
+        spec = live.get("spec") if isinstance(live, dict) else None
+        if not isinstance(spec, dict):
+            return None
+        if plural == "destinationrules":
+            hosts = [spec.get("host")]
+        elif plural == "virtualservices":
+            routes = [r for r in _listed(spec.get("http")) if isinstance(r, dict)]
+            sent = [r.get("mirror") for r in routes]
+            sent += [d.get("destination") for r in routes for d in _listed(r.get("route")) if isinstance(d, dict)]
+            hosts = [to.get("host") for to in sent if isinstance(to, dict)]
+        else:
+            return None
+        return next((str(h)[:200] for h in hosts if h is not None and not self.target.is_own(h)), None)
 
     def _apply(
         self,
@@ -1291,6 +1323,11 @@ class IstioRouter:
                 f"VirtualService {self.target.namespace}/{self.target.name} is not one the rollout reads (each route "
                 f"to a subset v<version>, as deploy/base/mesh.yaml): {type(exc).__name__} {str(exc)[:200]}"
             ) from None
+
+
+def _listed(value: object) -> list[Any]:
+    """``value`` where it is a list, else none (a field of an object edited by hand)."""
+    return value if isinstance(value, list) else []
 
 
 def kube_api_client() -> Any:

@@ -26,14 +26,17 @@ wrong; every default is here and nowhere else. The extras:
   overriding the connection-wide one field by field (``istio_for``, ``build_for``)
 
 In any string of the ``istio`` and ``build`` sections, connection-wide or a model's, ``{model}``
-stands for the model's name as a Kubernetes name (``model_name``): ``"service": "{model}"``
-gives every model its own Service, VirtualService and Deployments with one line. Two models of
-``models`` may not share a VirtualService (namespace and ``name``) or a Service (namespace and
-``service``): their rollouts would fight over one object.
+stands for the model's name as a Kubernetes name (``model_name``): ``"service": "{model}",
+"name": "{model}"`` gives every model its own Service, VirtualService and Deployments. No two
+models may share a VirtualService (namespace and ``name``) or a Service (namespace and
+``service``): one's rollout would send the other's requests to its own Service (refused here for
+what the sections name, and where it is read: ``IstioRouter`` reads and writes no VirtualService
+that routes to another Service).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -434,20 +437,45 @@ class ServingSettings:
         return BuildSettings(**_build_fields(self._section(model, "build", asdict(self.build))))
 
     def _check_targets_distinct(self) -> None:
-        """Two models of ``models`` driving one VirtualService or one Service would fight over it."""
+        """Two models driving one VirtualService or one Service would fight over it (the one's
+        rollout would send the other's requests to its own Service): two of ``models``, one of
+        them and every model not in ``models`` (the connection-wide section, its names fixed), or
+        any two (the connection-wide section's ``service`` or ``name`` alone templated)."""
+        kinds = (("VirtualService", "name"), ("Service", "service"))
+        wide = {k: str(self.istio_extra.get(k) or "") for k in ("namespace", "service", "name")}
+        templated = [k for k in ("service", "name") if TEMPLATE in wide[k]]
+        if TEMPLATE not in wide["namespace"] and len(templated) == 1 and all(wide.values()):
+            fixed, kind = ("name", "VirtualService") if templated == ["service"] else ("service", "Service")
+            raise SettingsError(
+                f"the {CONNECTION} extra istio: {templated[0]} holds {TEMPLATE} and {fixed} does not, so every model "
+                f"would share the {kind} {wide['namespace']}/{wide[fixed]}: write {TEMPLATE} in both"
+            )
+        every = None  # (the target of every model not in models, where the section names one)
+        if not any(TEMPLATE in v for v in wide.values()):
+            with contextlib.suppress(SettingsError):
+                every = self.istio_for("")
         seen: dict[tuple[str, str, str], str] = {}
         for model in self.models:
             try:
                 target = self.istio_for(model)
             except SettingsError:
                 continue  # incomplete: refused where it is used (mesh 'istio'), not in local mode
-            for kind, key in (("VirtualService", "name"), ("Service", "service")):
+            for kind, key in kinds:
                 name = getattr(target, key)
                 other = seen.setdefault((kind, target.namespace, name), model)
                 if other != model:
                     raise SettingsError(
                         f"the {CONNECTION} extra models: '{other}' and '{model}' share the {kind} "
                         f"{target.namespace}/{name}; give each its own istio.{key}"
+                    )
+                if (
+                    every is not None
+                    and (every.namespace, getattr(every, key)) == (target.namespace, name)
+                    and (every.service, every.name) != (target.service, target.name)
+                ):
+                    raise SettingsError(
+                        f"the {CONNECTION} extra models.{model}: shares the {kind} {target.namespace}/{name} with every "
+                        f"model not in models (the connection-wide istio section); give it its own istio.{key}"
                     )
 
 

@@ -563,7 +563,8 @@ def test_a_version_gets_its_subset_before_the_virtual_service_routes_to_it(kube)
 
 
 @pytest.mark.parametrize(
-    ("destination", "words"), [({"host": "h"}, "KeyError 'subset'"), ({"host": "h", "subset": "stable"}, "PolicyError")]
+    ("destination", "words"),
+    [({"host": "digits"}, "KeyError 'subset'"), ({"host": "digits", "subset": "stable"}, "PolicyError")],
 )
 def test_a_virtual_service_edited_by_hand_is_named_not_a_traceback(kube, destination, words):
     """A route without a subset was a KeyError out of get_routes (the first step, start_from_steady,
@@ -578,6 +579,48 @@ def test_a_virtual_service_edited_by_hand_is_named_not_a_traceback(kube, destina
     with pytest.raises(RouterError, match="VirtualService models/digits is not one the rollout reads") as exc:
         IstioRouter(TARGET, ["1"], api_client=api).get_routes()
     assert words in str(exc.value)
+
+
+@pytest.mark.parametrize("where", ["route", "mirror", "destination rule"])
+def test_the_mesh_objects_of_another_service_are_neither_read_nor_written(kube, where):
+    """Review s53-1: two models given one VirtualService (a model of ``models`` with a Service of
+    its own and the connection-wide VirtualService's name) - the second's rollout read the
+    first's routes as its own steady ones and sent the first's requests to its own Service, the
+    DestinationRule's host too. A VirtualService that routes or mirrors HTTP requests to another
+    Service, or a DestinationRule for one, is refused naming it, and nothing is written."""
+    fake, api = kube
+    target, other = TARGET, "digits.models.svc.cluster.local"
+    if where == "route":  # (letters' target, digits' VirtualService)
+        target = IstioTarget(namespace="models", service="letters", name="digits")
+    elif where == "mirror":
+        other = "letters.models.svc.cluster.local"
+        fake.touch(
+            "virtualservices",
+            "models",
+            "digits",
+            lambda o: o["spec"]["http"][-1].update(mirror={"host": other, "subset": "v1"}),
+        )
+    else:
+        other = "letters"
+        fake.touch("destinationrules", "models", "digits", lambda o: o["spec"].update(host=other))
+    kind = "DestinationRule" if where == "destination rule" else "VirtualService"
+    router = IstioRouter(target, ["1", "2"], api_client=api)
+    before = len(fake.writes())
+    with pytest.raises(RouterError, match=re.escape(f"{kind} models/digits is {other}'s, not Service {target.host}'s")):
+        router.set_routes(CANARY)
+    assert len(fake.writes()) == before
+    if where != "destination rule":
+        with pytest.raises(RouterError, match="the rollout reads and writes no other Service's routes"):
+            router.get_routes()
+
+
+def test_a_route_to_the_services_short_name_is_its_own():
+    """Istio reads a route's host in the VirtualService's namespace: "digits" and "digits.models"
+    are the Service digits.models.svc.cluster.local."""
+    for host in ("digits", "digits.models", "Digits.models.svc", TARGET.host):
+        assert TARGET.is_own(host)
+    for host in ("letters", "digits.other", "digits.models.svc.example.org", None, 7):
+        assert not TARGET.is_own(host)
 
 
 def test_a_header_route_without_a_name_reads_back_as_an_unnamed_rule():
@@ -1297,7 +1340,7 @@ def test_a_rollout_refused_by_the_routes_it_finds_names_the_command_that_clears_
 
 
 def _route(name: str | None, version: str, **more: object) -> dict:
-    entry: dict = {"route": [{"destination": {"host": "h", "subset": f"v{version}"}}], **more}
+    entry: dict = {"route": [{"destination": {"host": "digits", "subset": f"v{version}"}}], **more}
     return {"name": name, **entry} if name else entry
 
 

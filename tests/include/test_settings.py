@@ -285,7 +285,7 @@ def test_a_target_name_kubernetes_would_refuse_is_refused_when_read(model, key):
     deploy_candidate, after the image build. Now the first use of the target names it."""
     extra = {"istio": {**FLEET["istio"]}}
     if model == "ok":
-        extra["istio"][key] = {"namespace": "Models", "name": "a..b"}[key]
+        extra["istio"][key] = {"namespace": "Models", "name": "{model}..b"}[key]
     s = ServingSettings.from_connection("http://h:8000", None, extra)
     with pytest.raises(
         SettingsError, match=rf"extra istio\.{key} \(or models\.{re.escape(model)}\.istio\.{key}\) gives"
@@ -359,6 +359,49 @@ def test_a_models_own_sections_override_the_connection_wide_ones_field_by_field(
 def test_two_models_driving_one_object_are_refused_naming_both(models, needle):
     with pytest.raises(SettingsError, match=re.escape(needle)):
         ServingSettings.from_connection("http://h:8000", None, {**FLEET, "models": models})
+
+
+WIDE = {"namespace": "models", "service": "digits", "name": "digits"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (  # (review s53-1: letters' rollout drove digits' VirtualService, sending its requests to letters)
+            {"istio": WIDE, "models": {"letters": {"istio": {"service": "letters"}}}},
+            "models.letters: shares the VirtualService models/digits with every model not in models",
+        ),
+        (
+            {"istio": WIDE, "models": {"letters": {"istio": {"name": "letters"}}}},
+            "models.letters: shares the Service models/digits with every model not in models",
+        ),
+        (
+            {"istio": {**WIDE, "service": "{model}"}},
+            "istio: service holds {model} and name does not, so every model would share the VirtualService models/digits",
+        ),
+        (
+            {"istio": {**WIDE, "name": "{model}-vs"}},
+            "istio: name holds {model} and service does not, so every model would share the Service models/digits",
+        ),
+    ],
+)
+def test_a_model_sharing_the_connection_wide_objects_is_refused(extra, needle):
+    with pytest.raises(SettingsError, match=re.escape(needle)):
+        ServingSettings.from_connection("http://h:8000", None, extra)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"istio": WIDE},  # (one model's fleet)
+        {"istio": WIDE, "models": {"digits": {"build": {"gpus": 1}}}},  # (the connection-wide model itself)
+        {"istio": WIDE, "models": {"letters": {"istio": {"service": "letters", "name": "letters"}}}},
+        {"istio": {**WIDE, "namespace": "{model}"}},  # (a namespace a model)
+        {"istio": {**WIDE, "service": "{model}", "name": "{model}"}},
+    ],
+)
+def test_models_of_their_own_objects_are_taken(extra):
+    ServingSettings.from_connection("http://h:8000", None, extra)
 
 
 def test_the_same_names_in_two_namespaces_are_two_objects():
