@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from model_server import metrics
-from model_server.errors import InvalidInput, PolicyError, ServerError
+from model_server.errors import EveryInterval, InvalidInput, PolicyError, ServerError, StateNotSaved, shown_names
 from model_server.model import Fault
 from model_server.repository import ModelRepository
 from model_server.traffic import PolicyStore, TrafficPolicy, default_policy, read_traffic_file
@@ -58,6 +58,7 @@ class Admin:
         self.policies = policies
         self._locks = ModelLocks()
         self._changes: set[asyncio.Future[Any]] = set()
+        self._unsaved_lines = EveryInterval(60.0)  # (a traffic file tried again at every poll)
 
     async def _changing(self, models: Iterable[str], change: Callable[[], Awaitable[T]]) -> T:
         """``change()`` holding the models' locks (in name order) until it ends, even when the
@@ -131,32 +132,66 @@ class Admin:
                 stamp = (st.st_mtime_ns, st.st_size)
             except OSError:
                 stamp = None
-            if stamp is not None and stamp != seen:
-                seen = stamp
-                await self.apply_traffic_file(path)
+            if stamp is not None and stamp != seen and await self.apply_traffic_file(path):
+                seen = stamp  # (a file whose state could not be written is tried again at the next poll)
             await asyncio.sleep(poll_s)
 
-    async def apply_traffic_file(self, path: Path) -> None:
-        """Apply the file's policies, checked and applied under their models' locks; a bad file
-        is counted and logged and changes nothing."""
+    async def apply_traffic_file(self, path: Path) -> bool:
+        """Apply the file's policies, checked and applied under their models' locks, all or
+        none: a bad file is counted and logged and changes nothing. False where a policy's state
+        file could not be written (a full or read-only state volume: the models it had moved
+        already are put back), to be tried again."""
         try:
             wanted = await asyncio.to_thread(read_traffic_file, path)  # parsed once, off the loop
 
             async def change() -> None:
                 for model, policy in wanted.items():
                     self.check_loaded(model, policy)
-                for model, policy in wanted.items():
-                    if self.policies.get(model) != policy:
-                        await asyncio.to_thread(self.policies.apply, model, policy)
-                        log.info("traffic policy for %r from %s", model, path)
+                applied: list[tuple[str, TrafficPolicy | None]] = []  # (a model and its policy before)
+                try:
+                    for model, policy in wanted.items():
+                        if (before := self.policies.get(model)) != policy:
+                            await asyncio.to_thread(self.policies.apply, model, policy)
+                            applied.append((model, before))
+                except StateNotSaved as exc:
+                    kept = [model for model, before in reversed(applied) if not await self._put_back(model, before)]
+                    if kept:
+                        raise StateNotSaved(
+                            f"{exc.message.removesuffix('; nothing changed')}; {shown_names(kept)} "
+                            "not put back: their policies are the file's"
+                        ) from None
+                    raise
+                for model, _ in applied:
+                    log.info("traffic policy for %r from %s", model, path)
 
             await self._changing(wanted, change)
+        except StateNotSaved as exc:
+            metrics.TRAFFIC_FILE_ERRORS.inc()
+            if (left_out := self._unsaved_lines.due()) is not None:
+                log.error(
+                    "traffic file not applied: %s (tried again at every poll; %d such lines left out)",
+                    exc.message,
+                    left_out,
+                )
+            return False
         except (PolicyError, ServerError) as exc:
             metrics.TRAFFIC_FILE_ERRORS.inc()
             log.error("traffic file not applied: %s", getattr(exc, "message", exc))
         except Exception:  # the watcher outlives any file: "²" as a version once ended it
             metrics.TRAFFIC_FILE_ERRORS.inc()
             log.exception("traffic file not applied")
+        return True
+
+    async def _put_back(self, model: str, before: TrafficPolicy | None) -> bool:
+        """The model's policy as it was before a file's, undone; False where it cannot be."""
+        try:
+            if before is None:
+                await asyncio.to_thread(self.policies.remove, model)
+            else:
+                await asyncio.to_thread(self.policies.apply, model, before)
+        except StateNotSaved:
+            return False
+        return True
 
     # -- model repository -------------------------------------------------------------------
 

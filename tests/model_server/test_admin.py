@@ -504,6 +504,60 @@ def test_a_policy_and_a_load_of_one_model_each_see_what_the_other_left(repo_copy
         repo.close_all()
 
 
+def test_a_traffic_file_is_applied_whole_or_not_at_all_and_tried_again(repo_copy, tmp_path, caplog):
+    """Review s53-2: a traffic file of two models whose second's state file could not be written
+    (a full or read-only state volume) moved the first's routes and kept them, logged "nothing
+    changed", and was not tried again until the file changed. It is applied whole or not at
+    all (the first model's policy put back, its state file too), and tried again at the next
+    poll until it is applied."""
+    import asyncio
+    import shutil
+
+    from model_server.admin import Admin
+    from model_server.repository import ModelRepository
+    from model_server.traffic import PolicyStore
+
+    shutil.copytree(repo_copy / "digits", repo_copy / "letters")
+    config = repo_copy / "letters" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "name": "letters"}))
+    repo = ModelRepository(repo_copy, ["CPUExecutionProvider"])
+    for model in ("digits", "letters"):
+        repo.load(model, policy(1, 2), persist=False)
+    state = tmp_path / "state"
+    state.mkdir()
+    policies = PolicyStore(state, lambda *_: None)
+    admin = Admin(repo, policies)
+    (state / "letters.json").mkdir()  # (a state file that cannot be written)
+    traffic = tmp_path / "traffic.json"
+    traffic.write_text(json.dumps({"models": {m: {"route": [{"version": "1"}]} for m in ("digits", "letters")}}))
+    v2 = {"route": [{"version": "2", "weight": 100}]}
+
+    async def scenario() -> None:
+        await admin.set_policy("digits", v2)
+        assert await admin.apply_traffic_file(traffic) is False
+        assert (policies.get("digits").to_dict(), policies.get("letters")) == (v2, None)
+        assert json.loads((state / "digits.json").read_text()) == v2
+        assert "tried again at every poll" in caplog.text
+        watcher = asyncio.ensure_future(admin.watch_traffic_file(traffic, 0.01))
+        for _ in range(5):
+            await asyncio.sleep(0.02)
+        assert policies.get("letters") is None
+        (state / "letters.json").rmdir()  # (the volume mended; the file itself unchanged)
+        for _ in range(6000):
+            if policies.get("letters") is not None:
+                break
+            await asyncio.sleep(0.01)
+        watcher.cancel()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        repo.close_all()
+    one = {"route": [{"version": "1", "weight": 100}]}
+    assert [policies.get(m).to_dict() for m in ("digits", "letters")] == [one, one]
+    assert [json.loads((state / f"{m}.json").read_text()) for m in ("digits", "letters")] == [one, one]
+
+
 def test_a_policy_is_parsed_once_and_off_the_event_loop(repo_copy, tmp_path, monkeypatch):
     """A policy's rules (each regex compiled) were parsed on the event loop, and the traffic
     file's twice: a large valid file held every request for seconds."""
