@@ -160,6 +160,12 @@ def parser(kind: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> arg
     )
     p.add_argument("--shadow-workers", type=at_least_one, default=2, help="concurrent shadow executions")
     p.add_argument(
+        "--mesh-mirror",
+        action="store_true",
+        help="a mesh in front mirrors requests (Istio, Envoy: a copy's Host ends in -shadow): serve such a copy as "
+        "the shadow's. Without it the server is its own mesh, mirroring in process, and a -shadow Host is a client's",
+    )
+    p.add_argument(
         "--prediction-log",
         metavar="URI",
         help="append every inference and label here: a folder, file:///path or s3://bucket/prefix "
@@ -601,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         shadow_queue=args.shadow_queue,
         shadow_queue_bytes=int(args.shadow_queue_mb * 1024 * 1024),
         shadow_copy_max_age_s=args.shadow_copy_max_age,
+        mesh_mirror=args.mesh_mirror,
         shadow_workers=args.shadow_workers,
         feedback_capacity=args.feedback_capacity,
         feedback_ttl_s=args.feedback_ttl_s,

@@ -82,6 +82,10 @@ class Settings:
     shadow_queue_bytes: int = 256 * 1024 * 1024  # and the bytes of their inputs together
     shadow_copy_max_age_s: float = MAX_COPY_AGE_S  # how long a shadow copy may wait for idle time
     shadow_workers: int = 2
+    # A mesh in front mirrors requests (Istio's copies, Host "...-shadow"); without one, the server
+    # mirrors in process and a "-shadow" Host is any client's (it faked shadow successes: the
+    # rollout's shadow-error guard diluted by anyone who reached the port).
+    mesh_mirror: bool = False
     feedback_capacity: int = 200_000  # served items (a batch of N is N) kept for delayed labels
     feedback_ttl_s: float = 3600.0
     max_json_bytes: int = MAX_JSON_BYTES  # an infer request's JSON part, any other JSON body
@@ -524,7 +528,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
             probe = "x-shadow-probe" in headers
             if probe:
                 check_admin(headers)
-            # A copy made by Istio's mirror is served as a shadow (dataplane.py).
+            # A copy made by Istio's mirror is served as a shadow (dataplane.py), where one is in front.
             ctx = RequestContext(
                 rid,
                 trace,
@@ -532,7 +536,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
                 client[0] if client else "unknown",
                 received_at,
                 started,
-                shadow_copy=is_shadow_host(headers.get("host")),
+                shadow_copy=settings.mesh_mirror and is_shadow_host(headers.get("host")),
                 probe=probe,
                 rule_headers=rule_headers(raw_headers, headers),
             )
@@ -637,7 +641,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         A copy Istio mirrored (Host ``...-shadow``) is answered 202 and ignored: the VirtualService
         mirrors a route's every request, labels too, and the original is taken where it went (the
         copy logged every label a second time, and counted it where the candidate served it)."""
-        if is_shadow_host(request.headers.get("host")):
+        if settings.mesh_mirror and is_shadow_host(request.headers.get("host")):
             return JSONResponse({"ignored": "a mirrored copy: the original label is taken where it went"}, 202)
         model = request.path_params["model"]
         rules = dataplane.label_rules(model)  # before the body: an unknown model is a 404

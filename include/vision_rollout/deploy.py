@@ -160,6 +160,7 @@ def render_deployment(
             *("--repository", "/models", "--state-dir", "/state", "--device", "cuda" if gpus else "cpu"),
             *("--serve", f"{model}:{version}"),
             *("--admin-port", str(ADMIN_PORT)),
+            "--mesh-mirror",  # (Istio's mirror: a copy's Host ends in -shadow)
             *(("--prediction-log", prediction_log) if prediction_log else ()),
             *(arg for volume, _, key, flag in secrets for arg in (flag, f"{SECRETS_DIR}/{volume}/{key}")),
         ],

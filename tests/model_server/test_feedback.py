@@ -432,7 +432,9 @@ def test_a_label_istio_mirrored_is_ignored(server_factory, repo_copy, tmp_path, 
     POST too: the copy was taken as a second label (logged twice; counted where the candidate
     served it). A copy (Host ``...-shadow``) is answered 202 and changes nothing."""
     log = tmp_path / "predictions"
-    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--prediction-log", str(log), token=TOKEN)
+    s = server_factory(
+        repo_copy, "--state-dir", str(tmp_path / "state"), "--prediction-log", str(log), "--mesh-mirror", token=TOKEN
+    )
     image, label = digit_images[0]
     token = infer(s, image, {"X-Request-ID": "mirrored"}).headers["X-Feedback-Token"]
     item = {"request_id": "mirrored", "label": label, "token": token}

@@ -1975,9 +1975,10 @@ def test_two_replicas_share_one_log_and_the_reader_joins_across_them(
 
 @pytest.mark.integration
 def test_a_request_for_a_shadow_host_is_a_shadow_copy(server_factory, repo_copy, tmp_path, digit_images):
-    """What Istio's mirror sends (Host with -shadow) is logged and counted as shadow, never as primary."""
+    """What Istio's mirror sends (Host with -shadow) is logged and counted as shadow, never as
+    primary, where a mesh mirrors (--mesh-mirror)."""
     log_dir = tmp_path / "predictions"
-    s = logging_server(server_factory, repo_copy, tmp_path)
+    s = logging_server(server_factory, repo_copy, tmp_path, "--mesh-mirror")
     hosts = ["digits.ml.svc.cluster.local-shadow:8000", "digits-shadow", f"127.0.0.1:{s.port}-shadow"]
     for i, host in enumerate(hosts):
         r = infer(s, digit_images[i][0], {"Host": host, "X-Request-ID": f"mirrored-{i}"})
@@ -2010,13 +2011,40 @@ def test_a_request_for_a_shadow_host_is_a_shadow_copy(server_factory, repo_copy,
 
 
 @pytest.mark.integration
+def test_without_a_mesh_a_shadow_host_is_a_clients_request(server_factory, repo_copy, tmp_path, digit_images):
+    """Review s53-2: a server that mirrors in process (no mesh in front) took any client's Host
+    "...-shadow" for a mirror's copy, counted as the shadow's: 990 forged successes took a
+    candidate failing every real copy from a shadow error rate of 100% to 1%, under the
+    rollout's 0.1% guard. Without --mesh-mirror such a request is a client's, routed, counted and
+    logged as the primary it is; its label is taken."""
+    log_dir = tmp_path / "predictions"
+    s = mirroring_server(server_factory, repo_copy, tmp_path)
+    r = infer(s, digit_images[0][0], {"Host": "digits-shadow", "X-Request-ID": "forged"})
+    assert r.status_code == 200
+    assert r.headers["X-Model-Version"] == "1"  # (the policy's route: the mirror's version is 2)
+    assert "X-Feedback-Token" in r.headers
+    assert s.metric("model_server_routed_requests_total", model="digits", version="1", decided_by="route") == 1
+    assert wait_for(lambda: s.metric("shadow_requests_total", model="digits", version="2", outcome="ok") == 1)
+    item = {"request_id": "forged", "label": digit_images[0][1], "token": r.headers["X-Feedback-Token"]}
+    fed = requests.post(f"{s.http}/v2/models/digits/feedback", json=item, headers={"Host": "digits-shadow"}, timeout=10)
+    assert fed.json()["matched_locally"] is True
+    start, end = NOW - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1)
+    assert wait_for(lambda: len(read(log_dir, start, end)) == 3)  # the primary, its copy, the label
+    s.stop()
+    df = read(log_dir, start, end)
+    assert sorted(df["role"]) == ["label", "primary", "shadow"]
+    assert dict(zip(df["role"], df["version"], strict=True)) == {"primary": "1", "shadow": "2", "label": "1"}
+
+
+@pytest.mark.integration
 def test_a_shadow_host_request_of_another_image_is_not_paired_with_the_request_it_names(
     server_factory, repo_copy, tmp_path, digit_images
 ):
     """A client can send Host ...-shadow under a served request id, before the mirror's copy of
-    that request: with another image it pairs with nothing, and the copy still pairs."""
+    that request, where a mesh mirrors (--mesh-mirror): with another image it pairs with nothing,
+    and the copy still pairs."""
     log_dir = tmp_path / "predictions"
-    s = mirroring_server(server_factory, repo_copy, tmp_path)
+    s = mirroring_server(server_factory, repo_copy, tmp_path, "--mesh-mirror")
     assert infer(s, digit_images[1][0], {"Host": "x-shadow", "X-Request-ID": "served-1"}).status_code == 200
     assert infer(s, digit_images[0][0], {"X-Request-ID": "served-1"}).status_code == 200
     start, end = NOW - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1)

@@ -41,7 +41,7 @@ def metrics_of(server, model: str, version: str) -> dict[str, float]:
 
 def test_statistics_extension_as_triton_reports_it(server_factory, repo_copy):
     write_simple_models(repo_copy, "simple")
-    server = server_factory(repo_copy, token=ADMIN_TOKEN)
+    server = server_factory(repo_copy, "--mesh-mirror", token=ADMIN_TOKEN)
     c = server.client()
     assert "statistics" in c.get_server_metadata()["extensions"]
 
@@ -100,7 +100,7 @@ def test_statistics_extension_as_triton_reports_it(server_factory, repo_copy):
     ):
         assert prom[counter] == pytest.approx(infer[duration]["ns"] / 1000, abs=1), counter
 
-    # A copy made by Istio's mirror is served as a shadow: never counted as the version's traffic.
+    # A copy made by Istio's mirror (--mesh-mirror) is served as a shadow: never counted as the version's traffic.
     shadow = requests.post(
         f"{server.http}/v2/models/simple/infer",
         json={
