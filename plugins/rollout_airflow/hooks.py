@@ -43,8 +43,8 @@ def _http_url(conn: Any, default_port: int) -> str:
     """The connection's base URL. A host given as a URL (``http://digits.ml.svc:8000``: Airflow's
     HTTP connections take "the entire url or the base of the url") is the URL, the port field
     added when it names none; else schema, host and port, each with its default. A scheme but
-    http or https, credentials in the host, or a host and port that make no URL (a space, a port
-    that is no number), fail the task naming the connection."""
+    http or https, credentials in the host, a query or a fragment, or a host and port that make no
+    URL (a space, a port that is no number), fail the task naming the connection."""
     host = (conn.host or "127.0.0.1").rstrip("/")
     if "://" not in host:
         host = f"{conn.schema or 'http'}://{host}:{conn.port or default_port}"
@@ -62,6 +62,13 @@ def _http_url(conn: Any, default_port: int) -> str:
         raise AirflowFailException(
             f"the {conn.conn_id} connection's host holds credentials (user:password@): put them in its login "
             "and password"
+        )
+    if "?" in rest or "#" in rest:  # (a token in a query would be in the same logs; no request takes one)
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(
+            f"the {conn.conn_id} connection's host holds a query or a fragment (?... or #...): give the base URL "
+            "only, credentials in its login and password"
         )
     if conn.port and not re.search(r":[0-9]+$", netloc):
         netloc = f"{netloc}:{conn.port}"

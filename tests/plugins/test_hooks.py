@@ -117,6 +117,20 @@ def test_credentials_in_a_hosts_url_fail_the_task_without_quoting_them(monkeypat
     assert "s3cret" not in str(refused.value)
 
 
+@pytest.mark.parametrize("name", ["prometheus_default", "model_server_default"])
+@pytest.mark.parametrize("tail", ["/?api_key=SUPERSECRET123", "?token=SUPERSECRET123", "/v2#SUPERSECRET123"])
+def test_a_query_or_fragment_in_a_hosts_url_fails_the_task_without_quoting_it(monkeypatch, name, tail):
+    """Review s53-1: a token in the host's query was kept in the base URL, and every error that
+    named the server (a task's "model server at http://...?api_key=... unreachable") printed it."""
+    from airflow.sdk.exceptions import AirflowFailException
+    from rollout_airflow.steps import serving
+
+    conn(monkeypatch, name, conn_type="http", host=f"http://127.0.0.1:8000{tail}")
+    with pytest.raises(AirflowFailException, match="host holds a query or a fragment") as refused:
+        PrometheusHook().source() if name == "prometheus_default" else serving()
+    assert "SUPERSECRET123" not in str(refused.value)
+
+
 @pytest.mark.parametrize("extra", ['{"repository": "/srv/models",}', "[1, 2]", '"models"', "{repository"])
 def test_extras_that_are_not_a_json_object_fail_the_task_naming_the_connection(monkeypatch, extra):
     """Airflow reads extras that are not JSON as none: every setting would take its default
