@@ -138,6 +138,8 @@ def _host(value: str) -> str:
 def folder_problem(text: str) -> str | None:
     """What is wrong with ``text`` as a folder (a path, or a URI of ``SCHEMES`` with no
     credentials in it); None when nothing is. Never repeats the value."""
+    if "\x00" in text:  # (no file system takes one: a ValueError at the first open, naming nothing)
+        return "a NUL character in it"
     if "://" not in text:
         return None
     parts = urlsplit(text)

@@ -289,7 +289,7 @@ class ServingSettings:
         except jsonschema.ValidationError as exc:
             where = ".".join(str(p) for p in exc.absolute_path)
             raise SettingsError(f"the {CONNECTION} extra {where or '(extras)'}: {_rule(exc)}") from None
-        for name in ("prediction_log", "shadow_log", "run_dir"):
+        for name in ("prediction_log", "shadow_log", "run_dir", "repository"):
             problem = folder_problem(extra.get(name) or "")
             if problem:
                 raise SettingsError(f"the {CONNECTION} extra {name}: {problem}")

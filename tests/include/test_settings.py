@@ -55,6 +55,10 @@ def test_a_run_folder_in_an_object_store_holds_reports_but_not_mesh_local_s_file
         ("run_dir", "s3://bucket/run?access_key=AKIA&secret_key=ghp_SECRET", "credentials in the URI"),
         ("prediction_log", "gs://bucket/log?token=ghp_SECRET", "credentials in the URI"),
         ("shadow_log", "s3://bucket/log#ghp_SECRET", "fragment"),
+        # (review s53-1: a NUL passed, then the first task failed on a bare "embedded null byte")
+        ("run_dir", "/srv/run\x00SECRET", "a NUL character in it"),
+        ("prediction_log", "s3://bucket/log\x00", "a NUL character in it"),
+        ("repository", "/srv/models\x00", "a NUL character in it"),
     ],
 )
 def test_folders_in_object_stores_are_refused_with_credentials_in_them(name, value, needle):
