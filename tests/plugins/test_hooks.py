@@ -123,6 +123,7 @@ def test_a_query_or_fragment_in_a_hosts_url_fails_the_task_without_quoting_it(mo
     """Review s53-1: a token in the host's query was kept in the base URL, and every error that
     named the server (a task's "model server at http://...?api_key=... unreachable") printed it."""
     from airflow.sdk.exceptions import AirflowFailException
+
     from rollout_airflow.steps import serving
 
     conn(monkeypatch, name, conn_type="http", host=f"http://127.0.0.1:8000{tail}")
