@@ -71,6 +71,17 @@ def _text(max_length: int = 4096) -> dict[str, Any]:
 # A VirtualService's hosts and gateways: at most 255 characters each, as istiod's webhook takes them
 # (``ISTIO_HOST``, ``ISTIO_GATEWAY``), not a Kubernetes name's 253.
 _NAMES = {"type": "array", "items": _text(255), "maxItems": 64}
+# The build section's Kubernetes names: a namespace (a DNS label), a ServiceAccount's and Secrets'
+# (DNS subdomains), checked once ``{model}`` is filled in (``build_for``).
+_BUILD_NAMES = (
+    "namespace",
+    "service_account",
+    "push_secret",
+    "admin_secret",
+    "storage_secret",
+    "feedback_secret",
+    "mask_secret",
+)
 EXTRA_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,  # a mistyped name is refused, not silently defaulted
@@ -112,18 +123,7 @@ EXTRA_SCHEMA: dict[str, Any] = {
                     for name in ("cpu", "memory")
                 },
                 "context": {**_text(), "pattern": CONTEXT_PATTERN},
-                **{
-                    name: _text(253)
-                    for name in (
-                        "namespace",
-                        "service_account",
-                        "push_secret",
-                        "admin_secret",
-                        "storage_secret",
-                        "feedback_secret",
-                        "mask_secret",
-                    )
-                },
+                **{name: _text(253) for name in _BUILD_NAMES},
                 "gpus": {"type": "integer", "minimum": 0, "maximum": 64},
                 "replicas": {"type": "integer", "minimum": 1, "maximum": 1000},
                 "min_replicas": {"type": "integer", "minimum": 1, "maximum": 1000},
@@ -434,7 +434,15 @@ class ServingSettings:
     def build_for(self, model: str) -> BuildSettings:
         """Kubernetes mode: the model's image build and Deployments (the extras' ``build``,
         overridden by ``models.<model>.build``)."""
-        return BuildSettings(**_build_fields(self._section(model, "build", asdict(self.build))))
+        raw = self._section(model, "build", asdict(self.build))
+        for key in _BUILD_NAMES:  # (else the API server refused them after the lease and the image build)
+            rule, pattern = KUBERNETES_NAMES["namespace" if key == "namespace" else "name"]
+            if raw.get(key) is not None and not re.fullmatch(pattern, raw[key]):
+                raise SettingsError(
+                    f"the {CONNECTION} extra build.{key} (or models.{model}.build.{key}) gives {raw[key][:80]!r} "
+                    f"for model '{model}': not {rule}, which Kubernetes would refuse"
+                )
+        return BuildSettings(**_build_fields(raw))
 
     def _check_targets_distinct(self) -> None:
         """Two models driving one VirtualService or one Service would fight over it (the one's

@@ -297,6 +297,31 @@ def test_a_target_name_kubernetes_would_refuse_is_refused_when_read(model, key):
         s.istio_for(model)
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("namespace", "ML Builds"),
+        ("namespace", "ml.builds"),  # (a namespace is a DNS label: no dot)
+        ("service_account", "Image_Builder"),
+        ("admin_secret", "Model_Server_Admin"),
+        ("mask_secret", "Mask Keys!"),
+        ("storage_secret", "AWS/creds"),
+        ("push_secret", "{model}_push"),  # (filled in: "digits_push")
+    ],
+)
+def test_a_build_name_kubernetes_would_refuse_is_refused_when_read(key, value):
+    """Review s53-1: the build section's Kubernetes names were checked for length only: the API
+    server refused them after the lease was taken and the image built, naming a pod's field."""
+    s = ServingSettings.from_connection("http://h:8000", None, {"build": {key: value}})
+    rule = "a DNS label" if key == "namespace" else "a DNS subdomain"
+    with pytest.raises(
+        SettingsError, match=rf"extra build\.{key} \(or models\.digits\.build\.{key}\) gives .*not {rule}"
+    ):
+        s.build_for("digits")
+    fine = ServingSettings.from_connection("http://h:8000", None, {"build": {key: "{model}-x"}})
+    assert getattr(fine.build_for("digits"), key) == "digits-x"
+
+
 def test_the_rollouts_own_requests_reach_each_model_through_its_service():
     """The replay and the probe: in mesh istio through the model's Service (``istio.url``, with
     {model} filled in, or a model's own), else the connection's host and port."""
