@@ -1020,7 +1020,7 @@ def _versions(text: str, policy: Any) -> list[str]:
     missing = sorted(set(policy.versions()) - set(versions), key=int)
     if missing:
         raise UsageError(
-            f"--versions {text}: the policy routes to version(s) {', '.join(missing)}, which would have no subset"
+            f"--versions {text[:80]}: the policy routes to version(s) {', '.join(missing[:10])}, which would have no subset"
         )
     return sorted(set(versions), key=int)
 

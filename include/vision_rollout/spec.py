@@ -295,7 +295,7 @@ class RolloutSpec:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RolloutSpec:
         if isinstance(raw, dict) and (key := non_finite(raw)) is not None:
-            raise SpecError(f"{key[:64]}: {raw[key]} is not a finite number")
+            raise SpecError(f"{str(key)[:64]}: {raw[key]} is not a finite number")
         schema = cls.json_schema()
         props = schema["properties"]
         for key, value in raw.items() if isinstance(raw, dict) else ():

@@ -184,6 +184,15 @@ def test_numbers_that_are_not_finite_are_refused(key, value):
         GateConfig.from_any({key: value})
 
 
+def test_a_key_that_is_no_string_is_a_spec_error():
+    """Review s53-1: a spec of Python's (no JSON's: its keys are strings) with a key 1 of NaN was
+    a TypeError naming nothing."""
+    with pytest.raises(SpecError, match="1: nan is not a finite number"):
+        RolloutSpec.from_dict({1: math.nan})
+    with pytest.raises(SpecError):
+        RolloutSpec.from_dict({1: 2})
+
+
 def test_a_long_value_is_quoted_cut():
     with pytest.raises(SpecError) as refused:
         RolloutSpec.from_dict({"model": "m" * 5000})
