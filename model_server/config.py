@@ -366,11 +366,11 @@ def _dynamic_batching(where: str, raw: Any, max_batch_size: int) -> DynamicBatch
     default_level = _positive_int(
         f"{where}.default_priority_level", raw.get("default_priority_level", 0), 0, UINT64_MAX
     )
-    if levels > 1000 or default_level > levels or (levels and not default_level):
+    if levels > 1000:
+        raise _fail(f"{where}.priority_levels", f"{levels} is over 1000")
+    if default_level > levels or (levels and not default_level):
         raise _fail(
-            where,
-            f"priority_levels {levels} (at most 1000) needs a default_priority_level in 1..{levels}, "
-            f"got {default_level}",
+            where, f"priority_levels {levels} needs a default_priority_level in 1..{levels}, got {default_level}"
         )
     default = _queue_policy(f"{where}.default_queue_policy", raw.get("default_queue_policy", {}))
     per_level = raw.get("priority_queue_policy", {})

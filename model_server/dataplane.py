@@ -280,14 +280,14 @@ class DataPlane:
         """Triton's statistics extension: every loaded version of every model (no ``model``),
         of one model, or one version. As Triton, a model or version that is not loaded is a 400
         ("requested model 'm' is not available", "requested model version is not available for
-        model 'm'"); a model the repository does not have, a 404 in Triton's wording."""
+        model 'm'"), a model the repository does not have too (Triton's ``ModelReadyVersions`` finds
+        no version of it: tritonserver.cc's TRITONSERVER_ServerModelStatistics)."""
         if not model:
             loaded = self.repo.all_loaded()
         else:
             number = version_number(version) if version is not None else None
             versions = self.repo.all_loaded().get(model)
             if not versions:
-                self.repo.model_dir(model)  # 404 for a model the repository does not have
                 raise InvalidInput(f"requested model '{model}' is not available")
             if number is not None:
                 lv = versions.get(number)

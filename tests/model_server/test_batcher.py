@@ -626,6 +626,8 @@ def test_a_dynamic_batching_config_is_checked_and_reported_with_its_numbers():
         ({"max_queue_delay_microseconds": -1}, "max_queue_delay_microseconds: must be an integer >= 0"),
         ({"max_queue_delay_micro": 5}, "unsupported field\\(s\\) \\['max_queue_delay_micro'\\]"),
         ({"priority_levels": 2}, "needs a default_priority_level in 1..2"),
+        # (review s53-2: read as the default level's fault, "in 1..1001, got 1")
+        ({"priority_levels": 1001, "default_priority_level": 1}, "priority_levels: 1001 is over 1000"),
         ({"preserve_ordering": "yes"}, "preserve_ordering: must be true or false"),
         # As Triton: ordered responses cannot pass one another by priority or by a delayed timeout.
         (
