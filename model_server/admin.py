@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from model_server import metrics
-from model_server.errors import EveryInterval, InvalidInput, PolicyError, ServerError, StateNotSaved, shown_names
+from model_server.errors import (
+    EveryInterval,
+    InvalidInput,
+    ModelUnavailable,
+    PolicyError,
+    ServerError,
+    StateNotSaved,
+    shown_names,
+)
 from model_server.model import Fault
 from model_server.repository import ModelRepository
 from model_server.traffic import PolicyStore, TrafficPolicy, default_policy, read_traffic_file
@@ -80,6 +88,8 @@ class Admin:
     def policy(self, model: str) -> TrafficPolicy:
         """The model's traffic policy; without one, the default: the highest loaded version."""
         current = self.policies.get(model)
+        if current is None and model in self.policies.unreadable:  # (not the default: nothing serves it)
+            raise ModelUnavailable(f"model '{model}': {self.policies.unreadable[model]}; PUT a policy to replace it")
         if current is None:
             _, loaded = self.repo.loaded(model)
             current = default_policy(loaded)

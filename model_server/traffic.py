@@ -468,8 +468,15 @@ class PolicyStore:
             try:
                 policy = TrafficPolicy.from_dict(json.loads(path.read_text()))
             except (OSError, ValueError, RecursionError) as exc:
-                reason = f"its traffic policy {path} could not be read back ({json_refusal(exc)[:300]})"
-                log.error("model '%s': %s; its routed requests are refused until a policy is put", path.stem, reason)
+                # (the reason a client is told names no file: a folder's path is no client's business)
+                why = exc.strerror or type(exc).__name__ if isinstance(exc, OSError) else json_refusal(exc)[:300]
+                reason = f"its persisted traffic policy could not be read back ({why})"
+                log.error(
+                    "model '%s': %s (%s); its routed requests are refused until a policy is put",
+                    path.stem,
+                    reason,
+                    path,
+                )
                 self.unreadable[path.stem] = reason
                 continue
             self._policies = {**self._policies, path.stem: policy}

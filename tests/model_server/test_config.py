@@ -304,7 +304,8 @@ def test_state_and_key_files_nested_too_deep_are_refused_by_name(tmp_path, caplo
         assert "ignoring persisted load state" in caplog.text
         (tmp_path / "traffic" / "m.json").write_text(deep)
         assert PolicyStore(tmp_path / "traffic", lambda *_: None).restore() == []
-        assert "traffic/m.json could not be read back" in caplog.text
+        assert "its persisted traffic policy could not be read back" in caplog.text
+        assert "traffic/m.json); its routed requests are refused" in caplog.text  # (the log names the file)
         with pytest.raises(PolicyError, match="JSON nested too deep"):
             read_traffic_file(tmp_path / "traffic" / "m.json")
         with pytest.raises(MaskingUnavailable, match="is not valid: JSON nested too deep"):

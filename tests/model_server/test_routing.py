@@ -278,7 +278,9 @@ def test_a_persisted_policy_the_server_cannot_read_back_refuses_routed_requests_
     """A policy an older server took (here a rule on a header name Istio refuses) was skipped at
     the restart, and the model served its highest loaded version: all traffic to the candidate of
     a rollout at 10%. Its routed requests are refused now, the server is not ready, a request
-    naming its version is served, and a policy put takes over."""
+    naming its version is served, and a policy put takes over. (Review s53-2: the refusals named
+    the state file's path to any client, and GET .../traffic answered the default policy as if it
+    were in effect: a 503 now.)"""
     state = tmp_path / "state"
     (state / "traffic").mkdir(parents=True)
     saved = {
@@ -290,9 +292,13 @@ def test_a_persisted_policy_the_server_cannot_read_back_refuses_routed_requests_
     s.load_versions("digits", 1, 2)
     r = infer(s, digit_images[0][0], {"X-User-ID": "u1"})
     assert r.status_code == 503
-    assert "digits.json could not be read back" in r.json()["error"]
+    assert "its persisted traffic policy could not be read back" in r.json()["error"]
     assert "PUT a policy to /v2/models/digits/traffic" in r.json()["error"]
-    assert "digits.json could not be read back" in ready(s).json()["error"]
+    assert "its persisted traffic policy could not be read back" in ready(s).json()["error"]
+    assert str(state) not in r.text + ready(s).text
+    got = requests.get(f"{s.http}/v2/models/digits/traffic", headers=s.admin, timeout=5)
+    assert got.status_code == 503
+    assert "its persisted traffic policy could not be read back" in got.json()["error"]
     assert infer(s, digit_images[0][0], path="/v2/models/digits/versions/1/infer").status_code == 200
     assert put_policy(s, {"route": [{"version": "1", "weight": 100}]}).status_code == 200
     assert ready(s).status_code == 200
