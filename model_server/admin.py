@@ -225,8 +225,8 @@ class Admin:
 
     def set_fault(self, model: str, version: str, raw: object) -> Fault:
         """Inject a delay or failures into one version (as Istio's fault injection does)."""
-        with self.repo.use(model, version) as lv:
-            lv.fault = Fault.from_dict(raw)
+        with self.repo.use(model, version) as used:
+            lv = self.repo.set_fault(used, Fault.from_dict(raw))
             log.warning(
                 "fault injection on %r version %s: %s",
                 lv.name,

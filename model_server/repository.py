@@ -39,7 +39,7 @@ from model_server.errors import (
     shown_value,
 )
 from model_server.files import write_state
-from model_server.model import LoadedVersion, file_sha256
+from model_server.model import Fault, LoadedVersion, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +255,9 @@ class ModelRepository:
                 lv.close()
             raise
         with self._lock:
+            for lv in created:  # (an injected fault stays the version's across a reload, as Istio's would)
+                if (served := self._models.get(name, {}).get(lv.version)) is not None:
+                    lv.fault = served.fault
             self._models[name] = new
             self._configs[name] = cfg
             self._unloaded[name] = (self._unloaded.get(name, set()) | set(current)) - set(new)
@@ -284,6 +287,14 @@ class ModelRepository:
             self._unloaded[name] = self._unloaded.get(name, set()) | dropped
             for v in dropped:
                 self._failed[name].pop(v, None)
+
+    def set_fault(self, lv: LoadedVersion, fault: Fault | None) -> LoadedVersion:
+        """``fault`` injected into ``lv``'s version as it serves now (a reload that swapped in a
+        new copy meanwhile: that copy, not the retired one, where it was lost); that copy."""
+        with self._lock:
+            lv = self._models.get(lv.name, {}).get(lv.version) or lv
+            lv.fault = fault
+        return lv
 
     def unload(self, name: str, keep: Iterable[str] = ()) -> None:
         """Unload every version; refused with 409 while the traffic policy routes to one."""

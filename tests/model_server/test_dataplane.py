@@ -186,6 +186,24 @@ def test_an_injected_abort_fails_the_request_as_a_backend_failure(repo, dp, digi
     assert infer(dp, digit_images[0][0], RequestContext("r"), version="1").version == "1"
 
 
+def test_an_injected_fault_stays_its_versions_across_a_reload_and_a_race_with_one(repo, dp):
+    """Review s53-2: a load that made a new copy of a version (a changed config) dropped its
+    injected fault without a word, and a fault PUT racing the load landed on the copy being
+    retired, answered 200 and lost. The fault is the version's: carried to its new copy, and
+    written to the copy serving when it is set."""
+    admin = Admin(repo, dp.policies)
+    admin.set_fault("digits", "1", {"abort": {"percent": 100}})
+    with repo.use("digits", "1") as before:
+        pass
+    repo.load("digits", {"max_batch_size": 4}, persist=False)  # (a new copy of version 1)
+    with repo.use("digits", "1") as after:
+        assert after is not before
+    assert admin.fault("digits", "1").abort_percent == 100
+    # A fault set through the copy a reload retired meanwhile (the PUT's ``use`` before the swap):
+    assert repo.set_fault(before, None) is after
+    assert admin.fault("digits", "1").abort_percent == 0
+
+
 # -- the shadow ---------------------------------------------------------------------------------
 
 
