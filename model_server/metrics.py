@@ -7,6 +7,7 @@ failures. GPU gauges exist only for the GPUs the server runs on: absent, not zer
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -235,6 +236,20 @@ PREDICTION_LOG_FLUSH_SECONDS = Gauge(
     "prediction_log_flush_seconds",
     "Seconds between the prediction log's flushes: a record is in the log this long after it is made, and its write",
 )
+
+
+def forget_version(model: str, version: str) -> None:
+    """A version gone from service: the server's own series of it (requests routed to it and by
+    what, its latency, its shadow copies) go too, as Triton's do with it (review s53-2: every
+    version a server ever served, and every rule name that routed to one, stayed in /metrics)."""
+    for metric in (ROUTED, REQUEST_LATENCY, SHADOW_REQUESTS):
+        names = metric._labelnames
+        for family in metric.collect():
+            held = {tuple(s.labels[n] for n in names) for s in family.samples if s.labels.get("version") == version}
+            for labels in held:
+                if labels[0] == model:
+                    with contextlib.suppress(KeyError):  # (a request's gone already)
+                        metric.remove(*labels)
 
 
 def show_traffic_policy(model: str, policy: TrafficPolicy | None) -> None:

@@ -338,6 +338,7 @@ class ModelRepository:
             self._copies.pop((lv.name, lv.label), None)
             metrics.PENDING_REQUESTS.remove(lv.name, lv.label)
             metrics.InferenceStatistics.forget(lv.name, lv.label)
+            metrics.forget_version(lv.name, lv.label)
             for gone in list(self.on_version_gone):  # (a copy: DataPlane.stop() may take one off meanwhile)
                 gone(lv.name, lv.label)
 

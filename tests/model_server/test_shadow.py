@@ -337,7 +337,9 @@ def test_copies_for_a_version_that_left_service_are_dropped_not_failed(repo_copy
         "chosen by the traffic policy's mirror"
     )
     assert results[1].error == "shadow version left service: model 'digits' is not loaded"
-    assert {outcome: counted(outcome) - n for outcome, n in before.items()} == {"ok": 0, "error": 0, "dropped": 2}
+    assert before["ok"] >= 1
+    # (its series went when it left service, as Triton's do: counted from 0 since)
+    assert {outcome: counted(outcome) for outcome in before} == {"ok": 0, "error": 0, "dropped": 2}
 
 
 def test_copies_in_flight_at_shutdown_are_recorded_as_dropped(server_factory, repo_copy, tmp_path, digit_images):

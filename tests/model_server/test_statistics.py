@@ -153,9 +153,22 @@ def test_an_unload_ends_a_version_s_statistics_and_series_as_in_triton(server_fa
         c.infer("simple", simple_inputs(1))
     assert metrics_of(server, "simple", "1")["nv_inference_request_success"] == 2
 
+    def own_series(model: str) -> set[str]:  # (the server's own counters of the version, beside Triton's)
+        text = requests.get(f"{server.http}/metrics", timeout=5).text
+        return {
+            name
+            for name, labels, _ in parse_exposition(text)
+            if name.startswith(("model_server_routed", "model_server_request_duration", "shadow_requests"))
+            and (labels.get("model"), labels.get("version")) == (model, "1")
+        }
+
+    assert {"model_server_routed_requests_total", "model_server_request_duration_seconds_count"} <= own_series("simple")
     c.unload_model("simple", headers=server.admin)
     assert metrics_of(server, "simple", "1") == {}
     assert metrics_of(server, "digits", "1")  # (another model's are kept)
+    # (review s53-2: the server's own series of an unloaded version stayed, each rule name's too)
+    assert own_series("simple") == set()
+    assert "shadow_requests_total" in own_series("digits")
 
     c.load_model("simple", headers=server.admin)
     (stat,) = c.get_inference_statistics(model_name="simple")["model_stats"]
