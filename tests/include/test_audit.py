@@ -1580,7 +1580,7 @@ def test_the_copies_of_real_servers_are_waited_for_only_where_they_may_come(
     assert 0 < copied.rows < 40
 
     istio = tmp_path / "istio"
-    args = ("--prediction-log", str(istio), "--prediction-log-flush-s", "0.05")
+    args = ("--prediction-log", str(istio), "--prediction-log-flush-s", "0.05", "--mesh-mirror")  # (Istio's pods)
     baseline = server_factory(repo_copy, "--state-dir", str(tmp_path / "b"), *args, token=TOKEN)
     baseline.load_versions("digits", 1)
     candidate = server_factory(repo_copy, "--state-dir", str(tmp_path / "c"), *args, token=TOKEN)
