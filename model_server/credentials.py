@@ -680,7 +680,8 @@ _FROM_THEN_TO = (
 )
 _FROM_VERB = "(?i:changed|was|is)"  # (a verb before "from": "password was from x to y")
 _STATE_VERB = (
-    rf"(?i:is{BLANK}{{1,8}}+now|is|was|(?:set|changed|reset){BLANK}{{1,8}}+to"
+    rf"(?i:(?:(?:was|is|has{BLANK}{{1,8}}+been|had{BLANK}{{1,8}}+been){BLANK}{{1,8}}+)?(?:set|changed|reset|updated){BLANK}{{1,8}}+to"
+    rf"|is{BLANK}{{1,8}}+now|is|was"
     rf"|(?:{_FROM_VERB}{BLANK}{{1,8}}+)?{_FROM_THEN_TO})(?::(?={BLANK}))?+"
 )
 # Whose secret it is, between its key and its separator or verb ("password for bob: x", "the API
@@ -688,12 +689,15 @@ _STATE_VERB = (
 # in quotes or not, 64 characters at most. (Read as a spaced key's: a word of prose after it stays,
 # "password for bob: expired".)
 _WHOM = (
-    rf"(?i:for|of){BLANK}{{1,8}}+(?:(?i:user|account|service|the){BLANK}{{1,8}}+)?"
-    rf"(?:(?:{_ESCAPE})?[\"'`])?[\w.@+-]{{1,64}}+(?:(?:{_ESCAPE})?[\"'`])?"
+    rf"(?i:for|of){BLANK}{{1,8}}+(?:(?i:user|account|service|tenant|client|customer|team|the){BLANK}{{1,8}}+)?"
+    rf"(?:'[^'\\\r\n]{{1,64}}+'|\"[^\"\\\r\n]{{1,64}}+\""  # (in quotes, blanks too: 'acme corp')
+    rf"|(?:(?:{_ESCAPE})?[\"'`])?[\w.@+-]{{1,64}}+(?:(?:{_ESCAPE})?[\"'`])?)"
 )
-_STATED = rf"(?:(?:{_WHOM}{BLANK}{{0,8}}+[:=]|(?:{_WHOM}{BLANK}{{1,8}}+)?{_STATE_VERB}){BLANK}{{1,64}}+)?"
+_STATED = (  # (after a separator, blanks or none: "password for bob:x")
+    rf"(?:{_WHOM}{BLANK}{{0,8}}+[:=]{BLANK}{{0,64}}+|(?:(?:{_WHOM}{BLANK}{{1,8}}+)?{_STATE_VERB}){BLANK}{{1,64}}+)?"
+)
 _SECRET_SPACED = re.compile(  # (its match starts at an owner's or a name's first character: a look ahead first)
-    rf"(?=(?i:[a-z0-9])){after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}(?:{_KEY_CLOSE_QUOTE}|{_MD_CLOSE})?+(?:{_MD_BEFORE_ARROW}{_ARROW}|(?(kq)(?!)){BLANK}{{1,64}}+{_STATED})(?:(?P<e>{_ESCAPE})?(?P<q>[\"'`]))?{_NO_MASKED_AFTER}{_KEY_AS_VALUE}"
+    rf"(?=(?i:[a-z0-9])){after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}(?:{_KEY_CLOSE_QUOTE}|{_MD_CLOSE})?+(?:(?:{BLANK}{{1,8}}+{_WHOM})?{_MD_BEFORE_ARROW}{_ARROW}|(?(kq)(?!)){BLANK}{{1,64}}+{_STATED})(?:(?P<e>{_ESCAPE})?(?P<q>[\"'`]))?{_NO_MASKED_AFTER}{_KEY_AS_VALUE}"
     rf"(?P<v>(?(q){_STRING_END_NOT}{_RENAMED}{_QUOTED_WHOLE}|(?:(?!{_PROSE_PAREN}){CLOSED_BRACKETED}|(?!{_PROSE_PAREN})(?=[{{\[]{_BEFORE_QUOTE}(?:{_ESCAPE})?[\"']|{_TUPLE_OPEN}){_NOT_CLOSED}|(?!(?(aw)(?!)|[:=])|{_SCHEME}|{_MASK_MARK}|(?:{_ARROW_CHAR}|{_ESCAPED_ARROW_CHAR})(?:{_ARROW_BLANK}|\Z|{_MASK_MARK}|{_LINE_BREAK}|\\{{0,15}}[\"'])|(?:\\{{2,15}}[rn]){{1,16}}+[ \t])(?!{DATE_OR_TIME}){_NO_PROSE}{_CRED_RUN})))"
 )
 # A URL query's parameter (after "?" or "&") named for a secret, and also, there only, for a key, a signature or

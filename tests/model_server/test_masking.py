@@ -1574,6 +1574,7 @@ SECRET_GROWING = {
     "changes from a placeholder": ("", "password from null to "),
     "owners between keys and verbs": ("", "password for 'a' changed from "),
     "owners before separators": ("", "token of user a: "),
+    "owners before arrows": ("", "password for 'a b' -> "),
     "encoded quotes": ("password: a", "%22&quot;%5C&#92;%2522"),
     "block indicators without lines": ("", "token: >-\n"),
     "keys over mapping lines": ("", "token:\n  a: b\n"),
@@ -5519,6 +5520,9 @@ def test_arrows_and_auth_words_without_a_secret_stay_readable(keys, text):
         "token for service set to expire in 3600s",
         "password for bob changed from v1.2.3 to v2.0.0",
         "token moved from vault into env",
+        "password for bob -> reset",
+        "password for the admin panel is ready",
+        "password was changed to meet policy",
     ],
 )
 @pytest.mark.parametrize("depth", [0, 1, 2, 3])
@@ -5608,6 +5612,15 @@ _SIGN_THEN_ARROW = [
     ("token changed from: hunter2Xyz9 to: Zq9xW8vU7k", "token changed from: *** to: ***"),
     ("password was from hunter2Xyz9 to Zq9xW8vU7k to k3murfHm9Q", "password was from *** to *** to ***"),
     ("password changed from hunter2Xyz9 to Zq9xW8vU7k to fix login", "password changed from *** to *** to fix login"),
+    # (review s53-3: no blank after the separator, an arrow after the owner, a name in quotes with
+    # blanks, a tenant's, "was changed to", "has been set to")
+    ("password for bob:Zq9passX1", "password for bob:***"),
+    ("DB password for bob=Zq9passX1 ok", "DB password for bob=*** ok"),
+    ("password for db-1 -> Zq9passX1", "password for db-1 -> ***"),
+    ("password for account 'acme corp': Zq9passX1", "password for account 'acme corp': ***"),
+    ("api key for tenant acme: Zq9passX1", "api key for tenant acme: ***"),
+    ("password for bob was changed to newPw2xQ", "password for bob was changed to ***"),
+    ("token has been set to newPw2xQ", "token has been set to ***"),
 ]
 # (a tab or a line end json.dumps'd once is "\\t", "\\n"; twice, "\\\\t" or "\\\\n" before a value is
 # read with it, masked, as on main)
