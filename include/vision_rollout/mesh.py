@@ -885,23 +885,19 @@ def routed_versions(vs: dict[str, Any]) -> set[str]:
     """Every version a VirtualService (as read) sends anything to, by its subset ``v<N>``: a
     route's destination or a mirror (``mirror``, ``mirrors``) in any of its HTTP routes (pinned,
     the platform's, the policy's), and a destination of its TCP and TLS routes."""
-    names = (str(target.get("subset", "")) for target in route_targets(vs))
-    return {name.removeprefix("v") for name in names if VERSION_SUBSET.fullmatch(name)}
-
-
-def route_targets(vs: Any, kinds: tuple[str, ...] = ("http", "tcp", "tls")) -> list[dict[str, Any]]:
-    """Every destination and mirror (``mirror``, ``mirrors``) of a VirtualService's routes of
-    ``kinds``, as read (a field of another shape, edited by hand, holds none)."""
-    spec = vs.get("spec") if isinstance(vs, dict) else None
-    if not isinstance(spec, dict):
-        return []
-    targets: list[Any] = []
-    for kind in kinds:
-        for route in _listed(spec.get(kind)):
-            if isinstance(route, dict):
-                entries = [*_listed(route.get("route")), *_listed(route.get("mirrors"))]
-                targets += [e.get("destination") for e in entries if isinstance(e, dict)] + [route.get("mirror")]
-    return [target for target in targets if isinstance(target, dict)]
+    spec = vs.get("spec") or {}
+    used: set[str] = set()
+    for kind in ("http", "tcp", "tls"):
+        for route in spec.get(kind) or []:
+            if not isinstance(route, dict):
+                continue
+            entries = [*(route.get("route") or []), *(route.get("mirrors") or [])]
+            targets = [e.get("destination") for e in entries if isinstance(e, dict)] + [route.get("mirror")]
+            for target in targets:
+                name = str(target.get("subset", "")) if isinstance(target, dict) else ""
+                if VERSION_SUBSET.fullmatch(name):
+                    used.add(name.removeprefix("v"))
+    return used
 
 
 def render_destination_rule(target: IstioTarget, versions: list[str]) -> dict[str, Any]:
@@ -1061,10 +1057,16 @@ class IstioRouter:
         """The host of another Service that the target's VirtualService routes or mirrors HTTP
         requests to, or its DestinationRule is for; None when none is (a shape the rollout does
         not read is refused where it is read)."""
-        if plural == "virtualservices":
-            hosts = [target.get("host") for target in route_targets(live, ("http",))]
-        elif plural == "destinationrules" and isinstance(spec := live.get("spec"), dict):
+        spec = live.get("spec") if isinstance(live, dict) else None
+        if not isinstance(spec, dict):
+            return None
+        if plural == "destinationrules":
             hosts = [spec.get("host")]
+        elif plural == "virtualservices":
+            routes = [r for r in _listed(spec.get("http")) if isinstance(r, dict)]
+            sent = [r.get("mirror") for r in routes]
+            sent += [d.get("destination") for r in routes for d in _listed(r.get("route")) if isinstance(d, dict)]
+            hosts = [to.get("host") for to in sent if isinstance(to, dict)]
         else:
             return None
         return next((str(h)[:200] for h in hosts if h is not None and not self.target.is_own(h)), None)
