@@ -1054,19 +1054,26 @@ class IstioRouter:
         return live
 
     def _other_service(self, plural: str, live: Any) -> str | None:
-        """The host of another Service that the target's VirtualService routes or mirrors HTTP
-        requests to, or its DestinationRule is for; None when none is (a shape the rollout does
-        not read is refused where it is read)."""
+        """The host of another Service whose versions the target's VirtualService routes requests
+        to (a destination of a subset ``v<N>``, another model's: HTTP, TCP, TLS) or mirrors them to with
+        the rollout's own ``mirror``, or that its DestinationRule is for; None when none is (a
+        shape the rollout does not read is refused where it is read). A route of the platform's
+        to another Service's pods of no version (a debug route, an audit's ``mirrors``) is its
+        own: it never holds back a rollback."""
         spec = live.get("spec") if isinstance(live, dict) else None
         if not isinstance(spec, dict):
             return None
         if plural == "destinationrules":
             hosts = [spec.get("host")]
         elif plural == "virtualservices":
-            routes = [r for r in _listed(spec.get("http")) if isinstance(r, dict)]
+            routes = [r for kind in ("http", "tcp", "tls") for r in _listed(spec.get(kind)) if isinstance(r, dict)]
             sent = [r.get("mirror") for r in routes]
             sent += [d.get("destination") for r in routes for d in _listed(r.get("route")) if isinstance(d, dict)]
-            hosts = [to.get("host") for to in sent if isinstance(to, dict)]
+            hosts = [
+                to.get("host")
+                for to in sent
+                if isinstance(to, dict) and VERSION_SUBSET.fullmatch(str(to.get("subset", "")))
+            ]
         else:
             return None
         return next((str(h)[:200] for h in hosts if h is not None and not self.target.is_own(h)), None)
