@@ -19,7 +19,6 @@ from model_server.errors import (
     PolicyError,
     ServerError,
     StateNotSaved,
-    shown_names,
 )
 from model_server.model import Fault
 from model_server.repository import ModelRepository
@@ -149,29 +148,15 @@ class Admin:
     async def apply_traffic_file(self, path: Path) -> bool:
         """Apply the file's policies, checked and applied under their models' locks, all or
         none: a bad file is counted and logged and changes nothing. False where a policy's state
-        file could not be written (a full or read-only state volume: the models it had moved
-        already are put back), to be tried again."""
+        file could not be written (a full or read-only state volume: ``PolicyStore.apply_all``
+        moves no policy then), to be tried again."""
         try:
             wanted = await asyncio.to_thread(read_traffic_file, path)  # parsed once, off the loop
 
             async def change() -> None:
                 for model, policy in wanted.items():
                     self.check_loaded(model, policy)
-                applied: list[tuple[str, TrafficPolicy | None]] = []  # (a model and its policy before)
-                try:
-                    for model, policy in wanted.items():
-                        if (before := self.policies.get(model)) != policy:
-                            await asyncio.to_thread(self.policies.apply, model, policy)
-                            applied.append((model, before))
-                except StateNotSaved as exc:
-                    kept = [model for model, before in reversed(applied) if not await self._put_back(model, before)]
-                    if kept:
-                        raise StateNotSaved(
-                            f"{exc.message.removesuffix('; nothing changed')}; {shown_names(kept)} "
-                            "not put back: their policies are the file's"
-                        ) from None
-                    raise
-                for model, _ in applied:
+                for model in await asyncio.to_thread(self.policies.apply_all, wanted):
                     log.info("traffic policy for %r from %s", model, path)
 
             await self._changing(wanted, change)
@@ -190,17 +175,6 @@ class Admin:
         except Exception:  # the watcher outlives any file: "²" as a version once ended it
             metrics.TRAFFIC_FILE_ERRORS.inc()
             log.exception("traffic file not applied")
-        return True
-
-    async def _put_back(self, model: str, before: TrafficPolicy | None) -> bool:
-        """The model's policy as it was before a file's, undone; False where it cannot be."""
-        try:
-            if before is None:
-                await asyncio.to_thread(self.policies.remove, model)
-            else:
-                await asyncio.to_thread(self.policies.apply, model, before)
-        except StateNotSaved:
-            return False
         return True
 
     # -- model repository -------------------------------------------------------------------

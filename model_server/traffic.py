@@ -27,7 +27,7 @@ import re2
 
 from model_server.config import int64_version
 from model_server.errors import PolicyError, StateNotSaved, json_refusal, shown_names, shown_value
-from model_server.files import write_state
+from model_server.files import write_private, write_state
 
 log = logging.getLogger(__name__)
 
@@ -444,6 +444,40 @@ class PolicyStore:
             self.unreadable.pop(model, None)
         self._on_change(model, policy)
 
+    def apply_all(self, wanted: dict[str, TrafficPolicy]) -> list[str]:
+        """Several models' policies applied all or none (a traffic file's): each changed one's
+        state file written, then the policies swapped. StateNotSaved where a file cannot be
+        written (a full or read-only volume): those written are put back as they were, byte for
+        byte (an unreadable policy's too: its model stays refused), and no policy moved. Returns
+        the models changed."""
+        with self._lock:
+            changed = {m: p for m, p in wanted.items() if self._policies.get(m) != p or m in self.unreadable}
+            if self.state_dir is not None:
+                written: list[tuple[Path, bytes | None]] = []  # (a file and its bytes before)
+                try:
+                    for model, policy in changed.items():
+                        path = self.state_dir / f"{model}.json"
+                        try:
+                            before = path.read_bytes() if path.is_file() else None
+                        except OSError as exc:
+                            raise StateNotSaved.writing(path, exc) from None
+                        write_state(path, policy.to_dict())
+                        written.append((path, before))
+                except StateNotSaved as exc:
+                    kept = [path.stem for path, before in reversed(written) if not _put_back(path, before)]
+                    if kept:
+                        raise StateNotSaved(
+                            f"{exc.message.removesuffix('; nothing changed')}; no policy moved, but the state files of "
+                            f"{shown_names(kept)} hold the file's (a restart would restore them)"
+                        ) from None
+                    raise
+            self._policies = {**self._policies, **changed}
+            for model in changed:
+                self.unreadable.pop(model, None)
+        for model, policy in changed.items():
+            self._on_change(model, policy)
+        return list(changed)
+
     def models(self) -> list[str]:
         return sorted(self._policies)
 
@@ -483,6 +517,18 @@ class PolicyStore:
             self._on_change(path.stem, policy)
             restored.append(path.stem)
         return restored
+
+
+def _put_back(path: Path, before: bytes | None) -> bool:
+    """A state file as it was (``before``: its bytes; None: none); False where it cannot be."""
+    try:
+        if before is None:
+            path.unlink(missing_ok=True)
+        else:
+            write_private(path, before)
+    except OSError:
+        return False
+    return True
 
 
 def read_traffic_file(path: Path) -> dict[str, TrafficPolicy]:

@@ -558,6 +558,52 @@ def test_a_traffic_file_is_applied_whole_or_not_at_all_and_tried_again(repo_copy
     assert [json.loads((state / f"{m}.json").read_text()) for m in ("digits", "letters")] == [one, one]
 
 
+def test_a_traffic_file_not_saved_moves_no_policy_and_keeps_an_unreadable_one(repo_copy, tmp_path):
+    """Review s54-1 (HIGH): a traffic file whose second model's state file could not be written
+    put the first back by removing its policy: a first model whose persisted policy could not be
+    read back (refused, its routed requests too) lost its state file and routed to its highest
+    version; and every poll moved the first model to the file's policy and back. Now no policy
+    moves until every state file is written, and those written are put back byte for byte."""
+    import asyncio
+    import shutil
+
+    from model_server.admin import Admin
+    from model_server.errors import ModelUnavailable
+    from model_server.repository import ModelRepository
+    from model_server.traffic import PolicyStore
+
+    shutil.copytree(repo_copy / "digits", repo_copy / "letters")
+    config = repo_copy / "letters" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "name": "letters"}))
+    repo = ModelRepository(repo_copy, ["CPUExecutionProvider"])
+    for model in ("digits", "letters"):
+        repo.load(model, policy(1, 2), persist=False)
+    state = tmp_path / "state"
+    state.mkdir()
+    persisted = '{"route": [{"version": "1", "weight": 100}], "future_field": 1}'  # (a newer server's)
+    (state / "digits.json").write_text(persisted)
+    changes: list[str] = []
+    policies = PolicyStore(state, lambda model, _: changes.append(model))
+    policies.restore()
+    admin = Admin(repo, policies)
+    (state / "letters.json").mkdir()  # (letters' state file cannot be written)
+    traffic = tmp_path / "traffic.json"
+    traffic.write_text(json.dumps({"models": {m: {"route": [{"version": "1"}]} for m in ("digits", "letters")}}))
+    try:
+        for _ in range(3):  # (three polls of the watcher)
+            assert asyncio.run(admin.apply_traffic_file(traffic)) is False
+        assert (sorted(policies.unreadable), policies.get("digits"), changes) == (["digits"], None, [])
+        assert (state / "digits.json").read_text() == persisted
+        with pytest.raises(ModelUnavailable, match="could not be read back"):
+            admin.policy("digits")
+        (state / "letters.json").rmdir()
+        assert asyncio.run(admin.apply_traffic_file(traffic)) is True
+    finally:
+        repo.close_all()
+    assert (policies.unreadable, sorted(changes)) == ({}, ["digits", "letters"])
+    assert json.loads((state / "digits.json").read_text()) == {"route": [{"version": "1", "weight": 100}]}
+
+
 def test_a_policy_is_parsed_once_and_off_the_event_loop(repo_copy, tmp_path, monkeypatch):
     """A policy's rules (each regex compiled) were parsed on the event loop, and the traffic
     file's twice: a large valid file held every request for seconds."""
