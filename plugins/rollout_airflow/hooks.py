@@ -56,12 +56,12 @@ def _http_url(conn: Any, default_port: int) -> str:
             f"the {conn.conn_id} connection's schema (or its host's scheme) must be http or https, not {scheme[:40]!r}"
         )
     netloc, sep, path = rest.partition("/")
-    if "@" in netloc:  # (the URL is in logs, reports and the replay's errors; urllib sends no userinfo)
-        from airflow.sdk.exceptions import AirflowFailException
+    if "@" in rest:  # (the URL is in logs, reports and the replay's errors; urllib sends no userinfo. Anywhere:
+        from airflow.sdk.exceptions import AirflowFailException  # a password holding "/" ends the host early)
 
         raise AirflowFailException(
-            f"the {conn.conn_id} connection's host holds credentials (user:password@): put them in its login "
-            "and password"
+            f"the {conn.conn_id} connection's host holds an '@' (credentials, user:password@?): put them in its "
+            "login and password"
         )
     if "?" in rest or "#" in rest:  # (a token in a query would be in the same logs; no request takes one)
         from airflow.sdk.exceptions import AirflowFailException
@@ -83,8 +83,9 @@ def _http_url(conn: Any, default_port: int) -> str:
     except ValueError as exc:
         from airflow.sdk.exceptions import AirflowFailException
 
-        raise AirflowFailException(
-            f"the {conn.conn_id} connection's host and port make no URL: {str(exc)[:200]}"
+        why = "a port that is no number from 0 to 65535" if "port" in str(exc).lower() else str(exc)[:200]
+        raise AirflowFailException(  # (never the port's text: "user:password" without a scheme reads as host:port)
+            f"the {conn.conn_id} connection's host and port make no URL: {why}"
         ) from None
     return url
 

@@ -112,9 +112,31 @@ def test_credentials_in_a_hosts_url_fail_the_task_without_quoting_them(monkeypat
     from airflow.sdk.exceptions import AirflowFailException
 
     conn(monkeypatch, "prometheus_default", conn_type="http", host="https://rollout:s3cret@prometheus.example.com")
-    with pytest.raises(AirflowFailException, match="host holds credentials") as refused:
+    with pytest.raises(AirflowFailException, match="host holds an '@'") as refused:
         PrometheusHook().source()
     assert "s3cret" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("host", "secret", "error"),
+    [
+        ("http://admin:s3cr/et@models.example:8000", "s3cr", "host holds an '@'"),
+        ("http://admin:1234/5678@models.example", "1234", "host holds an '@'"),
+        ("admin:s3cret", "s3cret", "a port that is no number"),  # (no scheme: read as a host and its port)
+    ],
+)
+def test_credentials_that_end_the_host_early_are_never_quoted(monkeypatch, host, secret, error):
+    """Review s54-1: a password holding "/" ended the host before its "@": the URL was taken
+    whole and printed in every error naming the server; "user:password" without a scheme was
+    refused quoting the password as the port's text."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from rollout_airflow.steps import serving
+
+    conn(monkeypatch, "model_server_default", conn_type="http", host=host)
+    with pytest.raises(AirflowFailException, match=error) as refused:
+        serving()
+    assert secret not in str(refused.value)
 
 
 @pytest.mark.parametrize("name", ["prometheus_default", "model_server_default"])
@@ -302,8 +324,8 @@ def test_a_kubernetes_connection_that_cannot_be_used_fails_naming_it(monkeypatch
     [
         ({"host": "http://[::1"}, "Invalid IPv6 URL"),
         ({"host": "prom ex.com"}, "a space or a control character"),
-        ({"host": "http://prom:abc"}, "Port could not be cast"),
-        ({"host": "prom", "port": 99999}, "Port out of range"),
+        ({"host": "http://prom:abc"}, "a port that is no number from 0 to 65535"),
+        ({"host": "prom", "port": 99999}, "a port that is no number from 0 to 65535"),
         ({"host": "http://:9090"}, "no host"),
     ],
 )
