@@ -504,21 +504,26 @@ class VersionMetrics:
         self._routed: dict[str, Any] = {}  # how the version was chosen -> its counter child
         if self.primary:
             self.stats = InferenceStatistics()  # its own until the version serves (``bind``)
-        else:
-            # Every outcome's series exists at 0 from the load on: a counter's first sample in
-            # Prometheus is its base, so the errors before a series' first scrape were never
-            # counted by increase() (a burst of shadow errors read as none).
-            for outcome in SHADOW_OUTCOMES:
-                SHADOW_REQUESTS.labels(model, version, outcome)
 
     def bind(self) -> None:
         """The version serves from this copy: count into its statistics (those a copy it
-        replaces has, else new ones) and show them, Triton's failure series with them. Never
-        called for a copy a failed load made and dropped: it shows no series."""
+        replaces has, else new ones) and show them, Triton's failure series with them; its
+        series taken again from the registry (review s54-1: the copy it replaces, closing while
+        this one warmed up, took the version's series with it, ``forget_version``, and this
+        copy's latency went to a child no scrape shows). Never called for a copy a failed load
+        made and dropped: it shows no failure series."""
+        self.latency = REQUEST_LATENCY.labels(self.model, self.version, self.path)
+        self._routed = {}
         if self.primary:
             self.stats = InferenceStatistics.of(self.model, self.version)
             for reason in FAILURE_REASONS:
                 REQUEST_FAILURE.labels(self.model, self.version, reason)
+        else:
+            # Every outcome's series exists at 0 from the version's service on: a counter's first
+            # sample in Prometheus is its base, so the errors before a series' first scrape were
+            # never counted by increase() (a burst of shadow errors read as none).
+            for outcome in SHADOW_OUTCOMES:
+                SHADOW_REQUESTS.labels(self.model, self.version, outcome)
 
     def routed(self, decided_by: str) -> None:
         """One primary request routed here by ``decided_by`` (route, version, header, ...)."""

@@ -267,6 +267,7 @@ class ModelRepository:
                 copies = self._copies.setdefault((name, lv.label), [])
                 copies.append(lv)
                 lv.metrics.bind()
+                lv.shadow_metrics.bind()
                 metrics.PENDING_REQUESTS.labels(name, lv.label).set_function(functools.partial(_pending, copies))
             retired = [lv for v, lv in current.items() if new.get(v) is not lv]
             for lv in retired:

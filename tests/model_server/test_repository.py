@@ -41,6 +41,42 @@ def test_retired_version_keeps_its_session_until_its_last_request(repo_copy):
     repo.close_all()
 
 
+def test_a_version_back_in_service_shows_its_series_though_its_old_copy_closed_meanwhile(repo_copy, monkeypatch):
+    """Review s54-1: a version's last retired copy, its request ending while a load brought the
+    version back (the new copy warming up), took the version's series with it: the new copy's
+    latency went to a child no scrape shows, and the P99 guard read no data of that server.
+    A copy entering service takes its series again."""
+    from model_server import model as model_mod
+
+    def count(version: str, path: str = "primary") -> float | None:
+        labels = {"model": "digits", "version": version, "path": path}
+        return REGISTRY.get_sample_value("model_server_request_duration_seconds_count", labels)
+
+    repo = ModelRepository(repo_copy, ["CPUExecutionProvider"])
+    repo.load("digits", policy(1, 2))
+    held = repo.use("digits", "2")
+    held.__enter__()  # (a request in flight on version 2)
+    repo.load("digits", policy(1))  # (version 2 leaves service while it holds it)
+    warmup = model_mod.LoadedVersion.warmup
+
+    def ending_meanwhile(self):
+        if self.version == 2:
+            held.__exit__(None, None, None)  # (the old copy's last request ends, the copy closes)
+        return warmup(self)
+
+    monkeypatch.setattr(model_mod.LoadedVersion, "warmup", ending_meanwhile)
+    try:
+        repo.load("digits", policy(1, 2))
+        with repo.use("digits", "2") as lv:
+            lv.metrics.latency.observe(0.02)
+            lv.shadow_metrics.latency.observe(0.03)
+        assert (count("2"), count("2", "shadow")) == (1.0, 1.0)
+        labels = {"model": "digits", "version": "2", "outcome": "error"}
+        assert REGISTRY.get_sample_value("shadow_requests_total", labels) == 0.0
+    finally:
+        repo.close_all()
+
+
 def test_unchanged_versions_are_kept_and_changed_files_reloaded(repo_copy):
     repo = ModelRepository(repo_copy, ["CPUExecutionProvider"])
     repo.load("digits", policy(1, 2))
