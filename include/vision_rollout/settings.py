@@ -28,15 +28,16 @@ wrong; every default is here and nowhere else. The extras:
 In any string of the ``istio`` and ``build`` sections, connection-wide or a model's, ``{model}``
 stands for the model's name as a Kubernetes name (``model_name``): ``"service": "{model}",
 "name": "{model}"`` gives every model its own Service, VirtualService and Deployments. No two
-models may share a VirtualService (namespace and ``name``) or a Service (namespace and
-``service``): one's rollout would send the other's requests to its own Service (refused here for
-what the sections name, and where it is read: ``IstioRouter`` reads and writes no VirtualService
-that routes to another Service).
+models may share a VirtualService (namespace and ``name``), a Service (namespace and
+``service``) or a gateway's host (``hosts``: write ``{model}`` in it too): one's rollout would send
+the other's requests to its own Service (refused here for what the sections name, and where it is
+read: ``IstioRouter`` reads and writes no VirtualService that routes to another Service's
+versions). Two models whose names are one Kubernetes name ("My_Model", "my-model") share them
+too; that only the repository knows.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -446,9 +447,11 @@ class ServingSettings:
 
     def _check_targets_distinct(self) -> None:
         """Two models driving one VirtualService or one Service would fight over it (the one's
-        rollout would send the other's requests to its own Service): two of ``models``, one of
-        them and every model not in ``models`` (the connection-wide section, its names fixed), or
-        any two (the connection-wide section's ``service`` or ``name`` alone templated)."""
+        rollout would send the other's requests to its own Service), and two VirtualServices
+        claiming one host too (routes of no uri match: the gateway would send the host's requests
+        to one of them): two of ``models``, one of them and every model not in ``models`` (the
+        connection-wide section, its names fixed), or any two (the connection-wide section's
+        ``service`` or ``name`` alone templated, or its ``name`` templated and a host not)."""
         kinds = (("VirtualService", "name"), ("Service", "service"))
         wide = {k: str(self.istio_extra.get(k) or "") for k in ("namespace", "service", "name")}
         templated = [k for k in ("service", "name") if TEMPLATE in wide[k]]
@@ -458,32 +461,45 @@ class ServingSettings:
                 f"the {CONNECTION} extra istio: {templated[0]} holds {TEMPLATE} and {fixed} does not, so every model "
                 f"would share the {kind} {wide['namespace']}/{wide[fixed]}: write {TEMPLATE} in both"
             )
-        every = None  # (the target of every model not in models, where the section names one)
-        if not any(TEMPLATE in v for v in wide.values()):
-            with contextlib.suppress(SettingsError):
-                every = self.istio_for("")
+        hosts = self.istio_extra.get("hosts")
+        wide_hosts = [str(h) for h in hosts] if isinstance(hosts, list) else []
+        shared = next((h for h in wide_hosts if TEMPLATE not in h), None) if TEMPLATE in wide["name"] else None
+        if shared is not None:
+            raise SettingsError(
+                f"the {CONNECTION} extra istio: name holds {TEMPLATE} and the host {shared[:80]!r} does not, so every "
+                f"model's VirtualService would claim it: write {TEMPLATE} in it, or give it to one model "
+                "(models.<model>.istio.hosts)"
+            )
+        # (the objects of every model not in models, where the section's names are fixed)
+        every = wide if all(wide.values()) and not any(TEMPLATE in v for v in wide.values()) else None
+        every_hosts = {h for h in wide_hosts if TEMPLATE not in h} if every is not None else set()
         seen: dict[tuple[str, str, str], str] = {}
         for model in self.models:
             try:
                 target = self.istio_for(model)
             except SettingsError:
                 continue  # incomplete: refused where it is used (mesh 'istio'), not in local mode
-            for kind, key in kinds:
-                name = getattr(target, key)
-                other = seen.setdefault((kind, target.namespace, name), model)
+            own = every is None or (every["service"], every["name"]) != (target.service, target.name)
+            claims = [(kind, target.namespace, getattr(target, key), key) for kind, key in kinds]
+            claims += [("host", "", host, "hosts") for host in target.hosts]
+            for kind, namespace, name, key in claims:
+                other = seen.setdefault((kind, namespace, name), model)
+                what = f"the {kind} {namespace}/{name}" if kind != "host" else f"the host {name[:80]!r}"
                 if other != model:
                     raise SettingsError(
-                        f"the {CONNECTION} extra models: '{other}' and '{model}' share the {kind} "
-                        f"{target.namespace}/{name}; give each its own istio.{key}"
+                        f"the {CONNECTION} extra models: '{other}' and '{model}' share {what}; give each its own "
+                        f"istio.{key}"
                     )
                 if (
-                    every is not None
-                    and (every.namespace, getattr(every, key)) == (target.namespace, name)
-                    and (every.service, every.name) != (target.service, target.name)
+                    own
+                    and every is not None
+                    and (
+                        name in every_hosts if kind == "host" else (every["namespace"], every[key]) == (namespace, name)
+                    )
                 ):
                     raise SettingsError(
-                        f"the {CONNECTION} extra models.{model}: shares the {kind} {target.namespace}/{name} with every "
-                        f"model not in models (the connection-wide istio section); give it its own istio.{key}"
+                        f"the {CONNECTION} extra models.{model}: shares {what} with every model not in models (the "
+                        f"connection-wide istio section); give it its own istio.{key}"
                     )
 
 

@@ -383,6 +383,10 @@ def test_a_models_own_sections_override_the_connection_wide_ones_field_by_field(
             {"My_Model": {}, "my-model": {}},
             "models: 'My_Model' and 'my-model' share the VirtualService models/my-model",
         ),
+        (  # (review s54-1: a gateway's host claimed by two VirtualServices)
+            {"a": {"istio": {"hosts": ["x.example.com"]}}, "b": {"istio": {"hosts": ["x.example.com"]}}},
+            "models: 'a' and 'b' share the host 'x.example.com'; give each its own istio.hosts",
+        ),
     ],
 )
 def test_two_models_driving_one_object_are_refused_naming_both(models, needle):
@@ -412,6 +416,25 @@ WIDE = {"namespace": "models", "service": "digits", "name": "digits"}
             {"istio": {**WIDE, "name": "{model}-vs"}},
             "istio: name holds {model} and service does not, so every model would share the Service models/digits",
         ),
+        (  # (review s54-1: every model's VirtualService claimed the gateway's host, each a catch-all route)
+            {"istio": {**WIDE, "service": "{model}", "name": "{model}", "hosts": ["models.example.com"]}},
+            "istio: name holds {model} and the host 'models.example.com' does not, so every model's VirtualService "
+            "would claim it",
+        ),
+        (  # (review s54-1: a templated host left the shared VirtualService unchecked)
+            {
+                "istio": {**WIDE, "hosts": ["{model}.example.com"]},
+                "models": {"letters": {"istio": {"service": "letters"}}},
+            },
+            "models.letters: shares the VirtualService models/digits with every model not in models",
+        ),
+        (
+            {
+                "istio": {**WIDE, "hosts": ["models.example.com"]},
+                "models": {"letters": {"istio": {"service": "letters", "name": "letters"}}},
+            },
+            "models.letters: shares the host 'models.example.com' with every model not in models",
+        ),
     ],
 )
 def test_a_model_sharing_the_connection_wide_objects_is_refused(extra, needle):
@@ -427,6 +450,11 @@ def test_a_model_sharing_the_connection_wide_objects_is_refused(extra, needle):
         {"istio": WIDE, "models": {"letters": {"istio": {"service": "letters", "name": "letters"}}}},
         {"istio": {**WIDE, "namespace": "{model}"}},  # (a namespace a model)
         {"istio": {**WIDE, "service": "{model}", "name": "{model}"}},
+        {"istio": {**WIDE, "service": "{model}", "name": "{model}", "hosts": ["{model}.example.com"]}},
+        {
+            "istio": {**WIDE, "hosts": ["models.example.com"]},
+            "models": {"letters": {"istio": {"service": "letters", "name": "letters", "hosts": ["l.example.com"]}}},
+        },
     ],
 )
 def test_models_of_their_own_objects_are_taken(extra):
