@@ -32,6 +32,7 @@ from model_server.errors import (
     ServerError,
     failure_reason,
     outcome_of,
+    shown,
 )
 from model_server.feedback import FeedbackStore, LabelRules, check_tenant, count_label
 from model_server.files import location
@@ -288,11 +289,11 @@ class DataPlane:
             number = version_number(version) if version is not None else None
             versions = self.repo.all_loaded().get(model)
             if not versions:
-                raise InvalidInput(f"requested model '{model}' is not available")
+                raise InvalidInput(f"requested model '{shown(model)}' is not available")
             if number is not None:
                 lv = versions.get(number)
                 if lv is None:
-                    raise InvalidInput(f"requested model version is not available for model '{model}'")
+                    raise InvalidInput(f"requested model version is not available for model '{shown(model)}'")
                 versions = {lv.version: lv}
             loaded = {model: versions}
         return {

@@ -502,13 +502,18 @@ class PolicyStore:
             try:
                 policy = TrafficPolicy.from_dict(json.loads(path.read_text()))
             except (OSError, ValueError, RecursionError) as exc:
-                # (the reason a client is told names no file: a folder's path is no client's business)
-                why = exc.strerror or type(exc).__name__ if isinstance(exc, OSError) else json_refusal(exc)[:300]
+                # (the reason a client is told names no file and no value of the policy's: a folder's
+                # path and a rule's header values are no client's business; the log has them)
+                if isinstance(exc, OSError):
+                    why = exc.strerror or type(exc).__name__
+                else:
+                    why = "not JSON" if isinstance(exc, json.JSONDecodeError) else "a policy this server does not take"
                 reason = f"its persisted traffic policy could not be read back ({why})"
                 log.error(
-                    "model '%s': %s (%s); its routed requests are refused until a policy is put",
+                    "model '%s': %s: %s (%s); its routed requests are refused until a policy is put",
                     path.stem,
                     reason,
+                    json_refusal(exc)[:300],
                     path,
                 )
                 self.unreadable[path.stem] = reason

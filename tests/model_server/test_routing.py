@@ -280,7 +280,7 @@ def test_a_persisted_policy_the_server_cannot_read_back_refuses_routed_requests_
     a rollout at 10%. Its routed requests are refused now, the server is not ready, a request
     naming its version is served, and a policy put takes over. (Review s53-2: the refusals named
     the state file's path to any client, and GET .../traffic answered the default policy as if it
-    were in effect: a 503 now.)"""
+    were in effect: a 503 now; review s54-1: and the policy's values, a rule's header.)"""
     state = tmp_path / "state"
     (state / "traffic").mkdir(parents=True)
     saved = {
@@ -296,6 +296,8 @@ def test_a_persisted_policy_the_server_cannot_read_back_refuses_routed_requests_
     assert "PUT a policy to /v2/models/digits/traffic" in r.json()["error"]
     assert "its persisted traffic policy could not be read back" in ready(s).json()["error"]
     assert str(state) not in r.text + ready(s).text
+    assert "(a policy this server does not take)" in r.json()["error"]
+    assert "x.team" not in r.text + ready(s).text  # (review s54-1: a rule's values are no client's business)
     got = requests.get(f"{s.http}/v2/models/digits/traffic", headers=s.admin, timeout=5)
     assert got.status_code == 503
     assert "its persisted traffic policy could not be read back" in got.json()["error"]

@@ -126,6 +126,9 @@ def test_statistics_of_what_is_not_loaded_answer_as_triton(server_factory, repo_
     with pytest.raises(InferenceServerException) as err:  # (review s53-2: a 404 "Request for unknown model")
         c.get_inference_statistics(model_name="no_such_model")
     assert (err.value.status(), err.value.message()) == ("400", "requested model 'no_such_model' is not available")
+    with pytest.raises(InferenceServerException) as err:  # (review s54-1: a name of 6,000 echoed whole)
+        c.get_inference_statistics(model_name="x" * 6000)
+    assert err.value.message() == f"requested model '{'x' * 64}...' is not available"
     # digits has versions 1, 2, 3 on disk; its config.json loads 1.
     with pytest.raises(InferenceServerException) as err:
         c.get_inference_statistics(model_name="digits", model_version="2")
