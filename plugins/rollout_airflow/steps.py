@@ -433,16 +433,19 @@ def first_step(spec: RolloutSpec, params: dict[str, Any], run_id: str, retry_in_
                 "build": build_plan(spec, report.sha256, settings.build_for(spec.model)),
             }
     except Exception as exc:
-        if resuming:  # the model stays this run's: its teardown or failure callback puts stable back
-            raise
-        # A lease taken over from a run that did not end, and nothing touched: back to that run,
-        # which may be late rather than dead (a scheduler restart) and would else find it gone.
-        # Once that run's routes were put back, its rollback is finished here: its floor too.
-        if left is not None and spec.mesh == "istio":
-            release_leftover_floors(spec, hook, keep=None)
-        to = before if left is None else None
-        keep = kept_for_retry(exc, retry_in_s, run_id, to)
-        given_back(params, run_id, lock, settings.workdir(spec.model, run_id), to=to, keep_s=keep)
+        # (a setting found wrong here, a build name once {model} is filled in: no retry mends it)
+        failed = AirflowFailException(str(exc)) if isinstance(exc, SettingsError) else exc
+        if not resuming:  # (resuming, the model stays this run's: its teardown or failure callback puts stable back)
+            # A lease taken over from a run that did not end, and nothing touched: back to that run,
+            # which may be late rather than dead (a scheduler restart) and would else find it gone.
+            # Once that run's routes were put back, its rollback is finished here: its floor too.
+            if left is not None and spec.mesh == "istio":
+                release_leftover_floors(spec, hook, keep=None)
+            to = before if left is None else None
+            keep = kept_for_retry(failed, retry_in_s, run_id, to)
+            given_back(params, run_id, lock, settings.workdir(spec.model, run_id), to=to, keep_s=keep)
+        if failed is not exc:
+            raise failed from None
         raise
     try:
         # The stable routes pinned first: without a policy the model server routes everything to

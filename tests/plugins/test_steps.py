@@ -4,6 +4,7 @@ time per model in local mode (the lock file)."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 import types
@@ -160,6 +161,27 @@ def test_in_local_mode_a_second_run_of_a_model_touches_nothing(monkeypatch, tmp_
     assert lock.holding().holder == "run-a"
     assert json.loads((tmp_path / "locks" / "digits.lock").read_text())["holder"] == "run-a"
     assert steps.serving().model_lock("mnist", "local").acquire("run-c").holder == "run-c"  # another model
+
+
+def test_a_setting_found_wrong_in_the_first_step_fails_it_for_good_giving_the_model_back(monkeypatch, tmp_path):
+    """Review s54-1: a build name refused once {model} is filled in (``build_for``) failed the
+    first step with a SettingsError that Airflow retries: the lease was kept for the retry,
+    which could only fail the same. It fails the task for good now, the model given back."""
+    from vision_rollout import images
+    from vision_rollout.settings import SettingsError
+
+    no_model_server(monkeypatch, tmp_path)
+    monkeypatch.setattr(steps, "start_from_steady", lambda *a: None)
+    wrong = "the model_server_default extra build.namespace gives 'builds-digits_x': not a DNS label"
+
+    def refused(*_: object) -> None:
+        raise SettingsError(wrong)
+
+    monkeypatch.setattr(images, "verify_model", refused)
+    monkeypatch.setattr(steps, "send", lambda *a: None)
+    with pytest.raises(AirflowFailException, match=re.escape(wrong)):
+        steps.build_image(PARAMS, "run-a", retry_in_s=300)
+    assert steps.serving().model_lock("digits", "local").holding() is None
 
 
 def test_a_run_whose_id_names_another_runs_folder_is_refused_touching_nothing(monkeypatch, tmp_path, caplog):
