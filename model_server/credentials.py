@@ -686,18 +686,30 @@ _STATE_VERB = (
 )
 # Whose secret it is, between its key and its separator or verb ("password for bob: x", "the API
 # key for user 'acme' is x", "token of svc-a changed from x to y"): a user's or an account's name,
-# in quotes or not, 64 characters at most. (Read as a spaced key's: a word of prose after it stays,
-# "password for bob: expired".)
+# in quotes (escaped too, a JSON string's) or not, of up to three words ("for John Smith"), 64
+# characters a word at most; a qualifier in parentheses after it or alone ("password (prod): x",
+# "password for bob (prod) is x"; read as a tuple's repr, the qualifier was masked, the secret
+# kept), and a "," ("for user bob, is: x"). (Read as a spaced key's: a word of prose after it
+# stays, "password for bob: expired"; a "(x)" with no separator nor verb after it is a value.)
+_OWNER_WORD = r"[\w.@+-]{1,64}+"
 _WHOM = (
     rf"(?i:for|of){BLANK}{{1,8}}+(?:(?i:user|account|service|tenant|client|customer|team|the){BLANK}{{1,8}}+)?"
-    rf"(?:'[^'\\\r\n]{{1,64}}+'|\"[^\"\\\r\n]{{1,64}}+\""  # (in quotes, blanks too: 'acme corp')
-    rf"|(?:(?:{_ESCAPE})?[\"'`])?[\w.@+-]{{1,64}}+(?:(?:{_ESCAPE})?[\"'`])?)"
+    rf"(?:(?:{_ESCAPE})?+(?:'[^'\\\r\n]{{1,64}}+(?:{_ESCAPE})?+'|\"[^\"\\\r\n]{{1,64}}+(?:{_ESCAPE})?+\")"
+    rf"|(?:(?:{_ESCAPE})?[\"'`])?{_OWNER_WORD}(?:(?:{_ESCAPE})?[\"'`])?"
+    rf"|{_OWNER_WORD}(?:{BLANK}{{1,3}}+{_OWNER_WORD}){{1,2}})"
+)
+_QUALIFIER = r"\([A-Za-z0-9][^()\"'`\\\r\n]{0,63}+\)"  # (no quote in it: "('hunter2xyz',):" is a tuple's repr)
+_WHO = rf"(?:{_WHOM}(?:{BLANK}{{1,8}}+{_QUALIFIER})?|{_QUALIFIER}),?+"
+# A qualifier before a separator, a verb or an arrow is never the value (its own, masked or a
+# mask's mark, is after it: "password (prod): ***" scrubbed again).
+_NO_QUALIFIER = (
+    rf"(?!{_QUALIFIER},?+(?:{BLANK}{{0,8}}+[:=]|{BLANK}{{1,8}}+{_STATE_VERB}{BLANK}|{BLANK}{{0,64}}+{_arrow_mark()}))"
 )
 _STATED = (  # (after a separator, blanks or none: "password for bob:x")
-    rf"(?:{_WHOM}{BLANK}{{0,8}}+[:=]{BLANK}{{0,64}}+|(?:(?:{_WHOM}{BLANK}{{1,8}}+)?{_STATE_VERB}){BLANK}{{1,64}}+)?"
+    rf"(?:{_WHO}{BLANK}{{0,8}}+[:=]{BLANK}{{0,64}}+|(?:(?:{_WHO}{BLANK}{{1,8}}+)?{_STATE_VERB}){BLANK}{{1,64}}+)?"
 )
 _SECRET_SPACED = re.compile(  # (its match starts at an owner's or a name's first character: a look ahead first)
-    rf"(?=(?i:[a-z0-9])){after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}(?:{_KEY_CLOSE_QUOTE}|{_MD_CLOSE})?+(?:(?:{BLANK}{{1,8}}+{_WHOM})?{_MD_BEFORE_ARROW}{_ARROW}|(?(kq)(?!)){BLANK}{{1,64}}+{_STATED})(?:(?P<e>{_ESCAPE})?(?P<q>[\"'`]))?{_NO_MASKED_AFTER}{_KEY_AS_VALUE}"
+    rf"(?=(?i:[a-z0-9])){after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}(?:{_KEY_CLOSE_QUOTE}|{_MD_CLOSE})?+(?:(?:{BLANK}{{1,8}}+{_WHO})?{_MD_BEFORE_ARROW}{_ARROW}|(?(kq)(?!)){BLANK}{{1,64}}+{_STATED})(?:(?P<e>{_ESCAPE})?(?P<q>[\"'`]))?{_NO_MASKED_AFTER}{_KEY_AS_VALUE}{_NO_QUALIFIER}"
     rf"(?P<v>(?(q){_STRING_END_NOT}{_RENAMED}{_QUOTED_WHOLE}|(?:(?!{_PROSE_PAREN}){CLOSED_BRACKETED}|(?!{_PROSE_PAREN})(?=[{{\[]{_BEFORE_QUOTE}(?:{_ESCAPE})?[\"']|{_TUPLE_OPEN}){_NOT_CLOSED}|(?!(?(aw)(?!)|[:=])|{_SCHEME}|{_MASK_MARK}|(?:{_ARROW_CHAR}|{_ESCAPED_ARROW_CHAR})(?:{_ARROW_BLANK}|\Z|{_MASK_MARK}|{_LINE_BREAK}|\\{{0,15}}[\"'])|(?:\\{{2,15}}[rn]){{1,16}}+[ \t])(?!{DATE_OR_TIME}){_NO_PROSE}{_CRED_RUN})))"
 )
 # A URL query's parameter (after "?" or "&") named for a secret, and also, there only, for a key, a signature or
@@ -927,7 +939,7 @@ _THROUGH_EMPTY = re.compile(
 # A placeholder after a secret's key and "from" ("password changed from *** to x", a CI log's mask
 # of the old value; "from null to x"): read as a value found there, so the one after "to" is.
 _FROM_EMPTY = re.compile(
-    rf"(?<![A-Za-z0-9_]){_SECRET_NAME}{_KEY_CLOSE}(?:{BLANK}{{1,8}}+{_WHOM})?(?:{BLANK}{{1,8}}+{_FROM_VERB})?+{BLANK}{{1,8}}+(?i:from):?+"
+    rf"(?<![A-Za-z0-9_]){_SECRET_NAME}{_KEY_CLOSE}(?:{BLANK}{{1,8}}+{_WHO})?(?:{BLANK}{{1,8}}+{_FROM_VERB})?+{BLANK}{{1,8}}+(?i:from):?+"
     rf"{BLANK}{{1,64}}+(?P<p>{_EMPTY})(?={_TO})"
 )
 

@@ -1575,6 +1575,9 @@ SECRET_GROWING = {
     "owners between keys and verbs": ("", "password for 'a' changed from "),
     "owners before separators": ("", "token of user a: "),
     "owners before arrows": ("", "password for 'a b' -> "),
+    "owners of three words before qualifiers": ("", "password for a b c (d) , is "),
+    "qualifiers never closed": ("", "secret of the x y (w "),
+    "escaped quoted owners never closed": ("", 'token for \\"a b '),
     "encoded quotes": ("password: a", "%22&quot;%5C&#92;%2522"),
     "block indicators without lines": ("", "token: >-\n"),
     "keys over mapping lines": ("", "token:\n  a: b\n"),
@@ -5523,6 +5526,9 @@ def test_arrows_and_auth_words_without_a_secret_stay_readable(keys, text):
         "password for bob -> reset",
         "password for the admin panel is ready",
         "password was changed to meet policy",
+        "password for bob and alice is reset",
+        "password for John Smith: expired",
+        "password (see, e.g., the docs) today",
     ],
 )
 @pytest.mark.parametrize("depth", [0, 1, 2, 3])
@@ -5621,6 +5627,17 @@ _SIGN_THEN_ARROW = [
     ("api key for tenant acme: Zq9passX1", "api key for tenant acme: ***"),
     ("password for bob was changed to newPw2xQ", "password for bob was changed to ***"),
     ("token has been set to newPw2xQ", "token has been set to ***"),
+    # (review s53-3, the rest: an owner of two words, a "," after it, one in double quotes in a
+    # JSON string, a qualifier in parentheses after it or alone: the qualifier was masked)
+    ("password for John Smith: Zq9passX1", "password for John Smith: ***"),
+    ("password for John Smith is Zq9passX1 ok", "password for John Smith is *** ok"),
+    ("password for user bob, is: Zq9passX1", "password for user bob, is: ***"),
+    ('password for account "acme corp": Zq9passX1', 'password for account "acme corp": ***'),
+    ("password (prod): Zq9passX1", "password (prod): ***"),
+    ("password for bob (prod): Zq9passX1", "password for bob (prod): ***"),
+    ("api key (staging) = Zq9passX1", "api key (staging) = ***"),
+    ("password (prod) -> Zq9passX1", "password (prod) -> ***"),
+    ("password (hunter2Xyz) ok", "password *** ok"),  # (no separator, verb nor arrow after it: a value)
 ]
 # (a tab or a line end json.dumps'd once is "\\t", "\\n"; twice, "\\\\t" or "\\\\n" before a value is
 # read with it, masked, as on main)
