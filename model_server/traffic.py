@@ -461,8 +461,8 @@ class PolicyStore:
                             before = path.read_bytes() if path.is_file() else None
                         except OSError as exc:
                             raise StateNotSaved.writing(path, exc) from None
+                        written.append((path, before))  # (before the write: it may fail after its rename)
                         write_state(path, policy.to_dict())
-                        written.append((path, before))
                 except StateNotSaved as exc:
                     kept = [path.stem for path, before in reversed(written) if not _put_back(path, before)]
                     if kept:
@@ -525,14 +525,24 @@ class PolicyStore:
 
 
 def _put_back(path: Path, before: bytes | None) -> bool:
-    """A state file as it was (``before``: its bytes; None: none); False where it cannot be."""
+    """A state file as it was (``before``: its bytes; None: none); False where it does not hold
+    them (a write that failed after its rename, in its folder's sync, holds them all the same)."""
+
+    def held() -> bool:
+        try:
+            return (path.read_bytes() if path.is_file() else None) == before
+        except OSError:
+            return False
+
+    if held():  # (its own write failed before its rename)
+        return True
     try:
         if before is None:
             path.unlink(missing_ok=True)
         else:
             write_private(path, before)
     except OSError:
-        return False
+        return held()
     return True
 
 

@@ -401,3 +401,37 @@ def test_a_policy_whose_file_cannot_be_written_is_not_applied_and_the_file_is_na
         store.apply("digits", policy([("1", 100)]))
     assert err.value.status == 503
     assert store.get("digits") is None
+
+
+@pytest.mark.parametrize("failing", [2, 3])  # (the unreadable model's write, the last model's)
+def test_a_state_file_whose_write_failed_after_its_rename_is_put_back(tmp_path, monkeypatch, failing):
+    """Review s54-2: a state file whose write failed after its rename (its folder's fsync: EIO)
+    was not put back: the last model's held the file's policy (a restart applied part of the
+    file), an unreadable policy's bytes were lost. Every file the apply touched is put back."""
+    import errno
+
+    from model_server import files
+    from model_server.errors import StateNotSaved
+    from model_server.traffic import PolicyStore
+
+    def policy(version: int) -> TrafficPolicy:
+        return TrafficPolicy.from_dict({"route": [{"version": str(version), "weight": 100}]})
+
+    (tmp_path / "a.json").write_text(json.dumps(policy(1).to_dict()))
+    (tmp_path / "b.json").write_text('{"route": [{"version": "1", "weight": 100}], "future": 1}')  # (unreadable)
+    store = PolicyStore(tmp_path, lambda *_: None)
+    store.restore()
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("*.json")}
+    synced, sync = [0], files.sync_folder
+
+    def failing_sync(path: object) -> None:
+        synced[0] += 1
+        if synced[0] == failing:
+            raise OSError(errno.EIO, "Input/output error")
+        sync(path)
+
+    monkeypatch.setattr(files, "sync_folder", failing_sync)
+    with pytest.raises(StateNotSaved, match="nothing changed"):
+        store.apply_all({"a": policy(2), "b": policy(2), "c": policy(2)})
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.json")} == before
+    assert (store.get("a"), store.get("c"), sorted(store.unreadable)) == (policy(1), None, ["b"])
