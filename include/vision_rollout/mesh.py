@@ -900,6 +900,13 @@ def routed_versions(vs: dict[str, Any]) -> set[str]:
     return used
 
 
+def _rollouts_route(name: Any) -> bool:
+    """Whether an HTTP route's name is one the rollout gives its routes: a version's pinned
+    route, the default route or one of its arms (``<route>:v<N>``)."""
+    name = str(name or "")
+    return name.startswith(PINNED_PREFIX) or name.partition(ARM_SEPARATOR)[0] == DEFAULT_ROUTE
+
+
 def render_destination_rule(target: IstioTarget, versions: list[str]) -> dict[str, Any]:
     return {
         "apiVersion": "networking.istio.io/v1",
@@ -1054,19 +1061,20 @@ class IstioRouter:
         return live
 
     def _other_service(self, plural: str, live: Any) -> str | None:
-        """The host of another Service whose versions the target's VirtualService routes requests
-        to (a destination of a subset ``v<N>``, another model's: HTTP, TCP, TLS) or mirrors them to with
-        the rollout's own ``mirror``, or that its DestinationRule is for; None when none is (a
-        shape the rollout does not read is refused where it is read). A route of the platform's
-        to another Service's pods of no version (a debug route, an audit's ``mirrors``) is its
-        own: it never holds back a rollback."""
+        """The host of another Service whose versions (subsets ``v<N>``) the routes of the
+        target's VirtualService that the rollout names (``pinned-v<N>``, ``default`` and its
+        arms: another model's, were it another's) route HTTP requests to or mirror them to, or
+        that its DestinationRule is for; None when none is (a shape the rollout does not read is
+        refused where it is read). A route of the platform's to another Service, whatever its
+        subsets (a debug route, an audit's ``mirrors``, a TCP route), is its own: it never holds
+        back a rollback (review s54-1, s54-2)."""
         spec = live.get("spec") if isinstance(live, dict) else None
         if not isinstance(spec, dict):
             return None
         if plural == "destinationrules":
             hosts = [spec.get("host")]
         elif plural == "virtualservices":
-            routes = [r for kind in ("http", "tcp", "tls") for r in _listed(spec.get(kind)) if isinstance(r, dict)]
+            routes = [r for r in _listed(spec.get("http")) if isinstance(r, dict) and _rollouts_route(r.get("name"))]
             sent = [r.get("mirror") for r in routes]
             sent += [d.get("destination") for r in routes for d in _listed(r.get("route")) if isinstance(d, dict)]
             hosts = [

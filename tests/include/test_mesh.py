@@ -614,28 +614,30 @@ def test_the_mesh_objects_of_another_service_are_neither_read_nor_written(kube, 
             router.get_routes()
 
 
-@pytest.mark.parametrize("kind", ["http", "tcp"])
-def test_a_route_to_another_services_pods_of_no_version_never_holds_back_a_rollback(kube, kind):
-    """Review s54-1 (HIGH): a route the platform added mid-rollout to another Service (a debug
-    route during an incident) was read as another model's VirtualService: the rollback was
-    refused and the candidate kept its traffic. Only a route to another Service's versions (its
-    subsets ``v<N>``: another model's) is; a TCP one too."""
+@pytest.mark.parametrize("kind", ["http", "http with a subset", "tcp"])
+def test_a_platforms_route_to_another_service_never_holds_back_a_rollback(kube, kind):
+    """Review s54-1, s54-2 (HIGH): a route the platform added mid-rollout to another Service (a
+    debug route during an incident, its subset "v1" as Istio's examples name them, or a TCP
+    route) was read as another model's VirtualService: the rollback was refused and the
+    candidate kept its traffic. Only the rollout's own routes (pinned, default) sending to
+    another Service's versions are another model's."""
     fake, api = kube
     router = IstioRouter(TARGET, ["1", "2"], api_client=api)
     router.set_routes(CANARY)
-    debug = {"destination": {"host": "digits-debug.models.svc.cluster.local"}}
-    if kind == "http":
+    debug = {
+        "destination": {"host": "reviews.models.svc.cluster.local", **({"subset": "v1"} if "subset" in kind else {})}
+    }
+    if kind == "tcp":
+        fake.touch("virtualservices", "models", "digits", lambda o: o["spec"].update(tcp=[{"route": [debug]}]))
+    else:
         added = {"name": "debug", "match": [{"headers": {"x-debug": {"exact": "1"}}}], "route": [debug]}
         fake.touch("virtualservices", "models", "digits", lambda o: o["spec"]["http"].insert(0, added))
-    else:
-        fake.touch("virtualservices", "models", "digits", lambda o: o["spec"].update(tcp=[{"route": [debug]}]))
     router.set_routes(TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]}))
-    spec = fake.objects[("virtualservices", "models", "digits")]["spec"]
     assert router.get_routes().to_dict()["route"] == [{"version": "1", "weight": 100}]
     if kind == "tcp":  # (an HTTP route of its own the rollout's routes replace, as Flagger's do)
-        assert spec["tcp"] == [{"route": [debug]}]
+        assert fake.objects[("virtualservices", "models", "digits")]["spec"]["tcp"] == [{"route": [debug]}]
     other = {"destination": {"host": "letters.models.svc.cluster.local", "subset": "v7"}}
-    fake.touch("virtualservices", "models", "digits", lambda o: o["spec"].update(tcp=[{"route": [other]}]))
+    fake.touch("virtualservices", "models", "digits", lambda o: o["spec"]["http"][-1]["route"].append(other))
     with pytest.raises(RouterError, match="is letters.models.svc.cluster.local's, not Service"):
         router.set_routes(CANARY)
 
