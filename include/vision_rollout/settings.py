@@ -472,7 +472,15 @@ class ServingSettings:
             )
         # (the objects of every model not in models, where the section's names are fixed)
         every = wide if all(wide.values()) and not any(TEMPLATE in v for v in wide.values()) else None
-        every_hosts = {h for h in wide_hosts if TEMPLATE not in h} if every is not None else set()
+        every_claims: set[tuple[str, str]] = set()
+        if every is not None:
+            gateways = self.istio_extra.get("gateways")
+            every_claims = host_claims(
+                every["namespace"],
+                [h for h in wide_hosts if TEMPLATE not in h] if wide_hosts else [every["service"]],
+                [str(g) for g in gateways] if isinstance(gateways, list) else [],
+                str(self.istio_extra.get("cluster_domain") or CLUSTER_DOMAIN),
+            )
         seen: dict[tuple[str, str, str], str] = {}
         for model in self.models:
             try:
@@ -481,10 +489,18 @@ class ServingSettings:
                 continue  # incomplete: refused where it is used (mesh 'istio'), not in local mode
             own = every is None or (every["service"], every["name"]) != (target.service, target.name)
             claims = [(kind, target.namespace, getattr(target, key), key) for kind, key in kinds]
-            claims += [("host", "", host, "hosts") for host in target.hosts]
-            for kind, namespace, name, key in claims:
-                other = seen.setdefault((kind, namespace, name), model)
-                what = f"the {kind} {namespace}/{name}" if kind != "host" else f"the host {name[:80]!r}"
+            hosts = target.hosts or [target.host]
+            claims += [
+                ("host", gateway, host, "hosts")
+                for gateway, host in sorted(
+                    host_claims(target.namespace, hosts, target.gateways, target.cluster_domain)
+                )
+            ]
+            for kind, where, name, key in claims:
+                other = seen.setdefault((kind, where, name), model)
+                what = f"the {kind} {where}/{name}"
+                if kind == "host":
+                    what = f"the host {name[:80]!r}" + (f" on the gateway {where}" if where != "mesh" else "")
                 if other != model:
                     raise SettingsError(
                         f"the {CONNECTION} extra models: '{other}' and '{model}' share {what}; give each its own "
@@ -494,13 +510,25 @@ class ServingSettings:
                     own
                     and every is not None
                     and (
-                        name in every_hosts if kind == "host" else (every["namespace"], every[key]) == (namespace, name)
+                        (where, name) in every_claims
+                        if kind == "host"
+                        else (every["namespace"], every[key]) == (where, name)
                     )
                 ):
                     raise SettingsError(
                         f"the {CONNECTION} extra models.{model}: shares {what} with every model not in models (the "
                         f"connection-wide istio section); give it its own istio.{key}"
                     )
+
+
+def host_claims(namespace: str, hosts: list[str], gateways: list[str], cluster_domain: str) -> set[tuple[str, str]]:
+    """The (gateway, host) pairs a VirtualService in ``namespace`` claims, as Istio reads them:
+    a host in lower case without a trailing dot, a short name (no dot) the Service's in the
+    namespace; a gateway without a namespace the namespace's, none the sidecars' ("mesh")."""
+    names = {h.lower().rstrip(".") for h in hosts}
+    names = {h if "." in h else f"{h}.{namespace}.svc.{cluster_domain}" for h in names}
+    through = {g if g == "mesh" or "/" in g else f"{namespace}/{g}" for g in gateways} or {"mesh"}
+    return {(g, h) for g in through for h in names}
 
 
 def model_name(model: str) -> str:

@@ -387,6 +387,14 @@ def test_a_models_own_sections_override_the_connection_wide_ones_field_by_field(
             {"a": {"istio": {"hosts": ["x.example.com"]}}, "b": {"istio": {"hosts": ["x.example.com"]}}},
             "models: 'a' and 'b' share the host 'x.example.com'; give each its own istio.hosts",
         ),
+        (  # (review s54-2: as Istio reads them: case, a trailing dot, a short name, a Service's own host)
+            {"a": {"istio": {"hosts": ["X.example.com"]}}, "b": {"istio": {"hosts": ["x.example.com."]}}},
+            "models: 'a' and 'b' share the host 'x.example.com'",
+        ),
+        (
+            {"a": {"istio": {"hosts": []}}, "b": {"istio": {"hosts": ["a"]}}},
+            "models: 'a' and 'b' share the host 'a.models.svc.cluster.local'",
+        ),
     ],
 )
 def test_two_models_driving_one_object_are_refused_naming_both(models, needle):
@@ -454,6 +462,20 @@ def test_a_model_sharing_the_connection_wide_objects_is_refused(extra, needle):
         {
             "istio": {**WIDE, "hosts": ["models.example.com"]},
             "models": {"letters": {"istio": {"service": "letters", "name": "letters", "hosts": ["l.example.com"]}}},
+        },
+        {  # (review s54-2: one short name in two namespaces is two Services; one host on two gateways)
+            "istio": {**WIDE, "service": "{model}", "name": "{model}"},
+            "models": {
+                "a": {"istio": {"namespace": "team-a", "hosts": ["digits"]}},
+                "b": {"istio": {"hosts": ["digits"]}},
+            },
+        },
+        {
+            "istio": {**WIDE, "service": "{model}", "name": "{model}"},
+            "models": {
+                "a": {"istio": {"gateways": ["gw/internal"], "hosts": ["x.example.com"]}},
+                "b": {"istio": {"gateways": ["gw/external"], "hosts": ["x.example.com"]}},
+            },
         },
     ],
 )
