@@ -182,6 +182,13 @@ def test_a_setting_found_wrong_in_the_first_step_fails_it_for_good_giving_the_mo
     with pytest.raises(AirflowFailException, match=re.escape(wrong)):
         steps.build_image(PARAMS, "run-a", retry_in_s=300)
     assert steps.serving().model_lock("digits", "local").holding() is None
+    # In mesh istio, the model's own sections are read before its lease (review s54-2: a wrong
+    # build name raised again in the except block, from the lease's clean-up, and kept it).
+    istio = {"namespace": "models", "service": "{model}", "name": "{model}"}
+    local_connection(monkeypatch, tmp_path, istio=istio, build={"namespace": "b" * 60 + "-{model}"})
+    monkeypatch.setattr(steps.ModelServerHook, "model_lock", lambda *a: pytest.fail("the lease was asked for"))
+    with pytest.raises(AirflowFailException, match=r"build\.namespace .*not a DNS label.* This run touched nothing"):
+        steps.build_image({**PARAMS, "mesh": "istio"}, "run-b", retry_in_s=300)
 
 
 def test_a_run_whose_id_names_another_runs_folder_is_refused_touching_nothing(monkeypatch, tmp_path, caplog):
