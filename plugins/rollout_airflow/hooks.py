@@ -43,10 +43,18 @@ def _http_url(conn: Any, default_port: int) -> str:
     """The connection's base URL. A host given as a URL (``http://digits.ml.svc:8000``: Airflow's
     HTTP connections take "the entire url or the base of the url") is the URL, the port field
     added when it names none; else schema, host and port, each with its default. A scheme but
-    http or https, credentials in the host, a query or a fragment, or a host and port that make no
-    URL (a space, a port that is no number), fail the task naming the connection."""
+    http or https, credentials in the host (an "@" anywhere), a query or a fragment, a path with no
+    scheme, or a host and port that make no URL (a space, a port that is no number), fail the task
+    naming the connection, never quoting the host."""
     host = (conn.host or "127.0.0.1").rstrip("/")
     if "://" not in host:
+        if "/" in host:  # (a path with no scheme: the port would go after it; "user:pass/word" kept a password)
+            from airflow.sdk.exceptions import AirflowFailException
+
+            raise AirflowFailException(
+                f"the {conn.conn_id} connection's host holds a '/' but no scheme: give a host name, or a URL "
+                "(http://host:port/path)"
+            )
         host = f"{conn.schema or 'http'}://{host}:{conn.port or default_port}"
     scheme, _, rest = host.partition("://")
     if scheme.lower() not in ("http", "https"):  # (a database's schema name, say: no request would go)
@@ -83,10 +91,10 @@ def _http_url(conn: Any, default_port: int) -> str:
     except ValueError as exc:
         from airflow.sdk.exceptions import AirflowFailException
 
-        why = "a port that is no number from 0 to 65535" if "port" in str(exc).lower() else str(exc)[:200]
-        raise AirflowFailException(  # (never the port's text: "user:password" without a scheme reads as host:port)
-            f"the {conn.conn_id} connection's host and port make no URL: {why}"
-        ) from None
+        why = str(exc)  # (never urllib's own words, which quote the host: a password read as a port, or NFKC's)
+        if why not in ("Invalid IPv6 URL", "no host", "a space or a control character in the host"):
+            why = "a port that is no number from 0 to 65535" if "port" in why.lower() else "characters no URL takes"
+        raise AirflowFailException(f"the {conn.conn_id} connection's host and port make no URL: {why}") from None
     return url
 
 

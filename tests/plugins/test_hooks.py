@@ -123,6 +123,9 @@ def test_credentials_in_a_hosts_url_fail_the_task_without_quoting_them(monkeypat
         ("http://admin:s3cr/et@models.example:8000", "s3cr", "host holds an '@'"),
         ("http://admin:1234/5678@models.example", "1234", "host holds an '@'"),
         ("admin:s3cret", "s3cret", "a port that is no number"),  # (no scheme: read as a host and its port)
+        # (review s54-2: a password of digits before a "/", no scheme; urllib's NFKC refusal quoting the host)
+        ("admin:1234/abcdef", "abcdef", "holds a '/' but no scheme"),
+        ("admin:\uff03secretpw", "secretpw", "characters no URL takes"),
     ],
 )
 def test_credentials_that_end_the_host_early_are_never_quoted(monkeypatch, host, secret, error):
