@@ -507,7 +507,13 @@ class PolicyStore:
                 if isinstance(exc, OSError):
                     why = exc.strerror or type(exc).__name__
                 else:
-                    why = "not JSON" if isinstance(exc, json.JSONDecodeError) else "a policy this server does not take"
+                    why = (
+                        "not JSON"
+                        if isinstance(exc, json.JSONDecodeError | UnicodeDecodeError)
+                        else "JSON nested too deep"
+                        if isinstance(exc, RecursionError)
+                        else "a policy this server does not take"
+                    )
                 reason = f"its persisted traffic policy could not be read back ({why})"
                 log.error(
                     "model '%s': %s: %s (%s); its routed requests are refused until a policy is put",
