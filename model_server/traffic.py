@@ -436,47 +436,52 @@ class PolicyStore:
         return policy.versions() if policy is not None else set()
 
     def apply(self, model: str, policy: TrafficPolicy) -> None:
-        """StateNotSaved, the policy not applied, if its file cannot be written."""
+        """StateNotSaved, the policy not applied, if its file cannot be written (the file put
+        back as it was: review s54-3, a write failing after its rename left the refused policy
+        for a restart)."""
         with self._lock:
-            if self.state_dir is not None:
-                write_state(self.state_dir / f"{model}.json", policy.to_dict())
+            self._save({model: policy})
             self._policies = {**self._policies, model: policy}
             self.unreadable.pop(model, None)
         self._on_change(model, policy)
 
     def apply_all(self, wanted: dict[str, TrafficPolicy]) -> list[str]:
         """Several models' policies applied all or none (a traffic file's): each changed one's
-        state file written, then the policies swapped. StateNotSaved where a file cannot be
-        written (a full or read-only volume): those written are put back as they were, byte for
-        byte (an unreadable policy's too: its model stays refused), and no policy moved. Returns
-        the models changed."""
+        state file written (``_save``), then the policies swapped. Returns the models changed."""
         with self._lock:
             changed = {m: p for m, p in wanted.items() if self._policies.get(m) != p or m in self.unreadable}
-            if self.state_dir is not None:
-                written: list[tuple[Path, bytes | None]] = []  # (a file and its bytes before)
-                try:
-                    for model, policy in changed.items():
-                        path = self.state_dir / f"{model}.json"
-                        try:
-                            before = path.read_bytes() if path.is_file() else None
-                        except OSError as exc:
-                            raise StateNotSaved.writing(path, exc) from None
-                        written.append((path, before))  # (before the write: it may fail after its rename)
-                        write_state(path, policy.to_dict())
-                except StateNotSaved as exc:
-                    kept = [path.stem for path, before in reversed(written) if not _put_back(path, before)]
-                    if kept:
-                        raise StateNotSaved(
-                            f"{exc.message.removesuffix('; nothing changed')}; no policy moved, but the state files of "
-                            f"{shown_names(kept)} hold the file's (a restart would restore them)"
-                        ) from None
-                    raise
+            self._save(changed)
             self._policies = {**self._policies, **changed}
             for model in changed:
                 self.unreadable.pop(model, None)
         for model, policy in changed.items():
             self._on_change(model, policy)
         return list(changed)
+
+    def _save(self, policies: dict[str, TrafficPolicy]) -> None:
+        """Each policy's state file written, all or none: StateNotSaved where one cannot be (a
+        full or read-only volume), those the writes touched put back as they were, byte for byte
+        (an unreadable policy's too: its model stays refused); with self._lock held."""
+        if self.state_dir is None:
+            return
+        written: list[tuple[Path, bytes | None]] = []  # (a file and its bytes before)
+        try:
+            for model, policy in policies.items():
+                path = self.state_dir / f"{model}.json"
+                try:
+                    before = path.read_bytes() if path.is_file() else None
+                except OSError as exc:
+                    raise StateNotSaved.writing(path, exc) from None
+                written.append((path, before))  # (before the write: it may fail after its rename)
+                write_state(path, policy.to_dict())
+        except StateNotSaved as exc:
+            kept = [path.stem for path, before in reversed(written) if not _put_back(path, before)]
+            if kept:
+                raise StateNotSaved(
+                    f"{exc.message.removesuffix('; nothing changed')}; no policy moved, but the state files of "
+                    f"{shown_names(kept)} hold the new policies (a restart would restore them)"
+                ) from None
+            raise
 
     def models(self) -> list[str]:
         return sorted(self._policies)

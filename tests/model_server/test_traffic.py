@@ -385,7 +385,8 @@ def test_a_persisted_policy_with_a_backtracking_regex_is_not_restored(tmp_path, 
     assert changed == ["other"]
     assert "digits.json" in caplog.text
     assert "RE2 syntax" in caplog.text
-    assert "RE2 syntax" in store.unreadable["digits"]  # its routed requests refused, not defaulted
+    assert "a policy this server does not take" in store.unreadable["digits"]  # (refused, not defaulted)
+    assert "RE2" not in store.unreadable["digits"]  # (the policy's values are the log's only: review s54-1)
     store.apply("digits", TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]}))
     assert store.unreadable == {}
 
@@ -435,3 +436,27 @@ def test_a_state_file_whose_write_failed_after_its_rename_is_put_back(tmp_path, 
         store.apply_all({"a": policy(2), "b": policy(2), "c": policy(2)})
     assert {p.name: p.read_bytes() for p in tmp_path.glob("*.json")} == before
     assert (store.get("a"), store.get("c"), sorted(store.unreadable)) == (policy(1), None, ["b"])
+
+
+def test_a_policy_put_whose_write_failed_after_its_rename_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    """Review s54-3: one model's policy (a PUT) whose state file's write failed after its rename
+    (its folder's fsync) was refused, but the file held it: a restart routed by it."""
+    import errno
+
+    from model_server import files
+    from model_server.errors import StateNotSaved
+    from model_server.traffic import PolicyStore
+
+    one, two = (TrafficPolicy.from_dict({"route": [{"version": v, "weight": 100}]}) for v in ("1", "2"))
+    (tmp_path / "a.json").write_text(json.dumps(one.to_dict()))
+    store = PolicyStore(tmp_path, lambda *_: None)
+    store.restore()
+    before = (tmp_path / "a.json").read_bytes()
+
+    def failing_sync(path: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(files, "sync_folder", failing_sync)
+    with pytest.raises(StateNotSaved, match="nothing changed"):
+        store.apply("a", two)
+    assert (store.get("a"), (tmp_path / "a.json").read_bytes()) == (one, before)
