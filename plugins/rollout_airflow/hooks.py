@@ -47,6 +47,15 @@ def _http_url(conn: Any, default_port: int) -> str:
     scheme, or a host and port that make no URL (a space, a port that is no number), fail the task
     naming the connection, never quoting the host."""
     host = (conn.host or "127.0.0.1").rstrip("/")
+    if "@" in host:  # (the URL is in logs, reports and the replay's errors; urllib sends no userinfo. Anywhere,
+        from airflow.sdk.exceptions import AirflowFailException  # and first: a password holding "/" ends the host)
+
+        raise AirflowFailException(
+            f"the {conn.conn_id} connection's host holds an '@' (credentials, user:password@?): put them in its "
+            "login and password"
+        )
+    if "://" not in host and re.fullmatch(r"[^:/\s]+:[0-9]{1,5}", host):  # (a port of its own: "digits.ml.svc:8000")
+        host = f"{conn.schema or 'http'}://{host}"
     if "://" not in host:
         if "/" in host:  # (a path with no scheme: the port would go after it; "user:pass/word" kept a password)
             from airflow.sdk.exceptions import AirflowFailException
@@ -60,17 +69,11 @@ def _http_url(conn: Any, default_port: int) -> str:
     if scheme.lower() not in ("http", "https"):  # (a database's schema name, say: no request would go)
         from airflow.sdk.exceptions import AirflowFailException
 
+        shown = repr(scheme) if re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,15}", scheme) else "something else"
         raise AirflowFailException(
-            f"the {conn.conn_id} connection's schema (or its host's scheme) must be http or https, not {scheme[:40]!r}"
+            f"the {conn.conn_id} connection's schema (or its host's scheme) must be http or https, not {shown}"
         )
     netloc, sep, path = rest.partition("/")
-    if "@" in rest:  # (the URL is in logs, reports and the replay's errors; urllib sends no userinfo. Anywhere:
-        from airflow.sdk.exceptions import AirflowFailException  # a password holding "/" ends the host early)
-
-        raise AirflowFailException(
-            f"the {conn.conn_id} connection's host holds an '@' (credentials, user:password@?): put them in its "
-            "login and password"
-        )
     if "?" in rest or "#" in rest:  # (a token in a query would be in the same logs; no request takes one)
         from airflow.sdk.exceptions import AirflowFailException
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import types
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,9 @@ def test_credentials_in_a_hosts_url_fail_the_task_without_quoting_them(monkeypat
         # (review s54-2: a password of digits before a "/", no scheme; urllib's NFKC refusal quoting the host)
         ("admin:1234/abcdef", "abcdef", "holds a '/' but no scheme"),
         ("admin:\uff03secretpw", "secretpw", "characters no URL takes"),
+        # (review s54-3: an "@" before the scheme, quoted by the scheme's refusal)
+        ("admin:Zq9passX1@https://prom:9090", "Zq9passX1", "host holds an '@'"),
+        ("admin:Zq9passX1://prom", "Zq9passX1", "must be http or https, not something else"),
     ],
 )
 def test_credentials_that_end_the_host_early_are_never_quoted(monkeypatch, host, secret, error):
@@ -140,6 +144,15 @@ def test_credentials_that_end_the_host_early_are_never_quoted(monkeypatch, host,
     with pytest.raises(AirflowFailException, match=error) as refused:
         serving()
     assert secret not in str(refused.value)
+
+
+def test_a_host_with_a_port_of_its_own_and_no_scheme_is_taken(monkeypatch):
+    """Review s54-3: "digits.ml.svc:8000" in the host field, as Airflow's HttpHook takes it, was
+    refused as a port that is no number (the default port added after its own)."""
+    from rollout_airflow.hooks import _http_url
+
+    for host, url in [("digits.ml.svc:8000", "http://digits.ml.svc:8000"), ("prom:9090/", "http://prom:9090")]:
+        assert _http_url(types.SimpleNamespace(host=host, schema=None, port=None, conn_id="c"), 1) == url
 
 
 @pytest.mark.parametrize("name", ["prometheus_default", "model_server_default"])
