@@ -900,11 +900,15 @@ def routed_versions(vs: dict[str, Any]) -> set[str]:
     return used
 
 
+_ROLLOUTS_ROUTE = re.compile(
+    rf"{re.escape(PINNED_PREFIX)}[0-9]{{1,19}}|{re.escape(DEFAULT_ROUTE)}(?:{re.escape(ARM_SEPARATOR)}v[0-9]{{1,19}})?"
+)
+
+
 def _rollouts_route(name: Any) -> bool:
     """Whether an HTTP route's name is one the rollout gives its routes: a version's pinned
     route, the default route or one of its arms (``<route>:v<N>``)."""
-    name = str(name or "")
-    return name.startswith(PINNED_PREFIX) or name.partition(ARM_SEPARATOR)[0] == DEFAULT_ROUTE
+    return bool(_ROLLOUTS_ROUTE.fullmatch(str(name or "")))  # (a platform's "pinned-vip", "default:debug" are none)
 
 
 def render_destination_rule(target: IstioTarget, versions: list[str]) -> dict[str, Any]:
@@ -1063,11 +1067,12 @@ class IstioRouter:
     def _other_service(self, plural: str, live: Any) -> str | None:
         """The host of another Service whose versions (subsets ``v<N>``) the routes of the
         target's VirtualService that the rollout names (``pinned-v<N>``, ``default`` and its
-        arms: another model's, were it another's) route HTTP requests to or mirror them to, or
-        that its DestinationRule is for; None when none is (a shape the rollout does not read is
+        arms ``default:v<N>``: another model's, were it another's) send HTTP requests to, or that
+        its DestinationRule is for; None when none is (a shape the rollout does not read is
         refused where it is read). A route of the platform's to another Service, whatever its
-        subsets (a debug route, an audit's ``mirrors``, a TCP route), is its own: it never holds
-        back a rollback (review s54-1, s54-2)."""
+        subsets (a debug route, a mirror, an audit's ``mirrors``, a TCP route), never holds back a
+        rollback (review s54-1, s54-2, s54-3); the DestinationRule, of the VirtualService's name,
+        names the Service it is for whatever its routes."""
         spec = live.get("spec") if isinstance(live, dict) else None
         if not isinstance(spec, dict):
             return None
@@ -1075,8 +1080,7 @@ class IstioRouter:
             hosts = [spec.get("host")]
         elif plural == "virtualservices":
             routes = [r for r in _listed(spec.get("http")) if isinstance(r, dict) and _rollouts_route(r.get("name"))]
-            sent = [r.get("mirror") for r in routes]
-            sent += [d.get("destination") for r in routes for d in _listed(r.get("route")) if isinstance(d, dict)]
+            sent = [d.get("destination") for r in routes for d in _listed(r.get("route")) if isinstance(d, dict)]
             hosts = [
                 to.get("host")
                 for to in sent
