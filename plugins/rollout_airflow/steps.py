@@ -392,7 +392,7 @@ def first_step(spec: RolloutSpec, params: dict[str, Any], run_id: str, retry_in_
             hook.settings.istio_for(spec.model)
             hook.settings.build_for(spec.model)
         except SettingsError as exc:
-            raise AirflowFailException(f"{exc}. This run touched nothing.") from None
+            raise AirflowFailException(str(exc)) from None  # (a run cleared mid-way: its failure callback's to end)
     lock = hook.model_lock(spec.model, spec.mesh)
     try:
         hook.settings.workdir(spec.model, run_id).check_conditional()
