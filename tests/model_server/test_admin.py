@@ -504,18 +504,12 @@ def test_a_policy_and_a_load_of_one_model_each_see_what_the_other_left(repo_copy
         repo.close_all()
 
 
-def test_a_traffic_file_is_applied_whole_or_not_at_all_and_tried_again(repo_copy, tmp_path, caplog):
-    """Review s53-2: a traffic file of two models whose second's state file could not be written
-    (a full or read-only state volume) moved the first's routes and kept them, logged "nothing
-    changed", and was not tried again until the file changed. It is applied whole or not at
-    all (the first model's policy put back, its state file too), and tried again at the next
-    poll until it is applied."""
-    import asyncio
+def digits_and_letters(repo_copy, tmp_path):
+    """A repository of two models, digits and letters (versions 1 and 2 loaded, not persisted),
+    and an empty state folder."""
     import shutil
 
-    from model_server.admin import Admin
     from model_server.repository import ModelRepository
-    from model_server.traffic import PolicyStore
 
     shutil.copytree(repo_copy / "digits", repo_copy / "letters")
     config = repo_copy / "letters" / "config.json"
@@ -525,6 +519,21 @@ def test_a_traffic_file_is_applied_whole_or_not_at_all_and_tried_again(repo_copy
         repo.load(model, policy(1, 2), persist=False)
     state = tmp_path / "state"
     state.mkdir()
+    return repo, state
+
+
+def test_a_traffic_file_is_applied_whole_or_not_at_all_and_tried_again(repo_copy, tmp_path, caplog):
+    """Review s53-2: a traffic file of two models whose second's state file could not be written
+    (a full or read-only state volume) moved the first's routes and kept them, logged "nothing
+    changed", and was not tried again until the file changed. It is applied whole or not at
+    all (the first model's policy put back, its state file too), and tried again at the next
+    poll until it is applied."""
+    import asyncio
+
+    from model_server.admin import Admin
+    from model_server.traffic import PolicyStore
+
+    repo, state = digits_and_letters(repo_copy, tmp_path)
     policies = PolicyStore(state, lambda *_: None)
     admin = Admin(repo, policies)
     (state / "letters.json").mkdir()  # (a state file that cannot be written)
@@ -565,21 +574,12 @@ def test_a_traffic_file_not_saved_moves_no_policy_and_keeps_an_unreadable_one(re
     version; and every poll moved the first model to the file's policy and back. Now no policy
     moves until every state file is written, and those written are put back byte for byte."""
     import asyncio
-    import shutil
 
     from model_server.admin import Admin
     from model_server.errors import ModelUnavailable
-    from model_server.repository import ModelRepository
     from model_server.traffic import PolicyStore
 
-    shutil.copytree(repo_copy / "digits", repo_copy / "letters")
-    config = repo_copy / "letters" / "config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "name": "letters"}))
-    repo = ModelRepository(repo_copy, ["CPUExecutionProvider"])
-    for model in ("digits", "letters"):
-        repo.load(model, policy(1, 2), persist=False)
-    state = tmp_path / "state"
-    state.mkdir()
+    repo, state = digits_and_letters(repo_copy, tmp_path)
     persisted = '{"route": [{"version": "1", "weight": 100}], "future_field": 1}'  # (a newer server's)
     (state / "digits.json").write_text(persisted)
     changes: list[str] = []
