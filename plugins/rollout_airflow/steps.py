@@ -385,14 +385,14 @@ def first_step(spec: RolloutSpec, params: dict[str, Any], run_id: str, retry_in_
     from vision_rollout.images import verify_model
 
     hook = serving()
-    if (
-        spec.mesh == "istio"
-    ):  # (the model's own sections, {model} filled in, read before its lease: no retry mends them)
+    # The model's own sections, {model} filled in, read before its lease: no retry mends them (a
+    # run cleared mid-way is its failure callback's to end).
+    if spec.mesh == "istio":
         try:
             hook.settings.istio_for(spec.model)
             hook.settings.build_for(spec.model)
         except SettingsError as exc:
-            raise AirflowFailException(str(exc)) from None  # (a run cleared mid-way: its failure callback's to end)
+            raise AirflowFailException(str(exc)) from None
     lock = hook.model_lock(spec.model, spec.mesh)
     try:
         hook.settings.workdir(spec.model, run_id).check_conditional()
