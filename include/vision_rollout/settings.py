@@ -524,10 +524,18 @@ class ServingSettings:
 def host_claims(namespace: str, hosts: list[str], gateways: list[str], cluster_domain: str) -> set[tuple[str, str]]:
     """The (gateway, host) pairs a VirtualService in ``namespace`` claims, as Istio reads them:
     a host in lower case without a trailing dot, a short name (no dot) the Service's in the
-    namespace; a gateway without a namespace the namespace's, none the sidecars' ("mesh")."""
+    namespace; a gateway without a namespace the namespace's, one by its host name
+    ("ext.gw.svc.cluster.local") as ``gw/ext``, none the sidecars' ("mesh")."""
+
+    def gateway(g: str) -> str:
+        if g == "mesh" or "/" in g:
+            return g
+        name, _, rest = g.partition(".")
+        return f"{rest.partition('.')[0]}/{name}" if rest else f"{namespace}/{g}"
+
     names = {h.lower().rstrip(".") for h in hosts}
     names = {h if "." in h else f"{h}.{namespace}.svc.{cluster_domain}" for h in names}
-    through = {g if g == "mesh" or "/" in g else f"{namespace}/{g}" for g in gateways} or {"mesh"}
+    through = {gateway(g) for g in gateways} or {"mesh"}
     return {(g, h) for g in through for h in names}
 
 

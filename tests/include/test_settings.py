@@ -395,6 +395,13 @@ def test_a_models_own_sections_override_the_connection_wide_ones_field_by_field(
             {"a": {"istio": {"hosts": []}}, "b": {"istio": {"hosts": ["a"]}}},
             "models: 'a' and 'b' share the host 'a.models.svc.cluster.local'",
         ),
+        (  # (review s54-3: a gateway named by its host name)
+            {
+                "a": {"istio": {"gateways": ["gw/ext"], "hosts": ["x.example.com"]}},
+                "b": {"istio": {"gateways": ["ext.gw.svc.cluster.local"], "hosts": ["x.example.com"]}},
+            },
+            "models: 'a' and 'b' share the host 'x.example.com' on the gateway gw/ext",
+        ),
     ],
 )
 def test_two_models_driving_one_object_are_refused_naming_both(models, needle):
