@@ -691,25 +691,31 @@ _STATE_VERB = (
 # "password for bob (prod) is x"; read as a tuple's repr, the qualifier was masked, the secret
 # kept), and a "," ("for user bob, is: x"). (Read as a spaced key's: a word of prose after it
 # stays, "password for bob: expired"; a "(x)" with no separator nor verb after it is a value.)
-_OWNER_WORD = r"[\w.@+-]{1,64}+"
+_OWNER_WORD = r"[\w.@+-]{1,64}+(?:['\u2019]\w{1,64}+)?+"  # (an apostrophe inside: "O'Brien")
 _WHOM = (
     rf"(?i:for|of){BLANK}{{1,8}}+(?:(?i:user|account|service|tenant|client|customer|team|the){BLANK}{{1,8}}+)?"
     rf"(?:(?:{_ESCAPE})?+(?:'[^'\\\r\n]{{1,64}}+(?:{_ESCAPE})?+'|\"[^\"\\\r\n]{{1,64}}+(?:{_ESCAPE})?+\")"
     rf"|(?:(?:{_ESCAPE})?[\"'`])?{_OWNER_WORD}(?:(?:{_ESCAPE})?[\"'`])?"
     rf"|{_OWNER_WORD}(?:{BLANK}{{1,3}}+{_OWNER_WORD}){{1,2}})"
 )
-_QUALIFIER = r"\([A-Za-z0-9][^()\"'`\\\r\n]{0,63}+\)"  # (no quote in it: "('hunter2xyz',):" is a tuple's repr)
-_WHO = rf"(?:{_WHOM}(?:{BLANK}{{1,8}}+{_QUALIFIER})?|{_QUALIFIER}),?+"
-# A qualifier before a separator, a verb or an arrow is never the value (its own, masked or a
-# mask's mark, is after it: "password (prod): ***" scrubbed again).
+_QUALIFIER = r"\((?=[A-Za-z0-9])[^()\"'`\\\r\n]{1,64}+\)"  # (no quote in it: "('hunter2xyz',):" is a tuple's repr)
+_WHO = rf"(?:{_WHOM},?+(?:{BLANK}{{1,8}}+{_QUALIFIER})?|{_QUALIFIER}),?+"
+# Right after the key, a qualifier before a separator or an arrow is never the value (its own,
+# masked or a mask's mark, is after it: "password (prod): ***" scrubbed again), nor one before a
+# verb of state and a mask right after it ("password (prod) changed from *** to ***"); before a
+# verb and anything else it is ("password (hunter2xyz) was rejected"), and after a separator or
+# a verb ("password is (hunter2xyz) -> rejected").
 _NO_QUALIFIER = (
-    rf"(?!{_QUALIFIER},?+(?:{BLANK}{{0,8}}+[:=]|{BLANK}{{1,8}}+{_STATE_VERB}{BLANK}|{BLANK}{{0,64}}+{_arrow_mark()}))"
+    rf"(?!{_QUALIFIER},?+(?:{BLANK}{{0,8}}+[:=]|{BLANK}{{0,64}}+{_arrow_mark()}"
+    rf"|{BLANK}{{1,8}}+(?:{_STATE_VERB}|{_FROM_VERB}{BLANK}{{1,8}}+(?i:from):?+){BLANK}{{1,64}}+"
+    rf"(?:\*{{3}}|tok_[a-zBCDFGH]{{8}}_)))"
 )
 _STATED = (  # (after a separator, blanks or none: "password for bob:x")
-    rf"(?:{_WHO}{BLANK}{{0,8}}+[:=]{BLANK}{{0,64}}+|(?:(?:{_WHO}{BLANK}{{1,8}}+)?{_STATE_VERB}){BLANK}{{1,64}}+)?"
+    rf"(?:{_WHO}{BLANK}{{0,8}}+[:=]{BLANK}{{0,64}}+|(?:(?:{_WHO}{BLANK}{{1,8}}+)?{_STATE_VERB}){BLANK}{{1,64}}+"
+    rf"|{_NO_QUALIFIER})"
 )
 _SECRET_SPACED = re.compile(  # (its match starts at an owner's or a name's first character: a look ahead first)
-    rf"(?=(?i:[a-z0-9])){after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}(?:{_KEY_CLOSE_QUOTE}|{_MD_CLOSE})?+(?:(?:{BLANK}{{1,8}}+{_WHO})?{_MD_BEFORE_ARROW}{_ARROW}|(?(kq)(?!)){BLANK}{{1,64}}+{_STATED})(?:(?P<e>{_ESCAPE})?(?P<q>[\"'`]))?{_NO_MASKED_AFTER}{_KEY_AS_VALUE}{_NO_QUALIFIER}"
+    rf"(?=(?i:[a-z0-9])){after_boundary('A-Za-z0-9')}{_OWNED}(?(o)|{_OBJECT_NAMED}){_SECRET_NAME}(?:{_KEY_CLOSE_QUOTE}|{_MD_CLOSE})?+(?:(?:{BLANK}{{1,8}}+{_WHO})?{_MD_BEFORE_ARROW}{_ARROW}|(?(kq)(?!)){BLANK}{{1,64}}+{_STATED})(?:(?P<e>{_ESCAPE})?(?P<q>[\"'`]))?{_NO_MASKED_AFTER}{_KEY_AS_VALUE}"
     rf"(?P<v>(?(q){_STRING_END_NOT}{_RENAMED}{_QUOTED_WHOLE}|(?:(?!{_PROSE_PAREN}){CLOSED_BRACKETED}|(?!{_PROSE_PAREN})(?=[{{\[]{_BEFORE_QUOTE}(?:{_ESCAPE})?[\"']|{_TUPLE_OPEN}){_NOT_CLOSED}|(?!(?(aw)(?!)|[:=])|{_SCHEME}|{_MASK_MARK}|(?:{_ARROW_CHAR}|{_ESCAPED_ARROW_CHAR})(?:{_ARROW_BLANK}|\Z|{_MASK_MARK}|{_LINE_BREAK}|\\{{0,15}}[\"'])|(?:\\{{2,15}}[rn]){{1,16}}+[ \t])(?!{DATE_OR_TIME}){_NO_PROSE}{_CRED_RUN})))"
 )
 # A URL query's parameter (after "?" or "&") named for a secret, and also, there only, for a key, a signature or

@@ -1578,6 +1578,8 @@ SECRET_GROWING = {
     "owners of three words before qualifiers": ("", "password for a b c (d) , is "),
     "qualifiers never closed": ("", "secret of the x y (w "),
     "escaped quoted owners never closed": ("", 'token for \\"a b '),
+    "qualifiers before verbs without a mask": ("", "password (a) was "),
+    "owners with apostrophes": ("", "secret for O'a'b "),
     "encoded quotes": ("password: a", "%22&quot;%5C&#92;%2522"),
     "block indicators without lines": ("", "token: >-\n"),
     "keys over mapping lines": ("", "token:\n  a: b\n"),
@@ -5638,6 +5640,19 @@ _SIGN_THEN_ARROW = [
     ("api key (staging) = Zq9passX1", "api key (staging) = ***"),
     ("password (prod) -> Zq9passX1", "password (prod) -> ***"),
     ("password (hunter2Xyz) ok", "password *** ok"),  # (no separator, verb nor arrow after it: a value)
+    # (review s54-2, s54-3: a value in parentheses after a separator or a verb, or before a verb
+    # and anything but a mask, was read as a qualifier and left in clear; one in brackets or
+    # braces is a value; a "," or an apostrophe in the owner; a qualifier before a change
+    # scrubbed again the same)
+    ("password: (hunter2xyz) was rejected", "password: *** was rejected"),
+    ("password for bob: (hunter2xyz) ok", "password for bob: *** ok"),
+    ("password (hunter2xyz) was rejected", "password *** was rejected"),
+    ("password (hunter2xyz) is fine, token=Zq9passX1", "password *** is fine, token=***"),
+    ("password [hunter2xyz]: ok", "password ***: ok"),
+    ("password {hunter2xyz}: ok", "password ***: ok"),
+    ("password for bob, (prod): Zq9passX1", "password for bob, (prod): ***"),
+    ("password for O'Brien: Zq9passX1", "password for O'Brien: ***"),
+    ("password (prod) changed from oldpw12345 to Zq9passX1", "password (prod) changed from *** to ***"),
 ]
 # (a tab or a line end json.dumps'd once is "\\t", "\\n"; twice, "\\\\t" or "\\\\n" before a value is
 # read with it, masked, as on main)
