@@ -692,11 +692,13 @@ _STATE_VERB = (
 # kept), and a "," ("for user bob, is: x"). (Read as a spaced key's: a word of prose after it
 # stays, "password for bob: expired"; a "(x)" with no separator nor verb after it is a value.)
 _OWNER_WORD = r"[\w.@+-]{1,64}+(?:['\u2019]\w{1,64}+)?+"  # (an apostrophe inside: "O'Brien")
+# (an owner's second or third word is no verb of state: "for bob is hunter2xyz -> x" is bob's value)
+_NOT_A_VERB = r"(?!(?i:is|was|has|had|set|changed|reset|updated|from|to|into)(?![\w.@+'\u2019-]))"
 _WHOM = (
     rf"(?i:for|of){BLANK}{{1,8}}+(?:(?i:user|account|service|tenant|client|customer|team|the){BLANK}{{1,8}}+)?"
     rf"(?:(?:{_ESCAPE})?+(?:'[^'\\\r\n]{{1,64}}+(?:{_ESCAPE})?+'|\"[^\"\\\r\n]{{1,64}}+(?:{_ESCAPE})?+\")"
     rf"|(?:(?:{_ESCAPE})?[\"'`])?{_OWNER_WORD}(?:(?:{_ESCAPE})?[\"'`])?"
-    rf"|{_OWNER_WORD}(?:{BLANK}{{1,3}}+{_OWNER_WORD}){{1,2}})"
+    rf"|{_OWNER_WORD}(?:{BLANK}{{1,3}}+{_NOT_A_VERB}{_OWNER_WORD}){{1,2}})"
 )
 _QUALIFIER = r"\((?=[A-Za-z0-9])[^()\"'`\\\r\n]{1,64}+\)"  # (no quote in it: "('hunter2xyz',):" is a tuple's repr)
 _WHO = rf"(?:{_WHOM},?+(?:{BLANK}{{1,8}}+{_QUALIFIER})?|{_QUALIFIER}),?+"

@@ -1580,6 +1580,7 @@ SECRET_GROWING = {
     "escaped quoted owners never closed": ("", 'token for \\"a b '),
     "qualifiers before verbs without a mask": ("", "password (a) was "),
     "owners with apostrophes": ("", "secret for O'a'b "),
+    "owners before verbs and separators": ("", "token for a is b: "),
     "encoded quotes": ("password: a", "%22&quot;%5C&#92;%2522"),
     "block indicators without lines": ("", "token: >-\n"),
     "keys over mapping lines": ("", "token:\n  a: b\n"),
@@ -5653,6 +5654,9 @@ _SIGN_THEN_ARROW = [
     ("password for bob, (prod): Zq9passX1", "password for bob, (prod): ***"),
     ("password for O'Brien: Zq9passX1", "password for O'Brien: ***"),
     ("password (prod) changed from oldpw12345 to Zq9passX1", "password (prod) changed from *** to ***"),
+    # (review s54-4: a verb of state read as an owner's second word: "bob is hunter2xyz" an owner)
+    ("password for bob is hunter2xyz -> Zq9passX1", "password for bob is *** -> ***"),
+    ("api key for acme is Zq9passX1: req-id=8f3a9c21", "api key for acme is ***: req-id=8f3a9c21"),
 ]
 # (a tab or a line end json.dumps'd once is "\\t", "\\n"; twice, "\\\\t" or "\\\\n" before a value is
 # read with it, masked, as on main)
