@@ -20,7 +20,8 @@ from model_server.reading import as_seen, holds_value, normalise, shown, shown_b
 Span = tuple[int, int]
 
 DATE_OR_TIME = r"(?:[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{1,2}:[0-9]{2})(?![0-9])"  # "2026-12-03", "12:30"
-NOT_MASKED = r"(?!tok_[a-zBCDFGH]{8}_)"
+MASKED_HEAD = r"tok_[a-zBCDFGH]{8}_"  # (the masker's token's head: a value masked already)
+NOT_MASKED = rf"(?!{MASKED_HEAD})"
 
 
 def after_boundary(word: str) -> str:
@@ -54,7 +55,7 @@ _COOKIE_PAIR = r"[!#$%&*+.^_`|~0-9A-Za-z-]{1,64}="  # a cookie's name (RFC 6265'
 SECRET_KEY = re.compile(rf"{_SECRET_NAME}|{_COOKIE}")  # a whole field name
 _SCHEME = r"(?i:bearer|basic|token|digest|negotiate|ntlm)[ ]{1,3}"  # an Authorization header's
 _CRED_CHAR = r"[^\s\"'`,;&<>]"
-_NO_MASKED_AFTER = rf"(?!(?:{_SCHEME})?tok_[a-zBCDFGH]{{8}}_)"  # (nor "Bearer <token>")
+_NO_MASKED_AFTER = rf"(?!(?:{_SCHEME})?{MASKED_HEAD})"  # (nor "Bearer <token>")
 # A blank between a key and its value: a space or a tab, or a tab, backspace or form feed written
 # escaped ("\\t", as repr() and json.dumps write a tab: "password:\\thunter2"), whose letter is no
 # value's first character (``VALUE_ESCAPE``).
@@ -710,7 +711,7 @@ _WHO = rf"(?:{_WHOM},?+(?:{BLANK}{{1,8}}+{_QUALIFIER})?|{_QUALIFIER}),?+"
 _NO_QUALIFIER = (
     rf"(?!{_QUALIFIER},?+(?:{BLANK}{{0,8}}+[:=]|{BLANK}{{0,64}}+{_arrow_mark()}"
     rf"|{BLANK}{{1,8}}+(?:{_STATE_VERB}|{_FROM_VERB}{BLANK}{{1,8}}+(?i:from):?+){BLANK}{{1,64}}+"
-    rf"(?:\*{{3}}|tok_[a-zBCDFGH]{{8}}_)))"
+    rf"(?:\*{{3}}|{MASKED_HEAD})))"
 )
 _STATED = (  # (after a separator, blanks or none: "password for bob:x")
     rf"(?:{_WHO}{BLANK}{{0,8}}+[:=]{BLANK}{{0,64}}+|(?:(?:{_WHO}{BLANK}{{1,8}}+)?{_STATE_VERB}){BLANK}{{1,64}}+"

@@ -120,7 +120,7 @@ SENSITIVE_KEY = re.compile(rf"(?i:(?:x-(?:meta-)?)?(?:{_KEY_NAMES}){_KEY_SUFFIX}
 # one or two spaces apart that hold a digit or are one or two capitals ("QQ 12 34 56 C"), a
 # date or a time never ("ssn: 123456789 2026-12-03": the date is the line's, not the value's).
 _VALUE_CHAR = rf"(?:[^\s,;&|\"'`<>()\[\]{{}}\\]|{VALUE_ESCAPE})"
-_PIECE = rf"(?!tok_[a-zBCDFGH]{{8}}_){_VALUE_CHAR}{{0,31}}[^\W_]"
+_PIECE = rf"{credentials.NOT_MASKED}{_VALUE_CHAR}{{0,31}}[^\W_]"
 _UNQUOTED = rf"{_PIECE}(?:[ ]{{1,2}}(?!{DATE_OR_TIME})(?={_VALUE_CHAR}{{0,31}}[0-9]|[A-Z]{{1,2}}(?!{_VALUE_CHAR})){_PIECE}){{0,7}}"
 # A name with more words after the key's (``w``: "ssn_code", "passportValue", "SSNCode",
 # "SSN code", "national_id_ts", up to three, each possessive) names an identity number too where

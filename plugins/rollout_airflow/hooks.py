@@ -46,10 +46,12 @@ def _http_url(conn: Any, default_port: int) -> str:
     http or https, credentials in the host (an "@" anywhere), a query or a fragment, a path with no
     scheme, or a host and port that make no URL (a space, a port that is no number), fail the task
     naming the connection, never quoting the host."""
-    host = (conn.host or "127.0.0.1").rstrip("/")
-    if "@" in host:  # (the URL is in logs, reports and the replay's errors; urllib sends no userinfo. Anywhere,
-        from airflow.sdk.exceptions import AirflowFailException  # and first: a password holding "/" ends the host)
+    from airflow.sdk.exceptions import AirflowFailException
 
+    host = (conn.host or "127.0.0.1").rstrip("/")
+    # (the URL is in logs, reports and the replay's errors; urllib sends no userinfo. Anywhere, and
+    # first: a password holding "/" ends the host)
+    if "@" in host:
         raise AirflowFailException(
             f"the {conn.conn_id} connection's host holds an '@' (credentials, user:password@?): put them in its "
             "login and password"
@@ -58,8 +60,6 @@ def _http_url(conn: Any, default_port: int) -> str:
         host = f"{conn.schema or 'http'}://{host}"
     if "://" not in host:
         if "/" in host:  # (a path with no scheme: the port would go after it; "user:pass/word" kept a password)
-            from airflow.sdk.exceptions import AirflowFailException
-
             raise AirflowFailException(
                 f"the {conn.conn_id} connection's host holds a '/' but no scheme: give a host name, or a URL "
                 "(http://host:port/path)"
@@ -67,16 +67,12 @@ def _http_url(conn: Any, default_port: int) -> str:
         host = f"{conn.schema or 'http'}://{host}:{conn.port or default_port}"
     scheme, _, rest = host.partition("://")
     if scheme.lower() not in ("http", "https"):  # (a database's schema name, say: no request would go)
-        from airflow.sdk.exceptions import AirflowFailException
-
         shown = repr(scheme) if re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,15}", scheme) else "something else"
         raise AirflowFailException(
             f"the {conn.conn_id} connection's schema (or its host's scheme) must be http or https, not {shown}"
         )
     netloc, sep, path = rest.partition("/")
     if "?" in rest or "#" in rest:  # (a token in a query would be in the same logs; no request takes one)
-        from airflow.sdk.exceptions import AirflowFailException
-
         raise AirflowFailException(
             f"the {conn.conn_id} connection's host holds a query or a fragment (?... or #...): give the base URL "
             "only, credentials in its login and password"
@@ -92,8 +88,6 @@ def _http_url(conn: Any, default_port: int) -> str:
         if not parts.hostname:
             raise ValueError("no host")
     except ValueError as exc:
-        from airflow.sdk.exceptions import AirflowFailException
-
         why = str(exc)  # (never urllib's own words, which quote the host: a password read as a port, or NFKC's)
         if why not in ("Invalid IPv6 URL", "no host", "a space or a control character in the host"):
             why = "a port that is no number from 0 to 65535" if "port" in why.lower() else "characters no URL takes"
